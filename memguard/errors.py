@@ -1,0 +1,82 @@
+"""The one exception hierarchy of memguard.
+
+Every error that memguard raises on purpose derives from :class:`MemguardError`, so callers can
+catch one type. Subclasses say what went wrong; the message always names the offending value and
+what would be accepted instead (the einops habit of re-raising with the input in the message).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from memguard.result import MemoryEstimate
+
+__all__ = [
+    "ConfigError",
+    "DeviceError",
+    "InsufficientMemoryError",
+    "MemguardError",
+    "MissingDependencyError",
+    "TraceError",
+    "UnsupportedModelError",
+]
+
+
+class MemguardError(Exception):
+    """Root of every error memguard raises on purpose."""
+
+
+class ConfigError(MemguardError, ValueError):
+    """A bad argument or input: unknown preset, bad number, unknown optimizer or precision."""
+
+
+class UnsupportedModelError(MemguardError):
+    """The model lacks what a method needs (e.g. transformer blocks for the seed formula)."""
+
+
+class TraceError(MemguardError):
+    """The fake-tensor trace of a training step could not run."""
+
+
+class DeviceError(MemguardError):
+    """The memory of a device cannot be read (no GPU, NVML missing and no fallback, bad index)."""
+
+
+class MissingDependencyError(MemguardError, ImportError):
+    """An optional dependency is needed for this feature; the message says what to install."""
+
+
+class InsufficientMemoryError(MemguardError):
+    """A training step will not fit in the memory that is free.
+
+    Attributes:
+        estimate: the :class:`~memguard.MemoryEstimate` that did not fit.
+        free_bytes: the memory that was available, in bytes.
+    """
+
+    def __init__(self, message: str, *, estimate: MemoryEstimate | None = None,
+                 free_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.estimate = estimate
+        self.free_bytes = free_bytes
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_insufficient, (str(self), self.estimate, self.free_bytes))
+
+
+def _rebuild_insufficient(message: str, estimate: Any, free_bytes: Any) -> InsufficientMemoryError:
+    return InsufficientMemoryError(message, estimate=estimate, free_bytes=free_bytes)
+
+
+def require(module: str, extra: str, feature: str) -> Any:
+    """Import an optional dependency, or raise :class:`MissingDependencyError` with a hint."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{feature} needs the {module!r} package, which is not installed; "
+            f"install it with: pip install 'memguard[{extra}]'"
+        ) from exc

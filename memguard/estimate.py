@@ -1,0 +1,212 @@
+"""``memguard.estimate``: the one entry point to every estimator.
+
+It normalises the arguments (:mod:`memguard.options`), resolves the model
+(:mod:`memguard.models`), runs the chosen method — :mod:`memguard.seed`,
+:mod:`memguard.formula` or :mod:`memguard.trace` — and adds what the device costs beyond live
+tensors (:mod:`memguard.overhead`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from memguard.errors import ConfigError, MemguardError
+from memguard.models import ResolvedModel, load_model, make_batch, model_task
+from memguard.options import TrainingSpec
+from memguard.overhead import device_overhead
+from memguard.result import Category, MemoryEstimate
+
+__all__ = ["METHODS", "Inputs", "estimate"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "trace", "formula", "seed")
+LOOPS = ("pytorch", "lightning")
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+"""Positional and keyword arguments of one forward call."""
+
+
+def estimate(
+    model: Any,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    *,
+    example_input: Any = None,
+    optimizer: Any = "adamw",
+    precision: Any = "32-true",
+    gradient_checkpointing: bool | None = None,
+    device: str | torch.device = "cuda",
+    method: str = "auto",
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    training_loop: str = "pytorch",
+) -> MemoryEstimate:
+    """Estimate the peak memory of one steady-state training step.
+
+    Args:
+        model: an ``nn.Module`` (real weights on any device, or built on the meta device), a
+            transformers config, a ``config.json`` path or model directory, a preset name
+            (``memguard.list_presets()``), or ``"package.module:factory"``.
+        batch_size: samples per step. With ``example_input`` it overrides the example's first
+            dimension; otherwise it defaults to 1.
+        seq_len: tokens per sample for token models; defaults to the model's maximum where it has
+            one (GPT-2 1024, BERT 512).
+        example_input: one batch as ``forward`` takes it: a tensor, a tuple (positional
+            arguments) or a dict (keyword arguments) of tensors. Needed for models that are not
+            transformers models.
+        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"``, ``"sgd-momentum"``, ``"adafactor"``,
+            ``"none"``, a ``torch.optim.Optimizer`` class, or a callable ``params -> optimizer``.
+        precision: Lightning's names: ``"32-true"``, ``"16-mixed"``, ``"bf16-mixed"``,
+            ``"16-true"``, ``"bf16-true"``.
+        gradient_checkpointing: ``None`` reads it from the model (transformers'
+            ``is_gradient_checkpointing``); ``True``/``False`` overrides.
+        device: where training will run, ``"cuda"`` or ``"cpu"``. ``"cuda"`` reflects what a GPU
+            does (fused attention, foreach optimizers, 512-byte allocator blocks, CUDA context)
+            even when computed on a CPU-only build of torch.
+        method: ``"trace"``, ``"formula"``, ``"seed"``, or ``"auto"`` (trace, else formula).
+        loss_fn: ``loss_fn(output, batch) -> scalar``; needed only when the output is neither a
+            scalar tensor nor has a ``.loss``.
+        training_loop: ``"pytorch"`` (forward, backward, step, ``zero_grad``) or ``"lightning"``
+            (``zero_grad`` runs after the next forward, so last step's gradients live through it).
+
+    Returns:
+        A :class:`MemoryEstimate`.
+
+    Raises:
+        ConfigError: for a bad argument, naming it.
+        MemguardError: when no method can estimate this model.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if training_loop not in LOOPS:
+        raise ConfigError(f"unknown training_loop {training_loop!r}; expected one of {', '.join(LOOPS)}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be callable, got {loss_fn!r}")
+    spec = TrainingSpec.create(batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
+                               precision=precision, gradient_checkpointing=gradient_checkpointing,
+                               device=device)
+    resolved = load_model(model)
+    spec, make_inputs = _plan_inputs(resolved, spec, example_input)
+    if spec.gradient_checkpointing is None:
+        spec = spec.replace(gradient_checkpointing=bool(getattr(resolved.module, "is_gradient_checkpointing", False)))
+
+    notes: list[str] = []
+    if method in ("auto", "trace"):
+        from memguard.trace import trace_breakdown
+
+        try:
+            breakdown, more = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn,
+                                              training_loop=training_loop)
+            used = "trace"
+        except MemguardError as exc:
+            if method == "trace":
+                raise
+            log.warning("trace failed (%s); falling back to the formula", exc)
+            notes.append(f"trace failed ({exc}); formula used instead")
+            breakdown, more = _formula(resolved, spec)
+            used = "formula"
+    elif method == "formula":
+        breakdown, more = _formula(resolved, spec)
+        used = "formula"
+    else:
+        from memguard.seed import seed_breakdown
+
+        breakdown, more = seed_breakdown(resolved, spec)
+        used = "seed"
+    notes.extend(more)
+    breakdown = dict(breakdown)
+    peak = sum(v for k, v in breakdown.items() if k != Category.OVERHEAD)
+    if used != "seed":
+        breakdown[Category.OVERHEAD] = device_overhead(spec.device, peak)
+    inputs = {
+        "model": resolved.name,
+        "batch_size": spec.batch_size,
+        "seq_len": spec.seq_len,
+        "precision": spec.precision.name,
+        "optimizer": spec.optimizer.name,
+        "gradient_checkpointing": spec.gradient_checkpointing,
+        "device": spec.device,
+        "method": method,
+        "training_loop": training_loop,
+    }
+    return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes))
+
+
+def _formula(resolved: ResolvedModel, spec: TrainingSpec) -> tuple[dict[Category, int], list[str]]:
+    from memguard.formula import formula_breakdown
+
+    return formula_breakdown(resolved, spec)
+
+
+def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec,
+                 example_input: Any) -> tuple[TrainingSpec, Callable[[], Inputs]]:
+    """Settle batch size and sequence length, and return a builder of the forward's arguments.
+
+    The builder is called under the trace's fake-tensor mode, so the tensors it makes there cost
+    nothing.
+    """
+    module = resolved.module
+    if example_input is not None:
+        return _plan_example(spec, example_input)
+    batch_size = spec.batch_size or 1
+    seq_len = spec.seq_len
+    task = model_task(module)
+    if task in ("image-cls", "image-base"):
+        seq_len = None
+    elif task != "unknown" and seq_len is None:
+        from memguard.models import _max_positions
+
+        seq_len = _max_positions(resolved.config)
+        if seq_len is None:
+            raise ConfigError(f"seq_len is needed for {resolved.name} (it has no fixed maximum length)")
+    spec = spec.replace(batch_size=batch_size, seq_len=seq_len)
+    param_dtype = spec.precision.param_dtype
+    dtype = param_dtype if param_dtype.is_floating_point and spec.precision.autocast_dtype is None else torch.float32
+    # Check the inputs can be built now, so a bad seq_len fails before any tracing starts.
+    make_batch(module, 1, seq_len, device="meta")
+
+    def build() -> Inputs:
+        return (), make_batch(module, batch_size, seq_len, dtype=dtype)
+
+    return spec, build
+
+
+def _plan_example(spec: TrainingSpec, example: Any) -> tuple[TrainingSpec, Callable[[], Inputs]]:
+    if isinstance(example, torch.Tensor):
+        args, kwargs = (example,), {}
+    elif isinstance(example, (tuple, list)):
+        args, kwargs = tuple(example), {}
+    elif isinstance(example, dict):
+        args, kwargs = (), dict(example)
+    else:
+        raise ConfigError(
+            f"example_input must be a tensor, a tuple or a dict of tensors, got {type(example).__name__}"
+        )
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise ConfigError("example_input holds no tensor")
+    if any(t.dim() == 0 for t in tensors[:1]):
+        raise ConfigError("the first tensor of example_input must have a batch dimension")
+    given = tensors[0].shape[0]
+    batch_size = spec.batch_size or given
+
+    def resize(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == given:
+            return torch.empty((batch_size, *t.shape[1:]), dtype=t.dtype)
+        if isinstance(t, torch.Tensor):
+            return torch.empty(t.shape, dtype=t.dtype)
+        return t
+
+    def build() -> Inputs:
+        return tuple(resize(a) for a in args), {k: resize(v) for k, v in kwargs.items()}
+
+    return spec.replace(batch_size=batch_size), build
+
+
+def _is_module(x: Any) -> bool:
+    return isinstance(x, nn.Module)

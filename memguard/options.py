@@ -1,0 +1,229 @@
+"""Normalise what the user asks for into a :class:`TrainingSpec`.
+
+Precision names follow Lightning's ``Trainer(precision=...)``; optimizer names follow
+``torch.optim``. Every bad value raises :class:`~memguard.ConfigError` naming the value and the
+accepted set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from memguard.errors import ConfigError
+
+__all__ = ["OPTIMIZERS", "PRECISIONS", "Precision", "TrainingSpec", "make_optimizer",
+           "resolve_optimizer", "resolve_precision"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """A Lightning precision setting, as dtypes.
+
+    Attributes:
+        name: Lightning's canonical name (``"16-mixed"`` ...).
+        param_dtype: dtype the weights (and so gradients and optimizer state) are kept in.
+        autocast_dtype: dtype of ``torch.autocast`` during forward, or ``None`` without autocast.
+        grad_scaler: whether a ``GradScaler`` scales the loss (fp16 mixed precision).
+    """
+
+    name: str
+    param_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None = None
+    grad_scaler: bool = False
+
+
+PRECISIONS: dict[str, Precision] = {
+    "32-true": Precision("32-true", torch.float32),
+    "16-mixed": Precision("16-mixed", torch.float32, torch.float16, grad_scaler=True),
+    "bf16-mixed": Precision("bf16-mixed", torch.float32, torch.bfloat16),
+    "16-true": Precision("16-true", torch.float16),
+    "bf16-true": Precision("bf16-true", torch.bfloat16),
+    "64-true": Precision("64-true", torch.float64),
+}
+# Lightning's own short forms (lightning.fabric.connector._convert_precision_to_unified_args).
+_PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true",
+                      "fp32": "32-true", "fp16": "16-mixed", "transformer-engine": "bf16-mixed"}
+
+
+def resolve_precision(precision: str | int | Precision | None) -> Precision:
+    """Turn ``"bf16-mixed"``, ``16``, ``"32"`` ... into a :class:`Precision`."""
+    if isinstance(precision, Precision):
+        return precision
+    if precision is None:
+        return PRECISIONS["32-true"]
+    key = str(precision).strip().lower()
+    key = _PRECISION_ALIASES.get(key, key)
+    if key not in PRECISIONS:
+        raise ConfigError(
+            f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)} "
+            f"(or Lightning's short forms {', '.join(_PRECISION_ALIASES)})"
+        )
+    return PRECISIONS[key]
+
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer by name, with what the formula needs to know about its state.
+
+    Attributes:
+        name: ``"adamw"``, ``"sgd"``, ... or the class name of a user's optimizer.
+        factory: builds the optimizer over parameters (used by the trace), or ``None`` for no
+            optimizer step at all.
+        state_tensors: full-size state tensors per trainable parameter (Adam 2, momentum SGD 1), in
+            the parameter's dtype (``torch.optim`` allocates them with ``zeros_like``). ``None``
+            when unknown (a user's class): the formula then assumes Adam's 2.
+        factored: Adafactor-style row + column statistics instead of full-size state.
+    """
+
+    name: str
+    factory: OptimizerFactory | None
+    state_tensors: int | None
+    factored: bool = False
+
+
+def _builtin(cls_name: str, **kwargs: Any) -> OptimizerFactory:
+    def factory(params: Iterable[torch.nn.Parameter], **extra: Any) -> torch.optim.Optimizer:
+        cls = getattr(torch.optim, cls_name)
+        return cls(params, **{**kwargs, **extra})
+
+    return factory
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec("adamw", _builtin("AdamW", lr=1e-3), 2),
+    "adam": OptimizerSpec("adam", _builtin("Adam", lr=1e-3), 2),
+    "sgd": OptimizerSpec("sgd", _builtin("SGD", lr=1e-3), 0),
+    "sgd-momentum": OptimizerSpec("sgd-momentum", _builtin("SGD", lr=1e-3, momentum=0.9), 1),
+    "adafactor": OptimizerSpec("adafactor", _builtin("Adafactor", lr=1e-2), 0, factored=True),
+    "none": OptimizerSpec("none", None, 0),
+}
+_KNOWN_CLASSES = {"AdamW": 2, "Adam": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adagrad": 1,
+                  "RMSprop": 1, "Adadelta": 2, "SGD": None, "Adafactor": 0}
+
+
+def resolve_optimizer(optimizer: str | type | OptimizerFactory | OptimizerSpec | None) -> OptimizerSpec:
+    """Turn ``"adamw"``, ``torch.optim.SGD`` or ``lambda params: ...`` into an :class:`OptimizerSpec`."""
+    if isinstance(optimizer, OptimizerSpec):
+        return optimizer
+    if optimizer is None:
+        return OPTIMIZERS["none"]
+    if isinstance(optimizer, str):
+        key = optimizer.strip().lower().replace("_", "-")
+        key = {"sgd-nesterov": "sgd-momentum", "momentum": "sgd-momentum", "adam-w": "adamw"}.get(key, key)
+        if key not in OPTIMIZERS:
+            raise ConfigError(
+                f"unknown optimizer {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}, "
+                "a torch.optim.Optimizer class, or a callable params -> optimizer"
+            )
+        return OPTIMIZERS[key]
+    if inspect.isclass(optimizer):
+        if not issubclass(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer class {optimizer.__name__!r} is not a torch.optim.Optimizer")
+        cls = optimizer
+        state = _KNOWN_CLASSES.get(cls.__name__)
+        needs_lr = "lr" in inspect.signature(cls).parameters
+
+        def factory(params: Iterable[torch.nn.Parameter], **extra: Any) -> torch.optim.Optimizer:
+            try:
+                return cls(params, **extra)
+            except TypeError:
+                if needs_lr:
+                    return cls(params, lr=1e-3, **extra)
+                raise
+
+        return OptimizerSpec(cls.__name__.lower(), factory, state,
+                             factored=cls.__name__ == "Adafactor")
+    if callable(optimizer):
+        name = getattr(optimizer, "__name__", type(optimizer).__name__)
+        return OptimizerSpec(name, optimizer, None)
+    raise ConfigError(
+        f"cannot use {optimizer!r} as an optimizer; expected a name ({', '.join(OPTIMIZERS)}), "
+        "a torch.optim.Optimizer class, or a callable params -> optimizer"
+    )
+
+
+def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter],
+                   foreach: bool | None = None) -> torch.optim.Optimizer | None:
+    """Build the optimizer of ``spec`` over ``params``; ``foreach`` is passed where accepted."""
+    if spec.factory is None or not params:
+        return None
+    if foreach is not None and spec.name in OPTIMIZERS and spec.name != "adafactor":
+        return spec.factory(params, foreach=foreach)  # type: ignore[call-arg]
+    return spec.factory(params)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            as_int = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}") from None
+        if as_int != value:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        value = as_int
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+DEVICES = ("cuda", "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> str:
+    """``"cuda"``, ``"cuda:1"``, ``torch.device("cpu")`` -> ``"cuda"`` or ``"cpu"``."""
+    if device is None:
+        return "cuda"
+    kind = torch.device(device).type if not isinstance(device, str) else device.split(":")[0].strip().lower()
+    if kind == "gpu":
+        kind = "cuda"
+    if kind not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; expected 'cuda' (or 'cuda:N') or 'cpu'")
+    return kind
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+    """Everything about a training step other than the model: what every estimator reads.
+
+    Attributes:
+        batch_size: samples per step on one device (``None`` only for an ``example_input`` whose
+            batch size is unknown).
+        seq_len: tokens per sample for token models, or ``None``.
+        optimizer: the :class:`OptimizerSpec`.
+        precision: the :class:`Precision`.
+        gradient_checkpointing: ``None`` to read from the model, else forced on or off.
+        device: ``"cuda"`` or ``"cpu"``: where training will run.
+    """
+
+    batch_size: int | None
+    seq_len: int | None
+    optimizer: OptimizerSpec
+    precision: Precision
+    gradient_checkpointing: bool | None
+    device: str
+
+    @classmethod
+    def create(cls, *, batch_size: Any = None, seq_len: Any = None, optimizer: Any = "adamw",
+               precision: Any = "32-true", gradient_checkpointing: bool | None = None,
+               device: Any = "cuda") -> TrainingSpec:
+        if gradient_checkpointing not in (None, True, False):
+            raise ConfigError(f"gradient_checkpointing must be None, True or False, got {gradient_checkpointing!r}")
+        return cls(
+            batch_size=None if batch_size is None else _positive_int("batch_size", batch_size),
+            seq_len=None if seq_len is None else _positive_int("seq_len", seq_len),
+            optimizer=resolve_optimizer(optimizer),
+            precision=resolve_precision(precision),
+            gradient_checkpointing=gradient_checkpointing,
+            device=resolve_device(device),
+        )
+
+    def replace(self, **changes: Any) -> TrainingSpec:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,139 @@
+"""The one result type that every estimator returns.
+
+Sizes are integer bytes; units appear only in :meth:`MemoryEstimate.table` (``str(est)``). The
+category names are the same for every method, so the seed formula, the refined formula and the
+trace can be compared line by line (the torch ``MemTracker`` habit of a ``str`` Enum with display
+values, and the torchinfo habit of a result that draws its own table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from memguard.errors import ConfigError
+from memguard.units import format_bytes
+
+__all__ = ["Category", "MemoryEstimate"]
+
+
+class Category(str, enum.Enum):
+    """Where the bytes of a training step go. Values are the names used in dicts and JSON."""
+
+    PARAMETERS = "parameters"
+    """Weights and buffers of the model, in the dtype they are kept in."""
+    GRADIENTS = "gradients"
+    """``.grad`` of trainable parameters."""
+    OPTIMIZER_STATE = "optimizer_state"
+    """Optimizer state kept between steps (Adam moments, momentum, master weights)."""
+    ACTIVATIONS = "activations"
+    """Tensors made in the forward pass and kept for the backward pass (inputs included)."""
+    TEMPORARY = "temporary"
+    """Everything else alive at the peak: workspaces, intermediate results, logits copies."""
+    OVERHEAD = "overhead"
+    """What the device adds beyond live tensors: CUDA context, library workspaces, allocator
+    rounding and fragmentation. Zero for CPU estimates."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_ORDER = tuple(Category)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """The predicted memory of one steady-state training step.
+
+    Attributes:
+        method: ``"seed"``, ``"formula"`` or ``"trace"``.
+        breakdown: bytes per :class:`Category`, summing to :attr:`total_bytes`. Every category is
+            present (zero when it does not apply).
+        inputs: what was estimated (model, batch size, sequence length, precision, ...), JSON-ready.
+        notes: anything the method had to assume or approximate, in words.
+    """
+
+    method: str
+    breakdown: Mapping[Category, int]
+    inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        full = {c: 0 for c in _ORDER}
+        for key, value in self.breakdown.items():
+            cat = Category(key)
+            if int(value) != value or value < 0:
+                raise ValueError(f"breakdown[{cat.value!r}] must be a non-negative integer, got {value!r}")
+            full[cat] = int(value)
+        object.__setattr__(self, "breakdown", full)
+        object.__setattr__(self, "inputs", dict(self.inputs))
+        object.__setattr__(self, "notes", tuple(self.notes))
+
+    @property
+    def total_bytes(self) -> int:
+        """What must be free on the device: :attr:`peak_bytes` plus device overhead."""
+        return sum(self.breakdown.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        """Peak of live tensor memory in a steady-state step.
+
+        On a GPU this is what ``torch.cuda.max_memory_allocated()`` reports; on the CPU, how far
+        the process's resident memory grows.
+        """
+        return self.total_bytes - self.breakdown[Category.OVERHEAD]
+
+    def fits(self, free_bytes: int, margin: float = 0.1) -> bool:
+        """Whether the step fits in ``free_bytes`` while keeping ``margin`` of it spare.
+
+        ``fits(free, 0.1)`` is true when ``total_bytes <= 0.9 * free``.
+        """
+        if not 0 <= margin < 1:
+            raise ConfigError(f"margin must be in [0, 1), got {margin!r}")
+        return self.total_bytes <= free_bytes * (1 - margin)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: method, peak and total bytes, breakdown, inputs and notes."""
+        return {
+            "method": self.method,
+            "peak_bytes": self.peak_bytes,
+            "total_bytes": self.total_bytes,
+            "breakdown": {c.value: self.breakdown[c] for c in _ORDER},
+            "inputs": dict(self.inputs),
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MemoryEstimate:
+        """Read back what :meth:`to_dict` wrote."""
+        return cls(method=data["method"], breakdown=dict(data["breakdown"]),
+                   inputs=dict(data.get("inputs", {})), notes=tuple(data.get("notes", ())))
+
+    def table(self) -> str:
+        """The breakdown as a text table, one row per category, with shares of the total."""
+        total = self.total_bytes or 1
+        title = f"memguard estimate ({self.method})"
+        shown = {k: v for k, v in self.inputs.items() if k in _SHOWN_INPUTS and v is not None}
+        lines = [title]
+        if shown:
+            lines.append(", ".join(f"{k}={v}" for k, v in shown.items()))
+        width = max(len(c.value) for c in _ORDER)
+        rule = "-" * (width + 26)
+        lines.append(rule)
+        for cat in _ORDER:
+            n = self.breakdown[cat]
+            lines.append(f"{cat.value:<{width}}  {format_bytes(n):>12}  {100 * n / total:6.1f}%")
+        lines.append(rule)
+        lines.append(f"{'peak (tensors)':<{width}}  {format_bytes(self.peak_bytes):>12}")
+        lines.append(f"{'total':<{width}}  {format_bytes(self.total_bytes):>12}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+_SHOWN_INPUTS = ("model", "batch_size", "seq_len", "precision", "optimizer", "device",
+                 "gradient_checkpointing", "strategy", "world_size")

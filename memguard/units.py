@@ -1,0 +1,81 @@
+"""Bytes in and out: the one pair of helpers that turns integers into text and back.
+
+Inside memguard every size is an ``int`` number of bytes. Units appear only here. Binary units
+(KiB, MiB, GiB: what NVML and ``nvidia-smi`` report) are written with an ``i``; decimal ones (KB,
+MB, GB: what GPU vendors print on the box) without, following IEC 80000-13.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from memguard.errors import ConfigError
+
+__all__ = ["format_bytes", "parse_bytes"]
+
+_BINARY = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50}
+_DECIMAL = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15}
+_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kmgtp]?)(i?)(b?)\s*$", re.I)
+_ACCEPTED = "an integer number of bytes, a size such as '24GiB' (binary), '24GB' (decimal), or a percentage such as '90%' of the device"
+
+
+def parse_bytes(value: int | float | str, *, total: int | None = None) -> int:
+    """Parse a memory size given by a user into integer bytes.
+
+    Args:
+        value: ``1024``, ``"1024"``, ``"24GiB"``, ``"24 GB"``, ``"1.5Gi"``, ``"512MiB"``, or a
+            percentage ``"90%"`` of ``total``.
+        total: the device's total bytes, needed only for percentages.
+
+    Returns:
+        The size in bytes, rounded down to an integer.
+
+    Raises:
+        ConfigError: naming the value and the accepted forms when it cannot be read, is negative,
+            or is a percentage without a ``total``.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"cannot read {value!r} as a memory size; expected {_ACCEPTED}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"memory size must not be negative, got {value}")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"memory size must be a finite non-negative number, got {value!r}")
+        return int(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"cannot read {value!r} as a memory size; expected {_ACCEPTED}")
+    text = value.strip()
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise ConfigError(f"cannot read {value!r} as a percentage; expected e.g. '90%'") from None
+        if not 0 <= pct <= 100:
+            raise ConfigError(f"percentage must be between 0% and 100%, got {value!r}")
+        if total is None:
+            raise ConfigError(
+                f"{value!r} is a percentage of the device's memory, but no device total is known here; "
+                "give an absolute size such as '12GiB'"
+            )
+        return int(total * pct / 100)
+    match = _PATTERN.match(text)
+    if not match:
+        raise ConfigError(f"cannot read {value!r} as a memory size; expected {_ACCEPTED}")
+    number, prefix, binary, _ = match.groups()
+    prefix = prefix.lower()
+    scale = _BINARY[prefix] if binary else _DECIMAL[prefix]
+    return int(float(number) * scale)
+
+
+def format_bytes(n: int | float, *, digits: int = 2) -> str:
+    """Format a byte count with binary units: ``format_bytes(1536) == '1.50 KiB'``."""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{sign}{int(n)} B" if unit == "B" else f"{sign}{n:.{digits}f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
