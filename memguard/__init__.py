@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from memguard._version import __version__
+from memguard.catalog import GPU_CATALOG, GpuSpec, list_gpus, lookup_gpu
+from memguard.device import DeviceMemory, device_memory, list_devices, resolve_budget
 from memguard.errors import (
     ConfigError,
     DeviceError,
@@ -25,9 +27,12 @@ from memguard.result import Category, MemoryEstimate
 from memguard.units import format_bytes, parse_bytes
 
 __all__ = [
+    "GPU_CATALOG",
     "Category",
     "ConfigError",
     "DeviceError",
+    "DeviceMemory",
+    "GpuSpec",
     "InsufficientMemoryError",
     "MemGuard",
     "MemguardError",
@@ -36,10 +41,15 @@ __all__ = [
     "TraceError",
     "UnsupportedModelError",
     "__version__",
+    "device_memory",
     "estimate",
     "format_bytes",
+    "list_devices",
+    "list_gpus",
     "list_presets",
+    "lookup_gpu",
     "parse_bytes",
+    "resolve_budget",
 ]
 
 

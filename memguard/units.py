@@ -17,7 +17,10 @@ __all__ = ["format_bytes", "parse_bytes"]
 _BINARY = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50}
 _DECIMAL = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15}
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kmgtp]?)(i?)(b?)\s*$", re.I)
-_ACCEPTED = "an integer number of bytes, a size such as '24GiB' (binary), '24GB' (decimal), or a percentage such as '90%' of the device"
+_ACCEPTED = (
+    "an integer number of bytes, a size such as '24GiB' (binary), '24GB' (decimal), "
+    "or a percentage such as '90%' of the device"
+)
 
 
 def parse_bytes(value: int | float | str, *, total: int | None = None) -> int:

@@ -1,0 +1,412 @@
+"""The trace: run the real code of two training steps on fake tensors and count their storage.
+
+Under ``FakeTensorMode`` every tensor carries shape, dtype and device but no data, so the user's
+own ``forward``, the loss, autograd's backward and the optimizer's ``step`` run exactly as they
+would, while nothing is allocated. A ``TorchDispatchMode`` stacked on top sees every op's outputs;
+each new storage is an allocation of ``nbytes`` (rounded as the device's allocator rounds), and a
+``weakref.finalize`` on the storage marks its free. The high-water mark of that ledger is the peak
+``torch.cuda.max_memory_allocated()`` would report (the approach of torch's ``MemTracker``, without
+its module hooks, which makes it several times faster).
+
+Categories at the peak are assigned after the run, from what each storage turned out to be:
+parameters and buffers, ``.grad`` of a parameter, a tensor in the optimizer's state, something
+made during the forward and alive at its end (activations, with the batch), or anything else
+(temporary).
+
+What ``device="cuda"`` changes, since fake CUDA tensors cannot run autograd on a CPU-only build:
+the trace runs on fake CPU tensors and applies the CUDA rules itself — allocations round up to
+512 bytes; ``scaled_dot_product_attention`` takes the fused kernel (output and log-sum-exp only,
+no S×S matrix: flash / memory-efficient attention) and dropout the fused kernel (a 1-byte mask);
+built-in optimizers run their ``foreach`` implementation, the CUDA default.
+
+Known limitations:
+    * Values are unknown. ``.item()`` on computed data, and ops whose output shape depends on data
+      (``nonzero``, ``masked_select``), run op by op on stand-in tensors of ones; the estimate says
+      so in its notes.
+    * Autocast follows the CPU's op lists, which differ from CUDA's in a few ops.
+    * A ``GradScaler``'s own scalars are not traced (they are a few bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+)
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map_only
+
+from memguard.errors import ConfigError, TraceError
+from memguard.options import TrainingSpec, make_optimizer
+from memguard.result import Category
+
+__all__ = ["trace_breakdown"]
+
+log = logging.getLogger(__name__)
+
+_CUDA_BLOCK = 512
+"""PyTorch's CUDA caching allocator rounds every block up to 512 bytes (REFERENCES.md)."""
+
+_MMAP_THRESHOLD = 65536
+_PAGE = 4096
+_CPU_ALIGN = 64
+_FALLBACK_NUMEL_LIMIT = 1 << 24
+
+
+def _rounded(nbytes: int, device: str) -> int:
+    """Bytes one allocation of ``nbytes`` costs on ``device``.
+
+    CUDA: 512-byte blocks. CPU (the RSS the truth measures): torch aligns CPU buffers to 64 bytes;
+    buffers from ``MALLOC_MMAP_THRESHOLD_`` (64 KiB) up are mmapped whole pages, with malloc's
+    header.
+    """
+    if device == "cuda":
+        return -(-nbytes // _CUDA_BLOCK) * _CUDA_BLOCK
+    if nbytes < _MMAP_THRESHOLD:
+        return -(-nbytes // _CPU_ALIGN) * _CPU_ALIGN
+    return -(-(nbytes + _CPU_ALIGN) // _PAGE) * _PAGE
+
+
+@dataclasses.dataclass
+class _Record:
+    nbytes: int
+    alloc: int
+    free: int | None = None
+    phase: str = "other"
+
+
+class _Ledger:
+    """Allocation and free events of storages, in order."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.records: list[_Record] = []
+        self.by_storage: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self.clock = 0
+        self.live = 0
+        self.peak = 0
+        self.peak_clock = 0
+        self.phase = "other"
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage in self.by_storage:
+            return
+        nbytes = storage.nbytes()
+        self.clock += 1
+        index = len(self.records)
+        self.records.append(_Record(_rounded(nbytes, self.device) if nbytes else 0, self.clock,
+                                    phase=self.phase))
+        self.by_storage[storage] = index
+        weakref.finalize(storage, self._free, index)
+        self.live += self.records[index].nbytes
+        if self.live > self.peak:
+            self.peak, self.peak_clock = self.live, self.clock
+
+    def index_of(self, t: torch.Tensor) -> int | None:
+        return self.by_storage.get(t.untyped_storage())
+
+    def _free(self, index: int) -> None:
+        record = self.records[index]
+        if record.free is None:
+            self.clock += 1
+            record.free = self.clock
+            self.live -= record.nbytes
+
+    def live_at(self, clock: int) -> Iterator[tuple[int, _Record]]:
+        for i, r in enumerate(self.records):
+            if r.alloc <= clock and (r.free is None or r.free > clock):
+                yield i, r
+
+
+class _CountingMode(TorchDispatchMode):
+    """Records every storage an op returns; runs data-dependent ops on stand-in tensors."""
+
+    def __init__(self, ledger: _Ledger, fake_mode: FakeTensorMode) -> None:
+        super().__init__()
+        self.ledger = ledger
+        self.fake_mode = fake_mode
+        self.fallbacks: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        try:
+            out = func(*args, **kwargs)
+        except (DataDependentOutputException, DynamicOutputShapeException):
+            out = self._fallback(func, args, kwargs)
+        flat, _ = tree_flatten(out)
+        for t in flat:
+            if isinstance(t, torch.Tensor):
+                self.ledger.track(t)
+        return out
+
+    def _fallback(self, func: Any, args: Any, kwargs: Any) -> Any:
+        name = str(func.overloadpacket.__name__)
+        self.fallbacks[name] = self.fallbacks.get(name, 0) + 1
+        if func is torch.ops.aten._local_scalar_dense.default:
+            dtype = args[0].dtype
+            return True if dtype == torch.bool else (1.0 if dtype.is_floating_point else 1)
+
+        def real(t: torch.Tensor) -> torch.Tensor:
+            if t.numel() > _FALLBACK_NUMEL_LIMIT:
+                raise TraceError(f"cannot run data-dependent op {name} on a stand-in of {tuple(t.shape)}")
+            return torch.ones(t.shape, dtype=t.dtype)
+
+        with torch.utils._python_dispatch._disable_current_modes():
+            real_args, real_kwargs = tree_map_only(torch.Tensor, real, (args, kwargs))
+            result = func(*real_args, **real_kwargs)
+        return tree_map_only(torch.Tensor, self.fake_mode.from_tensor, result)
+
+
+class _CudaKernels(TorchFunctionMode):
+    """Take the kernels a GPU would take where the CPU's differ in memory.
+
+    * ``scaled_dot_product_attention``: CUDA picks flash or memory-efficient attention, which keep
+      only the output and a per-row log-sum-exp for backward (Dao et al. 2022); the CPU falls back
+      to the math path (S×S scores) whenever dropout is on. The CPU flash kernel has the same
+      memory as the CUDA fused ones, so it stands in.
+    * dropout: on CUDA ``aten::dropout`` takes ``native_dropout`` (a 1-byte bool mask); on the CPU it
+      multiplies by a noise tensor of the input's dtype (``is_fused_kernel_acceptable`` in ATen).
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return _fused_sdpa(*args, **kwargs)
+        if func in (torch.nn.functional.dropout, torch.dropout):
+            return _native_dropout(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _fused_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype).masked_fill_(attn_mask.logical_not(), float("-inf"))
+    if attn_mask is not None and attn_mask.dtype != query.dtype:
+        attn_mask = attn_mask.to(query.dtype)
+    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+    return out
+
+
+def _native_dropout(func: Any, args: Any, kwargs: Any) -> torch.Tensor:
+    names = ("input", "p", "training", "inplace") if func is torch.nn.functional.dropout else ("input", "p", "train")
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    x, p = bound["input"], float(bound.get("p", 0.5))
+    training = bound.get("training", bound.get("train", True))
+    if not training or p == 0.0 or bound.get("inplace", False):
+        return func(*args, **kwargs)
+    return torch.native_dropout(x, p, True)[0]
+
+
+def _loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> torch.Tensor:
+    if loss_fn is not None:
+        loss = loss_fn(output, batch)
+    elif isinstance(output, torch.Tensor):
+        loss = output
+    elif getattr(output, "loss", None) is not None:
+        loss = output.loss
+    elif isinstance(output, dict) and isinstance(output.get("loss"), torch.Tensor):
+        loss = output["loss"]
+    elif getattr(output, "last_hidden_state", None) is not None:
+        loss = output.last_hidden_state.float().mean()
+    else:
+        raise ConfigError(
+            f"the model's output ({type(output).__name__}) is neither a scalar tensor nor has a .loss; "
+            "pass loss_fn=lambda output, batch: ..."
+        )
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ConfigError(f"the loss must be a scalar tensor, got {shape}; pass loss_fn= to reduce it")
+    return loss
+
+
+@contextlib.contextmanager
+def _training_setup(module: nn.Module, checkpointing: bool) -> Iterator[None]:
+    """Put the module in train mode (and checkpointing as asked) and restore it afterwards."""
+    modes = {m: m.training for m in module.modules()}
+    had = bool(getattr(module, "is_gradient_checkpointing", False))
+    toggled = False
+    if checkpointing != had:
+        if not hasattr(module, "gradient_checkpointing_enable"):
+            if checkpointing:
+                raise ConfigError(
+                    f"gradient_checkpointing=True, but {type(module).__name__} has no "
+                    "gradient_checkpointing_enable(); checkpoint it in the model and pass None"
+                )
+        elif checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            toggled = True
+        else:
+            module.gradient_checkpointing_disable()
+            toggled = True
+    module.train()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        if toggled:
+            if had:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                module.gradient_checkpointing_disable()
+
+
+def _fake_state(module: nn.Module, spec: TrainingSpec) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Fake stand-ins for the module's parameters and buffers, in the dtypes training keeps.
+
+    Called inside the fake mode: ``empty_strided`` there allocates nothing, and the user's real
+    tensors are only read for their metadata.
+    """
+    low = spec.precision.param_dtype
+    state: dict[str, torch.Tensor] = {}
+    trainable: list[torch.Tensor] = []
+    for name, p in module.named_parameters():
+        dtype = low if p.is_floating_point() else p.dtype
+        fake = torch.empty_strided(p.shape, p.stride(), dtype=dtype, device="cpu")
+        fake.requires_grad_(p.requires_grad)
+        state[name] = fake
+        if p.requires_grad:
+            trainable.append(fake)
+    for name, b in module.named_buffers():
+        dtype = low if b.is_floating_point() else b.dtype
+        state[name] = torch.empty_strided(b.shape, b.stride(), dtype=dtype, device="cpu")
+    return state, trainable
+
+
+def trace_breakdown(
+    module: nn.Module,
+    spec: TrainingSpec,
+    make_inputs: Callable[[], tuple[tuple[Any, ...], dict[str, Any]]],
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    training_loop: str = "pytorch",
+    steps: int = 2,
+) -> tuple[dict[Category, int], list[str]]:
+    """Trace ``steps`` training steps of ``module`` on fake tensors and break down the peak.
+
+    Args:
+        module: the user's module; its weights are neither copied nor touched.
+        spec: batch, precision, optimizer, device and checkpointing.
+        make_inputs: returns ``(args, kwargs)`` for one forward call; called in the fake mode.
+        loss_fn: ``loss_fn(output, batch) -> scalar`` when the output has no loss.
+        training_loop: ``"pytorch"`` zeroes gradients after the step; ``"lightning"`` after the
+            next forward (Lightning's closure), so last step's gradients live through it.
+        steps: steps to run; the second is the steady state (optimizer state exists).
+
+    Returns:
+        Bytes per category at the peak, and notes on anything approximated.
+
+    Raises:
+        TraceError: when the model's code cannot run on fake tensors.
+        ConfigError: for a loss that is not a scalar.
+    """
+    ledger = _Ledger(spec.device)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    counting = _CountingMode(ledger, fake_mode)
+    precision = spec.precision
+    notes: list[str] = []
+    foreach = True if spec.device == "cuda" else None
+    trainable: list[torch.Tensor] = []
+    optimizer: torch.optim.Optimizer | None = None
+    activations: set[int] = set()
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_training_setup(module, bool(spec.gradient_checkpointing)))
+            stack.enter_context(fake_mode)
+            stack.enter_context(counting)
+            if spec.device == "cuda":
+                stack.enter_context(_CudaKernels())
+            state, trainable = _fake_state(module, spec)
+            for t in state.values():
+                ledger.track(t)
+            params = {ledger.index_of(t) for t in state.values()}
+            # Swap the fakes in for the whole run, not just the forward: checkpointed layers
+            # recompute their forward during backward.
+            stack.enter_context(_reparametrize_module(module, state, tie_weights=True))
+            optimizer = make_optimizer(spec.optimizer, trainable, foreach=foreach)
+            grads: set[int] = set()
+            opt_state: set[int] = set()
+            for _ in range(steps):
+                ledger.phase = "forward"
+                start = ledger.clock
+                args, kwargs = make_inputs()
+                for t in tree_flatten((args, kwargs))[0]:
+                    if isinstance(t, torch.Tensor):
+                        ledger.track(t)
+                autocast = (torch.autocast("cpu", dtype=precision.autocast_dtype)
+                            if precision.autocast_dtype is not None else contextlib.nullcontext())
+                with autocast:
+                    output = module(*args, **kwargs)
+                    loss = _loss_of(output, kwargs or args, loss_fn)
+                end = ledger.clock
+                activations.update(i for i, r in ledger.live_at(end) if r.alloc > start)
+                del output
+                ledger.phase = "backward"
+                if training_loop == "lightning" and optimizer is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                if trainable:
+                    loss.backward()
+                del loss, args, kwargs
+                grads.update(i for t in trainable if t.grad is not None
+                             for i in [ledger.index_of(t.grad)] if i is not None)
+                ledger.phase = "optimizer"
+                if optimizer is not None:
+                    optimizer.step()
+                    opt_state.update(i for s in optimizer.state.values() for v in s.values()
+                                     if isinstance(v, torch.Tensor)
+                                     for i in [ledger.index_of(v)] if i is not None)
+                    if training_loop == "pytorch":
+                        optimizer.zero_grad(set_to_none=True)
+                else:
+                    for t in trainable:
+                        t.grad = None
+                ledger.phase = "other"
+            breakdown = {c: 0 for c in Category}
+            for i, r in ledger.live_at(ledger.peak_clock):
+                if i in params:
+                    cat = Category.PARAMETERS
+                elif i in grads:
+                    cat = Category.GRADIENTS
+                elif i in opt_state:
+                    cat = Category.OPTIMIZER_STATE
+                elif i in activations:
+                    cat = Category.ACTIVATIONS
+                else:
+                    cat = Category.TEMPORARY
+                breakdown[cat] += r.nbytes
+            del state, trainable, optimizer
+    except (ConfigError, TraceError):
+        raise
+    except Exception as exc:
+        raise TraceError(
+            f"could not trace a training step of {type(module).__name__}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if counting.fallbacks:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(counting.fallbacks.items()))
+        notes.append(f"data-dependent ops ran on stand-in values of ones: {ops}")
+    if precision.grad_scaler:
+        notes.append("GradScaler's scalars are not traced (a few bytes)")
+    log.debug("trace of %s: peak %d bytes", type(module).__name__, ledger.peak)
+    if sum(breakdown.values()) != ledger.peak:
+        raise TraceError(f"internal error: breakdown {sum(breakdown.values())} != peak {ledger.peak}")
+    return breakdown, notes

@@ -1,0 +1,108 @@
+"""Tests for memguard.catalog: the GPUs, their memory, and forgiving but unambiguous names."""
+
+from __future__ import annotations
+
+import pytest
+
+from memguard.catalog import GPU_CATALOG, GpuSpec, list_gpus, lookup_gpu, matching_gpus
+from memguard.device import device_memory
+from memguard.errors import ConfigError
+
+MIB = 2**20
+
+# nvidia-smi "Total" in MiB (R520+ drivers); rocm-smi bytes for the MI300X.
+EXPECTED = {
+    "T4": 15360 * MIB,
+    "V100-16GB": 16384 * MIB,
+    "V100-32GB": 32768 * MIB,
+    "A10G": 23028 * MIB,
+    "L4": 23034 * MIB,
+    "RTX-3090": 24576 * MIB,
+    "RTX-4090": 24564 * MIB,
+    "A100-40GB": 40960 * MIB,
+    "A100-80GB": 81920 * MIB,
+    "L40S": 46068 * MIB,
+    "H100-80GB": 81559 * MIB,
+    "H200": 143771 * MIB,
+    "MI300X": 206141652992,
+}
+
+
+def test_catalog_has_every_required_gpu_with_its_memory():
+    assert {name: spec.total_bytes for name, spec in GPU_CATALOG.items()} == EXPECTED
+    assert list_gpus() == list(EXPECTED)
+
+
+@pytest.mark.parametrize("spec", GPU_CATALOG.values(), ids=list(GPU_CATALOG))
+def test_every_entry_is_consistent(spec: GpuSpec):
+    assert lookup_gpu(spec.name) is spec
+    for product in spec.product_names:
+        assert lookup_gpu(product) is spec, product
+    # the memory is a little below the size printed on the box (decimal GB)
+    assert 0.9 * spec.nominal_gb * 10**9 < spec.total_bytes < 1.1 * spec.nominal_gb * 10**9
+    assert spec.total_bytes % MIB == 0 or spec.vendor == "AMD"
+    assert spec.source
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("a100-80gb", "A100-80GB"),
+    ("A100 80GB", "A100-80GB"),
+    ("A100_80G", "A100-80GB"),
+    ("NVIDIA A100-SXM4-80GB", "A100-80GB"),
+    ("NVIDIA A100 80GB PCIe", "A100-80GB"),
+    ("A100-PCIE-40GB", "A100-40GB"),
+    ("H100", "H100-80GB"),
+    ("h100 sxm5 80gb", "H100-80GB"),
+    ("NVIDIA H100 80GB HBM3", "H100-80GB"),
+    ("h200", "H200"),
+    ("H200 141GB", "H200"),
+    ("t4", "T4"),
+    ("Tesla T4", "T4"),
+    ("tesla v100-sxm2-32gb", "V100-32GB"),
+    ("V100 16GB", "V100-16GB"),
+    ("a10g", "A10G"),
+    ("L4", "L4"),
+    ("l40s", "L40S"),
+    ("RTX 3090", "RTX-3090"),
+    ("rtx3090", "RTX-3090"),
+    ("NVIDIA GeForce RTX 4090", "RTX-4090"),
+    ("4090", "RTX-4090"),
+    ("mi300x", "MI300X"),
+    ("AMD Instinct MI300X", "MI300X"),
+])
+def test_forgiving_names(name, expected):
+    assert lookup_gpu(name).name == expected
+    assert device_memory(name).total_bytes == EXPECTED[expected]
+
+
+@pytest.mark.parametrize(("name", "choices"), [
+    ("A100", ["A100-40GB", "A100-80GB"]),
+    ("nvidia a100", ["A100-40GB", "A100-80GB"]),
+    ("V100", ["V100-16GB", "V100-32GB"]),
+])
+def test_ambiguous_names_list_the_choices(name, choices):
+    assert [s.name for s in matching_gpus(name)] == choices
+    with pytest.raises(ConfigError, match="ambiguous") as info:
+        lookup_gpu(name)
+    for choice in choices:
+        assert choice in str(info.value)
+
+
+@pytest.mark.parametrize("name", [
+    "B200", "A100 48GB", "H100 NVL", "RTX 3090 Ti", "A10", "L40", "", "a100 80gb 40gb",
+    "NVIDIA A100-SXM4-80GB MIG 3g.40gb",
+])
+def test_unknown_names_list_the_catalog(name):
+    assert matching_gpus(name) == []
+    with pytest.raises(ConfigError, match=r"unknown GPU .*the catalog knows: T4, V100-16GB"):
+        lookup_gpu(name)
+
+
+def test_lookup_rejects_non_strings():
+    with pytest.raises(ConfigError, match="unknown GPU 80"):
+        lookup_gpu(80)  # type: ignore[arg-type]
+
+
+def test_catalog_is_read_only():
+    with pytest.raises(TypeError):
+        GPU_CATALOG["X"] = GPU_CATALOG["T4"]  # type: ignore[index]
