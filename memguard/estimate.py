@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memguard.errors import ConfigError, MemguardError
 from memguard.models import ResolvedModel, load_model, make_batch, model_task
@@ -45,6 +45,7 @@ def estimate(
     method: str = "auto",
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     training_loop: str = "pytorch",
+    step_fn: Callable[[Any], Any] | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one steady-state training step.
 
@@ -73,6 +74,9 @@ def estimate(
             scalar tensor nor has a ``.loss``.
         training_loop: ``"pytorch"`` (forward, backward, step, ``zero_grad``) or ``"lightning"``
             (``zero_grad`` runs after the next forward, so last step's gradients live through it).
+        step_fn: ``step_fn(batch) -> loss or output`` replaces ``model(...)`` in the trace, e.g.
+            ``lambda batch: lightning_module.training_step(batch, 0)``. It receives
+            ``example_input`` whole (resized to ``batch_size``), which it then requires.
 
     Returns:
         A :class:`MemoryEstimate`.
@@ -85,13 +89,16 @@ def estimate(
         raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if training_loop not in LOOPS:
         raise ConfigError(f"unknown training_loop {training_loop!r}; expected one of {', '.join(LOOPS)}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise ConfigError(f"loss_fn must be callable, got {loss_fn!r}")
+    for name, fn in (("loss_fn", loss_fn), ("step_fn", step_fn)):
+        if fn is not None and not callable(fn):
+            raise ConfigError(f"{name} must be callable, got {fn!r}")
+    if step_fn is not None and example_input is None:
+        raise ConfigError("step_fn needs example_input: the batch it is called with")
     spec = TrainingSpec.create(batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
                                precision=precision, gradient_checkpointing=gradient_checkpointing,
                                device=device)
     resolved = load_model(model)
-    spec, make_inputs = _plan_inputs(resolved, spec, example_input)
+    spec, make_inputs = _plan_inputs(resolved, spec, example_input, whole=step_fn is not None)
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=bool(getattr(resolved.module, "is_gradient_checkpointing", False)))
 
@@ -101,7 +108,7 @@ def estimate(
 
         try:
             breakdown, more = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn,
-                                              training_loop=training_loop)
+                                              training_loop=training_loop, step_fn=step_fn)
             used = "trace"
         except MemguardError as exc:
             if method == "trace":
@@ -143,8 +150,8 @@ def _formula(resolved: ResolvedModel, spec: TrainingSpec) -> tuple[dict[Category
     return formula_breakdown(resolved, spec)
 
 
-def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec,
-                 example_input: Any) -> tuple[TrainingSpec, Callable[[], Inputs]]:
+def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec, example_input: Any,
+                 whole: bool = False) -> tuple[TrainingSpec, Callable[[], Inputs]]:
     """Settle batch size and sequence length, and return a builder of the forward's arguments.
 
     The builder is called under the trace's fake-tensor mode, so the tensors it makes there cost
@@ -152,7 +159,7 @@ def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec,
     """
     module = resolved.module
     if example_input is not None:
-        return _plan_example(spec, example_input)
+        return _plan_example(spec, example_input, whole)
     batch_size = spec.batch_size or 1
     seq_len = spec.seq_len
     task = model_task(module)
@@ -176,37 +183,43 @@ def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec,
     return spec, build
 
 
-def _plan_example(spec: TrainingSpec, example: Any) -> tuple[TrainingSpec, Callable[[], Inputs]]:
-    if isinstance(example, torch.Tensor):
-        args, kwargs = (example,), {}
-    elif isinstance(example, (tuple, list)):
-        args, kwargs = tuple(example), {}
-    elif isinstance(example, dict):
-        args, kwargs = (), dict(example)
-    else:
-        raise ConfigError(
-            f"example_input must be a tensor, a tuple or a dict of tensors, got {type(example).__name__}"
-        )
-    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+def _plan_example(spec: TrainingSpec, example: Any, whole: bool) -> tuple[TrainingSpec, Callable[[], Inputs]]:
+    """Plan a forward on ``example`` (a batch as given), resized to ``spec.batch_size``.
+
+    A tensor is the one positional argument, a tuple or list the positional arguments and a dict
+    the keyword arguments; with ``whole`` the batch is passed as one argument, as it is to a
+    ``training_step``. Every tensor whose first dimension is the example's batch size is resized.
+    """
+    tensors = [t for t in tree_flatten(example)[0] if isinstance(t, torch.Tensor)]
     if not tensors:
-        raise ConfigError("example_input holds no tensor")
-    if any(t.dim() == 0 for t in tensors[:1]):
+        raise ConfigError(f"example_input holds no tensor: {type(example).__name__}")
+    if tensors[0].dim() == 0:
         raise ConfigError("the first tensor of example_input must have a batch dimension")
     given = tensors[0].shape[0]
     batch_size = spec.batch_size or given
 
-    def resize(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == given:
-            return torch.empty((batch_size, *t.shape[1:]), dtype=t.dtype)
-        if isinstance(t, torch.Tensor):
-            return torch.empty(t.shape, dtype=t.dtype)
-        return t
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        shape = (batch_size, *t.shape[1:]) if t.dim() > 0 and t.shape[0] == given else t.shape
+        return torch.empty(shape, dtype=t.dtype)
 
     def build() -> Inputs:
-        return tuple(resize(a) for a in args), {k: resize(v) for k, v in kwargs.items()}
+        batch = tree_map_only(torch.Tensor, resize, example)
+        if whole:
+            return (batch,), {}
+        if isinstance(batch, torch.Tensor):
+            return (batch,), {}
+        if isinstance(batch, (tuple, list)):
+            return tuple(batch), {}
+        if isinstance(batch, dict):
+            return (), dict(batch)
+        raise ConfigError(
+            f"example_input must be a tensor, a tuple or a dict of tensors, got {type(example).__name__}"
+        )
 
+    if not whole and not isinstance(example, (torch.Tensor, tuple, list, dict)):
+        raise ConfigError(
+            f"example_input must be a tensor, a tuple or a dict of tensors, got {type(example).__name__}"
+        )
     return spec.replace(batch_size=batch_size), build
 
 
-def _is_module(x: Any) -> bool:
-    return isinstance(x, nn.Module)

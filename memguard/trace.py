@@ -300,6 +300,7 @@ def trace_breakdown(
     *,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     training_loop: str = "pytorch",
+    step_fn: Callable[[Any], Any] | None = None,
     steps: int = 2,
 ) -> tuple[dict[Category, int], list[str]]:
     """Trace ``steps`` training steps of ``module`` on fake tensors and break down the peak.
@@ -311,6 +312,9 @@ def trace_breakdown(
         loss_fn: ``loss_fn(output, batch) -> scalar`` when the output has no loss.
         training_loop: ``"pytorch"`` zeroes gradients after the step; ``"lightning"`` after the
             next forward (Lightning's closure), so last step's gradients live through it.
+        step_fn: called with the one positional input instead of ``module(...)`` (e.g. a
+            LightningModule's ``training_step``); its result is a loss, a dict with ``"loss"``, or
+            an output for ``loss_fn``.
         steps: steps to run; the second is the steady state (optimizer state exists).
 
     Returns:
@@ -356,7 +360,7 @@ def trace_breakdown(
                 autocast = (torch.autocast("cpu", dtype=precision.autocast_dtype)
                             if precision.autocast_dtype is not None else contextlib.nullcontext())
                 with autocast:
-                    output = module(*args, **kwargs)
+                    output = step_fn(args[0]) if step_fn is not None else module(*args, **kwargs)
                     loss = _loss_of(output, kwargs or args, loss_fn)
                 end = ledger.clock
                 activations.update(i for i, r in ledger.live_at(end) if r.alloc > start)

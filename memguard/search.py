@@ -1,0 +1,100 @@
+"""The largest batch size that fits, found on the estimator instead of on the GPU.
+
+Lightning's ``BatchSizeFinder`` and accelerate's ``find_executable_batch_size`` try sizes on the
+device until one runs out of memory. Here each try is an estimate, which costs no device memory
+and runs on a machine without the GPU. Memory grows with batch size as the maximum of a few affine
+functions (one per phase of the step: forward, backward, optimizer), so the search extrapolates
+along the secant of the last two tries (regula falsi) and bisects when that stalls; a handful of
+estimates settle it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from memguard.errors import ConfigError
+from memguard.result import MemoryEstimate
+
+__all__ = ["BatchSearch", "max_batch_size"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSearch:
+    """The outcome of :func:`max_batch_size`.
+
+    Attributes:
+        batch_size: the largest batch size that fits, or 0 when even 1 does not.
+        estimate: the estimate at ``batch_size`` (at 1 when nothing fits).
+        trials: every batch size estimated, with its total bytes, in order.
+        capped: true when the search stopped at ``limit`` while still fitting.
+    """
+
+    batch_size: int
+    estimate: MemoryEstimate
+    trials: tuple[tuple[int, int], ...]
+    capped: bool = False
+
+
+def max_batch_size(estimate_at: Callable[[int], MemoryEstimate], free_bytes: int, *,
+                   margin: float = 0.1, limit: int = 1 << 16) -> BatchSearch:
+    """Find the largest batch size whose estimate fits ``free_bytes`` keeping ``margin`` spare.
+
+    Args:
+        estimate_at: returns the estimate for a batch size.
+        free_bytes: memory available on the device.
+        margin: share of ``free_bytes`` to keep spare, as in :meth:`MemoryEstimate.fits`.
+        limit: the largest batch size considered.
+
+    Returns:
+        A :class:`BatchSearch`. Assumes memory does not shrink as the batch grows.
+    """
+    if not 0 <= margin < 1:
+        raise ConfigError(f"margin must be in [0, 1), got {margin!r}")
+    if limit < 1:
+        raise ConfigError(f"limit must be a positive integer, got {limit!r}")
+    budget = free_bytes * (1 - margin)
+    cache: dict[int, MemoryEstimate] = {}
+    trials: list[tuple[int, int]] = []
+
+    def total(b: int) -> int:
+        if b not in cache:
+            cache[b] = estimate_at(b)
+            trials.append((b, cache[b].total_bytes))
+            log.info("batch size %d: %d bytes (budget %d)", b, cache[b].total_bytes, int(budget))
+        return cache[b].total_bytes
+
+    if total(1) > budget:
+        return BatchSearch(0, cache[1], tuple(trials))
+    if limit == 1:
+        return BatchSearch(1, cache[1], tuple(trials), capped=True)
+    prev, lo, probe = 1, 1, 2  # lo fits; hi, once known, does not
+    while True:
+        if total(probe) > budget:
+            hi = probe
+            break
+        prev, lo = lo, probe
+        if lo >= limit:
+            return BatchSearch(lo, cache[lo], tuple(trials), capped=True)
+        # Extrapolate along the secant through the last two fitting tries.
+        slope = max(1.0, (total(lo) - total(prev)) / (lo - prev))
+        guess = lo + int((budget - total(lo)) / slope)
+        probe = min(limit, max(lo + 1, guess))
+    last_width = None
+    while hi - lo > 1:
+        # Regula falsi inside the bracket; bisect when the last step did not halve the bracket.
+        width = hi - lo
+        if last_width is None or 2 * width <= last_width:
+            a, b = total(lo), total(hi)
+            mid = min(hi - 1, max(lo + 1, lo + int((budget - a) * width / max(1, b - a))))
+        else:
+            mid = (lo + hi) // 2
+        last_width = width
+        if total(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return BatchSearch(lo, cache[lo], tuple(trials))
