@@ -16,7 +16,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memguard.errors import ConfigError, MemguardError
-from memguard.models import ResolvedModel, load_model, make_batch, model_task
+from memguard.models import ResolvedModel, is_checkpointing, load_model, make_batch, model_task
 from memguard.options import TrainingSpec
 from memguard.overhead import device_overhead
 from memguard.result import Category, MemoryEstimate
@@ -100,7 +100,7 @@ def estimate(
     resolved = load_model(model)
     spec, make_inputs = _plan_inputs(resolved, spec, example_input, whole=step_fn is not None)
     if spec.gradient_checkpointing is None:
-        spec = spec.replace(gradient_checkpointing=bool(getattr(resolved.module, "is_gradient_checkpointing", False)))
+        spec = spec.replace(gradient_checkpointing=is_checkpointing(resolved.module))
 
     notes: list[str] = []
     if method in ("auto", "trace"):

@@ -19,7 +19,8 @@ from torch import nn
 
 from memguard.errors import ConfigError
 
-__all__ = ["ResolvedModel", "TaskKind", "list_presets", "load_model", "make_batch", "model_task"]
+__all__ = ["ResolvedModel", "TaskKind", "is_checkpointing", "list_presets", "load_model", "make_batch", "model_task",
+           "set_checkpointing"]
 
 _PRESET_DIR = Path(__file__).parent / "presets"
 _ALIASES = {
@@ -165,6 +166,37 @@ def _from_factory(spec: str) -> ResolvedModel:
     if not isinstance(built, nn.Module):
         raise ConfigError(f"{spec!r} returned {type(built).__name__}, not a torch.nn.Module")
     return ResolvedModel(built, spec, getattr(built, "config", None))
+
+
+def is_checkpointing(module: nn.Module) -> bool:
+    """Whether a transformers model has gradient (activation) checkpointing on."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(module), name) or name in getattr(module, "__dict__", {}):
+            return bool(getattr(module, name))
+    return False
+
+
+def set_checkpointing(module: nn.Module, on: bool) -> None:
+    """Turn checkpointing of a transformers model on (non-reentrant, as torch recommends) or off.
+
+    Raises:
+        ConfigError: for a module without the transformers checkpointing switch.
+    """
+    if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
+        if on:
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.activation_checkpointing_disable()
+    elif hasattr(module, "gradient_checkpointing_enable"):
+        if on:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_disable()
+    elif on:
+        raise ConfigError(
+            f"gradient_checkpointing=True, but {type(module).__name__} has no checkpointing switch; "
+            "checkpoint it in the model's code and pass gradient_checkpointing=None"
+        )
 
 
 TaskKind = str

@@ -44,11 +44,11 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
 )
 from torch.nn.utils.stateless import _reparametrize_module
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memguard.errors import ConfigError, TraceError
+from memguard.models import is_checkpointing, set_checkpointing
 from memguard.options import TrainingSpec, make_optimizer
 from memguard.result import Category
 
@@ -170,51 +170,55 @@ class _CountingMode(TorchDispatchMode):
         return tree_map_only(torch.Tensor, self.fake_mode.from_tensor, result)
 
 
-class _CudaKernels(TorchFunctionMode):
+@contextlib.contextmanager
+def _cuda_kernels() -> Iterator[None]:
     """Take the kernels a GPU would take where the CPU's differ in memory.
 
     * ``scaled_dot_product_attention``: CUDA picks flash or memory-efficient attention, which keep
       only the output and a per-row log-sum-exp for backward (Dao et al. 2022); the CPU falls back
       to the math path (S×S scores) whenever dropout is on. The CPU flash kernel has the same
-      memory as the CUDA fused ones, so it stands in.
+      memory as the CUDA fused ones, so it stands in. A mask that needs a gradient (T5's learned
+      position bias) keeps the math path.
     * dropout: on CUDA ``aten::dropout`` takes ``native_dropout`` (a 1-byte bool mask); on the CPU it
       multiplies by a noise tensor of the input's dtype (``is_fused_kernel_acceptable`` in ATen).
+
+    The functions are swapped on ``torch.nn.functional`` for the whole trace rather than through a
+    ``TorchFunctionMode``, because checkpointed layers recompute their forward inside backward,
+    where such a mode is not active.
     """
+    functional = torch.nn.functional
+    sdpa, dropout = functional.scaled_dot_product_attention, functional.dropout
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            return _fused_sdpa(*args, **kwargs)
-        if func in (torch.nn.functional.dropout, torch.dropout):
-            return _native_dropout(func, args, kwargs)
-        return func(*args, **kwargs)
+    def fused_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                   scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+        if attn_mask is not None and attn_mask.requires_grad:
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            rep = query.shape[-3] // key.shape[-3]
+            key = key.repeat_interleave(rep, dim=-3)
+            value = value.repeat_interleave(rep, dim=-3)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype).masked_fill_(
+                attn_mask.logical_not(), float("-inf"))
+        elif attn_mask is not None and attn_mask.dtype != query.dtype:
+            attn_mask = attn_mask.to(query.dtype)
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+        return out
 
+    def native_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
+                       inplace: bool = False) -> torch.Tensor:
+        if not training or p == 0.0 or inplace:
+            return dropout(input, p, training, inplace)
+        return torch.native_dropout(input, p, True)[0]
 
-def _fused_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
-                scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        rep = query.shape[-3] // key.shape[-3]
-        key = key.repeat_interleave(rep, dim=-3)
-        value = value.repeat_interleave(rep, dim=-3)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype).masked_fill_(attn_mask.logical_not(), float("-inf"))
-    if attn_mask is not None and attn_mask.dtype != query.dtype:
-        attn_mask = attn_mask.to(query.dtype)
-    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
-    return out
-
-
-def _native_dropout(func: Any, args: Any, kwargs: Any) -> torch.Tensor:
-    names = ("input", "p", "training", "inplace") if func is torch.nn.functional.dropout else ("input", "p", "train")
-    bound = dict(zip(names, args, strict=False))
-    bound.update(kwargs)
-    x, p = bound["input"], float(bound.get("p", 0.5))
-    training = bound.get("training", bound.get("train", True))
-    if not training or p == 0.0 or bound.get("inplace", False):
-        return func(*args, **kwargs)
-    return torch.native_dropout(x, p, True)[0]
+    functional.scaled_dot_product_attention, functional.dropout = fused_sdpa, native_dropout
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention, functional.dropout = sdpa, dropout
 
 
 def _loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> torch.Tensor:
@@ -243,32 +247,17 @@ def _loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor
 def _training_setup(module: nn.Module, checkpointing: bool) -> Iterator[None]:
     """Put the module in train mode (and checkpointing as asked) and restore it afterwards."""
     modes = {m: m.training for m in module.modules()}
-    had = bool(getattr(module, "is_gradient_checkpointing", False))
-    toggled = False
+    had = is_checkpointing(module)
     if checkpointing != had:
-        if not hasattr(module, "gradient_checkpointing_enable"):
-            if checkpointing:
-                raise ConfigError(
-                    f"gradient_checkpointing=True, but {type(module).__name__} has no "
-                    "gradient_checkpointing_enable(); checkpoint it in the model and pass None"
-                )
-        elif checkpointing:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            toggled = True
-        else:
-            module.gradient_checkpointing_disable()
-            toggled = True
+        set_checkpointing(module, checkpointing)
     module.train()
     try:
         yield
     finally:
         for m, mode in modes.items():
             m.training = mode
-        if toggled:
-            if had:
-                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                module.gradient_checkpointing_disable()
+        if checkpointing != had:
+            set_checkpointing(module, had)
 
 
 def _fake_state(module: nn.Module, spec: TrainingSpec) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
@@ -339,7 +328,7 @@ def trace_breakdown(
             stack.enter_context(fake_mode)
             stack.enter_context(counting)
             if spec.device == "cuda":
-                stack.enter_context(_CudaKernels())
+                stack.enter_context(_cuda_kernels())
             state, trainable = _fake_state(module, spec)
             for t in state.values():
                 ledger.track(t)

@@ -1,0 +1,115 @@
+"""memguard.estimate: argument handling, bad input, and the properties every estimate has."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import memguard
+from memguard import Category, ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2() -> GPT2LMHeadModel:
+    with torch.device("meta"):
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=256))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        ({"batch_size": -3}, "batch_size must be a positive integer, got -3"),
+        ({"batch_size": 2.5}, "batch_size must be a positive integer, got 2.5"),
+        ({"seq_len": 0}, "seq_len must be a positive integer, got 0"),
+        ({"optimizer": "lion"}, "unknown optimizer 'lion'; expected one of adamw, adam, sgd"),
+        ({"precision": "fp8"}, "unknown precision 'fp8'; expected one of 32-true"),
+        ({"method": "guess"}, "unknown method 'guess'; expected one of auto, trace, formula, seed"),
+        ({"device": "tpu"}, "unknown device 'tpu'"),
+        ({"training_loop": "jax"}, "unknown training_loop 'jax'"),
+        ({"seq_len": 4096}, "seq_len=4096 is longer than GPT2LMHeadModel can take"),
+    ],
+)
+def test_bad_arguments_name_the_value(kwargs: dict, match: str) -> None:
+    args = {"batch_size": 1, "seq_len": 16, **kwargs}
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        memguard.estimate("gpt2", **args)
+
+
+def test_unknown_preset_lists_the_presets() -> None:
+    with pytest.raises(ConfigError, match=r"unknown model 'gpt5'.*Presets: bert-base-cased"):
+        memguard.estimate("gpt5", 1, 16)
+
+
+def test_malformed_config_file(tmp_path) -> None:
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"cannot read .* as a JSON model config"):
+        memguard.estimate(str(bad), 1, 16)
+    bad.write_text(json.dumps({"n_layer": 2}))
+    with pytest.raises(ConfigError, match="has no 'model_type'"):
+        memguard.estimate(str(tmp_path), 1, 16)
+    bad.write_text(json.dumps({"model_type": "no-such-arch"}))
+    with pytest.raises(ConfigError, match="malformed"):
+        memguard.estimate(str(bad), 1, 16)
+
+
+def test_config_path_and_config_object_match_the_preset(tmp_path) -> None:
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=256)
+    config.architectures = ["GPT2LMHeadModel"]
+    config.save_pretrained(tmp_path)
+    a = memguard.estimate(str(tmp_path), 2, 32, device="cpu", method="trace")
+    b = memguard.estimate(config, 2, 32, device="cpu", method="trace")
+    assert a.breakdown == b.breakdown
+    assert a.inputs["model"] == str(tmp_path)
+
+
+def test_seq_len_defaults_to_the_models_maximum(tiny_gpt2) -> None:
+    est = memguard.estimate(tiny_gpt2, batch_size=1, device="cpu", method="trace")
+    assert est.inputs["seq_len"] == 256
+
+
+def test_plain_module_without_example_input_is_refused() -> None:
+    with pytest.raises(ConfigError, match="pass example_input="):
+        memguard.estimate(torch.nn.Linear(4, 4), 2)
+
+
+def test_to_dict_is_json_and_round_trips(tiny_gpt2) -> None:
+    est = memguard.estimate(tiny_gpt2, 2, 32, precision="bf16-mixed", device="cuda", method="trace")
+    data = json.loads(json.dumps(est.to_dict()))
+    assert data["peak_bytes"] == est.peak_bytes
+    assert data["total_bytes"] == est.total_bytes == sum(data["breakdown"].values())
+    assert set(data["breakdown"]) == {c.value for c in Category}
+    assert data["inputs"]["precision"] == "bf16-mixed"
+    assert memguard.MemoryEstimate.from_dict(data) == est
+
+
+@settings(max_examples=8, deadline=None)
+@given(batch=st.integers(1, 6), seq=st.integers(8, 96))
+def test_trace_is_non_negative_and_grows_with_batch_and_sequence(tiny_gpt2, batch: int, seq: int) -> None:
+    est = memguard.estimate(tiny_gpt2, batch, seq, device="cuda", method="trace")
+    assert all(v >= 0 for v in est.breakdown.values())
+    assert memguard.estimate(tiny_gpt2, batch + 1, seq, device="cuda", method="trace").peak_bytes >= est.peak_bytes
+    assert memguard.estimate(tiny_gpt2, batch, seq + 32, device="cuda", method="trace").peak_bytes >= est.peak_bytes
+
+
+def test_fits_keeps_the_margin_spare(tiny_gpt2) -> None:
+    est = memguard.estimate(tiny_gpt2, 2, 32, device="cpu", method="trace")
+    assert est.fits(est.total_bytes, margin=0)
+    assert not est.fits(est.total_bytes, margin=0.1)
+    assert est.fits(int(est.total_bytes / 0.9) + 1, margin=0.1)
+    with pytest.raises(ConfigError, match="margin"):
+        est.fits(10, margin=1.5)
+
+
+def test_table_lists_every_category(tiny_gpt2) -> None:
+    text = str(memguard.estimate(tiny_gpt2, 2, 32, device="cuda", method="trace"))
+    for cat in Category:
+        assert cat.value in text
+    assert "batch_size=2" in text and "total" in text

@@ -1,0 +1,183 @@
+"""The fake-tensor trace: exact byte counts on models small enough to count by hand, and real models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import memguard
+from memguard import Category
+
+MiB4 = 4 * 2**20  # one 1024x1024 fp32 matrix
+
+
+def _linear_estimate(optimizer: str, device: str, **kwargs):
+    torch.manual_seed(0)
+    model = nn.Linear(1024, 1024, bias=False)
+    return memguard.estimate(model, example_input=torch.randn(64, 1024), loss_fn=lambda out, batch: out.sum(),
+                             optimizer=optimizer, device=device, method="trace", **kwargs)
+
+
+def _cpu(nbytes: int) -> int:
+    """What one CPU buffer costs in RSS: 64-byte aligned, whole pages (with malloc's header) from 64 KiB."""
+    if nbytes < 65536:
+        return -(-nbytes // 64) * 64
+    return -(-(nbytes + 64) // 4096) * 4096
+
+
+def test_sgd_on_cpu_counts_weight_grad_input_and_scalars() -> None:
+    est = _linear_estimate("sgd", "cpu")
+    weight, x, scalar = _cpu(MiB4), _cpu(64 * 1024 * 4), _cpu(4)
+    # Peak during backward: weight, its gradient, the saved input and the loss; SGD updates in place.
+    assert est.breakdown[Category.PARAMETERS] == weight
+    assert est.breakdown[Category.GRADIENTS] == weight
+    assert est.breakdown[Category.ACTIVATIONS] == x + scalar
+    assert est.breakdown[Category.TEMPORARY] == scalar  # the loss's gradient, a ones scalar
+    assert est.breakdown[Category.OPTIMIZER_STATE] == 0
+    assert est.peak_bytes == 2 * weight + x + 2 * scalar == 8_663_168
+    assert est.total_bytes == est.peak_bytes  # no overhead on the CPU
+
+
+def test_adamw_on_cpu_peaks_in_the_step_with_two_temporaries() -> None:
+    est = _linear_estimate("adamw", "cpu")
+    weight = _cpu(MiB4)
+    assert est.breakdown[Category.OPTIMIZER_STATE] == 2 * weight + _cpu(4)  # exp_avg, exp_avg_sq, step
+    # Single-tensor AdamW: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt) holds two full temporaries.
+    assert est.breakdown[Category.TEMPORARY] == 2 * weight
+    assert est.peak_bytes == 25_456_704
+
+
+def test_adamw_on_cuda_uses_foreach_and_512_byte_blocks() -> None:
+    est = _linear_estimate("adamw", "cuda")
+    assert est.breakdown[Category.PARAMETERS] == MiB4
+    assert est.breakdown[Category.OPTIMIZER_STATE] == 2 * MiB4 + 512
+    assert est.breakdown[Category.TEMPORARY] == MiB4  # foreach sqrt, then divided in place
+    assert est.peak_bytes == 21_234_176
+    assert est.breakdown[Category.OVERHEAD] > 500 * 2**20  # CUDA context and workspaces
+    assert est.total_bytes == est.peak_bytes + est.breakdown[Category.OVERHEAD]
+
+
+def test_frozen_parameters_get_no_gradient_or_state() -> None:
+    model = nn.Linear(1024, 1024)
+    model.weight.requires_grad_(False)
+    est = memguard.estimate(model, example_input=torch.randn(64, 1024), loss_fn=lambda out, batch: out.sum(),
+                            optimizer="adamw", device="cuda", method="trace")
+    assert est.breakdown[Category.GRADIENTS] < 8192  # the bias's gradient at most
+    assert est.breakdown[Category.OPTIMIZER_STATE] == 2 * 4096 + 512  # bias moments and step only
+
+
+def test_the_users_module_is_left_as_it_was() -> None:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500, n_positions=64))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    est = memguard.estimate(model, batch_size=2, seq_len=32, device="cpu", method="trace")
+    assert est.peak_bytes > 0
+    assert not model.training
+    for name, param in model.named_parameters():
+        assert type(param) is nn.Parameter and param.device.type == "cpu"
+        assert param.grad is None
+        assert torch.equal(param, before[name]), name
+
+
+def test_meta_module_traces_like_the_real_one() -> None:
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500, n_positions=64)
+    real = GPT2LMHeadModel(config)
+    with torch.device("meta"):
+        meta = GPT2LMHeadModel(config)
+    a = memguard.estimate(real, 2, 32, device="cpu", method="trace")
+    b = memguard.estimate(meta, 2, 32, device="cpu", method="trace")
+    assert a.breakdown == b.breakdown
+
+
+def test_gpt2_preset_parameters_and_adam_state_are_exact() -> None:
+    est = memguard.estimate("gpt2", batch_size=1, seq_len=64, device="cuda", method="trace")
+    n = 124_439_808  # GPT-2 small; lm_head is tied to wte and counted once
+    # Every GPT-2 parameter tensor is a multiple of 512 bytes except a few biases: rounding adds < 0.01%.
+    assert n * 4 <= est.breakdown[Category.PARAMETERS] < n * 4 * 1.0001
+    assert 2 * n * 4 <= est.breakdown[Category.OPTIMIZER_STATE] < 2 * n * 4 * 1.001
+
+
+def test_bf16_true_halves_parameter_bytes() -> None:
+    full = memguard.estimate("gpt2", 1, 64, device="cuda", method="trace", precision="32-true")
+    half = memguard.estimate("gpt2", 1, 64, device="cuda", method="trace", precision="bf16-true")
+    ratio = half.breakdown[Category.PARAMETERS] / full.breakdown[Category.PARAMETERS]
+    assert 0.4999 < ratio <= 0.5001
+
+
+def test_cuda_mode_takes_fused_attention_where_the_cpu_falls_back_to_math() -> None:
+    # GPT-2 trains with attention dropout: on the CPU, SDPA then takes the math path and keeps
+    # B*H*S*S scores; on a GPU, flash attention keeps none of them.
+    b, s, h, layers = 2, 512, 12, 12
+    scores = b * h * s * s * 4
+    cpu = memguard.estimate("gpt2", b, s, device="cpu", method="trace", optimizer="sgd")
+    cuda = memguard.estimate("gpt2", b, s, device="cuda", method="trace", optimizer="sgd")
+    assert cpu.peak_bytes - cuda.peak_bytes > layers * scores
+
+
+def test_gradient_checkpointing_keeps_fewer_activations() -> None:
+    plain = memguard.estimate("gpt2", 4, 256, device="cuda", method="trace", optimizer="sgd")
+    ckpt = memguard.estimate("gpt2", 4, 256, device="cuda", method="trace", optimizer="sgd",
+                             gradient_checkpointing=True)
+    assert ckpt.peak_bytes < plain.peak_bytes
+    assert ckpt.inputs["gradient_checkpointing"] is True
+
+
+def test_lightning_loop_keeps_last_steps_gradients_through_the_forward() -> None:
+    pytorch = memguard.estimate("gpt2", 2, 128, device="cuda", method="trace", optimizer="sgd")
+    lightning = memguard.estimate("gpt2", 2, 128, device="cuda", method="trace", optimizer="sgd",
+                                  training_loop="lightning")
+    assert lightning.peak_bytes > pytorch.peak_bytes
+    assert lightning.breakdown[Category.GRADIENTS] > 0
+
+
+@pytest.mark.parametrize("preset", ["bert-base-uncased", "t5-small", "vit-base"])
+def test_other_architectures_trace(preset: str) -> None:
+    est = memguard.estimate(preset, 2, 64, device="cuda", method="trace")
+    assert est.method == "trace"
+    assert est.breakdown[Category.ACTIVATIONS] + est.breakdown[Category.TEMPORARY] > 0
+    assert est.notes == ()
+
+
+def test_plain_pytorch_transformer_with_data_dependent_op() -> None:
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.encoder(x)
+            if h.abs().max().item() > 1e6:  # data-dependent: runs on a stand-in value
+                h = h / 2
+            return self.head(h.mean(1))
+
+    est = memguard.estimate(Classifier(), example_input=torch.randn(4, 16, 64), batch_size=8,
+                            loss_fn=lambda out, batch: out.logsumexp(-1).mean(), device="cpu")
+    assert est.method == "trace"
+    assert est.inputs["batch_size"] == 8
+    assert any("_local_scalar_dense" in n for n in est.notes)
+
+
+def test_step_fn_traces_a_custom_training_step() -> None:
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    batch = (torch.randn(32, 64), torch.randint(0, 10, (32,)))
+
+    def step(b):
+        return nn.functional.cross_entropy(model(b[0]), b[1])
+
+    small = memguard.estimate(model, example_input=batch, step_fn=step, device="cuda", method="trace")
+    large = memguard.estimate(model, example_input=batch, step_fn=step, device="cuda", method="trace",
+                              batch_size=1024)
+    assert small.inputs["batch_size"] == 32
+    # The ReLU output and both saved layer inputs grow with the batch: (64 + 256 + 256) floats a sample.
+    grown = large.breakdown[Category.ACTIVATIONS] - small.breakdown[Category.ACTIVATIONS]
+    assert grown >= (1024 - 32) * (64 + 256) * 4
+
+
+def test_output_without_loss_needs_loss_fn() -> None:
+    with pytest.raises(memguard.ConfigError, match="loss_fn"):
+        memguard.estimate(nn.Linear(8, 8), example_input=torch.randn(4, 8), device="cpu", method="trace")
