@@ -1,0 +1,79 @@
+"""Presets build offline, on the meta device, with the parameter counts of the published models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memguard import ConfigError
+from memguard.models import list_presets, load_model, make_batch, model_task
+
+# Parameter counts of the published checkpoints (tied embeddings counted once).
+PUBLISHED = {
+    "gpt2": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+    "llama-2-7b": 6_738_415_616,
+    "llama-2-13b": 13_015_864_320,
+    "llama-3-8b": 8_030_261_248,
+    "mistral-7b": 7_241_732_096,
+    "t5-small": 60_506_624,
+    "t5-base": 222_903_552,
+    "vit-base": 86_567_656,
+}
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_builds_on_meta(name: str) -> None:
+    resolved = load_model(name)
+    params = list(resolved.module.parameters())
+    assert params and all(p.device.type == "meta" for p in params)
+    if name in PUBLISHED:
+        assert sum(p.numel() for p in params) == PUBLISHED[name]
+
+
+def test_presets_cover_the_issue() -> None:
+    expected = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "bert-base-uncased", "bert-base-cased",
+                "bert-large-uncased", "bert-large-cased", "roberta-base", "t5-small", "t5-base", "llama-2-7b",
+                "llama-2-13b", "llama-3-8b", "mistral-7b", "vit-base"}
+    assert expected <= set(list_presets())
+
+
+@pytest.mark.parametrize(("alias", "preset"), [
+    ("GPT2", "gpt2"),
+    ("meta-llama/Llama-2-7b-hf", "llama-2-7b"),
+    ("bert_base", "bert-base-uncased"),
+    ("google/vit-base-patch16-224", "vit-base"),
+])
+def test_forgiving_names(alias: str, preset: str) -> None:
+    assert load_model(alias).name == preset
+
+
+@pytest.mark.parametrize(("name", "task", "keys"), [
+    ("gpt2", "causal-lm", {"input_ids": (3, 16), "labels": (3, 16)}),
+    ("bert-base-uncased", "masked-lm", {"input_ids": (3, 16), "labels": (3, 16)}),
+    ("t5-small", "seq2seq", {"input_ids": (3, 16), "labels": (3, 16)}),
+    ("vit-base", "image-cls", {"pixel_values": (3, 3, 224, 224), "labels": (3,)}),
+])
+def test_batches_fit_the_head(name: str, task: str, keys: dict) -> None:
+    module = load_model(name).module
+    assert model_task(module) == task
+    batch = make_batch(module, 3, 16)
+    assert {k: tuple(v.shape) for k, v in batch.items()} == keys
+    if "input_ids" in batch:
+        assert batch["input_ids"].dtype == torch.long
+        assert int(batch["input_ids"].max()) < module.config.vocab_size
+
+
+def test_factory_string(tmp_path, monkeypatch) -> None:
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\ndef build():\n    return torch.nn.Linear(3, 3)\nnot_a_module = 5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert isinstance(load_model("mymodels:build").module, torch.nn.Linear)
+    with pytest.raises(ConfigError, match="has no attribute 'nope'"):
+        load_model("mymodels:nope")
+    with pytest.raises(ConfigError, match=r"not a torch\.nn\.Module"):
+        load_model("mymodels:not_a_module")
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module_xyz'"):
+        load_model("no_such_module_xyz:build")
