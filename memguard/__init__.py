@@ -1,17 +1,21 @@
 """memguard: predict the peak memory of a training step before it runs.
 
 >>> import memguard
->>> est = memguard.estimate("gpt2", batch_size=8, seq_len=1024, precision="bf16-mixed")
->>> est.fits(40 * 2**30)  # doctest: +SKIP
+>>> est = memguard.estimate("gpt2", batch_size=8, seq_len=1024, precision="bf16-mixed")  # doctest: +SKIP
+>>> est.fits(memguard.device_memory("A100-40GB").free_bytes)  # doctest: +SKIP
+True
+
+Names that need torch (``estimate``, ``MemGuard`` ...) are imported on first use, so importing
+memguard (as pytest does for the plugin) stays cheap.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from memguard._version import __version__
 from memguard.catalog import GPU_CATALOG, GpuSpec, list_gpus, lookup_gpu
-from memguard.device import DeviceMemory, device_memory, list_devices, resolve_budget
 from memguard.errors import (
     ConfigError,
     DeviceError,
@@ -21,10 +25,24 @@ from memguard.errors import (
     TraceError,
     UnsupportedModelError,
 )
-from memguard.estimate import estimate
-from memguard.models import list_presets
 from memguard.result import Category, MemoryEstimate
 from memguard.units import format_bytes, parse_bytes
+
+if TYPE_CHECKING:
+    from memguard.callback import MemGuard
+    from memguard.device import DeviceMemory, device_memory, list_devices, resolve_budget
+    from memguard.estimate import estimate
+    from memguard.models import list_presets
+
+_LAZY = {
+    "MemGuard": "memguard.callback",
+    "DeviceMemory": "memguard.device",
+    "device_memory": "memguard.device",
+    "list_devices": "memguard.device",
+    "resolve_budget": "memguard.device",
+    "estimate": "memguard.estimate",
+    "list_presets": "memguard.models",
+}
 
 __all__ = [
     "GPU_CATALOG",
@@ -54,9 +72,12 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The callback imports Lightning, which is slow: load it only when asked for.
-    if name == "MemGuard":
-        from memguard.callback import MemGuard
-
-        return MemGuard
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'memguard' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,364 @@
+"""The ``memguard`` command: exit codes, JSON schema, golden tables, one-line errors.
+
+Most tests run ``main()`` in this process on a tiny GPT-2 (``test_cli:tiny_gpt2``, built on the
+meta device) so a trace takes a fraction of a second. Golden files live in ``tests/golden``;
+regenerate them with ``MEMGUARD_UPDATE_GOLDEN=1 pytest tests/test_cli.py`` after a deliberate
+change of the estimates or of the output format, and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memguard
+from memguard import Category, DeviceError, DeviceMemory
+from memguard import device as device_module
+from memguard.cli import EXIT_DOES_NOT_FIT, EXIT_OK, EXIT_USAGE, main
+
+GOLDEN = Path(__file__).parent / "golden"
+TINY = "test_cli:tiny_gpt2"
+TINY_ARGS = [TINY, "--batch-size", "2", "--seq-len", "32", "--method", "trace"]
+GIB = 2**30
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    """A 2-layer GPT-2 on the meta device: the ``package.module:factory`` form of MODEL."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=128)
+    with torch.device("meta"):
+        return GPT2LMHeadModel(config)
+
+
+def not_a_module() -> str:
+    return "I am not a module"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("MEMGUARD_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"output differs from {path}; see the module docstring to regenerate"
+
+
+@pytest.fixture
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine has no GPU, whatever machine the tests run on."""
+    real = device_module.device_memory
+
+    def device_memory(device=None):
+        if device == "cuda" or isinstance(device, int):
+            raise DeviceError("cannot read the memory of cuda:0. NVML: no driver. torch: no CUDA")
+        return real(device)
+
+    monkeypatch.setattr(device_module, "device_memory", device_memory)
+    monkeypatch.setattr(device_module, "list_devices", lambda: [])
+
+
+@pytest.fixture
+def one_gpu(monkeypatch: pytest.MonkeyPatch) -> DeviceMemory:
+    """An A100 40GB at cuda:0 with 30 GiB free, as NVML would report it."""
+    gpu = DeviceMemory(name="NVIDIA A100-SXM4-40GB", index=0, uuid="GPU-0", total_bytes=40 * GIB,
+                       free_bytes=30 * GIB, used_bytes=10 * GIB, source="nvml")
+    real = device_module.device_memory
+    monkeypatch.setattr(device_module, "device_memory",
+                        lambda device=None: gpu if device in ("cuda", 0, "cuda:0") else real(device))
+    monkeypatch.setattr(device_module, "list_devices", lambda: [gpu])
+    return gpu
+
+
+# -- golden output ----------------------------------------------------------------------------
+
+
+def test_estimate_table_golden(capsys):
+    code, out, err = run(capsys, "estimate", "gpt2", "--batch-size", "2", "--seq-len", "64",
+                         "--device", "cpu", "--method", "trace")
+    assert code == EXIT_OK
+    check_golden("estimate_gpt2_b2_s64_cpu.txt", out)
+    assert err == "tracing gpt2: batch 2, seq 64 ...\n"
+
+
+def test_check_does_not_fit_golden(capsys, monkeypatch):
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    code, out, _ = run(capsys, "check", *TINY_ARGS, "--gpu", "256MiB")
+    assert code == EXIT_DOES_NOT_FIT
+    check_golden("check_tiny_256MiB.txt", out)
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+def test_check_fits_against_a_catalog_gpu(capsys):
+    code, out, _ = run(capsys, "check", *TINY_ARGS, "--gpu", "A100-40GB", "--quiet")
+    assert code == EXIT_OK
+    lines = out.splitlines()
+    assert "GPU: A100-40GB, 40.00 GiB (catalog GPU, assumed empty: free = total)" in lines
+    assert lines[-1].startswith("FITS: needs ")
+    assert "of 36.00 GiB usable (40.00 GiB free less a 10% margin)" in lines[-1]
+
+
+def test_check_json_schema(capsys):
+    code, out, err = run(capsys, "check", *TINY_ARGS, "--gpu", "A100-40GB", "--json", "--margin", "20%")
+    assert code == EXIT_OK
+    assert err == ""  # no progress with --json
+    data = json.loads(out)
+    assert {"method", "peak_bytes", "total_bytes", "breakdown", "inputs", "notes",
+            "device", "margin", "usable_bytes", "fits", "verdict"} <= set(data)
+    assert set(data["breakdown"]) == {c.value for c in Category}
+    assert sum(data["breakdown"].values()) == data["total_bytes"]
+    assert data["peak_bytes"] == data["total_bytes"] - data["breakdown"]["overhead"]
+    assert data["device"]["name"] == "A100-40GB" and data["device"]["source"] == "catalog"
+    assert data["margin"] == pytest.approx(0.2)
+    assert data["usable_bytes"] == int(40 * GIB * 0.8)
+    assert (data["fits"], data["verdict"]) == (True, "fits")
+    assert data["inputs"]["model"] == TINY and data["inputs"]["batch_size"] == 2
+
+
+def test_check_json_does_not_fit_exits_1(capsys):
+    code, out, _ = run(capsys, "check", *TINY_ARGS, "--gpu", "256MiB", "--json")
+    assert code == EXIT_DOES_NOT_FIT
+    data = json.loads(out)
+    assert (data["fits"], data["verdict"]) == (False, "does not fit")
+    assert data["device"]["source"] == "budget"
+    assert data["total_bytes"] > data["usable_bytes"]
+
+
+def test_check_verdict_agrees_with_memory_estimate_fits(capsys):
+    est = memguard.estimate(TINY, 2, 32, method="trace")
+    # Exactly at the limit fits; one byte less does not.
+    free = int(est.total_bytes / 0.9) + 1
+    assert est.fits(free) and not est.fits(est.total_bytes)
+    assert run(capsys, "check", *TINY_ARGS, "--gpu", f"{free}B", "-q")[0] == EXIT_OK
+    assert run(capsys, "check", *TINY_ARGS, "--gpu", f"{est.total_bytes}B", "-q")[0] == EXIT_DOES_NOT_FIT
+    assert run(capsys, "check", *TINY_ARGS, "--gpu", f"{est.total_bytes}B", "--margin", "0", "-q")[0] == EXIT_OK
+
+
+def test_check_github_actions_annotation(capsys, monkeypatch):
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    code, out, _ = run(capsys, "check", *TINY_ARGS, "--gpu", "256MiB", "-q")
+    assert code == EXIT_DOES_NOT_FIT
+    annotations = [line for line in out.splitlines() if line.startswith("::")]
+    assert len(annotations) == 1
+    assert annotations[0].startswith("::error title=memguard::test_cli:tiny_gpt2 (batch 2, seq 32, 32-true) "
+                                     "does not fit budget of 256.00 MiB: needs ")
+    assert "10%25 margin" in annotations[0]  # '%' escaped as workflow commands require
+    # No annotation when it fits, nor inside JSON.
+    assert "::error" not in run(capsys, "check", *TINY_ARGS, "--gpu", "A100-40GB", "-q")[1]
+    code, out, _ = run(capsys, "check", *TINY_ARGS, "--gpu", "256MiB", "--json")
+    assert code == EXIT_DOES_NOT_FIT and "::error" not in out
+    json.loads(out)
+
+
+def test_check_against_this_machines_gpu(capsys, one_gpu):
+    code, out, _ = run(capsys, "check", *TINY_ARGS, "-q")  # --gpu auto
+    assert code == EXIT_OK
+    assert "GPU: cuda:0 NVIDIA A100-SXM4-40GB, 30.00 GiB free of 40.00 GiB (nvml)" in out.splitlines()
+    code, out, _ = run(capsys, "check", *TINY_ARGS, "--gpu", "0", "--json")
+    assert json.loads(out)["device"]["free_bytes"] == one_gpu.free_bytes
+
+
+# -- estimate ---------------------------------------------------------------------------------
+
+
+def test_estimate_json_is_the_api_result(capsys):
+    code, out, _ = run(capsys, "estimate", *TINY_ARGS, "--precision", "bf16-mixed", "--json")
+    assert code == EXIT_OK
+    expected = memguard.estimate(TINY, 2, 32, method="trace", precision="bf16-mixed").to_dict()
+    assert json.loads(out) == expected
+
+
+def test_gradient_checkpointing_flags(capsys):
+    for flag, value in (("--gradient-checkpointing", True), ("--no-gradient-checkpointing", False)):
+        code, out, _ = run(capsys, "estimate", *TINY_ARGS, flag, "--json")
+        assert code == EXIT_OK
+        assert json.loads(out)["inputs"]["gradient_checkpointing"] is value
+
+
+def test_ddp_is_the_single_device_estimate_with_a_note(capsys):
+    _, single, _ = run(capsys, "estimate", *TINY_ARGS, "--json")
+    code, out, _ = run(capsys, "estimate", *TINY_ARGS, "--strategy", "ddp", "--world-size", "4", "--json")
+    assert code == EXIT_OK
+    ddp, single = json.loads(out), json.loads(single)
+    assert ddp["breakdown"] == single["breakdown"]
+    assert (ddp["inputs"]["strategy"], ddp["inputs"]["world_size"]) == ("ddp", 4)
+    assert any("DDP gradient buckets not modelled" in n for n in ddp["notes"])
+    _, table, _ = run(capsys, "estimate", *TINY_ARGS, "--strategy", "ddp", "--world-size", "4")
+    assert "strategy=ddp, world_size=4" in table
+
+
+def test_progress_on_stderr_unless_quiet(capsys):
+    code, out, err = run(capsys, "estimate", *TINY_ARGS)
+    assert code == EXIT_OK
+    assert err == f"tracing {TINY}: batch 2, seq 32 ...\n"
+    assert out.startswith("memguard estimate (trace)\n")
+    code, out, err = run(capsys, "estimate", *TINY_ARGS, "--quiet")
+    assert (code, err) == (EXIT_OK, "")
+
+
+def test_model_from_a_config_json_and_a_model_directory(capsys, tmp_path):
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 128,
+              "n_positions": 64}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for model in (str(tmp_path / "config.json"), str(tmp_path)):
+        code, out, _ = run(capsys, "estimate", model, "--seq-len", "16", "--method", "trace", "--json")
+        assert code == EXIT_OK
+        assert json.loads(out)["inputs"]["seq_len"] == 16
+
+
+# -- max-batch --------------------------------------------------------------------------------
+
+
+def test_max_batch_is_the_largest_that_fits(capsys):
+    at8 = memguard.estimate(TINY, 8, 32, method="trace", device="cpu")
+    free = int(at8.total_bytes / 0.9) + 1  # batch 8 fits; memory grows with the batch
+    code, out, err = run(capsys, "max-batch", TINY, "--seq-len", "32", "--method", "trace", "--device", "cpu",
+                         "--gpu", f"{free}B", "--json")
+    assert code == EXIT_OK and err == ""
+    data = json.loads(out)
+    n = data["max_batch_size"]
+    assert n >= 8 and data["capped"] is False
+    assert data["usable_bytes"] == int(free * 0.9)
+    assert data["estimate"]["inputs"]["batch_size"] == n
+    trials = {t["batch_size"]: t["total_bytes"] for t in data["trials"]}
+    assert trials[n] == data["estimate"]["total_bytes"] <= data["usable_bytes"] < trials[n + 1]
+    assert next(iter(trials)) == 1
+
+
+def test_max_batch_human_output_and_progress(capsys):
+    code, out, err = run(capsys, "max-batch", TINY, "--seq-len", "32", "--method", "trace", "--gpu", "A100-40GB",
+                         "--limit", "4")
+    assert code == EXIT_OK
+    assert out.splitlines()[-1].startswith("max batch size: 4 (needs ")
+    assert "the search stopped at --limit 4" in out
+    assert err.splitlines()[0].startswith(f"searching the largest batch of {TINY} that fits A100-40GB")
+    assert "  batch 1: " in err and "fits" in err
+
+
+def test_max_batch_nothing_fits_exits_1(capsys):
+    code, out, _ = run(capsys, "max-batch", *TINY_ARGS[:1], "--seq-len", "32", "--method", "trace",
+                       "--gpu", "1MiB", "--json")
+    assert code == EXIT_DOES_NOT_FIT
+    assert json.loads(out)["max_batch_size"] == 0
+    code, out, _ = run(capsys, "max-batch", TINY, "--seq-len", "32", "--method", "trace", "--gpu", "1MiB", "-q")
+    assert code == EXIT_DOES_NOT_FIT
+    assert "NOTHING FITS: batch size 1 needs" in out
+
+
+# -- gpus -------------------------------------------------------------------------------------
+
+
+def test_gpus_without_a_gpu(capsys, no_gpu):
+    code, out, _ = run(capsys, "gpus")
+    assert code == EXIT_OK
+    assert out.startswith("no GPU visible to this process")
+    assert out.count("\n") == 1
+    code, out, _ = run(capsys, "gpus", "--json")
+    assert json.loads(out) == {"devices": []}
+
+
+def test_gpus_lists_devices_and_the_catalog(capsys, one_gpu):
+    code, out, _ = run(capsys, "gpus", "--catalog")
+    assert code == EXIT_OK
+    assert out.splitlines()[0] == "cuda:0: NVIDIA A100-SXM4-40GB, 30.00 GiB free of 40.00 GiB (nvml)"
+    assert "  A100-80GB" in out
+    data = json.loads(run(capsys, "gpus", "--json", "--catalog")[1])
+    assert data["devices"][0]["free_bytes"] == 30 * GIB
+    assert {"name": "T4", "vendor": "NVIDIA", "total_bytes": memguard.lookup_gpu("T4").total_bytes} in data["catalog"]
+
+
+# -- bad input: one line on stderr, exit 2 ------------------------------------------------------
+
+BAD = {
+    "no command": ([], "required: COMMAND"),
+    "unknown command": (["frobnicate"], "invalid choice: 'frobnicate'"),
+    "no model": (["check"], "required: MODEL"),
+    "unknown flag": (["estimate", "gpt2", "--bogus"], "unrecognized arguments: --bogus"),
+    "unknown model": (["estimate", "nope"], "unknown model 'nope'"),
+    "missing config": (["estimate", "/no/such/config.json"], "unknown model '/no/such/config.json'"),
+    "factory module": (["estimate", "no_such_module_xyz:factory"], "cannot import 'no_such_module_xyz'"),
+    "factory result": (["estimate", "test_cli:not_a_module"], "not a torch.nn.Module"),
+    "batch size": (["estimate", "gpt2", "--batch-size", "0"], "argument --batch-size: expected a positive integer"),
+    "batch word": (["estimate", "gpt2", "--batch-size", "eight"], "expected a positive integer, got 'eight'"),
+    "seq len": (["estimate", "gpt2", "--seq-len", "-3"], "argument --seq-len"),
+    "seq too long": (["estimate", "gpt2", "--seq-len", "5000"], "seq_len=5000 is longer"),
+    "precision": (["estimate", "gpt2", "--precision", "fp7"], "unknown precision 'fp7'"),
+    "optimizer": (["estimate", "gpt2", "--optimizer", "lion"], "unknown optimizer 'lion'"),
+    "method": (["estimate", "gpt2", "--method", "magic"], "invalid choice: 'magic'"),
+    "device": (["estimate", "gpt2", "--device", "tpu"], "unknown device 'tpu'"),
+    "strategy": (["estimate", "gpt2", "--strategy", "horovod"], "unknown strategy 'horovod'"),
+    "fsdp": (["check", "gpt2", "--strategy", "fsdp", "--gpu", "T4"], "strategy 'fsdp' is not supported yet"),
+    "deepspeed": (["estimate", "gpt2", "--strategy", "deepspeed_stage_3"], "is not supported yet"),
+    "world size": (["check", "gpt2", "--world-size", "2", "--gpu", "T4"], "--world-size 2 needs"),
+    "gpu name": (["check", "gpt2", "--gpu", "H900"], "unknown GPU 'H900'"),
+    "ambiguous gpu": (["check", "gpt2", "--gpu", "A100"], "'A100' is ambiguous"),
+    "gpu size": (["check", "gpt2", "--gpu", "12QiB"], "cannot read '12QiB' as a memory size"),
+    "no gpu": (["check", "gpt2", "--gpu", "auto"], "--gpu auto: no CUDA device can be read"),
+    "no gpu index": (["max-batch", "gpt2", "--gpu", "1"], "--gpu 1: no CUDA device"),
+    "margin": (["check", "gpt2", "--gpu", "T4", "--margin", "2"], "argument --margin"),
+    "margin word": (["check", "gpt2", "--gpu", "T4", "--margin", "lots"], "expected a share"),
+    "plot folder": (["plot", "gpt2", "--gpu", "T4", "-o", "/no/such/dir/p.png"], "does not exist"),
+    "plot format": (["plot", "gpt2", "--gpu", "T4", "-o", "p.txt"], "give a file ending in .png"),
+    "plot output": (["plot", "gpt2", "--gpu", "T4"], "required: -o/--output"),
+}
+
+
+@pytest.mark.parametrize("argv, expected", list(BAD.values()), ids=list(BAD))
+def test_bad_input_is_one_line_and_exit_2(capsys, no_gpu, argv, expected):
+    quiet = ["--quiet"] if argv and argv[0] in ("estimate", "check", "max-batch", "plot", "gpus") else []
+    code, out, err = run(capsys, *argv, *quiet)
+    assert code == EXIT_USAGE
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("memguard: error: ")
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_fsdp_message_is_exact(capsys, no_gpu):
+    _, _, err = run(capsys, "check", "gpt2", "--strategy", "fsdp", "--gpu", "T4")
+    assert err.startswith("memguard: error: strategy 'fsdp' is not supported yet")
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, out, err = run(capsys, "plot", TINY, "--gpu", "T4", "-o", str(tmp_path / "p.png"))
+    assert (code, out) == (EXIT_USAGE, "")
+    assert err == ("memguard: error: memguard plot needs the 'matplotlib' package, which is not installed; "
+                   "install it with: pip install 'memguard[plot]'\n")
+
+
+def test_help_and_version_exit_0(capsys):
+    assert main(["--help"]) == EXIT_OK
+    assert "max-batch" in capsys.readouterr().out
+    assert main(["check", "--help"]) == EXIT_OK
+    assert "--gpu" in capsys.readouterr().out
+    assert main(["--version"]) == EXIT_OK
+    assert capsys.readouterr().out == f"memguard {memguard.__version__}\n"
+
+
+def test_python_m_memguard_is_the_same_command():
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run([sys.executable, "-m", "memguard", "estimate", "nope"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == EXIT_USAGE
+    assert done.stdout == ""
+    # The progress line, then the error on one line; no traceback, no library chatter.
+    assert done.stderr.splitlines() == [
+        "tracing nope: batch 1, seq model maximum ...",
+        done.stderr.splitlines()[-1],
+    ]
+    assert done.stderr.splitlines()[-1].startswith("memguard: error: unknown model 'nope': not a preset")
