@@ -31,7 +31,7 @@ from memguard.units import format_bytes, parse_bytes
 if TYPE_CHECKING:
     from memguard.callback import MemGuard
     from memguard.device import DeviceMemory, device_memory, list_devices, resolve_budget
-    from memguard.estimate import estimate
+    from memguard.estimator import estimate
     from memguard.models import list_presets
 
 _LAZY = {
@@ -40,7 +40,7 @@ _LAZY = {
     "device_memory": "memguard.device",
     "list_devices": "memguard.device",
     "resolve_budget": "memguard.device",
-    "estimate": "memguard.estimate",
+    "estimate": "memguard.estimator",
     "list_presets": "memguard.models",
 }
 

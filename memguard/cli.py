@@ -43,7 +43,7 @@ from memguard import device as _device
 from memguard import plot as _plot
 from memguard.catalog import matching_gpus
 from memguard.errors import ConfigError, DeviceError, MemguardError
-from memguard.estimate import METHODS
+from memguard.estimator import METHODS
 from memguard.result import MemoryEstimate
 from memguard.search import BatchSearch, max_batch_size
 from memguard.units import format_bytes

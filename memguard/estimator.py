@@ -1,4 +1,4 @@
-"""``memguard.estimate``: the one entry point to every estimator.
+"""``memguard.estimate`` (defined here, in ``memguard.estimator``): the one entry point to every estimator.
 
 It normalises the arguments (:mod:`memguard.options`), resolves the model
 (:mod:`memguard.models`), runs the chosen method — :mod:`memguard.seed`,
