@@ -7,7 +7,8 @@ resolve the GPU, estimate, judge, render. Every subcommand takes ``--json`` for 
 ::
 
     memguard estimate MODEL [--batch-size N --seq-len N --precision P --optimizer O --method M
-                             --device D --gradient-checkpointing --strategy S --world-size N]
+                             --device D --gradient-checkpointing --strategy S --world-size N
+                             --offload-optimizer --offload-params --lora-rank R]
     memguard check MODEL ... --gpu auto|INDEX|CATALOG-NAME|SIZE [--margin 0.1]
     memguard max-batch MODEL --seq-len N --gpu ...
     memguard plot MODEL --seq-len N --gpu ... -o FILE.png
@@ -20,8 +21,7 @@ Exit status: 0 success (``check``: it fits), 1 it does not fit (``check``; ``max
 even batch size 1 fits), 2 bad usage or input, reported as one line on stderr. Under GitHub Actions
 (``GITHUB_ACTIONS=true``) a ``check`` that does not fit also writes an error annotation.
 
-Known limitations: ``--strategy`` knows single-device and DDP training only (DDP's gradient
-buckets are not modelled); FSDP and DeepSpeed are refused until sharding is estimated.
+With ``--strategy`` and ``--world-size`` the estimate is per device (:mod:`memguard.parallel`).
 """
 
 from __future__ import annotations
@@ -146,9 +146,16 @@ def _build_parser() -> _Parser:
     model.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="force activation checkpointing on or off (default: as the model is set)")
     model.add_argument("--strategy", default="single",
-                       help="single or ddp (default: %(default)s); fsdp and deepspeed are not supported yet")
+                       help="single, ddp, fsdp, fsdp_shard_grad_op, fsdp_hybrid, deepspeed_stage_1/2/3, or a "
+                            "Lightning strategy name (default: %(default)s); the estimate is per device")
     model.add_argument("--world-size", type=_positive_int, default=1, metavar="N",
-                       help="processes of a distributed strategy (default: %(default)s)")
+                       help="data-parallel processes (default: %(default)s)")
+    model.add_argument("--offload-optimizer", action="store_true",
+                       help="optimizer state and step in host memory (sharded strategies)")
+    model.add_argument("--offload-params", action="store_true",
+                       help="parameter shards in host memory (fsdp, deepspeed_stage_3)")
+    model.add_argument("--lora-rank", type=_positive_int, default=None, metavar="R",
+                       help="fine-tune LoRA adapters of rank R on a frozen base model (needs peft)")
 
     batch = _Parser(add_help=False)
     batch.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
@@ -272,48 +279,6 @@ def _drop_warning(*args: Any, **kwargs: Any) -> None:
 # -- the pieces every subcommand shares ----------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Strategy:
-    """How training is spread over devices; the estimate is per device.
-
-    Attributes:
-        name: ``"single"`` or ``"ddp"``.
-        world_size: processes of the distributed run.
-        notes: what the per-device estimate leaves out for this strategy.
-    """
-
-    name: str
-    world_size: int
-    notes: tuple[str, ...] = ()
-
-    def apply(self, est: MemoryEstimate) -> MemoryEstimate:
-        """The per-device estimate under this strategy (the single-device one, for now)."""
-        if self.name == "single":
-            return est
-        inputs = {**est.inputs, "strategy": self.name, "world_size": self.world_size}
-        return dataclasses.replace(est, inputs=inputs, notes=(*est.notes, *self.notes))
-
-
-_DDP_NOTE = ("ddp: per-device memory is the single-device estimate; DDP gradient buckets not modelled "
-             "(up to one more copy of the gradients)")
-_NOT_YET = ("fsdp", "deepspeed", "megatron", "zero")
-
-
-def _strategy(name: str, world_size: int) -> _Strategy:
-    """Read ``--strategy`` and ``--world-size``. Lightning's names are accepted (``ddp_spawn``)."""
-    key = name.strip().lower().replace("-", "_")
-    if key in ("single", "single_device"):
-        if world_size != 1:
-            raise ConfigError(f"--world-size {world_size} needs a distributed strategy: add --strategy ddp")
-        return _Strategy("single", 1)
-    if key == "ddp" or key.startswith("ddp_"):
-        return _Strategy("ddp", world_size, (_DDP_NOTE,))
-    if key.startswith(_NOT_YET):
-        raise ConfigError(f"strategy {name!r} is not supported yet; memguard estimates single-device "
-                          "and ddp training, where each device holds the whole model")
-    raise ConfigError(f"unknown strategy {name!r}; expected single or ddp")
-
-
 def _resolve_gpu(text: str) -> memguard.DeviceMemory:
     """``--gpu``: ``auto``, a CUDA index or ``cuda:N``, a catalog name, a size or a percentage."""
     value = text.strip()
@@ -371,6 +336,11 @@ def _estimate_kwargs(args: argparse.Namespace, method: str | None = None) -> dic
         "method": method or args.method or "auto",
         "device": args.device,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "strategy": args.strategy,
+        "world_size": args.world_size,
+        "offload_optimizer": args.offload_optimizer,
+        "offload_params": args.offload_params,
+        "lora_rank": args.lora_rank,
     }
 
 
@@ -387,14 +357,14 @@ EstimateAt = Callable[[int, int | None], MemoryEstimate]
 """``estimate_at(batch_size, seq_len)``; ``seq_len=None`` is the model's maximum."""
 
 
-def _estimator(args: argparse.Namespace, strategy: _Strategy, method: str | None = None) -> EstimateAt:
-    """``estimate_at(batch_size, seq_len)`` for ``args.model``, remembered, with the strategy applied."""
+def _estimator(args: argparse.Namespace, method: str | None = None) -> EstimateAt:
+    """``estimate_at(batch_size, seq_len)`` for ``args.model``, remembered."""
     kwargs = _estimate_kwargs(args, method)
     cache: dict[tuple[int, int | None], MemoryEstimate] = {}
 
     def estimate_at(batch_size: int, seq_len: int | None) -> MemoryEstimate:
         if (batch_size, seq_len) not in cache:
-            est = strategy.apply(memguard.estimate(args.model, batch_size, **{**kwargs, "seq_len": seq_len}))
+            est = memguard.estimate(args.model, batch_size, **{**kwargs, "seq_len": seq_len})
             cache[(batch_size, seq_len)] = est
             cache[(batch_size, est.inputs.get("seq_len"))] = est  # the length None stood for
         return cache[(batch_size, seq_len)]
@@ -402,10 +372,10 @@ def _estimator(args: argparse.Namespace, strategy: _Strategy, method: str | None
     return estimate_at
 
 
-def _estimate_once(args: argparse.Namespace, strategy: _Strategy, out: _Output) -> MemoryEstimate:
+def _estimate_once(args: argparse.Namespace, out: _Output) -> MemoryEstimate:
     method = args.method or "auto"
     out.progress(f"{_verb(method)} {_describe_inputs(args.model, args.batch_size, args.seq_len)} ...")
-    return _estimator(args, strategy)(args.batch_size or 1, args.seq_len)
+    return _estimator(args)(args.batch_size or 1, args.seq_len)
 
 
 def _percent(margin: float) -> str:
@@ -450,8 +420,7 @@ def _in_github_actions() -> bool:
 
 
 def _cmd_estimate(args: argparse.Namespace, out: _Output) -> int:
-    strategy = _strategy(args.strategy, args.world_size)
-    est = _estimate_once(args, strategy, out)
+    est = _estimate_once(args, out)
     if out.json_mode:
         out.json(est.to_dict())
     else:
@@ -460,9 +429,8 @@ def _cmd_estimate(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
-    strategy = _strategy(args.strategy, args.world_size)
     gpu = _resolve_gpu(args.gpu)
-    est = _estimate_once(args, strategy, out)
+    est = _estimate_once(args, out)
     fits = est.fits(gpu.free_bytes, args.margin)
     usable = _usable(gpu, args.margin)
     if out.json_mode:
@@ -508,10 +476,9 @@ def _search(args: argparse.Namespace, gpu: memguard.DeviceMemory, estimate_at: E
 
 
 def _cmd_max_batch(args: argparse.Namespace, out: _Output) -> int:
-    strategy = _strategy(args.strategy, args.world_size)
     gpu = _resolve_gpu(args.gpu)
     method = args.method or "auto"
-    found = _search(args, gpu, _estimator(args, strategy), out, method)
+    found = _search(args, gpu, _estimator(args), out, method)
     usable = _usable(gpu, args.margin)
     if out.json_mode:
         out.json({
@@ -544,24 +511,23 @@ def _cmd_max_batch(args: argparse.Namespace, out: _Output) -> int:
     return EXIT_OK
 
 
-def _plot_estimator(args: argparse.Namespace, strategy: _Strategy, out: _Output) -> tuple[str, EstimateAt]:
+def _plot_estimator(args: argparse.Namespace, out: _Output) -> tuple[str, EstimateAt]:
     """``--method`` if given; else the formula (a sweep takes many estimates) where it works, else the trace."""
     if args.method:
-        return args.method, _estimator(args, strategy, args.method)
-    formula = _estimator(args, strategy, "formula")
+        return args.method, _estimator(args, args.method)
+    formula = _estimator(args, "formula")
     try:
         formula(1, args.seq_len)
     except (MemguardError, ImportError) as exc:
         out.progress(f"the formula cannot estimate {args.model} ({_first_sentence(exc)}); tracing instead")
-        return "trace", _estimator(args, strategy, "trace")
+        return "trace", _estimator(args, "trace")
     return "formula", formula
 
 
 def _cmd_plot(args: argparse.Namespace, out: _Output) -> int:
-    strategy = _strategy(args.strategy, args.world_size)
     gpu = _resolve_gpu(args.gpu)
     path = _plot.check_output(args.output)
-    method, estimate_at = _plot_estimator(args, strategy, out)
+    method, estimate_at = _plot_estimator(args, out)
     found = _search(args, gpu, estimate_at, out, method)
     seq_len = found.estimate.inputs.get("seq_len")
     batch_sizes = _plot.batch_sizes_for(found.batch_size)

@@ -16,9 +16,10 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memguard.errors import ConfigError, MemguardError
-from memguard.models import ResolvedModel, is_checkpointing, load_model, make_batch, model_task
-from memguard.options import TrainingSpec
+from memguard.models import ResolvedModel, add_lora, is_checkpointing, load_model, make_batch, model_task
+from memguard.options import TrainingSpec, _positive_int
 from memguard.overhead import device_overhead
+from memguard.parallel import Parallelism, resolve_parallelism
 from memguard.result import Category, MemoryEstimate
 
 __all__ = ["METHODS", "Inputs", "estimate"]
@@ -46,6 +47,11 @@ def estimate(
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     training_loop: str = "pytorch",
     step_fn: Callable[[Any], Any] | None = None,
+    strategy: str = "single",
+    world_size: int = 1,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    lora_rank: int | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one steady-state training step.
 
@@ -77,6 +83,14 @@ def estimate(
         step_fn: ``step_fn(batch) -> loss or output`` replaces ``model(...)`` in the trace, e.g.
             ``lambda batch: lightning_module.training_step(batch, 0)``. It receives
             ``example_input`` whole (resized to ``batch_size``), which it then requires.
+        strategy: ``"single"``, ``"ddp"``, ``"fsdp"``, ``"fsdp_shard_grad_op"``, ``"fsdp_hybrid"``,
+            ``"deepspeed_stage_1"``/``2``/``3``, or Lightning's strategy names. The estimate is
+            per device; ``batch_size`` is the per-device batch. See :mod:`memguard.parallel`.
+        world_size: data-parallel ranks.
+        offload_optimizer: optimizer state and step in host memory (sharded strategies).
+        offload_params: parameter shards in host memory (fully sharded strategies).
+        lora_rank: fine-tune LoRA adapters of this rank on the frozen model (needs ``peft``; only
+            for models memguard builds — wrap your own module with peft and pass it instead).
 
     Returns:
         A :class:`MemoryEstimate`.
@@ -94,10 +108,14 @@ def estimate(
             raise ConfigError(f"{name} must be callable, got {fn!r}")
     if step_fn is not None and example_input is None:
         raise ConfigError("step_fn needs example_input: the batch it is called with")
+    parallel = resolve_parallelism(strategy, world_size, offload_optimizer=offload_optimizer,
+                                   offload_params=offload_params)
     spec = TrainingSpec.create(batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
                                precision=precision, gradient_checkpointing=gradient_checkpointing,
                                device=device)
     resolved = load_model(model)
+    if lora_rank is not None:
+        resolved = add_lora(resolved, _positive_int("lora_rank", lora_rank))
     spec, make_inputs = _plan_inputs(resolved, spec, example_input, whole=step_fn is not None)
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=is_checkpointing(resolved.module))
@@ -108,7 +126,8 @@ def estimate(
 
         try:
             breakdown, more = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn,
-                                              training_loop=training_loop, step_fn=step_fn)
+                                              training_loop=training_loop, step_fn=step_fn,
+                                              weight=parallel.weight if parallel.sharded else None)
             used = "trace"
         except MemguardError as exc:
             if method == "trace":
@@ -127,6 +146,10 @@ def estimate(
         used = "seed"
     notes.extend(more)
     breakdown = dict(breakdown)
+    host = 0
+    if used != "seed" and parallel.strategy != "single":
+        breakdown, host, more = _distribute(breakdown, parallel, resolved, spec, traced=used == "trace")
+        notes.extend(more)
     peak = sum(v for k, v in breakdown.items() if k != Category.OVERHEAD)
     if used != "seed":
         breakdown[Category.OVERHEAD] = device_overhead(spec.device, peak)
@@ -140,8 +163,38 @@ def estimate(
         "device": spec.device,
         "method": method,
         "training_loop": training_loop,
+        "strategy": parallel.strategy,
+        "world_size": parallel.world_size,
+        "offload_optimizer": parallel.offload_optimizer,
+        "offload_params": parallel.offload_params,
+        "lora_rank": lora_rank,
     }
-    return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes))
+    return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes), host_bytes=host)
+
+
+def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel,
+                spec: TrainingSpec, *, traced: bool) -> tuple[dict[Category, int], int, list[str]]:
+    """Apply the per-device share of model state and add the strategy's buffers.
+
+    A trace was already weighted allocation by allocation; a formula's breakdown is scaled here.
+    """
+    if not traced:
+        for cat, share in parallel.factors().items():
+            breakdown[cat] = int(breakdown[cat] * share)
+    module = resolved.module
+    dtype = spec.precision.param_dtype
+    element = dtype.itemsize if dtype.is_floating_point else 4
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad) * element
+    states = spec.optimizer.state_tensors if spec.optimizer.state_tensors is not None else 2
+    full = {Category.PARAMETERS: sum(p.numel() for p in module.parameters()) * element,
+            Category.OPTIMIZER_STATE: states * trainable}
+    for cat, extra in parallel.extras(module, bytes_per_element=element, trainable_bytes=trainable).items():
+        breakdown[cat] += extra
+    notes = []
+    if parallel.sharded:
+        notes.append(f"{parallel.strategy} over {parallel.shard_size} ranks: model state per device as in ZeRO "
+                     "(Rajbhandari et al. 2020), with gathered units and buckets added")
+    return breakdown, parallel.host_bytes(full), notes
 
 
 def _formula(resolved: ResolvedModel, spec: TrainingSpec) -> tuple[dict[Category, int], list[str]]:

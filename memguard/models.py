@@ -52,11 +52,13 @@ class ResolvedModel:
         module: the ``nn.Module``.
         name: a display name (preset name, path, or class name).
         config: the transformers config, when there is one.
+        built_here: memguard built the module (from a preset or config), so it may change it.
     """
 
     module: nn.Module
     name: str
     config: Any = None
+    built_here: bool = False
 
 
 def _read_config_dict(source: str | Path) -> tuple[dict[str, Any], str]:
@@ -125,19 +127,19 @@ def load_model(model: Any, *, device: str | torch.device = "meta") -> ResolvedMo
         config = getattr(model, "config", None)
         return ResolvedModel(model, type(model).__name__, config)
     if hasattr(model, "model_type") and hasattr(model, "to_dict"):
-        return ResolvedModel(_build_from_config(model, device=device), type(model).__name__, model)
+        return ResolvedModel(_build_from_config(model, device=device), type(model).__name__, model, True)
     if isinstance(model, (str, Path)):
         text = str(model)
         key = _preset_key(text) if isinstance(model, str) else None
         if key is not None:
             data, _ = _read_config_dict(_PRESET_DIR / f"{key}.json")
             config = _config_from_dict(data, key)
-            return ResolvedModel(_build_from_config(config, device=device), key, config)
+            return ResolvedModel(_build_from_config(config, device=device), key, config, True)
         path = Path(text)
         if path.exists():
             data, origin = _read_config_dict(path)
             config = _config_from_dict(data, origin)
-            return ResolvedModel(_build_from_config(config, device=device), text, config)
+            return ResolvedModel(_build_from_config(config, device=device), text, config, True)
         if ":" in text and not text.endswith((".json",)):
             return _from_factory(text)
         raise ConfigError(
@@ -165,7 +167,33 @@ def _from_factory(spec: str) -> ResolvedModel:
     built = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
     if not isinstance(built, nn.Module):
         raise ConfigError(f"{spec!r} returned {type(built).__name__}, not a torch.nn.Module")
-    return ResolvedModel(built, spec, getattr(built, "config", None))
+    return ResolvedModel(built, spec, getattr(built, "config", None), True)
+
+
+def add_lora(resolved: ResolvedModel, rank: int) -> ResolvedModel:
+    """Freeze the base model and add LoRA adapters of ``rank`` (Hu et al. 2021) with ``peft``.
+
+    The adapters go where peft puts them by default for the architecture (the attention
+    projections for most), with ``lora_alpha = 2 * rank`` and no adapter dropout.
+
+    Raises:
+        ConfigError: for a module the user built (adding adapters would change it: wrap it with
+            peft yourself and pass the result), or an architecture peft has no default targets for.
+        MissingDependencyError: without ``peft``.
+    """
+    from memguard.errors import require
+
+    peft = require("peft", "peft", "lora_rank")
+    if not resolved.built_here:
+        raise ConfigError(
+            "lora_rank adds adapters to models memguard builds (a preset, config or config.json); "
+            "for your own module, wrap it with peft.get_peft_model and pass the result"
+        )
+    try:
+        module = peft.get_peft_model(resolved.module, peft.LoraConfig(r=rank, lora_alpha=2 * rank))
+    except ValueError as exc:
+        raise ConfigError(f"cannot add LoRA adapters to {resolved.name}: {exc}") from None
+    return ResolvedModel(module, f"{resolved.name}+lora{rank}", resolved.config, built_here=True)
 
 
 def is_checkpointing(module: nn.Module) -> bool:
@@ -206,6 +234,8 @@ TaskKind = str
 
 def model_task(module: nn.Module) -> TaskKind:
     """What kind of inputs and labels a transformers model takes, read from its class."""
+    if hasattr(module, "get_base_model"):  # a peft wrapper: the head is the base model's
+        module = module.get_base_model()
     name = type(module).__name__
     config = getattr(module, "config", None)
     if config is None:

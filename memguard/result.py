@@ -53,12 +53,15 @@ class MemoryEstimate:
             present (zero when it does not apply).
         inputs: what was estimated (model, batch size, sequence length, precision, ...), JSON-ready.
         notes: anything the method had to assume or approximate, in words.
+        host_bytes: host memory needed per rank for what is offloaded (optimizer state, parameter
+            shards); not part of :attr:`total_bytes`, which is device memory.
     """
 
     method: str
     breakdown: Mapping[Category, int]
     inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    host_bytes: int = 0
 
     def __post_init__(self) -> None:
         full = {c: 0 for c in _ORDER}
@@ -103,19 +106,22 @@ class MemoryEstimate:
             "breakdown": {c.value: self.breakdown[c] for c in _ORDER},
             "inputs": dict(self.inputs),
             "notes": list(self.notes),
+            "host_bytes": self.host_bytes,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MemoryEstimate:
         """Read back what :meth:`to_dict` wrote."""
         return cls(method=data["method"], breakdown=dict(data["breakdown"]),
-                   inputs=dict(data.get("inputs", {})), notes=tuple(data.get("notes", ())))
+                   inputs=dict(data.get("inputs", {})), notes=tuple(data.get("notes", ())),
+                   host_bytes=int(data.get("host_bytes", 0)))
 
     def table(self) -> str:
         """The breakdown as a text table, one row per category, with shares of the total."""
         total = self.total_bytes or 1
         title = f"memguard estimate ({self.method})"
-        shown = {k: v for k, v in self.inputs.items() if k in _SHOWN_INPUTS and v is not None}
+        shown = {k: v for k, v in self.inputs.items()
+                 if k in _SHOWN_INPUTS and v is not None and _DEFAULT_INPUTS.get(k, not v) != v}
         lines = [title]
         if shown:
             lines.append(", ".join(f"{k}={v}" for k, v in shown.items()))
@@ -128,6 +134,8 @@ class MemoryEstimate:
         lines.append(rule)
         lines.append(f"{'peak (tensors)':<{width}}  {format_bytes(self.peak_bytes):>12}")
         lines.append(f"{'total':<{width}}  {format_bytes(self.total_bytes):>12}")
+        if self.host_bytes:
+            lines.append(f"{'host (offload)':<{width}}  {format_bytes(self.host_bytes):>12}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -136,4 +144,6 @@ class MemoryEstimate:
 
 
 _SHOWN_INPUTS = ("model", "batch_size", "seq_len", "precision", "optimizer", "device",
-                 "gradient_checkpointing", "strategy", "world_size")
+                 "gradient_checkpointing", "strategy", "world_size", "offload_optimizer", "offload_params")
+_DEFAULT_INPUTS = {"strategy": "single", "world_size": 1, "offload_optimizer": False, "offload_params": False}
+"""Inputs left out of the table's header while they have these values."""

@@ -95,9 +95,6 @@ class _Ledger:
         self.records: list[_Record] = []
         self.by_storage: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.clock = 0
-        self.live = 0
-        self.peak = 0
-        self.peak_clock = 0
         self.phase = "other"
 
     def track(self, t: torch.Tensor) -> None:
@@ -111,9 +108,6 @@ class _Ledger:
                                     phase=self.phase))
         self.by_storage[storage] = index
         weakref.finalize(storage, self._free, index)
-        self.live += self.records[index].nbytes
-        if self.live > self.peak:
-            self.peak, self.peak_clock = self.live, self.clock
 
     def index_of(self, t: torch.Tensor) -> int | None:
         return self.by_storage.get(t.untyped_storage())
@@ -123,7 +117,6 @@ class _Ledger:
         if record.free is None:
             self.clock += 1
             record.free = self.clock
-            self.live -= record.nbytes
 
     def live_at(self, clock: int) -> Iterator[tuple[int, _Record]]:
         for i, r in enumerate(self.records):
@@ -290,6 +283,7 @@ def trace_breakdown(
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     training_loop: str = "pytorch",
     step_fn: Callable[[Any], Any] | None = None,
+    weight: Callable[[Category, str], float] | None = None,
     steps: int = 2,
 ) -> tuple[dict[Category, int], list[str]]:
     """Trace ``steps`` training steps of ``module`` on fake tensors and break down the peak.
@@ -304,6 +298,10 @@ def trace_breakdown(
         step_fn: called with the one positional input instead of ``module(...)`` (e.g. a
             LightningModule's ``training_step``); its result is a loss, a dict with ``"loss"``, or
             an output for ``loss_fn``.
+        weight: share of each allocation, by category and phase (``"forward"``, ``"backward"``,
+            ``"optimizer"``), that the device holds — how sharding enters (see
+            :meth:`memguard.parallel.Parallelism.weight`); the peak is then the peak of the
+            weighted timeline. ``None`` counts everything whole.
         steps: steps to run; the second is the steady state (optimizer state exists).
 
     Returns:
@@ -374,19 +372,19 @@ def trace_breakdown(
                     for t in trainable:
                         t.grad = None
                 ledger.phase = "other"
-            breakdown = {c: 0 for c in Category}
-            for i, r in ledger.live_at(ledger.peak_clock):
+            kinds: dict[int, Category] = {}
+            for i in range(len(ledger.records)):
                 if i in params:
-                    cat = Category.PARAMETERS
+                    kinds[i] = Category.PARAMETERS
                 elif i in grads:
-                    cat = Category.GRADIENTS
+                    kinds[i] = Category.GRADIENTS
                 elif i in opt_state:
-                    cat = Category.OPTIMIZER_STATE
+                    kinds[i] = Category.OPTIMIZER_STATE
                 elif i in activations:
-                    cat = Category.ACTIVATIONS
+                    kinds[i] = Category.ACTIVATIONS
                 else:
-                    cat = Category.TEMPORARY
-                breakdown[cat] += r.nbytes
+                    kinds[i] = Category.TEMPORARY
+            breakdown = _peak_breakdown(ledger, kinds, weight)
             del state, trainable, optimizer
     except (ConfigError, TraceError):
         raise
@@ -399,7 +397,26 @@ def trace_breakdown(
         notes.append(f"data-dependent ops ran on stand-in values of ones: {ops}")
     if precision.grad_scaler:
         notes.append("GradScaler's scalars are not traced (a few bytes)")
-    log.debug("trace of %s: peak %d bytes", type(module).__name__, ledger.peak)
-    if sum(breakdown.values()) != ledger.peak:
-        raise TraceError(f"internal error: breakdown {sum(breakdown.values())} != peak {ledger.peak}")
+    log.debug("trace of %s: peak %d bytes", type(module).__name__, sum(breakdown.values()))
     return breakdown, notes
+
+
+def _peak_breakdown(ledger: _Ledger, kinds: dict[int, Category],
+                    weight: Callable[[Category, str], float] | None) -> dict[Category, int]:
+    """Bytes per category at the peak of the (weighted) timeline of allocations and frees."""
+
+    def held(i: int, r: _Record) -> int:
+        return r.nbytes if weight is None else int(r.nbytes * weight(kinds[i], r.phase))
+
+    events = [(r.alloc, held(i, r)) for i, r in enumerate(ledger.records)]
+    events += [(r.free, -held(i, r)) for i, r in enumerate(ledger.records) if r.free is not None]
+    events.sort()
+    live = peak = peak_clock = 0
+    for clock, delta in events:
+        live += delta
+        if live > peak:
+            peak, peak_clock = live, clock
+    breakdown = {c: 0 for c in Category}
+    for i, r in ledger.live_at(peak_clock):
+        breakdown[kinds[i]] += held(i, r)
+    return breakdown

@@ -188,14 +188,19 @@ def test_gradient_checkpointing_flags(capsys):
         assert json.loads(out)["inputs"]["gradient_checkpointing"] is value
 
 
-def test_ddp_is_the_single_device_estimate_with_a_note(capsys):
+def test_strategies_give_the_per_device_estimate(capsys):
     _, single, _ = run(capsys, "estimate", *TINY_ARGS, "--json")
     code, out, _ = run(capsys, "estimate", *TINY_ARGS, "--strategy", "ddp", "--world-size", "4", "--json")
     assert code == EXIT_OK
     ddp, single = json.loads(out), json.loads(single)
-    assert ddp["breakdown"] == single["breakdown"]
     assert (ddp["inputs"]["strategy"], ddp["inputs"]["world_size"]) == ("ddp", 4)
-    assert any("DDP gradient buckets not modelled" in n for n in ddp["notes"])
+    assert ddp["peak_bytes"] > single["peak_bytes"]  # DDP's gradient buckets: one more copy of the gradients
+    code, out, _ = run(capsys, "estimate", *TINY_ARGS, "--strategy", "deepspeed_stage_3", "--world-size", "4",
+                       "--offload-optimizer", "--json")
+    assert code == EXIT_OK
+    zero3 = json.loads(out)
+    assert zero3["breakdown"]["optimizer_state"] == 0
+    assert zero3["host_bytes"] > 0
     _, table, _ = run(capsys, "estimate", *TINY_ARGS, "--strategy", "ddp", "--world-size", "4")
     assert "strategy=ddp, world_size=4" in table
 
@@ -300,9 +305,10 @@ BAD = {
     "method": (["estimate", "gpt2", "--method", "magic"], "invalid choice: 'magic'"),
     "device": (["estimate", "gpt2", "--device", "tpu"], "unknown device 'tpu'"),
     "strategy": (["estimate", "gpt2", "--strategy", "horovod"], "unknown strategy 'horovod'"),
-    "fsdp": (["check", "gpt2", "--strategy", "fsdp", "--gpu", "T4"], "strategy 'fsdp' is not supported yet"),
-    "deepspeed": (["estimate", "gpt2", "--strategy", "deepspeed_stage_3"], "is not supported yet"),
-    "world size": (["check", "gpt2", "--world-size", "2", "--gpu", "T4"], "--world-size 2 needs"),
+    "offload": (["check", "gpt2", "--strategy", "ddp", "--offload-optimizer", "--gpu", "T4"],
+                "offload_optimizer needs a sharded strategy"),
+    "world size": (["check", "gpt2", "--world-size", "2", "--gpu", "T4"], "strategy 'single' runs on one device"),
+    "lora": (["estimate", "gpt2", "--lora-rank", "0"], "argument --lora-rank"),
     "gpu name": (["check", "gpt2", "--gpu", "H900"], "unknown GPU 'H900'"),
     "ambiguous gpu": (["check", "gpt2", "--gpu", "A100"], "'A100' is ambiguous"),
     "gpu size": (["check", "gpt2", "--gpu", "12QiB"], "cannot read '12QiB' as a memory size"),
@@ -326,11 +332,6 @@ def test_bad_input_is_one_line_and_exit_2(capsys, no_gpu, argv, expected):
     assert err.startswith("memguard: error: ")
     assert expected in err
     assert "Traceback" not in err
-
-
-def test_fsdp_message_is_exact(capsys, no_gpu):
-    _, _, err = run(capsys, "check", "gpt2", "--strategy", "fsdp", "--gpu", "T4")
-    assert err.startswith("memguard: error: strategy 'fsdp' is not supported yet")
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(capsys, monkeypatch, tmp_path):

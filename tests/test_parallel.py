@@ -1,0 +1,100 @@
+"""Per-device memory under DDP, FSDP and DeepSpeed ZeRO, offload, and LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import memguard
+from memguard import Category, ConfigError
+from memguard.parallel import resolve_parallelism
+
+P, G, OPT = Category.PARAMETERS, Category.GRADIENTS, Category.OPTIMIZER_STATE
+
+
+@pytest.mark.parametrize(("strategy", "paper_gb"), [
+    ("ddp", 120.0),                # ZeRO paper, Figure 1: Ψ = 7.5B, N = 64, K = 12 (mixed-precision Adam)
+    ("deepspeed_stage_1", 31.4),
+    ("deepspeed_stage_2", 16.6),
+    ("deepspeed_stage_3", 1.9),
+])
+def test_model_state_shares_reproduce_the_zero_paper(strategy: str, paper_gb: float) -> None:
+    psi, n = 7.5e9, 64
+    share = resolve_parallelism(strategy, n).factors()
+    per_device = 2 * psi * share[P] + 2 * psi * share[G] + 12 * psi * share[OPT]
+    assert round(per_device / 1e9, 1) == paper_gb
+
+
+def _linear(strategy: str, world_size: int, **kwargs) -> memguard.MemoryEstimate:
+    model = nn.Linear(1024, 1024, bias=False)  # 4 MiB of fp32 weights, a multiple of 512
+    return memguard.estimate(model, example_input=torch.randn(64, 1024), loss_fn=lambda out, batch: out.sum(),
+                             optimizer="adamw", device="cuda", method="trace", strategy=strategy,
+                             world_size=world_size, **kwargs)
+
+
+def test_trace_shards_each_allocation() -> None:
+    mib4 = 4 * 2**20
+    single = _linear("single", 1)
+    assert (single.breakdown[P], single.breakdown[G], single.breakdown[OPT]) == (mib4, mib4, 2 * mib4 + 512)
+    ddp = _linear("ddp", 4)
+    assert ddp.breakdown[G] == 2 * mib4  # the gradient and DDP's bucket copy of it
+    zero2 = _linear("deepspeed_stage_2", 4)
+    # Parameters whole plus an all-gather bucket of the model's size (under 2e8 elements); gradients
+    # and Adam's moments a quarter each, plus a reduce bucket; the foreach temporary a quarter too.
+    assert zero2.breakdown[P] == 2 * mib4
+    assert zero2.breakdown[OPT] == (2 * mib4 + 512) // 4
+    assert zero2.breakdown[Category.TEMPORARY] == mib4 // 4
+    zero3 = _linear("deepspeed_stage_3", 4)
+    assert zero3.peak_bytes < zero2.peak_bytes < ddp.peak_bytes
+    offload = _linear("deepspeed_stage_3", 4, offload_optimizer=True, offload_params=True)
+    assert offload.breakdown[OPT] == 0
+    assert offload.host_bytes == (mib4 + 2 * mib4) // 4  # parameter and state shards on the host
+
+
+def test_llama_fsdp_fits_where_single_device_does_not() -> None:
+    single = memguard.estimate("llama-2-7b", 1, 1024, precision="bf16-true", method="trace")
+    fsdp = memguard.estimate("llama-2-7b", 1, 1024, precision="bf16-true", method="trace",
+                             strategy="fsdp", world_size=8)
+    psi = 6_738_415_616
+    assert single.peak_bytes > 8 * psi  # weights, gradients and two moments in bf16 at least
+    assert fsdp.peak_bytes < single.peak_bytes / 2
+    assert fsdp.inputs["strategy"] == "fsdp" and fsdp.inputs["world_size"] == 8
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"strategy": "horovod"}, "unknown strategy 'horovod'"),
+    ({"strategy": "ddp", "world_size": 0}, "world_size must be a positive integer, got 0"),
+    ({"strategy": "single", "world_size": 2}, "strategy 'single' runs on one device"),
+    ({"strategy": "ddp", "world_size": 2, "offload_optimizer": True}, "offload_optimizer needs a sharded"),
+    ({"strategy": "deepspeed_stage_2", "world_size": 2, "offload_params": True}, "offload_params needs"),
+    ({"strategy": "fsdp_hybrid", "world_size": 12}, "not a multiple of 8 ranks per node"),
+])
+def test_bad_strategies(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        memguard.estimate("gpt2", 1, 16, **kwargs)
+
+
+def test_lightning_names_are_understood() -> None:
+    assert resolve_parallelism("ddp_spawn", 2).strategy == "ddp"
+    offload = resolve_parallelism("deepspeed_stage_3_offload", 8)
+    assert (offload.strategy, offload.offload_optimizer, offload.offload_params) == ("deepspeed_stage_3", True, True)
+    assert resolve_parallelism("fsdp_hybrid", 16).shard_size == 8
+
+
+def test_lora_freezes_the_base_and_trains_adapters_only() -> None:
+    pytest.importorskip("peft")
+    full = memguard.estimate("gpt2", 2, 128, device="cpu", method="trace")
+    lora = memguard.estimate("gpt2", 2, 128, device="cpu", method="trace", lora_rank=8)
+    # GPT-2's default LoRA target is c_attn (768 -> 2304) in 12 blocks: r * (768 + 2304) weights each.
+    adapters = 12 * 8 * (768 + 2304)
+    assert lora.inputs["model"] == "gpt2+lora8"
+    assert adapters * 4 * 2 <= lora.breakdown[OPT] < adapters * 4 * 2 * 1.2  # Adam moments of adapters only
+    assert lora.peak_bytes < full.peak_bytes / 2
+
+
+def test_lora_refuses_a_users_module() -> None:
+    pytest.importorskip("peft")
+    with pytest.raises(ConfigError, match=r"wrap it with peft\.get_peft_model"):
+        memguard.estimate(nn.Linear(4, 4), example_input=torch.randn(2, 4), loss_fn=lambda o, b: o.sum(),
+                          lora_rank=4)
