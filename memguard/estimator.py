@@ -134,10 +134,10 @@ def estimate(
                 raise
             log.warning("trace failed (%s); falling back to the formula", exc)
             notes.append(f"trace failed ({exc}); formula used instead")
-            breakdown, more = _formula(resolved, spec)
+            breakdown, more = _formula(resolved, spec, training_loop)
             used = "formula"
     elif method == "formula":
-        breakdown, more = _formula(resolved, spec)
+        breakdown, more = _formula(resolved, spec, training_loop)
         used = "formula"
     else:
         from memguard.seed import seed_breakdown
@@ -197,10 +197,11 @@ def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved:
     return breakdown, parallel.host_bytes(full), notes
 
 
-def _formula(resolved: ResolvedModel, spec: TrainingSpec) -> tuple[dict[Category, int], list[str]]:
+def _formula(resolved: ResolvedModel, spec: TrainingSpec,
+             training_loop: str) -> tuple[dict[Category, int], list[str]]:
     from memguard.formula import formula_breakdown
 
-    return formula_breakdown(resolved, spec)
+    return formula_breakdown(resolved, spec, training_loop=training_loop)
 
 
 def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec, example_input: Any,
@@ -250,6 +251,9 @@ def _plan_example(spec: TrainingSpec, example: Any, whole: bool) -> tuple[Traini
         raise ConfigError("the first tensor of example_input must have a batch dimension")
     given = tensors[0].shape[0]
     batch_size = spec.batch_size or given
+    seq_len = spec.seq_len
+    if seq_len is None and tensors[0].dim() in (2, 3):  # (batch, tokens) or (batch, tokens, features)
+        seq_len = tensors[0].shape[1]
 
     def resize(t: torch.Tensor) -> torch.Tensor:
         shape = (batch_size, *t.shape[1:]) if t.dim() > 0 and t.shape[0] == given else t.shape
@@ -273,6 +277,6 @@ def _plan_example(spec: TrainingSpec, example: Any, whole: bool) -> tuple[Traini
         raise ConfigError(
             f"example_input must be a tensor, a tuple or a dict of tensors, got {type(example).__name__}"
         )
-    return spec.replace(batch_size=batch_size), build
+    return spec.replace(batch_size=batch_size, seq_len=seq_len), build
 
 

@@ -1,0 +1,375 @@
+"""Read what a transformer is made of: blocks, widths, heads, activation, dropout, attention.
+
+The seed formula and the refined formula need the same few numbers about a model: how many
+transformer blocks it has, how wide they are, how many attention heads of what size, how wide the
+MLP is and what activation it uses, the vocabulary, where dropout sits and which attention kernel
+runs. :func:`inspect_architecture` reads them into an :class:`Architecture`, from the
+transformers config of a model when it has one, else from the ``torch.nn.TransformerEncoderLayer``
+/ ``TransformerDecoderLayer`` modules inside it. The answer is cached per module.
+
+Families (how a block is laid out, which decides what autograd saves in it):
+
+========  ==========================================================================
+gpt2      pre-LayerNorm, fused QKV projection, learned positions (GPT-2, GPT-Neo-like)
+bert      post-LayerNorm, separate Q/K/V, learned positions (BERT, RoBERTa, DistilBERT)
+bart      post-LayerNorm encoder-decoder, learned positions (BART, mBART, Marian)
+t5        pre-RMSNorm encoder-decoder, relative position bias (T5, mT5)
+llama     pre-RMSNorm, rotary positions, gated MLP, grouped KV heads (Llama, Mistral, Qwen2)
+vit       pre-LayerNorm image encoder, patches + class token (ViT, DeiT)
+torch     ``torch.nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer`` stacks
+========  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+from typing import Any
+
+from torch import nn
+
+from memguard.errors import UnsupportedModelError
+
+__all__ = ["Architecture", "find_architecture", "inspect_architecture", "structure_generation"]
+
+_FAMILIES: dict[str, str] = {
+    "gpt2": "gpt2", "gpt_neo": "gpt2", "gpt_bigcode": "gpt2", "gptj": "gpt2", "opt": "gpt2",
+    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert",
+    "camembert": "bert", "distilbert": "bert",
+    "bart": "bart", "mbart": "bart", "marian": "bart", "pegasus": "bart", "blenderbot": "bart",
+    "t5": "t5", "mt5": "t5", "umt5": "t5",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+    "gemma2": "llama", "phi3": "llama", "mixtral": "llama", "olmo": "llama", "granite": "llama",
+    "vit": "vit", "deit": "vit", "dinov2": "vit",
+}
+"""transformers ``model_type`` -> block family."""
+
+_GATED_FF = ("gated-gelu", "gated-silu", "gated-relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """Facts about a transformer that memory formulas need.
+
+    Attributes:
+        family: block layout, one of ``gpt2``, ``bert``, ``bart``, ``t5``, ``llama``, ``vit``,
+            ``torch`` (see the module docstring).
+        model_type: transformers ``model_type``, or the class name of a plain module.
+        layers: transformer blocks in total (encoder + decoder).
+        encoder_layers: blocks that see the input sequence (all of them for encoder-only and
+            decoder-only models).
+        decoder_layers: blocks of the decoder of an encoder-decoder model (with cross-attention),
+            else 0.
+        hidden: width of the residual stream (``d_model``).
+        heads: query heads per attention.
+        kv_heads: key/value heads (fewer than ``heads`` with grouped-query attention).
+        head_dim: width of one head.
+        ffn: inner width of the MLP.
+        vocab: vocabulary size, or ``None`` (vision models, plain modules without embedding).
+        gated_mlp: ``act(x W_gate) * (x W_up)`` MLP (Llama, T5 v1.1) instead of ``act(x W_1)``.
+        activation: activation name as the config gives it (``gelu``, ``gelu_new``, ``silu``...).
+        hidden_dropout: dropout on the residual branches (attention and MLP outputs).
+        attention_dropout: dropout on the attention probabilities.
+        activation_dropout: dropout inside the MLP, after the activation.
+        embedding_dropout: dropout on the embeddings' output.
+        attn_implementation: ``config._attn_implementation`` (``sdpa``, ``eager``,
+            ``flash_attention_2``...); ``sdpa`` for plain torch modules.
+        tied_embeddings: the output head shares the input embedding's weight.
+        positions: ``learned``, ``rotary``, ``relative`` or ``none``.
+        norm: ``layernorm`` or ``rmsnorm``.
+        norm_first: pre-norm blocks (norm inside the residual branch) rather than post-norm.
+        fused_qkv: one projection makes Q, K and V (GPT-2's ``c_attn``, torch's ``in_proj``).
+        image_tokens: tokens per image of a vision model (patches + class token), else ``None``.
+        num_labels: classes of a classification head, else ``None``.
+        sliding_window: attention window of a sliding-window model, else ``None``.
+        use_cache: the config returns a key/value cache from a training forward.
+        head: what the output head computes, from the class name: ``causal-lm``, ``masked-lm``,
+            ``seq2seq``, ``seq-cls``, ``image-cls``, ``base`` (no head) or ``unknown``.
+    """
+
+    family: str
+    model_type: str
+    layers: int
+    encoder_layers: int
+    decoder_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int | None
+    gated_mlp: bool
+    activation: str
+    hidden_dropout: float
+    attention_dropout: float
+    activation_dropout: float
+    embedding_dropout: float
+    attn_implementation: str
+    tied_embeddings: bool
+    positions: str
+    norm: str
+    norm_first: bool
+    fused_qkv: bool
+    image_tokens: int | None = None
+    num_labels: int | None = None
+    sliding_window: int | None = None
+    use_cache: bool = False
+    head: str = "unknown"
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """Whether the model has a decoder with cross-attention over an encoder."""
+        return self.decoder_layers > 0
+
+
+_generation = 0
+_hooks_installed = False
+
+
+def _bump(*_: Any) -> None:
+    global _generation
+    _generation += 1
+
+
+def structure_generation() -> int:
+    """A counter that changes whenever any module registers a parameter, buffer or submodule.
+
+    Caches keyed by a module (here and in :mod:`memguard.formula`) store the counter they were
+    built at and are rebuilt when it has moved, so a model changed after it was inspected (an
+    adapter added, a layer replaced) is inspected again. The counting uses torch's global
+    registration hooks (``torch.nn.modules.module.register_module_*_registration_hook``), put
+    in place on first use.
+    """
+    global _hooks_installed
+    if not _hooks_installed:
+        from torch.nn.modules import module as torch_module
+
+        torch_module.register_module_parameter_registration_hook(_bump)
+        torch_module.register_module_buffer_registration_hook(_bump)
+        torch_module.register_module_module_registration_hook(_bump)
+        _hooks_installed = True
+    return _generation
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[int, int, Architecture | None]] = (
+    weakref.WeakKeyDictionary())
+"""module -> (structure generation, id of the config it was read with, architecture)."""
+
+
+def find_architecture(module: nn.Module, config: Any = None) -> Architecture | None:
+    """The :class:`Architecture` of ``module``, or ``None`` when it is not a known transformer.
+
+    The answer is cached per module (see :func:`structure_generation`).
+
+    Args:
+        module: the model.
+        config: its transformers config; ``module.config`` when omitted.
+    """
+    config = config if config is not None else getattr(module, "config", None)
+    generation = structure_generation()
+    try:
+        cached = _CACHE.get(module)
+    except TypeError:  # a module that cannot be weakly referenced: do not cache
+        cached = None
+    if cached is not None and cached[0] == generation and cached[1] == id(config):
+        return cached[2]
+    arch: Architecture | None = None
+    if config is not None and hasattr(config, "model_type"):
+        arch = _from_config(config, module)
+    if arch is None:
+        arch = _from_torch_layers(module)
+    with contextlib.suppress(TypeError):
+        _CACHE[module] = (generation, id(config), arch)
+    return arch
+
+
+def inspect_architecture(module: nn.Module, config: Any = None, *, name: str | None = None,
+                         needs: str = "this estimate") -> Architecture:
+    """Like :func:`find_architecture`, but raise when the model is not a transformer.
+
+    Args:
+        module: the model.
+        config: its transformers config; ``module.config`` when omitted.
+        name: the model's display name, for the error message.
+        needs: what needs the architecture, for the error message.
+
+    Raises:
+        UnsupportedModelError: naming the model and what could not be read.
+    """
+    arch = find_architecture(module, config)
+    if arch is None:
+        label = name or type(module).__name__
+        raise UnsupportedModelError(
+            f"{needs} needs transformer blocks, but {label!r} has neither a transformers config "
+            "with layers, heads and hidden size nor torch.nn.TransformerEncoderLayer/"
+            "TransformerDecoderLayer modules; the number of blocks (R), attention heads (N) and "
+            "head dimension (D) cannot be read. Use method='trace' for this model."
+        )
+    return arch
+
+
+# --------------------------------------------------------------------------- transformers configs
+
+
+def _get(config: Any, *names: str, default: Any = None) -> Any:
+    """The first of ``names`` that ``config`` has and is not ``None``."""
+    for n in names:
+        value = getattr(config, n, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _head_kind(module: nn.Module, config: Any) -> str:
+    from memguard.models import model_task
+
+    task = model_task(module)
+    return {"token-base": "base", "image-base": "base"}.get(task, task)
+
+
+def _from_config(config: Any, module: nn.Module) -> Architecture | None:
+    model_type = str(getattr(config, "model_type", "") or "")
+    family = _FAMILIES.get(model_type)
+    hidden = _get(config, "hidden_size", "d_model", "n_embd", "dim")
+    heads = _get(config, "num_attention_heads", "n_head", "num_heads", "n_heads",
+                 "encoder_attention_heads")
+    n_layers = _get(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers",
+                    "encoder_layers")
+    if not (hidden and heads and n_layers):
+        return None
+    hidden, heads, n_layers = int(hidden), int(heads), int(n_layers)
+    if family is None:
+        family = _guess_family(config)
+    head_dim = int(_get(config, "head_dim", "d_kv", default=0) or hidden // heads)
+    kv_heads = int(_get(config, "num_key_value_heads", default=heads) or heads)
+    ffn = _get(config, "intermediate_size", "n_inner", "d_ff", "hidden_dim", "encoder_ffn_dim",
+               "ffn_dim")
+    ffn = int(ffn) if ffn else 4 * hidden
+    activation = str(_get(config, "hidden_act", "activation_function", "feed_forward_proj",
+                          "activation", default="gelu"))
+    gated = family == "llama" or activation.startswith("gated-") or activation in _GATED_FF
+    if activation.startswith("gated-"):
+        activation = activation[len("gated-"):]
+    if family == "t5" and activation == "gelu" and gated:
+        activation = "gelu_new"  # T5 v1.1 "gated-gelu" runs gelu_new
+    enc_layers, dec_layers = n_layers, 0
+    if family in ("t5", "bart") or getattr(config, "is_encoder_decoder", False):
+        dec = _get(config, "num_decoder_layers", "decoder_layers", default=n_layers)
+        enc_layers, dec_layers = n_layers, int(dec)
+    hidden_dropout = float(_get(config, "resid_pdrop", "hidden_dropout_prob", "dropout_rate",
+                                "dropout", "hidden_dropout", default=0.0))
+    attention_dropout = float(_get(config, "attn_pdrop", "attention_probs_dropout_prob",
+                                   "attention_dropout", default=hidden_dropout
+                                   if family == "t5" else 0.0))
+    if family == "t5":
+        attention_dropout = hidden_dropout  # T5 uses dropout_rate on attention weights too
+    activation_dropout = float(_get(config, "activation_dropout", default=0.0))
+    if family == "t5":
+        activation_dropout = hidden_dropout  # T5's DenseReluDense dropout after the activation
+    embedding_dropout = float(_get(config, "embd_pdrop", default=hidden_dropout))
+    if family == "llama":
+        hidden_dropout, embedding_dropout = 0.0, 0.0
+    vocab = _get(config, "vocab_size")
+    image_tokens = None
+    if family == "vit" or (hasattr(config, "image_size") and hasattr(config, "patch_size")):
+        image_tokens = _image_tokens(config)
+        vocab = None
+    norm = "rmsnorm" if family in ("t5", "llama") else "layernorm"
+    positions = {"llama": "rotary", "t5": "relative"}.get(family, "learned")
+    attn = getattr(config, "_attn_implementation", None) or "sdpa"
+    window = _get(config, "sliding_window")
+    if window is not None and not getattr(config, "use_sliding_window", True):
+        window = None
+    return Architecture(
+        family=family, model_type=model_type, layers=enc_layers + dec_layers,
+        encoder_layers=enc_layers, decoder_layers=dec_layers, hidden=hidden, heads=heads,
+        kv_heads=kv_heads, head_dim=head_dim, ffn=ffn,
+        vocab=int(vocab) if vocab else None, gated_mlp=gated, activation=activation,
+        hidden_dropout=hidden_dropout, attention_dropout=attention_dropout,
+        activation_dropout=activation_dropout, embedding_dropout=embedding_dropout,
+        attn_implementation=str(attn), tied_embeddings=bool(_tied(config, module)),
+        positions=positions, norm=norm, norm_first=family in ("gpt2", "t5", "llama", "vit"),
+        fused_qkv=family == "gpt2" and model_type == "gpt2",
+        image_tokens=image_tokens,
+        num_labels=int(getattr(config, "num_labels", 0) or 0) or None,
+        sliding_window=int(window) if window else None,
+        # BART-like models turn the cache off themselves when given labels
+        use_cache=bool(getattr(config, "use_cache", False)) and family in ("gpt2", "llama", "t5"),
+        head=_head_kind(module, config),
+    )
+
+
+def _guess_family(config: Any) -> str:
+    """Family of an unlisted transformers model, from the shape of its config."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "bart"
+    if hasattr(config, "num_key_value_heads") or hasattr(config, "rms_norm_eps"):
+        return "llama"
+    if hasattr(config, "image_size") and hasattr(config, "patch_size"):
+        return "vit"
+    if getattr(config, "is_decoder", False) or hasattr(config, "n_embd"):
+        return "gpt2"
+    return "bert"
+
+
+def _image_tokens(config: Any) -> int:
+    """Patches of one image plus the class token (ViT: ``(224 / 16)**2 + 1 = 197``)."""
+    size = config.image_size
+    patch = config.patch_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return (h // ph) * (w // pw) + 1
+
+
+def _tied(config: Any, module: nn.Module) -> bool:
+    """Whether the output head shares the input embedding's weight, read from the module."""
+    get_in = getattr(module, "get_input_embeddings", None)
+    get_out = getattr(module, "get_output_embeddings", None)
+    if callable(get_in) and callable(get_out):
+        try:
+            emb, out = get_in(), get_out()
+        except (AttributeError, NotImplementedError):
+            emb, out = None, None
+        if emb is not None and out is not None:
+            return getattr(emb, "weight", None) is getattr(out, "weight", None)
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+# --------------------------------------------------------------------------- plain torch modules
+
+
+def _from_torch_layers(module: nn.Module) -> Architecture | None:
+    enc = [m for m in module.modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    dec = [m for m in module.modules() if isinstance(m, nn.TransformerDecoderLayer)]
+    if not enc and not dec:
+        return None
+    first = (enc or dec)[0]
+    attn: nn.MultiheadAttention = first.self_attn
+    hidden, heads = int(attn.embed_dim), int(attn.num_heads)
+    act = getattr(first, "activation", None)
+    act_name = getattr(act, "__name__", type(act).__name__).lower()
+    embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
+    vocab = max((e.num_embeddings for e in embeddings), default=0) or None
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    head_linear = linears[-1] if linears else None
+    tied = bool(embeddings and head_linear is not None
+                and any(head_linear.weight is e.weight for e in embeddings))
+    if head_linear is not None and vocab and head_linear.out_features == vocab:
+        head = "causal-lm"
+    elif head_linear is not None and head_linear.out_features != hidden:
+        head = "seq-cls"
+    else:
+        head = "unknown"
+    return Architecture(
+        family="torch", model_type=type(module).__name__, layers=len(enc) + len(dec),
+        encoder_layers=len(enc), decoder_layers=len(dec), hidden=hidden, heads=heads,
+        kv_heads=heads, head_dim=hidden // heads, ffn=int(first.linear1.out_features),
+        vocab=vocab, gated_mlp=False, activation=act_name or "relu",
+        hidden_dropout=float(first.dropout1.p), attention_dropout=float(attn.dropout),
+        activation_dropout=float(first.dropout.p), embedding_dropout=0.0,
+        attn_implementation="sdpa", tied_embeddings=tied, positions="none",
+        norm="layernorm", norm_first=bool(getattr(first, "norm_first", False)), fused_qkv=True,
+        num_labels=head_linear.out_features if head == "seq-cls" and head_linear else None,
+        use_cache=False, head=head,
+    )
