@@ -350,3 +350,43 @@ def devices(index: int | None = None, *, env: Mapping[str, str] | None = None,
     listing = ", ".join(f"cuda:{i} {s.name}" for i, s in enumerate(slots))
     raise DeviceError(f"there is no cuda:{index}; this process sees {len(slots)} CUDA "
                       f"device(s) ({note}): {listing}")
+
+
+def process_used_bytes(index: int, pid: int, *, env: Mapping[str, str] | None = None,
+                       cuda_uuids: Sequence[str] | None = None) -> int | None:
+    """GPU memory that process ``pid`` uses on CUDA device ``index``, as NVML counts it.
+
+    This is what ``nvidia-smi`` lists per process: the CUDA context, library workspaces and every
+    block the caching allocator holds (``nvmlDeviceGetComputeRunningProcesses``).
+
+    Args:
+        index: the CUDA ordinal in this process.
+        pid: the process id, as NVML sees it.
+        env: as for :func:`devices`.
+        cuda_uuids: as for :func:`devices`.
+
+    Returns:
+        Bytes, or ``None`` when NVML does not list the process on that device (no CUDA context
+        there yet, or a container whose PID namespace hides host PIDs from NVML) or does not know
+        its usage (some MIG and vGPU setups).
+
+    Raises:
+        NvmlUnavailable: NVML cannot answer.
+        DeviceError: there is no such device.
+    """
+    env = os.environ if env is None else env
+    with _LOCK:
+        lib = _library()
+        try:
+            slots, note = _visible(lib, env, cuda_uuids)
+            if not 0 <= index < len(slots):
+                raise DeviceError(f"there is no cuda:{index}; this process sees {len(slots)} CUDA "
+                                  f"device(s) ({note})")
+            procs = lib.nvmlDeviceGetComputeRunningProcesses(slots[index].handle)
+        except lib.NVMLError as exc:
+            raise NvmlUnavailable(f"NVML failed: {describe(exc)}") from None
+    for proc in procs:
+        if int(proc.pid) == pid:
+            used = getattr(proc, "usedGpuMemory", None)
+            return None if used is None else int(used)
+    return None

@@ -43,7 +43,7 @@ from memguard.units import format_bytes, parse_bytes
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SOURCES", "DeviceLike", "DeviceMemory", "device_memory", "list_devices",
+__all__ = ["SOURCES", "DeviceLike", "DeviceMemory", "device_memory", "list_devices", "process_memory",
            "resolve_budget"]
 
 log = logging.getLogger(__name__)
@@ -367,3 +367,26 @@ def _torch_memory(index: int) -> DeviceMemory:
         uuid_text = f"GPU-{uuid_text}"
     return DeviceMemory(name=str(props.name), index=index, uuid=uuid_text, total_bytes=int(total),
                         free_bytes=int(free), used_bytes=int(total) - int(free), source="torch")
+
+
+def process_memory(index: int | None = None, pid: int | None = None) -> int | None:
+    """GPU memory a process uses on a CUDA device, as NVML (and ``nvidia-smi``) counts it.
+
+    Args:
+        index: the CUDA ordinal (``cuda:N``); ``None`` is the current device.
+        pid: the process; ``None`` is this one.
+
+    Returns:
+        Bytes: the CUDA context, library workspaces and all the caching allocator holds. ``None``
+        when NVML cannot answer, does not list the process (no context on that device yet, or a
+        container that hides host PIDs from NVML), or does not know its usage.
+    """
+    import os
+
+    want = _current_index() if index is None else index
+    try:
+        return _nvml.process_used_bytes(want, os.getpid() if pid is None else pid,
+                                        cuda_uuids=_cuda_uuids())
+    except (_nvml.NvmlUnavailable, DeviceError) as exc:
+        log.debug("cannot read the memory of process %s on cuda:%d: %s", pid, want, exc)
+        return None

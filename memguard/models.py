@@ -197,10 +197,13 @@ def add_lora(resolved: ResolvedModel, rank: int) -> ResolvedModel:
 
 
 def is_checkpointing(module: nn.Module) -> bool:
-    """Whether a transformers model has gradient (activation) checkpointing on."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(module), name) or name in getattr(module, "__dict__", {}):
-            return bool(getattr(module, name))
+    """Whether a transformers model, or one inside ``module`` (a LightningModule's), checkpoints."""
+    for m in module.modules():
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            if hasattr(type(m), name):
+                if getattr(m, name):
+                    return True
+                break
     return False
 
 

@@ -1,0 +1,364 @@
+"""What :class:`~memguard.MemGuard` reads from a Lightning run, and how it changes the batch size.
+
+Private helpers, each a small function over a ``Trainer``; the callback only wires them together.
+They work with both ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer``: Lightning's
+own helpers are imported from the package the trainer comes from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import logging
+import random
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+__all__ = [
+    "RunInfo",
+    "agree",
+    "batch_size_of",
+    "callback_bases",
+    "is_tracing",
+    "optimizer_factory",
+    "package_of",
+    "peek_batch",
+    "reset_train_data",
+    "run_info",
+    "tracing",
+    "utilities",
+]
+
+log = logging.getLogger(__name__)
+
+_PACKAGES = ("pytorch_lightning", "lightning.pytorch")
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+def callback_bases() -> tuple[type, ...]:
+    """The ``Callback`` classes of every Lightning package that imports, ``pytorch_lightning`` first.
+
+    A class deriving from all of them is an instance of each Trainer's own ``Callback``, which both
+    Trainers check for.
+    """
+    bases: list[type] = []
+    for name in _PACKAGES:
+        try:
+            bases.append(importlib.import_module(f"{name}.callbacks").Callback)
+        except ImportError:
+            log.debug("%s is not installed", name)
+    if not bases:
+        raise ImportError("MemGuard needs Lightning: pip install pytorch-lightning (or lightning)")
+    return tuple(bases)
+
+
+def package_of(trainer: Any) -> ModuleType:
+    """``pytorch_lightning`` or ``lightning.pytorch``: the package ``trainer`` comes from."""
+    top = type(trainer).__module__.split(".")[0]
+    return importlib.import_module("lightning.pytorch" if top == "lightning" else "pytorch_lightning")
+
+
+def utilities(trainer: Any, name: str) -> ModuleType:
+    """``<package>.utilities.<name>`` of the package ``trainer`` comes from (``parsing``, ``rank_zero``).
+
+    Each package keeps its own rank of the process for ``rank_zero_*``, set by its own Trainer.
+    """
+    return importlib.import_module(f"{package_of(trainer).__name__}.utilities.{name}")
+
+
+# -- tracing the module's own training_step ---------------------------------------------------
+
+_TRACING = threading.local()
+
+
+def is_tracing() -> bool:
+    """Whether memguard is tracing a ``training_step`` on fake tensors in this thread right now."""
+    return bool(getattr(_TRACING, "active", False))
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def tracing(pl_module: Any) -> Iterator[None]:
+    """Run ``training_step`` on fake tensors without leaking them into Lightning's state.
+
+    While active, ``self.log`` and ``self.log_dict`` do nothing (they would hand fake tensors to
+    the logger connector), :func:`is_tracing` is true, gradients are enabled, and the random
+    number generators are restored afterwards. torchmetrics ``Metric`` modules updated by the
+    trace are reset afterwards: the trace runs before the first step, when they hold nothing yet.
+    """
+    saved = {name: pl_module.__dict__[name] for name in ("log", "log_dict") if name in pl_module.__dict__}
+    pl_module.__dict__["log"] = _noop
+    pl_module.__dict__["log_dict"] = _noop
+    _TRACING.active = True
+    try:
+        with preserved_rng(), torch.enable_grad():
+            yield
+    finally:
+        _TRACING.active = False
+        for name in ("log", "log_dict"):
+            if name in saved:
+                pl_module.__dict__[name] = saved[name]
+            else:
+                pl_module.__dict__.pop(name, None)
+        for m in pl_module.modules():
+            if _is_metric(m):
+                with contextlib.suppress(Exception):
+                    m.reset()
+
+
+def _is_metric(module: torch.nn.Module) -> bool:
+    metric = getattr(sys.modules.get("torchmetrics"), "Metric", None)
+    return metric is not None and isinstance(module, metric)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore the CPU random number generators of torch, ``random`` and numpy on exit.
+
+    Peeking at a shuffled data loader draws a seed from torch's generator; without this the real
+    epoch would see another order than it would without the callback.
+    """
+    torch_state = torch.get_rng_state()
+    py_state = random.getstate()
+    np = sys.modules.get("numpy")
+    np_state = np.random.get_state() if np is not None else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        if np is not None and np_state is not None:
+            np.random.set_state(np_state)
+
+
+def optimizer_factory(pl_module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      device: str) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+    """A ``params -> optimizer`` callable that rebuilds the real ``optimizer`` over fake params.
+
+    :func:`memguard.estimate` calls it with stand-ins for the module's trainable parameters, in
+    ``named_parameters()`` order. Each stand-in takes its real parameter's place in the real
+    optimizer's param groups, with each group's own hyperparameters; parameters the optimizer does
+    not hold stay out of it; an optimizer that holds none of them (a strategy's flat copies) is
+    rebuilt over all of them with its defaults. On a GPU, built-in optimizers left to choose take
+    their ``foreach`` implementation, as torch does for CUDA tensors; a ``foreach=`` the trace
+    passes is honoured.
+    """
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer  # a strategy's wrapper (DeepSpeed's ZeRO optimizer)
+    cls = type(optimizer)
+    real = [p for _, p in pl_module.named_parameters() if p.requires_grad]
+    position = {id(p): i for i, p in enumerate(real)}
+    accepted = _keywords(cls) or set(optimizer.defaults)
+    kwargs = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    members = [[position[id(p)] for p in g["params"] if id(p) in position] for g in optimizer.param_groups]
+    if not any(members):  # it holds copies (flat fp32 partitions), not the module's parameters
+        groups, members = [{}], [list(range(len(real)))]
+    if device == "cuda" and "foreach" in accepted and kwargs.get("foreach") is None and not kwargs.get("fused"):
+        for g in groups:
+            if g.get("foreach") is None and not g.get("fused"):
+                g["foreach"] = True
+
+    def factory(fakes: list[torch.Tensor], foreach: bool | None = None) -> torch.optim.Optimizer:
+        built = [{**g, "params": [fakes[i] for i in idx]} for g, idx in zip(groups, members, strict=True) if idx]
+        if foreach is not None and "foreach" in accepted:
+            for g in built:
+                if not g.get("fused"):
+                    g["foreach"] = foreach
+        return cls(built, **kwargs)
+
+    factory.__name__ = cls.__name__.lower()
+    factory.__qualname__ = factory.__name__
+    return factory
+
+
+def _keywords(cls: type) -> set[str]:
+    """The keyword arguments ``cls.__init__`` takes besides ``params``; empty when it takes ``**kwargs``."""
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return set()
+    return set(params) - {"self", "params"}
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What the Trainer says about the run.
+
+    Attributes:
+        device: the root device of this rank.
+        precision: Lightning's precision name (``"bf16-mixed"`` ...).
+        strategy: the strategy's class name.
+        world_size: processes taking part in training.
+        rank: this process's global rank.
+        local_world_size: processes on this machine (they share the host's memory).
+        parallel: the strategy in :func:`memguard.estimate`'s terms (``"single"``, ``"ddp"``,
+            ``"fsdp"``, ``"deepspeed_stage_2"`` ...), or ``None`` when memguard does not know it.
+        offload_optimizer: optimizer state and step in host memory (DeepSpeed, FSDP ``CPUOffload``).
+        offload_params: parameter shards in host memory.
+        sharded_module: whether the module's parameters are already sharded when the fit starts
+            (FSDP, DeepSpeed stage 3, model parallelism), so that their shapes are not the model's.
+        accumulate_grad_batches: the Trainer's gradient accumulation.
+        handles_accumulation: whether the strategy accumulates gradients itself (DeepSpeed), so
+            that changing the Trainer's setting after setup has no effect.
+    """
+
+    device: torch.device
+    precision: str
+    strategy: str
+    world_size: int
+    rank: int
+    local_world_size: int
+    parallel: str | None
+    offload_optimizer: bool
+    offload_params: bool
+    sharded_module: bool
+    accumulate_grad_batches: int
+    handles_accumulation: bool
+
+    @property
+    def sharded(self) -> str | None:
+        """The sharded strategy in words, or ``None`` for one device and DDP."""
+        if self.parallel in ("single", "ddp"):
+            return None
+        return self.parallel or self.strategy
+
+
+_FSDP_MODES = {"FULL_SHARD": "fsdp", "SHARD_GRAD_OP": "fsdp_shard_grad_op", "HYBRID_SHARD": "fsdp_hybrid",
+               "_HYBRID_SHARD_ZERO2": "fsdp_hybrid", "NO_SHARD": "ddp"}
+
+
+def _parallelism(strategy: Any, world_size: int) -> tuple[str | None, bool, bool, bool]:
+    """Lightning's strategy object in memguard's terms: name, offloads, and whether params are sharded.
+
+    Read from ``FSDPStrategy.sharding_strategy`` and ``.cpu_offload``, and from
+    ``DeepSpeedStrategy.config["zero_optimization"]`` (``stage``, ``offload_optimizer``,
+    ``offload_param``).
+    """
+    names = {c.__name__ for c in type(strategy).__mro__}
+    if "FSDPStrategy" in names:
+        mode = getattr(getattr(strategy, "sharding_strategy", None), "name", "FULL_SHARD")
+        offload = bool(getattr(getattr(strategy, "cpu_offload", None), "offload_params", False))
+        parallel = _FSDP_MODES.get(mode)
+        return (parallel, offload and parallel != "ddp", offload and parallel in ("fsdp", "fsdp_hybrid"),
+                parallel != "ddp")
+    if "DeepSpeedStrategy" in names:
+        config = getattr(strategy, "config", None)
+        zero = config.get("zero_optimization", {}) if isinstance(config, dict) else {}
+        stage = int(zero.get("stage", 0) or 0)
+        parallel = f"deepspeed_stage_{stage}" if stage in (1, 2, 3) else "ddp"
+        offload_optimizer = _offloaded(zero.get("offload_optimizer")) and stage > 0
+        offload_params = _offloaded(zero.get("offload_param")) and stage == 3
+        return parallel, offload_optimizer, offload_params, stage == 3
+    if names & set(_SHARDED):
+        return None, False, False, True
+    if "SingleDeviceStrategy" in names:
+        return "single", False, False, False
+    if "DDPStrategy" in names or world_size > 1:
+        return "ddp", False, False, False
+    return "single", False, False, False
+
+
+def _offloaded(section: Any) -> bool:
+    """Whether a DeepSpeed ``offload_*`` section moves something off the GPU (``device`` not ``"none"``)."""
+    return isinstance(section, dict) and str(section.get("device", "none")).lower() not in ("none", "")
+
+
+def run_info(trainer: Any) -> RunInfo:
+    """Read the strategy, precision, world size and accumulation of ``trainer``."""
+    strategy = trainer.strategy
+    world_size = int(trainer.world_size)
+    parallel, offload_optimizer, offload_params, sharded_module = _parallelism(strategy, world_size)
+    return RunInfo(
+        device=torch.device(strategy.root_device),
+        precision=str(trainer.precision),
+        strategy=type(strategy).__name__,
+        world_size=world_size,
+        rank=int(trainer.global_rank),
+        local_world_size=max(1, int(getattr(trainer, "num_devices", 1) or 1)),
+        parallel=parallel,
+        offload_optimizer=offload_optimizer,
+        offload_params=offload_params,
+        sharded_module=sharded_module,
+        accumulate_grad_batches=int(trainer.accumulate_grad_batches),
+        handles_accumulation=bool(getattr(strategy, "handles_gradient_accumulation", False)),
+    )
+
+
+def batch_size_of(batch: Any) -> int:
+    """The first dimension of the first tensor in ``batch``."""
+    for t in tree_flatten(batch)[0]:
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return int(t.shape[0])
+    raise ValueError(f"the batch holds no tensor with a batch dimension: {type(batch).__name__}")
+
+
+def peek_batch(trainer: Any) -> Any:
+    """The first training batch of this rank, from a fresh data loader, without consuming any.
+
+    The train data loader is requested from its source (the LightningModule, the datamodule or
+    the loaders given to ``fit``) and prepared as the fit loop prepares it (the distributed
+    sampler of this rank injected), and its first batch is drawn from a throwaway iterator. The
+    fit loop's own loader is not touched, and the random number generators are restored, so the
+    epoch sees the same batches in the same order as without the peek. The batch goes through the
+    module's batch-transfer hooks to the root device, as the fit loop would send it.
+    """
+    pl = package_of(trainer)
+    connector = importlib.import_module(f"{pl.__name__}.trainer.connectors.data_connector")
+    states = importlib.import_module(f"{pl.__name__}.trainer.states")
+    combined_mod = importlib.import_module(f"{pl.__name__}.utilities.combined_loader")
+    with preserved_rng():
+        loaders = connector._request_dataloader(trainer.fit_loop._data_source)
+        combined = loaders if isinstance(loaders, combined_mod.CombinedLoader) else \
+            combined_mod.CombinedLoader(loaders, "max_size_cycle")
+        combined.flattened = [
+            connector._process_dataloader(trainer, states.TrainerFn.FITTING, states.RunningStage.TRAINING, dl)
+            for dl in combined.flattened
+        ]
+        iterator = iter(combined)
+        try:
+            batch, _, _ = next(iterator)
+        finally:
+            del iterator
+        try:
+            batch = trainer.strategy.batch_to_device(batch)
+        except Exception as exc:  # the raw batch has the same shapes in nearly every case
+            log.debug("the batch-transfer hooks failed on the peeked batch (%s); using it as loaded", exc)
+    return batch
+
+
+def reset_train_data(trainer: Any) -> None:
+    """Make the fit loop build its train and val loaders again, as Lightning's batch-size finder does.
+
+    ``_reset_dataloaders`` in ``tuner/batch_size_scaling.py`` drops the loaders and builds them at
+    once; here they are only dropped, and the fit loop builds them itself when it starts, so a
+    checkpoint's loader state is still loaded into the new loader on resume.
+    """
+    loop = trainer.fit_loop
+    loop._combined_loader = None
+    loop.epoch_loop.val_loop._combined_loader = None
+
+
+def agree(trainer: Any, values: list[int]) -> list[list[int]]:
+    """Every rank's ``values``, one row per rank (one row without a distributed strategy)."""
+    mine = torch.tensor(values, dtype=torch.int64, device=trainer.strategy.root_device)
+    if int(trainer.world_size) <= 1:
+        return [values]
+    gathered = trainer.strategy.all_gather(mine)
+    return gathered.reshape(-1, len(values)).cpu().tolist()

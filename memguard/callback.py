@@ -1,0 +1,592 @@
+"""``MemGuard``: a Lightning callback that checks the memory of a training step before it runs.
+
+>>> from memguard import MemGuard
+>>> trainer = Trainer(callbacks=[MemGuard(action="reduce", margin=0.1)])  # doctest: +SKIP
+
+The callback reads the run as the Trainer has set it up (the LightningModule, its optimizer, the
+precision, the strategy and a real batch), predicts the peak memory of one training step with
+:func:`memguard.estimate` by tracing the module's own ``training_step`` on fake tensors, and acts
+before the first step: it warns, raises, or trains with a batch size that fits and more gradient
+accumulation, keeping the effective batch. After the first steps it logs what the step really used
+next to the prediction.
+
+When it acts, in Lightning 2.x's order (``Trainer._run``):
+
+1. ``setup("fit")``: checks that ``"reduce"`` can change the batch size of this run.
+2. ``load_state_dict`` (resuming): keeps the checkpoint's batch size and accumulation.
+3. ``strategy.setup``: the model is on its device, the optimizers exist.
+4. ``on_fit_start``: reads the run, estimates, agrees across ranks, acts (or applies the
+   checkpoint's decision), before the fit loop builds its train data loader.
+5. ``on_train_start``, ``on_train_batch_end``: after the first optimizer step the peak counters
+   are reset, and ``measure_steps`` steps later the actual peak is read and logged
+   (``on_train_end`` reads it if training stops sooner).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from memguard import _lightning as _pl
+from memguard._actual import Measurement, MemoryProbe, resident_bytes
+from memguard.device import device_memory, process_memory, resolve_budget
+from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError
+from memguard.estimator import estimate
+from memguard.result import Category, MemoryEstimate
+from memguard.search import max_batch_size
+from memguard.units import format_bytes, parse_bytes
+
+__all__ = ["MemGuard"]
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("warn", "raise", "reduce")
+
+
+class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
+    """Predict the memory of a training step before the first one runs, and act on it.
+
+    It is an instance of the ``Callback`` class of both ``pytorch_lightning`` and
+    ``lightning.pytorch`` (whichever are installed), so either Trainer takes it.
+
+    What it reads, in ``on_fit_start`` (after the strategy has set up the model and the
+    optimizers, before the fit loop builds its data loader):
+
+    * the first batch of this rank, from a fresh train data loader (nothing is consumed, and the
+      random generators are restored, so the epoch is the same as without the callback);
+    * the LightningModule, whose ``training_step`` is traced on fake tensors resized to each batch
+      size tried (``self.log`` does nothing during the trace; :meth:`is_tracing` tells user code
+      that it runs on fake tensors);
+    * the real optimizer (its class and each param group's hyperparameters, over exactly the
+      parameters it holds), the Trainer's precision, the gradient checkpointing of the model, and
+      the strategy (world size, sharding).
+
+    It compares the estimate with ``budget`` when given, else with the free memory of the root
+    device: for a GPU, what NVML reports free plus what this process already holds there; for the
+    CPU, the host's available memory shared among the processes on the machine, plus the model's
+    tensors that are already resident. ``margin`` of it is kept spare.
+
+    Actions when the step does not fit:
+
+    * ``"warn"``: a rank-zero warning with the estimate's table and the free memory.
+    * ``"raise"``: :class:`~memguard.InsufficientMemoryError` (with ``.estimate`` and
+      ``.free_bytes``) before any step runs.
+    * ``"reduce"``: the largest batch size that fits, ``b_max``, is found on the estimator (no
+      trial steps). With ``b`` asked and accumulation ``a``, the Trainer's
+      ``accumulate_grad_batches`` becomes ``a' = ceil(b * a / b_max)`` and the batch size
+      ``ceil(b * a / a')`` (at most ``b_max``): the fewest micro-batches that make an effective
+      batch of at least ``b * a``, as close to it as they can. The batch size is set where it
+      lives (the model, its ``hparams`` or the datamodule, as Lightning's ``lightning_setattr``
+      finds it) and the data loaders are rebuilt. When even a batch of 1 does not fit, it raises,
+      naming what would help.
+
+    Under a distributed strategy every rank estimates for its own device, and the ranks agree:
+    the smallest batch size that fits on all of them, and one raise when any does not fit.
+
+    After the first optimizer step (a warm-up) and ``measure_steps`` more, it logs to the Trainer's loggers
+    ``memguard/predicted_peak_bytes``, ``memguard/actual_peak_bytes``,
+    ``memguard/predicted_total_bytes``, ``memguard/actual_total_bytes`` (the process's memory in
+    NVML, where NVML lists it) and ``memguard/error`` (actual over predicted peak, minus 1), and
+    warns when the actual peak is above the prediction by more than ``margin``. On a GPU the
+    actual peak is ``torch.cuda.max_memory_allocated``; on the CPU the growth of resident memory
+    (see :mod:`memguard._actual` for how, and its limits).
+
+    The chosen batch size and accumulation are saved in checkpoints and restored on resume,
+    without estimating again.
+
+    When the estimate itself fails (a ``training_step`` that cannot run on fake tensors, manual
+    optimization, an unknown precision plugin), the callback warns and training goes on, unless
+    ``strict=True``.
+
+    Args:
+        action: ``"warn"``, ``"raise"`` or ``"reduce"``.
+        margin: share of the free memory (or budget) to keep spare, in ``[0, 1)``; also the
+            tolerance of the predicted-vs-actual warning.
+        budget: the memory one rank may use instead of what its device has free: bytes (``int``),
+            a size (``"12GiB"``) or a share of the device's total memory (``"80%"``).
+        batch_arg_name: the attribute holding the batch size, for ``"reduce"`` (Lightning's
+            ``BatchSizeFinder`` uses the same name and lookup).
+        strict: raise when the estimate fails instead of warning.
+        measure_steps: optimizer steps over which the actual peak is measured, after the first
+            step, which warms up (lazy initialisation of kernels and allocators) and is not
+            measured. Every measured step is in the steady state the estimate predicts, with
+            optimizer state and last step's gradients alive.
+
+    Attributes:
+        estimate: the :class:`~memguard.MemoryEstimate` at the batch size trained with (``None``
+            before ``fit``, after a failed estimate, and on resume).
+        available_bytes: the memory compared with (budget or free), before the margin.
+        requested_batch_size: the batch size of the data loader as given.
+        fitting_batch_size: the largest batch size that fits on this rank, before the ranks agree
+            (``"reduce"`` only; 0 when not even 1 fits).
+        batch_size: the batch size trained with.
+        requested_accumulate_grad_batches: the accumulation as given.
+        accumulate_grad_batches: the accumulation trained with.
+        measurement: what the first steps really used (a ``Measurement``), or ``None``.
+        metrics: the values logged as ``memguard/*``.
+
+    Known limitations:
+        * Fully sharded strategies (FSDP, DeepSpeed stage 3) have sharded the module's parameters
+          before the fit starts, so the step cannot be traced from them yet: the callback warns
+          and training goes on. DeepSpeed stages 1 and 2 get the sharded estimate (model state per
+          ZeRO), DDP its gradient buckets; a strategy memguard does not know is estimated as one
+          unsharded replica, with a warning.
+        * Manual optimization is not traced (``training_step`` steps real optimizers itself).
+        * Only the training step is estimated, not validation.
+        * ``training_step`` runs on fake tensors during the estimate; side effects there (appending
+          to lists, counters) should check :meth:`is_tracing`. torchmetrics metrics are reset
+          after the trace.
+        * Collectives inside ``training_step`` (``SyncBatchNorm``) cannot be traced.
+    """
+
+    def __init__(self, action: str = "warn", margin: float = 0.1, budget: int | str | None = None, *,
+                 batch_arg_name: str = "batch_size", strict: bool = False, measure_steps: int = 2) -> None:
+        if action not in ACTIONS:
+            raise ConfigError(f"unknown action {action!r}; expected one of {', '.join(map(repr, ACTIONS))}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+            raise ConfigError(f"margin must be a number in [0, 1), got {margin!r}")
+        if budget is not None:
+            if isinstance(budget, str) and budget.strip().endswith("%"):
+                parse_bytes(budget, total=100)
+            elif parse_bytes(budget) <= 0:
+                raise ConfigError(f"budget must be a positive size, got {budget!r}")
+        if not isinstance(batch_arg_name, str) or not batch_arg_name:
+            raise ConfigError(f"batch_arg_name must be a non-empty string, got {batch_arg_name!r}")
+        if isinstance(measure_steps, bool) or not isinstance(measure_steps, int) or measure_steps < 1:
+            raise ConfigError(f"measure_steps must be a positive integer, got {measure_steps!r}")
+        self.action = action
+        self.margin = float(margin)
+        self.budget = budget
+        self.batch_arg_name = batch_arg_name
+        self.strict = bool(strict)
+        self.measure_steps = measure_steps
+
+        self.estimate: MemoryEstimate | None = None
+        self.available_bytes: int | None = None
+        self.requested_batch_size: int | None = None
+        self.fitting_batch_size: int | None = None
+        self.batch_size: int | None = None
+        self.requested_accumulate_grad_batches: int | None = None
+        self.accumulate_grad_batches: int | None = None
+        self.measurement: Measurement | None = None
+        self.metrics: dict[str, float] = {}
+        self._predicted: tuple[int, int] | None = None  # peak, total
+        self._reduced = False
+        self._restored: dict[str, Any] = {}
+        self._probe: MemoryProbe | None = None
+        self._armed = False
+        self._start_step = 0
+
+    @staticmethod
+    def is_tracing() -> bool:
+        """Whether a ``training_step`` runs on fake tensors for the estimate, right now."""
+        return _pl.is_tracing()
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Check that ``"reduce"`` can change the batch size of this run."""
+        if stage != "fit" or self.action != "reduce":
+            return
+        if not trainer.fit_loop._data_source.is_module():
+            raise ConfigError(
+                "MemGuard(action='reduce') rebuilds the train data loader with a smaller batch, which it "
+                "cannot do for data loaders passed to fit(); return them from train_dataloader() of the "
+                "LightningModule or a LightningDataModule, or use action='raise'"
+            )
+        if not _pl.utilities(trainer, "parsing").lightning_hasattr(pl_module, self.batch_arg_name):
+            raise ConfigError(
+                f"MemGuard(action='reduce') sets the batch size through {self.batch_arg_name!r}, which is "
+                "neither an attribute of the model, nor in its hparams, nor in the datamodule; add it "
+                "(and use it in train_dataloader()), pass batch_arg_name=, or use action='raise'"
+            )
+        if any(type(cb).__name__ == "GradientAccumulationScheduler" for cb in trainer.callbacks):
+            self._warn(trainer, "MemGuard(action='reduce') raises accumulate_grad_batches when it reduces the "
+                                "batch size, but a GradientAccumulationScheduler sets it every epoch and will "
+                                "undo that")
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Estimate, compare and act, before the fit loop builds its data loader."""
+        if self._restored.get("batch_size") is not None:
+            self._resume(trainer, pl_module)
+            self._restored = {}
+            return
+        if trainer.limit_train_batches == 0:
+            return
+        info = _pl.run_info(trainer)
+        self.requested_accumulate_grad_batches = self.accumulate_grad_batches = info.accumulate_grad_batches
+        plan: _Plan | None = None
+        failure: BaseException | None = None
+        try:
+            plan = self._plan(trainer, pl_module, info)
+        except Exception as exc:
+            failure = exc
+        # Every rank takes part in the same collective, whatever happened to it.
+        row = [0, 0, 0, 0, 0] if plan is None else [1, int(plan.fits), plan.fitting_batch,
+                                                       plan.at_requested.total_bytes, plan.available]
+        rows = _pl.agree(trainer, row)
+        if failure is not None:
+            if self.strict:
+                raise failure
+            self._warn(trainer, f"MemGuard could not estimate the memory of a training step, so training goes "
+                                f"on unchecked: {type(failure).__name__}: {failure}", every_rank=True)
+        elif any(r[0] == 0 for r in rows) and self.strict:
+            bad = [i for i, r in enumerate(rows) if r[0] == 0]
+            raise MemguardError(f"MemGuard could not estimate the memory of a training step on rank(s) {bad}")
+        failed = [rank for rank, r in enumerate(rows) if r[0] == 0]
+        if plan is None:
+            return
+        if failed:  # the ranks must act alike, or DDP would wait for ranks that accumulate differently
+            self._warn(trainer, f"MemGuard could not estimate the memory of a training step on rank(s) {failed}, "
+                                "so training goes on unchecked")
+            return
+        ok = list(enumerate(rows))
+        if self.action == "reduce":
+            self.fitting_batch_size = plan.fitting_batch
+        self._act(trainer, pl_module, info, plan, ok)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Arm the measurement: it starts after the first optimizer step."""
+        self._probe = None
+        self._armed = self._predicted is not None
+        self._start_step = trainer.global_step + 1
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Start measuring after the first optimizer step, and read after ``measure_steps`` more."""
+        if self._armed and self._probe is None and trainer.global_step >= self._start_step:
+            self._safely(trainer, self._start_probe, trainer, pl_module)
+        elif self._probe is not None and trainer.global_step >= self._start_step + self.measure_steps:
+            self._safely(trainer, self._measure, trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Read now if training stopped before ``measure_steps`` steps were measured."""
+        if self._probe is not None:
+            self._safely(trainer, self._measure, trainer)
+        self._armed = False
+
+    def _safely(self, trainer: Any, fn: Callable[..., None], *args: Any) -> None:
+        """Run a measurement step; its failure is warned about, and never stops training (unless strict)."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self._probe, self._armed = None, False
+            if self.strict:
+                raise
+            self._warn(trainer, f"MemGuard could not measure the memory of the first steps: "
+                                f"{type(exc).__name__}: {exc}", every_rank=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The batch size and accumulation chosen, and what was predicted: flat, JSON-ready."""
+        if self.batch_size is None:
+            return {}
+        peak, total = self._predicted or (None, None)
+        return {
+            "batch_size": self.batch_size,
+            "accumulate_grad_batches": self.accumulate_grad_batches,
+            "requested_batch_size": self.requested_batch_size,
+            "requested_accumulate_grad_batches": self.requested_accumulate_grad_batches,
+            "reduced": self._reduced,
+            "predicted_peak_bytes": peak,
+            "predicted_total_bytes": total,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's decision, applied in ``on_fit_start`` without estimating again."""
+        self._restored = dict(state_dict)
+
+    # -- the decision -------------------------------------------------------------------------
+
+    def _plan(self, trainer: Any, pl_module: Any, info: _pl.RunInfo) -> _Plan:
+        """Estimate on this rank: at the requested batch size, and the largest that fits."""
+        if not pl_module.automatic_optimization:
+            raise MemguardError("manual optimization is not traced: its training_step steps the real optimizers")
+        if info.sharded_module:
+            raise MemguardError(f"{info.strategy} has already sharded the module's parameters when the fit starts, "
+                                "so their shapes are not the model's; memguard cannot trace its step yet")
+        if info.parallel is None:
+            self._warn(trainer, f"memguard does not know how {info.strategy} shards the model: the estimate is for "
+                                "one unsharded replica, an over-estimate")
+        batch = _pl.peek_batch(trainer)
+        requested = _pl.batch_size_of(batch)
+        available, where = self._available(info, pl_module)
+        self.available_bytes = available
+        estimate_at = self._estimator(trainer, pl_module, info, batch)
+        est = estimate_at(requested)
+        fits = est.fits(available, self.margin)
+        if fits or self.action != "reduce":
+            return _Plan(batch, requested, est, fits, requested if fits else 0, est, available, where, estimate_at,
+                         info.sharded)
+        search = max_batch_size(estimate_at, available, margin=self.margin, limit=requested)
+        return _Plan(batch, requested, est, False, search.batch_size, search.estimate, available, where,
+                     estimate_at, info.sharded)
+
+    def _estimator(self, trainer: Any, pl_module: Any, info: _pl.RunInfo,
+                   batch: Any) -> Callable[[int], MemoryEstimate]:
+        """The estimate at a batch size, of this run's real step, cached."""
+        optimizers = trainer.optimizers
+        if len(optimizers) > 1:
+            raise MemguardError(f"{len(optimizers)} optimizers: memguard traces a step of one")
+        device = "cuda" if info.device.type == "cuda" else "cpu"
+        optimizer: Any = _pl.optimizer_factory(pl_module, optimizers[0], device) if optimizers else None
+        checkpointing = _checkpointing(pl_module)
+        parallel = info.parallel or ("ddp" if info.world_size > 1 else "single")
+
+        def step(b: Any) -> Any:
+            return pl_module.training_step(b, 0)
+
+        cache: dict[int, MemoryEstimate] = {}
+
+        def estimate_at(batch_size: int) -> MemoryEstimate:
+            if batch_size in cache:
+                return cache[batch_size]
+            with _pl.tracing(pl_module):
+                est = estimate(pl_module, batch_size=batch_size, example_input=batch, step_fn=step,
+                               optimizer=optimizer, precision=info.precision, device=device, method="trace",
+                               training_loop="lightning", strategy=parallel, world_size=info.world_size,
+                               offload_optimizer=info.offload_optimizer, offload_params=info.offload_params)
+            inputs = {**est.inputs, "gradient_checkpointing": checkpointing}
+            cache[batch_size] = dataclasses.replace(est, inputs=inputs)
+            return cache[batch_size]
+
+        return estimate_at
+
+    def _available(self, info: _pl.RunInfo, pl_module: Any) -> tuple[int, str]:
+        """The bytes this rank may use (before the margin), and where the number comes from."""
+        if self.budget is not None:
+            mem = resolve_budget(self.budget, device=info.device)
+            return mem.free_bytes, mem.name
+        mem = device_memory(info.device)
+        tensors = [*pl_module.parameters(), *pl_module.buffers()]
+        if info.device.type == "cuda":
+            held = process_memory(info.device.index)
+            if held is None:
+                held = int(torch.cuda.memory_reserved(info.device))
+            return mem.free_bytes + held, f"{mem} + {format_bytes(held)} held by this process"
+        share = mem.free_bytes // info.local_world_size
+        held = resident_bytes(tensors, info.device)
+        split = f" / {info.local_world_size} processes" if info.local_world_size > 1 else ""
+        return share + held, f"{mem}{split} + {format_bytes(held)} of model tensors resident"
+
+    def _act(self, trainer: Any, pl_module: Any, info: _pl.RunInfo, plan: _Plan,
+             rows: list[tuple[int, list[int]]]) -> None:
+        rank = int(trainer.global_rank)
+        too_big = [r for r, row in rows if row[1] == 0]
+        fits_here = self._summary(plan, info, rows)
+        on_ranks = f" on rank(s) {too_big}" if info.world_size > 1 else ""
+        if not too_big:
+            self.estimate = plan.at_requested
+            self._decided(plan, plan.at_requested, plan.requested, info.accumulate_grad_batches)
+            self._info(trainer, f"MemGuard: a training step at batch size {plan.requested} fits: {fits_here}")
+            return
+        if self.action == "warn":
+            self.estimate = plan.at_requested
+            self._decided(plan, plan.at_requested, plan.requested, info.accumulate_grad_batches)
+            self._warn(trainer, f"MemGuard: a training step at batch size {plan.requested} may not fit{on_ranks}: "
+                                f"{fits_here}.\n{plan.at_requested.table()}")
+            return
+        agreed = min(row[2] for _, row in rows)
+        if self.action == "raise":
+            raise self._insufficient(plan, on_ranks, fits_here, rank in too_big)
+        if agreed == 0:
+            none_fit = [r for r, row in rows if row[2] == 0]
+            on_ranks = f" on rank(s) {none_fit}" if info.world_size > 1 else ""
+            raise self._insufficient(plan, on_ranks, fits_here, plan.fitting_batch == 0)
+        # reduce: the fewest micro-batches of at most `largest` samples that make the effective batch
+        largest = agreed
+        acc = math.ceil(plan.requested * info.accumulate_grad_batches / largest)
+        agreed = math.ceil(plan.requested * info.accumulate_grad_batches / acc)
+        _pl.utilities(trainer, "parsing").lightning_setattr(pl_module, self.batch_arg_name, agreed)
+        trainer.accumulate_grad_batches = acc
+        _pl.reset_train_data(trainer)
+        got = _pl.batch_size_of(_pl.peek_batch(trainer))
+        if got > agreed:
+            raise InsufficientMemoryError(
+                f"MemGuard set {self.batch_arg_name}={agreed}, but the train data loader still yields batches of "
+                f"{got}: train_dataloader() must read the batch size from {self.batch_arg_name!r}",
+                estimate=plan.at_requested, free_bytes=plan.available)
+        est = plan.estimate_at(agreed)
+        self.estimate = est
+        self._reduced = True
+        self._decided(plan, est, agreed, acc)
+        if info.handles_accumulation:
+            self._warn(trainer, f"{info.strategy} configures gradient accumulation when it sets up, so the "
+                                f"accumulation of {acc} MemGuard chose may not apply")
+        asked = plan.requested * info.accumulate_grad_batches * info.world_size
+        here = f" on rank {info.rank}" if info.world_size > 1 else ""
+        message = (f"MemGuard: a training step at batch size {plan.requested} does not fit{on_ranks} "
+                   f"({fits_here}); the largest that "
+                   f"fits is {largest}{' on every rank' if info.world_size > 1 else ''}; training with "
+                   f"batch size {agreed} ({format_bytes(est.total_bytes)} predicted{here}) and "
+                   f"accumulate_grad_batches={acc} (was {info.accumulate_grad_batches}), an effective batch of "
+                   f"{agreed * acc * info.world_size} (asked: {asked})")
+        self._info(trainer, message)
+
+    def _summary(self, plan: _Plan, info: _pl.RunInfo, rows: list[tuple[int, list[int]]]) -> str:
+        """Predicted and available memory, of every rank under a distributed strategy."""
+        margin = f"margin {self.margin:.0%}"
+        if info.world_size <= 1:
+            return (f"{format_bytes(plan.at_requested.total_bytes)} predicted, {format_bytes(plan.available)} "
+                    f"available ({plan.where}), {margin}")
+        ranks = ", ".join(f"rank {r} {format_bytes(row[3])} of {format_bytes(row[4])}" for r, row in rows)
+        return f"predicted of available per rank: {ranks}; {margin}; rank {info.rank}'s memory: {plan.where}"
+
+    def _decided(self, plan: _Plan, est: MemoryEstimate, batch_size: int, accumulate: int) -> None:
+        self.requested_batch_size = plan.requested
+        self.batch_size = batch_size
+        self.accumulate_grad_batches = accumulate
+        self._predicted = (est.peak_bytes, est.total_bytes)
+
+    def _insufficient(self, plan: _Plan, on_ranks: str, summary: str, mine: bool) -> InsufficientMemoryError:
+        if self.action == "reduce":
+            est = plan.at_fitting
+            head = (f"MemGuard: not even a batch of 1 fits{on_ranks}: {format_bytes(est.total_bytes)} predicted "
+                    f"at batch size 1, {format_bytes(plan.available)} available ({plan.where}), margin "
+                    f"{self.margin:.0%}")
+        else:
+            est = plan.at_requested
+            head = f"MemGuard: a training step at batch size {plan.requested} does not fit{on_ranks}: {summary}"
+        lines = [head + "."]
+        if not mine:
+            lines.append("(It fits on this rank; the estimate below is this rank's.)")
+        lines.append("What would help: " + "; ".join(_remedies(est, plan.sharded, plan.batch, self.action)) + ".")
+        lines.append(est.table())
+        return InsufficientMemoryError("\n".join(lines), estimate=est, free_bytes=plan.available)
+
+    def _resume(self, trainer: Any, pl_module: Any) -> None:
+        state = self._restored
+        self.batch_size = int(state["batch_size"])
+        self.accumulate_grad_batches = int(state.get("accumulate_grad_batches") or trainer.accumulate_grad_batches)
+        self.requested_batch_size = state.get("requested_batch_size", self.batch_size)
+        self.requested_accumulate_grad_batches = state.get("requested_accumulate_grad_batches",
+                                                           self.accumulate_grad_batches)
+        self._reduced = bool(state.get("reduced", False))
+        peak, total = state.get("predicted_peak_bytes"), state.get("predicted_total_bytes")
+        self._predicted = (int(peak), int(total)) if peak is not None and total is not None else None
+        parsing = _pl.utilities(trainer, "parsing")
+        if self._reduced and not parsing.lightning_hasattr(pl_module, self.batch_arg_name):
+            self._warn(trainer, f"MemGuard cannot restore the batch size {self.batch_size} of the checkpoint: "
+                                f"{self.batch_arg_name!r} is no longer on the model, its hparams or the datamodule")
+        elif self._reduced:
+            parsing.lightning_setattr(pl_module, self.batch_arg_name, self.batch_size)
+            trainer.accumulate_grad_batches = self.accumulate_grad_batches
+            _pl.reset_train_data(trainer)
+        self._info(trainer, f"MemGuard: resuming with batch size {self.batch_size} and accumulate_grad_batches="
+                            f"{self.accumulate_grad_batches} from the checkpoint, without estimating again")
+
+    # -- predicted vs actual ------------------------------------------------------------------
+
+    def _start_probe(self, trainer: Any, pl_module: Any) -> None:
+        """Reset the peak counters of the root device; the tensors resident now are credited."""
+        self._armed = False
+        self._start_step = trainer.global_step
+        device = torch.device(trainer.strategy.root_device)
+        tensors: list[torch.Tensor] = [*pl_module.parameters(), *pl_module.buffers()]
+        tensors += [p.grad for p in pl_module.parameters() if p.grad is not None]
+        for opt in trainer.optimizers:
+            tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        probe = MemoryProbe(device)
+        if probe.start(resident_bytes(tensors, device)):
+            self._probe = probe
+        else:
+            log.info("MemGuard cannot measure the memory of %s here; predicted vs actual is not logged", device)
+
+    def _measure(self, trainer: Any) -> None:
+        probe, self._probe = self._probe, None
+        if probe is None or self._predicted is None:
+            return
+        got = probe.read()
+        if got is None:
+            return
+        self.measurement = got
+        peak, total = self._predicted
+        metrics = {
+            "memguard/predicted_peak_bytes": float(peak),
+            "memguard/actual_peak_bytes": float(got.peak_bytes),
+            "memguard/predicted_total_bytes": float(total),
+            "memguard/error": got.peak_bytes / peak - 1 if peak else float("nan"),
+        }
+        if got.total_bytes is not None:
+            metrics["memguard/actual_total_bytes"] = float(got.total_bytes)
+        self.metrics = metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self._info(trainer, f"MemGuard: predicted peak {format_bytes(peak)}, actual {format_bytes(got.peak_bytes)} "
+                            f"({100 * metrics['memguard/error']:+.1f}%)")
+        if got.peak_bytes > peak * (1 + self.margin):
+            self._warn(trainer, f"MemGuard: the first training steps used {format_bytes(got.peak_bytes)} at their "
+                                f"peak, {100 * metrics['memguard/error']:.1f}% above the {format_bytes(peak)} "
+                                f"predicted (margin {self.margin:.0%}); memory may run out")
+
+    # -- messages -----------------------------------------------------------------------------
+
+    def _warn(self, trainer: Any, message: str, every_rank: bool = False) -> None:
+        if every_rank and int(trainer.global_rank) != 0:
+            warnings.warn(f"[rank {trainer.global_rank}] {message}", stacklevel=2)
+            return
+        _pl.utilities(trainer, "rank_zero").rank_zero_warn(message)
+
+    def _info(self, trainer: Any, message: str) -> None:
+        log.info(message)
+        _pl.utilities(trainer, "rank_zero").rank_zero_info(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One rank's estimate: at the batch size asked for, and the largest that fits."""
+
+    batch: Any
+    requested: int
+    at_requested: MemoryEstimate
+    fits: bool
+    fitting_batch: int
+    at_fitting: MemoryEstimate
+    available: int
+    where: str
+    estimate_at: Callable[[int], MemoryEstimate]
+    sharded: str | None
+
+
+def _remedies(est: MemoryEstimate, sharded: str | None, batch: Any, action: str) -> list[str]:
+    """What would make the step smaller, for what dominates it and what this run does not do yet."""
+    b = est.breakdown
+    total = max(1, est.peak_bytes)
+    states = b[Category.PARAMETERS] + b[Category.GRADIENTS] + b[Category.OPTIMIZER_STATE]
+    fp32 = str(est.inputs.get("precision")) in ("32-true", "64-true")
+    tips = []
+    if (b[Category.ACTIVATIONS] + b[Category.TEMPORARY]) / total >= 0.25:
+        if fp32:
+            tips.append("mixed precision (Trainer(precision='bf16-mixed'))")
+        if not est.inputs.get("gradient_checkpointing"):
+            tips.append("gradient checkpointing (e.g. model.gradient_checkpointing_enable() for transformers)")
+        first = next((t for t in torch.utils._pytree.tree_flatten(batch)[0]
+                      if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
+        if first is not None:
+            tips.append(f"shorter sequences (now {first.shape[1]} per sample)")
+    if states / total >= 0.25:
+        if sharded is None:
+            tips.append("sharding parameters, gradients and optimizer state over several devices "
+                        "(strategy='fsdp' or 'deepspeed_stage_3')")
+        if b[Category.OPTIMIZER_STATE] >= b[Category.PARAMETERS]:
+            tips.append("a lighter optimizer (SGD, Adafactor, 8-bit Adam)")
+        if fp32:
+            tips.append("16-bit weights (Trainer(precision='bf16-true'))")
+    if action != "reduce":
+        tips.append("MemGuard(action='reduce'), which trains with a smaller batch and gradient accumulation")
+    return tips or ["a smaller model or a device with more memory"]
+
+
+def _checkpointing(module: torch.nn.Module) -> bool:
+    """Whether any part of ``module`` recomputes activations in backward.
+
+    transformers marks the modules it checkpoints with ``gradient_checkpointing = True`` (what its
+    ``is_activation_checkpointing`` reads); torch's ``checkpoint_wrapper`` wraps them in a
+    ``CheckpointWrapper``.
+    """
+    return any(getattr(m, "gradient_checkpointing", False) is True or type(m).__name__ == "CheckpointWrapper"
+               for m in module.modules())
