@@ -1,0 +1,390 @@
+"""The benchmark cases: one training step each, shared by ``truth.py`` and ``accuracy.py``.
+
+A :class:`Case` names a model (a memguard preset, a transformers config dict, or a factory of a
+plain ``nn.Module``), the batch, the optimizer, the precision and how the model is prepared
+(dtype conversion for ``*-true`` precisions, frozen layers, gradient checkpointing).
+:func:`prepared_module` applies that preparation the same way for the truth (real weights on the
+CPU) and for the estimators (the module built on the meta device), so both see the same module.
+
+Every model is built from a config: nothing is downloaded. Sizes are chosen so a case runs in
+seconds on two CPU cores and stays well under 8 GiB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from memguard.models import load_model, make_batch
+from memguard.options import resolve_precision
+
+__all__ = ["CASES", "Case", "build_module", "case_loss", "estimate_kwargs", "get_case",
+           "make_inputs", "prepared_module", "warmup_case"]
+
+ModelSource = str | Mapping[str, Any] | Callable[[], nn.Module]
+"""A preset name, a transformers config dict (with ``model_type``), or a module factory."""
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+"""Positional and keyword arguments of one forward call."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One training step to measure and to estimate.
+
+    Attributes:
+        name: unique key (used on the command line and in the result files).
+        model: a memguard preset name, a transformers config dict, or a factory ``() -> nn.Module``.
+        batch_size: samples per step.
+        seq_len: tokens per sample (``None`` for vision models).
+        optimizer: a memguard optimizer name (``"adamw"``, ``"sgd"``, ...).
+        precision: a Lightning precision name (``"32-true"``, ``"bf16-mixed"``, ``"bf16-true"``).
+        gradient_checkpointing: enable transformers' (non-reentrant) gradient checkpointing.
+        frozen_embeddings: ``requires_grad_(False)`` on every ``nn.Embedding`` (tied heads too).
+        frozen_blocks: share of the transformer blocks frozen, counted from the input side.
+        example_input: for plain models, ``(batch_size, seq_len, generator) -> inputs``.
+        loss_fn: for plain models, ``(output, batch) -> scalar loss``.
+        warmup_model: a tiny model of the same kind for the warm-up step; derived from the config
+            for transformers models.
+        note: what the case is meant to exercise.
+    """
+
+    name: str
+    model: ModelSource
+    batch_size: int
+    seq_len: int | None
+    optimizer: str = "adamw"
+    precision: str = "32-true"
+    gradient_checkpointing: bool = False
+    frozen_embeddings: bool = False
+    frozen_blocks: float = 0.0
+    example_input: Callable[[int, int | None, torch.Generator | None], Any] | None = None
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+    warmup_model: ModelSource | None = None
+    note: str = dataclasses.field(default="", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description (callables by name), used to key cached measurements."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if callable(value):
+                value = _callable_name(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[field.name] = value
+        out.pop("note")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Case:
+        """A case from a JSON spec; ``model`` is a preset, a config dict or ``module:factory``."""
+        callables = {"example_input", "loss_fn", "warmup_model"}
+        known = {f.name for f in dataclasses.fields(cls)} - callables
+        fields = {k: v for k, v in data.items() if not (k in callables and v is None)}
+        unknown = set(fields) - known
+        if unknown:
+            raise ValueError(f"case fields {sorted(unknown)} cannot be given in JSON; "
+                             f"expected some of {sorted(known)}")
+        fields.setdefault("name", "spec")
+        return cls(**fields)
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    if isinstance(fn, functools.partial):
+        args = ", ".join([*map(repr, fn.args), *(f"{k}={v!r}" for k, v in fn.keywords.items())])
+        return f"{_callable_name(fn.func)}({args})"
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+# --------------------------------------------------------------------------- plain PyTorch model
+
+
+class TransformerClassifier(nn.Module):
+    """A plain ``nn.TransformerEncoder`` sequence classifier: no transformers, no config.
+
+    Token embedding + learned positions -> pre-norm encoder -> mean pool -> linear head.
+    """
+
+    def __init__(self, vocab: int = 8000, d_model: int = 512, nhead: int = 8, layers: int = 6,
+                 classes: int = 10, max_len: int = 512) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.zeros(max_len, d_model))
+        layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=4 * d_model, dropout=0.1,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        x = self.embed(tokens) + self.pos[:t]  # (B, T, d)
+        x = self.encoder(x)  # (B, T, d)
+        return self.head(self.norm(x).mean(dim=1))  # (B, classes)
+
+
+def token_batch(batch_size: int, seq_len: int | None, generator: torch.Generator | None = None,
+                vocab: int = 256) -> torch.Tensor:
+    """Random token ids ``(B, T)`` below ``vocab`` (every plain model here has a larger vocab)."""
+    return torch.randint(0, vocab, (batch_size, seq_len or 128), generator=generator)
+
+
+def class_zero_loss(output: torch.Tensor, batch: Any = None) -> torch.Tensor:
+    """Cross-entropy of the logits ``(B, classes)`` against class 0; independent of ``batch``."""
+    target = torch.zeros(output.shape[0], dtype=torch.long, device=output.device)
+    return F.cross_entropy(output, target)
+
+
+# --------------------------------------------------------------------------- transformers configs
+
+LLAMA_SMALL: dict[str, Any] = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 512,
+    "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
+    "num_key_value_heads": 2, "vocab_size": 32000, "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}
+MISTRAL_SMALL: dict[str, Any] = {
+    "model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 512,
+    "intermediate_size": 1792, "num_hidden_layers": 6, "num_attention_heads": 8,
+    "num_key_value_heads": 2, "vocab_size": 32000, "max_position_embeddings": 4096,
+    "sliding_window": 128, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}
+QWEN2_SMALL: dict[str, Any] = {
+    "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 512,
+    "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
+    "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+}
+DISTILBERT_SMALL: dict[str, Any] = {
+    "model_type": "distilbert", "architectures": ["DistilBertForMaskedLM"], "dim": 384,
+    "hidden_dim": 1536, "n_layers": 6, "n_heads": 6, "vocab_size": 30522,
+    "max_position_embeddings": 512,
+}
+BART_SMALL: dict[str, Any] = {
+    "model_type": "bart", "architectures": ["BartForConditionalGeneration"], "d_model": 512,
+    "encoder_layers": 3, "decoder_layers": 3, "encoder_attention_heads": 8,
+    "decoder_attention_heads": 8, "encoder_ffn_dim": 2048, "decoder_ffn_dim": 2048,
+    "vocab_size": 32000, "max_position_embeddings": 512,
+}
+
+_WARMUP = {
+    "num_hidden_layers": 1, "n_layer": 1, "num_layers": 1, "num_decoder_layers": 1, "n_layers": 1,
+    "encoder_layers": 1, "decoder_layers": 1, "vocab_size": 512,
+}
+"""Config values of the warm-up model: one block and a small vocabulary; the widths stay, so the
+kernels (and their code paths, which depend on the matrix shapes) are those of the real model."""
+
+
+# --------------------------------------------------------------------------- the cases
+
+_plain = TransformerClassifier
+_plain_warmup = functools.partial(TransformerClassifier, layers=1, vocab=512)
+
+CASES: tuple[Case, ...] = (
+    Case("gpt2", "gpt2", 2, 256, note="GPT-2 small, AdamW, fp32"),
+    Case("gpt2-sgd", "gpt2", 2, 256, optimizer="sgd", note="no optimizer state"),
+    Case("gpt2-bf16-mixed", "gpt2", 2, 256, precision="bf16-mixed", note="autocast bf16"),
+    Case("gpt2-ckpt", "gpt2", 2, 256, gradient_checkpointing=True, note="gradient checkpointing"),
+    Case("gpt2-frozen", "gpt2", 2, 256, frozen_embeddings=True, frozen_blocks=0.5,
+         note="embeddings (and the tied head) and blocks 0-5 frozen"),
+    Case("llama-small", LLAMA_SMALL, 2, 256, note="Llama, GQA 8/2 heads, untied head"),
+    Case("llama-small-bf16-true", LLAMA_SMALL, 2, 256, precision="bf16-true",
+         note="weights, grads and AdamW state in bf16"),
+    Case("llama-small-adafactor", LLAMA_SMALL, 2, 256, optimizer="adafactor",
+         note="factored optimizer state"),
+    Case("llama-small-ckpt-frozen", LLAMA_SMALL, 2, 256, gradient_checkpointing=True,
+         frozen_embeddings=True, frozen_blocks=0.5, note="checkpointing with frozen blocks"),
+    Case("mistral-small", MISTRAL_SMALL, 2, 256, optimizer="sgd-momentum",
+         note="sliding window (128) shorter than the sequence: masked attention"),
+    Case("qwen2-small", QWEN2_SMALL, 2, 256, note="qkv biases, tied head, GQA 8/4"),
+    Case("bert-base", "bert-base-uncased", 4, 128, note="masked LM"),
+    Case("bert-base-frozen", "bert-base-uncased", 4, 128, frozen_embeddings=True,
+         frozen_blocks=0.5, note="fine-tuning the top half"),
+    Case("roberta-base", "roberta-base", 4, 128, optimizer="sgd-momentum", note="momentum SGD"),
+    Case("distilbert-small", DISTILBERT_SMALL, 4, 128, note="DistilBERT, 384 wide"),
+    Case("t5-small", "t5-small", 4, 128, note="encoder-decoder, relative positions"),
+    Case("bart-small", BART_SMALL, 4, 128, note="encoder-decoder, learned positions"),
+    Case("vit-base", "vit-base", 4, None, note="image classifier 224x224"),
+    Case("vit-base-bf16-mixed", "vit-base", 4, None, precision="bf16-mixed", note="autocast bf16"),
+    Case("plain-transformer", _plain, 8, 128, example_input=token_batch, loss_fn=class_zero_loss,
+         warmup_model=_plain_warmup, note="torch nn.TransformerEncoder classifier"),
+)
+
+_BY_NAME = {c.name: c for c in CASES}
+assert len(_BY_NAME) == len(CASES), "duplicate case names"
+
+
+def get_case(name: str) -> Case:
+    """The case called ``name``; ``KeyError`` lists the known names."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown case {name!r}; known: {', '.join(_BY_NAME)}") from None
+
+
+def select_cases(names: str | None) -> list[Case]:
+    """Cases named in a comma-separated list, or all of them for ``None``/``"all"``."""
+    if names in (None, "", "all"):
+        return list(CASES)
+    return [get_case(n.strip()) for n in names.split(",") if n.strip()]
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _config_from_dict(data: Mapping[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    fields = dict(data)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def _build(source: ModelSource, device: str | torch.device) -> nn.Module:
+    if isinstance(source, Mapping):
+        return load_model(_config_from_dict(source), device=device).module
+    if isinstance(source, str):
+        return load_model(source, device=device).module
+    with torch.device(device):
+        return source()
+
+
+def build_module(case: Case, device: str | torch.device = "meta") -> nn.Module:
+    """The case's model as built, before any preparation (fp32, all trainable)."""
+    return _build(case.model, device)
+
+
+def prepared_module(case: Case, device: str | torch.device = "meta") -> nn.Module:
+    """The case's model on ``device``, prepared as it is trained: dtype, freezing, checkpointing."""
+    return prepare(build_module(case, device), case)
+
+
+def prepare(module: nn.Module, case: Case) -> nn.Module:
+    """Convert to the ``*-true`` dtype, freeze, enable checkpointing, set training mode."""
+    dtype = resolve_precision(case.precision).param_dtype
+    if dtype != torch.float32:
+        module.to(dtype)
+    _freeze(module, case)
+    if case.gradient_checkpointing:
+        if not hasattr(module, "gradient_checkpointing_enable"):
+            raise ValueError(f"case {case.name!r}: {type(module).__name__} "
+                             "has no gradient checkpointing")
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module.train()
+    return module
+
+
+def _freeze(module: nn.Module, case: Case) -> None:
+    if case.frozen_embeddings:
+        for sub in module.modules():
+            if isinstance(sub, nn.Embedding):
+                sub.requires_grad_(False)
+    if case.frozen_blocks > 0:
+        blocks = _blocks(module)
+        for block in blocks[: round(len(blocks) * case.frozen_blocks)]:
+            block.requires_grad_(False)
+
+
+def _blocks(module: nn.Module) -> nn.ModuleList:
+    """The longest ``nn.ModuleList`` of the model: its transformer blocks."""
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(module).__name__} has no nn.ModuleList of blocks to freeze")
+    return max(lists, key=len)
+
+
+def input_dtype(case: Case) -> torch.dtype:
+    """The dtype of floating inputs (pixels): the weights' dtype, fp32 under autocast."""
+    precision = resolve_precision(case.precision)
+    return torch.float32 if precision.autocast_dtype is not None else precision.param_dtype
+
+
+def make_inputs(case: Case, module: nn.Module, generator: torch.Generator | None = None,
+                device: str | torch.device = "cpu") -> Inputs:
+    """One real batch for ``module``: ``memguard.models.make_batch`` or the case's own inputs."""
+    if case.example_input is not None:
+        example = case.example_input(case.batch_size, case.seq_len, generator)
+        return _as_inputs(_to_device(example, device))
+    batch = make_batch(module, case.batch_size, case.seq_len, dtype=input_dtype(case),
+                       device="cpu", generator=generator)
+    return (), _to_device(batch, device)
+
+
+def _to_device(obj: Any, device: str | torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _as_inputs(example: Any) -> Inputs:
+    if isinstance(example, dict):
+        return (), dict(example)
+    if isinstance(example, (tuple, list)):
+        return tuple(example), {}
+    return (example,), {}
+
+
+def case_loss(case: Case, output: Any, inputs: Inputs) -> torch.Tensor:
+    """The scalar loss of one forward: the case's ``loss_fn``, else ``output.loss``."""
+    if case.loss_fn is not None:
+        args, kwargs = inputs
+        return case.loss_fn(output, kwargs or (args[0] if len(args) == 1 else args))
+    if isinstance(output, torch.Tensor) and output.dim() == 0:
+        return output
+    return output.loss
+
+
+def estimate_kwargs(case: Case) -> dict[str, Any]:
+    """Keyword arguments of ``memguard.estimate`` (besides ``model``) for this case."""
+    kwargs: dict[str, Any] = {
+        "batch_size": case.batch_size, "seq_len": case.seq_len, "optimizer": case.optimizer,
+        "precision": case.precision, "gradient_checkpointing": case.gradient_checkpointing,
+    }
+    if case.example_input is not None:
+        kwargs["example_input"] = case.example_input(case.batch_size, case.seq_len, None)
+        kwargs["seq_len"] = None
+    if case.loss_fn is not None:
+        kwargs["loss_fn"] = case.loss_fn
+    return kwargs
+
+
+# --------------------------------------------------------------------------- warm-up
+
+
+def warmup_case(case: Case) -> Case:
+    """A small case of the same kind: architecture, widths, sequence length, optimizer, precision
+    and preparation, with one block, a small vocabulary and batch size 1.
+
+    Its one step runs the same kernels and library paths as the real case, so their lazy
+    initialisation happens before the measurement starts.
+    """
+    if case.warmup_model is not None:
+        tiny: ModelSource = case.warmup_model
+    elif isinstance(case.model, (str, Mapping)):
+        tiny = _tiny_config(case.model)
+    else:
+        tiny = case.model  # no smaller version known: warm up on the model itself
+    return dataclasses.replace(case, name=f"{case.name}/warmup", model=tiny, batch_size=1)
+
+
+def _tiny_config(source: str | Mapping[str, Any]) -> dict[str, Any]:
+    data = dict(source) if isinstance(source, Mapping) else _preset_config(source)
+    for key, value in _WARMUP.items():
+        if key in data:
+            data[key] = value
+    dropped = ("torch_dtype", "dtype", "transformers_version")
+    return {k: v for k, v in data.items() if k not in dropped}
+
+
+def _preset_config(name: str) -> dict[str, Any]:
+    return load_model(name, device="meta").config.to_dict()
