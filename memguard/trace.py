@@ -139,10 +139,12 @@ class _CountingMode(TorchDispatchMode):
             out = func(*args, **kwargs)
         except (DataDependentOutputException, DynamicOutputShapeException):
             out = self._fallback(func, args, kwargs)
-        flat, _ = tree_flatten(out)
-        for t in flat:
-            if isinstance(t, torch.Tensor):
-                self.ledger.track(t)
+        if isinstance(out, torch.Tensor):  # the common case, without a tree walk
+            self.ledger.track(out)
+        elif out is not None:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.ledger.track(t)
         return out
 
     def _fallback(self, func: Any, args: Any, kwargs: Any) -> Any:
