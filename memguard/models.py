@@ -189,8 +189,11 @@ def add_lora(resolved: ResolvedModel, rank: int) -> ResolvedModel:
             "lora_rank adds adapters to models memguard builds (a preset, config or config.json); "
             "for your own module, wrap it with peft.get_peft_model and pass the result"
         )
+    # GPT-2's Conv1D layers store their weights transposed; peft wants to be told.
+    conv1d = any(type(m).__name__ == "Conv1D" for m in resolved.module.modules())
     try:
-        module = peft.get_peft_model(resolved.module, peft.LoraConfig(r=rank, lora_alpha=2 * rank))
+        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, fan_in_fan_out=conv1d)
+        module = peft.get_peft_model(resolved.module, config)
     except ValueError as exc:
         raise ConfigError(f"cannot add LoRA adapters to {resolved.name}: {exc}") from None
     return ResolvedModel(module, f"{resolved.name}+lora{rank}", resolved.config, built_here=True)
