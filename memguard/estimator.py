@@ -180,7 +180,7 @@ def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved:
     """
     if not traced:
         for cat, share in parallel.factors().items():
-            breakdown[cat] = int(breakdown[cat] * share)
+            breakdown[cat] = int(breakdown.get(cat, 0) * share)
     module = resolved.module
     dtype = spec.precision.param_dtype
     element = dtype.itemsize if dtype.is_floating_point else 4
@@ -189,7 +189,7 @@ def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved:
     full = {Category.PARAMETERS: sum(p.numel() for p in module.parameters()) * element,
             Category.OPTIMIZER_STATE: states * trainable}
     for cat, extra in parallel.extras(module, bytes_per_element=element, trainable_bytes=trainable).items():
-        breakdown[cat] += extra
+        breakdown[cat] = breakdown.get(cat, 0) + extra
     notes = []
     if parallel.sharded:
         notes.append(f"{parallel.strategy} over {parallel.shard_size} ranks: model state per device as in ZeRO "

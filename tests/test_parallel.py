@@ -98,3 +98,13 @@ def test_lora_refuses_a_users_module() -> None:
     with pytest.raises(ConfigError, match=r"wrap it with peft\.get_peft_model"):
         memguard.estimate(nn.Linear(4, 4), example_input=torch.randn(2, 4), loss_fn=lambda o, b: o.sum(),
                           lora_rank=4)
+
+
+def test_formula_is_distributed_too() -> None:
+    single = memguard.estimate("gpt2", 2, 128, device="cpu", method="formula")
+    ddp = memguard.estimate("gpt2", 2, 128, device="cpu", method="formula", strategy="ddp", world_size=2)
+    trainable = 124_439_808 * 4
+    assert ddp.breakdown[G] - single.breakdown[G] == trainable  # the bucket copy of the gradients
+    zero1 = memguard.estimate("gpt2", 2, 128, device="cpu", method="formula", strategy="deepspeed_stage_1",
+                              world_size=4)
+    assert zero1.breakdown[OPT] == single.breakdown[OPT] // 4
