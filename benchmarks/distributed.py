@@ -13,13 +13,20 @@ free port on the loopback), with the environment of the CPU truth method (``trut
 3. ``VmRSS`` is read just before the model is built;
 4. the model is built on the CPU with real weights (seed 0, as memguard builds it:
    ``memguard.models.load_model``), given LoRA adapters when the case asks (``peft.get_peft_model``
-   with ``LoraConfig(r, lora_alpha=2r)``, the base frozen), wrapped, and the optimizer (AdamW over
+   with ``LoraConfig(r, lora_alpha=2r)``, ``fan_in_fan_out`` for GPT-2's ``Conv1D``, the base
+   frozen, as ``memguard.models.add_lora`` does), wrapped, and the optimizer (AdamW over
    the trainable parameters) and the rank's batch are made;
 5. the high-water mark is reset (``/proc/self/clear_refs`` = 5);
-6. two steps: ``loss = model(**batch).loss``, ``loss.backward()``, ``optimizer.step()``,
-   ``optimizer.zero_grad(set_to_none=True)``;
+6. three steps (``STEPS``): ``loss = model(**batch).loss``, ``loss.backward()``,
+   ``optimizer.step()``, ``optimizer.zero_grad(set_to_none=True)``. Three, not the two of
+   ``truth.py``: DDP rebuilds its gradient buckets in the forward of its second iteration (in the
+   order the first backward made the gradients ready), and the new buckets are fresh ``mmap``
+   pages that are not resident until the second backward writes them, so DDP's steady state,
+   buckets resident through the forward, starts with the third step. For the other wrappers the
+   third step repeats the second;
 7. truth = ``VmHWM`` - ``VmRSS`` before the model. The high-water mark after each phase is kept too
-   (``phases``), to show where the peak falls.
+   (``phases``, relative to the same ``VmRSS``), and the peak of the first two steps alone
+   (``peak_two_steps_bytes``).
 
 Wrappers: ``ddp`` is ``DistributedDataParallel`` with its defaults (``gradient_as_bucket_view=False``:
 the reducer keeps its own flat buckets, one more copy of the gradients); ``ddp_bucket_view`` passes
@@ -50,15 +57,21 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import RESULTS, machine_info, mib, render_table, write_json
 from benchmarks.truth import _env_ready, _proc_status_bytes, _reset_hwm, allocator_env
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.optim import Optimizer
 
 STEPS = 3
 RANK_TIMEOUT_S = 600
@@ -70,6 +83,10 @@ GPT2_SMALL: dict[str, Any] = {
     "n_head": 4, "vocab_size": 8000, "n_positions": 256, "bos_token_id": 0, "eos_token_id": 0,
 }
 """A GPT-2-style decoder of 5.3M parameters: fast on two cores, large enough that tensors dominate."""
+
+GPT2_WIDE: dict[str, Any] = {**GPT2_SMALL, "n_embd": 512, "n_head": 8, "vocab_size": 2000, "n_positions": 128}
+"""13.7M parameters whose blocks (12.0 MiB each) outweigh the root (embeddings, 4.2 MiB), where
+``GPT2_SMALL``'s root (8.1 MiB) outweighs its blocks (3.0 MiB): FSDP's gathered units differ."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +133,7 @@ CASES: tuple[DistCase, ...] = (
     DistCase("ddp-bucket-view", GPT2_SMALL, "ddp_bucket_view"),
     DistCase("fsdp2", GPT2_SMALL, "fsdp2"),
     DistCase("fsdp1", GPT2_SMALL, "fsdp1"),
+    DistCase("fsdp2-wide", GPT2_WIDE, "fsdp2"),
     DistCase("lora-small", GPT2_SMALL, "none", world_size=1, lora_rank=8),
     DistCase("lora-gpt2", "gpt2", "none", world_size=1, lora_rank=8),
 )
@@ -145,7 +163,7 @@ def model_source(case: DistCase) -> Any:
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
-def build_module(case: DistCase, device: str = "cpu") -> Any:
+def build_module(case: DistCase, device: str = "cpu") -> nn.Module:
     """The case's model in train mode, built as memguard builds it, with LoRA when asked."""
     import torch
 
@@ -156,12 +174,13 @@ def build_module(case: DistCase, device: str = "cpu") -> Any:
     if case.lora_rank is not None:
         import peft
 
-        config = peft.LoraConfig(r=case.lora_rank, lora_alpha=2 * case.lora_rank)
+        conv1d = any(type(m).__name__ == "Conv1D" for m in module.modules())  # GPT-2's transposed weights
+        config = peft.LoraConfig(r=case.lora_rank, lora_alpha=2 * case.lora_rank, fan_in_fan_out=conv1d)
         module = peft.get_peft_model(module, config)
     return module.train()
 
 
-def _block_class(module: Any) -> type:
+def _block_class(module: nn.Module) -> type[nn.Module]:
     """The class of the repeated transformer blocks (the largest ``nn.ModuleList``'s items)."""
     from torch import nn
 
@@ -170,7 +189,7 @@ def _block_class(module: Any) -> type:
     return type(blocks[0])
 
 
-def wrap_module(module: Any, wrap: str) -> Any:
+def wrap_module(module: nn.Module, wrap: str) -> nn.Module:
     """Wrap ``module`` for data parallelism as ``wrap`` says (see the module docstring)."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -190,7 +209,7 @@ def wrap_module(module: Any, wrap: str) -> Any:
     raise ValueError(f"unknown wrap {wrap!r}; expected one of {', '.join(WRAPS)}")
 
 
-def _fsdp1(module: Any, block: type) -> Any:
+def _fsdp1(module: nn.Module, block: type[nn.Module]) -> nn.Module:
     import functools
 
     import torch
@@ -205,9 +224,9 @@ def _fsdp1(module: Any, block: type) -> Any:
 class Run:
     """A wrapped model, its optimizer and one batch of the rank."""
 
-    model: Any
-    optimizer: Any
-    batch: dict[str, Any]
+    model: nn.Module
+    optimizer: Optimizer
+    batch: dict[str, torch.Tensor]
 
 
 def setup(case: DistCase, rank: int) -> Run:
@@ -220,8 +239,10 @@ def setup(case: DistCase, rank: int) -> Run:
     module = build_module(case)
     batch = make_batch(module, case.batch_size, case.seq_len, generator=torch.Generator().manual_seed(rank))
     model = wrap_module(module, case.wrap)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return Run(model, make_optimizer(resolve_optimizer("adamw"), params), batch)
+    optimizer = make_optimizer(resolve_optimizer("adamw"), [p for p in model.parameters() if p.requires_grad])
+    if optimizer is None:
+        raise RuntimeError(f"{case.name}: the model has no trainable parameters")
+    return Run(model, optimizer, batch)
 
 
 def train_steps(run: Run, steps: int, marks: list[tuple[str, int]] | None = None) -> list[float]:
@@ -277,7 +298,7 @@ def measure_rank(case: DistCase, rank: int) -> dict[str, Any]:
     }
 
 
-def _local_param_bytes(model: Any) -> int:
+def _local_param_bytes(model: nn.Module) -> int:
     """Bytes of the parameters this rank holds (a shard's local part under FSDP)."""
     total = 0
     for p in model.parameters():
@@ -332,22 +353,20 @@ def run_case(case: DistCase, timeout: float = RANK_TIMEOUT_S) -> list[dict[str, 
     """Run ``case`` with one fresh process per rank; each rank's measurement, by rank.
 
     Raises:
-        RuntimeError: when a rank fails (its last lines of stderr are in the message).
+        RuntimeError: when a rank fails (its last lines of stderr are in the message); the other
+            ranks are then stopped, since they would wait for it in their next collective.
+        subprocess.TimeoutExpired: when the ranks take longer than ``timeout`` seconds.
     """
     threads = max(1, (os.cpu_count() or 1) // case.world_size)
     env = rank_env(free_port())
-    procs = [subprocess.Popen(_worker_command(case, rank, threads), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-             for rank in range(case.world_size)]
-    outputs = _communicate_all(procs, timeout)
-    records = []
-    for rank, (proc, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
-        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            tail = "\n".join(err.strip().splitlines()[-12:])
-            raise RuntimeError(f"{case.name}: rank {rank} failed (exit {proc.returncode}):\n{tail}")
-        records.append(json.loads(lines[-1]))
-    return records
+    with contextlib.ExitStack() as stack:
+        files = [(stack.enter_context(tempfile.TemporaryFile("w+")), stack.enter_context(tempfile.TemporaryFile("w+")))
+                 for _ in range(case.world_size)]
+        procs = [subprocess.Popen(_worker_command(case, rank, threads), env=env, stdout=out, stderr=err, text=True)
+                 for rank, (out, err) in enumerate(files)]
+        _wait_all(procs, timeout)
+        return [_rank_record(case, rank, proc.returncode, out, err)
+                for rank, (proc, (out, err)) in enumerate(zip(procs, files, strict=True))]
 
 
 def _worker_command(case: DistCase, rank: int, threads: int) -> list[str]:
@@ -355,18 +374,34 @@ def _worker_command(case: DistCase, rank: int, threads: int) -> list[str]:
             "--rank", str(rank), "--threads", str(threads)]
 
 
-def _communicate_all(procs: Sequence[subprocess.Popen[str]], timeout: float) -> list[tuple[str, str]]:
-    """Wait for every process; on a timeout kill them all (a lone rank would wait forever)."""
+def _wait_all(procs: Sequence[subprocess.Popen[str]], timeout: float) -> None:
+    """Wait for every rank; stop them all when one fails or the time is up."""
     deadline = time.monotonic() + timeout
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic())))
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        raise
-    return outputs
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return
+        failed = any(c not in (None, 0) for c in codes)
+        if failed or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            if not failed:
+                raise subprocess.TimeoutExpired([str(a) for a in procs[0].args], timeout)
+            return
+        time.sleep(0.1)
+
+
+def _rank_record(case: DistCase, rank: int, code: int | None, out: IO[str], err: IO[str]) -> dict[str, Any]:
+    """The JSON line a rank printed, or a ``RuntimeError`` with the tail of its stderr."""
+    out.seek(0)
+    lines = [ln for ln in out.read().splitlines() if ln.startswith("{")]
+    if code == 0 and lines:
+        return dict(json.loads(lines[-1]))
+    err.seek(0)
+    tail = "\n".join(err.read().strip().splitlines()[-12:])
+    raise RuntimeError(f"{case.name}: rank {rank} failed (exit {code}):\n{tail}")
 
 
 # --------------------------------------------------------------------------- estimates

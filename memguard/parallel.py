@@ -121,21 +121,25 @@ class Parallelism:
         * ``deepspeed_stage_1``/``2``: one reduce (gradients) and one all-gather (parameters)
           bucket of :data:`DEEPSPEED_BUCKET_ELEMENTS` elements, at most the model's size.
         * ``fsdp_shard_grad_op``: the unit's full gradients before they are reduce-scattered.
-        * full sharding (``fsdp``, ``fsdp_hybrid``, ``deepspeed_stage_3``): the unsharded
-          parameters of the unit being computed and of the one prefetched (when there is more than
-          one unit), and the unit's full gradients before they are reduce-scattered.
+        * full sharding (``fsdp``, ``fsdp_hybrid``, ``deepspeed_stage_3``): the root unit's
+          parameters, which stay gathered from forward to the end of backward, those of the block
+          being computed and of the one prefetched, and one block's full gradients before they are
+          reduce-scattered. Measured on the CPU with FSDP2 (``benchmarks/distributed.py``): this is
+          what is held inside a block's backward; when the peak falls at the start of backward,
+          one block fewer is held and this over-estimates by about one block.
         """
         if self.strategy == "ddp" and self.world_size > 1:
             return {Category.GRADIENTS: trainable_bytes}
         if self.strategy in ("deepspeed_stage_1", "deepspeed_stage_2"):
             bucket = min(DEEPSPEED_BUCKET_ELEMENTS, sum(p.numel() for p in module.parameters())) * bytes_per_element
             return {Category.GRADIENTS: bucket, Category.PARAMETERS: bucket}
-        elements, units = _largest_unit(module)
-        unit = elements * bytes_per_element
+        root, block, blocks = _units(module)
         if self.strategy == "fsdp_shard_grad_op":
-            return {Category.GRADIENTS: unit}
+            return {Category.GRADIENTS: max(root, block) * bytes_per_element}
         if self.strategy in ("fsdp", "fsdp_hybrid", "deepspeed_stage_3"):
-            return {Category.PARAMETERS: min(2, units) * unit, Category.GRADIENTS: unit}
+            gathered = root + min(2, blocks) * block
+            return {Category.PARAMETERS: gathered * bytes_per_element,
+                    Category.GRADIENTS: (block or root) * bytes_per_element}
         return {}
 
     def host_bytes(self, full: Mapping[Category, int]) -> int:
@@ -149,21 +153,20 @@ class Parallelism:
         return host
 
 
-def _largest_unit(module: nn.Module) -> tuple[int, int]:
-    """Elements of the largest unit FSDP would wrap, and how many units there are.
+def _units(module: nn.Module) -> tuple[int, int, int]:
+    """Elements of FSDP's root unit and of its largest block, and the number of blocks.
 
     Lightning's FSDP wraps the repeated transformer blocks (``auto_wrap_policy`` over the block
     class); everything else (embeddings, head, final norm) stays in the root unit. A model without
-    repeated blocks is one unit.
+    repeated blocks is all root.
     """
     blocks = max((m for m in module.modules() if isinstance(m, nn.ModuleList)),
                  key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
     total = sum(p.numel() for p in module.parameters())
     if blocks is None or len(blocks) == 0:
-        return total, 1
+        return total, 0, 0
     block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
-    root = total - sum(p.numel() for p in blocks.parameters())
-    return max(block, root), len(blocks) + (root > 0)
+    return total - sum(p.numel() for p in blocks.parameters()), block, len(blocks)
 
 
 def resolve_parallelism(strategy: str | None = "single", world_size: int | None = 1, *,
