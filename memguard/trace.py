@@ -1,4 +1,4 @@
-"""The trace: run the real code of two training steps on fake tensors and count their storage.
+"""The trace: run the real code of a training step on fake tensors and count its storage.
 
 Under ``FakeTensorMode`` every tensor carries shape, dtype and device but no data, so the user's
 own ``forward``, the loss, autograd's backward and the optimizer's ``step`` run exactly as they
@@ -7,6 +7,10 @@ each new storage is an allocation of ``nbytes`` (rounded as the device's allocat
 ``weakref.finalize`` on the storage marks its free. The high-water mark of that ledger is the peak
 ``torch.cuda.max_memory_allocated()`` would report (the approach of torch's ``MemTracker``, without
 its module hooks, which makes it several times faster).
+
+The steady state is reached cheaply: one optimizer step on zero gradients makes the optimizer's
+state, then one forward, backward and step are traced. A real run's second step is the same, and
+its first step never holds more (it lacks the state), so the peak equals that of two real steps.
 
 Categories at the peak are assigned after the run, from what each storage turned out to be:
 parameters and buffers, ``.grad`` of a parameter, a tensor in the optimizer's state, something
@@ -33,7 +37,7 @@ import contextlib
 import dataclasses
 import logging
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -286,9 +290,13 @@ def trace_breakdown(
     training_loop: str = "pytorch",
     step_fn: Callable[[Any], Any] | None = None,
     weight: Callable[[Category, str], float] | None = None,
-    steps: int = 2,
+    steps: int = 1,
 ) -> tuple[dict[Category, int], list[str]]:
-    """Trace ``steps`` training steps of ``module`` on fake tensors and break down the peak.
+    """Trace a steady-state training step of ``module`` on fake tensors and break down the peak.
+
+    The optimizer's state is made first, by one optimizer step on zero gradients, so the traced
+    step is what the second step of a real run is (the first only differs in lacking the state),
+    at half the cost of tracing two.
 
     Args:
         module: the user's module; its weights are neither copied nor touched.
@@ -304,7 +312,7 @@ def trace_breakdown(
             ``"optimizer"``), that the device holds — how sharding enters (see
             :meth:`memguard.parallel.Parallelism.weight`); the peak is then the peak of the
             weighted timeline. ``None`` counts everything whole.
-        steps: steps to run; the second is the steady state (optimizer state exists).
+        steps: forward-backward-step rounds to trace after the state is made.
 
     Returns:
         Bytes per category at the peak, and notes on anything approximated.
@@ -339,6 +347,15 @@ def trace_breakdown(
             optimizer = make_optimizer(spec.optimizer, trainable, foreach=foreach)
             grads: set[int] = set()
             opt_state: set[int] = set()
+
+            if optimizer is not None:
+                # Reach the steady state without tracing a first forward and backward: one step
+                # on zero gradients creates the optimizer's state (and, in Lightning's loop,
+                # leaves the gradients the next forward runs beside).
+                for t in trainable:
+                    t.grad = torch.zeros_like(t)
+                grads.update(_storages(ledger, [t.grad for t in trainable]))
+                _optimizer_step(ledger, optimizer, trainable, opt_state, training_loop)
             for _ in range(steps):
                 ledger.phase = "forward"
                 start = ledger.clock
@@ -360,20 +377,8 @@ def trace_breakdown(
                 if trainable:
                     loss.backward()
                 del loss, args, kwargs
-                grads.update(i for t in trainable if t.grad is not None
-                             for i in [ledger.index_of(t.grad)] if i is not None)
-                ledger.phase = "optimizer"
-                if optimizer is not None:
-                    optimizer.step()
-                    opt_state.update(i for s in optimizer.state.values() for v in s.values()
-                                     if isinstance(v, torch.Tensor)
-                                     for i in [ledger.index_of(v)] if i is not None)
-                    if training_loop == "pytorch":
-                        optimizer.zero_grad(set_to_none=True)
-                else:
-                    for t in trainable:
-                        t.grad = None
-                ledger.phase = "other"
+                grads.update(_storages(ledger, [t.grad for t in trainable]))
+                _optimizer_step(ledger, optimizer, trainable, opt_state, training_loop)
             kinds: dict[int, Category] = {}
             for i in range(len(ledger.records)):
                 if i in params:
@@ -401,6 +406,30 @@ def trace_breakdown(
         notes.append("GradScaler's scalars are not traced (a few bytes)")
     log.debug("trace of %s: peak %d bytes", type(module).__name__, sum(breakdown.values()))
     return breakdown, notes
+
+
+def _storages(ledger: _Ledger, tensors: Iterable[Any]) -> Iterator[int]:
+    """Ledger indices of the storages of ``tensors`` (``None`` entries skipped)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            i = ledger.index_of(t)
+            if i is not None:
+                yield i
+
+
+def _optimizer_step(ledger: _Ledger, optimizer: torch.optim.Optimizer | None, trainable: list[torch.Tensor],
+                    opt_state: set[int], training_loop: str) -> None:
+    """The optimizer's step (noting its state) and, in PyTorch's loop, ``zero_grad``."""
+    ledger.phase = "optimizer"
+    if optimizer is not None:
+        optimizer.step()
+        opt_state.update(_storages(ledger, (v for s in optimizer.state.values() for v in s.values())))
+        if training_loop == "pytorch":
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        for t in trainable:
+            t.grad = None
+    ledger.phase = "other"
 
 
 def _peak_breakdown(ledger: _Ledger, kinds: dict[int, Category],
