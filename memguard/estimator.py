@@ -144,6 +144,8 @@ def estimate(
 
         breakdown, more = seed_breakdown(resolved, spec)
         used = "seed"
+        if parallel.strategy != "single":
+            more = [*more, f"the seed formula knows no strategy: {parallel.strategy} is ignored"]
     notes.extend(more)
     breakdown = dict(breakdown)
     host = 0
