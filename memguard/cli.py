@@ -137,7 +137,7 @@ def _build_parser() -> _Parser:
                        help="Lightning precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true "
                             "(default: %(default)s)")
     model.add_argument("--optimizer", default="adamw",
-                       help="adamw, adam, sgd, sgd-momentum, adafactor or none (default: %(default)s)")
+                       help="adamw, adam, adamw-8bit, sgd, sgd-momentum, adafactor or none (default: %(default)s)")
     model.add_argument("--method", choices=METHODS, default=None,
                        help="how to estimate: trace the step on fake tensors, or use a formula "
                             "(default: auto, which traces and falls back to the formula)")

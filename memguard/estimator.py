@@ -66,8 +66,9 @@ def estimate(
         example_input: one batch as ``forward`` takes it: a tensor, a tuple (positional
             arguments) or a dict (keyword arguments) of tensors. Needed for models that are not
             transformers models.
-        optimizer: ``"adamw"``, ``"adam"``, ``"sgd"``, ``"sgd-momentum"``, ``"adafactor"``,
-            ``"none"``, a ``torch.optim.Optimizer`` class, or a callable ``params -> optimizer``.
+        optimizer: ``"adamw"``, ``"adam"``, ``"adamw-8bit"`` (bitsandbytes' block-wise 8-bit
+            AdamW), ``"sgd"``, ``"sgd-momentum"``, ``"adafactor"``, ``"none"``, a
+            ``torch.optim.Optimizer`` class, or a callable ``params -> optimizer``.
         precision: Lightning's names: ``"32-true"``, ``"16-mixed"``, ``"bf16-mixed"``,
             ``"16-true"``, ``"bf16-true"``.
         gradient_checkpointing: ``None`` reads it from the model (transformers'

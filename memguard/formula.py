@@ -48,7 +48,7 @@ from memguard.arch import (
 )
 from memguard.errors import ConfigError
 from memguard.models import ResolvedModel
-from memguard.options import TrainingSpec
+from memguard.options import AdamW8bitStandIn, TrainingSpec
 from memguard.result import Category
 
 __all__ = [
@@ -276,6 +276,8 @@ def _optimizer_state_bytes(inv: _Inventory, trainable: list[int], sizes: list[in
     if opt.factored:
         total = sum(inv.factored[i] * elem for i in trainable)
         return total + _F32 * len(trainable), notes
+    if opt.quantized:
+        return sum(_quantized_state_bytes(inv.numel[i]) for i in trainable), notes
     k = opt.state_tensors
     if k is None:
         k = 2
@@ -285,6 +287,14 @@ def _optimizer_state_bytes(inv: _Inventory, trainable: list[int], sizes: list[in
     if opt.name in _ADAM_LIKE or opt.state_tensors is None:
         total += _F32 * len(trainable)
     return total, notes
+
+
+def _quantized_state_bytes(numel: int) -> int:
+    """8-bit AdamW (bitsandbytes; Dettmers et al. 2022): two ``uint8`` moments and one fp32 absmax
+    per 2048-element block each; parameters under 4096 elements keep two fp32 moments."""
+    if numel < AdamW8bitStandIn.MIN_8BIT_SIZE:
+        return 2 * _F32 * numel
+    return 2 * numel + 2 * _F32 * -(-numel // AdamW8bitStandIn.BLOCK)
 
 
 def optimizer_step_bytes(module: nn.Module, spec: TrainingSpec) -> int:
@@ -306,7 +316,7 @@ def optimizer_step_bytes(module: nn.Module, spec: TrainingSpec) -> int:
 
 def _optimizer_step_bytes(sizes: list[int], spec: TrainingSpec) -> int:
     opt = spec.optimizer
-    if opt.factory is None or not sizes or opt.name in ("sgd", "sgd-momentum"):
+    if opt.factory is None or not sizes or opt.name in ("sgd", "sgd-momentum") or opt.quantized:
         return 0
     if opt.factored:
         return max(sizes)

@@ -16,7 +16,7 @@ import torch
 
 from memguard.errors import ConfigError
 
-__all__ = ["OPTIMIZERS", "PRECISIONS", "Precision", "TrainingSpec", "make_optimizer",
+__all__ = ["OPTIMIZERS", "PRECISIONS", "AdamW8bitStandIn", "Precision", "TrainingSpec", "make_optimizer",
            "resolve_optimizer", "resolve_precision"]
 
 
@@ -81,12 +81,14 @@ class OptimizerSpec:
             the parameter's dtype (``torch.optim`` allocates them with ``zeros_like``). ``None``
             when unknown (a user's class): the formula then assumes Adam's 2.
         factored: Adafactor-style row + column statistics instead of full-size state.
+        quantized: 8-bit block-wise state (bitsandbytes), see :class:`AdamW8bitStandIn`.
     """
 
     name: str
     factory: OptimizerFactory | None
     state_tensors: int | None
     factored: bool = False
+    quantized: bool = False
 
 
 def _builtin(cls_name: str, **kwargs: Any) -> OptimizerFactory:
@@ -97,12 +99,53 @@ def _builtin(cls_name: str, **kwargs: Any) -> OptimizerFactory:
     return factory
 
 
+class AdamW8bitStandIn(torch.optim.Optimizer):
+    """The memory of bitsandbytes' ``AdamW8bit``, for the trace (bitsandbytes needs CUDA).
+
+    Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization": both Adam moments are
+    kept as ``uint8`` with one fp32 absmax per block of 2048 elements; parameters with fewer than
+    ``min_8bit_size`` (4096) elements keep fp32 moments (bitsandbytes ``Optimizer8bit``). The
+    update runs in place, block by block, with no full-size temporaries. The values it computes
+    are not Adam's: only its memory is.
+    """
+
+    BLOCK = 2048
+    MIN_8BIT_SIZE = 4096
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    if p.numel() < self.MIN_8BIT_SIZE:
+                        state["state1"] = torch.zeros_like(p, dtype=torch.float32)
+                        state["state2"] = torch.zeros_like(p, dtype=torch.float32)
+                    else:
+                        blocks = -(-p.numel() // self.BLOCK)
+                        state["state1"] = torch.zeros_like(p, dtype=torch.uint8)
+                        state["state2"] = torch.zeros_like(p, dtype=torch.uint8)
+                        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+def _adamw8bit(params: Iterable[torch.nn.Parameter], **_: Any) -> torch.optim.Optimizer:
+    return AdamW8bitStandIn(params)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("adamw", _builtin("AdamW", lr=1e-3), 2),
     "adam": OptimizerSpec("adam", _builtin("Adam", lr=1e-3), 2),
     "sgd": OptimizerSpec("sgd", _builtin("SGD", lr=1e-3), 0),
     "sgd-momentum": OptimizerSpec("sgd-momentum", _builtin("SGD", lr=1e-3, momentum=0.9), 1),
     "adafactor": OptimizerSpec("adafactor", _builtin("Adafactor", lr=1e-2), 0, factored=True),
+    "adamw-8bit": OptimizerSpec("adamw-8bit", _adamw8bit, 0, quantized=True),
     "none": OptimizerSpec("none", None, 0),
 }
 _KNOWN_CLASSES = {"AdamW": 2, "Adam": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adagrad": 1,
@@ -117,7 +160,9 @@ def resolve_optimizer(optimizer: str | type | OptimizerFactory | OptimizerSpec |
         return OPTIMIZERS["none"]
     if isinstance(optimizer, str):
         key = optimizer.strip().lower().replace("_", "-")
-        key = {"sgd-nesterov": "sgd-momentum", "momentum": "sgd-momentum", "adam-w": "adamw"}.get(key, key)
+        key = {"sgd-nesterov": "sgd-momentum", "momentum": "sgd-momentum", "adam-w": "adamw",
+               "adamw8bit": "adamw-8bit", "adamw-bnb-8bit": "adamw-8bit", "paged-adamw-8bit": "adamw-8bit",
+               }.get(key, key)
         if key not in OPTIMIZERS:
             raise ConfigError(
                 f"unknown optimizer {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}, "
@@ -155,7 +200,7 @@ def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter],
     """Build the optimizer of ``spec`` over ``params``; ``foreach`` is passed where accepted."""
     if spec.factory is None or not params:
         return None
-    if foreach is not None and spec.name in OPTIMIZERS and spec.name != "adafactor":
+    if foreach is not None and spec.name in OPTIMIZERS and spec.name not in ("adafactor", "adamw-8bit"):
         return spec.factory(params, foreach=foreach)  # type: ignore[call-arg]
     return spec.factory(params)
 

@@ -108,3 +108,22 @@ def test_formula_is_distributed_too() -> None:
     zero1 = memguard.estimate("gpt2", 2, 128, device="cpu", method="formula", strategy="deepspeed_stage_1",
                               world_size=4)
     assert zero1.breakdown[OPT] == single.breakdown[OPT] // 4
+
+
+def test_8bit_adamw_keeps_one_byte_moments_and_block_absmax() -> None:
+    model = nn.Linear(4096, 1024)  # weight 4,194,304 elements (8-bit); bias 1,024 (< 4096: fp32)
+    est = memguard.estimate(model, example_input=torch.randn(8, 4096), loss_fn=lambda out, batch: out.sum(),
+                            optimizer="adamw-8bit", device="cuda", method="trace")
+    weight = 2 * 4_194_304 + 2 * 4 * (4_194_304 // 2048)
+    bias = 2 * 4 * 1024
+    assert est.breakdown[OPT] == weight + bias
+    assert est.breakdown[Category.TEMPORARY] < 4096  # the update runs in place
+
+
+def test_8bit_adamw_formula_matches_the_trace_on_llama() -> None:
+    trace = memguard.estimate("llama-2-7b", 1, 256, precision="bf16-true", optimizer="adamw-8bit")
+    formula = memguard.estimate("llama-2-7b", 1, 256, precision="bf16-true", optimizer="adamw-8bit",
+                                method="formula")
+    psi = 6_738_415_616
+    assert 2 * psi < formula.breakdown[OPT] < 2.01 * psi
+    assert abs(trace.breakdown[OPT] - formula.breakdown[OPT]) < 2**20  # 512-byte rounding only
