@@ -19,7 +19,7 @@ from memguard.errors import ConfigError, MemguardError
 from memguard.models import ResolvedModel, add_lora, is_checkpointing, load_model, make_batch, model_task
 from memguard.options import TrainingSpec, _positive_int
 from memguard.overhead import device_overhead
-from memguard.parallel import Parallelism, resolve_parallelism
+from memguard.parallel import Parallelism, repeated_blocks, resolve_parallelism
 from memguard.result import Category, MemoryEstimate
 
 __all__ = ["METHODS", "Inputs", "estimate"]
@@ -125,10 +125,16 @@ def estimate(
     if method in ("auto", "trace"):
         from memguard.trace import trace_breakdown
 
+        sharding: dict[str, Any] = {}
+        if parallel.sharded:
+            sharding["weight"] = parallel.weight
+        if parallel.fully_sharded:
+            sharding["extras"] = parallel.phase_extras(resolved.module, device=spec.device,
+                                                       bytes_per_element=_element_bytes(spec))
+            sharding["blocks"] = repeated_blocks(resolved.module)
         try:
             breakdown, more = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn,
-                                              training_loop=training_loop, step_fn=step_fn,
-                                              weight=parallel.weight if parallel.sharded else None)
+                                              training_loop=training_loop, step_fn=step_fn, **sharding)
             used = "trace"
         except MemguardError as exc:
             if method == "trace":
@@ -185,19 +191,25 @@ def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved:
         for cat, share in parallel.factors().items():
             breakdown[cat] = int(breakdown.get(cat, 0) * share)
     module = resolved.module
-    dtype = spec.precision.param_dtype
-    element = dtype.itemsize if dtype.is_floating_point else 4
+    element = _element_bytes(spec)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad) * element
     states = spec.optimizer.state_tensors if spec.optimizer.state_tensors is not None else 2
     full = {Category.PARAMETERS: sum(p.numel() for p in module.parameters()) * element,
             Category.OPTIMIZER_STATE: states * trainable}
-    for cat, extra in parallel.extras(module, bytes_per_element=element, trainable_bytes=trainable).items():
-        breakdown[cat] = breakdown.get(cat, 0) + extra
+    if not (traced and parallel.fully_sharded):  # the trace added those phase by phase
+        for cat, extra in parallel.extras(module, bytes_per_element=element, trainable_bytes=trainable).items():
+            breakdown[cat] = breakdown.get(cat, 0) + extra
     notes = []
     if parallel.sharded:
         notes.append(f"{parallel.strategy} over {parallel.shard_size} ranks: model state per device as in ZeRO "
                      "(Rajbhandari et al. 2020), with gathered units and buckets added")
     return breakdown, parallel.host_bytes(full), notes
+
+
+def _element_bytes(spec: TrainingSpec) -> int:
+    """Bytes of one element of the parameters as training keeps them."""
+    dtype = spec.precision.param_dtype
+    return dtype.itemsize if dtype.is_floating_point else 4
 
 
 def _formula(resolved: ResolvedModel, spec: TrainingSpec,

@@ -27,7 +27,7 @@ own estimator, which counts every parameter as trainable and keeps fp32 gradient
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
@@ -142,6 +142,32 @@ class Parallelism:
                     Category.GRADIENTS: (block or root) * bytes_per_element}
         return {}
 
+    @property
+    def fully_sharded(self) -> bool:
+        return self.strategy in ("fsdp", "fsdp_hybrid", "deepspeed_stage_3")
+
+    def phase_extras(self, module: nn.Module, *, bytes_per_element: int,
+                     device: str) -> Callable[[str], dict[Category, int]]:
+        """What full sharding holds gathered in each phase of a step, for the trace.
+
+        Measured with torch's ``FSDPMemTracker`` on FSDP2 runs (``benchmarks/distributed.py``):
+        the root unit stays gathered from its forward to the end of backward; in the forward one
+        block is gathered (and on a GPU the next one is prefetched on another stream); while the
+        head's backward runs, one block is; inside the blocks' backward, the block being computed,
+        the one prefetched and the unsharded gradients of the block being reduce-scattered.
+        """
+        root, block, blocks = _units(module)
+        one = block * bytes_per_element
+        root_bytes = root * bytes_per_element
+        forward = 1 + (device == "cuda")
+        table = {
+            "forward": {Category.PARAMETERS: root_bytes + min(forward, blocks) * one},
+            "backward": {Category.PARAMETERS: root_bytes + min(1, blocks) * one},
+            "block-backward": {Category.PARAMETERS: root_bytes + min(2, blocks) * one,
+                               Category.GRADIENTS: one},
+        }
+        return lambda phase: table.get(phase, {})
+
     def host_bytes(self, full: Mapping[Category, int]) -> int:
         """Host memory a rank needs for what it offloads, from the unsharded bytes ``full``."""
         n = self.shard_size
@@ -153,6 +179,13 @@ class Parallelism:
         return host
 
 
+def repeated_blocks(module: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (the largest ``ModuleList``), which FSDP wraps one by one."""
+    blocks = max((m for m in module.modules() if isinstance(m, nn.ModuleList)),
+                 key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+    return list(blocks) if blocks is not None else []
+
+
 def _units(module: nn.Module) -> tuple[int, int, int]:
     """Elements of FSDP's root unit and of its largest block, and the number of blocks.
 
@@ -160,13 +193,12 @@ def _units(module: nn.Module) -> tuple[int, int, int]:
     class); everything else (embeddings, head, final norm) stays in the root unit. A model without
     repeated blocks is all root.
     """
-    blocks = max((m for m in module.modules() if isinstance(m, nn.ModuleList)),
-                 key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+    blocks = repeated_blocks(module)
     total = sum(p.numel() for p in module.parameters())
-    if blocks is None or len(blocks) == 0:
+    if not blocks:
         return total, 0, 0
-    block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
-    return total - sum(p.numel() for p in blocks.parameters()), block, len(blocks)
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    return total - sum(sizes), max(sizes), len(blocks)
 
 
 def resolve_parallelism(strategy: str | None = "single", world_size: int | None = 1, *,

@@ -100,6 +100,13 @@ class _Ledger:
         self.by_storage: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.clock = 0
         self.phase = "other"
+        self.marks: list[tuple[int, str]] = [(0, "other")]
+
+    def set_phase(self, phase: str) -> None:
+        """Start ``phase`` (``"forward"``, ``"backward"``, ``"block-backward"``, ``"optimizer"``)."""
+        if phase != self.phase:
+            self.phase = phase
+            self.marks.append((self.clock, phase))
 
     def track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
@@ -290,6 +297,8 @@ def trace_breakdown(
     training_loop: str = "pytorch",
     step_fn: Callable[[Any], Any] | None = None,
     weight: Callable[[Category, str], float] | None = None,
+    extras: Callable[[str], dict[Category, int]] | None = None,
+    blocks: Iterable[nn.Module] = (),
     steps: int = 1,
 ) -> tuple[dict[Category, int], list[str]]:
     """Trace a steady-state training step of ``module`` on fake tensors and break down the peak.
@@ -312,6 +321,10 @@ def trace_breakdown(
             ``"optimizer"``), that the device holds — how sharding enters (see
             :meth:`memguard.parallel.Parallelism.weight`); the peak is then the peak of the
             weighted timeline. ``None`` counts everything whole.
+        extras: bytes the device holds beyond the traced tensors, by phase (``"forward"``,
+            ``"backward"`` before the first block, ``"block-backward"``, ``"optimizer"``): how
+            a sharded strategy's gathered units enter (see :meth:`memguard.parallel.Parallelism.phase_extras`).
+        blocks: the repeated blocks; their backward marks the ``"block-backward"`` phase.
         steps: forward-backward-step rounds to trace after the state is made.
 
     Returns:
@@ -333,6 +346,10 @@ def trace_breakdown(
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_training_setup(module, bool(spec.gradient_checkpointing)))
+            for block in blocks:
+                handle = block.register_full_backward_pre_hook(
+                    lambda *_: ledger.set_phase("block-backward") if ledger.phase == "backward" else None)
+                stack.callback(handle.remove)
             stack.enter_context(fake_mode)
             stack.enter_context(counting)
             if spec.device == "cuda":
@@ -357,7 +374,7 @@ def trace_breakdown(
                 grads.update(_storages(ledger, [t.grad for t in trainable]))
                 _optimizer_step(ledger, optimizer, trainable, opt_state, training_loop)
             for _ in range(steps):
-                ledger.phase = "forward"
+                ledger.set_phase("forward")
                 start = ledger.clock
                 args, kwargs = make_inputs()
                 for t in tree_flatten((args, kwargs))[0]:
@@ -371,7 +388,7 @@ def trace_breakdown(
                 end = ledger.clock
                 activations.update(i for i, r in ledger.live_at(end) if r.alloc > start)
                 del output
-                ledger.phase = "backward"
+                ledger.set_phase("backward")
                 if training_loop == "lightning" and optimizer is not None:
                     optimizer.zero_grad(set_to_none=True)
                 if trainable:
@@ -391,7 +408,7 @@ def trace_breakdown(
                     kinds[i] = Category.ACTIVATIONS
                 else:
                     kinds[i] = Category.TEMPORARY
-            breakdown = _peak_breakdown(ledger, kinds, weight)
+            breakdown = _peak_breakdown(ledger, kinds, weight, extras)
             del state, trainable, optimizer
     except (ConfigError, TraceError):
         raise
@@ -420,7 +437,7 @@ def _storages(ledger: _Ledger, tensors: Iterable[Any]) -> Iterator[int]:
 def _optimizer_step(ledger: _Ledger, optimizer: torch.optim.Optimizer | None, trainable: list[torch.Tensor],
                     opt_state: set[int], training_loop: str) -> None:
     """The optimizer's step (noting its state) and, in PyTorch's loop, ``zero_grad``."""
-    ledger.phase = "optimizer"
+    ledger.set_phase("optimizer")
     if optimizer is not None:
         optimizer.step()
         opt_state.update(_storages(ledger, (v for s in optimizer.state.values() for v in s.values())))
@@ -429,25 +446,36 @@ def _optimizer_step(ledger: _Ledger, optimizer: torch.optim.Optimizer | None, tr
     else:
         for t in trainable:
             t.grad = None
-    ledger.phase = "other"
+    ledger.set_phase("other")
 
 
 def _peak_breakdown(ledger: _Ledger, kinds: dict[int, Category],
-                    weight: Callable[[Category, str], float] | None) -> dict[Category, int]:
-    """Bytes per category at the peak of the (weighted) timeline of allocations and frees."""
+                    weight: Callable[[Category, str], float] | None,
+                    extras: Callable[[str], dict[Category, int]] | None = None) -> dict[Category, int]:
+    """Bytes per category at the peak of the (weighted) timeline of allocations and frees, plus
+    the ``extras`` of the phase the peak falls in."""
 
     def held(i: int, r: _Record) -> int:
         return r.nbytes if weight is None else int(r.nbytes * weight(kinds[i], r.phase))
 
+    extra_of = {phase: sum((extras(phase) if extras else {}).values()) for _, phase in ledger.marks}
     events = [(r.alloc, held(i, r)) for i, r in enumerate(ledger.records)]
     events += [(r.free, -held(i, r)) for i, r in enumerate(ledger.records) if r.free is not None]
     events.sort()
+    marks = ledger.marks
+    mark = 0
     live = peak = peak_clock = 0
+    peak_phase = marks[0][1]
     for clock, delta in events:
+        while mark + 1 < len(marks) and marks[mark + 1][0] < clock:
+            mark += 1
         live += delta
-        if live > peak:
-            peak, peak_clock = live, clock
+        phase = marks[mark][1]
+        if live + extra_of[phase] > peak:
+            peak, peak_clock, peak_phase = live + extra_of[phase], clock, phase
     breakdown = {c: 0 for c in Category}
     for i, r in ledger.live_at(peak_clock):
         breakdown[kinds[i]] += held(i, r)
+    for cat, n in (extras(peak_phase) if extras else {}).items():
+        breakdown[cat] += n
     return breakdown

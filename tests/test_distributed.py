@@ -47,13 +47,6 @@ def test_ddp_ranks_match_the_trace() -> None:
 
 
 @needs_gloo
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="memguard.parallel.Parallelism.extras adds what FSDP holds inside a block's backward (the root "
-           "unit, two blocks gathered, one block's unsharded gradients). On this tiny model the peak is at the "
-           "start of backward, where one block fewer and no unsharded gradients are held (FSDPMemTracker), so "
-           "the trace is about 10% high (an over-estimate); on a wider model it is within 1%. The extra "
-           "depends on the phase of the peak")
 def test_fsdp2_ranks_match_the_trace() -> None:
     case = distributed.DistCase("test-fsdp2", TINY, "fsdp2", world_size=2, batch_size=2, seq_len=64)
     errors = _errors(case)
