@@ -121,12 +121,10 @@ class Parallelism:
         * ``deepspeed_stage_1``/``2``: one reduce (gradients) and one all-gather (parameters)
           bucket of :data:`DEEPSPEED_BUCKET_ELEMENTS` elements, at most the model's size.
         * ``fsdp_shard_grad_op``: the unit's full gradients before they are reduce-scattered.
-        * full sharding (``fsdp``, ``fsdp_hybrid``, ``deepspeed_stage_3``): the root unit's
-          parameters, which stay gathered from forward to the end of backward, those of the block
-          being computed and of the one prefetched, and one block's full gradients before they are
-          reduce-scattered. Measured on the CPU with FSDP2 (``benchmarks/distributed.py``): this is
-          what is held inside a block's backward; when the peak falls at the start of backward,
-          one block fewer is held and this over-estimates by about one block.
+        * full sharding (``fsdp``, ``fsdp_hybrid``, ``deepspeed_stage_3``): the most that is held
+          at once, inside the blocks' backward (see :meth:`phase_extras`): the root unit, two
+          blocks and one block's unsharded gradients. The formula adds this at its peak; the
+          trace adds :meth:`phase_extras` phase by phase instead.
         """
         if self.strategy == "ddp" and self.world_size > 1:
             return {Category.GRADIENTS: trainable_bytes}
