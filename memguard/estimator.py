@@ -16,8 +16,16 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memguard.errors import ConfigError, MemguardError
-from memguard.models import ResolvedModel, add_lora, is_checkpointing, load_model, make_batch, model_task
-from memguard.options import TrainingSpec, _positive_int
+from memguard.models import (
+    ResolvedModel,
+    add_lora,
+    is_checkpointing,
+    load_model,
+    make_batch,
+    max_positions,
+    model_task,
+)
+from memguard.options import TrainingSpec, positive_int
 from memguard.overhead import device_overhead
 from memguard.parallel import Parallelism, repeated_blocks, resolve_parallelism
 from memguard.result import Category, MemoryEstimate
@@ -116,7 +124,7 @@ def estimate(
                                device=device)
     resolved = load_model(model)
     if lora_rank is not None:
-        resolved = add_lora(resolved, _positive_int("lora_rank", lora_rank))
+        resolved = add_lora(resolved, positive_int("lora_rank", lora_rank))
     spec, make_inputs = _plan_inputs(resolved, spec, example_input, whole=step_fn is not None)
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=is_checkpointing(resolved.module))
@@ -235,14 +243,12 @@ def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec, example_input: Any
     if task in ("image-cls", "image-base"):
         seq_len = None
     elif task != "unknown" and seq_len is None:
-        from memguard.models import _max_positions
-
-        seq_len = _max_positions(resolved.config)
+        seq_len = max_positions(resolved.config)
         if seq_len is None:
             raise ConfigError(f"seq_len is needed for {resolved.name} (it has no fixed maximum length)")
     spec = spec.replace(batch_size=batch_size, seq_len=seq_len)
-    param_dtype = spec.precision.param_dtype
-    dtype = param_dtype if param_dtype.is_floating_point and spec.precision.autocast_dtype is None else torch.float32
+    # Pixels come in the weights' dtype, or fp32 under autocast (which casts them itself).
+    dtype = torch.float32 if spec.precision.autocast_dtype is not None else spec.precision.param_dtype
     # Check the inputs can be built now, so a bad seq_len fails before any tracing starts.
     make_batch(module, 1, seq_len, device="meta")
 

@@ -19,8 +19,8 @@ from torch import nn
 
 from memguard.errors import ConfigError
 
-__all__ = ["ResolvedModel", "TaskKind", "is_checkpointing", "list_presets", "load_model", "make_batch", "model_task",
-           "set_checkpointing"]
+__all__ = ["ResolvedModel", "TaskKind", "add_lora", "is_checkpointing", "list_presets", "load_model", "make_batch",
+           "max_positions", "model_task", "set_checkpointing"]
 
 _PRESET_DIR = Path(__file__).parent / "presets"
 _ALIASES = {
@@ -296,7 +296,7 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
         )
     if seq_len is None:
         raise ConfigError(f"seq_len is needed to build token inputs for {type(module).__name__}")
-    limit = _max_positions(config)
+    limit = max_positions(config)
     if limit is not None and seq_len > limit:
         raise ConfigError(
             f"seq_len={seq_len} is longer than {type(module).__name__} can take "
@@ -311,7 +311,7 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     return batch
 
 
-def _max_positions(config: Any) -> int | None:
+def max_positions(config: Any) -> int | None:
     """The longest sequence a model with learned absolute positions can take, else ``None``."""
     if getattr(config, "model_type", None) in ("gpt2", "gpt_neo", "gptj", "opt", "bert", "roberta",
                                                "distilbert", "electra", "albert", "xlm-roberta"):

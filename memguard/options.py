@@ -17,7 +17,7 @@ import torch
 from memguard.errors import ConfigError
 
 __all__ = ["OPTIMIZERS", "PRECISIONS", "AdamW8bitStandIn", "Precision", "TrainingSpec", "make_optimizer",
-           "resolve_optimizer", "resolve_precision"]
+           "positive_int", "resolve_optimizer", "resolve_precision"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +205,8 @@ def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter],
     return spec.factory(params)
 
 
-def _positive_int(name: str, value: Any) -> int:
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an ``int`` if it is a positive whole number, else a :class:`ConfigError` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
         try:
             as_int = int(value)
@@ -262,8 +263,8 @@ class TrainingSpec:
         if gradient_checkpointing not in (None, True, False):
             raise ConfigError(f"gradient_checkpointing must be None, True or False, got {gradient_checkpointing!r}")
         return cls(
-            batch_size=None if batch_size is None else _positive_int("batch_size", batch_size),
-            seq_len=None if seq_len is None else _positive_int("seq_len", seq_len),
+            batch_size=None if batch_size is None else positive_int("batch_size", batch_size),
+            seq_len=None if seq_len is None else positive_int("seq_len", seq_len),
             optimizer=resolve_optimizer(optimizer),
             precision=resolve_precision(precision),
             gradient_checkpointing=gradient_checkpointing,

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from torch import nn
 
 from memguard.errors import ConfigError
+from memguard.options import positive_int
 from memguard.result import Category
 
 __all__ = ["STRATEGIES", "Parallelism", "resolve_parallelism"]
@@ -215,8 +216,7 @@ def resolve_parallelism(strategy: str | None = "single", world_size: int | None 
     if key not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)} "
                           f"(or Lightning's names {', '.join(_ALIASES)})")
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ConfigError(f"world_size must be a positive integer, got {world_size!r}")
+    world_size = positive_int("world_size", world_size)
     if key == "single" and world_size > 1:
         raise ConfigError(f"strategy 'single' runs on one device, but world_size={world_size}; "
                           "pass strategy='ddp' (or a sharded one)")
