@@ -29,6 +29,7 @@ from memguard.result import Category, MemoryEstimate
 from memguard.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
+    from memguard._isolation import is_tracing
     from memguard.callback import MemGuard
     from memguard.device import DeviceMemory, device_memory, list_devices, resolve_budget
     from memguard.estimator import estimate
@@ -41,6 +42,7 @@ _LAZY = {
     "list_devices": "memguard.device",
     "resolve_budget": "memguard.device",
     "estimate": "memguard.estimator",
+    "is_tracing": "memguard._isolation",
     "list_presets": "memguard.models",
 }
 
@@ -62,6 +64,7 @@ __all__ = [
     "device_memory",
     "estimate",
     "format_bytes",
+    "is_tracing",
     "list_devices",
     "list_gpus",
     "list_presets",

@@ -12,9 +12,6 @@ import dataclasses
 import importlib
 import inspect
 import logging
-import random
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -22,18 +19,18 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
+from memguard._isolation import preserved_rng
+
 __all__ = [
     "RunInfo",
     "agree",
     "batch_size_of",
     "callback_bases",
-    "is_tracing",
     "optimizer_factory",
     "package_of",
     "peek_batch",
     "reset_train_data",
     "run_info",
-    "tracing",
     "utilities",
 ]
 
@@ -72,74 +69,6 @@ def utilities(trainer: Any, name: str) -> ModuleType:
     Each package keeps its own rank of the process for ``rank_zero_*``, set by its own Trainer.
     """
     return importlib.import_module(f"{package_of(trainer).__name__}.utilities.{name}")
-
-
-# -- tracing the module's own training_step ---------------------------------------------------
-
-_TRACING = threading.local()
-
-
-def is_tracing() -> bool:
-    """Whether memguard is tracing a ``training_step`` on fake tensors in this thread right now."""
-    return bool(getattr(_TRACING, "active", False))
-
-
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def tracing(pl_module: Any) -> Iterator[None]:
-    """Run ``training_step`` on fake tensors without leaking them into Lightning's state.
-
-    While active, ``self.log`` and ``self.log_dict`` do nothing (they would hand fake tensors to
-    the logger connector), :func:`is_tracing` is true, gradients are enabled, and the random
-    number generators are restored afterwards. torchmetrics ``Metric`` modules updated by the
-    trace are reset afterwards: the trace runs before the first step, when they hold nothing yet.
-    """
-    saved = {name: pl_module.__dict__[name] for name in ("log", "log_dict") if name in pl_module.__dict__}
-    pl_module.__dict__["log"] = _noop
-    pl_module.__dict__["log_dict"] = _noop
-    _TRACING.active = True
-    try:
-        with preserved_rng(), torch.enable_grad():
-            yield
-    finally:
-        _TRACING.active = False
-        for name in ("log", "log_dict"):
-            if name in saved:
-                pl_module.__dict__[name] = saved[name]
-            else:
-                pl_module.__dict__.pop(name, None)
-        for m in pl_module.modules():
-            if _is_metric(m):
-                with contextlib.suppress(Exception):
-                    m.reset()
-
-
-def _is_metric(module: torch.nn.Module) -> bool:
-    metric = getattr(sys.modules.get("torchmetrics"), "Metric", None)
-    return metric is not None and isinstance(module, metric)
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Restore the CPU random number generators of torch, ``random`` and numpy on exit.
-
-    Peeking at a shuffled data loader draws a seed from torch's generator; without this the real
-    epoch would see another order than it would without the callback.
-    """
-    torch_state = torch.get_rng_state()
-    py_state = random.getstate()
-    np = sys.modules.get("numpy")
-    np_state = np.random.get_state() if np is not None else None
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(py_state)
-        if np is not None and np_state is not None:
-            np.random.set_state(np_state)
 
 
 def optimizer_factory(pl_module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -315,9 +244,13 @@ def peek_batch(trainer: Any) -> Any:
     The train data loader is requested from its source (the LightningModule, the datamodule or
     the loaders given to ``fit``) and prepared as the fit loop prepares it (the distributed
     sampler of this rank injected), and its first batch is drawn from a throwaway iterator. The
-    fit loop's own loader is not touched, and the random number generators are restored, so the
-    epoch sees the same batches in the same order as without the peek. The batch goes through the
-    module's batch-transfer hooks to the root device, as the fit loop would send it.
+    fit loop's own loader is not touched; the global random number generators and every
+    ``torch.Generator`` the loaders and their samplers hold are restored, so the epoch sees the
+    same batches in the same order as without the peek. The batch goes through the module's
+    batch-transfer hooks to the root device, as the fit loop would send it.
+
+    Returns ``None`` for an ``IterableDataset``: a stream may be single-pass, and a peek would take
+    its first batch away from training.
     """
     pl = package_of(trainer)
     connector = importlib.import_module(f"{pl.__name__}.trainer.connectors.data_connector")
@@ -327,20 +260,49 @@ def peek_batch(trainer: Any) -> Any:
         loaders = connector._request_dataloader(trainer.fit_loop._data_source)
         combined = loaders if isinstance(loaders, combined_mod.CombinedLoader) else \
             combined_mod.CombinedLoader(loaders, "max_size_cycle")
-        combined.flattened = [
-            connector._process_dataloader(trainer, states.TrainerFn.FITTING, states.RunningStage.TRAINING, dl)
-            for dl in combined.flattened
-        ]
-        iterator = iter(combined)
-        try:
-            batch, _, _ = next(iterator)
-        finally:
-            del iterator
+        if any(isinstance(getattr(dl, "dataset", dl), torch.utils.data.IterableDataset) for dl in combined.flattened):
+            return None
+        with _generators_kept(combined.flattened):
+            combined.flattened = [
+                connector._process_dataloader(trainer, states.TrainerFn.FITTING, states.RunningStage.TRAINING, dl)
+                for dl in combined.flattened
+            ]
+            iterator = iter(combined)
+            try:
+                batch, _, _ = next(iterator)
+            finally:
+                del iterator
         try:
             batch = trainer.strategy.batch_to_device(batch)
         except Exception as exc:  # the raw batch has the same shapes in nearly every case
             log.debug("the batch-transfer hooks failed on the peeked batch (%s); using it as loaded", exc)
     return batch
+
+
+@contextlib.contextmanager
+def _generators_kept(loaders: list[Any]) -> Iterator[None]:
+    """Restore the state of every ``torch.Generator`` of ``loaders``, their samplers and batch samplers.
+
+    ``DataLoader(shuffle=True, generator=g)`` draws the epoch's permutation (and the workers' base
+    seed) from ``g`` each time it is iterated (``RandomSampler.__iter__``, ``_BaseDataLoaderIter``).
+    """
+    found: dict[int, tuple[torch.Generator, torch.Tensor]] = {}
+    todo, seen = list(loaders), set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or obj is None:
+            continue
+        seen.add(id(obj))
+        for value in getattr(obj, "__dict__", {}).values():
+            if isinstance(value, torch.Generator):
+                found[id(value)] = (value, value.get_state())
+            elif isinstance(value, (torch.utils.data.Sampler, torch.utils.data.BatchSampler)):
+                todo.append(value)
+    try:
+        yield
+    finally:
+        for generator, state in found.values():
+            generator.set_state(state)
 
 
 def reset_train_data(trainer: Any) -> None:

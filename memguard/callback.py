@@ -15,9 +15,12 @@ When it acts, in Lightning 2.x's order (``Trainer._run``):
 1. ``setup("fit")``: checks that ``"reduce"`` can change the batch size of this run.
 2. ``load_state_dict`` (resuming): keeps the checkpoint's batch size and accumulation.
 3. ``strategy.setup``: the model is on its device, the optimizers exist.
-4. ``on_fit_start``: reads the run, estimates, agrees across ranks, acts (or applies the
-   checkpoint's decision), before the fit loop builds its train data loader.
-5. ``on_train_start``, ``on_train_batch_end``: after the first optimizer step the peak counters
+4. ``on_fit_start``: applies a checkpoint's decision; with ``"reduce"`` it peeks at a batch,
+   estimates, agrees across ranks and acts, before the fit loop builds its train data loader.
+5. ``on_train_batch_start`` of the first batch (``"warn"``, ``"raise"``, or ``"reduce"`` on a
+   stream): estimates from the batch the fit loop hands over, agrees across ranks and acts,
+   before the first step runs.
+6. ``on_train_start``, ``on_train_batch_end``: after the first optimizer step the peak counters
    are reset, and ``measure_steps`` steps later the actual peak is read and logged
    (``on_train_end`` reads it if training stops sooner).
 """
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -35,11 +37,13 @@ import torch
 
 from memguard import _lightning as _pl
 from memguard._actual import Measurement, MemoryProbe, resident_bytes
+from memguard._isolation import is_tracing
 from memguard.device import device_memory, process_memory, resolve_budget
 from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError
 from memguard.estimator import estimate
 from memguard.result import Category, MemoryEstimate
-from memguard.search import max_batch_size
+from memguard.search import max_batch_size, reduced_batch
+from memguard.trace import DEFAULT_TIMEOUT
 from memguard.units import format_bytes, parse_bytes
 
 __all__ = ["MemGuard"]
@@ -55,14 +59,20 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
     It is an instance of the ``Callback`` class of both ``pytorch_lightning`` and
     ``lightning.pytorch`` (whichever are installed), so either Trainer takes it.
 
-    What it reads, in ``on_fit_start`` (after the strategy has set up the model and the
-    optimizers, before the fit loop builds its data loader):
+    It never changes the run it guards: a fit with ``"warn"``, or with any action when the step
+    fits, is the fit without it, bit for bit. What it reads:
 
-    * the first batch of this rank, from a fresh train data loader (nothing is consumed, and the
-      random generators are restored, so the epoch is the same as without the callback);
+    * the first batch of this rank: with ``"warn"`` and ``"raise"``, the one the fit loop hands to
+      ``on_train_batch_start`` before the first step (no data is touched); with ``"reduce"``, which
+      must set the batch size before the loader is built, the first batch of a fresh loader in
+      ``on_fit_start`` (global random generators and the loaders' ``torch.Generator`` restored, so
+      the epoch is unchanged; a stream, an ``IterableDataset``, is not peeked at: it is decided
+      at its first batch, where a step that does not fit raises with the batch size that would);
     * the LightningModule, whose ``training_step`` is traced on fake tensors resized to each batch
-      size tried (``self.log`` does nothing during the trace; :meth:`is_tracing` tells user code
-      that it runs on fake tensors);
+      size tried, while every module holds a private copy of its state (whatever the step
+      appends, counts, caches or updates in metrics is dropped afterwards); ``self.log``, the
+      loggers and ``print`` do nothing then, and :func:`memguard.is_tracing` tells code with
+      outside side effects (files) to skip them;
     * the real optimizer (its class and each param group's hyperparameters, over exactly the
       parameters it holds), the Trainer's precision, the gradient checkpointing of the model, and
       the strategy (world size, sharding).
@@ -78,10 +88,12 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
     * ``"raise"``: :class:`~memguard.InsufficientMemoryError` (with ``.estimate`` and
       ``.free_bytes``) before any step runs.
     * ``"reduce"``: the largest batch size that fits, ``b_max``, is found on the estimator (no
-      trial steps). With ``b`` asked and accumulation ``a``, the Trainer's
-      ``accumulate_grad_batches`` becomes ``a' = ceil(b * a / b_max)`` and the batch size
-      ``ceil(b * a / a')`` (at most ``b_max``): the fewest micro-batches that make an effective
-      batch of at least ``b * a``, as close to it as they can. The batch size is set where it
+      trial steps). With ``b`` asked and accumulation ``a``, the effective batch ``E = b * a`` is
+      kept exactly whenever ``E`` has a divisor between ``b_max / 2`` and ``b_max``: the largest
+      one becomes the batch size and ``accumulate_grad_batches`` makes up the rest (asked 64, 11
+      fit: 8 x 8). Otherwise the fewest micro-batches of at most ``b_max`` that make at least
+      ``E``, and a warning says what changed (:func:`memguard.search.reduced_batch`). The batch
+      size is set where it
       lives (the model, its ``hparams`` or the datamodule, as Lightning's ``lightning_setattr``
       finds it) and the data loaders are rebuilt. When even a batch of 1 does not fit, it raises,
       naming what would help.
@@ -117,6 +129,7 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
             step, which warms up (lazy initialisation of kernels and allocators) and is not
             measured. Every measured step is in the steady state the estimate predicts, with
             optimizer state and last step's gradients alive.
+        trace_timeout: seconds one trace of ``training_step`` may take (``None``: no limit).
 
     Attributes:
         estimate: the :class:`~memguard.MemoryEstimate` at the batch size trained with (``None``
@@ -139,14 +152,17 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
           unsharded replica, with a warning.
         * Manual optimization is not traced (``training_step`` steps real optimizers itself).
         * Only the training step is estimated, not validation.
-        * ``training_step`` runs on fake tensors during the estimate; side effects there (appending
-          to lists, counters) should check :meth:`is_tracing`. torchmetrics metrics are reset
-          after the trace.
+        * ``training_step`` runs once per batch size tried, on fake tensors and private copies of
+          the modules' state; effects outside the modules (files, globals, objects that cannot be
+          copied) happen then, unless the code checks :func:`memguard.is_tracing`.
+        * The trace stops after ``trace_timeout`` seconds (a loop waiting on computed values never
+          ends on fake data); the callback then warns and training goes on.
         * Collectives inside ``training_step`` (``SyncBatchNorm``) cannot be traced.
     """
 
     def __init__(self, action: str = "warn", margin: float = 0.1, budget: int | str | None = None, *,
-                 batch_arg_name: str = "batch_size", strict: bool = False, measure_steps: int = 2) -> None:
+                 batch_arg_name: str = "batch_size", strict: bool = False, measure_steps: int = 2,
+                 trace_timeout: float | None = DEFAULT_TIMEOUT) -> None:
         if action not in ACTIONS:
             raise ConfigError(f"unknown action {action!r}; expected one of {', '.join(map(repr, ACTIONS))}")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
@@ -160,7 +176,11 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
             raise ConfigError(f"batch_arg_name must be a non-empty string, got {batch_arg_name!r}")
         if isinstance(measure_steps, bool) or not isinstance(measure_steps, int) or measure_steps < 1:
             raise ConfigError(f"measure_steps must be a positive integer, got {measure_steps!r}")
+        if trace_timeout is not None and (isinstance(trace_timeout, bool) or not isinstance(trace_timeout, (int, float))
+                                          or not 0 < trace_timeout < float("inf")):
+            raise ConfigError(f"trace_timeout must be a positive number of seconds or None, got {trace_timeout!r}")
         self.action = action
+        self.trace_timeout = trace_timeout
         self.margin = float(margin)
         self.budget = budget
         self.batch_arg_name = batch_arg_name
@@ -180,13 +200,16 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         self._reduced = False
         self._restored: dict[str, Any] = {}
         self._probe: MemoryProbe | None = None
+        self._pending = False  # the decision waits for a batch
+        self._early = False  # deciding before the fit loop built its loader (so the batch size can change)
         self._armed = False
         self._start_step = 0
 
     @staticmethod
     def is_tracing() -> bool:
-        """Whether a ``training_step`` runs on fake tensors for the estimate, right now."""
-        return _pl.is_tracing()
+        """Whether a ``training_step`` runs on fake tensors for the estimate, right now
+        (:func:`memguard.is_tracing`)."""
+        return is_tracing()
 
     # -- Lightning hooks ----------------------------------------------------------------------
 
@@ -212,20 +235,43 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
                                 "undo that")
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        """Estimate, compare and act, before the fit loop builds its data loader."""
+        """Apply a checkpoint's decision; for ``"reduce"``, decide now, before the loader is built."""
+        self._pending = False
         if self._restored.get("batch_size") is not None:
             self._resume(trainer, pl_module)
             self._restored = {}
             return
         if trainer.limit_train_batches == 0:
             return
+        self._pending = True
+        if self.action == "reduce":  # the batch size can only change before the fit loop builds its loader
+            self._decide(trainer, pl_module, lambda: _pl.peek_batch(trainer), early=True)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """Decide from the first batch the fit loop hands over, before its step runs."""
+        if self._pending:
+            self._decide(trainer, pl_module, lambda: batch, early=False)
+
+    def _decide(self, trainer: Any, pl_module: Any, fetch: Callable[[], Any], *, early: bool) -> None:
+        """Estimate at the batch ``fetch`` returns, agree with the other ranks, and act.
+
+        ``fetch`` returns ``None`` for a stream that cannot be peeked at: the decision then waits
+        for the first batch of the fit.
+        """
         info = _pl.run_info(trainer)
+        self._early = early
         self.requested_accumulate_grad_batches = self.accumulate_grad_batches = info.accumulate_grad_batches
         plan: _Plan | None = None
         failure: BaseException | None = None
         try:
-            plan = self._plan(trainer, pl_module, info)
+            batch = fetch()
+            if batch is None:  # the same kind of data on every rank, so every rank returns here
+                log.info("MemGuard: the train data is a stream; deciding at its first batch")
+                return
+            self._pending = False
+            plan = self._plan(trainer, pl_module, info, batch)
         except Exception as exc:
+            self._pending = False
             failure = exc
         # Every rank takes part in the same collective, whatever happened to it.
         row = [0, 0, 0, 0, 0] if plan is None else [1, int(plan.fits), plan.fitting_batch,
@@ -246,20 +292,22 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
             self._warn(trainer, f"MemGuard could not estimate the memory of a training step on rank(s) {failed}, "
                                 "so training goes on unchecked")
             return
-        ok = list(enumerate(rows))
         if self.action == "reduce":
             self.fitting_batch_size = plan.fitting_batch
-        self._act(trainer, pl_module, info, plan, ok)
+        self._act(trainer, pl_module, info, plan, list(enumerate(rows)))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Arm the measurement: it starts after the first optimizer step."""
         self._probe = None
-        self._armed = self._predicted is not None
+        self._armed = True
         self._start_step = trainer.global_step + 1
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Start measuring after the first optimizer step, and read after ``measure_steps`` more."""
         if self._armed and self._probe is None and trainer.global_step >= self._start_step:
+            if self._predicted is None:  # nothing was predicted: nothing to compare with
+                self._armed = False
+                return
             self._safely(trainer, self._start_probe, trainer, pl_module)
         elif self._probe is not None and trainer.global_step >= self._start_step + self.measure_steps:
             self._safely(trainer, self._measure, trainer)
@@ -302,7 +350,7 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
 
     # -- the decision -------------------------------------------------------------------------
 
-    def _plan(self, trainer: Any, pl_module: Any, info: _pl.RunInfo) -> _Plan:
+    def _plan(self, trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any) -> _Plan:
         """Estimate on this rank: at the requested batch size, and the largest that fits."""
         if not pl_module.automatic_optimization:
             raise MemguardError("manual optimization is not traced: its training_step steps the real optimizers")
@@ -312,11 +360,10 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         if info.parallel is None:
             self._warn(trainer, f"memguard does not know how {info.strategy} shards the model: the estimate is for "
                                 "one unsharded replica, an over-estimate")
-        batch = _pl.peek_batch(trainer)
         requested = _pl.batch_size_of(batch)
         available, where = self._available(info, pl_module)
         self.available_bytes = available
-        estimate_at = self._estimator(trainer, pl_module, info, batch)
+        estimate_at = self._estimator(trainer, pl_module, info, batch, requested)
         est = estimate_at(requested)
         fits = est.fits(available, self.margin)
         if fits or self.action != "reduce":
@@ -326,9 +373,13 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         return _Plan(batch, requested, est, False, search.batch_size, search.estimate, available, where,
                      estimate_at, info.sharded)
 
-    def _estimator(self, trainer: Any, pl_module: Any, info: _pl.RunInfo,
-                   batch: Any) -> Callable[[int], MemoryEstimate]:
-        """The estimate at a batch size, of this run's real step, cached."""
+    def _estimator(self, trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any,
+                   requested: int) -> Callable[[int], MemoryEstimate]:
+        """The estimate at a batch size, of this run's real step, cached.
+
+        A batch smaller than the one asked for is trained with accumulation (``"reduce"``), whose
+        later micro-batches run their forward beside the gradients.
+        """
         optimizers = trainer.optimizers
         if len(optimizers) > 1:
             raise MemguardError(f"{len(optimizers)} optimizers: memguard traces a step of one")
@@ -337,7 +388,7 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         checkpointing = _checkpointing(pl_module)
         parallel = info.parallel or ("ddp" if info.world_size > 1 else "single")
 
-        def step(b: Any) -> Any:
+        def step(b: Any) -> Any:  # runs on the module's private state (memguard._isolation)
             return pl_module.training_step(b, 0)
 
         cache: dict[int, MemoryEstimate] = {}
@@ -345,11 +396,12 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         def estimate_at(batch_size: int) -> MemoryEstimate:
             if batch_size in cache:
                 return cache[batch_size]
-            with _pl.tracing(pl_module):
-                est = estimate(pl_module, batch_size=batch_size, example_input=batch, step_fn=step,
-                               optimizer=optimizer, precision=info.precision, device=device, method="trace",
-                               training_loop="lightning", strategy=parallel, world_size=info.world_size,
-                               offload_optimizer=info.offload_optimizer, offload_params=info.offload_params)
+            est = estimate(pl_module, batch_size=batch_size, example_input=batch, step_fn=step,
+                           optimizer=optimizer, precision=info.precision, device=device, method="trace",
+                           training_loop="lightning", strategy=parallel, world_size=info.world_size,
+                           offload_optimizer=info.offload_optimizer, offload_params=info.offload_params,
+                           trace_timeout=self.trace_timeout,
+                           accumulate_grad_batches=info.accumulate_grad_batches if batch_size >= requested else 2)
             inputs = {**est.inputs, "gradient_checkpointing": checkpointing}
             cache[batch_size] = dataclasses.replace(est, inputs=inputs)
             return cache[batch_size]
@@ -397,10 +449,10 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
             none_fit = [r for r, row in rows if row[2] == 0]
             on_ranks = f" on rank(s) {none_fit}" if info.world_size > 1 else ""
             raise self._insufficient(plan, on_ranks, fits_here, plan.fitting_batch == 0)
-        # reduce: the fewest micro-batches of at most `largest` samples that make the effective batch
         largest = agreed
-        acc = math.ceil(plan.requested * info.accumulate_grad_batches / largest)
-        agreed = math.ceil(plan.requested * info.accumulate_grad_batches / acc)
+        if not self._early:
+            raise self._stream_too_big(plan, largest, info, fits_here)
+        agreed, acc = reduced_batch(plan.requested, info.accumulate_grad_batches, largest)
         _pl.utilities(trainer, "parsing").lightning_setattr(pl_module, self.batch_arg_name, agreed)
         trainer.accumulate_grad_batches = acc
         _pl.reset_train_data(trainer)
@@ -425,6 +477,10 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
                    f"batch size {agreed} ({format_bytes(est.total_bytes)} predicted{here}) and "
                    f"accumulate_grad_batches={acc} (was {info.accumulate_grad_batches}), an effective batch of "
                    f"{agreed * acc * info.world_size} (asked: {asked})")
+        if agreed * acc * info.world_size != asked:
+            self._warn(trainer, f"{message}: no divisor of {plan.requested * info.accumulate_grad_batches} lies "
+                                f"between {largest / 2:g} and {largest}, so the effective batch changed")
+            return
         self._info(trainer, message)
 
     def _summary(self, plan: _Plan, info: _pl.RunInfo, rows: list[tuple[int, list[int]]]) -> str:
@@ -441,6 +497,15 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         self.batch_size = batch_size
         self.accumulate_grad_batches = accumulate
         self._predicted = (est.peak_bytes, est.total_bytes)
+
+    def _stream_too_big(self, plan: _Plan, largest: int, info: _pl.RunInfo, summary: str) -> InsufficientMemoryError:
+        """``"reduce"`` on a stream: its loader was built before the first batch showed the size."""
+        batch, acc = reduced_batch(plan.requested, info.accumulate_grad_batches, largest)
+        lines = [f"MemGuard: a training step at batch size {plan.requested} does not fit ({summary}). The train "
+                 "data is an IterableDataset, whose first batch memguard does not take away from training to "
+                 "look at it before the fit starts, so it cannot change the batch size now. What would fit: "
+                 f"batch size {batch} with accumulate_grad_batches={acc}.", plan.at_requested.table()]
+        return InsufficientMemoryError("\n".join(lines), estimate=plan.at_requested, free_bytes=plan.available)
 
     def _insufficient(self, plan: _Plan, on_ranks: str, summary: str, mine: bool) -> InsufficientMemoryError:
         if self.action == "reduce":

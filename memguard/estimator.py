@@ -9,6 +9,7 @@ tensors (:mod:`memguard.overhead`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from memguard.options import TrainingSpec, positive_int
 from memguard.overhead import device_overhead
 from memguard.parallel import Parallelism, repeated_blocks, resolve_parallelism
 from memguard.result import Category, MemoryEstimate
+from memguard.trace import DEFAULT_TIMEOUT, trace_breakdown
 
 __all__ = ["METHODS", "Inputs", "estimate"]
 
@@ -60,6 +62,9 @@ def estimate(
     offload_optimizer: bool = False,
     offload_params: bool = False,
     lora_rank: int | None = None,
+    trace_timeout: float | None = DEFAULT_TIMEOUT,
+    accumulate_grad_batches: int = 1,
+    set_to_none: bool = True,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one steady-state training step.
 
@@ -100,6 +105,18 @@ def estimate(
         offload_params: parameter shards in host memory (fully sharded strategies).
         lora_rank: fine-tune LoRA adapters of this rank on the frozen model (needs ``peft``; only
             for models memguard builds — wrap your own module with peft and pass it instead).
+        accumulate_grad_batches: micro-batches per optimizer step. From the second on, each forward
+            runs beside the gradients accumulated so far (in Lightning's loop, every one does).
+        set_to_none: ``optimizer.zero_grad(set_to_none=...)``. ``False`` (torch's default before
+            2.0) keeps zeroed gradients alive through every forward.
+        trace_timeout: seconds the trace may run before it stops with a :class:`TraceError`
+            (``"auto"`` then falls back to the formula); ``None`` for no limit.
+
+    The trace runs ``model``'s own ``forward`` (or ``step_fn``) on fake tensors, with every module
+    holding a private copy of its state for the duration: whatever that code caches, appends or
+    counts is dropped afterwards, and the module is left as it was (see :mod:`memguard._isolation`;
+    :func:`memguard.is_tracing` tells code with outside side effects, such as writing files, to
+    skip them).
 
     Returns:
         A :class:`MemoryEstimate`.
@@ -112,6 +129,12 @@ def estimate(
         raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if training_loop not in LOOPS:
         raise ConfigError(f"unknown training_loop {training_loop!r}; expected one of {', '.join(LOOPS)}")
+    accumulate_grad_batches = positive_int("accumulate_grad_batches", accumulate_grad_batches)
+    if not isinstance(set_to_none, bool):
+        raise ConfigError(f"set_to_none must be True or False, got {set_to_none!r}")
+    if trace_timeout is not None and (isinstance(trace_timeout, bool) or not isinstance(trace_timeout, (int, float))
+                                      or not 0 < trace_timeout < math.inf):
+        raise ConfigError(f"trace_timeout must be a positive number of seconds or None, got {trace_timeout!r}")
     for name, fn in (("loss_fn", loss_fn), ("step_fn", step_fn)):
         if fn is not None and not callable(fn):
             raise ConfigError(f"{name} must be callable, got {fn!r}")
@@ -129,10 +152,10 @@ def estimate(
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=is_checkpointing(resolved.module))
 
+    # The formula knows one thing about the loop: whether gradients live through the forward.
+    formula_loop = "lightning" if accumulate_grad_batches > 1 or not set_to_none else training_loop
     notes: list[str] = []
     if method in ("auto", "trace"):
-        from memguard.trace import trace_breakdown
-
         sharding: dict[str, Any] = {}
         if parallel.sharded:
             sharding["weight"] = parallel.weight
@@ -142,17 +165,23 @@ def estimate(
             sharding["blocks"] = repeated_blocks(resolved.module)
         try:
             breakdown, more = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn,
-                                              training_loop=training_loop, step_fn=step_fn, **sharding)
+                                              training_loop=training_loop, step_fn=step_fn,
+                                              timeout=trace_timeout, accumulate=accumulate_grad_batches,
+                                              set_to_none=set_to_none, **sharding)
             used = "trace"
         except MemguardError as exc:
             if method == "trace":
                 raise
             log.warning("trace failed (%s); falling back to the formula", exc)
             notes.append(f"trace failed ({exc}); formula used instead")
-            breakdown, more = _formula(resolved, spec, training_loop)
+            try:
+                breakdown, more = _formula(resolved, spec, formula_loop)
+            except MemguardError as formula_exc:
+                raise type(formula_exc)(f"neither method can estimate {resolved.name}: the trace failed ({exc}), "
+                                        f"and the formula too ({formula_exc})") from exc
             used = "formula"
     elif method == "formula":
-        breakdown, more = _formula(resolved, spec, training_loop)
+        breakdown, more = _formula(resolved, spec, formula_loop)
         used = "formula"
     else:
         from memguard.seed import seed_breakdown
@@ -185,6 +214,8 @@ def estimate(
         "offload_optimizer": parallel.offload_optimizer,
         "offload_params": parallel.offload_params,
         "lora_rank": lora_rank,
+        "accumulate_grad_batches": accumulate_grad_batches,
+        "set_to_none": set_to_none,
     }
     return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes), host_bytes=host)
 

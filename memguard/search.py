@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 
 from memguard.errors import ConfigError
 from memguard.result import MemoryEstimate
 
-__all__ = ["BatchSearch", "max_batch_size"]
+__all__ = ["BatchSearch", "max_batch_size", "reduced_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +99,28 @@ def max_batch_size(estimate_at: Callable[[int], MemoryEstimate], free_bytes: int
         else:
             hi = mid
     return BatchSearch(lo, cache[lo], tuple(trials))
+
+
+def reduced_batch(requested: int, accumulate: int, largest: int) -> tuple[int, int]:
+    """The batch size and gradient accumulation to train with when at most ``largest`` samples fit.
+
+    The effective batch ``E = requested * accumulate`` is kept exactly when ``E`` has a divisor
+    ``d`` with ``largest / 2 <= d <= largest``: the largest such ``d``, with ``E / d`` micro-batches
+    (asked 64, 11 fit: 8 x 8). Otherwise (a prime ``E`` ...) the fewest micro-batches of at most
+    ``largest`` samples, as even as they can be: ``a = ceil(E / largest)`` of ``ceil(E / a)``, an
+    effective batch of at least ``E`` (asked 7, 3 fit: 3 x 3 = 9). ``requested`` itself is returned
+    with ``accumulate`` when it fits.
+
+    Returns:
+        ``(batch_size, accumulate_grad_batches)``.
+    """
+    if min(requested, accumulate, largest) < 1:
+        raise ConfigError(f"batch sizes and accumulation must be positive, got {requested}, {accumulate}, {largest}")
+    if requested <= largest:
+        return requested, accumulate
+    effective = requested * accumulate
+    for d in range(largest, (largest + 1) // 2 - 1, -1):
+        if d >= largest / 2 and effective % d == 0:
+            return d, effective // d
+    acc = math.ceil(effective / largest)
+    return math.ceil(effective / acc), acc

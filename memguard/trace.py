@@ -36,6 +36,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -47,10 +49,11 @@ from torch._subclasses.fake_tensor import (
     DynamicOutputShapeException,
     FakeTensorMode,
 )
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
+from memguard._isolation import isolated, preserved_rng
+from memguard.device_rules import device_autocast, device_kernels
 from memguard.errors import ConfigError, TraceError
 from memguard.models import is_checkpointing, set_checkpointing
 from memguard.options import TrainingSpec, make_optimizer
@@ -67,6 +70,13 @@ _MMAP_THRESHOLD = 65536
 _PAGE = 4096
 _CPU_ALIGN = 64
 _FALLBACK_NUMEL_LIMIT = 1 << 24
+_CLOCK_EVERY = 256
+"""Ops between two looks at the clock (a look costs about as much as an op)."""
+
+DEFAULT_TIMEOUT = 120.0
+"""Seconds a trace may take before it stops with a :class:`TraceError`. Traces take seconds (GPT-2
+small 1.4 s, Llama-2-7B 3 s on two CPU cores); a step that does not end in two minutes waits on
+values a fake tensor does not have."""
 
 
 def _rounded(nbytes: int, device: str) -> int:
@@ -138,11 +148,14 @@ class _Ledger:
 class _CountingMode(TorchDispatchMode):
     """Records every storage an op returns; runs data-dependent ops on stand-in tensors."""
 
-    def __init__(self, ledger: _Ledger, fake_mode: FakeTensorMode) -> None:
+    def __init__(self, ledger: _Ledger, fake_mode: FakeTensorMode, timeout: float | None = None) -> None:
         super().__init__()
         self.ledger = ledger
         self.fake_mode = fake_mode
         self.fallbacks: dict[str, int] = {}
+        self.timeout = timeout
+        self.deadline = math.inf if timeout is None else time.monotonic() + timeout
+        self.ops = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -152,6 +165,15 @@ class _CountingMode(TorchDispatchMode):
             out = self._fallback(func, args, kwargs)
         if isinstance(out, torch.Tensor):  # the common case, without a tree walk
             self.ledger.track(out)
+            # Only ops that return tensors look at the clock: metadata queries (prim.device ...)
+            # are called from C++ that cannot pass an exception on.
+            self.ops += 1
+            if not self.ops % _CLOCK_EVERY and time.monotonic() > self.deadline:
+                raise TraceError(
+                    f"the trace ran out of time: {self.ops} ops in more than {self.timeout:g} s (trace_timeout) "
+                    "without finishing the step; a loop that waits for computed values to converge never ends "
+                    "on fake data (stand-in values of ones); raise trace_timeout if the step is just long"
+                )
         elif out is not None:
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
@@ -176,57 +198,6 @@ class _CountingMode(TorchDispatchMode):
         return tree_map_only(torch.Tensor, self.fake_mode.from_tensor, result)
 
 
-@contextlib.contextmanager
-def _cuda_kernels() -> Iterator[None]:
-    """Take the kernels a GPU would take where the CPU's differ in memory.
-
-    * ``scaled_dot_product_attention``: CUDA picks flash or memory-efficient attention, which keep
-      only the output and a per-row log-sum-exp for backward (Dao et al. 2022); the CPU falls back
-      to the math path (S×S scores) whenever dropout is on. The CPU flash kernel has the same
-      memory as the CUDA fused ones, so it stands in. A mask that needs a gradient (T5's learned
-      position bias) keeps the math path.
-    * dropout: on CUDA ``aten::dropout`` takes ``native_dropout`` (a 1-byte bool mask); on the CPU it
-      multiplies by a noise tensor of the input's dtype (``is_fused_kernel_acceptable`` in ATen).
-
-    The functions are swapped on ``torch.nn.functional`` for the whole trace rather than through a
-    ``TorchFunctionMode``, because checkpointed layers recompute their forward inside backward,
-    where such a mode is not active.
-    """
-    functional = torch.nn.functional
-    sdpa, dropout = functional.scaled_dot_product_attention, functional.dropout
-
-    def fused_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
-                   scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
-        if attn_mask is not None and attn_mask.requires_grad:
-            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
-        if enable_gqa and key.shape[-3] != query.shape[-3]:
-            rep = query.shape[-3] // key.shape[-3]
-            key = key.repeat_interleave(rep, dim=-3)
-            value = value.repeat_interleave(rep, dim=-3)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype).masked_fill_(
-                attn_mask.logical_not(), float("-inf"))
-        elif attn_mask is not None and attn_mask.dtype != query.dtype:
-            attn_mask = attn_mask.to(query.dtype)
-        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
-        return out
-
-    def native_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
-                       inplace: bool = False) -> torch.Tensor:
-        if not training or p == 0.0 or inplace:
-            return dropout(input, p, training, inplace)
-        return torch.native_dropout(input, p, True)[0]
-
-    functional.scaled_dot_product_attention, functional.dropout = fused_sdpa, native_dropout
-    try:
-        yield
-    finally:
-        functional.scaled_dot_product_attention, functional.dropout = sdpa, dropout
-
-
 def _loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> torch.Tensor:
     if loss_fn is not None:
         loss = loss_fn(output, batch)
@@ -249,43 +220,41 @@ def _loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor
     return loss
 
 
-@contextlib.contextmanager
-def _training_setup(module: nn.Module, checkpointing: bool) -> Iterator[None]:
-    """Put the module in train mode (and checkpointing as asked) and restore it afterwards."""
-    modes = {m: m.training for m in module.modules()}
-    had = is_checkpointing(module)
-    if checkpointing != had:
+def _prepare(module: nn.Module, checkpointing: bool) -> None:
+    """Put the (isolated) module in train mode, with checkpointing as asked."""
+    if checkpointing != is_checkpointing(module):
         set_checkpointing(module, checkpointing)
     module.train()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        if checkpointing != had:
-            set_checkpointing(module, had)
 
 
-def _fake_state(module: nn.Module, spec: TrainingSpec) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Fake stand-ins for the module's parameters and buffers, in the dtypes training keeps.
+def _stand_ins(module: nn.Module, spec: TrainingSpec) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+    """Fake stand-ins for the module's parameters and buffers (by ``id`` of the real tensor), in the
+    dtypes training keeps, and the trainable ones in ``named_parameters()`` order.
 
     Called inside the fake mode: ``empty_strided`` there allocates nothing, and the user's real
-    tensors are only read for their metadata.
+    tensors are only read for their metadata. Tied parameters share one stand-in.
     """
     low = spec.precision.param_dtype
-    state: dict[str, torch.Tensor] = {}
+    fakes: dict[int, torch.Tensor] = {}
     trainable: list[torch.Tensor] = []
-    for name, p in module.named_parameters():
-        dtype = low if p.is_floating_point() else p.dtype
-        fake = torch.empty_strided(p.shape, p.stride(), dtype=dtype, device="cpu")
-        fake.requires_grad_(p.requires_grad)
-        state[name] = fake
+    for p in module.parameters():
+        fake = torch.empty_strided(p.shape, p.stride(), dtype=low if p.is_floating_point() else p.dtype,
+                                   device="cpu")
+        fakes[id(p)] = fake.requires_grad_(p.requires_grad)
         if p.requires_grad:
             trainable.append(fake)
-    for name, b in module.named_buffers():
-        dtype = low if b.is_floating_point() else b.dtype
-        state[name] = torch.empty_strided(b.shape, b.stride(), dtype=dtype, device="cpu")
-    return state, trainable
+    for b in module.buffers():
+        fakes[id(b)] = torch.empty_strided(b.shape, b.stride(), dtype=low if b.is_floating_point() else b.dtype,
+                                           device="cpu")
+    return fakes, trainable
+
+
+def _stand_in(t: torch.Tensor) -> torch.Tensor:
+    """A fake CPU tensor like ``t`` (any other tensor the module holds); called in the fake mode."""
+    try:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+    except (RuntimeError, NotImplementedError):  # sparse, nested, quantized ...: no strides
+        return torch.empty(t.shape, dtype=t.dtype, device="cpu")
 
 
 def trace_breakdown(
@@ -300,6 +269,9 @@ def trace_breakdown(
     extras: Callable[[str], dict[Category, int]] | None = None,
     blocks: Iterable[nn.Module] = (),
     steps: int = 1,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    accumulate: int = 1,
+    set_to_none: bool = True,
 ) -> tuple[dict[Category, int], list[str]]:
     """Trace a steady-state training step of ``module`` on fake tensors and break down the peak.
 
@@ -326,6 +298,14 @@ def trace_breakdown(
             a sharded strategy's gathered units enter (see :meth:`memguard.parallel.Parallelism.phase_extras`).
         blocks: the repeated blocks; their backward marks the ``"block-backward"`` phase.
         steps: forward-backward-step rounds to trace after the state is made.
+        accumulate: micro-batches per optimizer step (gradient accumulation); from the second on,
+            each forward runs beside the gradients accumulated so far.
+        set_to_none: ``zero_grad(set_to_none=...)``; ``False`` (the default before torch 2.0)
+            keeps zeroed gradients alive through every forward.
+        timeout: seconds the trace may run (``None``: no limit); past them it stops with a
+            :class:`TraceError`. A data-dependent loop (``while h.abs().max() > eps``) sees stand-in
+            values that never converge. Checked between ops: a loop that runs no tensor op is not
+            stopped.
 
     Returns:
         Bytes per category at the peak, and notes on anything approximated.
@@ -336,7 +316,7 @@ def trace_breakdown(
     """
     ledger = _Ledger(spec.device)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    counting = _CountingMode(ledger, fake_mode)
+    counting = _CountingMode(ledger, fake_mode, timeout)
     precision = spec.precision
     notes: list[str] = []
     foreach = True if spec.device == "cuda" else None
@@ -345,22 +325,23 @@ def trace_breakdown(
     activations: set[int] = set()
     try:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_training_setup(module, bool(spec.gradient_checkpointing)))
-            for block in blocks:
-                handle = block.register_full_backward_pre_hook(
-                    lambda *_: ledger.set_phase("block-backward") if ledger.phase == "backward" else None)
-                stack.callback(handle.remove)
+            stack.enter_context(preserved_rng())
+            stack.enter_context(torch.enable_grad())
             stack.enter_context(fake_mode)
+            fakes, trainable = _stand_ins(module, spec)
+            # From here on the module's objects hold private copies of their state (fakes for its
+            # tensors), and get their own back on exit; checkpointed layers recompute their
+            # forward during backward, so this lasts the whole step.
+            stack.enter_context(isolated(module, fakes, _stand_in))
+            _prepare(module, bool(spec.gradient_checkpointing))
+            for block in blocks:
+                block.register_full_backward_pre_hook(
+                    lambda *_: ledger.set_phase("block-backward") if ledger.phase == "backward" else None)
             stack.enter_context(counting)
-            if spec.device == "cuda":
-                stack.enter_context(_cuda_kernels())
-            state, trainable = _fake_state(module, spec)
-            for t in state.values():
+            stack.enter_context(device_kernels(spec.device))
+            for t in fakes.values():
                 ledger.track(t)
-            params = {ledger.index_of(t) for t in state.values()}
-            # Swap the fakes in for the whole run, not just the forward: checkpointed layers
-            # recompute their forward during backward.
-            stack.enter_context(_reparametrize_module(module, state, tie_weights=True))
+            params = {ledger.index_of(t) for t in fakes.values()}
             optimizer = make_optimizer(spec.optimizer, trainable, foreach=foreach)
             grads: set[int] = set()
             opt_state: set[int] = set()
@@ -372,30 +353,31 @@ def trace_breakdown(
                 for t in trainable:
                     t.grad = torch.zeros_like(t)
                 grads.update(_storages(ledger, [t.grad for t in trainable]))
-                _optimizer_step(ledger, optimizer, trainable, opt_state, training_loop)
+                _optimizer_step(ledger, optimizer, trainable, opt_state, training_loop, set_to_none)
             for _ in range(steps):
-                ledger.set_phase("forward")
-                start = ledger.clock
-                args, kwargs = make_inputs()
-                for t in tree_flatten((args, kwargs))[0]:
-                    if isinstance(t, torch.Tensor):
-                        ledger.track(t)
-                autocast = (torch.autocast("cpu", dtype=precision.autocast_dtype)
-                            if precision.autocast_dtype is not None else contextlib.nullcontext())
-                with autocast:
-                    output = step_fn(args[0]) if step_fn is not None else module(*args, **kwargs)
-                    loss = _loss_of(output, kwargs or args, loss_fn)
-                end = ledger.clock
-                activations.update(i for i, r in ledger.live_at(end) if r.alloc > start)
-                del output
-                ledger.set_phase("backward")
-                if training_loop == "lightning" and optimizer is not None:
-                    optimizer.zero_grad(set_to_none=True)
-                if trainable:
-                    loss.backward()
-                del loss, args, kwargs
-                grads.update(_storages(ledger, [t.grad for t in trainable]))
-                _optimizer_step(ledger, optimizer, trainable, opt_state, training_loop)
+                # With accumulation, every micro-batch after the first runs its forward beside the
+                # gradients so far; the second stands for all the others.
+                for micro in range(min(accumulate, 2)):
+                    ledger.set_phase("forward")
+                    start = ledger.clock
+                    args, kwargs = make_inputs()
+                    for t in tree_flatten((args, kwargs))[0]:
+                        if isinstance(t, torch.Tensor):
+                            ledger.track(t)
+                    with device_autocast(spec.device, precision.autocast_dtype):
+                        output = step_fn(args[0]) if step_fn is not None else module(*args, **kwargs)
+                        loss = _loss_of(output, kwargs or args, loss_fn)
+                    end = ledger.clock
+                    activations.update(i for i, r in ledger.live_at(end) if r.alloc > start)
+                    del output
+                    ledger.set_phase("backward")
+                    if training_loop == "lightning" and optimizer is not None and micro == 0:
+                        optimizer.zero_grad(set_to_none=set_to_none)
+                    if trainable:
+                        loss.backward()
+                    del loss, args, kwargs
+                    grads.update(_storages(ledger, [t.grad for t in trainable]))
+                _optimizer_step(ledger, optimizer, trainable, opt_state, training_loop, set_to_none)
             kinds: dict[int, Category] = {}
             for i in range(len(ledger.records)):
                 if i in params:
@@ -409,7 +391,7 @@ def trace_breakdown(
                 else:
                     kinds[i] = Category.TEMPORARY
             breakdown = _peak_breakdown(ledger, kinds, weight, extras)
-            del state, trainable, optimizer
+            del fakes, trainable, optimizer
     except (ConfigError, TraceError):
         raise
     except Exception as exc:
@@ -435,14 +417,14 @@ def _storages(ledger: _Ledger, tensors: Iterable[Any]) -> Iterator[int]:
 
 
 def _optimizer_step(ledger: _Ledger, optimizer: torch.optim.Optimizer | None, trainable: list[torch.Tensor],
-                    opt_state: set[int], training_loop: str) -> None:
+                    opt_state: set[int], training_loop: str, set_to_none: bool = True) -> None:
     """The optimizer's step (noting its state) and, in PyTorch's loop, ``zero_grad``."""
     ledger.set_phase("optimizer")
     if optimizer is not None:
         optimizer.step()
         opt_state.update(_storages(ledger, (v for s in optimizer.state.values() for v in s.values())))
         if training_loop == "pytorch":
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=set_to_none)
     else:
         for t in trainable:
             t.grad = None
