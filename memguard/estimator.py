@@ -26,7 +26,7 @@ from memguard.models import (
     max_positions,
     model_task,
 )
-from memguard.options import TrainingSpec, positive_int
+from memguard.options import TrainingSpec, positive_int, resolve_precision
 from memguard.overhead import device_overhead
 from memguard.parallel import Parallelism, repeated_blocks, resolve_parallelism
 from memguard.result import Category, MemoryEstimate
@@ -145,6 +145,8 @@ def estimate(
     spec = TrainingSpec.create(batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
                                precision=precision, gradient_checkpointing=gradient_checkpointing,
                                device=device)
+    asked_precision = spec.precision.name
+    spec, master_weights = _deepspeed_precision(spec, parallel)
     resolved = load_model(model)
     if lora_rank is not None:
         resolved = add_lora(resolved, positive_int("lora_rank", lora_rank))
@@ -194,7 +196,8 @@ def estimate(
     breakdown = dict(breakdown)
     host = 0
     if used != "seed" and parallel.strategy != "single":
-        breakdown, host, more = _distribute(breakdown, parallel, resolved, spec, traced=used == "trace")
+        breakdown, host, more = _distribute(breakdown, parallel, resolved, spec, traced=used == "trace",
+                                            master_weights=master_weights)
         notes.extend(more)
     peak = sum(v for k, v in breakdown.items() if k != Category.OVERHEAD)
     if used != "seed":
@@ -203,7 +206,7 @@ def estimate(
         "model": resolved.name,
         "batch_size": spec.batch_size,
         "seq_len": spec.seq_len,
-        "precision": spec.precision.name,
+        "precision": asked_precision,
         "optimizer": spec.optimizer.name,
         "gradient_checkpointing": spec.gradient_checkpointing,
         "device": spec.device,
@@ -221,28 +224,58 @@ def estimate(
 
 
 def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel,
-                spec: TrainingSpec, *, traced: bool) -> tuple[dict[Category, int], int, list[str]]:
+                spec: TrainingSpec, *, traced: bool, master_weights: bool = False,
+                ) -> tuple[dict[Category, int], int, list[str]]:
     """Apply the per-device share of model state and add the strategy's buffers.
 
     A trace was already weighted allocation by allocation; a formula's breakdown is scaled here.
+    With ``master_weights`` (DeepSpeed's mixed precision, see :func:`_deepspeed_precision`) the
+    optimizer state is DeepSpeed's: an fp32 master copy of each trainable parameter plus the
+    optimizer's state over it, in fp32, sharded as optimizer state.
     """
+    from memguard.formula import optimizer_state_bytes
+
     if not traced:
         for cat, share in parallel.factors().items():
             breakdown[cat] = int(breakdown.get(cat, 0) * share)
     module = resolved.module
     element = _element_bytes(spec)
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad) * element
-    states = spec.optimizer.state_tensors if spec.optimizer.state_tensors is not None else 2
+    trainable_numel = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    trainable = trainable_numel * element
+    states, _ = optimizer_state_bytes(module, spec)  # the one source of the state's size
+    notes = []
+    if master_weights:
+        fp32_states, _ = optimizer_state_bytes(module, spec.replace(precision=resolve_precision("32-true")))
+        states = fp32_states + 4 * trainable_numel
+        breakdown[Category.OPTIMIZER_STATE] = int(states * parallel.factors()[Category.OPTIMIZER_STATE])
+        notes.append(f"{parallel.strategy} with mixed precision: the module in {spec.precision.param_dtype}, its "
+                     "optimizer over fp32 master weights (DeepSpeed's fp16/bf16 modes; 2 + 2 + 12 bytes per "
+                     "parameter for Adam, ZeRO paper)")
     full = {Category.PARAMETERS: sum(p.numel() for p in module.parameters()) * element,
-            Category.OPTIMIZER_STATE: states * trainable}
+            Category.OPTIMIZER_STATE: states}
     if not (traced and parallel.fully_sharded):  # the trace added those phase by phase
         for cat, extra in parallel.extras(module, bytes_per_element=element, trainable_bytes=trainable).items():
             breakdown[cat] = breakdown.get(cat, 0) + extra
-    notes = []
     if parallel.sharded:
         notes.append(f"{parallel.strategy} over {parallel.shard_size} ranks: model state per device as in ZeRO "
                      "(Rajbhandari et al. 2020), with gathered units and buckets added")
     return breakdown, parallel.host_bytes(full), notes
+
+
+def _deepspeed_precision(spec: TrainingSpec, parallel: Parallelism) -> tuple[TrainingSpec, bool]:
+    """The precision DeepSpeed trains in, and whether its optimizer keeps fp32 master weights.
+
+    Under a DeepSpeed strategy, Lightning's ``16-mixed``/``bf16-mixed`` turn on DeepSpeed's
+    ``fp16``/``bf16`` mode (``DeepSpeedPrecision`` in Lightning, ``_format_precision_config`` of
+    its ``DeepSpeedStrategy``): DeepSpeed casts the module to 16-bit (so parameters, gradients and
+    activations are 16-bit, with no autocast), and its ZeRO optimizer keeps fp32 master partitions
+    (``deepspeed/runtime/zero/stage_1_and_2.py``, ``single_partition_of_fp32_groups``;
+    ``bf16_optimizer.py``). Under torch AMP (DDP, FSDP) parameters and gradients stay fp32.
+    """
+    if not parallel.strategy.startswith("deepspeed") or spec.precision.autocast_dtype is None:
+        return spec, False
+    low = "bf16-true" if spec.precision.autocast_dtype == torch.bfloat16 else "16-true"
+    return spec.replace(precision=resolve_precision(low)), True
 
 
 def _element_bytes(spec: TrainingSpec) -> int:

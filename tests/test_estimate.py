@@ -113,3 +113,67 @@ def test_table_lists_every_category(tiny_gpt2) -> None:
     for cat in Category:
         assert cat.value in text
     assert "batch_size=2" in text and "total" in text
+
+
+# -- the training loop and DeepSpeed's precision ----------------------------------------------------
+
+
+def _model_state(est: memguard.MemoryEstimate) -> tuple[int, int, int]:
+    b = est.breakdown
+    return b[Category.PARAMETERS], b[Category.GRADIENTS], b[Category.OPTIMIZER_STATE]
+
+
+def test_accumulation_and_set_to_none_keep_gradients_alive_through_the_forward(tiny_gpt2: GPT2LMHeadModel) -> None:
+    base = memguard.estimate(tiny_gpt2, 4, 128, method="trace", device="cpu")
+    acc = memguard.estimate(tiny_gpt2, 4, 128, method="trace", device="cpu", accumulate_grad_batches=4)
+    zeroed = memguard.estimate(tiny_gpt2, 4, 128, method="trace", device="cpu", set_to_none=False)
+    n = sum(p.numel() for p in tiny_gpt2.parameters())
+    # The second micro-batch (and every later one) runs its forward beside all the gradients.
+    assert acc.peak_bytes > base.peak_bytes
+    assert acc.breakdown[Category.GRADIENTS] == pytest.approx(4 * n, rel=0.05)  # all, with CPU page rounding
+    assert acc.peak_bytes == zeroed.peak_bytes  # the same situation: gradients alive at the forward
+    assert acc.inputs["accumulate_grad_batches"] == 4 and zeroed.inputs["set_to_none"] is False
+    # Beyond two micro-batches nothing changes: the second stands for all the later ones.
+    assert memguard.estimate(tiny_gpt2, 4, 128, method="trace", device="cpu",
+                             accumulate_grad_batches=2).peak_bytes == acc.peak_bytes
+    formula = memguard.estimate(tiny_gpt2, 4, 128, method="formula", device="cpu", accumulate_grad_batches=4)
+    assert formula.peak_bytes == pytest.approx(acc.peak_bytes, rel=0.05)
+    with pytest.raises(ConfigError, match="accumulate_grad_batches must be a positive integer, got 0"):
+        memguard.estimate(tiny_gpt2, 4, 128, accumulate_grad_batches=0)
+    with pytest.raises(ConfigError, match="set_to_none must be True or False, got 'no'"):
+        memguard.estimate(tiny_gpt2, 4, 128, set_to_none="no")
+
+
+@pytest.mark.parametrize("method", ["trace", "formula"])
+def test_deepspeed_mixed_precision_keeps_a_16_bit_module_and_fp32_master_weights(
+        tiny_gpt2: GPT2LMHeadModel, method: str) -> None:
+    n = sum(p.numel() for p in tiny_gpt2.parameters())
+    kwargs = {"method": method, "device": "cpu", "strategy": "deepspeed_stage_3", "world_size": 4}
+    mixed = memguard.estimate(tiny_gpt2, 2, 64, precision="bf16-mixed", **kwargs)
+    fp32 = memguard.estimate(tiny_gpt2, 2, 64, precision="32-true", **kwargs)
+    # ZeRO paper: 2 + 2 + 12 bytes per parameter, each sharded over the 4 ranks under stage 3
+    # (plus the gathered units, the same number of elements in both precisions).
+    assert mixed.breakdown[Category.OPTIMIZER_STATE] == pytest.approx(12 * n / 4, rel=0.01)
+    # (The trace's own fp32 state has a step counter and allocator rounding per tensor.)
+    assert fp32.breakdown[Category.OPTIMIZER_STATE] == pytest.approx(8 * n / 4, rel=0.05)
+    p16, _, _ = _model_state(mixed)
+    p32, _, _ = _model_state(fp32)
+    assert p16 == pytest.approx(p32 / 2, rel=0.02)
+    assert mixed.inputs["precision"] == "bf16-mixed"
+    assert any("fp32 master weights" in note for note in mixed.notes)
+    # Under torch AMP (DDP) the parameters stay fp32 and there is no master copy.
+    ddp = memguard.estimate(tiny_gpt2, 2, 64, precision="bf16-mixed", method=method, device="cpu",
+                            strategy="ddp", world_size=4)
+    assert ddp.breakdown[Category.PARAMETERS] >= 4 * n
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw-8bit", "adafactor", "sgd-momentum"])
+def test_offloaded_optimizer_state_is_the_optimizers_own(tiny_gpt2: GPT2LMHeadModel, optimizer: str) -> None:
+    kwargs = {"optimizer": optimizer, "method": "formula", "device": "cpu", "strategy": "deepspeed_stage_2",
+              "world_size": 2}
+    here = memguard.estimate(tiny_gpt2, 2, 64, **kwargs)
+    away = memguard.estimate(tiny_gpt2, 2, 64, offload_optimizer=True, **kwargs)
+    assert away.breakdown[Category.OPTIMIZER_STATE] == 0
+    assert here.breakdown[Category.OPTIMIZER_STATE] > 0
+    # What leaves the device is what the optimizer keeps (8-bit and factored states included).
+    assert away.host_bytes == here.breakdown[Category.OPTIMIZER_STATE]
