@@ -157,6 +157,7 @@ def estimate(
     # The formula knows one thing about the loop: whether gradients live through the forward.
     formula_loop = "lightning" if accumulate_grad_batches > 1 or not set_to_none else training_loop
     notes: list[str] = []
+    slack: int | None = None
     if method in ("auto", "trace"):
         sharding: dict[str, Any] = {}
         if parallel.sharded:
@@ -166,7 +167,7 @@ def estimate(
                                                        bytes_per_element=_element_bytes(spec))
             sharding["blocks"] = repeated_blocks(resolved.module)
         try:
-            breakdown, more = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn,
+            breakdown, more, slack = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn,
                                               training_loop=training_loop, step_fn=step_fn,
                                               timeout=trace_timeout, accumulate=accumulate_grad_batches,
                                               set_to_none=set_to_none, **sharding)
@@ -200,8 +201,9 @@ def estimate(
                                             master_weights=master_weights)
         notes.extend(more)
     peak = sum(v for k, v in breakdown.items() if k != Category.OVERHEAD)
+    context = 0
     if used != "seed":
-        breakdown[Category.OVERHEAD] = device_overhead(spec.device, peak)
+        breakdown[Category.OVERHEAD], context = device_overhead(spec.device, peak, slack if used == "trace" else None)
     inputs = {
         "model": resolved.name,
         "batch_size": spec.batch_size,
@@ -220,7 +222,8 @@ def estimate(
         "accumulate_grad_batches": accumulate_grad_batches,
         "set_to_none": set_to_none,
     }
-    return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes), host_bytes=host)
+    return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes), host_bytes=host,
+                          context_bytes=context)
 
 
 def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel,

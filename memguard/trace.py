@@ -53,6 +53,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memguard._isolation import isolated, preserved_rng
+from memguard.allocator import ledger_events, replay
+from memguard.allocator_config import AllocatorConfig
 from memguard.device_rules import device_autocast, device_kernels
 from memguard.errors import ConfigError, TraceError
 from memguard.models import is_checkpointing, set_checkpointing
@@ -95,10 +97,11 @@ def _rounded(nbytes: int, device: str) -> int:
 
 @dataclasses.dataclass
 class _Record:
-    nbytes: int
+    nbytes: int  # as the device's allocator rounds it
     alloc: int
     free: int | None = None
     phase: str = "other"
+    requested: int = 0  # as asked for
 
 
 class _Ledger:
@@ -126,7 +129,7 @@ class _Ledger:
         self.clock += 1
         index = len(self.records)
         self.records.append(_Record(_rounded(nbytes, self.device) if nbytes else 0, self.clock,
-                                    phase=self.phase))
+                                    phase=self.phase, requested=nbytes))
         self.by_storage[storage] = index
         weakref.finalize(storage, self._free, index)
 
@@ -272,7 +275,7 @@ def trace_breakdown(
     timeout: float | None = DEFAULT_TIMEOUT,
     accumulate: int = 1,
     set_to_none: bool = True,
-) -> tuple[dict[Category, int], list[str]]:
+) -> tuple[dict[Category, int], list[str], int]:
     """Trace a steady-state training step of ``module`` on fake tensors and break down the peak.
 
     The optimizer's state is made first, by one optimizer step on zero gradients, so the traced
@@ -308,7 +311,9 @@ def trace_breakdown(
             stopped.
 
     Returns:
-        Bytes per category at the peak, and notes on anything approximated.
+        Bytes per category at the peak, notes on anything approximated, and (on CUDA) the bytes the
+        caching allocator reserves beyond its allocated peak, from replaying the step's
+        allocations and frees in order (:func:`memguard.allocator.replay`).
 
     Raises:
         TraceError: when the model's code cannot run on fake tensors.
@@ -391,6 +396,7 @@ def trace_breakdown(
                 else:
                     kinds[i] = Category.TEMPORARY
             breakdown = _peak_breakdown(ledger, kinds, weight, extras)
+            slack = _allocator_slack(ledger, kinds, weight) if spec.device == "cuda" else 0
             del fakes, trainable, optimizer
     except (ConfigError, TraceError):
         raise
@@ -404,7 +410,7 @@ def trace_breakdown(
     if precision.grad_scaler:
         notes.append("GradScaler's scalars are not traced (a few bytes)")
     log.debug("trace of %s: peak %d bytes", type(module).__name__, sum(breakdown.values()))
-    return breakdown, notes
+    return breakdown, notes, slack
 
 
 def _storages(ledger: _Ledger, tensors: Iterable[Any]) -> Iterator[int]:
@@ -429,6 +435,21 @@ def _optimizer_step(ledger: _Ledger, optimizer: torch.optim.Optimizer | None, tr
         for t in trainable:
             t.grad = None
     ledger.set_phase("other")
+
+
+def _allocator_slack(ledger: _Ledger, kinds: dict[int, Category],
+                     weight: Callable[[Category, str], float] | None) -> int:
+    """``max_memory_reserved() - max_memory_allocated()`` of the step under the CUDA caching allocator.
+
+    The step's allocations and frees are replayed in order, at their requested sizes (the share a
+    rank holds, under sharding), with the allocator settings of ``PYTORCH_CUDA_ALLOC_CONF``.
+    """
+    def share(i: int, r: _Record) -> int:
+        return r.requested if weight is None else int(r.requested * weight(kinds[i], r.phase))
+
+    records = [dataclasses.replace(r, nbytes=share(i, r)) for i, r in enumerate(ledger.records)]
+    stats = replay(ledger_events(records), AllocatorConfig.from_env())
+    return max(0, stats.peak_reserved - stats.peak_allocated)
 
 
 def _peak_breakdown(ledger: _Ledger, kinds: dict[int, Category],

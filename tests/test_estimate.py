@@ -177,3 +177,34 @@ def test_offloaded_optimizer_state_is_the_optimizers_own(tiny_gpt2: GPT2LMHeadMo
     assert here.breakdown[Category.OPTIMIZER_STATE] > 0
     # What leaves the device is what the optimizer keeps (8-bit and factored states included).
     assert away.host_bytes == here.breakdown[Category.OPTIMIZER_STATE]
+
+
+# -- what the caching allocator reserves --------------------------------------------------------------
+
+
+def test_reserved_is_a_replay_of_the_traced_step(tiny_gpt2: GPT2LMHeadModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memguard.overhead import CUDA_CONTEXT_BYTES, CUDA_WORKSPACE_BYTES
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    est = memguard.estimate(tiny_gpt2, 8, 256, method="trace")
+    slack = est.reserved_bytes - est.peak_bytes - CUDA_WORKSPACE_BYTES
+    # Small-pool segments are 2 MiB and large ones 20 MiB: a small model's step reserves more
+    # than it allocates, and never less.
+    assert slack > 0
+    assert est.context_bytes == CUDA_CONTEXT_BYTES
+    assert est.total_bytes == est.reserved_bytes + CUDA_CONTEXT_BYTES
+    assert memguard.MemoryEstimate.from_dict(json.loads(json.dumps(est.to_dict()))) == est
+    assert "max_memory_reserved" in str(est)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    expandable = memguard.estimate(tiny_gpt2, 8, 256, method="trace")
+    assert expandable.peak_bytes == est.peak_bytes
+    assert expandable.reserved_bytes != est.reserved_bytes
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:oops")
+    with pytest.raises(ConfigError, match="max_split_size_mb"):
+        memguard.estimate(tiny_gpt2, 8, 256, method="trace")
+
+
+def test_the_cpu_reserves_nothing_beyond_its_tensors(tiny_gpt2: GPT2LMHeadModel) -> None:
+    est = memguard.estimate(tiny_gpt2, 2, 64, method="trace", device="cpu")
+    assert est.reserved_bytes == est.total_bytes == est.peak_bytes
+    assert est.context_bytes == 0
