@@ -29,7 +29,7 @@ from memguard.models import (
 from memguard.options import TrainingSpec, positive_int, resolve_precision
 from memguard.overhead import device_overhead
 from memguard.parallel import Parallelism, repeated_blocks, resolve_parallelism
-from memguard.result import Category, MemoryEstimate
+from memguard.result import Category, MemoryEstimate, PeakTensors
 from memguard.trace import DEFAULT_TIMEOUT, trace_breakdown
 
 __all__ = ["METHODS", "Inputs", "estimate"]
@@ -158,6 +158,8 @@ def estimate(
     formula_loop = "lightning" if accumulate_grad_batches > 1 or not set_to_none else training_loop
     notes: list[str] = []
     slack: int | None = None
+    at_peak: tuple[PeakTensors, ...] = ()
+    timeline: tuple[tuple[int, str, int], ...] = ()
     if method in ("auto", "trace"):
         sharding: dict[str, Any] = {}
         if parallel.sharded:
@@ -167,10 +169,12 @@ def estimate(
                                                        bytes_per_element=_element_bytes(spec))
             sharding["blocks"] = repeated_blocks(resolved.module)
         try:
-            breakdown, more, slack = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn,
+            traced = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn,
                                               training_loop=training_loop, step_fn=step_fn,
                                               timeout=trace_timeout, accumulate=accumulate_grad_batches,
                                               set_to_none=set_to_none, **sharding)
+            breakdown, more, slack = traced.breakdown, traced.notes, traced.slack
+            at_peak, timeline = traced.at_peak, traced.timeline
             used = "trace"
         except MemguardError as exc:
             if method == "trace":
@@ -223,7 +227,7 @@ def estimate(
         "set_to_none": set_to_none,
     }
     return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes), host_bytes=host,
-                          context_bytes=context)
+                          context_bytes=context, at_peak=at_peak, timeline=timeline)
 
 
 def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel,

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from memguard.errors import ConfigError
-from memguard.units import format_bytes
+from memguard.units import format_bytes, parse_bytes
 
-__all__ = ["Category", "MemoryEstimate"]
+__all__ = ["Category", "MemoryEstimate", "PeakTensors"]
 
 
 class Category(str, enum.Enum):
@@ -44,6 +44,32 @@ _ORDER = tuple(Category)
 
 
 @dataclasses.dataclass(frozen=True)
+class PeakTensors:
+    """Tensors alive at the peak that one module made, of one category.
+
+    Attributes:
+        where: the module path whose forward made them (``transformer.h.3.attn``), the parameter
+            they belong to (``lm_head.weight.grad``), or the phase of the step that made them.
+        category: what they are.
+        nbytes: their bytes (the share a rank holds under sharding).
+        count: how many storages.
+        shape: the shape of the largest one.
+        dtype: its dtype (``"torch.bfloat16"``).
+    """
+
+    where: str
+    category: Category
+    nbytes: int
+    count: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"where": self.where, "category": self.category.value, "bytes": self.nbytes, "count": self.count,
+                "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
     """The predicted memory of one steady-state training step.
 
@@ -55,6 +81,13 @@ class MemoryEstimate:
         notes: anything the method had to assume or approximate, in words.
         host_bytes: host memory needed per rank for what is offloaded (optimizer state, parameter
             shards); not part of :attr:`total_bytes`, which is device memory.
+        context_bytes: the part of the overhead that lives outside PyTorch's caching allocator
+            (the CUDA context); the rest of it is the allocator's (reserved beyond the tensors,
+            library workspaces). Zero on the CPU.
+        at_peak: the trace only: tensors alive at the peak, by module and category, largest first.
+        timeline: the trace only: ``(event, phase, live_bytes)`` through the step (phases
+            ``forward``, ``backward``, ``block-backward``, ``optimizer``, ``other``); its largest
+            ``live_bytes`` is :attr:`peak_bytes`.
     """
 
     method: str
@@ -62,6 +95,9 @@ class MemoryEstimate:
     inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
     host_bytes: int = 0
+    context_bytes: int = 0
+    at_peak: tuple[PeakTensors, ...] = ()
+    timeline: tuple[tuple[int, str, int], ...] = ()
 
     def __post_init__(self) -> None:
         full = {c: 0 for c in _ORDER}
@@ -73,11 +109,26 @@ class MemoryEstimate:
         object.__setattr__(self, "breakdown", full)
         object.__setattr__(self, "inputs", dict(self.inputs))
         object.__setattr__(self, "notes", tuple(self.notes))
+        object.__setattr__(self, "at_peak", tuple(self.at_peak))
+        object.__setattr__(self, "timeline", tuple(tuple(p) for p in self.timeline))
+        if not 0 <= self.context_bytes <= full[Category.OVERHEAD]:
+            raise ValueError(f"context_bytes must be within the overhead, got {self.context_bytes!r}")
 
     @property
     def total_bytes(self) -> int:
-        """What must be free on the device: :attr:`peak_bytes` plus device overhead."""
+        """What must be free on the device, what ``nvidia-smi`` shows: :attr:`reserved_bytes` plus
+        the CUDA context. :meth:`fits` compares it."""
         return sum(self.breakdown.values())
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What PyTorch's caching allocator holds at its peak: ``torch.cuda.max_memory_reserved()``.
+
+        :attr:`peak_bytes` plus what the allocator reserves beyond live tensors (segment rounding,
+        splits, cached blocks; replayed from the trace's allocations, see
+        :mod:`memguard.allocator`) and library workspaces. Equal to :attr:`peak_bytes` on the CPU.
+        """
+        return self.total_bytes - self.context_bytes
 
     @property
     def peak_bytes(self) -> int:
@@ -88,14 +139,26 @@ class MemoryEstimate:
         """
         return self.total_bytes - self.breakdown[Category.OVERHEAD]
 
-    def fits(self, free_bytes: int, margin: float = 0.1) -> bool:
+    def fits(self, free_bytes: int | float | str, margin: float = 0.1) -> bool:
         """Whether the step fits in ``free_bytes`` while keeping ``margin`` of it spare.
 
         ``fits(free, 0.1)`` is true when ``total_bytes <= 0.9 * free``.
+
+        Args:
+            free_bytes: the memory available: bytes (``int``), or a size as
+                :func:`~memguard.parse_bytes` reads it (``"12GiB"``, ``"24GB"``), so
+                ``est.fits("12GiB")`` means what it says. A percentage has no device to refer
+                to here: pass ``memguard.resolve_budget("80%", device).free_bytes``.
+            margin: the share of ``free_bytes`` to keep spare, a number in ``[0, 1)``.
+
+        Raises:
+            ConfigError: for a size :func:`~memguard.parse_bytes` cannot read (a bool, a negative
+                or infinite number, a percentage) or a margin outside ``[0, 1)``.
         """
-        if not 0 <= margin < 1:
-            raise ConfigError(f"margin must be in [0, 1), got {margin!r}")
-        return self.total_bytes <= free_bytes * (1 - margin)
+        free = parse_bytes(free_bytes)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+            raise ConfigError(f"margin must be a number in [0, 1), got {margin!r}")
+        return self.total_bytes <= free * (1 - margin)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: method, peak and total bytes, breakdown, inputs and notes."""
@@ -107,6 +170,10 @@ class MemoryEstimate:
             "inputs": dict(self.inputs),
             "notes": list(self.notes),
             "host_bytes": self.host_bytes,
+            "reserved_bytes": self.reserved_bytes,
+            "context_bytes": self.context_bytes,
+            "at_peak": [g.to_dict() for g in self.at_peak],
+            "timeline": [list(p) for p in self.timeline],
         }
 
     @classmethod
@@ -114,10 +181,14 @@ class MemoryEstimate:
         """Read back what :meth:`to_dict` wrote."""
         return cls(method=data["method"], breakdown=dict(data["breakdown"]),
                    inputs=dict(data.get("inputs", {})), notes=tuple(data.get("notes", ())),
-                   host_bytes=int(data.get("host_bytes", 0)))
+                   host_bytes=int(data.get("host_bytes", 0)), context_bytes=int(data.get("context_bytes", 0)),
+                   at_peak=tuple(PeakTensors(g["where"], Category(g["category"]), int(g["bytes"]), int(g["count"]),
+                                             tuple(g["shape"]), g["dtype"]) for g in data.get("at_peak", ())),
+                   timeline=tuple((int(e), str(p), int(n)) for e, p, n in data.get("timeline", ())))
 
-    def table(self) -> str:
-        """The breakdown as a text table, one row per category, with shares of the total."""
+    def table(self, top: int = 0) -> str:
+        """The breakdown as a text table, one row per category, with shares of the total, and the
+        ``top`` largest groups of tensors alive at the peak (trace only)."""
         total = self.total_bytes or 1
         title = f"memguard estimate ({self.method})"
         shown = {k: v for k, v in self.inputs.items()
@@ -132,15 +203,24 @@ class MemoryEstimate:
             n = self.breakdown[cat]
             lines.append(f"{cat.value:<{width}}  {format_bytes(n):>12}  {100 * n / total:6.1f}%")
         lines.append(rule)
-        lines.append(f"{'peak (tensors)':<{width}}  {format_bytes(self.peak_bytes):>12}")
-        lines.append(f"{'total':<{width}}  {format_bytes(self.total_bytes):>12}")
+        lines.append(f"{'peak (tensors)':<{width}}  {format_bytes(self.peak_bytes):>12}  max_memory_allocated")
+        if self.context_bytes:
+            lines.append(f"{'reserved':<{width}}  {format_bytes(self.reserved_bytes):>12}  max_memory_reserved")
+            lines.append(f"{'total':<{width}}  {format_bytes(self.total_bytes):>12}  nvidia-smi (+ context)")
+        else:
+            lines.append(f"{'total':<{width}}  {format_bytes(self.total_bytes):>12}")
         if self.host_bytes:
             lines.append(f"{'host (offload)':<{width}}  {format_bytes(self.host_bytes):>12}")
+        if top and self.at_peak:
+            lines.append(f"alive at the peak (largest {min(top, len(self.at_peak))} of {len(self.at_peak)}):")
+            lines.extend(f"  {format_bytes(g.nbytes):>12}  {g.category.value:<15}  {g.where}  "
+                         f"{g.count} x, largest {list(g.shape)} {g.dtype.removeprefix('torch.')}"
+                         for g in self.at_peak[:top])
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return self.table()
+        return self.table(top=5)
 
 
 _SHOWN_INPUTS = ("model", "batch_size", "seq_len", "precision", "optimizer", "device",

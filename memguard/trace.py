@@ -59,9 +59,10 @@ from memguard.device_rules import device_autocast, device_kernels
 from memguard.errors import ConfigError, TraceError
 from memguard.models import is_checkpointing, set_checkpointing
 from memguard.options import TrainingSpec, make_optimizer
-from memguard.result import Category
+from memguard.peak import analyse
+from memguard.result import Category, PeakTensors
 
-__all__ = ["trace_breakdown"]
+__all__ = ["TraceResult", "trace_breakdown"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,9 @@ class _Record:
     free: int | None = None
     phase: str = "other"
     requested: int = 0  # as asked for
+    where: str = ""  # the module whose forward made it, or the parameter it belongs to
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
 
 
 class _Ledger:
@@ -114,6 +118,7 @@ class _Ledger:
         self.clock = 0
         self.phase = "other"
         self.marks: list[tuple[int, str]] = [(0, "other")]
+        self.modules: list[str] = []  # the forward calls under way, outermost first
 
     def set_phase(self, phase: str) -> None:
         """Start ``phase`` (``"forward"``, ``"backward"``, ``"block-backward"``, ``"optimizer"``)."""
@@ -129,12 +134,36 @@ class _Ledger:
         self.clock += 1
         index = len(self.records)
         self.records.append(_Record(_rounded(nbytes, self.device) if nbytes else 0, self.clock,
-                                    phase=self.phase, requested=nbytes))
+                                    phase=self.phase, requested=nbytes,
+                                    where=self.modules[-1] if self.modules else "",
+                                    shape=tuple(t.shape), dtype=str(t.dtype)))
         self.by_storage[storage] = index
         weakref.finalize(storage, self._free, index)
 
     def index_of(self, t: torch.Tensor) -> int | None:
         return self.by_storage.get(t.untyped_storage())
+
+    def name(self, tensors: Iterable[tuple[str, Any]]) -> None:
+        """Say what the storages of ``(name, tensor)`` pairs are (parameters, gradients, state)."""
+        for name, t in tensors:
+            i = self.index_of(t) if isinstance(t, torch.Tensor) else None
+            if i is not None:
+                self.records[i].where = name
+
+    def follow(self, root: nn.Module) -> None:
+        """Note which module's forward each allocation happens in (hooks on the isolated module)."""
+        def enter(name: str) -> Callable[..., None]:
+            def hook(*_: Any) -> None:
+                self.modules.append(name)
+            return hook
+
+        def leave(*_: Any) -> None:  # a hook that returns something replaces the output
+            if self.modules:
+                self.modules.pop()
+
+        for name, m in root.named_modules():
+            m.register_forward_pre_hook(enter(name or type(root).__name__))
+            m.register_forward_hook(leave)
 
     def _free(self, index: int) -> None:
         record = self.records[index]
@@ -223,6 +252,26 @@ def _loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor
     return loss
 
 
+@dataclasses.dataclass(frozen=True)
+class TraceResult:
+    """What a trace found.
+
+    Attributes:
+        breakdown: bytes per category at the peak.
+        notes: anything approximated, in words.
+        slack: on CUDA, what the caching allocator reserves beyond its allocated peak, from
+            replaying the step's allocations and frees in order (:func:`memguard.allocator.replay`).
+        at_peak: tensors alive at the peak, by module and category (:func:`memguard.peak.analyse`).
+        timeline: live bytes through the step.
+    """
+
+    breakdown: dict[Category, int]
+    notes: list[str]
+    slack: int
+    at_peak: tuple[PeakTensors, ...]
+    timeline: tuple[tuple[int, str, int], ...]
+
+
 def _prepare(module: nn.Module, checkpointing: bool) -> None:
     """Put the (isolated) module in train mode, with checkpointing as asked."""
     if checkpointing != is_checkpointing(module):
@@ -275,7 +324,7 @@ def trace_breakdown(
     timeout: float | None = DEFAULT_TIMEOUT,
     accumulate: int = 1,
     set_to_none: bool = True,
-) -> tuple[dict[Category, int], list[str], int]:
+) -> TraceResult:
     """Trace a steady-state training step of ``module`` on fake tensors and break down the peak.
 
     The optimizer's state is made first, by one optimizer step on zero gradients, so the traced
@@ -311,9 +360,7 @@ def trace_breakdown(
             stopped.
 
     Returns:
-        Bytes per category at the peak, notes on anything approximated, and (on CUDA) the bytes the
-        caching allocator reserves beyond its allocated peak, from replaying the step's
-        allocations and frees in order (:func:`memguard.allocator.replay`).
+        A :class:`TraceResult`.
 
     Raises:
         TraceError: when the model's code cannot run on fake tensors.
@@ -346,6 +393,9 @@ def trace_breakdown(
             stack.enter_context(device_kernels(spec.device))
             for t in fakes.values():
                 ledger.track(t)
+            named = list(module.named_parameters())
+            ledger.name([*named, *module.named_buffers()])
+            ledger.follow(module)
             params = {ledger.index_of(t) for t in fakes.values()}
             optimizer = make_optimizer(spec.optimizer, trainable, foreach=foreach)
             grads: set[int] = set()
@@ -382,6 +432,7 @@ def trace_breakdown(
                         loss.backward()
                     del loss, args, kwargs
                     grads.update(_storages(ledger, [t.grad for t in trainable]))
+                    ledger.name((f"{n}.grad", p.grad) for n, p in named)
                 _optimizer_step(ledger, optimizer, trainable, opt_state, training_loop, set_to_none)
             kinds: dict[int, Category] = {}
             for i in range(len(ledger.records)):
@@ -395,7 +446,9 @@ def trace_breakdown(
                     kinds[i] = Category.ACTIVATIONS
                 else:
                     kinds[i] = Category.TEMPORARY
-            breakdown = _peak_breakdown(ledger, kinds, weight, extras)
+            for n, p in named:
+                ledger.name((f"{n}.{key}", v) for key, v in (optimizer.state.get(p, {}) if optimizer else {}).items())
+            report = analyse(ledger.records, ledger.marks, kinds, weight, extras)
             slack = _allocator_slack(ledger, kinds, weight) if spec.device == "cuda" else 0
             del fakes, trainable, optimizer
     except (ConfigError, TraceError):
@@ -409,8 +462,8 @@ def trace_breakdown(
         notes.append(f"data-dependent ops ran on stand-in values of ones: {ops}")
     if precision.grad_scaler:
         notes.append("GradScaler's scalars are not traced (a few bytes)")
-    log.debug("trace of %s: peak %d bytes", type(module).__name__, sum(breakdown.values()))
-    return breakdown, notes, slack
+    log.debug("trace of %s: peak %d bytes", type(module).__name__, sum(report.breakdown.values()))
+    return TraceResult(report.breakdown, notes, slack, report.at_peak, report.timeline)
 
 
 def _storages(ledger: _Ledger, tensors: Iterable[Any]) -> Iterator[int]:
@@ -450,35 +503,3 @@ def _allocator_slack(ledger: _Ledger, kinds: dict[int, Category],
     records = [dataclasses.replace(r, nbytes=share(i, r)) for i, r in enumerate(ledger.records)]
     stats = replay(ledger_events(records), AllocatorConfig.from_env())
     return max(0, stats.peak_reserved - stats.peak_allocated)
-
-
-def _peak_breakdown(ledger: _Ledger, kinds: dict[int, Category],
-                    weight: Callable[[Category, str], float] | None,
-                    extras: Callable[[str], dict[Category, int]] | None = None) -> dict[Category, int]:
-    """Bytes per category at the peak of the (weighted) timeline of allocations and frees, plus
-    the ``extras`` of the phase the peak falls in."""
-
-    def held(i: int, r: _Record) -> int:
-        return r.nbytes if weight is None else int(r.nbytes * weight(kinds[i], r.phase))
-
-    extra_of = {phase: sum((extras(phase) if extras else {}).values()) for _, phase in ledger.marks}
-    events = [(r.alloc, held(i, r)) for i, r in enumerate(ledger.records)]
-    events += [(r.free, -held(i, r)) for i, r in enumerate(ledger.records) if r.free is not None]
-    events.sort()
-    marks = ledger.marks
-    mark = 0
-    live = peak = peak_clock = 0
-    peak_phase = marks[0][1]
-    for clock, delta in events:
-        while mark + 1 < len(marks) and marks[mark + 1][0] < clock:
-            mark += 1
-        live += delta
-        phase = marks[mark][1]
-        if live + extra_of[phase] > peak:
-            peak, peak_clock, peak_phase = live + extra_of[phase], clock, phase
-    breakdown = {c: 0 for c in Category}
-    for i, r in ledger.live_at(peak_clock):
-        breakdown[kinds[i]] += held(i, r)
-    for cat, n in (extras(peak_phase) if extras else {}).items():
-        breakdown[cat] += n
-    return breakdown

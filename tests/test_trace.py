@@ -181,3 +181,46 @@ def test_step_fn_traces_a_custom_training_step() -> None:
 def test_output_without_loss_needs_loss_fn() -> None:
     with pytest.raises(memguard.ConfigError, match="loss_fn"):
         memguard.estimate(nn.Linear(8, 8), example_input=torch.randn(4, 8), device="cpu", method="trace")
+
+
+# -- where the peak is -------------------------------------------------------------------------------
+
+
+def test_the_tensors_alive_at_the_peak_add_up_to_it_and_name_their_module() -> None:
+    est = _linear_estimate("adamw", "cpu")
+    weight, x = _cpu(MiB4), _cpu(64 * 1024 * 4)
+    assert sum(g.nbytes for g in est.at_peak) == est.peak_bytes
+    groups = {(g.where, g.category): g for g in est.at_peak}
+    assert groups["weight", Category.PARAMETERS].nbytes == weight
+    assert groups["weight", Category.PARAMETERS].shape == (1024, 1024)
+    assert groups["weight", Category.PARAMETERS].dtype == "torch.float32"
+    assert groups["weight.exp_avg", Category.OPTIMIZER_STATE].nbytes == weight
+    assert groups["weight.exp_avg_sq", Category.OPTIMIZER_STATE].nbytes == weight
+    assert est.at_peak[0].nbytes == max(g.nbytes for g in est.at_peak)  # largest first
+    # The saved input of the forward is the batch: tracked as the forward's, no module made it.
+    assert sum(g.nbytes for g in est.at_peak if g.category == Category.ACTIVATIONS) >= x
+
+
+def test_the_timeline_peaks_at_the_peak_and_walks_the_phases() -> None:
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=128)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    est = memguard.estimate(model, 4, 128, method="trace", precision="bf16-mixed")
+    assert max(live for _, _, live in est.timeline) == est.peak_bytes
+    phases = [phase for _, phase, _ in est.timeline]
+    first = {p: phases.index(p) for p in ("forward", "backward", "optimizer")}
+    assert first["forward"] < first["backward"] < max(i for i, p in enumerate(phases) if p == "optimizer")
+    events = [e for e, _, _ in est.timeline]
+    assert events == sorted(events)
+    made_by = {g.where for g in est.at_peak if g.category == Category.ACTIVATIONS}
+    assert any(w.startswith("transformer.h.1.") for w in made_by), made_by
+    assert "top" not in str(est) and "alive at the peak" in str(est)
+    data = est.to_dict()
+    assert max(p[2] for p in data["timeline"]) == data["peak_bytes"]
+    assert data["at_peak"][0]["bytes"] == est.at_peak[0].nbytes
+    assert memguard.MemoryEstimate.from_dict(data) == est
+
+
+def test_only_the_trace_knows_where_the_peak_is() -> None:
+    est = memguard.estimate("gpt2", 1, 64, method="formula")
+    assert est.at_peak == () and est.timeline == ()
