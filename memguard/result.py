@@ -13,7 +13,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
-from memguard.errors import ConfigError
+from memguard.fit import Fit
 from memguard.units import format_bytes, parse_bytes
 
 __all__ = ["Category", "MemoryEstimate", "PeakTensors"]
@@ -155,10 +155,7 @@ class MemoryEstimate:
             ConfigError: for a size :func:`~memguard.parse_bytes` cannot read (a bool, a negative
                 or infinite number, a percentage) or a margin outside ``[0, 1)``.
         """
-        free = parse_bytes(free_bytes)
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-            raise ConfigError(f"margin must be a number in [0, 1), got {margin!r}")
-        return self.total_bytes <= free * (1 - margin)
+        return Fit(self, parse_bytes(free_bytes), margin).fits
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: method, peak and total bytes, breakdown, inputs and notes."""

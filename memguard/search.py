@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable
 
 from memguard.errors import ConfigError
+from memguard.fit import usable_bytes
 from memguard.result import MemoryEstimate
 
 __all__ = ["BatchSearch", "max_batch_size", "reduced_batch"]
@@ -53,11 +54,9 @@ def max_batch_size(estimate_at: Callable[[int], MemoryEstimate], free_bytes: int
     Returns:
         A :class:`BatchSearch`. Assumes memory does not shrink as the batch grows.
     """
-    if not 0 <= margin < 1:
-        raise ConfigError(f"margin must be in [0, 1), got {margin!r}")
     if limit < 1:
         raise ConfigError(f"limit must be a positive integer, got {limit!r}")
-    budget = free_bytes * (1 - margin)
+    budget = usable_bytes(free_bytes, margin)
     cache: dict[int, MemoryEstimate] = {}
     trials: list[tuple[int, int]] = []
 

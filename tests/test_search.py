@@ -41,5 +41,5 @@ def test_limit_caps_the_search() -> None:
 
 
 def test_bad_margin() -> None:
-    with pytest.raises(ConfigError, match="margin must be in"):
+    with pytest.raises(ConfigError, match=r"margin must be a number in \[0, 1\), got 1.0"):
         max_batch_size(_curve(lambda b: b), 100, margin=1.0)

@@ -1,0 +1,86 @@
+"""Whether a step fits: an estimate against the memory it may use, keeping a margin spare.
+
+The one place where that decision is written. :meth:`MemoryEstimate.fits`, the batch search, the
+``memguard`` command, the pytest plugin, the plot and the Lightning callback all ask :class:`Fit`
+(or :func:`usable_bytes`, its arithmetic), so they cannot disagree on what "fits" means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from memguard.errors import ConfigError
+from memguard.units import format_bytes
+
+if TYPE_CHECKING:
+    from memguard.result import MemoryEstimate
+
+__all__ = ["Fit", "check_margin", "usable_bytes"]
+
+
+def check_margin(margin: Any) -> float:
+    """``margin`` as a float in ``[0, 1)``, or a :class:`ConfigError` naming it."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise ConfigError(f"margin must be a number in [0, 1), got {margin!r}")
+    return float(margin)
+
+
+def usable_bytes(free_bytes: int, margin: float) -> int:
+    """What a step may use of ``free_bytes``: all of it less the ``margin`` share kept spare."""
+    return int(free_bytes * (1 - check_margin(margin)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """An estimate against the memory it may use.
+
+    Attributes:
+        estimate: the step's estimate; its :attr:`~MemoryEstimate.total_bytes` is compared.
+        free_bytes: the memory available (free on the device, or a budget), before the margin.
+        margin: the share of ``free_bytes`` kept spare, in ``[0, 1)``.
+        where: where ``free_bytes`` comes from, in words (``"A100-80GB"``, ``"budget of 12 GiB"``).
+    """
+
+    estimate: MemoryEstimate
+    free_bytes: int
+    margin: float = 0.1
+    where: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "margin", check_margin(self.margin))
+        if isinstance(self.free_bytes, bool) or not isinstance(self.free_bytes, int) or self.free_bytes < 0:
+            raise ConfigError(f"free_bytes must be a non-negative integer, got {self.free_bytes!r}")
+
+    @property
+    def usable_bytes(self) -> int:
+        """``free_bytes`` less the margin."""
+        return usable_bytes(self.free_bytes, self.margin)
+
+    @property
+    def fits(self) -> bool:
+        """Whether the step's total fits what is usable."""
+        return self.estimate.total_bytes <= self.usable_bytes
+
+    @property
+    def spare_bytes(self) -> int:
+        """Usable bytes left over (negative: how much is missing)."""
+        return self.usable_bytes - self.estimate.total_bytes
+
+    def room(self) -> str:
+        """``"80.00 GiB free less a 10% margin"``: what usable is made of."""
+        spare = f"less a {self.margin * 100:g}% margin" if self.margin else "no margin"
+        where = f" ({self.where})" if self.where else ""
+        return f"{format_bytes(self.free_bytes)} free{where} {spare}"
+
+    def describe(self) -> str:
+        """One line: the verdict, what the step needs and what is usable."""
+        need, usable = format_bytes(self.estimate.total_bytes), format_bytes(self.usable_bytes)
+        if self.fits:
+            return f"fits: needs {need} of {usable} usable ({self.room()}); {format_bytes(self.spare_bytes)} spare"
+        return (f"does not fit: needs {need}, has {usable} usable ({self.room()}); "
+                f"{format_bytes(-self.spare_bytes)} short")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fits": self.fits, "free_bytes": self.free_bytes, "margin": self.margin,
+                "usable_bytes": self.usable_bytes, "spare_bytes": self.spare_bytes, "where": self.where}
