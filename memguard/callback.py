@@ -27,7 +27,6 @@ When it acts, in Lightning 2.x's order (``Trainer._run``):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
@@ -38,11 +37,11 @@ import torch
 from memguard import _lightning as _pl
 from memguard._actual import Measurement, MemoryProbe, resident_bytes
 from memguard._isolation import is_tracing
-from memguard.device import device_memory, process_memory, resolve_budget
 from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError
-from memguard.estimator import estimate
-from memguard.result import Category, MemoryEstimate
-from memguard.search import max_batch_size, reduced_batch
+from memguard.lightning import messages
+from memguard.lightning.decision import ACTIONS, Decision, RankReport, Verdict, decide
+from memguard.lightning.rank import RankPlan, plan_rank
+from memguard.result import MemoryEstimate
 from memguard.trace import DEFAULT_TIMEOUT
 from memguard.units import format_bytes, parse_bytes
 
@@ -50,7 +49,6 @@ __all__ = ["MemGuard"]
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("warn", "raise", "reduce")
 
 
 class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
@@ -259,9 +257,8 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         for the first batch of the fit.
         """
         info = _pl.run_info(trainer)
-        self._early = early
         self.requested_accumulate_grad_batches = self.accumulate_grad_batches = info.accumulate_grad_batches
-        plan: _Plan | None = None
+        plan: RankPlan | None = None
         failure: BaseException | None = None
         try:
             batch = fetch()
@@ -269,32 +266,74 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
                 log.info("MemGuard: the train data is a stream; deciding at its first batch")
                 return
             self._pending = False
-            plan = self._plan(trainer, pl_module, info, batch)
+            if info.parallel is None:
+                self._warn(trainer, f"memguard does not know how {info.strategy} shards the model: the estimate is "
+                                    "for one unsharded replica, an over-estimate")
+            plan = plan_rank(trainer, pl_module, info, batch, action=self.action, margin=self.margin,
+                             budget=self.budget, trace_timeout=self.trace_timeout)
+            self.available_bytes = plan.at_requested.free_bytes
         except Exception as exc:
             self._pending = False
             failure = exc
         # Every rank takes part in the same collective, whatever happened to it.
-        row = [0, 0, 0, 0, 0] if plan is None else [1, int(plan.fits), plan.fitting_batch,
-                                                       plan.at_requested.total_bytes, plan.available]
-        rows = _pl.agree(trainer, row)
+        mine = plan.report() if plan is not None else RankReport(estimated=False)
+        reports = [RankReport.from_row(row) for row in _pl.agree(trainer, mine.to_row())]
         if failure is not None:
             if self.strict:
                 raise failure
             self._warn(trainer, f"MemGuard could not estimate the memory of a training step, so training goes "
                                 f"on unchecked: {type(failure).__name__}: {failure}", every_rank=True)
-        elif any(r[0] == 0 for r in rows) and self.strict:
-            bad = [i for i, r in enumerate(rows) if r[0] == 0]
-            raise MemguardError(f"MemGuard could not estimate the memory of a training step on rank(s) {bad}")
-        failed = [rank for rank, r in enumerate(rows) if r[0] == 0]
         if plan is None:
             return
-        if failed:  # the ranks must act alike, or DDP would wait for ranks that accumulate differently
-            self._warn(trainer, f"MemGuard could not estimate the memory of a training step on rank(s) {failed}, "
-                                "so training goes on unchecked")
-            return
+        decision = decide(self.action, plan.requested, info.accumulate_grad_batches, reports,
+                          can_change_batch=early)
+        self._apply(trainer, pl_module, info, plan, decision, reports)
+
+    def _apply(self, trainer: Any, pl_module: Any, info: _pl.RunInfo, plan: RankPlan, decision: Decision,
+               reports: list[RankReport]) -> None:
+        """Act on the decision every rank reached."""
+        rank, verdict = info.rank, decision.verdict
         if self.action == "reduce":
             self.fitting_batch_size = plan.fitting_batch
-        self._act(trainer, pl_module, info, plan, list(enumerate(rows)))
+        if verdict == Verdict.UNCHECKED:
+            if self.strict:
+                raise MemguardError(f"MemGuard could not estimate the memory of a training step on rank(s) "
+                                    f"{list(decision.unchecked)}")
+            # the ranks must act alike, or DDP would wait for ranks that accumulate differently
+            self._warn(trainer, f"MemGuard could not estimate the memory of a training step on rank(s) "
+                                f"{list(decision.unchecked)}, so training goes on unchecked")
+            return
+        if verdict in (Verdict.RAISE, Verdict.NONE_FIT, Verdict.STREAM):
+            raise messages.insufficient(plan, decision, reports, rank, self.action)
+        if verdict in (Verdict.FITS, Verdict.WARN):
+            self.estimate = plan.at_requested.estimate
+            self._decided(plan.requested, self.estimate, plan.requested, info.accumulate_grad_batches)
+            if verdict == Verdict.FITS:
+                self._info(trainer, messages.fits(plan, reports, rank))
+            else:
+                self._warn(trainer, messages.warning(plan, decision, reports, rank))
+            return
+        batch, acc = decision.batch_size, decision.accumulate
+        _pl.utilities(trainer, "parsing").lightning_setattr(pl_module, self.batch_arg_name, batch)
+        trainer.accumulate_grad_batches = acc
+        _pl.reset_train_data(trainer)
+        got = _pl.batch_size_of(_pl.peek_batch(trainer))
+        if got > batch:
+            raise InsufficientMemoryError(
+                f"MemGuard set {self.batch_arg_name}={batch}, but the train data loader still yields batches of "
+                f"{got}: train_dataloader() must read the batch size from {self.batch_arg_name!r}",
+                estimate=plan.at_requested.estimate, free_bytes=plan.at_requested.free_bytes)
+        self.estimate = plan.estimate_at(batch)
+        self._reduced = True
+        self._decided(plan.requested, self.estimate, batch, acc)
+        if info.handles_accumulation:
+            self._warn(trainer, f"{info.strategy} configures gradient accumulation when it sets up, so the "
+                                f"accumulation of {acc} MemGuard chose may not apply")
+        message = messages.reduced(plan, decision, reports, rank, info.accumulate_grad_batches, self.estimate)
+        if batch * acc != plan.requested * info.accumulate_grad_batches:
+            self._warn(trainer, message)
+        else:
+            self._info(trainer, message)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Arm the measurement: it starts after the first optimizer step."""
@@ -348,180 +387,11 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         """Keep a checkpoint's decision, applied in ``on_fit_start`` without estimating again."""
         self._restored = dict(state_dict)
 
-    # -- the decision -------------------------------------------------------------------------
-
-    def _plan(self, trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any) -> _Plan:
-        """Estimate on this rank: at the requested batch size, and the largest that fits."""
-        if not pl_module.automatic_optimization:
-            raise MemguardError("manual optimization is not traced: its training_step steps the real optimizers")
-        if info.sharded_module:
-            raise MemguardError(f"{info.strategy} has already sharded the module's parameters when the fit starts, "
-                                "so their shapes are not the model's; memguard cannot trace its step yet")
-        if info.parallel is None:
-            self._warn(trainer, f"memguard does not know how {info.strategy} shards the model: the estimate is for "
-                                "one unsharded replica, an over-estimate")
-        requested = _pl.batch_size_of(batch)
-        available, where = self._available(info, pl_module)
-        self.available_bytes = available
-        estimate_at = self._estimator(trainer, pl_module, info, batch, requested)
-        est = estimate_at(requested)
-        fits = est.fits(available, self.margin)
-        if fits or self.action != "reduce":
-            return _Plan(batch, requested, est, fits, requested if fits else 0, est, available, where, estimate_at,
-                         info.sharded)
-        search = max_batch_size(estimate_at, available, margin=self.margin, limit=requested)
-        return _Plan(batch, requested, est, False, search.batch_size, search.estimate, available, where,
-                     estimate_at, info.sharded)
-
-    def _estimator(self, trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any,
-                   requested: int) -> Callable[[int], MemoryEstimate]:
-        """The estimate at a batch size, of this run's real step, cached.
-
-        A batch smaller than the one asked for is trained with accumulation (``"reduce"``), whose
-        later micro-batches run their forward beside the gradients.
-        """
-        optimizers = trainer.optimizers
-        if len(optimizers) > 1:
-            raise MemguardError(f"{len(optimizers)} optimizers: memguard traces a step of one")
-        device = "cuda" if info.device.type == "cuda" else "cpu"
-        optimizer: Any = _pl.optimizer_factory(pl_module, optimizers[0], device) if optimizers else None
-        checkpointing = _checkpointing(pl_module)
-        parallel = info.parallel or ("ddp" if info.world_size > 1 else "single")
-
-        def step(b: Any) -> Any:  # runs on the module's private state (memguard._isolation)
-            return pl_module.training_step(b, 0)
-
-        cache: dict[int, MemoryEstimate] = {}
-
-        def estimate_at(batch_size: int) -> MemoryEstimate:
-            if batch_size in cache:
-                return cache[batch_size]
-            est = estimate(pl_module, batch_size=batch_size, example_input=batch, step_fn=step,
-                           optimizer=optimizer, precision=info.precision, device=device, method="trace",
-                           training_loop="lightning", strategy=parallel, world_size=info.world_size,
-                           offload_optimizer=info.offload_optimizer, offload_params=info.offload_params,
-                           trace_timeout=self.trace_timeout,
-                           accumulate_grad_batches=info.accumulate_grad_batches if batch_size >= requested else 2)
-            inputs = {**est.inputs, "gradient_checkpointing": checkpointing}
-            cache[batch_size] = dataclasses.replace(est, inputs=inputs)
-            return cache[batch_size]
-
-        return estimate_at
-
-    def _available(self, info: _pl.RunInfo, pl_module: Any) -> tuple[int, str]:
-        """The bytes this rank may use (before the margin), and where the number comes from."""
-        if self.budget is not None:
-            mem = resolve_budget(self.budget, device=info.device)
-            return mem.free_bytes, mem.name
-        mem = device_memory(info.device)
-        tensors = [*pl_module.parameters(), *pl_module.buffers()]
-        if info.device.type == "cuda":
-            held = process_memory(info.device.index)
-            if held is None:
-                held = int(torch.cuda.memory_reserved(info.device))
-            return mem.free_bytes + held, f"{mem} + {format_bytes(held)} held by this process"
-        share = mem.free_bytes // info.local_world_size
-        held = resident_bytes(tensors, info.device)
-        split = f" / {info.local_world_size} processes" if info.local_world_size > 1 else ""
-        return share + held, f"{mem}{split} + {format_bytes(held)} of model tensors resident"
-
-    def _act(self, trainer: Any, pl_module: Any, info: _pl.RunInfo, plan: _Plan,
-             rows: list[tuple[int, list[int]]]) -> None:
-        rank = int(trainer.global_rank)
-        too_big = [r for r, row in rows if row[1] == 0]
-        fits_here = self._summary(plan, info, rows)
-        on_ranks = f" on rank(s) {too_big}" if info.world_size > 1 else ""
-        if not too_big:
-            self.estimate = plan.at_requested
-            self._decided(plan, plan.at_requested, plan.requested, info.accumulate_grad_batches)
-            self._info(trainer, f"MemGuard: a training step at batch size {plan.requested} fits: {fits_here}")
-            return
-        if self.action == "warn":
-            self.estimate = plan.at_requested
-            self._decided(plan, plan.at_requested, plan.requested, info.accumulate_grad_batches)
-            self._warn(trainer, f"MemGuard: a training step at batch size {plan.requested} may not fit{on_ranks}: "
-                                f"{fits_here}.\n{plan.at_requested.table()}")
-            return
-        agreed = min(row[2] for _, row in rows)
-        if self.action == "raise":
-            raise self._insufficient(plan, on_ranks, fits_here, rank in too_big)
-        if agreed == 0:
-            none_fit = [r for r, row in rows if row[2] == 0]
-            on_ranks = f" on rank(s) {none_fit}" if info.world_size > 1 else ""
-            raise self._insufficient(plan, on_ranks, fits_here, plan.fitting_batch == 0)
-        largest = agreed
-        if not self._early:
-            raise self._stream_too_big(plan, largest, info, fits_here)
-        agreed, acc = reduced_batch(plan.requested, info.accumulate_grad_batches, largest)
-        _pl.utilities(trainer, "parsing").lightning_setattr(pl_module, self.batch_arg_name, agreed)
-        trainer.accumulate_grad_batches = acc
-        _pl.reset_train_data(trainer)
-        got = _pl.batch_size_of(_pl.peek_batch(trainer))
-        if got > agreed:
-            raise InsufficientMemoryError(
-                f"MemGuard set {self.batch_arg_name}={agreed}, but the train data loader still yields batches of "
-                f"{got}: train_dataloader() must read the batch size from {self.batch_arg_name!r}",
-                estimate=plan.at_requested, free_bytes=plan.available)
-        est = plan.estimate_at(agreed)
-        self.estimate = est
-        self._reduced = True
-        self._decided(plan, est, agreed, acc)
-        if info.handles_accumulation:
-            self._warn(trainer, f"{info.strategy} configures gradient accumulation when it sets up, so the "
-                                f"accumulation of {acc} MemGuard chose may not apply")
-        asked = plan.requested * info.accumulate_grad_batches * info.world_size
-        here = f" on rank {info.rank}" if info.world_size > 1 else ""
-        message = (f"MemGuard: a training step at batch size {plan.requested} does not fit{on_ranks} "
-                   f"({fits_here}); the largest that "
-                   f"fits is {largest}{' on every rank' if info.world_size > 1 else ''}; training with "
-                   f"batch size {agreed} ({format_bytes(est.total_bytes)} predicted{here}) and "
-                   f"accumulate_grad_batches={acc} (was {info.accumulate_grad_batches}), an effective batch of "
-                   f"{agreed * acc * info.world_size} (asked: {asked})")
-        if agreed * acc * info.world_size != asked:
-            self._warn(trainer, f"{message}: no divisor of {plan.requested * info.accumulate_grad_batches} lies "
-                                f"between {largest / 2:g} and {largest}, so the effective batch changed")
-            return
-        self._info(trainer, message)
-
-    def _summary(self, plan: _Plan, info: _pl.RunInfo, rows: list[tuple[int, list[int]]]) -> str:
-        """Predicted and available memory, of every rank under a distributed strategy."""
-        margin = f"margin {self.margin:.0%}"
-        if info.world_size <= 1:
-            return (f"{format_bytes(plan.at_requested.total_bytes)} predicted, {format_bytes(plan.available)} "
-                    f"available ({plan.where}), {margin}")
-        ranks = ", ".join(f"rank {r} {format_bytes(row[3])} of {format_bytes(row[4])}" for r, row in rows)
-        return f"predicted of available per rank: {ranks}; {margin}; rank {info.rank}'s memory: {plan.where}"
-
-    def _decided(self, plan: _Plan, est: MemoryEstimate, batch_size: int, accumulate: int) -> None:
-        self.requested_batch_size = plan.requested
+    def _decided(self, requested: int, est: MemoryEstimate, batch_size: int, accumulate: int) -> None:
+        self.requested_batch_size = requested
         self.batch_size = batch_size
         self.accumulate_grad_batches = accumulate
         self._predicted = (est.peak_bytes, est.total_bytes)
-
-    def _stream_too_big(self, plan: _Plan, largest: int, info: _pl.RunInfo, summary: str) -> InsufficientMemoryError:
-        """``"reduce"`` on a stream: its loader was built before the first batch showed the size."""
-        batch, acc = reduced_batch(plan.requested, info.accumulate_grad_batches, largest)
-        lines = [f"MemGuard: a training step at batch size {plan.requested} does not fit ({summary}). The train "
-                 "data is an IterableDataset, whose first batch memguard does not take away from training to "
-                 "look at it before the fit starts, so it cannot change the batch size now. What would fit: "
-                 f"batch size {batch} with accumulate_grad_batches={acc}.", plan.at_requested.table()]
-        return InsufficientMemoryError("\n".join(lines), estimate=plan.at_requested, free_bytes=plan.available)
-
-    def _insufficient(self, plan: _Plan, on_ranks: str, summary: str, mine: bool) -> InsufficientMemoryError:
-        if self.action == "reduce":
-            est = plan.at_fitting
-            head = (f"MemGuard: not even a batch of 1 fits{on_ranks}: {format_bytes(est.total_bytes)} predicted "
-                    f"at batch size 1, {format_bytes(plan.available)} available ({plan.where}), margin "
-                    f"{self.margin:.0%}")
-        else:
-            est = plan.at_requested
-            head = f"MemGuard: a training step at batch size {plan.requested} does not fit{on_ranks}: {summary}"
-        lines = [head + "."]
-        if not mine:
-            lines.append("(It fits on this rank; the estimate below is this rank's.)")
-        lines.append("What would help: " + "; ".join(_remedies(est, plan.sharded, plan.batch, self.action)) + ".")
-        lines.append(est.table())
-        return InsufficientMemoryError("\n".join(lines), estimate=est, free_bytes=plan.available)
 
     def _resume(self, trainer: Any, pl_module: Any) -> None:
         state = self._restored
@@ -599,59 +469,3 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
     def _info(self, trainer: Any, message: str) -> None:
         log.info(message)
         _pl.utilities(trainer, "rank_zero").rank_zero_info(message)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """One rank's estimate: at the batch size asked for, and the largest that fits."""
-
-    batch: Any
-    requested: int
-    at_requested: MemoryEstimate
-    fits: bool
-    fitting_batch: int
-    at_fitting: MemoryEstimate
-    available: int
-    where: str
-    estimate_at: Callable[[int], MemoryEstimate]
-    sharded: str | None
-
-
-def _remedies(est: MemoryEstimate, sharded: str | None, batch: Any, action: str) -> list[str]:
-    """What would make the step smaller, for what dominates it and what this run does not do yet."""
-    b = est.breakdown
-    total = max(1, est.peak_bytes)
-    states = b[Category.PARAMETERS] + b[Category.GRADIENTS] + b[Category.OPTIMIZER_STATE]
-    fp32 = str(est.inputs.get("precision")) in ("32-true", "64-true")
-    tips = []
-    if (b[Category.ACTIVATIONS] + b[Category.TEMPORARY]) / total >= 0.25:
-        if fp32:
-            tips.append("mixed precision (Trainer(precision='bf16-mixed'))")
-        if not est.inputs.get("gradient_checkpointing"):
-            tips.append("gradient checkpointing (e.g. model.gradient_checkpointing_enable() for transformers)")
-        first = next((t for t in torch.utils._pytree.tree_flatten(batch)[0]
-                      if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
-        if first is not None:
-            tips.append(f"shorter sequences (now {first.shape[1]} per sample)")
-    if states / total >= 0.25:
-        if sharded is None:
-            tips.append("sharding parameters, gradients and optimizer state over several devices "
-                        "(strategy='fsdp' or 'deepspeed_stage_3')")
-        if b[Category.OPTIMIZER_STATE] >= b[Category.PARAMETERS]:
-            tips.append("a lighter optimizer (SGD, Adafactor, 8-bit Adam)")
-        if fp32:
-            tips.append("16-bit weights (Trainer(precision='bf16-true'))")
-    if action != "reduce":
-        tips.append("MemGuard(action='reduce'), which trains with a smaller batch and gradient accumulation")
-    return tips or ["a smaller model or a device with more memory"]
-
-
-def _checkpointing(module: torch.nn.Module) -> bool:
-    """Whether any part of ``module`` recomputes activations in backward.
-
-    transformers marks the modules it checkpoints with ``gradient_checkpointing = True`` (what its
-    ``is_activation_checkpointing`` reads); torch's ``checkpoint_wrapper`` wraps them in a
-    ``CheckpointWrapper``.
-    """
-    return any(getattr(m, "gradient_checkpointing", False) is True or type(m).__name__ == "CheckpointWrapper"
-               for m in module.modules())

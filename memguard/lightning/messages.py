@@ -1,0 +1,116 @@
+"""What :class:`~memguard.MemGuard` says: pure functions from a rank's plan and the decision to text."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from memguard.errors import InsufficientMemoryError
+from memguard.lightning.decision import Decision, RankReport
+from memguard.lightning.rank import RankPlan
+from memguard.result import Category, MemoryEstimate
+from memguard.units import format_bytes
+
+__all__ = ["fits", "insufficient", "reduced", "summary", "warning"]
+
+
+def summary(plan: RankPlan, reports: Sequence[RankReport], rank: int) -> str:
+    """Predicted and available memory, of every rank under a distributed strategy."""
+    fit = plan.at_requested
+    margin = f"margin {fit.margin:.0%}"
+    if len(reports) <= 1:
+        return (f"{format_bytes(fit.estimate.total_bytes)} predicted, {format_bytes(fit.free_bytes)} "
+                f"available ({fit.where}), {margin}")
+    ranks = ", ".join(f"rank {r} {format_bytes(rep.total_bytes)} of {format_bytes(rep.available_bytes)}"
+                      for r, rep in enumerate(reports))
+    return f"predicted of available per rank: {ranks}; {margin}; rank {rank}'s memory: {fit.where}"
+
+
+def _on(ranks: Sequence[int], world_size: int) -> str:
+    return f" on rank(s) {list(ranks)}" if world_size > 1 else ""
+
+
+def fits(plan: RankPlan, reports: Sequence[RankReport], rank: int) -> str:
+    return f"MemGuard: a training step at batch size {plan.requested} fits: {summary(plan, reports, rank)}"
+
+
+def warning(plan: RankPlan, decision: Decision, reports: Sequence[RankReport], rank: int) -> str:
+    return (f"MemGuard: a training step at batch size {plan.requested} may not fit"
+            f"{_on(decision.too_big, len(reports))}: {summary(plan, reports, rank)}.\n"
+            f"{plan.at_requested.estimate.table()}")
+
+
+def insufficient(plan: RankPlan, decision: Decision, reports: Sequence[RankReport], rank: int,
+                 action: str) -> InsufficientMemoryError:
+    """The error that stops the fit: the step does not fit (``"raise"``), not even a batch of 1 does
+    (``"reduce"``), or the batch of a stream cannot change any more."""
+    fit = plan.at_requested
+    if decision.verdict.value == "none-fit":
+        est = plan.at_fitting
+        head = (f"MemGuard: not even a batch of 1 fits{_on(decision.too_big, len(reports))}: "
+                f"{format_bytes(est.total_bytes)} predicted at batch size 1, {format_bytes(fit.free_bytes)} "
+                f"available ({fit.where}), margin {fit.margin:.0%}.")
+    else:
+        est = fit.estimate
+        head = (f"MemGuard: a training step at batch size {plan.requested} does not fit"
+                f"{_on(decision.too_big, len(reports))}: {summary(plan, reports, rank)}.")
+    lines = [head]
+    if decision.verdict.value == "stream":
+        lines.append("The train data is an IterableDataset, whose first batch memguard does not take away from "
+                     "training to look at it before the fit starts, so it cannot change the batch size now. What "
+                     f"would fit: batch size {decision.batch_size} with accumulate_grad_batches={decision.accumulate}.")
+    else:
+        if rank not in decision.too_big:
+            lines.append("(It fits on this rank; the estimate below is this rank's.)")
+        lines.append("What would help: " + "; ".join(_remedies(est, plan.sharded, plan.batch, action)) + ".")
+    lines.append(est.table())
+    return InsufficientMemoryError("\n".join(lines), estimate=est, free_bytes=fit.free_bytes)
+
+
+def reduced(plan: RankPlan, decision: Decision, reports: Sequence[RankReport], rank: int, accumulate: int,
+            est: MemoryEstimate) -> str:
+    """What ``"reduce"`` changed; says so when the effective batch could not be kept."""
+    world = len(reports)
+    asked = plan.requested * accumulate * world
+    got = decision.batch_size * decision.accumulate * world
+    here = f" on rank {rank}" if world > 1 else ""
+    message = (f"MemGuard: a training step at batch size {plan.requested} does not fit{_on(decision.too_big, world)} "
+               f"({summary(plan, reports, rank)}); the largest that fits is {decision.largest}"
+               f"{' on every rank' if world > 1 else ''}; training with batch size {decision.batch_size} "
+               f"({format_bytes(est.total_bytes)} predicted{here}) and accumulate_grad_batches={decision.accumulate} "
+               f"(was {accumulate}), an effective batch of {got} (asked: {asked})")
+    if got != asked:
+        message += (f": no divisor of {plan.requested * accumulate} lies between {decision.largest / 2:g} and "
+                    f"{decision.largest}, so the effective batch changed")
+    return message
+
+
+def _remedies(est: MemoryEstimate, sharded: str | None, batch: Any, action: str) -> list[str]:
+    """What would make the step smaller, for what dominates it and what this run does not do yet."""
+    b = est.breakdown
+    total = max(1, est.peak_bytes)
+    states = b[Category.PARAMETERS] + b[Category.GRADIENTS] + b[Category.OPTIMIZER_STATE]
+    fp32 = str(est.inputs.get("precision")) in ("32-true", "64-true")
+    tips = []
+    if (b[Category.ACTIVATIONS] + b[Category.TEMPORARY]) / total >= 0.25:
+        if fp32:
+            tips.append("mixed precision (Trainer(precision='bf16-mixed'))")
+        if not est.inputs.get("gradient_checkpointing"):
+            tips.append("gradient checkpointing (e.g. model.gradient_checkpointing_enable() for transformers)")
+        first = next((t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
+        if first is not None:
+            tips.append(f"shorter sequences (now {first.shape[1]} per sample)")
+    if states / total >= 0.25:
+        if sharded is None:
+            tips.append("sharding parameters, gradients and optimizer state over several devices "
+                        "(strategy='fsdp' or 'deepspeed_stage_3')")
+        if b[Category.OPTIMIZER_STATE] >= b[Category.PARAMETERS]:
+            tips.append("a lighter optimizer (SGD, Adafactor, 8-bit Adam)")
+        if fp32:
+            tips.append("16-bit weights (Trainer(precision='bf16-true'))")
+    if action != "reduce":
+        tips.append("MemGuard(action='reduce'), which trains with a smaller batch and gradient accumulation")
+    return tips or ["a smaller model or a device with more memory"]

@@ -1,0 +1,144 @@
+"""One rank's estimate for :class:`~memguard.MemGuard`: its real step, at the asked batch and the largest that fits.
+
+Reads the run from the Trainer (the LightningModule's own ``training_step``, its optimizer, the
+precision, the strategy, the batch) and the memory this rank may use; decides nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from memguard import _lightning as _pl
+from memguard._actual import resident_bytes
+from memguard.device import device_memory, process_memory, resolve_budget
+from memguard.errors import MemguardError
+from memguard.estimator import estimate
+from memguard.fit import Fit
+from memguard.lightning.decision import RankReport
+from memguard.result import MemoryEstimate
+from memguard.search import max_batch_size
+from memguard.units import format_bytes
+
+__all__ = ["RankPlan", "plan_rank"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RankPlan:
+    """One rank's estimates.
+
+    Attributes:
+        batch: the batch the estimate was made from.
+        requested: its batch size.
+        at_requested: the estimate (and its fit) at the requested batch size.
+        fitting_batch: the largest batch size that fits (``"reduce"`` only; the requested one when it
+            fits, 0 when not even 1 does).
+        at_fitting: the estimate at ``fitting_batch`` (at 1 when nothing fits).
+        estimate_at: the estimate at any batch size, cached.
+        sharded: the sharded strategy in words, or ``None``.
+    """
+
+    batch: Any
+    requested: int
+    at_requested: Fit
+    fitting_batch: int
+    at_fitting: MemoryEstimate
+    estimate_at: Callable[[int], MemoryEstimate]
+    sharded: str | None
+
+    def report(self) -> RankReport:
+        fit = self.at_requested
+        return RankReport(True, fit.fits, self.fitting_batch, fit.estimate.total_bytes, fit.free_bytes)
+
+
+def plan_rank(trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any, *, action: str, margin: float,
+              budget: int | str | None, trace_timeout: float | None) -> RankPlan:
+    """Estimate this rank's step at the batch size of ``batch`` and, for ``"reduce"``, the largest that fits.
+
+    Raises:
+        MemguardError: for a run memguard cannot trace (manual optimization, a module already
+            sharded, several optimizers) or a step that cannot run on fake tensors.
+    """
+    if not pl_module.automatic_optimization:
+        raise MemguardError("manual optimization is not traced: its training_step steps the real optimizers")
+    if info.sharded_module:
+        raise MemguardError(f"{info.strategy} has already sharded the module's parameters when the fit starts, "
+                            "so their shapes are not the model's; memguard cannot trace its step yet")
+    requested = _pl.batch_size_of(batch)
+    available, where = _available(info, pl_module, budget)
+    estimate_at = _estimator(trainer, pl_module, info, batch, requested, trace_timeout)
+    fit = Fit(estimate_at(requested), available, margin, where)
+    if fit.fits or action != "reduce":
+        return RankPlan(batch, requested, fit, requested if fit.fits else 0, fit.estimate, estimate_at, info.sharded)
+    search = max_batch_size(estimate_at, available, margin=margin, limit=requested)
+    return RankPlan(batch, requested, fit, search.batch_size, search.estimate, estimate_at, info.sharded)
+
+
+def _estimator(trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any, requested: int,
+               trace_timeout: float | None) -> Callable[[int], MemoryEstimate]:
+    """The estimate at a batch size, of this run's real step, cached.
+
+    A batch smaller than the one asked for is trained with accumulation (``"reduce"``), whose later
+    micro-batches run their forward beside the gradients.
+    """
+    optimizers = trainer.optimizers
+    if len(optimizers) > 1:
+        raise MemguardError(f"{len(optimizers)} optimizers: memguard traces a step of one")
+    device = "cuda" if info.device.type == "cuda" else "cpu"
+    optimizer: Any = _pl.optimizer_factory(pl_module, optimizers[0], device) if optimizers else None
+    checkpointing = _checkpointing(pl_module)
+    parallel = info.parallel or ("ddp" if info.world_size > 1 else "single")
+
+    def step(b: Any) -> Any:  # runs on the module's private state (memguard._isolation)
+        return pl_module.training_step(b, 0)
+
+    cache: dict[int, MemoryEstimate] = {}
+
+    def estimate_at(batch_size: int) -> MemoryEstimate:
+        if batch_size not in cache:
+            est = estimate(pl_module, batch_size=batch_size, example_input=batch, step_fn=step,
+                           optimizer=optimizer, precision=info.precision, device=device, method="trace",
+                           training_loop="lightning", strategy=parallel, world_size=info.world_size,
+                           offload_optimizer=info.offload_optimizer, offload_params=info.offload_params,
+                           trace_timeout=trace_timeout,
+                           accumulate_grad_batches=info.accumulate_grad_batches if batch_size >= requested else 2)
+            cache[batch_size] = dataclasses.replace(est, inputs={**est.inputs, "gradient_checkpointing": checkpointing})
+        return cache[batch_size]
+
+    return estimate_at
+
+
+def _available(info: _pl.RunInfo, pl_module: Any, budget: int | str | None) -> tuple[int, str]:
+    """The bytes this rank may use (before the margin), and where the number comes from.
+
+    For a GPU, what NVML reports free plus what this process already holds there; for the CPU, the
+    host's available memory shared among the processes on the machine, plus the model's tensors
+    already resident.
+    """
+    if budget is not None:
+        mem = resolve_budget(budget, device=info.device)
+        return mem.free_bytes, mem.name
+    mem = device_memory(info.device)
+    if info.device.type == "cuda":
+        held = process_memory(info.device.index)
+        if held is None:
+            held = int(torch.cuda.memory_reserved(info.device))
+        return mem.free_bytes + held, f"{mem} + {format_bytes(held)} held by this process"
+    share = mem.free_bytes // info.local_world_size
+    held = resident_bytes([*pl_module.parameters(), *pl_module.buffers()], info.device)
+    split = f" / {info.local_world_size} processes" if info.local_world_size > 1 else ""
+    return share + held, f"{mem}{split} + {format_bytes(held)} of model tensors resident"
+
+
+def _checkpointing(module: torch.nn.Module) -> bool:
+    """Whether any part of ``module`` recomputes activations in backward.
+
+    transformers marks the modules it checkpoints with ``gradient_checkpointing = True`` (what its
+    ``is_activation_checkpointing`` reads); torch's ``checkpoint_wrapper`` wraps them in a
+    ``CheckpointWrapper``.
+    """
+    return any(getattr(m, "gradient_checkpointing", False) is True or type(m).__name__ == "CheckpointWrapper"
+               for m in module.modules())
