@@ -31,7 +31,7 @@ from memguard.units import format_bytes, parse_bytes
 if TYPE_CHECKING:
     from memguard._isolation import is_tracing
     from memguard.callback import MemGuard
-    from memguard.device import DeviceMemory, device_memory, list_devices, resolve_budget
+    from memguard.device import DeviceMemory, device_memory, list_devices, parse_budget, resolve_budget
     from memguard.estimator import estimate
     from memguard.models import list_presets
 
@@ -41,6 +41,7 @@ _LAZY = {
     "device_memory": "memguard.device",
     "list_devices": "memguard.device",
     "resolve_budget": "memguard.device",
+    "parse_budget": "memguard.device",
     "estimate": "memguard.estimator",
     "is_tracing": "memguard._isolation",
     "list_presets": "memguard.models",
@@ -69,6 +70,7 @@ __all__ = [
     "list_gpus",
     "list_presets",
     "lookup_gpu",
+    "parse_budget",
     "parse_bytes",
     "resolve_budget",
 ]

@@ -3,10 +3,18 @@
 NVML is initialised once per process, on first use, and shut down at exit (:func:`shutdown`,
 registered with :mod:`atexit`). NVML does not create a CUDA context, so asking costs no GPU
 memory. Whatever goes wrong inside NVML (library missing, driver not loaded, driver/library
-version mismatch, no permission, GPU lost) becomes :class:`NvmlUnavailable` with a sentence that
-says what is missing; :mod:`memguard.device` turns it into a warning and a fallback, or a
+version mismatch, no permission, GPU lost, a ``pynvml`` that raises on import, an ``nvmlInit``
+that hangs) becomes :class:`NvmlUnavailable` with a sentence that says what is missing and a
+:attr:`~NvmlUnavailable.kind`; :mod:`memguard.device` turns it into a warning and a fallback, or a
 :class:`~memguard.errors.DeviceError`. A failed initialisation is remembered until
 :func:`shutdown`, so a machine without NVML pays for the attempt once.
+
+``nvmlInit`` runs in a daemon thread and is given up after :data:`DEFAULT_INIT_TIMEOUT` seconds
+(``MEMGUARD_NVML_TIMEOUT`` in the environment sets another). Without persistence mode the driver
+initialises each GPU when a client first attaches, which NVIDIA's "Driver Persistence" document
+puts at seconds per GPU, and a driver in a bad state may not return at all; a memory query must
+not hang a CI job or a training script on it. If the call returns after it was given up, NVML is
+shut down again.
 
 How CUDA device ordinals map to NVML handles:
 
@@ -36,30 +44,49 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
+import math
 import os
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from memguard.errors import DeviceError
+from memguard.errors import ConfigError, DeviceError
 
-__all__ = ["NvmlDevice", "NvmlUnavailable", "devices", "shutdown"]
+__all__ = ["DEFAULT_INIT_TIMEOUT", "KINDS", "NvmlDevice", "NvmlUnavailable", "devices", "shutdown"]
 
 log = logging.getLogger(__name__)
 
+DEFAULT_INIT_TIMEOUT = 10.0
+"""Seconds ``nvmlInit`` may take before memguard gives up on NVML (``MEMGUARD_NVML_TIMEOUT``)."""
+TIMEOUT_VARIABLE = "MEMGUARD_NVML_TIMEOUT"
+
+KINDS = ("import", "library", "init", "timeout", "query")
+"""What :attr:`NvmlUnavailable.kind` says went wrong: ``pynvml`` does not import; the NVML
+library (``libnvidia-ml.so``, installed with the driver) is not found; ``nvmlInit`` failed
+otherwise (driver not loaded, version mismatch, no permission ...); it did not return in time; or
+a query after a good initialisation failed (GPU lost ...)."""
+
 _LOCK = threading.RLock()
+_ABANDON_LOCK = threading.Lock()
 _module: Any = None
-_failure: str | None = None
+_failure: NvmlUnavailable | None = None
 _atexit_registered = False
 
 
 class NvmlUnavailable(Exception):
-    """NVML cannot answer; ``reason`` says why in words. Private to memguard: never escapes it."""
+    """NVML cannot answer; ``reason`` says why in words. Private to memguard: never escapes it.
 
-    def __init__(self, reason: str) -> None:
+    Attributes:
+        reason: the sentence.
+        kind: one of :data:`KINDS`. Only ``"import"`` and ``"library"`` leave open that this
+            machine has no NVIDIA driver at all; the others mean it has one.
+    """
+
+    def __init__(self, reason: str, kind: str = "query") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,27 +153,103 @@ def _library() -> Any:
     if _module is not None:
         return _module
     if _failure is not None:
-        raise NvmlUnavailable(_failure)
+        raise NvmlUnavailable(_failure.reason, _failure.kind)
     try:
-        import pynvml
-    except ImportError:
-        _failure = ("the 'pynvml' module is not importable; install NVIDIA's bindings with: "
-                    "pip install nvidia-ml-py")
-        raise NvmlUnavailable(_failure) from None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        _failure = f"nvmlInit failed: {describe(exc)}"
-        raise NvmlUnavailable(_failure) from None
-    except OSError as exc:
-        _failure = f"nvmlInit failed: {exc}"
-        raise NvmlUnavailable(_failure) from None
+        pynvml = _import()
+        _init(pynvml)
+    except NvmlUnavailable as exc:
+        _failure = exc
+        raise
     log.debug("NVML initialised")
     _module = pynvml
     if not _atexit_registered:
         atexit.register(shutdown)
         _atexit_registered = True
     return pynvml
+
+
+def _import() -> Any:
+    """``import pynvml``; any failure of the import (not only ``ImportError``) is NVML unavailable."""
+    try:
+        import pynvml
+    except ImportError:
+        raise NvmlUnavailable("the 'pynvml' module is not importable; install NVIDIA's bindings with: "
+                              "pip install nvidia-ml-py", "import") from None
+    except (Exception, SystemExit) as exc:  # a broken or shadowing pynvml.py can raise anything
+        raise NvmlUnavailable(f"importing 'pynvml' failed ({type(exc).__name__}: {exc}); reinstall NVIDIA's "
+                              "bindings with: pip install --force-reinstall nvidia-ml-py", "import") from None
+    return pynvml
+
+
+def init_timeout(env: Mapping[str, str] | None = None) -> float:
+    """Seconds to wait for ``nvmlInit``: ``MEMGUARD_NVML_TIMEOUT``, else :data:`DEFAULT_INIT_TIMEOUT`.
+
+    Raises:
+        ConfigError: when the variable is set to something other than a positive number of seconds.
+    """
+    text = (os.environ if env is None else env).get(TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_INIT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{TIMEOUT_VARIABLE}={text!r}: expected a positive number of seconds, such as 10")
+    return value
+
+
+def _init(pynvml: Any) -> None:
+    """``nvmlInit`` in a daemon thread, given up after :func:`init_timeout` seconds."""
+    timeout = init_timeout()
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            pynvml.nvmlInit()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+        with _ABANDON_LOCK:
+            box["finished"] = True
+            late = box.get("abandoned", False)
+        done.set()
+        if late and "error" not in box:
+            _shutdown_quietly(pynvml)
+
+    threading.Thread(target=run, name="memguard-nvmlInit", daemon=True).start()
+    if not done.wait(timeout):
+        with _ABANDON_LOCK:
+            if not box.get("finished"):
+                box["abandoned"] = True
+                raise NvmlUnavailable(
+                    f"nvmlInit did not return within {timeout:g} s (the NVIDIA driver may be hung or "
+                    f"still initialising the GPU; {TIMEOUT_VARIABLE} sets the wait)", "timeout")
+    exc = box.get("error")
+    if exc is None:
+        return
+    if _is(exc, pynvml, "NVMLError_LibraryNotFound"):
+        raise NvmlUnavailable(f"nvmlInit failed: {describe(exc)}", "library") from None
+    if _is(exc, pynvml, "NVMLError"):
+        raise NvmlUnavailable(f"nvmlInit failed: {describe(exc)}", "init") from None
+    if isinstance(exc, OSError):
+        raise NvmlUnavailable(f"nvmlInit failed: {exc}", "library") from None
+    if isinstance(exc, (Exception, SystemExit)):
+        raise NvmlUnavailable(f"nvmlInit failed: {type(exc).__name__}: {exc}", "init") from None
+    raise exc  # KeyboardInterrupt: not NVML's to swallow
+
+
+def _is(exc: BaseException, pynvml: Any, name: str) -> bool:
+    cls = getattr(pynvml, name, None)
+    return isinstance(cls, type) and isinstance(exc, cls)
+
+
+def _shutdown_quietly(pynvml: Any) -> None:
+    """Undo an ``nvmlInit`` that returned after memguard had given up on it."""
+    try:
+        pynvml.nvmlShutdown()
+    except Exception as exc:
+        log.debug("nvmlShutdown after a late nvmlInit failed: %s", exc)
 
 
 def shutdown() -> None:
@@ -344,7 +447,7 @@ def devices(index: int | None = None, *, env: Mapping[str, str] | None = None,
             if 0 <= index < len(slots):
                 return [_read(lib, index, slots[index])]
         except lib.NVMLError as exc:
-            raise NvmlUnavailable(f"NVML failed: {describe(exc)}") from None
+            raise NvmlUnavailable(f"NVML failed: {describe(exc)}", "query") from None
     if not slots:
         raise DeviceError(f"no CUDA device is visible to this process ({note})")
     listing = ", ".join(f"cuda:{i} {s.name}" for i, s in enumerate(slots))
@@ -384,7 +487,7 @@ def process_used_bytes(index: int, pid: int, *, env: Mapping[str, str] | None = 
                                   f"device(s) ({note})")
             procs = lib.nvmlDeviceGetComputeRunningProcesses(slots[index].handle)
         except lib.NVMLError as exc:
-            raise NvmlUnavailable(f"NVML failed: {describe(exc)}") from None
+            raise NvmlUnavailable(f"NVML failed: {describe(exc)}", "query") from None
     for proc in procs:
         if int(proc.pid) == pid:
             used = getattr(proc, "usedGpuMemory", None)

@@ -37,13 +37,14 @@ import torch
 from memguard import _lightning as _pl
 from memguard._actual import Measurement, MemoryProbe, resident_bytes
 from memguard._isolation import is_tracing
+from memguard.device import parse_budget
 from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError
 from memguard.lightning import messages
 from memguard.lightning.decision import ACTIONS, Decision, RankReport, Verdict, decide
 from memguard.lightning.rank import RankPlan, plan_rank
 from memguard.result import MemoryEstimate
 from memguard.trace import DEFAULT_TIMEOUT
-from memguard.units import format_bytes, parse_bytes
+from memguard.units import format_bytes
 
 __all__ = ["MemGuard"]
 
@@ -166,10 +167,7 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
             raise ConfigError(f"margin must be a number in [0, 1), got {margin!r}")
         if budget is not None:
-            if isinstance(budget, str) and budget.strip().endswith("%"):
-                parse_bytes(budget, total=100)
-            elif parse_bytes(budget) <= 0:
-                raise ConfigError(f"budget must be a positive size, got {budget!r}")
+            parse_budget(budget)
         if not isinstance(batch_arg_name, str) or not batch_arg_name:
             raise ConfigError(f"batch_arg_name must be a non-empty string, got {batch_arg_name!r}")
         if isinstance(measure_steps, bool) or not isinstance(measure_steps, int) or measure_steps < 1:
@@ -448,11 +446,13 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         }
         if got.total_bytes is not None:
             metrics["memguard/actual_total_bytes"] = float(got.total_bytes)
+        metrics["memguard/actual_is_lower_bound"] = float(got.lower_bound)
         self.metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        self._info(trainer, f"MemGuard: predicted peak {format_bytes(peak)}, actual {format_bytes(got.peak_bytes)} "
-                            f"({100 * metrics['memguard/error']:+.1f}%)")
+        bound = f"at least {format_bytes(got.peak_bytes)} ({got.caveat})" if got.lower_bound else \
+            f"{format_bytes(got.peak_bytes)} ({100 * metrics['memguard/error']:+.1f}%)"
+        self._info(trainer, f"MemGuard: predicted peak {format_bytes(peak)}, actual {bound}")
         if got.peak_bytes > peak * (1 + self.margin):
             self._warn(trainer, f"MemGuard: the first training steps used {format_bytes(got.peak_bytes)} at their "
                                 f"peak, {100 * metrics['memguard/error']:.1f}% above the {format_bytes(peak)} "

@@ -18,8 +18,14 @@ resolve the GPU, estimate, judge, render. Every subcommand takes ``--json`` for 
 or ``package.module:factory`` naming a callable that returns an ``nn.Module``.
 
 Exit status: 0 success (``check``: it fits), 1 it does not fit (``check``; ``max-batch`` when not
-even batch size 1 fits), 2 bad usage or input, reported as one line on stderr. Under GitHub Actions
-(``GITHUB_ACTIONS=true``) a ``check`` that does not fit also writes an error annotation.
+even batch size 1 fits), 2 bad usage or input, reported as one line on stderr, 130 interrupted
+(Ctrl-C, at any moment, one line and no traceback). Under GitHub Actions (``GITHUB_ACTIONS=true``)
+a ``check`` that does not fit also writes an error annotation.
+
+Progress lines ("tracing gpt2: batch 8, seq 1024 ...") are written only when stderr is a terminal,
+so a CI log or a script that reads stderr sees warnings and errors alone. torch and the estimator
+are imported inside :func:`main`, so a Ctrl-C while torch loads is handled like any other; only
+Python's own start and the import of this module (the first ~0.1 s) come before :func:`main`.
 
 With ``--strategy`` and ``--world-size`` the estimate is per device (:mod:`memguard.parallel`).
 """
@@ -32,6 +38,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -43,16 +50,17 @@ from memguard import device as _device
 from memguard import plot as _plot
 from memguard.catalog import matching_gpus
 from memguard.errors import ConfigError, DeviceError, MemguardError
-from memguard.estimator import METHODS
 from memguard.result import MemoryEstimate
 from memguard.search import BatchSearch, max_batch_size
 from memguard.units import format_bytes
 
-__all__ = ["EXIT_DOES_NOT_FIT", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = ["EXIT_DOES_NOT_FIT", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
 
 EXIT_OK = 0
 EXIT_DOES_NOT_FIT = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, what a shell reports for a command ended by Ctrl-C."""
 
 _PROG = "memguard"
 _PACKAGE_DIR = Path(memguard.__file__).resolve().parent
@@ -67,22 +75,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 success, 1 does not fit, 2 bad usage or input, 130 interrupted.
     """
-    parser = _build_parser()
+    with _watch_ctrl_c() as interrupted:
+        try:
+            code = _main(argv)
+        except KeyboardInterrupt:  # anywhere: importing torch, parsing, tracing, writing
+            interrupted.append(True)
+        except Exception:
+            if not interrupted:
+                raise
+        if interrupted:  # also when a library swallowed the KeyboardInterrupt and failed later
+            with contextlib.suppress(KeyboardInterrupt, OSError):
+                sys.stderr.write(f"{_PROG}: interrupted\n")
+            return EXIT_INTERRUPTED
+        return code
+
+
+@contextlib.contextmanager
+def _watch_ctrl_c() -> Iterator[list[bool]]:
+    """Note every SIGINT while ``main`` runs, then raise ``KeyboardInterrupt`` as Python does.
+
+    A ``KeyboardInterrupt`` that lands inside a library's import can be swallowed there by a broad
+    ``except`` and come back as another error (an import of numpy cut short, then a
+    ``ModuleNotFoundError`` from transformers); the note makes that an interruption too. Left alone
+    where SIGINT is ignored or handled by someone else, or off the main thread.
+    """
+    seen: list[bool] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        seen.append(True)
+        raise KeyboardInterrupt
+
+    previous = None
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield seen
+    finally:
+        if previous is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
+        parser = _build_parser()
+    except MemguardError as exc:
+        return _fail(str(exc))
     try:
         args = parser.parse_args(argv)
     except _UsageError as exc:
         return _fail(str(exc))
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else EXIT_OK
-    out = _Output(json_mode=args.json, quiet=args.quiet or args.json)
+    quiet = args.quiet or args.json
+    out = _Output(json_mode=args.json, quiet=quiet, progress_shown=not quiet and _is_terminal(sys.stderr))
     try:
         with _quiet_libraries(quiet=args.quiet, models=args.command != "gpus"):
             return args.run(args, out)
     except MemguardError as exc:
         return _fail(str(exc))
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{_PROG}: interrupted\n")
-        return 130
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # a replaced or closed stream
+        return False
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -100,12 +161,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
+    from memguard.options import MAX_COUNT
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text} is past any device; at most {MAX_COUNT:,}")
     return value
 
 
@@ -121,7 +186,30 @@ def _margin(text: str) -> float:
     return value
 
 
+def _import_estimator() -> Any:
+    """``memguard.estimator`` (and so torch and transformers), or a one-line error naming what broke.
+
+    A broken install anywhere below torch (a ``pynvml.py`` that raises on import, which torch
+    imports too; a half-removed package) would otherwise end the command with a traceback.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module("memguard.estimator")
+    except MemguardError:
+        raise
+    except Exception as exc:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f", raised in {tb.tb_frame.f_code.co_filename}" if tb is not None else ""
+        raise MemguardError(f"cannot load the estimator and torch ({type(exc).__name__}: {exc}{where}); "
+                            "repair or reinstall the package that file belongs to") from None
+
+
 def _build_parser() -> _Parser:
+    methods = _import_estimator().METHODS
+
     output = _Parser(add_help=False)
     output.add_argument("--json", action="store_true", help="print JSON on stdout, for machines")
     output.add_argument("-q", "--quiet", action="store_true",
@@ -138,7 +226,7 @@ def _build_parser() -> _Parser:
                             "(default: %(default)s)")
     model.add_argument("--optimizer", default="adamw",
                        help="adamw, adam, adamw-8bit, sgd, sgd-momentum, adafactor or none (default: %(default)s)")
-    model.add_argument("--method", choices=METHODS, default=None,
+    model.add_argument("--method", choices=methods, default=None,
                        help="how to estimate: trace the step on fake tensors, or use a formula "
                             "(default: auto, which traces and falls back to the formula)")
     model.add_argument("--device", default="cuda",
@@ -202,10 +290,14 @@ def _build_parser() -> _Parser:
 
 @dataclasses.dataclass(frozen=True)
 class _Output:
-    """Where the command writes: results on stdout, progress on stderr (unless quiet or JSON)."""
+    """Where the command writes: results on stdout, progress on stderr.
+
+    Progress is shown only when ``progress_shown``: not quiet, not JSON, and stderr a terminal.
+    """
 
     json_mode: bool
     quiet: bool
+    progress_shown: bool = False
 
     def text(self, text: str = "") -> None:
         sys.stdout.write(text + "\n")
@@ -214,7 +306,7 @@ class _Output:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
     def progress(self, text: str) -> None:
-        if not self.quiet:
+        if self.progress_shown:
             sys.stderr.write(text + "\n")
             sys.stderr.flush()
 
@@ -241,7 +333,7 @@ def _quiet_libraries(*, quiet: bool, models: bool) -> Iterator[None]:
             tf_logging = None
     tf_level = tf_logging.get_verbosity() if tf_logging else None
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{_PROG}: warning: %(message)s"))
+    handler.setFormatter(_OneLine(f"{_PROG}: warning: %(message)s"))
     handler.setLevel(logging.ERROR if quiet else logging.WARNING)
     logger = logging.getLogger("memguard")
     propagate = logger.propagate
@@ -259,6 +351,13 @@ def _quiet_libraries(*, quiet: bool, models: bool) -> Iterator[None]:
             logger.propagate = propagate
             if tf_logging and tf_level is not None:
                 tf_logging.set_verbosity(tf_level)
+
+
+class _OneLine(logging.Formatter):
+    """A log record on one line, whatever its message holds (a C++ backtrace from torch ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(super().format(record).split())
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -580,8 +679,11 @@ def _traced(estimate_at: EstimateAt, out: _Output, method: str, model: str, *,
 
 def _cmd_gpus(args: argparse.Namespace, out: _Output) -> int:
     devices = _device.list_devices()
+    reason = "" if devices else _device.why_no_gpu()
     if out.json_mode:
         data: dict[str, Any] = {"devices": [d.to_dict() for d in devices]}
+        if not devices:
+            data["reason"] = reason
         if args.catalog:
             data["catalog"] = [{"name": s.name, "vendor": s.vendor, "total_bytes": s.total_bytes}
                                for s in memguard.GPU_CATALOG.values()]
@@ -592,7 +694,8 @@ def _cmd_gpus(args: argparse.Namespace, out: _Output) -> int:
             out.text(f"{d.device or d.index}: {d.name}, {format_bytes(d.free_bytes)} free of "
                      f"{format_bytes(d.total_bytes)} ({d.source})")
     else:
-        out.text("no GPU visible to this process; plan against a catalog GPU (--gpu A100-80GB) or a "
+        why = f" ({' '.join(reason.split())})" if reason else ""
+        out.text(f"no GPU visible to this process{why}; plan against a catalog GPU (--gpu A100-80GB) or a "
                  "size (--gpu 24GiB)")
     if args.catalog:
         out.text()

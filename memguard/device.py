@@ -23,13 +23,23 @@ Where the numbers come from (:attr:`DeviceMemory.source`):
   (see :mod:`memguard._host`).
 - ``"catalog"``: a GPU from :mod:`memguard.catalog`, assumed empty (free = total).
 - ``"budget"``: a size the user allows (``"12GiB"``) or a share of the training device's total
-  memory (``"80%"``): total = free = the budget.
+  memory (``"80%"``): total = free = the budget. :func:`parse_budget` is the one check of a
+  budget value (a positive size or a share in (0%, 100%]) that every entry point uses.
+
+When NVML fails, host memory is never read in place of a GPU's: ``"cuda"``/``"cuda:N"`` fall back
+to torch or raise :class:`~memguard.errors.DeviceError` naming the NVML failure, and ``None`` means
+the host only when no GPU can exist here: NVML's library is missing (or ``pynvml`` does not
+import), no NVIDIA driver files are present (``/proc/driver/nvidia/version``, ``/dev/nvidiactl``),
+``CUDA_VISIBLE_DEVICES`` names no device and torch sees no CUDA device. Any other NVML failure
+(driver not loaded, version mismatch, no permission, a hung ``nvmlInit``) means a GPU is there but
+cannot be read, and is a :class:`~memguard.errors.DeviceError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import sys
 import warnings
@@ -43,8 +53,8 @@ from memguard.units import format_bytes, parse_bytes
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SOURCES", "DeviceLike", "DeviceMemory", "device_memory", "list_devices", "process_memory",
-           "resolve_budget"]
+__all__ = ["SOURCES", "DeviceLike", "DeviceMemory", "device_memory", "list_devices", "parse_budget",
+           "process_memory", "resolve_budget", "why_no_gpu"]
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +173,8 @@ def list_devices() -> list[DeviceMemory]:
     """Every CUDA device this process sees, in CUDA's order; empty when there is none.
 
     Read through NVML, or through ``torch.cuda`` (which creates a CUDA context on every device)
-    when NVML is missing or fails. The host is not listed: ask ``device_memory("cpu")``.
+    when NVML is missing or fails. The host is not listed: ask ``device_memory("cpu")``. When the
+    list is empty, :func:`why_no_gpu` says why (NVML's failure, or what NVML and torch see).
     """
     try:
         found = _nvml.devices(cuda_uuids=_cuda_uuids())
@@ -181,33 +192,64 @@ def list_devices() -> list[DeviceMemory]:
     return found_by_torch
 
 
-def resolve_budget(value: int | str, device: DeviceLike = None) -> DeviceMemory:
+def parse_budget(value: int | float | str) -> int | float:
+    """Check a memory budget without reading any device: the one validator of a budget value.
+
+    Args:
+        value: bytes (``int``, or a whole ``float``), a size (``"12GiB"`` binary, ``"12GB"``
+            decimal, ``"4096"``), or a percentage of a device's total memory (``"80%"``).
+
+    Returns:
+        The budget in bytes (an ``int`` > 0) for a size, or the share of the device (a ``float``
+        in ``(0, 1]``) for a percentage: ``parse_budget("12GiB") == 12884901888``,
+        ``parse_budget("80%") == 0.8``.
+
+    Raises:
+        ConfigError: naming the value, when it cannot be read (a bool, ``None``, a word), is zero
+            (``0``, ``"0"``, ``"0%"``: nothing would fit), negative, infinite or larger than
+            :data:`~memguard.units.MAX_BYTES`, or a percentage above 100%.
+    """
+    if isinstance(value, str) and value.strip().endswith("%"):
+        parse_bytes(value, total=1)  # checks the form and the 0%-100% range
+        share = float(value.strip()[:-1]) / 100
+        if share <= 0:
+            raise ConfigError(f"budget {value!r} is no memory at all; give a share above 0%, such as '80%'")
+        return share
+    n = parse_bytes(value)
+    if n <= 0:
+        raise ConfigError(f"budget {value!r} is no memory at all; give a positive size such as '12GiB'")
+    return n
+
+
+def resolve_budget(value: int | float | str, device: DeviceLike = None) -> DeviceMemory:
     """A memory budget as a :class:`DeviceMemory` with ``source="budget"``.
 
     Args:
-        value: bytes (``int``), a size (``"12GiB"`` binary, ``"12GB"`` decimal, ``"4096"``), or
-            a percentage of ``device``'s total memory (``"80%"``).
+        value: what :func:`parse_budget` takes: bytes, a size or a percentage of ``device``'s
+            total memory (``"80%"``).
         device: the device a percentage refers to (anything :func:`device_memory` accepts,
             including a catalog name); ``None`` is the training device, the GPU when this process
-            sees one, else the host.
+            sees one, else the host (never the host in place of a GPU NVML cannot read).
 
     Returns:
         total = free = the budget, used = 0; a percentage keeps the device's index and UUID.
 
     Raises:
-        ConfigError: naming the value and the accepted forms when it cannot be read.
+        ConfigError: naming the value and the accepted forms when it cannot be read or is zero.
         DeviceError: when the device of a percentage cannot be read.
     """
-    if isinstance(value, str) and value.strip().endswith("%"):
-        parse_bytes(value, total=100)  # a bad percentage fails before any device is read
+    budget = parse_budget(value)  # a bad value fails before any device is read
+    if isinstance(budget, float):
         base = device_memory(device)
         n = parse_bytes(value, total=base.total_bytes)
-        return DeviceMemory(name=f"{value.strip()} of {base.name}", index=base.index,
+        if n <= 0:
+            raise ConfigError(f"budget {value!r} of {base.name} ({format_bytes(base.total_bytes)}) is less "
+                              "than one byte; give a larger share")
+        return DeviceMemory(name=f"{str(value).strip()} of {base.name}", index=base.index,
                             uuid=base.uuid, total_bytes=n, free_bytes=n, used_bytes=0,
                             source="budget")
-    n = parse_bytes(value)
-    return DeviceMemory(name=f"budget of {format_bytes(n)}", index=None, uuid=None,
-                        total_bytes=n, free_bytes=n, used_bytes=0, source="budget")
+    return DeviceMemory(name=f"budget of {format_bytes(budget)}", index=None, uuid=None,
+                        total_bytes=budget, free_bytes=budget, used_bytes=0, source="budget")
 
 
 # -- the forms a device can take -------------------------------------------------------------
@@ -247,18 +289,75 @@ def _default_device() -> DeviceMemory:
     try:
         gpus = _nvml.devices(cuda_uuids=_cuda_uuids())
     except _nvml.NvmlUnavailable as exc:
+        failure: _nvml.NvmlUnavailable | None = exc
         log.debug("NVML cannot answer (%s); asking torch whether CUDA is available", exc.reason)
-        try:
-            has_gpu = _torch_cuda_count() > 0
-        except _TorchUnavailable:
-            has_gpu = False
     else:
         current = _current_index()
         if current < len(gpus):
             return _from_nvml(gpus[current])
-        has_gpu = bool(gpus)
-    log.debug("device=None stands for %s", "the current CUDA device" if has_gpu else "the host")
-    return _cuda_memory(None) if has_gpu else _host_memory()
+        if not gpus:
+            log.debug("device=None stands for the host: NVML answers and sees no CUDA device")
+            return _host_memory()
+        failure = None
+    try:
+        has_gpu = _torch_cuda_count() > 0
+        torch_reason = ""
+    except _TorchUnavailable as exc:
+        has_gpu, torch_reason = False, str(exc)
+    if has_gpu or failure is None:
+        return _cuda_memory(None)
+    meant = _gpu_meant(failure)
+    if meant:
+        raise DeviceError(
+            f"cannot tell the memory of this machine's GPU: {meant}, but NVML cannot read it "
+            f"({failure.reason}) and torch cannot either ({torch_reason}). Fix the driver, or name "
+            "the device: device='cpu' for host memory, a catalog GPU (e.g. 'A100-80GB') or a budget "
+            "(e.g. '40GiB')"
+        )
+    log.debug("device=None stands for the host: no GPU can exist here (NVML: %s; torch: %s)",
+              failure.reason, torch_reason)
+    return _host_memory()
+
+
+DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl")
+"""Files that exist whenever the NVIDIA kernel driver is loaded; any of them means a GPU may be here."""
+
+
+def _gpu_meant(failure: _nvml.NvmlUnavailable) -> str | None:
+    """Why this machine should have a GPU although NVML failed, in words; ``None`` when none can exist."""
+    if failure.kind not in ("import", "library"):
+        return "the NVIDIA driver's NVML library is installed"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        first = visible.split(",")[0].strip()
+        if first[:1].isdigit() or first.upper().startswith(("GPU-", "MIG-")):
+            return f"CUDA_VISIBLE_DEVICES={visible!r} names a GPU"
+    for path in DRIVER_FILES:
+        if os.path.exists(path):
+            return f"the NVIDIA driver is loaded ({path} exists)"
+    return None
+
+
+def why_no_gpu() -> str:
+    """Why :func:`list_devices` finds no CUDA device, in one sentence (what NVML and torch say).
+
+    Returns ``""`` when there is a device after all.
+    """
+    try:
+        found = _nvml.devices(cuda_uuids=_cuda_uuids())
+    except _nvml.NvmlUnavailable as exc:
+        nvml = f"NVML: {exc.reason}"
+    else:
+        if found:
+            return ""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        note = "" if visible is None else f" with CUDA_VISIBLE_DEVICES={visible!r}"
+        nvml = f"NVML works and sees no CUDA device{note}"
+    try:
+        count = _torch_cuda_count()
+    except _TorchUnavailable as exc:
+        return f"{nvml}; torch: {exc}"
+    return "" if count else nvml
 
 
 def _host_memory() -> DeviceMemory:
@@ -339,6 +438,8 @@ def _torch_cuda_count() -> int:
         import torch
     except ImportError:
         raise _TorchUnavailable("torch is not installed") from None
+    except Exception as exc:  # e.g. a broken pynvml.py, which torch.cuda imports too
+        raise _TorchUnavailable(f"importing torch failed ({type(exc).__name__}: {exc})") from None
     try:
         available = torch.cuda.is_available()
         count = int(torch.cuda.device_count()) if available else 0
@@ -381,8 +482,6 @@ def process_memory(index: int | None = None, pid: int | None = None) -> int | No
         when NVML cannot answer, does not list the process (no context on that device yet, or a
         container that hides host PIDs from NVML), or does not know its usage.
     """
-    import os
-
     want = _current_index() if index is None else index
     try:
         return _nvml.process_used_bytes(want, os.getpid() if pid is None else pid,

@@ -147,9 +147,11 @@ def estimate(
                                device=device)
     asked_precision = spec.precision.name
     spec, master_weights = _deepspeed_precision(spec, parallel)
+    if lora_rank is not None:
+        lora_rank = positive_int("lora_rank", lora_rank)
     resolved = load_model(model)
     if lora_rank is not None:
-        resolved = add_lora(resolved, positive_int("lora_rank", lora_rank))
+        resolved = add_lora(resolved, lora_rank)
     spec, make_inputs = _plan_inputs(resolved, spec, example_input, whole=step_fn is not None)
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=is_checkpointing(resolved.module))
@@ -176,6 +178,8 @@ def estimate(
             breakdown, more, slack = traced.breakdown, traced.notes, traced.slack
             at_peak, timeline = traced.at_peak, traced.timeline
             used = "trace"
+        except ConfigError:
+            raise  # a bad argument is no reason to try another method
         except MemguardError as exc:
             if method == "trace":
                 raise
@@ -321,7 +325,7 @@ def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec, example_input: Any
     # Pixels come in the weights' dtype, or fp32 under autocast (which casts them itself).
     dtype = torch.float32 if spec.precision.autocast_dtype is not None else spec.precision.param_dtype
     # Check the inputs can be built now, so a bad seq_len fails before any tracing starts.
-    make_batch(module, 1, seq_len, device="meta")
+    make_batch(module, batch_size, seq_len, device="meta")
 
     def build() -> Inputs:
         return (), make_batch(module, batch_size, seq_len, dtype=dtype)

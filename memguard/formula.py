@@ -12,6 +12,9 @@ block, this formula counts what a training step really keeps, term by term:
   dropout masks), read for the block layout of each family of :mod:`memguard.arch` and for the
   attention kernel that will run (fused attention keeps only its output and a log-sum-exp);
 * the logits and the loss's copies of them, which are often the largest single activation;
+* on ``device="cuda"`` with mixed precision, CUDA's autocast op lists as the trace applies them
+  (:mod:`memguard.device_rules`): an fp32 softmax in eager attention, fp32 Python GELUs (``pow``),
+  a 16-bit ``log_softmax`` with ``nll_loss``'s fp32 copy for 16-bit logits;
 * gradient checkpointing (only each block's input is kept, one block is recomputed at a time);
 * the phases of a step (end of forward, start and end of backward, optimizer step), whose
   maximum is the peak.
@@ -448,25 +451,39 @@ def _act_tensors(activation: str) -> tuple[int, bool]:
     return 1, False
 
 
+_POW_GELUS = ("gelu_new", "gelu_python_tanh")
+"""transformers' Python tanh-GELUs that call ``torch.pow`` (``transformers/activations.py``)."""
+
+
+def _fp32_gelu(ctx: _Ctx, activation: str) -> bool:
+    """Whether the activation runs in fp32: CUDA's autocast runs ``pow`` in fp32
+    (``AT_FORALL_FP32`` in ``ATen/autocast_mode.h``), which promotes the rest of a Python GELU."""
+    return ctx.autocast and ctx.cuda and activation.lower() in _POW_GELUS
+
+
 def _mlp_bytes(ctx: _Ctx, rows: int, ffn: int, gated: bool, activation: str,
                act_dropout: float) -> int:
     """Bytes the MLP saves between its two linear layers.
 
     Korthikanti et al. 2022, section 4.1 (MLP: the first linear's output, the activation's
     output, the dropout mask), with the activation's own saved tensors (:func:`_act_tensors`).
-    A gated MLP (``act(x W_g) * x W_u``) adds the up projection and the product.
+    A gated MLP (``act(x W_g) * x W_u``) adds the up projection and the product. A Python GELU
+    under CUDA's autocast (:func:`_fp32_gelu`) saves the fp32 cast of its input (for ``pow``),
+    the fp32 tanh and 1 + tanh and the 16-bit 0.5·x; its fp32 output is cast again by the second
+    linear.
     """
     unit = rows * ffn * ctx.c
     own, output_saved = _act_tensors(activation)
+    own_bytes = rows * ffn * (3 * _F32 + ctx.c) if _fp32_gelu(ctx, activation) else own * unit
     extra = rows * ffn * ctx.mask(ctx.c) if act_dropout > 0 else 0
     second = 0 if ctx.frozen else 1  # the second linear's input, unless its weight is frozen
     if gated:
         # act's output (saved by the product unless act saves it), the up projection, and the
         # product (or, with dropout after it, the dropped product) saved by the down projection
-        return (own + (0 if output_saved else 1) + 1 + second) * unit + extra
+        return own_bytes + ((0 if output_saved else 1) + 1 + second) * unit + extra
     if act_dropout > 0:
-        return (own + second) * unit + extra  # the dropped tensor, saved by the second linear
-    return (own + (0 if output_saved else second)) * unit
+        return own_bytes + second * unit + extra  # the dropped tensor, saved by the second linear
+    return own_bytes + (0 if output_saved else second) * unit
 
 
 def _layer_norm_bytes(ctx: _Ctx, rows: int, width: int, elem: int | None = None) -> int:
@@ -501,8 +518,12 @@ def _attention_core_bytes(ctx: _Ctx, q_rows: int, kv_len: int, q_len: int, *, ma
     * math: the scaled Q and K copies, the softmax, with dropout the noise and the dropped
       probabilities (the S×S terms of Korthikanti et al.'s 11·sbh + 5·as²b), the output; the CPU
       kernel computes in fp32;
-    * eager (transformers ``eager_attention_forward``): the softmax (fp32 and a cast copy for
-      Llama/ViT), dropout mask and dropped probabilities, the output.
+    * eager (transformers ``eager_attention_forward``): the softmax, the dropout mask and the
+      16-bit probabilities the second matmul saves, the output. The softmax is fp32 for
+      Llama/ViT (``dtype=torch.float32``) and under CUDA's autocast (``softmax`` is on its
+      fp32 list); then one 16-bit copy is saved whether dropout runs on it (Llama, ViT) or before
+      it (BERT: the dropped fp32 copy is cast and freed): on CUDA in bf16, 4 + 1 + 2 = 7 bytes
+      per score with dropout.
 
     Args:
         q_rows: ``batch * q_len``.
@@ -535,9 +556,13 @@ def _attention_core_bytes(ctx: _Ctx, q_rows: int, kv_len: int, q_len: int, *, ma
     # scores' dtype, which CUDA's autocast lifts to fp32 (softmax is on its fp32 list)
     fp32_softmax = a.family in ("llama", "vit") or (ctx.autocast and ctx.cuda)
     e = _F32 if fp32_softmax else ctx.c
-    total = scores * e + (scores * ctx.c if e != ctx.c else 0) + out
+    total = scores * e + out
+    if e != ctx.c or dropout > 0:
+        # the 16-bit probabilities the second matmul saves: the dropout's output, or a cast of
+        # the fp32 softmax (or of its dropped copy, which nothing else keeps)
+        total += scores * ctx.c
     if dropout > 0:
-        total += scores * ctx.c + scores * ctx.mask(ctx.c)
+        total += scores * ctx.mask(ctx.c)
     return total
 
 
@@ -549,13 +574,17 @@ def _qkv_bytes(ctx: _Ctx, q_rows: int, kv_rows: int, *, rope: bool, cache: bool,
     transformers models return a ``DynamicCache`` from a training forward when the config says
     ``use_cache=True``; ``DynamicLayer.update`` concatenates K and V into new tensors that live
     as long as the output. Grouped-query models with an explicit mask repeat K/V to all heads
-    (``repeat_kv``); without one, SDPA takes ``enable_gqa``.
+    (``repeat_kv``); without one, SDPA takes ``enable_gqa``, and on CUDA in fp32 the
+    memory-efficient kernel gets them repeated (:mod:`memguard.device_rules`).
     """
     a = ctx.arch
     nq, nkv = a.heads * a.head_dim, a.kv_heads * a.head_dim
     q, k = q_rows * nq, kv_rows * nkv
     grouped = a.kv_heads != a.heads
-    gqa_expand = grouped and (masked or ctx.kernel == "eager")
+    # fp32 on CUDA takes memory-efficient attention, which gets K/V repeated to every query head
+    # (memguard.device_rules; the op's meta kernels take equal head counts)
+    efficient = ctx.cuda and ctx.c == _F32 and ctx.kernel == "fused"
+    gqa_expand = grouped and (masked or ctx.kernel == "eager" or efficient)
     if ctx.kernel == "math":
         # the math kernel keeps its own scaled copies (counted in the core); V and any cache here
         held = 2 * k * ctx.c if cache else 0
@@ -566,13 +595,9 @@ def _qkv_bytes(ctx: _Ctx, q_rows: int, kv_rows: int, *, rope: bool, cache: bool,
         return held
     # fused kernels and eager attention's matmuls keep Q, K and V as they are handed over
     if rope:
-        e_rope = _F32 if ctx.autocast else ctx.r
-        if ctx.autocast:
-            total = q * ctx.c + k * ctx.c + k * ctx.c  # casts of Q, K; V projection output
-            if cache:
-                total += k * e_rope  # the cache holds the fp32 rotary K
-        else:
-            total = q * ctx.r + 2 * k * ctx.r
+        # under autocast: casts of Q and K, and V (the projection output or the cache's copy of
+        # it); the cache's own fp32 rotary K is held by the output only (output_cache)
+        total = (q + 2 * k) * ctx.c if ctx.autocast else q * ctx.r + 2 * k * ctx.r
     elif fused_proj:
         total = 3 * q * ctx.c + (2 * k * ctx.c if cache else 0)
     else:
@@ -651,9 +676,11 @@ def _block_bytes(ctx: _Ctx, seq: int, *, cache: bool, cross_seq: int | None = No
     # torch.nn.TransformerEncoderLayer: MultiheadAttention copies its (batch-first, transposed)
     # input for the packed in-projection and makes Q, K, V one contiguous (3, S, B, h) tensor,
     # which stays alive through the views the kernel keeps (unless the CPU's math kernel upcasts
-    # them to fp32 copies, counted in the core).
+    # them to fp32 copies, counted in the core). On CUDA in fp32, memory-efficient attention
+    # returns a (B, S, H, D)-ordered output, which MHA copies for its out-projection to save.
     upcast = ctx.kernel == "math" and ctx.c < ctx.math_elem
-    attn = (ctx.linear_inputs(rows, h, 1) + (0 if upcast else 3 * resid * ctx.c)
+    copy = resid * ctx.c if ctx.cuda and ctx.c == _F32 and ctx.kernel == "fused" else 0
+    attn = (ctx.linear_inputs(rows, h, 1) + (0 if upcast else 3 * resid * ctx.c) + copy
             + _attention_core_bytes(ctx, rows, seq, seq, masked=False,
                                     dropout=a.attention_dropout))
     total = (attn + drop_mask + _layer_norm_bytes(ctx, rows, h) + ctx.linear_inputs(rows, h, 1)
@@ -755,8 +782,10 @@ def _final_bytes(ctx: _Ctx, seq: int) -> int:
         return _layer_norm_bytes(ctx, rows, h) + pooled
     if a.family in ("bert", "bart"):
         if a.head == "masked-lm":
-            # transform: dense -> GELU -> LayerNorm -> decoder
-            return head_in + 2 * resid * ctx.c + 2 * rows * _F32 + head_in
+            # transform: dense -> GELU -> LayerNorm -> decoder; CUDA's autocast runs the
+            # LayerNorm in fp32 and it saves an fp32 cast of the GELU's output instead
+            ln_in = _F32 if (ctx.autocast and ctx.cuda) else ctx.c
+            return head_in + resid * (ctx.c + ln_in) + 2 * rows * _F32 + head_in
         return head_in
     # plain torch: the model's own final norm and head are unknown; count one LayerNorm
     return _layer_norm_bytes(ctx, rows, h)
@@ -791,6 +820,8 @@ class _Activations:
         tokens: tokens per sequence of the blocks (the decoder's for an encoder-decoder model).
         embedding: bytes still alive at the end of backward (the embeddings' saved tensors).
         idle: parameter indices of blocks that save nothing (frozen, nothing trainable below).
+        output_cache: bytes of the key/value cache held by the model's output alone (not saved
+            for backward), alive until the output is dropped.
     """
 
     saved: int
@@ -801,6 +832,7 @@ class _Activations:
     tokens: int
     embedding: int
     idle: frozenset[int] = frozenset()
+    output_cache: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -947,9 +979,13 @@ def _activations(inv: _Inventory, arch: Architecture, spec: TrainingSpec, ctx: _
         bottom = recompute + _checkpoint_input_bytes(ctx, seq)
     lm = arch.head in ("causal-lm", "masked-lm", "seq2seq") and arch.vocab
     logits = ctx.b * seq * arch.vocab if lm and arch.vocab else 0
+    output_cache = 0
+    if cache and arch.family == "llama" and ctx.autocast and ctx.kernel != "math":
+        # every layer's cached rotary K, fp32 under autocast: the kernel saves its 16-bit cast
+        output_cache = arch.layers * ctx.b * seq * arch.kv_heads * arch.head_dim * _F32
     return _Activations(saved=saved, top_block=top, bottom_block=bottom, recompute=recompute,
-                        logits=logits,
-                        tokens=seq, embedding=emb, idle=act.idle)
+                        logits=logits, tokens=seq, embedding=emb, idle=act.idle,
+                        output_cache=output_cache)
 
 
 def _autocast_weight_bytes(inv: _Inventory, ctx: _Ctx, idle: frozenset[int]) -> int:
@@ -979,18 +1015,40 @@ def _head_grad_bytes(inv: _Inventory, grad: list[bool], spec: TrainingSpec) -> i
 
 def _loss_elem(ctx: _Ctx) -> int:
     """Bytes per element of the ``log_softmax`` that cross-entropy saves: fp32 when the logits
-    are upcast (transformers' ``ForCausalLMLoss`` calls ``logits.float()``; autocast runs
-    ``log_softmax`` in fp32), else the logits' own dtype (``CrossEntropyLoss`` of BERT's, T5's,
-    BART's heads and of plain models)."""
+    are upcast (transformers' ``ForCausalLMLoss`` calls ``logits.float()``; CPU autocast runs
+    ``cross_entropy_loss`` in fp32), else the logits' own dtype (``CrossEntropyLoss`` of BERT's,
+    T5's, BART's heads and of plain models; on CUDA see :func:`_cuda_low_precision_loss`)."""
     a = ctx.arch
     upcast = a.head == "causal-lm" and a.family != "torch"
+    if _cuda_low_precision_loss(ctx):
+        return ctx.c
     return _F32 if (upcast or ctx.autocast) else ctx.c
+
+
+def _cuda_low_precision_loss(ctx: _Ctx) -> bool:
+    """Cross-entropy of 16-bit logits under CUDA's autocast, which does not list
+    ``cross_entropy_loss`` (the CPU's runs it in fp32): its composite calls ``log_softmax`` with
+    the logits' own dtype (``aten/src/ATen/native/LossNLL.cpp``), which keeps it 16-bit, and
+    ``nll_loss``, on the fp32 list, saves an fp32 copy of it. Not for logits that are fp32 already:
+    ``ForCausalLMLoss`` upcasts them, BART-like heads add their fp32 ``final_logits_bias``."""
+    a = ctx.arch
+    upcast = (a.head == "causal-lm" and a.family != "torch") or a.family == "bart"
+    return ctx.cuda and ctx.autocast and ctx.c < _F32 and not upcast
+
+
+def _loss_saved_bytes(ctx: _Ctx, logits: int) -> int:
+    """What cross-entropy saves for backward: the ``log_softmax`` output, and on CUDA with 16-bit
+    logits also ``nll_loss``'s fp32 copy of it."""
+    return logits * (_loss_elem(ctx) + (_F32 if _cuda_low_precision_loss(ctx) else 0))
 
 
 def _loss_forward_bytes(ctx: _Ctx, logits: int) -> int:
     """Peak of the loss in the forward pass: the logits, their fp32 upcast copy and the
     ``log_softmax`` output that cross-entropy saves (REFERENCES.md: "logits add 4·s·b·v for fp32
-    (and the loss often copies them)")."""
+    (and the loss often copies them)"); on CUDA with 16-bit logits, the logits and what
+    :func:`_loss_saved_bytes` keeps."""
+    if _cuda_low_precision_loss(ctx):
+        return logits * ctx.c + _loss_saved_bytes(ctx, logits)
     e = _loss_elem(ctx)
     upcast = logits * e if e > ctx.c else 0
     return logits * ctx.c + upcast + logits * e
@@ -998,7 +1056,10 @@ def _loss_forward_bytes(ctx: _Ctx, logits: int) -> int:
 
 def _loss_backward_bytes(ctx: _Ctx, logits: int) -> int:
     """Peak of the loss in backward: the saved ``log_softmax`` output, the gradient of
-    ``nll_loss`` and the gradient of ``log_softmax``, each the size of the logits."""
+    ``nll_loss`` and the gradient of ``log_softmax``, each the size of the logits; on CUDA with
+    16-bit logits, the saved tensors and ``nll_loss``'s fp32 gradient."""
+    if _cuda_low_precision_loss(ctx):
+        return _loss_saved_bytes(ctx, logits) + logits * _F32
     return 3 * logits * _loss_elem(ctx)
 
 
@@ -1017,14 +1078,17 @@ def _block_backward_bytes(ctx: _Ctx, acts: _Activations) -> int:
     """Temporaries while backward runs through a block: the gradient flowing down the residual
     stream and one MLP-width gradient (the block's saved tensors are freed node by node as its
     backward runs, which offsets the rest); for T5 on a fused kernel, the gradient of the
-    position bias."""
+    position bias. An fp32 Python GELU (:func:`_fp32_gelu`) holds three fp32 MLP-width gradients
+    at once in the backward of its last product (of the output, of 0.5·x before its cast, of
+    1 + tanh), by when the second linear has freed its 16-bit input."""
     a = ctx.arch
     rows = ctx.b * acts.tokens
     grad_bias = 0
     if a.family == "t5" and ctx.kernel == "fused":
         # the fused kernel's gradient of T5's learned bias, batch-wide before it is summed
         grad_bias = ctx.b * a.heads * acts.tokens * acts.tokens * ctx.r
-    return rows * a.hidden * ctx.r + rows * a.ffn * ctx.c + grad_bias
+    mlp = 3 * _F32 - ctx.c if _fp32_gelu(ctx, a.activation) else ctx.c
+    return rows * a.hidden * ctx.r + rows * a.ffn * mlp + grad_bias
 
 
 def _embedding_backward_bytes(arch: Architecture, head_grad: int) -> int:
@@ -1100,15 +1164,15 @@ def _phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str = "p
     old_grads = grads if training_loop == "lightning" else 0
     loss_fwd = _loss_forward_bytes(ctx, acts.logits)
     block_fwd = _block_forward_bytes(ctx, acts)
-    kept = acts.logits * _loss_elem(ctx) if loss_fwd - block_fwd >= 0 else 0  # log_softmax out
+    kept = _loss_saved_bytes(ctx, acts.logits) if loss_fwd - block_fwd >= 0 else 0
     saved = acts.saved + batch + casts
     phases: dict[str, dict[Category, int]] = {
-        "end of forward": {**states, Category.ACTIVATIONS: saved + kept,
+        "end of forward": {**states, Category.ACTIVATIONS: saved + kept + acts.output_cache,
                            Category.GRADIENTS: old_grads,
                            Category.TEMPORARY: max(loss_fwd - kept, block_fwd)},
     }
     if grads > 0:
-        lsm = acts.logits * _loss_elem(ctx)  # log_softmax output, saved by the forward
+        lsm = _loss_saved_bytes(ctx, acts.logits)  # log_softmax output, saved by the forward
         phases["start of backward"] = {**states, Category.ACTIVATIONS: saved + lsm,
                                        Category.TEMPORARY: _loss_backward_bytes(ctx, acts.logits)
                                        - lsm}

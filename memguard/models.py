@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from memguard.errors import ConfigError
+from memguard.errors import ConfigError, MemguardError
 
-__all__ = ["ResolvedModel", "TaskKind", "add_lora", "is_checkpointing", "list_presets", "load_model", "make_batch",
-           "max_positions", "model_task", "set_checkpointing"]
+__all__ = ["MAX_CONFIG_BYTES", "ResolvedModel", "TaskKind", "add_lora", "check_config_sizes", "is_checkpointing",
+           "list_presets", "load_model", "make_batch", "max_positions", "model_task", "set_checkpointing"]
 
 _PRESET_DIR = Path(__file__).parent / "presets"
 _ALIASES = {
@@ -41,7 +42,7 @@ def _preset_key(name: str) -> str | None:
     key = name.strip().lower().split("/")[-1].replace("_", "-")
     key = re.sub(r"-hf$", "", key)
     key = _ALIASES.get(key, key)
-    return key if (_PRESET_DIR / f"{key}.json").is_file() else None
+    return key if key in list_presets() else None
 
 
 @dataclasses.dataclass
@@ -61,19 +62,96 @@ class ResolvedModel:
     built_here: bool = False
 
 
+MAX_CONFIG_BYTES = 16 * 2**20
+"""The largest file read as a ``config.json``. Real ones are a few KiB (Llama-3's is 0.7 KiB); a
+larger file is a weights file or something else given by mistake, and is refused before it is read."""
+
+_SIZE_KEYS = frozenset({
+    # widths
+    "hidden_size", "n_embd", "d_model", "d_kv", "dim", "hidden_dim", "head_dim",
+    "intermediate_size", "n_inner", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim",
+    # depths
+    "n_layer", "n_layers", "num_hidden_layers", "num_layers", "num_decoder_layers",
+    "encoder_layers", "decoder_layers",
+    # heads
+    "n_head", "n_heads", "num_heads", "num_attention_heads", "num_key_value_heads",
+    "encoder_attention_heads", "decoder_attention_heads",
+    # vocabularies, lengths and images
+    "vocab_size", "type_vocab_size", "n_positions", "n_ctx", "max_position_embeddings",
+    "num_channels", "patch_size", "image_size",
+})
+"""Keys of a transformers config that are counts or sizes: whole numbers from 1 up (or ``null``,
+which transformers reads as "derive it", e.g. GPT-2's ``n_inner``). The names are those of the
+transformers configs of GPT-2, BERT, Llama, Mistral, T5, BART, DistilBERT and ViT."""
+
+
 def _read_config_dict(source: str | Path) -> tuple[dict[str, Any], str]:
+    """The JSON object in a ``config.json`` (or a model directory's), read with bounded memory.
+
+    A path that is not a regular file (``/dev/zero``, a pipe) or is larger than
+    :data:`MAX_CONFIG_BYTES` is refused before anything is read; bytes that are not UTF-8 JSON
+    are one clear error.
+    """
     path = Path(source)
     if path.is_dir():
         path = path / "config.json"
+    where = str(path)
     try:
-        data = json.loads(path.read_text())
+        info = path.stat()
     except FileNotFoundError:
-        raise ConfigError(f"no config.json at {str(path)!r}") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {str(path)!r} as a JSON model config: {exc}") from None
+        raise ConfigError(f"no config.json at {where!r}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {where!r} as a JSON model config: {exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{where!r} is not a regular file (a device, pipe or socket); give a model's "
+                          "config.json or its directory")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where!r} is {info.st_size:,} bytes, too large for a config.json (at most "
+                          f"{MAX_CONFIG_BYTES // 2**20} MiB): is it a weights file? Give the config.json "
+                          "next to it, or the model's directory")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {where!r} as a JSON model config: {exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where!r} is larger than {MAX_CONFIG_BYTES // 2**20} MiB, too large for a config.json")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where!r} is not a text file (byte 0x{raw[exc.start]:02x} at offset {exc.start} is "
+                          "not UTF-8), so not a config.json: is it a weights file?") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"cannot read {where!r} as a JSON model config: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{str(path)!r} holds JSON but not a config object")
+        raise ConfigError(f"{where!r} holds JSON but not a config object")
     return data, str(source)
+
+
+def check_config_sizes(data: Mapping[str, Any], origin: str) -> None:
+    """Check the counts and sizes of a config (widths, depths, heads, vocabulary ...).
+
+    Each key of :data:`_SIZE_KEYS` present, here or in a nested sub-config, must be ``None`` or a
+    whole number from 1 to :data:`memguard.options.MAX_COUNT` (``image_size`` may be a pair).
+    transformers checks few of them: ``n_positions: -5`` fails deep inside torch, ``n_layer: -1``
+    builds a model with no blocks, ``num_attention_heads: 0`` divides by zero.
+
+    Raises:
+        ConfigError: naming the config, the key and the value.
+    """
+    from memguard.options import MAX_COUNT
+
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            check_config_sizes(value, origin)
+            continue
+        if key not in _SIZE_KEYS or value is None:
+            continue
+        values = value if key == "image_size" and isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_COUNT:
+                raise ConfigError(f"model config {origin!r}: {key} must be a whole number from 1 to "
+                                  f"{MAX_COUNT:,}, got {value!r}")
 
 
 def _config_from_dict(data: Mapping[str, Any], origin: str) -> Any:
@@ -83,32 +161,64 @@ def _config_from_dict(data: Mapping[str, Any], origin: str) -> Any:
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ConfigError(f"model config {origin!r} has no 'model_type'; it cannot be built offline")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"model config {origin!r}: model_type must be a string, got {model_type!r}")
+    check_config_sizes(data, origin)
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"model config {origin!r} is malformed: {exc}") from None
+    except Exception as exc:  # transformers raises ValueError, KeyError, TypeError, its own validation errors
+        raise ConfigError(f"model config {origin!r} is malformed: {type(exc).__name__}: {exc}") from None
 
 
-def _build_from_config(config: Any, *, device: str | torch.device = "meta") -> nn.Module:
+def _build_from_config(config: Any, *, device: str | torch.device = "meta", origin: str | None = None) -> nn.Module:
+    """Build the model of a transformers config on ``device``.
+
+    Raises:
+        ConfigError: naming the config, for a config transformers has no model class for, or any
+            error transformers or torch raise while building it (a size that does not divide, a
+            negative dimension ...).
+    """
     import transformers
 
+    origin = origin or type(config).__name__
+    check_config_sizes(_config_dict(config), origin)
     archs = list(getattr(config, "architectures", None) or [])
     cls = None
     for arch in archs:
-        cls = getattr(transformers, arch, None)
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if cls is not None:
             break
-    if cls is None:
-        for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM",
-                     "AutoModelForImageClassification", "AutoModel"):
-            try:
-                with torch.device(device):
-                    return getattr(transformers, auto).from_config(config)
-            except ValueError:
-                continue
-        raise ConfigError(f"transformers has no model class for config of type {config.model_type!r}")
-    with torch.device(device):
-        return cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    try:
+        if cls is None:
+            return _build_auto(transformers, config, device, origin)
+        with torch.device(device):
+            return cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    except MemguardError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"cannot build a model from config {origin!r}: {type(exc).__name__}: {exc}") from None
+
+
+def _build_auto(transformers: Any, config: Any, device: str | torch.device, origin: str) -> nn.Module:
+    """The first ``AutoModelFor*`` head that knows the config's class."""
+    for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM",
+                 "AutoModelForImageClassification", "AutoModel"):
+        try:
+            with torch.device(device):
+                return getattr(transformers, auto).from_config(config)
+        except ValueError as exc:
+            if "Unrecognized configuration class" not in str(exc):
+                raise
+    raise ConfigError(f"transformers has no model class for config {origin!r} of type "
+                      f"{getattr(config, 'model_type', None)!r}")
+
+
+def _config_dict(config: Any) -> Mapping[str, Any]:
+    try:
+        data = config.to_dict()
+    except Exception:  # a config that cannot describe itself is checked by transformers alone
+        return {}
+    return data if isinstance(data, Mapping) else {}
 
 
 def load_model(model: Any, *, device: str | torch.device = "meta") -> ResolvedModel:
@@ -121,7 +231,9 @@ def load_model(model: Any, *, device: str | torch.device = "meta") -> ResolvedMo
         device: where modules built here are put; ``"meta"`` allocates nothing.
 
     Raises:
-        ConfigError: for an unknown name, an unreadable or malformed config.
+        ConfigError: for an unknown name, an unreadable or malformed config (a binary or weights
+            file, sizes that are not positive whole numbers, anything transformers cannot build), or
+            a factory that does not import, raises, exits, needs arguments or returns no module.
     """
     if isinstance(model, nn.Module):
         config = getattr(model, "config", None)
@@ -134,12 +246,11 @@ def load_model(model: Any, *, device: str | torch.device = "meta") -> ResolvedMo
         if key is not None:
             data, _ = _read_config_dict(_PRESET_DIR / f"{key}.json")
             config = _config_from_dict(data, key)
-            return ResolvedModel(_build_from_config(config, device=device), key, config, True)
-        path = Path(text)
-        if path.exists():
-            data, origin = _read_config_dict(path)
+            return ResolvedModel(_build_from_config(config, device=device, origin=key), key, config, True)
+        if _exists(text):
+            data, origin = _read_config_dict(text)
             config = _config_from_dict(data, origin)
-            return ResolvedModel(_build_from_config(config, device=device), text, config, True)
+            return ResolvedModel(_build_from_config(config, device=device, origin=origin), text, config, True)
         if ":" in text and not text.endswith((".json",)):
             return _from_factory(text)
         raise ConfigError(
@@ -152,22 +263,59 @@ def load_model(model: Any, *, device: str | torch.device = "meta") -> ResolvedMo
     )
 
 
+def _exists(text: str) -> bool:
+    """Whether a path exists; a name too long or with a NUL byte for the OS is no path."""
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):
+        return False
+
+
+_FACTORY_FORM = ("'package.module:factory' names a module importable here and, in it, a callable that takes "
+                 "no arguments and returns a torch.nn.Module")
+
+
 def _from_factory(spec: str) -> ResolvedModel:
+    """Import ``package.module`` and call its ``factory``; whatever the user's code does is a ConfigError.
+
+    Importing and calling the user's code may raise anything, ``SystemExit`` included
+    (``sys.exit`` in a script's module body); only ``KeyboardInterrupt`` goes through.
+    """
     import importlib
 
     module_name, _, attr = spec.partition(":")
+    if not module_name.strip() or module_name.startswith(".") or not attr.strip():
+        raise ConfigError(f"cannot use {spec!r} as a model: {_FACTORY_FORM} (an absolute module name "
+                          "before the ':' and a name after it)")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        raise ConfigError(f"importing {module_name!r} for model {spec!r} failed: {_describe(exc)}") from None
     for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (model {spec!r})")
-        obj = getattr(obj, part)
-    built = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (model {spec!r})") from None
+        except (Exception, SystemExit) as exc:
+            raise ConfigError(f"reading {attr!r} of {module_name!r} (model {spec!r}) failed: "
+                              f"{_describe(exc)}") from None
+    built = obj
+    if callable(obj) and not isinstance(obj, nn.Module):
+        try:
+            built = obj()
+        except (Exception, SystemExit) as exc:
+            raise ConfigError(f"calling {spec}() failed: {_describe(exc)}; {_FACTORY_FORM}") from None
     if not isinstance(built, nn.Module):
         raise ConfigError(f"{spec!r} returned {type(built).__name__}, not a torch.nn.Module")
     return ResolvedModel(built, spec, getattr(built, "config", None), True)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def add_lora(resolved: ResolvedModel, rank: int) -> ResolvedModel:
@@ -275,8 +423,9 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     fast path (and would drop an all-ones mask anyway).
 
     Raises:
-        ConfigError: if the model is not a transformers model (give ``example_input`` instead), or
-            a token model is asked for without ``seq_len``.
+        ConfigError: if the model is not a transformers model (give ``example_input`` instead), a
+            token model is asked for without ``seq_len``, or the batch would hold more than
+            :data:`~memguard.options.MAX_INPUT_ELEMENTS` elements (its bytes would overflow int64).
     """
     task = model_task(module)
     config = getattr(module, "config", None)
@@ -284,6 +433,7 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     if task in ("image-cls", "image-base"):
         size = config.image_size
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        _check_elements(b, config.num_channels, *size, what="pixel values")
         pixels = torch.rand(b, config.num_channels, *size, generator=generator, device=device).to(dtype)
         batch = {"pixel_values": pixels}
         if task == "image-cls":
@@ -302,6 +452,7 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
             f"seq_len={seq_len} is longer than {type(module).__name__} can take "
             f"(max_position_embeddings={limit})"
         )
+    _check_elements(b, seq_len, what="token ids")
     ids = torch.randint(0, config.vocab_size, (b, seq_len), generator=generator, device=device)
     batch = {"input_ids": ids}
     if task in ("causal-lm", "masked-lm", "seq2seq"):
@@ -309,6 +460,19 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     elif task == "seq-cls":
         batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
     return batch
+
+
+def _check_elements(batch_size: int, *dims: int, what: str) -> None:
+    """A :class:`ConfigError` when a batch of ``batch_size`` x ``dims`` is past any device."""
+    from memguard.options import MAX_INPUT_ELEMENTS
+
+    n = batch_size
+    for d in dims:
+        n *= d
+    if n > MAX_INPUT_ELEMENTS:
+        shape = " x ".join(str(d) for d in (batch_size, *dims))
+        raise ConfigError(f"batch_size={batch_size} makes {n:,} {what} ({shape}): their bytes would overflow "
+                          "int64, past any device; give a smaller batch_size")
 
 
 def max_positions(config: Any) -> int | None:

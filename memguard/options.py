@@ -16,8 +16,8 @@ import torch
 
 from memguard.errors import ConfigError
 
-__all__ = ["OPTIMIZERS", "PRECISIONS", "AdamW8bitStandIn", "Precision", "TrainingSpec", "make_optimizer",
-           "positive_int", "resolve_optimizer", "resolve_precision"]
+__all__ = ["MAX_COUNT", "MAX_INPUT_ELEMENTS", "OPTIMIZERS", "PRECISIONS", "AdamW8bitStandIn", "Precision",
+           "TrainingSpec", "make_optimizer", "positive_int", "resolve_optimizer", "resolve_precision", "strict_bool"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,19 +205,49 @@ def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter],
     return spec.factory(params)
 
 
-def positive_int(name: str, value: Any) -> int:
-    """``value`` as an ``int`` if it is a positive whole number, else a :class:`ConfigError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+MAX_COUNT = 2**31 - 1
+"""The largest batch size, sequence length, world size or rank memguard takes (int32's maximum).
+
+No device holds a step past it: 2**31 samples of one token of GPT-2 small are ~3 TiB of
+activations, more than any GPU or host. Past it the trace's tensor sizes would overflow int64 too.
+"""
+
+MAX_INPUT_ELEMENTS = 2**60
+"""The most token ids one batch may hold: ``input_ids`` (int64) and its ``labels`` copy would
+otherwise take more than 2**63 bytes, which no tensor, allocator or device can count."""
+
+
+def positive_int(name: str, value: Any, *, limit: int = MAX_COUNT) -> int:
+    """``value`` as an ``int`` if it is a whole number in ``[1, limit]``, else a :class:`ConfigError` naming ``name``.
+
+    ``True``/``False`` are not numbers here (``batch_size=True`` is a mistake, not 1), nor are
+    strings; floats are taken when whole (``8.0``), never when infinite or NaN.
+    """
+    if isinstance(value, (bool, str, bytes)):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(value, int):
         try:
             as_int = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}") from None
         if as_int != value:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         value = as_int
     if value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if value > limit:
+        raise ConfigError(f"{name}={value:,} is past any device: memguard takes at most {limit:,}")
     return value
+
+
+def strict_bool(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``; any other value (``"no"``, ``1``, ``None``) is a :class:`ConfigError`.
+
+    ``offload_params="no"`` would otherwise be truthy and mean yes.
+    """
+    if value is True or value is False:
+        return value
+    raise ConfigError(f"{name} must be True or False, got {value!r}")
 
 
 DEVICES = ("cuda", "cpu")
@@ -227,7 +257,10 @@ def resolve_device(device: str | torch.device | None) -> str:
     """``"cuda"``, ``"cuda:1"``, ``torch.device("cpu")`` -> ``"cuda"`` or ``"cpu"``."""
     if device is None:
         return "cuda"
-    kind = torch.device(device).type if not isinstance(device, str) else device.split(":")[0].strip().lower()
+    if not isinstance(device, (str, torch.device)):
+        raise ConfigError(f"device must be 'cuda' (or 'cuda:N'), 'cpu' or a torch.device, got "
+                          f"{type(device).__name__} {device!r}")
+    kind = device.type if isinstance(device, torch.device) else device.split(":")[0].strip().lower()
     if kind == "gpu":
         kind = "cuda"
     if kind not in DEVICES:
@@ -260,11 +293,25 @@ class TrainingSpec:
     def create(cls, *, batch_size: Any = None, seq_len: Any = None, optimizer: Any = "adamw",
                precision: Any = "32-true", gradient_checkpointing: bool | None = None,
                device: Any = "cuda") -> TrainingSpec:
-        if gradient_checkpointing not in (None, True, False):
+        """Check and normalise every argument.
+
+        Raises:
+            ConfigError: naming the bad value. Batch size and sequence length are whole numbers
+                from 1 to :data:`MAX_COUNT` (not bools), and their product at most
+                :data:`MAX_INPUT_ELEMENTS` token ids.
+        """
+        if gradient_checkpointing is not None and not isinstance(gradient_checkpointing, bool):
             raise ConfigError(f"gradient_checkpointing must be None, True or False, got {gradient_checkpointing!r}")
+        batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
+        seq_len = None if seq_len is None else positive_int("seq_len", seq_len)
+        if batch_size is not None and seq_len is not None and batch_size * seq_len > MAX_INPUT_ELEMENTS:
+            raise ConfigError(
+                f"batch_size={batch_size} x seq_len={seq_len} = {batch_size * seq_len:,} tokens: the "
+                "input ids alone would take more than 2**63 bytes, past any device"
+            )
         return cls(
-            batch_size=None if batch_size is None else positive_int("batch_size", batch_size),
-            seq_len=None if seq_len is None else positive_int("seq_len", seq_len),
+            batch_size=batch_size,
+            seq_len=seq_len,
             optimizer=resolve_optimizer(optimizer),
             precision=resolve_precision(precision),
             gradient_checkpointing=gradient_checkpointing,

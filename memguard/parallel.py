@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from torch import nn
 
 from memguard.errors import ConfigError
-from memguard.options import positive_int
+from memguard.options import positive_int, strict_bool
 from memguard.result import Category
 
 __all__ = ["STRATEGIES", "Parallelism", "resolve_parallelism"]
@@ -206,8 +206,15 @@ def resolve_parallelism(strategy: str | None = "single", world_size: int | None 
     """Normalise a strategy name (ours or Lightning's) and its options.
 
     Raises:
-        ConfigError: for an unknown strategy, a bad world size, or offload where it cannot apply.
+        ConfigError: for an unknown or non-string strategy, a bad world size (a whole number from 1
+            to :data:`~memguard.options.MAX_COUNT`, not a bool), offload flags that are not
+            ``True``/``False`` (``"no"`` would be truthy), or offload where it cannot apply.
     """
+    if strategy is not None and not isinstance(strategy, str):
+        raise ConfigError(f"strategy must be a name such as 'ddp' or 'fsdp', got {type(strategy).__name__} "
+                          f"{strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    offload_optimizer = strict_bool("offload_optimizer", offload_optimizer)
+    offload_params = strict_bool("offload_params", offload_params)
     key = (strategy or "single").strip().lower().replace("-", "_")
     if key in _ALIASES:
         key, opt_off, par_off = _ALIASES[key]
@@ -227,7 +234,8 @@ def resolve_parallelism(strategy: str | None = "single", world_size: int | None 
         raise ConfigError(f"offload_optimizer needs a sharded strategy (fsdp or deepspeed_stage_*), not {key!r}")
     shard = world_size
     if key == "fsdp_hybrid":
-        per_node = ranks_per_node or min(world_size, NODE_SIZE)
+        per_node = (min(world_size, NODE_SIZE) if ranks_per_node is None
+                    else positive_int("ranks_per_node", ranks_per_node))
         if world_size % per_node:
             raise ConfigError(f"world_size={world_size} is not a multiple of {per_node} ranks per node")
         shard = per_node

@@ -200,11 +200,12 @@ class MemoryEstimate:
             n = self.breakdown[cat]
             lines.append(f"{cat.value:<{width}}  {format_bytes(n):>12}  {100 * n / total:6.1f}%")
         lines.append(rule)
-        lines.append(f"{'peak (tensors)':<{width}}  {format_bytes(self.peak_bytes):>12}  max_memory_allocated")
         if self.context_bytes:
+            lines.append(f"{'peak (tensors)':<{width}}  {format_bytes(self.peak_bytes):>12}  max_memory_allocated")
             lines.append(f"{'reserved':<{width}}  {format_bytes(self.reserved_bytes):>12}  max_memory_reserved")
             lines.append(f"{'total':<{width}}  {format_bytes(self.total_bytes):>12}  nvidia-smi (+ context)")
         else:
+            lines.append(f"{'peak (tensors)':<{width}}  {format_bytes(self.peak_bytes):>12}")
             lines.append(f"{'total':<{width}}  {format_bytes(self.total_bytes):>12}")
         if self.host_bytes:
             lines.append(f"{'host (offload)':<{width}}  {format_bytes(self.host_bytes):>12}")

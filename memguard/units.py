@@ -12,7 +12,11 @@ import re
 
 from memguard.errors import ConfigError
 
-__all__ = ["format_bytes", "parse_bytes"]
+__all__ = ["MAX_BYTES", "format_bytes", "parse_bytes"]
+
+MAX_BYTES = 2**63 - 1
+"""The largest size memguard reads: NVML, torch and the kernel count memory in signed or unsigned
+64-bit integers, so nothing larger is memory (8 EiB; a float such as ``"1e400"`` is infinite)."""
 
 _BINARY = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50}
 _DECIMAL = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15}
@@ -36,18 +40,18 @@ def parse_bytes(value: int | float | str, *, total: int | None = None) -> int:
 
     Raises:
         ConfigError: naming the value and the accepted forms when it cannot be read, is negative,
-            or is a percentage without a ``total``.
+            is not finite or above :data:`MAX_BYTES`, or is a percentage without a ``total``.
     """
     if isinstance(value, bool):
         raise ConfigError(f"cannot read {value!r} as a memory size; expected {_ACCEPTED}")
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"memory size must not be negative, got {value}")
-        return value
+        return _bounded(value, value)
     if isinstance(value, float):
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"memory size must be a finite non-negative number, got {value!r}")
-        return int(value)
+        return _bounded(value, value)
     if not isinstance(value, str):
         raise ConfigError(f"cannot read {value!r} as a memory size; expected {_ACCEPTED}")
     text = value.strip()
@@ -70,7 +74,15 @@ def parse_bytes(value: int | float | str, *, total: int | None = None) -> int:
     number, prefix, binary, _ = match.groups()
     prefix = prefix.lower()
     scale = _BINARY[prefix] if binary else _DECIMAL[prefix]
-    return int(float(number) * scale)
+    return _bounded(float(number) * scale, value)
+
+
+def _bounded(n: int | float, value: object) -> int:
+    """``n`` as integer bytes, or a :class:`ConfigError` when it is infinite or past :data:`MAX_BYTES`."""
+    if not math.isfinite(n) or n > MAX_BYTES:
+        raise ConfigError(f"memory size {value!r} is larger than any memory (at most 2**63 - 1 bytes, "
+                          "8 EiB); give a size such as '24GiB'")
+    return int(n)
 
 
 def format_bytes(n: int | float, *, digits: int = 2) -> str:

@@ -55,6 +55,14 @@ def check_golden(name: str, text: str) -> None:
     assert text == path.read_text(), f"output differs from {path}; see the module docstring to regenerate"
 
 
+def as_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, stderr (captured by capsys) says it is a terminal, where progress is shown.
+
+    Called in the test's body: capsys puts its stream in place only when the test runs.
+    """
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+
+
 @pytest.fixture
 def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """This machine has no GPU, whatever machine the tests run on."""
@@ -84,7 +92,8 @@ def one_gpu(monkeypatch: pytest.MonkeyPatch) -> DeviceMemory:
 # -- golden output ----------------------------------------------------------------------------
 
 
-def test_estimate_table_golden(capsys):
+def test_estimate_table_golden(capsys, monkeypatch):
+    as_terminal(monkeypatch)
     code, out, err = run(capsys, "estimate", "gpt2", "--batch-size", "2", "--seq-len", "64",
                          "--device", "cpu", "--method", "trace")
     assert code == EXIT_OK
@@ -205,13 +214,21 @@ def test_strategies_give_the_per_device_estimate(capsys):
     assert "strategy=ddp, world_size=4" in table
 
 
-def test_progress_on_stderr_unless_quiet(capsys):
+def test_progress_on_stderr_unless_quiet(capsys, monkeypatch):
+    as_terminal(monkeypatch)
     code, out, err = run(capsys, "estimate", *TINY_ARGS)
     assert code == EXIT_OK
     assert err == f"tracing {TINY}: batch 2, seq 32 ...\n"
     assert out.startswith("memguard estimate (trace)\n")
     code, out, err = run(capsys, "estimate", *TINY_ARGS, "--quiet")
     assert (code, err) == (EXIT_OK, "")
+
+
+def test_no_progress_when_stderr_is_not_a_terminal(capsys):
+    assert not sys.stderr.isatty()  # captured: a file, as in CI logs and pipes
+    code, out, err = run(capsys, "estimate", *TINY_ARGS)
+    assert (code, err) == (EXIT_OK, "")
+    assert out.startswith("memguard estimate (trace)\n")
 
 
 def test_model_from_a_config_json_and_a_model_directory(capsys, tmp_path):
@@ -243,7 +260,8 @@ def test_max_batch_is_the_largest_that_fits(capsys):
     assert next(iter(trials)) == 1
 
 
-def test_max_batch_human_output_and_progress(capsys):
+def test_max_batch_human_output_and_progress(capsys, monkeypatch):
+    as_terminal(monkeypatch)
     code, out, err = run(capsys, "max-batch", TINY, "--seq-len", "32", "--method", "trace", "--gpu", "A100-40GB",
                          "--limit", "4")
     assert code == EXIT_OK
@@ -266,13 +284,55 @@ def test_max_batch_nothing_fits_exits_1(capsys):
 # -- gpus -------------------------------------------------------------------------------------
 
 
-def test_gpus_without_a_gpu(capsys, no_gpu):
+@pytest.fixture
+def fake_nvml(monkeypatch: pytest.MonkeyPatch):
+    """Install a fake pynvml (tests/_fake_nvml.py) and a torch without CUDA."""
+    from memguard import _nvml
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _fake_nvml import FakeNvml
+
+    def install(gpus, **kwargs):
+        fake = FakeNvml(gpus, **kwargs)
+        monkeypatch.setitem(sys.modules, "pynvml", fake.module)
+        _nvml.shutdown()
+        return fake
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    yield install
+    _nvml.shutdown()
+
+
+@pytest.mark.parametrize(("error", "says"), [
+    ("NVMLError_LibraryNotFound", "the NVML library (libnvidia-ml.so) was not found"),
+    ("NVMLError_DriverNotLoaded", "the NVIDIA kernel driver is not loaded"),
+    ("NVMLError_Unknown", "nvmlInit failed: NVMLError_Unknown"),
+])
+def test_gpus_says_why_nvml_failed(capsys, fake_nvml, error, says):
+    import pynvml
+
+    fake_nvml([], init_error=getattr(pynvml, error)())
+    code, out, err = run(capsys, "gpus")
+    assert (code, err) == (EXIT_OK, "")
+    assert out.count("\n") == 1
+    assert out.startswith("no GPU visible to this process (NVML: nvmlInit failed: ")
+    assert says in out
+    assert "torch: torch.cuda.is_available() is False" in out
+    assert out.rstrip().endswith("plan against a catalog GPU (--gpu A100-80GB) or a size (--gpu 24GiB)")
+    code, out, _ = run(capsys, "gpus", "--json")
+    data = json.loads(out)
+    assert data["devices"] == [] and says in data["reason"]
+
+
+def test_gpus_when_nvml_sees_no_device(capsys, fake_nvml, monkeypatch):
+    fake_nvml([])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     code, out, _ = run(capsys, "gpus")
     assert code == EXIT_OK
-    assert out.startswith("no GPU visible to this process")
-    assert out.count("\n") == 1
-    code, out, _ = run(capsys, "gpus", "--json")
-    assert json.loads(out) == {"devices": []}
+    assert out.startswith("no GPU visible to this process (NVML works and sees no CUDA device with "
+                          "CUDA_VISIBLE_DEVICES='-1'; torch: ")
 
 
 def test_gpus_lists_devices_and_the_catalog(capsys, one_gpu):
@@ -357,9 +417,6 @@ def test_python_m_memguard_is_the_same_command():
                           text=True, env=env, timeout=120)
     assert done.returncode == EXIT_USAGE
     assert done.stdout == ""
-    # The progress line, then the error on one line; no traceback, no library chatter.
-    assert done.stderr.splitlines() == [
-        "tracing nope: batch 1, seq model maximum ...",
-        done.stderr.splitlines()[-1],
-    ]
-    assert done.stderr.splitlines()[-1].startswith("memguard: error: unknown model 'nope': not a preset")
+    # stderr is a pipe: no progress line, only the error on one line; no traceback, no library chatter.
+    assert len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith("memguard: error: unknown model 'nope': not a preset")

@@ -10,6 +10,8 @@ import functools
 import json
 import re
 import sys
+import threading
+import time
 import types
 import warnings
 from pathlib import Path
@@ -18,9 +20,10 @@ import pynvml
 import pytest
 import torch
 
-from memguard import _host, _nvml
+from memguard import _actual, _host, _nvml
+from memguard import device as device_module
 from memguard.catalog import lookup_gpu
-from memguard.device import DeviceMemory, device_memory, list_devices, resolve_budget
+from memguard.device import DeviceMemory, device_memory, list_devices, parse_budget, resolve_budget, why_no_gpu
 from memguard.errors import ConfigError, DeviceError, MemguardError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -34,9 +37,12 @@ A100 = "NVIDIA A100-SXM4-80GB"
 
 
 @pytest.fixture
-def clean_env(monkeypatch):
+def clean_env(monkeypatch, tmp_path):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    monkeypatch.delenv("MEMGUARD_NVML_TIMEOUT", raising=False)
+    # No NVIDIA driver files, whatever machine the tests run on (a test may add one).
+    monkeypatch.setattr(device_module, "DRIVER_FILES", (str(tmp_path / "no-driver" / "version"),))
     _nvml.shutdown()
     yield monkeypatch
     _nvml.shutdown()
@@ -440,7 +446,91 @@ def test_init_failure_without_torch_gpu_is_a_device_error(nvml, no_torch_gpu, er
     assert "cuda:1" in str(info.value) and "torch.cuda.is_available() is False" in str(info.value)
     assert isinstance(info.value, MemguardError)
     assert list_devices() == []
-    assert device_memory().source == "host"
+    assert says in why_no_gpu()
+    if error is pynvml.NVMLError_LibraryNotFound:  # no driver library, no driver files: no GPU can be here
+        assert device_memory().source == "host"
+        return
+    # The driver's library is installed, so a GPU is there: never its host RAM in its place.
+    with pytest.raises(DeviceError, match=r"NVIDIA driver's NVML library is installed.*" + re.escape(says)):
+        device_memory()
+    with pytest.raises(DeviceError, match=re.escape(says)):
+        resolve_budget("80%")
+
+
+@pytest.mark.parametrize(("visible", "meant"), [("0", True), ("GPU-1234", True), ("1,0", True),
+                                                ("", False), ("-1", False), ("NoDevFiles", False)])
+def test_none_is_not_the_host_when_cuda_visible_devices_names_a_gpu(nvml, no_torch_gpu, monkeypatch,
+                                                                     visible, meant):
+    nvml([], init_error=pynvml.NVMLError_LibraryNotFound())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    if not meant:
+        assert device_memory().source == "host"
+        return
+    with pytest.raises(DeviceError, match=re.escape(f"CUDA_VISIBLE_DEVICES={visible!r} names a GPU")) as info:
+        device_memory()
+    assert "libnvidia-ml.so" in str(info.value) and "device='cpu'" in str(info.value)
+    with pytest.raises(DeviceError, match="CUDA_VISIBLE_DEVICES"):
+        resolve_budget("80%")
+    assert device_memory("cpu").source == "host"  # asked for by name, the host is fine
+
+
+def test_none_is_not_the_host_when_the_nvidia_driver_is_loaded(nvml, no_torch_gpu, monkeypatch, tmp_path):
+    nvml([], init_error=pynvml.NVMLError_LibraryNotFound())
+    version = tmp_path / "version"
+    version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15\n")
+    monkeypatch.setattr(device_module, "DRIVER_FILES", (str(version),))
+    with pytest.raises(DeviceError, match=re.escape(f"the NVIDIA driver is loaded ({version} exists)")):
+        device_memory()
+
+
+def test_broken_pynvml_import_is_a_device_error(clean_env, no_torch_gpu, tmp_path):
+    (tmp_path / "pynvml.py").write_text("raise RuntimeError('half-installed bindings')\n")
+    clean_env.syspath_prepend(str(tmp_path))
+    clean_env.delitem(sys.modules, "pynvml")
+    with pytest.raises(DeviceError, match=r"importing 'pynvml' failed \(RuntimeError: half-installed bindings\)"):
+        device_memory("cuda")
+    assert list_devices() == []
+    assert "half-installed bindings" in why_no_gpu()
+    assert device_memory().source == "host"  # no driver here, no GPU named: the host is the device
+
+
+class HungInitNvml(FakeNvml):
+    """A fake NVML whose ``nvmlInit`` blocks until :attr:`release` is set (a driver in a bad state)."""
+
+    def __init__(self, gpus):
+        self.release = threading.Event()
+        super().__init__(gpus)
+
+    def nvmlInit(self) -> None:
+        self.release.wait(30)
+        super().nvmlInit()
+
+
+def test_hung_nvml_init_times_out(clean_env, no_torch_gpu):
+    fake = HungInitNvml(two_gpus())
+    clean_env.setitem(sys.modules, "pynvml", fake.module)
+    clean_env.setenv("MEMGUARD_NVML_TIMEOUT", "0.2")
+    start = time.monotonic()
+    with pytest.raises(DeviceError, match=r"nvmlInit did not return within 0.2 s.*MEMGUARD_NVML_TIMEOUT"):
+        device_memory("cuda")
+    assert time.monotonic() - start < 5
+    with pytest.raises(DeviceError, match="nvmlInit did not return"):
+        device_memory()  # a hung driver is a GPU that cannot be read, not the host
+    assert time.monotonic() - start < 5  # the failure is remembered: no second wait
+    assert fake.init_calls == 0  # still blocked inside the call
+    fake.release.set()  # the driver answers at last: memguard shuts NVML down again
+    for thread in threading.enumerate():
+        if thread.name == "memguard-nvmlInit":
+            thread.join(5)
+    assert (fake.init_calls, fake.shutdown_calls, fake.initialized) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
+def test_bad_nvml_timeout_is_a_config_error(nvml, value, monkeypatch):
+    nvml(two_gpus())
+    monkeypatch.setenv("MEMGUARD_NVML_TIMEOUT", value)
+    with pytest.raises(ConfigError, match=f"MEMGUARD_NVML_TIMEOUT={value!r}: expected a positive number"):
+        device_memory("cuda")
 
 
 @pytest.mark.parametrize(("call", "error", "says"), [
@@ -466,6 +556,9 @@ def test_pynvml_not_installed(clean_env, no_torch_gpu):
     clean_env.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
     with pytest.raises(DeviceError, match="pip install nvidia-ml-py"):
         device_memory("cuda")
+    clean_env.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(DeviceError, match="pip install nvidia-ml-py"):
+        device_memory()  # a GPU is named, so not the host
 
 
 def test_pynvml_not_installed_falls_back(clean_env, torch_gpu):
@@ -560,6 +653,33 @@ def test_budgets():
     assert share.name == "80% of A100-80GB" and share.source == "budget"
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    ("12GiB", 12 * GIB), (4096, 4096), ("4096", 4096), (1.5e9, 1_500_000_000), ("80%", 0.8), ("100%", 1.0),
+    (" 12.5 %", 0.125), ("1e-3%", 1e-5),
+])
+def test_parse_budget(value, expected):
+    assert parse_budget(value) == expected
+    assert isinstance(parse_budget(value), int if isinstance(expected, int) else float)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (0, "no memory at all"), ("0", "no memory at all"), ("0GiB", "no memory at all"), ("0%", "no memory at all"),
+    (0.4, "no memory at all"), ("1e400GiB", "larger than any memory"), ("1e400", "larger than any memory"),
+    (2**63, "larger than any memory"), ("150%", "between 0% and 100%"), (True, "cannot read True"),
+    (None, "cannot read None"), ("lots", "cannot read 'lots'"), (-1, "must not be negative"),
+])
+def test_bad_budgets_are_config_errors(value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_budget(value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_budget(value, "A100-80GB")
+
+
+def test_a_share_smaller_than_a_byte_is_a_config_error():
+    with pytest.raises(ConfigError, match="less than one byte"):
+        resolve_budget("1e-12%", "T4")
+
+
 def test_percentage_of_the_gpu(nvml):
     nvml(two_gpus())
     mem = device_memory("50%")
@@ -615,3 +735,35 @@ def test_device_memory_to_dict_and_validation():
     with pytest.raises(ValueError, match="free_bytes"):
         DeviceMemory(name="x", index=None, uuid=None, total_bytes=1, free_bytes=-1, used_bytes=0,
                      source="host")
+
+
+# -- CPU actuals: resident-memory growth, a lower bound unless glibc's mmap threshold is pinned ----
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
+@pytest.mark.parametrize(("env", "pinned"), [
+    ({}, False),
+    ({"MALLOC_MMAP_THRESHOLD_": "65536"}, True),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}, True),
+    ({"MALLOC_TRIM_THRESHOLD_": "0"}, False),
+])
+def test_cpu_measurement_says_when_it_is_a_lower_bound(monkeypatch, env, pinned):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    probe = _actual.MemoryProbe(torch.device("cpu"))
+    if not probe.start(resident=0):
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    # 48 MiB: above glibc's largest dynamic threshold (32 MiB), so always a fresh mmap that makes
+    # RSS grow. (A 16 MiB buffer freed before would be reused from the heap: a growth of 0.)
+    buffer = torch.ones(48 * MIB // 4)
+    got = probe.read()
+    del buffer
+    assert got is not None and got.peak_bytes >= 47 * MIB
+    assert got.lower_bound is (not pinned)
+    if pinned:
+        assert got.caveat == ""
+    else:
+        assert "lower bound" in got.caveat and "MALLOC_MMAP_THRESHOLD_=65536" in got.caveat
+    assert _actual.mmap_threshold_pinned() is pinned

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import memguard
+from memguard.arch import inspect_architecture
 from memguard.errors import ConfigError, MemguardError, UnsupportedModelError
 from memguard.formula import (
+    _attention_core_bytes,
+    _ctx,
+    _loss_backward_bytes,
+    _loss_saved_bytes,
+    _mlp_bytes,
     activation_bytes,
     formula_breakdown,
     gradient_bytes,
@@ -237,3 +244,54 @@ def test_lightning_loop_keeps_last_steps_gradients_through_forward() -> None:
     assert lightning["optimizer step"] == pytorch["optimizer step"]
     with pytest.raises(ConfigError, match="training_loop"):
         formula_breakdown(resolved, spec, training_loop="keras")
+
+
+# --------------------------------------------------------------------------- CUDA's autocast rules
+
+
+def _bert_ctx(device: str, precision: str = "bf16-mixed", **config: object) -> tuple[Any, Any]:
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=512,
+                     vocab_size=1000, attn_implementation="eager", **config)
+    with torch.device("meta"):
+        module = BertForMaskedLM(cfg)
+    arch = inspect_architecture(module, cfg)
+    spec = _spec(batch_size=2, seq_len=64, precision=precision, device=device)
+    return _ctx(arch, spec), arch
+
+
+def test_eager_attention_keeps_7_bytes_per_score_on_cuda_in_bf16() -> None:
+    """CUDA's autocast runs softmax in fp32 (4 bytes), dropout keeps a 1-byte mask and the second
+    matmul a bf16 copy (2); the CPU's autocast leaves softmax in bf16: 2 + 2-byte noise + 2."""
+    b, h, s, hidden = 2, 4, 64, 128
+    scores, out = b * h * s * s, b * s * hidden * 2
+    cuda, _ = _bert_ctx("cuda")
+    cpu, _ = _bert_ctx("cpu")
+    assert _attention_core_bytes(cuda, b * s, s, s, masked=False, dropout=0.1) - out == 7 * scores
+    assert _attention_core_bytes(cpu, b * s, s, s, masked=False, dropout=0.1) - out == 6 * scores
+    assert _attention_core_bytes(cuda, b * s, s, s, masked=False, dropout=0.0) - out == 6 * scores
+
+
+def test_gelu_new_runs_in_fp32_under_cuda_autocast() -> None:
+    """gelu_new calls torch.pow, on CUDA's fp32 list: it saves the fp32 input cast, tanh and
+    1 + tanh (fp32) and 0.5·x (bf16); the next linear saves a bf16 cast of its fp32 output."""
+    cuda, _ = _bert_ctx("cuda")
+    cpu, _ = _bert_ctx("cpu")
+    rows, ffn = 128, 512
+    assert _mlp_bytes(cuda, rows, ffn, False, "gelu_new", 0.0) == rows * ffn * (3 * 4 + 2 + 2)
+    assert _mlp_bytes(cpu, rows, ffn, False, "gelu_new", 0.0) == rows * ffn * 5 * 2
+    assert _mlp_bytes(cuda, rows, ffn, False, "gelu", 0.0) == _mlp_bytes(cpu, rows, ffn, False, "gelu", 0.0)
+
+
+def test_cross_entropy_of_bf16_logits_on_cuda() -> None:
+    """CUDA has no autocast rule for cross_entropy_loss: log_softmax stays bf16 and nll_loss saves
+    an fp32 copy (6 bytes per logit); the CPU casts the logits to fp32 first (4). Causal-LM heads
+    upcast the logits themselves (4 on both)."""
+    n = 1000
+    cuda, _ = _bert_ctx("cuda")
+    cpu, _ = _bert_ctx("cpu")
+    assert _loss_saved_bytes(cuda, n) == 6 * n and _loss_backward_bytes(cuda, n) == 10 * n
+    assert _loss_saved_bytes(cpu, n) == 4 * n and _loss_backward_bytes(cpu, n) == 12 * n
+    resolved = _tiny_gpt2()
+    arch = inspect_architecture(resolved.module, resolved.config)
+    gpt2 = _ctx(arch, _spec(precision="bf16-mixed", device="cuda"))
+    assert _loss_saved_bytes(gpt2, n) == 4 * n

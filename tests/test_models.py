@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memguard import ConfigError
-from memguard.models import list_presets, load_model, make_batch, model_task
+from memguard.models import MAX_CONFIG_BYTES, list_presets, load_model, make_batch, model_task
 
 # Parameter counts of the published checkpoints (tied embeddings counted once).
 PUBLISHED = {
@@ -77,3 +77,24 @@ def test_factory_string(tmp_path, monkeypatch) -> None:
         load_model("mymodels:not_a_module")
     with pytest.raises(ConfigError, match="cannot import 'no_such_module_xyz'"):
         load_model("no_such_module_xyz:build")
+
+
+def test_a_config_json_is_read_up_to_16_mib(tmp_path) -> None:
+    config = b'{"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 64}'
+    at_limit = tmp_path / "at_limit.json"
+    at_limit.write_bytes(config + b" " * (MAX_CONFIG_BYTES - len(config)))  # padding JSON allows
+    assert at_limit.stat().st_size == MAX_CONFIG_BYTES == 16 * 2**20
+    assert load_model(str(at_limit)).config.n_embd == 32
+    over = tmp_path / "over.json"
+    over.write_bytes(config + b" " * (MAX_CONFIG_BYTES + 1 - len(config)))
+    with pytest.raises(ConfigError, match=r"16,777,217 bytes, too large for a config\.json"):
+        load_model(str(over))
+
+
+def test_factory_classes_and_modules_are_taken_as_they_are(tmp_path, monkeypatch) -> None:
+    (tmp_path / "mymodels2.py").write_text(
+        "import torch\nclass Net(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(2, 2)\n"
+        "ready = torch.nn.Linear(4, 4)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert isinstance(load_model("mymodels2:Net").module, torch.nn.Linear)  # a class is a factory
+    assert load_model("mymodels2:ready").module.in_features == 4  # a module is used as it is

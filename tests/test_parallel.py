@@ -49,7 +49,8 @@ def test_trace_shards_each_allocation() -> None:
     assert zero3.peak_bytes < zero2.peak_bytes < ddp.peak_bytes
     offload = _linear("deepspeed_stage_3", 4, offload_optimizer=True, offload_params=True)
     assert offload.breakdown[OPT] == 0
-    assert offload.host_bytes == (mib4 + 2 * mib4) // 4  # parameter and state shards on the host
+    # Parameter and state shards on the host: the weight, Adam's two moments and its step counter.
+    assert offload.host_bytes == (mib4 + 2 * mib4 + 4) // 4
 
 
 def test_llama_fsdp_fits_where_single_device_does_not() -> None:
@@ -69,6 +70,12 @@ def test_llama_fsdp_fits_where_single_device_does_not() -> None:
     ({"strategy": "ddp", "world_size": 2, "offload_optimizer": True}, "offload_optimizer needs a sharded"),
     ({"strategy": "deepspeed_stage_2", "world_size": 2, "offload_params": True}, "offload_params needs"),
     ({"strategy": "fsdp_hybrid", "world_size": 12}, "not a multiple of 8 ranks per node"),
+    ({"strategy": 3}, "strategy must be a name such as 'ddp'"),
+    ({"strategy": "ddp", "world_size": True}, "world_size must be a positive integer, got True"),
+    ({"strategy": "ddp", "world_size": float("inf")}, "world_size must be a positive integer, got inf"),
+    ({"strategy": "ddp", "world_size": 2**31}, "world_size=2,147,483,648 is past any device"),
+    ({"strategy": "fsdp", "world_size": 2, "offload_params": "no"}, "offload_params must be True or False, got 'no'"),
+    ({"strategy": "fsdp", "world_size": 2, "offload_optimizer": 1}, "offload_optimizer must be True or False, got 1"),
 ])
 def test_bad_strategies(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

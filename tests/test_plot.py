@@ -139,7 +139,8 @@ def test_memguard_plot_writes_the_file(tmp_path, capsys):
     assert data["method"] in ("formula", "trace")  # the formula where it works, else the trace
 
 
-def test_memguard_plot_human_output(tmp_path, capsys):
+def test_memguard_plot_human_output(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # progress is shown on a terminal only
     config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 128,
               "n_positions": 32}
     (tmp_path / "config.json").write_text(json.dumps(config))

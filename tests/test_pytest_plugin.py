@@ -194,6 +194,20 @@ def test_bad_gpu_option_is_a_usage_error(pytester):
     result.stderr.fnmatch_lines(["*--memguard-gpu H900: cannot read 'H900' as a device*"])
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    ("0GiB", "budget '0GiB' is no memory at all"),
+    ("0B", "budget '0B' is no memory at all"),
+    ("0%", "budget '0%' is no memory at all"),
+    ("1e400GiB", "memory size '1e400GiB' is larger than any memory"),
+])
+def test_zero_and_endless_budgets_are_usage_errors(pytester, option, message):
+    pytester.makepyfile("def test_x(): pass")
+    result = run(pytester, "--memguard-gpu", option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*--memguard-gpu {option}: {message}*"])
+    assert "Traceback" not in result.stderr.str()
+
+
 def test_fixture_needs_the_marker(pytester):
     pytester.makepyfile("def test_x(memguard_estimate): pass")
     result = run(pytester)

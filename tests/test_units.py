@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from memguard import format_bytes, parse_bytes
 from memguard.errors import ConfigError, MemguardError
+from memguard.units import MAX_BYTES
 
 GIB = 2**30
 
@@ -52,6 +53,12 @@ def test_parse_percentages_of_a_device(value, total, expected):
     assert parse_bytes(value, total=total) == expected
 
 
+def test_the_largest_size_is_int64s():
+    assert MAX_BYTES == 2**63 - 1
+    assert parse_bytes(MAX_BYTES) == MAX_BYTES
+    assert parse_bytes("8191PiB") == 8191 * 2**50
+
+
 @pytest.mark.parametrize(("value", "message"), [
     ("abc", r"cannot read 'abc' as a memory size; expected .*'24GiB'.*'24GB'.*'90%'"),
     ("24 parsecs", r"cannot read '24 parsecs'"),
@@ -69,6 +76,12 @@ def test_parse_percentages_of_a_device(value, total, expected):
     ("x%", r"cannot read 'x%' as a percentage"),
     ("150%", "between 0% and 100%"),
     ("-1%", "between 0% and 100%"),
+    ("1e400", "'1e400' is larger than any memory"),  # float('1e400') is inf
+    ("1e400GiB", "larger than any memory"),
+    ("1e300GiB", "larger than any memory"),  # finite, but times 2**30 it is not
+    ("8192PiB", "larger than any memory"),
+    (2**63, "larger than any memory"),
+    (1e19, "larger than any memory"),
 ])
 def test_parse_errors_name_the_value_and_the_forms(value, message):
     with pytest.raises(ConfigError, match=message) as info:

@@ -1,0 +1,473 @@
+"""Published GPU measurements of training-step memory, and memguard's error on each.
+
+No GPU is lent to this project, so the only GPU truth within reach is what others have published.
+Each :class:`Row` below is one published figure, quoted as its source prints it, with every
+setting the source states (model, batch, sequence, precision, optimizer, checkpointing, strategy,
+LoRA), what was measured, the GPU and where it is published. For each complete row the script
+runs ``memguard.estimate(..., method=m, device="cuda")`` for the trace and the formula and
+compares the quantity the source measured:
+
+* ``torch.cuda.max_memory_allocated()`` against ``estimate.peak_bytes``;
+* ``torch.cuda.max_memory_reserved()`` against ``estimate.reserved_bytes`` (when memguard has it);
+* NVML / ``nvidia-smi`` "used" memory against ``estimate.total_bytes`` (memguard's context and
+  workspaces included). Where the source measured its own CUDA context, a second error replaces
+  memguard's assumed context by that figure: ``reserved_bytes + source context``.
+
+error = (prediction - measured) / measured; negative means memguard predicts too little.
+
+Rows whose settings the source leaves open are kept, marked "settings incomplete", and get no
+prediction. Nothing is downloaded: models are built on the meta device from configs written out
+below (the figures of the original checkpoints), so the trace allocates nothing.
+
+Usage (from the repository root)::
+
+    python benchmarks/published.py                         # table; about 2 minutes on 2 cores
+    python benchmarks/published.py --json benchmarks/results/published_gpu.json
+    python benchmarks/published.py --rows hf-bs4,lt-ddp --methods formula
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import machine_info, median, render_table, write_json
+
+METHODS = ("trace", "formula")
+TRACE_TIMEOUT_S = 90.0
+MiB = 2**20
+MB = 10**6
+
+# What the source measured -> the MemoryEstimate attribute that predicts it.
+QUANTITY = {
+    "max_memory_allocated": "peak_bytes",
+    "max_memory_reserved": "reserved_bytes",
+    "nvml_used": "total_bytes",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One published measurement.
+
+    Attributes:
+        key: short id (``--rows``).
+        source: who published it, and where (document, table or section).
+        url: address of the page, file or commit holding the figure.
+        gpu: the GPU the source names.
+        settings: every training setting the source states, in words.
+        measured: ``"max_memory_allocated"``, ``"max_memory_reserved"`` or ``"nvml_used"``.
+        quoted: the figure exactly as the source prints it.
+        value: the number in ``quoted``; ``unit`` its bytes (``MiB`` or ``MB``).
+        estimate: builds ``(model, kwargs)`` for ``memguard.estimate``; ``None`` for rows
+            without a prediction.
+        context_mib: CUDA context (and kernels) the source itself measured, in MiB, if any.
+        incomplete: why the settings are incomplete (no prediction, no error), else ``None``.
+        differences: what the source ran that the prediction does not model, known beforehand.
+        secondary: a second statistic of the same run, ``(measured, quoted, value)`` in ``unit``.
+    """
+
+    key: str
+    source: str
+    url: str
+    gpu: str
+    settings: Mapping[str, str]
+    measured: str
+    quoted: str
+    value: float
+    unit: int
+    estimate: Callable[[], tuple[Any, dict[str, Any]]] | None = None
+    context_mib: int | None = None
+    incomplete: str | None = None
+    differences: str = ""
+    secondary: tuple[str, str, float] | None = None
+
+    @property
+    def measured_bytes(self) -> int:
+        return round(self.value * self.unit)
+
+
+# --------------------------------------------------------------------------- models and optimizers
+
+
+def _bert_large_classifier() -> Any:
+    """``bert-large-uncased`` with a 2-label classification head (``AutoModelForSequenceClassification``
+    default), eager attention: the docs' run (January 2022, transformers 4.1x) predates SDPA in BERT."""
+    import transformers
+
+    config = transformers.BertConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+        architectures=["BertForSequenceClassification"])
+    config._attn_implementation = "eager"
+    return config
+
+
+def _single_tensor(name: str, build: Callable[..., Any], state_tensors: int, factored: bool = False) -> Any:
+    """An optimizer that updates one parameter at a time, as transformers' own ``AdamW`` and
+    ``Adafactor`` (the Trainer's default ``adamw_hf`` in 2022, and ``optim="adafactor"``) did:
+    temporaries of one parameter, not of all (torch's ``foreach`` default on CUDA)."""
+    from memguard.options import OptimizerSpec
+
+    return OptimizerSpec(name, lambda params, **_: build(params), state_tensors, factored=factored)
+
+
+def _adamw_hf() -> Any:
+    import torch
+
+    return _single_tensor("adamw-hf", lambda p: torch.optim.AdamW(p, lr=5e-5, foreach=False), 2)
+
+
+def _adafactor_hf() -> Any:
+    import torch
+
+    return _single_tensor("adafactor-hf", lambda p: torch.optim.Adafactor(p, lr=5e-5, foreach=False), 0,
+                          factored=True)
+
+
+def _hf_docs(batch: int, *, accumulate: int = 1, ckpt: bool = False, precision: str = "32-true",
+             optimizer: str = "adamw-hf") -> Callable[[], tuple[Any, dict[str, Any]]]:
+    def build() -> tuple[Any, dict[str, Any]]:
+        opt = {"adamw-hf": _adamw_hf, "adafactor-hf": _adafactor_hf}.get(optimizer)
+        return _bert_large_classifier(), {
+            "batch_size": batch, "seq_len": 512, "precision": precision,
+            "optimizer": opt() if opt else optimizer, "gradient_checkpointing": ckpt,
+            "accumulate_grad_batches": accumulate,
+            # Trainer called model.zero_grad(); torch 1.10 kept zeroed gradients (set_to_none=False).
+            "set_to_none": False,
+        }
+    return build
+
+
+def _lightning_transformer() -> Any:
+    """The Lightning FSDP guide's model: ``lightning.pytorch.demos.Transformer(vocab_size=33278,
+    nlayers=32, nhid=4096, ninp=1024, nhead=64)``, about 1.01B parameters (33278 is WikiText2's
+    vocabulary, the demo's default)."""
+    import torch
+    from lightning.pytorch.demos import Transformer
+
+    with torch.device("meta"):
+        return Transformer(vocab_size=33278, nlayers=32, nhid=4096, ninp=1024, nhead=64)
+
+
+def _lightning(strategy: str, loop: str) -> Callable[[], tuple[Any, dict[str, Any]]]:
+    def build() -> tuple[Any, dict[str, Any]]:
+        import torch
+        import torch.nn.functional as F
+
+        def nll(output: torch.Tensor, batch: Any) -> torch.Tensor:
+            return F.nll_loss(output, batch[1].view(-1))
+
+        block = torch.zeros(1, 35, dtype=torch.long)  # WikiText2(block_size=35), DataLoader batch 1
+        return _lightning_transformer(), {
+            "example_input": (block, block.clone()), "loss_fn": nll, "optimizer": "adam",
+            "precision": "32-true", "strategy": strategy, "world_size": 2, "training_loop": loop,
+        }
+    return build
+
+
+def _optimum(model: str) -> Callable[[], tuple[Any, dict[str, Any]]]:
+    def build() -> tuple[Any, dict[str, Any]]:
+        common = {"precision": "32-true", "optimizer": "adamw", "batch_size": 2}
+        if model != "roberta-mc":
+            return model, {**common, "seq_len": 16 if model == "gpt2" else None}
+        import torch
+        import transformers
+
+        config = transformers.RobertaConfig(
+            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+            vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+            layer_norm_eps=1e-5, architectures=["RobertaForMultipleChoice"])
+        batch = {"input_ids": torch.ones(2, 1, 16, dtype=torch.long), "labels": torch.zeros(2, dtype=torch.long)}
+        return config, {**common, "example_input": batch}
+    return build
+
+
+# --------------------------------------------------------------------------- the rows
+
+_HF = ("Hugging Face transformers docs v4.21, 'Efficient Training on a Single GPU' (same figures in "
+       "docs/source/zh/perf_train_gpu_one.md)")
+_HF_URL = "https://huggingface.co/docs/transformers/v4.21.0/perf_train_gpu_one"
+_HF_GPU = "Tesla V100-SXM2 16 GB (nvidia-smi: 16160 MiB; driver 460.91.03, CUDA 11.2)"
+_HF_DIFF = ("run in January 2022 (nvidia-smi date; transformers 4.1x, torch 1.10 era): eager attention, "
+            "transformers' per-parameter AdamW/Adafactor, model.zero_grad() keeping gradients; NVML 'used' "
+            "of the whole device read after trainer.train(), so the caching allocator's pool (never emptied) and the "
+            "1343 MiB context+kernels the page measured are in it")
+
+
+def _hf_settings(batch: str, precision: str, optimizer: str, ckpt: str) -> dict[str, str]:
+    return {"model": "bert-large-uncased, AutoModelForSequenceClassification (2 labels)",
+            "batch": batch, "seq": "512 (random token ids)", "precision": precision,
+            "optimizer": optimizer, "grad_ckpt": ckpt, "strategy": "single GPU, HF Trainer",
+            "lora": "no"}
+
+
+def _hf_row(key: str, quoted_mb: int, settings: dict[str, str], build: Callable[[], Any],
+            extra: str = "") -> Row:
+    return Row(key, _HF, _HF_URL, _HF_GPU, settings, "nvml_used", f"GPU memory occupied: {quoted_mb} MB.",
+               quoted_mb, MiB, build, context_mib=1343, differences=_HF_DIFF + extra)
+
+
+_LT = ("Lightning docs 2.1, 'Train models with billions of parameters using FSDP' (Trainer), "
+       "tables 'Numbers were produced with A100 40GB GPUs, Lightning 2.1 and PyTorch 2.1'")
+_LT_URL = ("https://github.com/Lightning-AI/pytorch-lightning/blob/master/"
+           "docs/source-pytorch/advanced/model_parallel/fsdp.rst")
+_LF = ("Lightning docs 2.1, 'Training models with billions of parameters' (Fabric), "
+       "tables 'Numbers were produced with A100 40GB GPUs, Lightning 2.1 and PyTorch 2.1'")
+_LF_URL = ("https://github.com/Lightning-AI/pytorch-lightning/blob/master/"
+           "docs/source-fabric/advanced/model_parallel/fsdp.rst")
+_L_DIFF = ("'Memory (MB)' is the peak printed by torch.cuda.memory_summary() (MiB), which the guide "
+           "calls allocated memory; FSDP1 with auto_wrap_policy={TransformerEncoderLayer, "
+           "TransformerDecoderLayer}")
+
+
+def _l_settings(strategy: str, loop: str) -> dict[str, str]:
+    return {"model": "lightning.pytorch.demos.Transformer(nlayers=32, nhid=4096, ninp=1024, nhead=64), ~1.01B",
+            "batch": "1 (DataLoader default)", "seq": "35 (WikiText2 block_size)", "precision": "32-true",
+            "optimizer": "torch.optim.Adam(lr=0.1)", "grad_ckpt": "no",
+            "strategy": f"{strategy}, 2 GPUs, {loop}", "lora": "no"}
+
+
+def _l_row(key: str, doc: str, quoted: str, strategy_words: str, strategy: str) -> Row:
+    trainer = doc == "trainer"
+    loop = "Lightning Trainer" if trainer else "Fabric loop (backward, step, zero_grad)"
+    return Row(key, _LT if trainer else _LF, _LT_URL if trainer else _LF_URL, "A100 40GB (x2)",
+               _l_settings(strategy_words, loop), "max_memory_allocated", f"Memory (MB): {quoted}",
+               float(quoted.replace("'", "").replace("’", "")), MiB,
+               _lightning(strategy, "lightning" if trainer else "pytorch"), differences=_L_DIFF)
+
+
+_OB = ("Hugging Face optimum-benchmark CI results, dataset optimum-benchmark/rocm, "
+       "benchmark_report.json 'overall' memory (unit MB = 1e6 bytes)")
+_OB_GPU = "AMD Instinct, ROCm (model not named in the report; 68702.7 MB visible VRAM)"
+_OB_DIFF = ("max over 5 Trainer steps after empty_cache()+reset_peak_memory_stats(), weights included; "
+            "transformers 4.x of 2024 (GPT-2 then kept a 1 MiB causal-mask buffer per block, gone in 5.x); "
+            "ROCm build: its BLAS workspace is not cuBLAS's")
+
+
+def _ob_row(key: str, model: str, settings_model: str, commit: str, allocated: float, reserved: float) -> Row:
+    settings = {"model": settings_model, "batch": "2", "seq": "16" if "vit" not in key else "224x224 image",
+                "precision": "32-true (no autocast)", "optimizer": "Trainer default AdamW (adamw_torch)",
+                "grad_ckpt": "no", "strategy": "single GPU, HF Trainer, 5 steps", "lora": "no"}
+    return Row(key, _OB, f"https://huggingface.co/datasets/optimum-benchmark/rocm/commit/{commit}", _OB_GPU,
+               settings, "max_memory_allocated", f'"max_allocated": {allocated}', allocated, MB, _optimum(model),
+               differences=_OB_DIFF,
+               secondary=("max_memory_reserved", f'"max_reserved": {reserved}', reserved))
+
+
+_OB_COMMITS = {"gpt2": "e7e2da0fe8b0a9ab3d58a5bea2353dc942d20b5e",
+               "roberta": "c66307f0071cfa7476f8906d4d3906887d4044aa",
+               "vit": "f936f191d46a5cbc28cdbde30b81fb79e69ceabe"}
+
+ROWS: tuple[Row, ...] = (
+    _hf_row("hf-bs4", 14949, _hf_settings("4", "fp32", "AdamW (Trainer default adamw_hf)", "no"), _hf_docs(4)),
+    _hf_row("hf-ga4", 8681, _hf_settings("1 x 4 accumulation", "fp32", "AdamW (adamw_hf)", "no"),
+            _hf_docs(1, accumulate=4)),
+    _hf_row("hf-ga4-ckpt", 6775, _hf_settings("1 x 4 accumulation", "fp32", "AdamW (adamw_hf)", "yes"),
+            _hf_docs(1, accumulate=4, ckpt=True)),
+    _hf_row("hf-fp16", 13939, _hf_settings("4", "fp16 AMP (16-mixed)", "AdamW (adamw_hf)", "no"),
+            _hf_docs(4, precision="16-mixed")),
+    _hf_row("hf-ga4-ckpt-fp16", 7275, _hf_settings("1 x 4 accumulation", "fp16 AMP", "AdamW (adamw_hf)", "yes"),
+            _hf_docs(1, accumulate=4, ckpt=True, precision="16-mixed")),
+    _hf_row("hf-adafactor", 12295, _hf_settings("4", "fp32", "Adafactor (optim='adafactor')", "no"),
+            _hf_docs(4, optimizer="adafactor-hf")),
+    _hf_row("hf-ga4-ckpt-fp16-adafactor", 4847,
+            _hf_settings("1 x 4 accumulation", "fp16 AMP", "Adafactor", "yes"),
+            _hf_docs(1, accumulate=4, ckpt=True, precision="16-mixed", optimizer="adafactor-hf")),
+    _hf_row("hf-adam8bit", 13085, _hf_settings("4", "fp32", "bitsandbytes Adam8bit", "no"),
+            _hf_docs(4, optimizer="adamw-8bit"), "; bnb Adam8bit modelled by memguard's AdamW8bit stand-in"),
+    _hf_row("hf-ga4-ckpt-fp16-adam8bit", 5363,
+            _hf_settings("1 x 4 accumulation", "fp16 AMP", "bitsandbytes Adam8bit", "yes"),
+            _hf_docs(1, accumulate=4, ckpt=True, precision="16-mixed", optimizer="adamw-8bit"),
+            "; bnb Adam8bit modelled by memguard's AdamW8bit stand-in"),
+    _l_row("lt-ddp", "trainer", "23’125", "DDP", "ddp"),
+    _l_row("lt-shard-grad-op", "trainer", "11’772", "FSDP SHARD_GRAD_OP", "fsdp_shard_grad_op"),
+    _l_row("lt-full-shard", "trainer", "9’627", "FSDP FULL_SHARD", "fsdp"),
+    _l_row("lt-full-shard-offload", "trainer", "2’790", "FSDP FULL_SHARD + cpu_offload=True",
+           "fsdp_cpu_offload"),
+    _l_row("lf-ddp", "fabric", "26’953", "DDP", "ddp"),
+    _l_row("lf-shard-grad-op", "fabric", "11’815", "FSDP SHARD_GRAD_OP", "fsdp_shard_grad_op"),
+    _l_row("lf-full-shard", "fabric", "11’578", "FSDP FULL_SHARD", "fsdp"),
+    _l_row("lf-full-shard-offload", "fabric", "2’825", "FSDP FULL_SHARD + cpu_offload=True",
+           "fsdp_cpu_offload"),
+    _ob_row("ob-gpt2", "gpt2", "openai-community/gpt2 (GPT2LMHeadModel, random weights)", _OB_COMMITS["gpt2"],
+            2506.73664, 2894.06976),
+    _ob_row("ob-roberta-mc", "roberta-mc", "FacebookAI/roberta-base, RobertaForMultipleChoice (1 choice)",
+            _OB_COMMITS["roberta"], 2497.88416, 2707.423232),
+    _ob_row("ob-vit", "vit-base", "google/vit-base-patch16-224, ViTForImageClassification (1000 labels)",
+            _OB_COMMITS["vit"], 1738.272256, 1935.671296),
+    Row("tt-lora-1x4090", "torchtune README (commit 0217d44, May 2024), 'peak memory usage and training speed'",
+        "https://github.com/pytorch/torchtune/blob/0217d44c2e1e372b34628767745c1f6538086a81/README.md",
+        "RTX 4090 24 GB", {"model": "Llama2-7B (torchtune's own implementation)", "batch": "4", "seq": "2048",
+                           "precision": "bf16 (config dtype)", "optimizer": "AdamW",
+                           "grad_ckpt": "yes in config 7B_lora_single_device.yaml",
+                           "strategy": "single GPU", "lora": "r=8 on q_proj, v_proj (config)"},
+        "unknown", "Peak Memory per GPU (GB): 21.3 GB", 21.3, 10**9,
+        incomplete=("the statistic (allocated, active or reserved) and how 2048-token sequences were made "
+                    "from Alpaca are not stated; the config's defaults (batch 2, accumulation 64) differ "
+                    "from the row")),
+    Row("peft-t0-3b-lora", "PEFT README, 'High performance on consumer hardware'",
+        "https://github.com/huggingface/peft/blob/main/README.md", "A100 80 GB",
+        {"model": "bigscience/T0_3B", "batch": "not stated", "seq": "not stated (twitter_complaints)",
+         "precision": "not stated", "optimizer": "not stated", "grad_ckpt": "not stated",
+         "strategy": "single GPU, plain PyTorch", "lora": "PEFT-LoRA (rank not stated)"},
+        "unknown", "14.4GB GPU / 2.96GB CPU", 14.4, 10**9,
+        incomplete="batch size, sequence lengths, precision, LoRA rank and the statistic are not given"),
+)
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+def predict(row: Row, method: str) -> dict[str, Any]:
+    """memguard's estimate of ``row`` by ``method``: the bytes it predicts and the error."""
+    import memguard
+
+    if row.estimate is None:
+        raise ValueError(f"row {row.key!r} has no estimate to run")
+    model, kwargs = row.estimate()
+    extra = {"trace_timeout": TRACE_TIMEOUT_S} if method == "trace" else {}
+    start = time.perf_counter()
+    try:
+        est = memguard.estimate(model, method=method, device="cuda", **kwargs, **extra)
+    except Exception as exc:  # a method that cannot handle the model: reported, not fatal
+        return {"error": type(exc).__name__, "message": str(exc)[:300],
+                "seconds": round(time.perf_counter() - start, 2)}
+    seconds = time.perf_counter() - start
+    reserved = getattr(est, "reserved_bytes", None)
+    out: dict[str, Any] = {"peak_bytes": est.peak_bytes, "reserved_bytes": reserved,
+                           "total_bytes": est.total_bytes, "seconds": round(seconds, 2),
+                           "notes": list(est.notes)}
+    predicted = getattr(est, QUANTITY[row.measured], None)
+    out["predicted_bytes"] = predicted
+    out["error"] = _error(predicted, row.measured_bytes)
+    if row.secondary is not None:
+        kind, _, value = row.secondary
+        out["secondary_predicted_bytes"] = getattr(est, QUANTITY[kind], None)
+        out["secondary_error"] = _error(out["secondary_predicted_bytes"], round(value * row.unit))
+    if row.context_mib is not None and reserved is not None:
+        out["predicted_with_source_context_bytes"] = reserved + row.context_mib * MiB
+        out["error_with_source_context"] = _error(out["predicted_with_source_context_bytes"], row.measured_bytes)
+    return out
+
+
+def _error(predicted: int | None, measured: int) -> float | None:
+    return None if predicted is None else (predicted - measured) / measured
+
+
+def evaluate(rows: Sequence[Row], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Every row with its predictions, as JSON-ready records."""
+    records = []
+    for row in rows:
+        print(f"{row.key} ...", file=sys.stderr, flush=True)
+        record = {k: v for k, v in dataclasses.asdict(row).items() if k not in ("estimate", "unit")}
+        record["measured_bytes"] = row.measured_bytes
+        record["unit_bytes"] = row.unit
+        record["predictions"] = ({} if row.incomplete or row.estimate is None
+                                 else {m: predict(row, m) for m in methods})
+        records.append(record)
+    return records
+
+
+# --------------------------------------------------------------------------- display
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:+.1f}%"
+
+
+def _gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f}"
+
+
+def _settings_line(s: Mapping[str, str]) -> str:
+    return (f"b={s['batch']}, s={s['seq']}, {s['precision']}, {s['optimizer']}, ckpt={s['grad_ckpt']}, "
+            f"{s['strategy']}, lora={s['lora']}")
+
+
+def table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> str:
+    """The comparison table: one line per row, predictions in GiB, errors in %."""
+    headers = ["row", "GPU", "measured", "GiB"]
+    for m in methods:
+        headers += [f"{m} GiB", f"{m} err", f"{m} 2nd"]
+    lines = []
+    for r in records:
+        line = [r["key"], r["gpu"].split(" (")[0][:24], r["measured"], f"{r['measured_bytes'] / 2**30:.2f}"]
+        for m in methods:
+            p = r["predictions"].get(m)
+            if r["incomplete"]:
+                line += ["settings incomplete", "", ""]
+            elif p is None or "predicted_bytes" not in p:
+                line += ["failed", "", ""]
+            else:
+                second = p.get("error_with_source_context", p.get("secondary_error"))
+                line += [_gib(p["predicted_bytes"]), _pct(p["error"]), _pct(second)]
+        lines.append(line)
+    return render_table(headers, lines)
+
+
+def _errors(records: Sequence[dict[str, Any]], method: str) -> dict[str, dict[str, float]]:
+    """Errors by compared quantity: ``{quantity: {row key: error}}``."""
+    out: dict[str, dict[str, float]] = {}
+    for r in records:
+        p = r["predictions"].get(method, {})
+        pairs = [(r["measured"], p.get("error")), ("nvml_used, source context", p.get("error_with_source_context"))]
+        if r["secondary"]:
+            pairs.append((r["secondary"][0], p.get("secondary_error")))
+        for quantity, err in pairs:
+            if err is not None:
+                out.setdefault(quantity, {})[r["key"]] = err
+    return out
+
+
+def summary(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
+    """Per method and compared quantity: rows, median |error|, the worst under- and over-estimate."""
+    out: dict[str, Any] = {}
+    for m in methods:
+        for quantity, errs in _errors(records, m).items():
+            low, high = min(errs, key=errs.__getitem__), max(errs, key=errs.__getitem__)
+            out[f"{m} / {quantity}"] = {"rows": len(errs), "median_abs": median([abs(e) for e in errs.values()]),
+                                        "min": [low, errs[low]], "max": [high, errs[high]]}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", help="comma-separated row keys (default: all)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="trace,formula")
+    parser.add_argument("--json", type=Path, help="write the rows with predictions to this file")
+    args = parser.parse_args(argv)
+    rows = ROWS if not args.rows else tuple(r for r in ROWS if r.key in args.rows.split(","))
+    methods = [m for m in args.methods.split(",") if m]
+    start = time.perf_counter()
+    records = evaluate(rows, methods)
+    print(table(records, methods))
+    print("err: prediction of the measured quantity (nvml_used: estimate.total_bytes, with memguard's own "
+          "context). 2nd: nvml_used rows: reserved_bytes + the CUDA context the source measured; "
+          "optimum-benchmark rows: reserved_bytes against the run's max_memory_reserved")
+    for r in records:
+        print(f"  {r['key']}: {r['source'].split(',')[0]}; {r['settings']['model']}; "
+              f"{_settings_line(r['settings'])}; quoted {r['quoted']!r}"
+              + (f"; SETTINGS INCOMPLETE: {r['incomplete']}" if r["incomplete"] else ""))
+    stats = summary(records, methods)
+    for name, s in stats.items():
+        print(f"{name:42s} rows {s['rows']:2d}  median |err| {s['median_abs'] * 100:5.1f}%  "
+              f"min {s['min'][1] * 100:+6.1f}% ({s['min'][0]})  max {s['max'][1] * 100:+6.1f}% ({s['max'][0]})")
+    seconds = time.perf_counter() - start
+    print(f"{len(records)} rows ({sum(1 for r in records if r['incomplete'])} with settings incomplete) "
+          f"in {seconds:.0f} s")
+    if args.json:
+        write_json(args.json, {"machine": machine_info("cpu"), "seconds": round(seconds, 1),
+                               "methods": methods, "summary": stats, "rows": records})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

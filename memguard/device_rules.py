@@ -1,0 +1,523 @@
+"""What a GPU runs differently from the CPU, applied to a trace that runs on fake CPU tensors.
+
+Fake CUDA tensors cannot run autograd on a CPU-only build of torch, so the trace computes on fake
+CPU tensors and this module makes the CPU take the kernels and dtypes a GPU would where they differ
+in memory: :func:`device_kernels` for the whole traced step, :func:`device_autocast` around the
+forward and the loss.
+
+For ``device="cuda"``:
+
+* **Autocast** follows CUDA's op lists, not the CPU's. While either context is active, the
+  ``AutocastCPU`` dispatch key runs CUDA's policy for every op that PyTorch registers for
+  ``AutocastCUDA`` (``_CUDA_AUTOCAST``, read from ``ATen/autocast_mode.h`` of the installed torch:
+  ``AT_FORALL_LOWER_PRECISION_FP``, ``AT_FORALL_FP32``, ``AT_FORALL_FP32_SET_OPT_DTYPE``,
+  ``AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE``, ``AT_FORALL_PROMOTE``; ``aten/src/ATen/
+  autocast_mode.cpp`` adds the cuDNN convolutions and bans ``binary_cross_entropy``), and falls
+  through for the ops only the CPU lists (``cross_entropy_loss``, ``cat``, ``stack``, pools, fft,
+  linalg). The kernels are registered with ``torch.library`` for the duration and removed
+  afterwards (also when the traced code raises), which brings the CPU's own kernels back. The
+  registration is global, so checkpointed layers, whose recompute re-enters autocast from the
+  state ``torch.utils.checkpoint`` saved, get the CUDA policy too.
+* **Attention**: ``F.scaled_dot_product_attention`` casts its inputs as CUDA's autocast does,
+  picks the backend PyTorch's ``select_sdp_backend`` would (:func:`sdpa_backend`) and calls the
+  real CUDA op, whose meta kernel gives CUDA's outputs (flash: an fp32 log-sum-exp per row;
+  memory-efficient: one padded to 32 rows); flash backward's own fp32 buffers are allocated too.
+* **Dropout** takes the fused ``native_dropout`` kernel (a 1-byte mask).
+
+Known limitations: another library's ``AutocastCUDA`` kernels (torchvision's) are not emulated;
+its CPU kernels run. The memory-efficient and cuDNN backward kernels' own workspaces are unknown
+and not counted; memory-efficient attention's two philox scalars, host tensors on a GPU, are
+counted (1 KiB a layer). The math fallback's dropout takes the CPU's noise tensor. CPU autocast
+must be idle in other threads during a CUDA trace (the registration is process-wide).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._pytree import tree_map_only
+from torch.utils.weak import WeakIdKeyDictionary
+
+from memguard.errors import TraceError
+
+__all__ = ["DEFAULT_COMPUTE_CAPABILITY", "cuda_autocast_policy", "device_autocast", "device_kernels",
+           "sdpa_backend"]
+
+DEFAULT_COMPUTE_CAPABILITY = (8, 0)
+"""The GPU generation assumed for the SDPA backend choice: sm80 (A100), the most common training
+GPU; pass ``(9, 0)`` for an H100, where recent PyTorch builds try cuDNN attention first."""
+
+_CUDA_AUTOCAST: dict[str, tuple[str, ...]] = {
+    "lower_precision_fp": ("_convolution.deprecated", "_convolution", "conv1d", "conv2d", "conv3d", "conv_tbc",
+        "conv_transpose1d", "conv_transpose2d.input", "conv_transpose3d.input", "convolution", "prelu", "addmm",
+        "addmv", "addr", "matmul", "einsum", "mm", "mv", "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm",
+        "chain_matmul", "linalg_multi_dot", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "lstm_cell", "gru_cell",
+        "rnn_tanh_cell", "rnn_relu_cell", "_scaled_dot_product_flash_attention", "scaled_dot_product_attention",
+        "cudnn_convolution", "cudnn_convolution_transpose"),
+    "fp32": ("acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+        "sinh", "tan", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "softplus", "layer_norm",
+        "native_layer_norm", "rms_norm", "group_norm", "frobenius_norm.dim", "nuclear_norm", "nuclear_norm.dim",
+        "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
+        "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
+        "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss",
+        "multi_margin_loss", "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
+        "upsample_nearest1d", "_upsample_nearest_exact1d", "upsample_nearest2d", "_upsample_nearest_exact2d",
+        "upsample_nearest3d", "_upsample_nearest_exact3d", "upsample_linear1d", "upsample_bilinear2d",
+        "_upsample_bilinear2d_aa", "upsample_trilinear3d", "upsample_bicubic2d", "_upsample_bicubic2d_aa"),
+    "fp32_set_opt_dtype": ("prod", "prod.dim_int", "softmax.int", "log_softmax.int", "cumprod", "cumsum",
+        "linalg_vector_norm", "linalg_matrix_norm", "linalg_matrix_norm.str_ord", "sum", "sum.dim_IntList"),
+    "fp32_append_dtype": ("norm.Scalar", "norm.ScalarOpt_dim"),
+    "promote": ("addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put",
+        "tensordot", "scatter_add"),
+    "banned": ("binary_cross_entropy",),
+}
+"""CUDA's autocast policy of each op (registration name without ``aten::``), torch 2.13."""
+
+_APPEND_DTYPE = {"norm.Scalar": "norm.ScalarOpt_dtype", "norm.ScalarOpt_dim": "norm.ScalarOpt_dim_dtype"}
+_BANNED = ("torch.nn.functional.binary_cross_entropy and torch.nn.BCELoss are unsafe to autocast "
+           "(CUDA autocast refuses them); use binary_cross_entropy_with_logits or BCEWithLogitsLoss")
+_NO_AUTOCAST_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+
+def cuda_autocast_policy() -> dict[str, str]:
+    """CUDA's autocast policy by registration name (``"aten::layer_norm"`` -> ``"fp32"``) for the
+    ops the installed torch registers for ``AutocastCUDA``.
+
+    Raises:
+        TraceError: when torch registers an ``aten`` op for ``AutocastCUDA`` that
+            ``_CUDA_AUTOCAST`` does not cover (a newer torch): the trace would silently follow the
+            CPU's rule for it.
+    """
+    table = {f"aten::{name}": policy for policy, names in _CUDA_AUTOCAST.items() for name in names}
+    registered = {n for n in torch._C._dispatch_get_registrations_for_dispatch_key("AutocastCUDA")
+                  if n.startswith("aten::")}
+    missing = sorted(registered - table.keys())
+    if missing:
+        raise TraceError(
+            f"torch {torch.__version__} registers CUDA autocast kernels for {', '.join(missing)}, "
+            "which memguard's table (_CUDA_AUTOCAST in memguard/device_rules.py) does not cover; "
+            "add them from ATen/autocast_mode.h of this torch, or estimate with device='cpu'")
+    return {name: policy for name, policy in table.items() if name in registered}
+
+
+@contextlib.contextmanager
+def device_autocast(device: str, dtype: torch.dtype | None) -> Iterator[None]:
+    """The autocast of a mixed-precision forward on ``device`` (a no-op without mixed precision).
+
+    ``"cpu"``: CPU autocast. ``"cuda"``: CPU autocast (the tensors are CPU tensors) running CUDA's
+    op lists (see the module docstring).
+    """
+    if dtype is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        if device == "cuda":
+            stack.enter_context(_cuda_autocast_policy())
+        stack.enter_context(torch.autocast("cpu", dtype=dtype))
+        yield
+
+
+@contextlib.contextmanager
+def device_kernels(device: str, *, compute_capability: tuple[int, int] = DEFAULT_COMPUTE_CAPABILITY,
+                   ) -> Iterator[None]:
+    """Take the kernels ``device`` takes where the CPU's differ in memory (nothing for ``"cpu"``).
+
+    Args:
+        device: ``"cuda"`` or ``"cpu"``.
+        compute_capability: the GPU generation the SDPA backend choice assumes.
+    """
+    if device != "cuda":
+        yield
+        return
+    with _cuda_autocast_policy(), _cuda_kernels(compute_capability):
+        yield
+
+
+# =========================================================================== CUDA autocast policy
+
+
+class _Registration:
+    """The process-wide registration of the CUDA policy on ``AutocastCPU``, counted by users."""
+
+    lock, users = threading.Lock(), 0
+    library: torch.library.Library | None = None
+    clear: Callable[[], None] | None = None
+
+
+_CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""16-bit casts of fp32 leaves that require grad (weights), as ``at::autocast::cached_cast`` keeps
+them until the outermost autocast exits (``autocast_mode.cpp``)."""
+
+
+@contextlib.contextmanager
+def _cuda_autocast_policy() -> Iterator[None]:
+    """Register CUDA's autocast policy on the ``AutocastCPU`` key while in the context; the cast
+    cache is cleared with torch's (``torch.autocast.__exit__`` calls ``torch.clear_autocast_cache``
+    at nesting 0)."""
+    reg = _Registration
+    with reg.lock:
+        if reg.users == 0:
+            reg.library = _register(cuda_autocast_policy())
+            native = reg.clear = torch.clear_autocast_cache
+            torch.clear_autocast_cache = lambda: (native(), _CASTS.clear())[0]
+        reg.users += 1
+    try:
+        yield
+    finally:
+        with reg.lock:
+            reg.users -= 1
+            if reg.users == 0 and reg.library is not None:
+                reg.library._destroy()
+                torch.clear_autocast_cache = reg.clear  # type: ignore[assignment]
+                reg.library = reg.clear = None
+                _CASTS.clear()
+
+
+def _register(policy: dict[str, str]) -> torch.library.Library:
+    lib = torch.library.Library("aten", "IMPL")
+    cpu_only = {n for n in torch._C._dispatch_get_registrations_for_dispatch_key("AutocastCPU")
+                if n.startswith("aten::")} - policy.keys()
+    try:
+        with warnings.catch_warnings():  # "Overriding a previously registered kernel" (once)
+            warnings.simplefilter("ignore")
+            for name, rule in policy.items():
+                lib.impl(name[6:], _kernel(_op(name[6:]), rule, name[6:]), "AutocastCPU")
+            for name in sorted(cpu_only):
+                lib.impl(name[6:], torch.library.fallthrough_kernel, "AutocastCPU")
+    except BaseException:
+        lib._destroy()
+        raise
+    return lib
+
+
+def _op(name: str) -> torch._ops.OpOverload:
+    base, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.aten, base), overload or "default")
+
+
+def _eligible(t: Any) -> bool:
+    """``is_eligible`` of ``autocast_mode.h`` for the CPU tensors that stand in for CUDA ones."""
+    return (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            and t.device.type == "cpu")
+
+
+def _cast(dtype: torch.dtype, tree: Any) -> Any:
+    """``cached_cast`` of every eligible tensor in ``tree`` (``autocast_mode.cpp``)."""
+    lower = torch.get_autocast_dtype("cpu")
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        if not _eligible(t) or t.dtype == dtype:
+            return t
+        if (dtype == lower and t.dtype == torch.float32 and t.requires_grad and t.is_leaf
+                and not t._is_view() and torch.is_autocast_cache_enabled()):
+            cast = _CASTS.get(t)
+            if cast is None:
+                cast = _CASTS[t] = t.to(dtype)
+            return cast
+        return t.to(dtype)
+
+    return tree_map_only(torch.Tensor, one, tree)
+
+
+def _promote_type(tree: Any) -> torch.dtype:
+    """``promote_type``: fp32 when any eligible input is fp32, else the autocast dtype."""
+    lower = current = torch.get_autocast_dtype("cpu")
+    for t in torch.utils._pytree.tree_leaves(tree):
+        if not _eligible(t):
+            continue
+        if current == torch.float32 or t.dtype == torch.float32:
+            current = torch.float32
+        elif not (current == lower and t.dtype == lower):
+            raise RuntimeError("Unexpected floating ScalarType in at::autocast::prioritize")
+    return current
+
+
+def _kernel(op: torch._ops.OpOverload, rule: str, name: str) -> Callable[..., Any]:
+    """A Python kernel applying the ``rule`` of ``WrapFunction_`` (``autocast_mode.h``)."""
+    schema = op._schema.arguments
+
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST_CPU):
+            if rule == "lower_precision_fp":
+                args, kwargs = _cast(torch.get_autocast_dtype("cpu"), (args, kwargs))
+            elif rule == "fp32":
+                args, kwargs = _cast(torch.float32, (args, kwargs))
+            elif rule == "promote":
+                args, kwargs = _cast(_promote_type((args, kwargs)), (args, kwargs))
+            elif rule == "fp32_set_opt_dtype":
+                return _set_opt_dtype(op, name, schema, args, kwargs)
+            elif rule == "fp32_append_dtype":
+                full = [*args, *(a.default_value for a in schema[len(args):] if not a.kwarg_only)]
+                out = torch.float32 if _eligible(args[0]) else args[0].dtype
+                return _op(_APPEND_DTYPE[name])(*full, dtype=out)
+            else:
+                raise RuntimeError(_BANNED)
+            return op(*args, **kwargs)
+
+    return kernel
+
+
+def _set_opt_dtype(op: torch._ops.OpOverload, name: str, schema: Any, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+    """``fp32_set_opt_dtype``: an unset ``dtype`` becomes fp32 when the first input is eligible.
+
+    CUDA's ``softmax``/``log_softmax`` of an fp16 input with ``dtype=float32`` take the
+    ``half_to_float`` kernel and make no fp32 copy of the input (``aten/src/ATen/native/
+    SoftMax.cpp``; on fake tensors); bf16 inputs are copied.
+    """
+    index = next(i for i, a in enumerate(schema) if a.name == "dtype")
+    given = args[index] if index < len(args) else kwargs.get("dtype")
+    x = args[0]
+    dtype = given if given is not None or not _eligible(x) else torch.float32
+    half_to_float = x.dtype == torch.float16 and dtype == torch.float32 and is_fake(x)  # CPU kernels lack it
+    if name in ("softmax.int", "log_softmax.int") and half_to_float:
+        inner = torch.ops.aten._softmax if name == "softmax.int" else torch.ops.aten._log_softmax
+        return inner.default(x, args[1], True)
+    if dtype is given:
+        return op(*args, **kwargs)
+    if index < len(args):
+        args = (*args[:index], torch.float32, *args[index + 1:])
+    else:
+        kwargs = {**kwargs, "dtype": torch.float32}
+    return op(*args, **kwargs)
+
+
+# =========================================================================== CUDA kernels
+
+
+@contextlib.contextmanager
+def _cuda_kernels(capability: tuple[int, int]) -> Iterator[None]:
+    """Swap ``F.scaled_dot_product_attention`` for :func:`_cuda_sdpa` and ``F.dropout`` for the fused
+    ``native_dropout`` that ``aten::dropout`` takes on CUDA (a 1-byte mask; the CPU's multiplies by a
+    noise tensor of the input's dtype; in-place dropout is never fused: ``is_fused_kernel_acceptable``
+    in ``aten/src/ATen/native/Dropout.cpp``), for the whole trace rather than through a
+    ``TorchFunctionMode``: checkpointed layers recompute their forward inside backward."""
+    functional = torch.nn.functional
+    sdpa, dropout = functional.scaled_dot_product_attention, functional.dropout
+
+    def fused_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                   is_causal: bool = False, scale: float | None = None,
+                   enable_gqa: bool = False) -> torch.Tensor:
+        return _cuda_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                          capability)
+
+    def native_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
+                       inplace: bool = False) -> torch.Tensor:
+        if not training or p == 0.0 or inplace:
+            return dropout(input, p, training, inplace)
+        return torch.native_dropout(input, p, True)[0]
+
+    functional.scaled_dot_product_attention, functional.dropout = fused_sdpa, native_dropout
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention, functional.dropout = sdpa, dropout
+
+
+def _cuda_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
+               capability: tuple[int, int]) -> torch.Tensor:
+    """``scaled_dot_product_attention`` as CUDA runs it (``aten/src/ATen/native/transformers/
+    attention.cpp``): CUDA autocast casts all inputs to 16 bits (``lower_precision_fp``), the
+    backend is :func:`sdpa_backend`'s, a boolean mask becomes an additive one of the query's
+    dtype, and memory-efficient attention pads an unaligned mask to 16 columns
+    (``preprocess_mask``)."""
+    if torch.is_autocast_enabled("cpu"):
+        with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST_CPU):
+            q, k, v, mask = _cast(torch.get_autocast_dtype("cpu"), (q, k, v, mask))
+    with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST_CPU):
+        backend = sdpa_backend(q, k, v, mask, dropout_p, is_causal, enable_gqa,
+                               compute_capability=capability)
+        if backend == "flash":
+            return _flash(q, k, v, dropout_p, is_causal, scale)
+        if mask is not None and mask.dtype != q.dtype:
+            additive = torch.zeros_like(mask, dtype=q.dtype)
+            mask = (additive.masked_fill_(mask.logical_not(), float("-inf"))
+                    if mask.dtype == torch.bool else mask.to(q.dtype))
+        lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if backend == "efficient":
+            if k.shape[1] != q.shape[1]:  # grouped-query: the op's meta kernels take equal heads
+                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+            if mask is not None:
+                mask = _preprocess_mask(mask, q, k)
+            return torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, mask, lse, dropout_p, is_causal, scale=scale)[0]
+        if backend == "cudnn":
+            return torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k, v, mask, lse, dropout_p, is_causal, False, scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            q, k, v, mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
+
+
+def _preprocess_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    width = mask.shape[-1]
+    if width % 16:
+        return torch.nn.functional.pad(mask, (0, 16 - width % 16))[..., :width]
+    if any(s % 16 for s in mask.stride()[:3]):
+        return mask.contiguous()
+    return mask
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, is_causal: bool,
+           scale: float | None) -> torch.Tensor:
+    """Flash attention with head dims padded to a multiple of 8 (``pad_last_dim<8>``), the scale
+    taken from the unpadded size."""
+    size = q.shape[-1]
+    scale = scale if scale is not None else size ** -0.5
+    if size % 8:
+        pad = 8 - size % 8
+        q, k, v = (torch.nn.functional.pad(t, (0, pad)) for t in (q, k, v))
+    out = _FlashAttention.apply(q, k, v, dropout_p, is_causal, scale)
+    return out[..., :size] if size % 8 else out
+
+
+class _FlashAttention(torch.autograd.Function):
+    """``_scaled_dot_product_flash_attention`` and its backward, plus the fp32 buffers flash
+    backward allocates besides its outputs (``mha_bwd`` in ``aten/src/ATen/native/transformers/
+    cuda/flash_attn/flash_api.cpp``): ``softmax_d`` (B, H, S_q rounded to 128), the ``dq``
+    accumulator (B, S_q rounded to 128, H, head dim rounded to 32, or 64 above 128) and, for
+    grouped-query attention, ``dk``/``dv`` expanded to every query head."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                is_causal: bool, scale: float) -> torch.Tensor:
+        out, lse, _, _, max_q, max_k, seed, offset, _ = (
+            torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal,
+                                                                False, scale=scale))
+        ctx.save_for_backward(q, k, v, out, lse, seed, offset)
+        ctx.args = (max_q, max_k, dropout_p, is_causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse, seed, offset = ctx.saved_tensors
+        max_q, max_k, dropout_p, is_causal, scale = ctx.args
+        b, h, s, d = q.shape
+        rows, width = -(-s // 128) * 128, -(-d // (32 if d <= 128 else 64)) * (32 if d <= 128 else 64)
+        buffers = [torch.empty((b, h, rows), dtype=torch.float32),
+                   torch.empty((b, rows, h, width), dtype=torch.float32)]
+        if k.shape[1] != h:
+            buffers += [torch.empty((b, k.shape[2], h, d), dtype=q.dtype) for _ in range(2)]
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad, q, k, v, out, lse, None, None, max_q, max_k, dropout_p, is_causal, seed,
+            offset, scale=scale)
+        del buffers
+        return dq, dk, dv, None, None, None
+
+
+# =========================================================================== SDPA backend choice
+
+
+def sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                 is_causal: bool = False, enable_gqa: bool = False, *,
+                 compute_capability: tuple[int, int] = DEFAULT_COMPUTE_CAPABILITY) -> str:
+    """The backend CUDA's ``scaled_dot_product_attention`` runs: ``"flash"``, ``"efficient"``,
+    ``"cudnn"`` or ``"math"``.
+
+    ``select_sdp_backend`` of ``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``: the first
+    backend in priority order, among those ``torch.backends.cuda`` leaves enabled, whose checks
+    pass: flash, memory-efficient, math; cuDNN first on sm90/sm100/sm103 with the cuDNN above 9.15
+    of recent wheels unless ``TORCH_CUDNN_SDPA_DEPRIORITIZED`` is set. Flash: no mask, fp16/bf16,
+    equal head dims up to 256, sm80-sm121, causal only when square, no training with head dims in
+    (192, 224] (or above 224 with dropout) on sm86/89/120. Memory-efficient: sm50-sm121, fp32 too
+    (bf16 from sm80), head dims and storage offsets aligned to ``minimum_gemm_alignment``, any mask
+    (one that needs a gradient too). cuDNN: fp16/bf16, head dims up to 128 and divisible by 8, a
+    mask that needs no gradient, (B, S, H, D)-strided inputs, dropout a multiple of 1/16.
+    """
+    backends = torch.backends.cuda
+    major, minor = compute_capability
+    cc = major * 10 + minor
+    dense = query.dim() == key.dim() == value.dim() == 4 and all(
+        t.shape[-2] > 0 for t in (query, key, value))
+    cudnn_first = (major in (9, 10) and minor in (0, 3)
+                   and os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED", "0") in ("0", ""))
+    order = ("cudnn", "flash", "efficient") if cudnn_first else ("flash", "efficient")
+    checks = {"flash": (backends.flash_sdp_enabled, _flash_ok),
+              "efficient": (backends.mem_efficient_sdp_enabled, _efficient_ok),
+              "cudnn": (backends.cudnn_sdp_enabled, _cudnn_ok)}
+    args = (query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, cc)
+    for name in order:
+        enabled, ok = checks[name]
+        if dense and enabled() and ok(*args):
+            return name
+    if not backends.math_sdp_enabled() and dense and backends.cudnn_sdp_enabled() and _cudnn_ok(*args):
+        return "cudnn"
+    return "math"
+
+
+def _heads_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> bool:
+    """``check_batch_size_and_num_heads_dense`` (``sdp_utils_cpp.h``) with grouped-query support."""
+    if enable_gqa:
+        return q.shape[0] == k.shape[0] == v.shape[0] and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0
+    return q.shape[:2] == k.shape[:2] == v.shape[:2]
+
+
+def _flash_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              dropout_p: float, is_causal: bool, enable_gqa: bool, cc: int) -> bool:
+    d = q.shape[-1]
+    if mask is not None or not (d == k.shape[-1] == v.shape[-1] <= 256) or not 80 <= cc <= 121:
+        return False
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if training and (86 <= cc <= 89 or 120 <= cc <= 121) and not (d <= 192 or (dropout_p == 0 and d > 224)):
+        return False
+    if is_causal and q.shape[-2] != k.shape[-2]:
+        return False
+    strides_ok = all(t.stride(-1) == 1 or t.shape[-1] == 1 for t in (q, k, v))
+    return (q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
+            and strides_ok and _heads_ok(q, k, v, enable_gqa))
+
+
+def _gemm_alignment(dtype: torch.dtype, cc: int) -> int:
+    """``minimum_gemm_alignment``: elements a head dim must be divisible by."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    tensor_cores = cc >= 80 or (cc >= 70 and half)
+    align = 4 if cc >= 80 else 1
+    return max(align, 8 if half else 4) if tensor_cores else align
+
+
+def _efficient_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  dropout_p: float, is_causal: bool, enable_gqa: bool, cc: int) -> bool:
+    if not 50 <= cc <= 121:
+        return False
+    dtypes = (torch.float16, torch.float32, torch.bfloat16)[:3 if cc >= 80 else 2]
+    align = _gemm_alignment(q.dtype, cc)
+    if q.shape[-1] != k.shape[-1] or q.shape[-1] % align or v.shape[-1] % align:
+        return False
+    if cc >= 80 and any(t.storage_offset() * t.element_size() % (align * t.element_size())
+                        for t in (q, k, v)):
+        return False
+    return (q.dtype in dtypes and q.dtype == k.dtype == v.dtype
+            and all(t.stride(-1) == 1 for t in (q, k, v)) and _heads_ok(q, k, v, enable_gqa))
+
+
+def _cudnn_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              dropout_p: float, is_causal: bool, enable_gqa: bool, cc: int) -> bool:
+    b, h, s_q, d = q.shape
+    s_k = k.shape[2]
+    if not 80 <= cc <= 121 or q.dtype not in (torch.float16, torch.bfloat16) or dropout_p * 16 % 1:
+        return False
+    if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+        return False
+    if mask is not None and (mask.requires_grad or mask.dim() not in (2, 4) or any(
+            n not in (1, want) for n, want in zip(mask.shape[::-1], (s_k, s_q, h, b), strict=False))):
+        return False  # check_attn_mask_shape
+    if b > 65535 or h > 65535 or d > 128 or v.shape[-1] > 128 or d % 8 or v.shape[-1] % 8:
+        return False
+    if s_k == 1 or (dropout_p and s_q == 1) or not _heads_ok(q, k, v, enable_gqa):
+        return False
+
+    def layout(t: torch.Tensor, packed: int) -> bool:
+        hh, ss, dd = t.shape[1], t.shape[2], t.shape[3]
+        return t.stride() == (ss * packed * hh * dd, dd, packed * hh * dd, 1)
+
+    return all(layout(t, 1) for t in (q, k, v)) or layout(v, 3)

@@ -1,0 +1,304 @@
+"""``MemGuardCallback`` in real ``transformers.Trainer`` runs on the CPU, with a tiny GPT-2 built from a config.
+
+The CPU "actual" is the growth of resident memory, which follows live tensors only when glibc
+returns freed buffers to the OS: the module pins its mmap threshold (``mallopt``), as
+``MALLOC_MMAP_THRESHOLD_=65536`` would.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import pickle
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+import memguard
+from memguard import Category, ConfigError, InsufficientMemoryError
+from memguard._actual import mmap_threshold_pinned
+from memguard.integrations.transformers import BatchTooLargeError, MemGuardCallback, _optimizer, _precision
+
+SAMPLES, SEQ, VOCAB, BATCH, EVAL_BATCH, STEPS = 64, 64, 1000, 8, 3, 4
+GENEROUS = "64GiB"
+KEYS = {"memguard/predicted_peak_bytes", "memguard/actual_peak_bytes", "memguard/predicted_total_bytes",
+        "memguard/error", "memguard/actual_is_lower_bound"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_setup() -> Iterator[None]:
+    """Make freed tensor buffers go back to the OS, so that RSS follows live tensors; one thread."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    except OSError:
+        pytest.skip("glibc is needed to measure CPU memory")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Fixed random token windows as causal-LM samples; every index read is recorded in ``seen``."""
+
+    def __init__(self, n: int, seen: list[int], offset: int = 0) -> None:
+        g = torch.Generator().manual_seed(1 + offset)
+        self.x = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+        self.seen, self.offset = seen, offset
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self.seen.append(self.offset + i)
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+@dataclasses.dataclass
+class Run:
+    trainer: Trainer
+    initial: dict[str, torch.Tensor]
+    seen: list[int]
+    warned: list[str]
+    rng: torch.Tensor
+    error: BaseException | None
+
+
+def model() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def train(tmp: Path, guard: TrainerCallback | None, *, evaluate: bool = False, **overrides: Any) -> Run:
+    """Train ``STEPS`` steps (or fail trying); what the user could see afterwards."""
+    options: dict[str, Any] = dict(output_dir=str(tmp), per_device_train_batch_size=BATCH, max_steps=STEPS,
+                                   logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                                   disable_tqdm=True, seed=0)
+    if evaluate:  # an evaluation before the first step: its forward must not be taken for the training one
+        options.update(eval_strategy="steps", eval_steps=STEPS, eval_on_start=True,
+                       per_device_eval_batch_size=EVAL_BATCH)
+    options.update(overrides)
+    seen: list[int] = []
+    net = model()
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer = Trainer(model=net, args=TrainingArguments(**options), train_dataset=Tokens(SAMPLES, seen),
+                      eval_dataset=Tokens(EVAL_BATCH, seen, offset=1000) if evaluate else None,
+                      callbacks=[guard] if guard is not None else [])
+    error = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.train()
+        except Exception as exc:
+            error = exc
+    warned = [str(w.message) for w in caught if "MemGuard" in str(w.message)]
+    return Run(trainer, initial, seen, warned, torch.get_rng_state(), error)
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def without_memguard(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``log_history`` less the entries memguard added, and less run times (which differ run to run)."""
+    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
+              "eval_samples_per_second", "eval_steps_per_second")
+    return [{k: v for k, v in e.items() if k not in timing} for e in history if not KEYS & e.keys()]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Run, MemGuardCallback]:
+    """The same run without the guard and with ``warn`` and room to spare."""
+    plain = train(tmp_path_factory.mktemp("plain"), None, evaluate=True)
+    guard = MemGuardCallback("warn", budget=GENEROUS)
+    guarded = train(tmp_path_factory.mktemp("guarded"), guard, evaluate=True)
+    assert plain.error is None and guarded.error is None, (plain.error, guarded.error)
+    return plain, guarded, guard
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def test_is_a_trainer_callback() -> None:
+    assert isinstance(MemGuardCallback(), TrainerCallback)
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [
+    ({"action": "shrink"}, "'shrink'"),
+    ({"margin": 1.5}, "1.5"),
+    ({"margin": True}, "True"),
+    ({"budget": "lots"}, "'lots'"),
+    ({"budget": 0}, "0"),
+    ({"budget": "120%"}, "120%"),
+    ({"measure_steps": 0}, "0"),
+    ({"trace_timeout": -1}, "-1"),
+])
+def test_bad_arguments_are_named(kwargs: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        MemGuardCallback(**kwargs)
+
+
+# -- it never changes the run it guards ---------------------------------------------------------
+
+
+def test_warn_with_room_is_the_unguarded_run_bit_for_bit(pair: tuple[Run, Run, MemGuardCallback]) -> None:
+    plain, guarded, _ = pair
+    assert same_weights(plain.trainer.model.state_dict(), guarded.trainer.model.state_dict())
+    assert not same_weights(guarded.initial, guarded.trainer.model.state_dict())  # it did train
+    assert guarded.seen == plain.seen and len(plain.seen) >= EVAL_BATCH + STEPS * BATCH  # accelerate reads one ahead
+    assert without_memguard(guarded.trainer.state.log_history) == without_memguard(plain.trainer.state.log_history)
+    assert torch.equal(guarded.rng, plain.rng)
+    assert guarded.warned == []
+    net = guarded.trainer.model
+    assert not net._forward_pre_hooks and not net._forward_pre_hooks_with_kwargs  # the hook removed itself
+    assert not any(isinstance(t, FakeTensor) for t in [*net.parameters(), *net.buffers()])
+
+
+def test_estimates_the_first_training_batch_of_this_run(pair: tuple[Run, Run, MemGuardCallback]) -> None:
+    _, _, guard = pair
+    est = guard.estimate
+    assert guard.requested_batch_size == BATCH  # not the evaluation's batch of EVAL_BATCH
+    assert est is not None and est.method == "trace"
+    assert (est.inputs["batch_size"], est.inputs["seq_len"]) == (BATCH, SEQ)
+    assert est.inputs["precision"] == "32-true" and est.inputs["device"] == "cpu"
+    assert est.inputs["optimizer"] == "adamw" and est.inputs["training_loop"] == "pytorch"
+    assert est.inputs["set_to_none"] is True and est.inputs["accumulate_grad_batches"] == 1
+    assert guard.available_bytes == 64 << 30
+
+
+def test_predicted_and_actual_land_in_log_history(pair: tuple[Run, Run, MemGuardCallback]) -> None:
+    _, guarded, guard = pair
+    entries = [e for e in guarded.trainer.state.log_history if KEYS & e.keys()]
+    assert len(entries) == 1
+    entry = entries[0]
+    assert entry.keys() >= KEYS
+    assert entry["step"] == 1 + guard.measure_steps  # the first step warms up, then measure_steps are measured
+    assert guard.estimate is not None
+    predicted, actual = entry["memguard/predicted_peak_bytes"], entry["memguard/actual_peak_bytes"]
+    assert predicted == guard.estimate.peak_bytes
+    assert entry["memguard/predicted_total_bytes"] == guard.estimate.total_bytes
+    assert entry["memguard/error"] == pytest.approx(actual / predicted - 1)
+    assert abs(entry["memguard/error"]) < 0.25, entry  # RSS follows live tensors with the threshold pinned
+    assert entry["memguard/actual_is_lower_bound"] is (not mmap_threshold_pinned())
+    assert guard.metrics == {k: v for k, v in entry.items() if k.startswith("memguard/")}
+
+
+def test_warn_without_room_warns_and_trains_the_same(pair: tuple[Run, Run, MemGuardCallback], tmp_path: Path) -> None:
+    plain = pair[0]
+    run = train(tmp_path, MemGuardCallback("warn", budget="1MiB"), evaluate=True)
+    assert run.error is None
+    assert len(run.warned) == 1 and "may not fit" in run.warned[0] and "budget of 1.00 MiB" in run.warned[0]
+    assert same_weights(plain.trainer.model.state_dict(), run.trainer.model.state_dict())
+    assert run.seen == plain.seen
+
+
+# -- acting ---------------------------------------------------------------------------------------
+
+
+def test_raise_raises_before_the_first_step(tmp_path: Path) -> None:
+    run = train(tmp_path, MemGuardCallback("raise", budget="1MiB"))
+    assert isinstance(run.error, InsufficientMemoryError) and not isinstance(run.error, BatchTooLargeError)
+    assert f"per_device_train_batch_size={BATCH} does not fit" in str(run.error)
+    assert run.error.free_bytes == 1 << 20 and run.error.estimate is not None
+    assert run.trainer.state.global_step == 0
+    assert same_weights(run.initial, run.trainer.model.state_dict())
+
+
+def test_reduce_names_the_batch_size_and_accumulation_that_fit(pair: tuple[Run, Run, MemGuardCallback],
+                                                               tmp_path: Path) -> None:
+    """A Trainer lets no callback change its batch size: ``reduce`` says what to set, and that fits."""
+    at_asked = pair[2].estimate
+    assert at_asked is not None
+    budget = int(0.6 * at_asked.total_bytes)
+    run = train(tmp_path / "asked", MemGuardCallback("reduce", budget=budget))
+    err = run.error
+    assert isinstance(err, BatchTooLargeError) and isinstance(err, ConfigError)
+    assert isinstance(err, InsufficientMemoryError) and err.free_bytes == budget
+    assert 1 <= err.fitting_batch_size < BATCH and err.batch_size <= err.fitting_batch_size
+    assert err.batch_size * err.gradient_accumulation_steps == BATCH  # 8 always has a divisor in [b/2, b]
+    assert (f"per_device_train_batch_size={err.batch_size} and gradient_accumulation_steps="
+            f"{err.gradient_accumulation_steps}") in str(err)
+    assert "before any callback event" in str(err)
+    assert run.trainer.state.global_step == 0 and same_weights(run.initial, run.trainer.model.state_dict())
+    assert pickle.loads(pickle.dumps(err)).batch_size == err.batch_size
+
+    guard = MemGuardCallback("raise", budget=budget)
+    again = train(tmp_path / "told", guard, per_device_train_batch_size=err.batch_size,
+                  gradient_accumulation_steps=err.gradient_accumulation_steps)
+    assert again.error is None and again.trainer.state.global_step == STEPS
+    assert guard.estimate is not None and guard.estimate.fits(budget, guard.margin)
+    assert guard.estimate.inputs["accumulate_grad_batches"] == err.gradient_accumulation_steps
+
+
+def test_reduce_when_nothing_fits_raises_what_would_help(tmp_path: Path) -> None:
+    run = train(tmp_path, MemGuardCallback("reduce", budget="64KiB"))
+    assert isinstance(run.error, InsufficientMemoryError) and not isinstance(run.error, BatchTooLargeError)
+    assert "not even a batch of 1 fits" in str(run.error)
+    assert "smaller per_device_train_batch_size" not in str(run.error)  # it would not help
+
+
+def test_reads_precision_checkpointing_accumulation_and_optimizer(tmp_path: Path) -> None:
+    run = train(tmp_path, MemGuardCallback("raise", budget="64KiB"), bf16=True, activation_checkpointing=True,
+                gradient_accumulation_steps=2, optim="sgd", optim_args="momentum=0.9")
+    assert isinstance(run.error, InsufficientMemoryError) and run.error.estimate is not None
+    est = run.error.estimate
+    assert est.inputs["precision"] == "bf16-mixed" and est.inputs["gradient_checkpointing"] is True
+    assert est.inputs["accumulate_grad_batches"] == 2 and est.inputs["optimizer"] == "sgd"
+    ids = torch.zeros(BATCH, SEQ, dtype=torch.long)
+    batch = {"input_ids": ids, "labels": ids}
+    direct = {opt: memguard.estimate(model(), example_input=batch, optimizer=opt, precision="bf16-mixed",
+                                     gradient_checkpointing=True, device="cpu", accumulate_grad_batches=2)
+              for opt in ("sgd", "sgd-momentum")}
+    assert direct["sgd"].breakdown[Category.OPTIMIZER_STATE] == 0  # so the momentum buffers were read from the run
+    assert est.breakdown[Category.OPTIMIZER_STATE] == direct["sgd-momentum"].breakdown[Category.OPTIMIZER_STATE] > 0
+    assert est.peak_bytes == pytest.approx(direct["sgd-momentum"].peak_bytes, rel=0.02)
+
+
+def test_a_failed_estimate_warns_and_training_goes_on(tmp_path: Path) -> None:
+    run = train(tmp_path / "lax", MemGuardCallback("raise", budget="1MiB", trace_timeout=1e-9))
+    assert run.error is None and run.trainer.state.global_step == STEPS
+    assert len(run.warned) == 1 and "could not estimate" in run.warned[0]
+    assert not any(KEYS & e.keys() for e in run.trainer.state.log_history)  # nothing predicted, nothing compared
+    strict = train(tmp_path / "strict", MemGuardCallback("raise", budget="1MiB", trace_timeout=1e-9, strict=True))
+    assert isinstance(strict.error, memguard.TraceError) and strict.trainer.state.global_step == 0
+
+
+# -- the run in memguard's terms --------------------------------------------------------------------
+
+
+def arguments(tmp_path: Path, **kwargs: Any) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kwargs)
+
+
+def test_precision_follows_accelerate(tmp_path: Path) -> None:
+    fp32, cpu, cuda = model(), torch.device("cpu"), torch.device("cuda", 0)
+    assert _precision(arguments(tmp_path), fp32, cpu) == "32-true"
+    assert _precision(arguments(tmp_path, bf16=True), fp32, cpu) == "bf16-mixed"
+    assert _precision(arguments(tmp_path, fp16=True), fp32, cuda) == "16-mixed"
+    assert _precision(arguments(tmp_path, fp16=True), fp32, cpu) == "32-true"  # no fp16 autocast on the CPU
+    assert _precision(arguments(tmp_path, bf16=True), model().to(torch.bfloat16), cpu) == "bf16-true"
+    assert _precision(arguments(tmp_path), model().to(torch.float16), cpu) == "16-true"
+
+
+def test_the_optimizer_is_the_real_one_or_memguards_name(pair: tuple[Run, Run, MemGuardCallback],
+                                                         tmp_path: Path) -> None:
+    trainer = pair[1].trainer
+    wrapped = trainer.optimizer  # accelerate's AcceleratedOptimizer, itself a torch Optimizer, around AdamW
+    assert type(wrapped).__name__ == "AcceleratedOptimizer"
+    net = trainer.model
+    factory = _optimizer(trainer.args, wrapped, net, "cpu")
+    rebuilt = factory([torch.zeros_like(p) for p in net.parameters() if p.requires_grad])
+    assert type(rebuilt) is torch.optim.AdamW and rebuilt.defaults["fused"] is True  # adamw_torch_fused
+    assert [len(g["params"]) for g in rebuilt.param_groups] == [len(g["params"]) for g in wrapped.param_groups]
+    assert _optimizer(arguments(tmp_path, optim="adamw_bnb_8bit"), wrapped, net, "cuda") == "adamw-8bit"
+    assert _optimizer(arguments(tmp_path, optim="adafactor"), None, net, "cpu") == "adafactor"
+    assert _optimizer(arguments(tmp_path, optim="sgd", optim_args="momentum=0.9"), None, net, "cpu") == "sgd-momentum"
+    with pytest.raises(ConfigError, match="'lion_32bit'"):
+        _optimizer(arguments(tmp_path, optim="lion_32bit"), None, net, "cpu")
