@@ -186,6 +186,24 @@ def _margin(text: str) -> float:
     return value
 
 
+_TRACE_TIMEOUT = 120.0  # memguard.trace.DEFAULT_TIMEOUT, without importing torch to build the parser
+
+
+def _count(text: str) -> int:
+    """A whole number, zero allowed."""
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def _import_estimator() -> Any:
     """``memguard.estimator`` (and so torch and transformers), or a one-line error naming what broke.
 
@@ -244,6 +262,15 @@ def _build_parser() -> _Parser:
                        help="parameter shards in host memory (fsdp, deepspeed_stage_3)")
     model.add_argument("--lora-rank", type=_positive_int, default=None, metavar="R",
                        help="fine-tune LoRA adapters of rank R on a frozen base model (needs peft)")
+    model.add_argument("--accumulate-grad-batches", type=_positive_int, default=1, metavar="N",
+                       help="micro-batches per optimizer step; from the second on, each forward runs beside the "
+                            "gradients (default: %(default)s)")
+    model.add_argument("--set-to-none", action=argparse.BooleanOptionalAction, default=True,
+                       help="zero_grad(set_to_none=...): --no-set-to-none keeps zeroed gradients alive, torch's "
+                            "default before 2.0 (default: set to none)")
+    model.add_argument("--trace-timeout", type=_seconds, default=_TRACE_TIMEOUT, metavar="S",
+                       help="seconds a trace may run before it gives up, and auto falls back to the formula "
+                            "(default: %(default)g)")
 
     batch = _Parser(add_help=False)
     batch.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
@@ -263,6 +290,9 @@ def _build_parser() -> _Parser:
 
     sub = commands.add_parser("estimate", parents=[model, batch, output],
                               help="the memory breakdown of one training step")
+    sub.add_argument("--top", type=_count, default=5, metavar="K",
+                     help="show the K largest groups of tensors alive at the peak, by module (trace only; "
+                          "default: %(default)s, 0 for none)")
     sub.set_defaults(run=_cmd_estimate)
     sub = commands.add_parser("check", parents=[model, batch, gpu, output],
                               help="whether a training step fits the GPU (exit 0 fits, 1 does not)")
@@ -278,6 +308,8 @@ def _build_parser() -> _Parser:
                      help="the image to write (.png, .svg, .pdf)")
     sub.add_argument("--limit", type=_positive_int, default=1 << 16, metavar="N",
                      help="the largest batch size considered (default: %(default)s)")
+    sub.add_argument("--timeline", action="store_true",
+                     help="draw live memory through one traced step at --batch-size instead (phases, peak)")
     sub.set_defaults(run=_cmd_plot)
     sub = commands.add_parser("gpus", parents=[output], help="the GPUs this machine sees, and their memory")
     sub.add_argument("--catalog", action="store_true", help="also list the GPUs memguard knows by name")
@@ -440,6 +472,9 @@ def _estimate_kwargs(args: argparse.Namespace, method: str | None = None) -> dic
         "offload_optimizer": args.offload_optimizer,
         "offload_params": args.offload_params,
         "lora_rank": args.lora_rank,
+        "accumulate_grad_batches": args.accumulate_grad_batches,
+        "set_to_none": args.set_to_none,
+        "trace_timeout": args.trace_timeout,
     }
 
 
@@ -523,7 +558,7 @@ def _cmd_estimate(args: argparse.Namespace, out: _Output) -> int:
     if out.json_mode:
         out.json(est.to_dict())
     else:
-        out.text(est.table())
+        out.text(est.table(top=args.top))
     return EXIT_OK
 
 
@@ -626,6 +661,8 @@ def _plot_estimator(args: argparse.Namespace, out: _Output) -> tuple[str, Estima
 def _cmd_plot(args: argparse.Namespace, out: _Output) -> int:
     gpu = _resolve_gpu(args.gpu)
     path = _plot.check_output(args.output)
+    if args.timeline:
+        return _plot_timeline(args, out, gpu, path)
     method, estimate_at = _plot_estimator(args, out)
     found = _search(args, gpu, estimate_at, out, method)
     seq_len = found.estimate.inputs.get("seq_len")
@@ -656,6 +693,23 @@ def _cmd_plot(args: argparse.Namespace, out: _Output) -> int:
         out.text(f"  sequence lengths {by_seq.values[0]}-{by_seq.values[-1]} at batch {fixed_batch}")
         if by_seq.stopped:
             out.text(f"  {by_seq.stopped}")
+    return EXIT_OK
+
+
+def _plot_timeline(args: argparse.Namespace, out: _Output, gpu: memguard.DeviceMemory, path: Any) -> int:
+    """``plot --timeline``: live memory through one traced step."""
+    if args.method not in (None, "auto", "trace"):
+        raise ConfigError(f"--timeline draws a traced step; --method {args.method} makes no timeline")
+    args.method = "trace"
+    est = _estimate_once(args, out)
+    inputs = est.inputs
+    title = (f"{inputs.get('model')}: batch {inputs.get('batch_size')}, seq {inputs.get('seq_len')}, "
+             f"{inputs.get('precision')}, {inputs.get('optimizer')}")
+    _plot.render_timeline(est, path, capacity_bytes=gpu.free_bytes, margin=args.margin, title=title)
+    if out.json_mode:
+        out.json({"output": str(path), **est.to_dict()})
+    else:
+        out.text(f"wrote {path}: peak {format_bytes(est.peak_bytes)} of live tensors, {len(est.timeline)} points")
     return EXIT_OK
 
 

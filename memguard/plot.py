@@ -25,7 +25,7 @@ from memguard.errors import ConfigError, require
 from memguard.result import Category, MemoryEstimate
 from memguard.units import format_bytes, parse_bytes
 
-__all__ = ["AXES", "Sweep", "batch_sizes_for", "check_output", "render", "seq_lens_for", "sweep"]
+__all__ = ["AXES", "Sweep", "batch_sizes_for", "check_output", "render", "render_timeline", "seq_lens_for", "sweep"]
 
 AXES = ("batch_size", "seq_len")
 """What a sweep can vary."""
@@ -231,6 +231,61 @@ def render(by_batch: Sweep, by_seq: Sweep | None, path: str | Path, *, capacity_
     for ax in axes:
         handles, labels = ax.get_legend_handles_labels()
         ax.legend(handles[::-1], labels[::-1], loc="upper left", fontsize="small", framealpha=0.9)
+    if title:
+        fig.suptitle(title)
+    out = Path(path)
+    try:
+        fig.savefig(out, dpi=dpi)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot write a plot to {str(out)!r}: {exc}") from None
+    return out
+
+
+_PHASE_COLORS = {"forward": "#dd8452", "backward": "#4c72b0", "block-backward": "#4c72b0",
+                 "optimizer": "#8172b2", "other": "#8c8c8c"}
+
+
+def render_timeline(est: MemoryEstimate, path: str | Path, *, capacity_bytes: int | None = None,
+                    margin: float = 0.1, title: str = "", dpi: int = 120) -> Path:
+    """Draw live bytes through the traced step (:attr:`MemoryEstimate.timeline`), phase by phase,
+    with the peak and the GPU's usable memory marked: what PyTorch's memory snapshot viewer shows.
+
+    Raises:
+        ConfigError: the estimate has no timeline (only the trace makes one), or the file cannot be
+            written.
+        MissingDependencyError: matplotlib is not installed.
+    """
+    if not est.timeline:
+        raise ConfigError(f"the {est.method} estimate has no timeline; only method='trace' makes one")
+    require("matplotlib", "plot", "memguard plot --timeline")
+    from matplotlib.figure import Figure
+
+    top = max(live for _, _, live in est.timeline)
+    unit_name, unit = ("GiB", parse_bytes("1GiB")) if top >= parse_bytes("2GiB") else ("MiB", parse_bytes("1MiB"))
+    fig = Figure(figsize=(9.6, 4.8), layout="constrained")
+    ax = fig.subplots()
+    xs = list(range(len(est.timeline)))
+    ys = [live / unit for _, _, live in est.timeline]
+    ax.plot(xs, ys, color="#222222", linewidth=1.2)
+    start, seen = 0, set()
+    for k in range(1, len(est.timeline) + 1):  # shade each run of one phase
+        if k == len(est.timeline) or est.timeline[k][1] != est.timeline[start][1]:
+            phase = est.timeline[start][1]
+            label = None if phase in seen else phase
+            seen.add(phase)
+            ax.axvspan(start, k - 1, color=_PHASE_COLORS.get(phase, "#8c8c8c"), alpha=0.15, label=label)
+            start = k
+    peak_at = max(xs, key=lambda k: est.timeline[k][2])
+    ax.plot([peak_at], [ys[peak_at]], marker="o", color="#c44e52",
+            label=f"peak {format_bytes(top)} ({est.timeline[peak_at][1]})")
+    if capacity_bytes:
+        ax.axhline(capacity_bytes * (1 - margin) / unit, color="#c44e52", linestyle="--", linewidth=1.0,
+                   label=f"usable: {format_bytes(int(capacity_bytes * (1 - margin)))}")
+    ax.set_xlabel("allocation and free events of one training step")
+    ax.set_ylabel(f"live tensors ({unit_name})")
+    ax.set_ylim(0, max(top, capacity_bytes or 0) * 1.08 / unit)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small", framealpha=0.9)
     if title:
         fig.suptitle(title)
     out = Path(path)

@@ -48,8 +48,9 @@ class PeakTensors:
     """Tensors alive at the peak that one module made, of one category.
 
     Attributes:
-        where: the module path whose forward made them (``transformer.h.3.attn``), the parameter
-            they belong to (``lm_head.weight.grad``), or the phase of the step that made them.
+        where: the module whose forward made them, or whose parameters they are, their gradients
+            or optimizer state (``transformer.h.3.attn``); else the phase of the step that made
+            them (``backward``, ``optimizer``).
         category: what they are.
         nbytes: their bytes (the share a rank holds under sharding).
         count: how many storages.

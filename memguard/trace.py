@@ -144,7 +144,8 @@ class _Ledger:
         return self.by_storage.get(t.untyped_storage())
 
     def name(self, tensors: Iterable[tuple[str, Any]]) -> None:
-        """Say what the storages of ``(name, tensor)`` pairs are (parameters, gradients, state)."""
+        """Say which module the storages of ``(module path, tensor)`` pairs belong to (parameters,
+        their gradients and optimizer state)."""
         for name, t in tensors:
             i = self.index_of(t) if isinstance(t, torch.Tensor) else None
             if i is not None:
@@ -393,8 +394,8 @@ def trace_breakdown(
             stack.enter_context(device_kernels(spec.device))
             for t in fakes.values():
                 ledger.track(t)
-            named = list(module.named_parameters())
-            ledger.name([*named, *module.named_buffers()])
+            named = [(_owner(n, module), p) for n, p in module.named_parameters()]
+            ledger.name([*named, *((_owner(n, module), b) for n, b in module.named_buffers())])
             ledger.follow(module)
             params = {ledger.index_of(t) for t in fakes.values()}
             optimizer = make_optimizer(spec.optimizer, trainable, foreach=foreach)
@@ -432,7 +433,7 @@ def trace_breakdown(
                         loss.backward()
                     del loss, args, kwargs
                     grads.update(_storages(ledger, [t.grad for t in trainable]))
-                    ledger.name((f"{n}.grad", p.grad) for n, p in named)
+                    ledger.name((n, p.grad) for n, p in named)
                 _optimizer_step(ledger, optimizer, trainable, opt_state, training_loop, set_to_none)
             kinds: dict[int, Category] = {}
             for i in range(len(ledger.records)):
@@ -447,7 +448,7 @@ def trace_breakdown(
                 else:
                     kinds[i] = Category.TEMPORARY
             for n, p in named:
-                ledger.name((f"{n}.{key}", v) for key, v in (optimizer.state.get(p, {}) if optimizer else {}).items())
+                ledger.name((n, v) for v in (optimizer.state.get(p, {}) if optimizer else {}).values())
             report = analyse(ledger.records, ledger.marks, kinds, weight, extras)
             slack = _allocator_slack(ledger, kinds, weight) if spec.device == "cuda" else 0
             del fakes, trainable, optimizer
@@ -464,6 +465,11 @@ def trace_breakdown(
         notes.append("GradScaler's scalars are not traced (a few bytes)")
     log.debug("trace of %s: peak %d bytes", type(module).__name__, sum(report.breakdown.values()))
     return TraceResult(report.breakdown, notes, slack, report.at_peak, report.timeline)
+
+
+def _owner(name: str, root: nn.Module) -> str:
+    """The module a parameter or buffer belongs to, by its qualified name (``h.0.attn.c_attn``)."""
+    return name.rpartition(".")[0] or type(root).__name__
 
 
 def _storages(ledger: _Ledger, tensors: Iterable[Any]) -> Iterator[int]:

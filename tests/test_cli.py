@@ -420,3 +420,32 @@ def test_python_m_memguard_is_the_same_command():
     # stderr is a pipe: no progress line, only the error on one line; no traceback, no library chatter.
     assert len(done.stderr.splitlines()) == 1
     assert done.stderr.startswith("memguard: error: unknown model 'nope': not a preset")
+
+
+def test_estimate_shows_the_largest_tensors_alive_at_the_peak(capsys):
+    code, out, _ = run(capsys, "estimate", *TINY_ARGS, "--top", "2")
+    assert code == EXIT_OK
+    assert "alive at the peak (largest 2 of" in out
+    code, out, _ = run(capsys, "estimate", *TINY_ARGS, "--top", "0")
+    assert "alive at the peak" not in out
+    code, out, _ = run(capsys, "estimate", *TINY_ARGS, "--json")
+    data = json.loads(out)
+    assert data["at_peak"][0]["bytes"] == max(g["bytes"] for g in data["at_peak"])
+    assert max(p[2] for p in data["timeline"]) == data["peak_bytes"]
+
+
+def test_training_loop_flags_reach_the_estimate(capsys):
+    code, out, _ = run(capsys, "estimate", *TINY_ARGS, "--accumulate-grad-batches", "4", "--no-set-to-none",
+                       "--trace-timeout", "60", "--json")
+    assert code == EXIT_OK
+    inputs = json.loads(out)["inputs"]
+    assert (inputs["accumulate_grad_batches"], inputs["set_to_none"]) == (4, False)
+    code, _, err = run(capsys, "estimate", *TINY_ARGS, "--trace-timeout", "-1")
+    assert code == EXIT_USAGE and "must be a positive number of seconds, got '-1'" in err
+
+
+def test_the_parser_default_timeout_is_the_trace_default():
+    from memguard import cli
+    from memguard.trace import DEFAULT_TIMEOUT
+
+    assert cli._TRACE_TIMEOUT == DEFAULT_TIMEOUT

@@ -155,3 +155,27 @@ def test_memguard_plot_human_output(tmp_path, capsys, monkeypatch):
     assert "stopped before seq_len 64" in captured.out  # the model takes at most 32 tokens
     assert target.stat().st_size > 0
     assert "searching the largest batch" in captured.err
+
+
+def test_memguard_plot_timeline_draws_the_traced_step(tmp_path, capsys):
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 128, "n_positions": 64}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    target = tmp_path / "timeline.png"
+    code = main(["plot", str(tmp_path), "--seq-len", "32", "--batch-size", "2", "--gpu", "4MiB", "--timeline",
+                 "-o", str(target), "--json"])
+    captured = capsys.readouterr()
+    assert code == EXIT_OK, captured.err
+    data = json.loads(captured.out)
+    assert target.read_bytes().startswith(PNG_MAGIC) and target.stat().st_size > 10_000
+    assert data["method"] == "trace"
+    assert max(live for _, _, live in data["timeline"]) == data["peak_bytes"]
+    code = main(["plot", str(tmp_path), "--seq-len", "32", "--gpu", "4MiB", "--timeline", "--method", "formula",
+                 "-o", str(target)])
+    assert code == 2
+    assert "--method formula makes no timeline" in capsys.readouterr().err
+
+
+def test_render_timeline_needs_a_trace(tmp_path):
+    est = MemoryEstimate("formula", {Category.ACTIVATIONS: 1})
+    with pytest.raises(ConfigError, match="only method='trace' makes one"):
+        plot.render_timeline(est, tmp_path / "t.png")
