@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from memguard.callback import MemGuard
     from memguard.device import DeviceMemory, device_memory, list_devices, parse_budget, resolve_budget
     from memguard.estimator import estimate
+    from memguard.fit import Fit
     from memguard.models import list_presets
+    from memguard.planning import Plan, PlanRow, plan, remedies
 
 _LAZY = {
     "MemGuard": "memguard.callback",
@@ -45,6 +47,11 @@ _LAZY = {
     "estimate": "memguard.estimator",
     "is_tracing": "memguard._isolation",
     "list_presets": "memguard.models",
+    "plan": "memguard.planning",
+    "remedies": "memguard.planning",
+    "Plan": "memguard.planning",
+    "PlanRow": "memguard.planning",
+    "Fit": "memguard.fit",
 }
 
 __all__ = [
@@ -53,12 +60,15 @@ __all__ = [
     "ConfigError",
     "DeviceError",
     "DeviceMemory",
+    "Fit",
     "GpuSpec",
     "InsufficientMemoryError",
     "MemGuard",
     "MemguardError",
     "MemoryEstimate",
     "MissingDependencyError",
+    "Plan",
+    "PlanRow",
     "TraceError",
     "UnsupportedModelError",
     "__version__",
@@ -72,6 +82,8 @@ __all__ = [
     "lookup_gpu",
     "parse_budget",
     "parse_bytes",
+    "plan",
+    "remedies",
     "resolve_budget",
 ]
 

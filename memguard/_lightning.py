@@ -109,6 +109,7 @@ def optimizer_factory(pl_module: torch.nn.Module, optimizer: torch.optim.Optimiz
 
     factory.__name__ = cls.__name__.lower()
     factory.__qualname__ = factory.__name__
+    factory.optimizer_class = cls  # type: ignore[attr-defined]
     return factory
 
 

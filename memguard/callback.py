@@ -42,11 +42,16 @@ from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError
 from memguard.lightning import messages
 from memguard.lightning.decision import ACTIONS, Decision, RankReport, Verdict, decide
 from memguard.lightning.rank import RankPlan, plan_rank
+from memguard.options import OPTIMIZERS
+from memguard.planning import remedies
 from memguard.result import MemoryEstimate
 from memguard.trace import DEFAULT_TIMEOUT
 from memguard.units import format_bytes
 
 __all__ = ["MemGuard"]
+
+_REMEDY_ESTIMATES = 16
+"""Estimates the callback spends on what would fit: a LightningModule is searched with traces."""
 
 log = logging.getLogger(__name__)
 
@@ -302,14 +307,16 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
                                 f"{list(decision.unchecked)}, so training goes on unchecked")
             return
         if verdict in (Verdict.RAISE, Verdict.NONE_FIT, Verdict.STREAM):
-            raise messages.insufficient(plan, decision, reports, rank, self.action)
+            rows = [] if verdict == Verdict.STREAM else self._remedies(plan, pl_module, info)
+            raise messages.insufficient(plan, decision, reports, rank, rows)
         if verdict in (Verdict.FITS, Verdict.WARN):
             self.estimate = plan.at_requested.estimate
             self._decided(plan.requested, self.estimate, plan.requested, info.accumulate_grad_batches)
             if verdict == Verdict.FITS:
                 self._info(trainer, messages.fits(plan, reports, rank))
             else:
-                self._warn(trainer, messages.warning(plan, decision, reports, rank))
+                self._warn(trainer, messages.warning(plan, decision, reports, rank,
+                                                     self._remedies(plan, pl_module, info)))
             return
         batch, acc = decision.batch_size, decision.accumulate
         _pl.utilities(trainer, "parsing").lightning_setattr(pl_module, self.batch_arg_name, batch)
@@ -384,6 +391,21 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep a checkpoint's decision, applied in ``on_fit_start`` without estimating again."""
         self._restored = dict(state_dict)
+
+    def _remedies(self, plan: RankPlan, pl_module: Any, info: _pl.RunInfo) -> list[Any] | None:
+        """What would make this rank's step fit (:func:`memguard.remedies`, the one remedy engine), or
+        ``None`` when that search fails."""
+        kwargs = dict(plan.estimate_kwargs)
+        optimizer = kwargs.pop("optimizer")
+        optimizer = getattr(optimizer, "optimizer_class", optimizer)
+        name = optimizer.__name__.lower() if isinstance(optimizer, type) else None
+        try:
+            return remedies(plan.at_requested.estimate, plan.at_requested.free_bytes, self.margin, model=pl_module,
+                            gpus=info.world_size, estimate_kwargs=kwargs, max_estimates=_REMEDY_ESTIMATES,
+                            base={"optimizer": name if name in OPTIMIZERS else optimizer})
+        except MemguardError as exc:
+            log.info("MemGuard: no remedies (%s)", exc)
+            return None
 
     def _decided(self, requested: int, est: MemoryEstimate, batch_size: int, accumulate: int) -> None:
         self.requested_batch_size = requested

@@ -311,6 +311,15 @@ def _build_parser() -> _Parser:
     sub.add_argument("--timeline", action="store_true",
                      help="draw live memory through one traced step at --batch-size instead (phases, peak)")
     sub.set_defaults(run=_cmd_plot)
+    sub = commands.add_parser("plan", parents=[model, batch, gpu, output],
+                              help="what would make a step fit the GPU, cheapest first, with the flags for check")
+    sub.add_argument("--gpus", type=_positive_int, default=None, metavar="N",
+                     help="GPUs the run may use (default: --world-size)")
+    sub.add_argument("--top", type=_positive_int, default=10, metavar="K",
+                     help="rows per group (full fine-tuning, LoRA) (default: %(default)s)")
+    sub.add_argument("--confirm", type=_count, default=2, metavar="K",
+                     help="best rows per group confirmed with the trace (default: %(default)s)")
+    sub.set_defaults(run=_cmd_plan)
     sub = commands.add_parser("gpus", parents=[output], help="the GPUs this machine sees, and their memory")
     sub.add_argument("--catalog", action="store_true", help="also list the GPUs memguard knows by name")
     sub.set_defaults(run=_cmd_gpus)
@@ -526,18 +535,27 @@ def _room(gpu: memguard.DeviceMemory, margin: float) -> str:
     return f"{format_bytes(gpu.free_bytes)} free {spare}"
 
 
-def _suggestions(est: MemoryEstimate) -> list[str]:
-    """What would make the step smaller, from what it was estimated with."""
-    tips = []
-    if (est.inputs.get("batch_size") or 1) > 1:
-        tips.append("a smaller --batch-size ('memguard max-batch' finds the largest)")
-    if est.inputs.get("precision") in ("32-true", "64-true"):
-        tips.append("--precision bf16-mixed")
-    if est.inputs.get("gradient_checkpointing") is False:
-        tips.append("--gradient-checkpointing")
-    if not tips:
-        tips.append("a GPU with more memory")
-    return tips
+def _remedies(est: MemoryEstimate, gpu: memguard.DeviceMemory, margin: float, out: _Output) -> list[Any]:
+    """The best few changes that make the step fit, from the one remedy engine (:func:`memguard.remedies`)."""
+    from memguard.planning import remedies
+
+    out.progress("searching what would fit ...")
+    try:
+        return remedies(est, gpu, margin, top=3)
+    except MemguardError as exc:
+        out.progress(f"no remedies: {_first_sentence(exc)}")
+        return []
+
+
+def _show_remedies(rows: list[Any], model: str, gpu_arg: str, out: _Output) -> None:
+    if not rows:
+        out.text("nothing memguard can change (precision, checkpointing, optimizer, batch and accumulation, "
+                 "LoRA, sharding, offload) makes it fit this GPU")
+        return
+    out.text("what would fit (best first; 'memguard plan' lists more):")
+    for row in rows:
+        out.text(f"  - {row.describe()}")
+        out.text(f"    memguard check {model} --gpu {gpu_arg} {' '.join(row.flags)}")
 
 
 def _github_error(message: str) -> str:
@@ -567,9 +585,11 @@ def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
     est = _estimate_once(args, out)
     fits = est.fits(gpu.free_bytes, args.margin)
     usable = _usable(gpu, args.margin)
+    rows = [] if fits else _remedies(est, gpu, args.margin, out)
     if out.json_mode:
         out.json({**est.to_dict(), "device": gpu.to_dict(), "margin": args.margin, "usable_bytes": usable,
-                  "fits": fits, "verdict": "fits" if fits else "does not fit"})
+                  "fits": fits, "verdict": "fits" if fits else "does not fit",
+                  "remedies": [r.to_dict() for r in rows]})
         return EXIT_OK if fits else EXIT_DOES_NOT_FIT
     out.text(est.table())
     out.text()
@@ -582,7 +602,7 @@ def _cmd_check(args: argparse.Namespace, out: _Output) -> int:
     verdict = (f"DOES NOT FIT: needs {need}, has {format_bytes(usable)} usable ({_room(gpu, args.margin)}); "
                f"{format_bytes(est.total_bytes - usable)} short")
     out.text(verdict)
-    out.text("to fit, try: " + "; ".join(_suggestions(est)))
+    _show_remedies(rows, args.model, args.gpu, out)
     if _in_github_actions():
         inputs = est.inputs
         out.text(_github_error(
@@ -631,8 +651,7 @@ def _cmd_max_batch(args: argparse.Namespace, out: _Output) -> int:
     if not found.batch_size:
         out.text(f"NOTHING FITS: batch size 1 needs {format_bytes(found.estimate.total_bytes)}, has "
                  f"{format_bytes(usable)} usable ({_room(gpu, args.margin)})")
-        tips = [t for t in _suggestions(found.estimate) if "batch-size" not in t]
-        out.text("to fit, try: " + "; ".join(tips))
+        _show_remedies(_remedies(found.estimate, gpu, args.margin, out), args.model, args.gpu, out)
         return EXIT_DOES_NOT_FIT
     line = (f"max batch size: {found.batch_size} (needs {format_bytes(found.estimate.total_bytes)} of "
             f"{format_bytes(usable)} usable, {_room(gpu, args.margin)}")
@@ -643,6 +662,27 @@ def _cmd_max_batch(args: argparse.Namespace, out: _Output) -> int:
         line += f"; the search stopped at --limit {args.limit}"
     out.text(line + ")")
     return EXIT_OK
+
+
+def _cmd_plan(args: argparse.Namespace, out: _Output) -> int:
+    from memguard.planning import plan
+
+    gpu = _resolve_gpu(args.gpu)
+    base = {"precision": args.precision, "optimizer": args.optimizer,
+            "gradient_checkpointing": bool(args.gradient_checkpointing), "strategy": args.strategy,
+            "world_size": args.world_size, "offload_optimizer": args.offload_optimizer,
+            "offload_params": args.offload_params, "lora_rank": args.lora_rank,
+            "accumulate_grad_batches": args.accumulate_grad_batches}
+    out.progress(f"planning {args.model} on {gpu.name} ...")
+    found = plan(args.model, gpu=gpu, seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size or 1,
+                 margin=args.margin, base=base, device=args.device, confirm=args.confirm, limit=args.top,
+                 method_prune="trace" if args.method == "trace" else "formula",
+                 estimate_kwargs={"set_to_none": args.set_to_none, "trace_timeout": args.trace_timeout})
+    if out.json_mode:
+        out.json([row.to_dict() for row in found.rows])
+    else:
+        out.text(found.table(top=args.top))
+    return EXIT_OK if found.rows else EXIT_DOES_NOT_FIT
 
 
 def _plot_estimator(args: argparse.Namespace, out: _Output) -> tuple[str, EstimateAt]:

@@ -3,32 +3,27 @@
 Fake CUDA tensors cannot run autograd on a CPU-only build of torch, so the trace computes on fake
 CPU tensors and this module makes the CPU take the kernels and dtypes a GPU would where they differ
 in memory: :func:`device_kernels` for the whole traced step, :func:`device_autocast` around the
-forward and the loss.
+forward and the loss. For ``device="cuda"``:
 
-For ``device="cuda"``:
-
-* **Autocast** follows CUDA's op lists, not the CPU's. While either context is active, the
-  ``AutocastCPU`` dispatch key runs CUDA's policy for every op that PyTorch registers for
-  ``AutocastCUDA`` (``_CUDA_AUTOCAST``, read from ``ATen/autocast_mode.h`` of the installed torch:
-  ``AT_FORALL_LOWER_PRECISION_FP``, ``AT_FORALL_FP32``, ``AT_FORALL_FP32_SET_OPT_DTYPE``,
-  ``AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE``, ``AT_FORALL_PROMOTE``; ``aten/src/ATen/
-  autocast_mode.cpp`` adds the cuDNN convolutions and bans ``binary_cross_entropy``), and falls
-  through for the ops only the CPU lists (``cross_entropy_loss``, ``cat``, ``stack``, pools, fft,
-  linalg). The kernels are registered with ``torch.library`` for the duration and removed
-  afterwards (also when the traced code raises), which brings the CPU's own kernels back. The
-  registration is global, so checkpointed layers, whose recompute re-enters autocast from the
-  state ``torch.utils.checkpoint`` saved, get the CUDA policy too.
+* **Autocast** follows CUDA's op lists. While either context is active, the ``AutocastCPU``
+  dispatch key runs CUDA's policy for every op torch registers for ``AutocastCUDA``
+  (``_CUDA_AUTOCAST``: the ``AT_FORALL_*`` lists of ``ATen/autocast_mode.h`` of the installed
+  torch, plus the cuDNN convolutions and the ban on ``binary_cross_entropy`` of
+  ``aten/src/ATen/autocast_mode.cpp``) and falls through for the ops only the CPU lists
+  (``cross_entropy_loss``, ``cat``, ``stack``, pools, fft, linalg). The kernels are registered
+  with ``torch.library`` and removed on exit, also when the traced code raises, which brings the
+  CPU's back. The registration is global, so the recompute of checkpointed layers, which
+  re-enters autocast from the state ``torch.utils.checkpoint`` saved, gets the CUDA policy too.
 * **Attention**: ``F.scaled_dot_product_attention`` casts its inputs as CUDA's autocast does,
-  picks the backend PyTorch's ``select_sdp_backend`` would (:func:`sdpa_backend`) and calls the
-  real CUDA op, whose meta kernel gives CUDA's outputs (flash: an fp32 log-sum-exp per row;
-  memory-efficient: one padded to 32 rows); flash backward's own fp32 buffers are allocated too.
+  takes the backend PyTorch would (:func:`sdpa_backend`) and calls the CUDA op, whose meta kernel
+  gives CUDA's outputs (flash: an fp32 log-sum-exp per row; memory-efficient: one padded to 32);
+  flash backward's own fp32 buffers are allocated too.
 * **Dropout** takes the fused ``native_dropout`` kernel (a 1-byte mask).
 
-Known limitations: another library's ``AutocastCUDA`` kernels (torchvision's) are not emulated;
-its CPU kernels run. The memory-efficient and cuDNN backward kernels' own workspaces are unknown
-and not counted; memory-efficient attention's two philox scalars, host tensors on a GPU, are
-counted (1 KiB a layer). The math fallback's dropout takes the CPU's noise tensor. CPU autocast
-must be idle in other threads during a CUDA trace (the registration is process-wide).
+Known limitations: another library's ``AutocastCUDA`` kernels (torchvision's) are not emulated.
+The memory-efficient and cuDNN backward kernels' own workspaces are unknown and not counted. The
+math fallback's dropout keeps the CPU's noise tensor. CPU autocast must be idle in other threads
+during a CUDA trace (the registration is process-wide).
 """
 
 from __future__ import annotations
@@ -41,6 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
@@ -87,13 +83,12 @@ _NO_AUTOCAST_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
 
 
 def cuda_autocast_policy() -> dict[str, str]:
-    """CUDA's autocast policy by registration name (``"aten::layer_norm"`` -> ``"fp32"``) for the
+    """CUDA's autocast policy by registration name (``"aten::layer_norm"`` -> ``"fp32"``) of the
     ops the installed torch registers for ``AutocastCUDA``.
 
     Raises:
-        TraceError: when torch registers an ``aten`` op for ``AutocastCUDA`` that
-            ``_CUDA_AUTOCAST`` does not cover (a newer torch): the trace would silently follow the
-            CPU's rule for it.
+        TraceError: when torch registers an ``aten`` op for ``AutocastCUDA`` that ``_CUDA_AUTOCAST``
+            does not cover (a newer torch): the trace would silently follow the CPU's rule for it.
     """
     table = {f"aten::{name}": policy for policy, names in _CUDA_AUTOCAST.items() for name in names}
     registered = {n for n in torch._C._dispatch_get_registrations_for_dispatch_key("AutocastCUDA")
@@ -109,11 +104,8 @@ def cuda_autocast_policy() -> dict[str, str]:
 
 @contextlib.contextmanager
 def device_autocast(device: str, dtype: torch.dtype | None) -> Iterator[None]:
-    """The autocast of a mixed-precision forward on ``device`` (a no-op without mixed precision).
-
-    ``"cpu"``: CPU autocast. ``"cuda"``: CPU autocast (the tensors are CPU tensors) running CUDA's
-    op lists (see the module docstring).
-    """
+    """The autocast of a mixed-precision forward on ``device`` (a no-op without mixed precision):
+    CPU autocast, running CUDA's op lists for ``"cuda"`` (the tensors are CPU tensors)."""
     if dtype is None:
         yield
         return
@@ -127,12 +119,8 @@ def device_autocast(device: str, dtype: torch.dtype | None) -> Iterator[None]:
 @contextlib.contextmanager
 def device_kernels(device: str, *, compute_capability: tuple[int, int] = DEFAULT_COMPUTE_CAPABILITY,
                    ) -> Iterator[None]:
-    """Take the kernels ``device`` takes where the CPU's differ in memory (nothing for ``"cpu"``).
-
-    Args:
-        device: ``"cuda"`` or ``"cpu"``.
-        compute_capability: the GPU generation the SDPA backend choice assumes.
-    """
+    """Take the kernels ``device`` takes where the CPU's differ in memory (nothing for ``"cpu"``);
+    ``compute_capability`` is the GPU generation the SDPA backend choice assumes."""
     if device != "cuda":
         yield
         return
@@ -348,8 +336,7 @@ def _cuda_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
                 k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
             if mask is not None:
                 mask = _preprocess_mask(mask, q, k)
-            return torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, mask, lse, dropout_p, is_causal, scale=scale)[0]
+            return _EfficientAttention.apply(q, k, v, mask, dropout_p, is_causal, scale, lse)
         if backend == "cudnn":
             return torch.ops.aten._scaled_dot_product_cudnn_attention(
                 q, k, v, mask, lse, dropout_p, is_causal, False, scale=scale)[0]
@@ -414,6 +401,31 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+class _EfficientAttention(torch.autograd.Function):
+    """``_scaled_dot_product_efficient_attention`` and its backward, without keeping its philox
+    seed and offset: on a GPU they are host scalars (``_efficient_attention_forward`` in
+    ``aten/src/ATen/native/transformers/cuda/attention.cu``)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                dropout_p: float, is_causal: bool, scale: float | None, lse: bool) -> torch.Tensor:
+        out, logsumexp, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, lse, dropout_p, is_causal, scale=scale)
+        ctx.save_for_backward(q, k, v, bias, out, logsumexp)
+        ctx.args = (dropout_p, is_causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        dropout_p, is_causal, scale = ctx.args
+        seed, offset = (torch.empty((), dtype=torch.long) for _ in range(2))
+        grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            grad, q, k, v, bias, out, lse, seed, offset, dropout_p, list(ctx.needs_input_grad[:4]),
+            is_causal, scale=scale)
+        return (*grads, None, None, None, None)
+
+
 # =========================================================================== SDPA backend choice
 
 
@@ -434,36 +446,29 @@ def sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     (one that needs a gradient too). cuDNN: fp16/bf16, head dims up to 128 and divisible by 8, a
     mask that needs no gradient, (B, S, H, D)-strided inputs, dropout a multiple of 1/16.
     """
-    backends = torch.backends.cuda
+    cuda = torch.backends.cuda
     major, minor = compute_capability
-    cc = major * 10 + minor
-    dense = query.dim() == key.dim() == value.dim() == 4 and all(
-        t.shape[-2] > 0 for t in (query, key, value))
-    cudnn_first = (major in (9, 10) and minor in (0, 3)
-                   and os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED", "0") in ("0", ""))
-    order = ("cudnn", "flash", "efficient") if cudnn_first else ("flash", "efficient")
-    checks = {"flash": (backends.flash_sdp_enabled, _flash_ok),
-              "efficient": (backends.mem_efficient_sdp_enabled, _efficient_ok),
-              "cudnn": (backends.cudnn_sdp_enabled, _cudnn_ok)}
-    args = (query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, cc)
-    for name in order:
-        enabled, ok = checks[name]
-        if dense and enabled() and ok(*args):
+    if not (query.dim() == key.dim() == value.dim() == 4 and all(t.shape[-2] for t in (query, key, value))):
+        return "math"
+    cudnn_first = major in (9, 10) and minor in (0, 3) and os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED", "0") == "0"
+    order = [("flash", cuda.flash_sdp_enabled, _flash_ok), ("efficient", cuda.mem_efficient_sdp_enabled, _efficient_ok)]
+    cudnn = ("cudnn", cuda.cudnn_sdp_enabled, _cudnn_ok)
+    order = [cudnn, *order] if cudnn_first else [*order] + ([] if cuda.math_sdp_enabled() else [cudnn])
+    for name, enabled, ok in order:
+        if enabled() and ok(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, major * 10 + minor):
             return name
-    if not backends.math_sdp_enabled() and dense and backends.cudnn_sdp_enabled() and _cudnn_ok(*args):
-        return "cudnn"
     return "math"
 
 
-def _heads_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> bool:
+def _heads_ok(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> bool:
     """``check_batch_size_and_num_heads_dense`` (``sdp_utils_cpp.h``) with grouped-query support."""
     if enable_gqa:
         return q.shape[0] == k.shape[0] == v.shape[0] and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0
     return q.shape[:2] == k.shape[:2] == v.shape[:2]
 
 
-def _flash_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              dropout_p: float, is_causal: bool, enable_gqa: bool, cc: int) -> bool:
+def _flash_ok(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, is_causal: bool,
+              enable_gqa: bool, cc: int) -> bool:
     d = q.shape[-1]
     if mask is not None or not (d == k.shape[-1] == v.shape[-1] <= 256) or not 80 <= cc <= 121:
         return False
@@ -485,8 +490,8 @@ def _gemm_alignment(dtype: torch.dtype, cc: int) -> int:
     return max(align, 8 if half else 4) if tensor_cores else align
 
 
-def _efficient_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                  dropout_p: float, is_causal: bool, enable_gqa: bool, cc: int) -> bool:
+def _efficient_ok(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, is_causal: bool,
+                  enable_gqa: bool, cc: int) -> bool:
     if not 50 <= cc <= 121:
         return False
     dtypes = (torch.float16, torch.float32, torch.bfloat16)[:3 if cc >= 80 else 2]
@@ -500,8 +505,8 @@ def _efficient_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
             and all(t.stride(-1) == 1 for t in (q, k, v)) and _heads_ok(q, k, v, enable_gqa))
 
 
-def _cudnn_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              dropout_p: float, is_causal: bool, enable_gqa: bool, cc: int) -> bool:
+def _cudnn_ok(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, is_causal: bool,
+              enable_gqa: bool, cc: int) -> bool:
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
     if not 80 <= cc <= 121 or q.dtype not in (torch.float16, torch.bfloat16) or dropout_p * 16 % 1:
@@ -516,8 +521,8 @@ def _cudnn_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if s_k == 1 or (dropout_p and s_q == 1) or not _heads_ok(q, k, v, enable_gqa):
         return False
 
-    def layout(t: torch.Tensor, packed: int) -> bool:
-        hh, ss, dd = t.shape[1], t.shape[2], t.shape[3]
-        return t.stride() == (ss * packed * hh * dd, dd, packed * hh * dd, 1)
+    def layout(t: Tensor, packed: int) -> bool:  # check_cudnn_layout: (B, S, H, D) or packed QKV
+        return t.stride() == (t.shape[2] * packed * t.shape[1] * t.shape[3], t.shape[3],
+                              packed * t.shape[1] * t.shape[3], 1)
 
     return all(layout(t, 1) for t in (q, k, v)) or layout(v, 3)

@@ -18,16 +18,20 @@ made during the forward and alive at its end (activations, with the batch), or a
 (temporary).
 
 What ``device="cuda"`` changes, since fake CUDA tensors cannot run autograd on a CPU-only build:
-the trace runs on fake CPU tensors and applies the CUDA rules itself — allocations round up to
-512 bytes; ``scaled_dot_product_attention`` takes the fused kernel (output and log-sum-exp only,
-no S×S matrix: flash / memory-efficient attention) and dropout the fused kernel (a 1-byte mask);
-built-in optimizers run their ``foreach`` implementation, the CUDA default.
+the trace runs on fake CPU tensors and applies the CUDA rules itself (:mod:`memguard.device_rules`)
+— CUDA's autocast op lists, SDPA's backend choice and the CUDA attention ops' outputs and
+backward buffers, the fused dropout kernel (a 1-byte mask); built-in optimizers run their
+``foreach`` implementation, the CUDA default; allocations round up to 512 bytes, and the step's
+allocations and frees are replayed through the caching allocator (:mod:`memguard.allocator`).
+
+The user's modules are not copied: each holds a private copy of its state while the step runs
+(:mod:`memguard._isolation`), so nothing of the trace stays behind; the trace stops after
+``timeout`` seconds.
 
 Known limitations:
     * Values are unknown. ``.item()`` on computed data, and ops whose output shape depends on data
       (``nonzero``, ``masked_select``), run op by op on stand-in tensors of ones; the estimate says
       so in its notes.
-    * Autocast follows the CPU's op lists, which differ from CUDA's in a few ops.
     * A ``GradScaler``'s own scalars are not traced (they are a few bytes).
 """
 

@@ -147,7 +147,7 @@ def test_raise_raises_before_any_training_step(package: str, tmp_path: Path) -> 
     assert err.estimate is not None and err.estimate.inputs["batch_size"] == ASKED
     assert err.estimate.total_bytes > budget * (1 - MARGIN)
     assert err.estimate.inputs["optimizer"] == "adamw"
-    assert "What would help" in str(err) and "mixed precision" in str(err)
+    assert "What would fit" in str(err) and "bf16-mixed" in str(err)  # rows of memguard.remedies
 
 
 @dataclasses.dataclass
@@ -246,8 +246,8 @@ def test_reduce_raises_when_not_even_one_fits(tmp_path: Path) -> None:
         trainer("lightning.pytorch", tmp_path, [guard]).fit(module)
     assert module.seen == []
     text = str(info.value)
-    for tip in ("mixed precision", "gradient checkpointing", "sharding"):
-        assert tip in text
+    # Nothing fits 1 MiB, so the remedy engine suggests nothing rather than something that does not fit.
+    assert "Nothing memguard can change" in text and "What would fit" not in text
     assert info.value.estimate.inputs["batch_size"] == 1
 
 

@@ -449,3 +449,27 @@ def test_the_parser_default_timeout_is_the_trace_default():
     from memguard.trace import DEFAULT_TIMEOUT
 
     assert cli._TRACE_TIMEOUT == DEFAULT_TIMEOUT
+
+
+def test_check_lists_only_remedies_that_fit_with_their_flags(capsys):
+    code, out, _ = run(capsys, "check", TINY, "--batch-size", "64", "--seq-len", "128", "--method", "formula",
+                       "--gpu", "640MiB", "--json")
+    assert code == EXIT_DOES_NOT_FIT
+    rows = json.loads(out)["remedies"]
+    assert rows, "a tiny model can be made to fit 640 MiB"
+    for row in rows[:2]:  # each row's flags make `check` pass
+        code, out, _ = run(capsys, "check", TINY, "--gpu", "640MiB", "--method", "formula", *row["flags"], "--json")
+        assert code == EXIT_OK, row
+        assert json.loads(out)["total_bytes"] == row["total_bytes"]
+
+
+def test_plan_prints_rows_that_fit_and_their_json(capsys):
+    code, out, _ = run(capsys, "plan", TINY, "--batch-size", "64", "--seq-len", "128", "--gpu", "640MiB",
+                       "--confirm", "0", "--top", "3", "--json")
+    assert code == EXIT_OK
+    rows = json.loads(out)
+    assert rows and all(r["total_bytes"] <= int(640 * 2**20 * 0.9) for r in rows)
+    assert all(isinstance(r["flags"], list) for r in rows)
+    code, out, _ = run(capsys, "plan", TINY, "--batch-size", "64", "--seq-len", "128", "--gpu", "640MiB",
+                       "--confirm", "0", "--top", "3")
+    assert "cost =" in out and "flags: --batch-size" in out

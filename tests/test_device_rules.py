@@ -4,9 +4,11 @@ backends and the CUDA attention ops, and the formula against the trace on device
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -228,6 +230,34 @@ def test_policy_covers_what_torch_registers_for_autocast_cuda() -> None:
     assert policy["aten::einsum"] == policy["aten::convolution"] == "lower_precision_fp"
     assert policy["aten::addcmul"] == policy["aten::index_put"] == "promote"
     assert "aten::cross_entropy_loss" not in policy and "aten::cat" not in policy
+
+
+def _header_lists() -> dict[str, set[str]]:
+    """The ``AT_FORALL_*`` op lists of the installed torch's ``ATen/autocast_mode.h``."""
+    header = Path(torch.__file__).parent / "include" / "ATen" / "autocast_mode.h"
+    text = header.read_text()
+    lists: dict[str, set[str]] = {}
+    for macro, policy in [("LOWER_PRECISION_FP", "lower_precision_fp"), ("FP32", "fp32"),
+                          ("FP32_SET_OPT_DTYPE", "fp32_set_opt_dtype"), ("PROMOTE", "promote")]:
+        body = re.search(rf"#define AT_FORALL_{macro}\(_\)((?:.*\\\n)+.*)", text)
+        assert body is not None, macro
+        ops = re.findall(r"_\(([\w, ]+)\)", body.group(1))
+        lists[policy] = {".".join(x.strip() for x in op.split(",")) for op in ops}
+    redispatch = re.search(r"#define AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE\(_\)((?:.*\\\n)+.*)", text)
+    assert redispatch is not None
+    lists["fp32_append_dtype"] = set(re.findall(r'"([\w.]+)"', redispatch.group(1)))
+    return lists
+
+
+def test_policy_table_is_the_installed_headers() -> None:
+    """_CUDA_AUTOCAST is ATen/autocast_mode.h's lists, plus what autocast_mode.cpp adds by hand."""
+    from memguard import device_rules
+
+    table = {policy: set(names) for policy, names in device_rules._CUDA_AUTOCAST.items()}
+    extra = {"lower_precision_fp": {"cudnn_convolution", "cudnn_convolution_transpose"}}
+    for policy, names in _header_lists().items():
+        assert table[policy] - extra.get(policy, set()) == names, policy
+    assert table["banned"] == {"binary_cross_entropy"}
 
 
 def test_an_uncovered_cuda_autocast_op_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,16 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-from torch.utils._pytree import tree_flatten
-
 from memguard.errors import InsufficientMemoryError
 from memguard.lightning.decision import Decision, RankReport
 from memguard.lightning.rank import RankPlan
-from memguard.result import Category, MemoryEstimate
+from memguard.result import MemoryEstimate
 from memguard.units import format_bytes
 
-__all__ = ["fits", "insufficient", "reduced", "summary", "warning"]
+__all__ = ["fits", "insufficient", "reduced", "remedy_lines", "summary", "warning"]
 
 
 def summary(plan: RankPlan, reports: Sequence[RankReport], rank: int) -> str:
@@ -37,14 +34,27 @@ def fits(plan: RankPlan, reports: Sequence[RankReport], rank: int) -> str:
     return f"MemGuard: a training step at batch size {plan.requested} fits: {summary(plan, reports, rank)}"
 
 
-def warning(plan: RankPlan, decision: Decision, reports: Sequence[RankReport], rank: int) -> str:
-    return (f"MemGuard: a training step at batch size {plan.requested} may not fit"
-            f"{_on(decision.too_big, len(reports))}: {summary(plan, reports, rank)}.\n"
-            f"{plan.at_requested.estimate.table()}")
+def warning(plan: RankPlan, decision: Decision, reports: Sequence[RankReport], rank: int,
+            rows: Sequence[Any] | None) -> str:
+    return "\n".join([f"MemGuard: a training step at batch size {plan.requested} may not fit"
+                      f"{_on(decision.too_big, len(reports))}: {summary(plan, reports, rank)}.",
+                      *remedy_lines(rows), plan.at_requested.estimate.table()])
+
+
+def remedy_lines(rows: Sequence[Any] | None) -> list[str]:
+    """The rows of :func:`memguard.remedies`, one line each, or why there are none (nothing when the
+    search itself failed: ``None``)."""
+    if rows is None:
+        return []
+    if not rows:
+        return ["Nothing memguard can change (precision, checkpointing, optimizer, batch and accumulation, LoRA, "
+                "sharding, offload) makes it fit."]
+    return ["What would fit (best first; `memguard plan` lists more, with the flags):",
+            *(f"  - {row.describe()}" for row in rows)]
 
 
 def insufficient(plan: RankPlan, decision: Decision, reports: Sequence[RankReport], rank: int,
-                 action: str) -> InsufficientMemoryError:
+                 rows: Sequence[Any] | None) -> InsufficientMemoryError:
     """The error that stops the fit: the step does not fit (``"raise"``), not even a batch of 1 does
     (``"reduce"``), or the batch of a stream cannot change any more."""
     fit = plan.at_requested
@@ -65,7 +75,7 @@ def insufficient(plan: RankPlan, decision: Decision, reports: Sequence[RankRepor
     else:
         if rank not in decision.too_big:
             lines.append("(It fits on this rank; the estimate below is this rank's.)")
-        lines.append("What would help: " + "; ".join(_remedies(est, plan.sharded, plan.batch, action)) + ".")
+        lines.extend(remedy_lines(rows))
     lines.append(est.table())
     return InsufficientMemoryError("\n".join(lines), estimate=est, free_bytes=fit.free_bytes)
 
@@ -86,31 +96,3 @@ def reduced(plan: RankPlan, decision: Decision, reports: Sequence[RankReport], r
         message += (f": no divisor of {plan.requested * accumulate} lies between {decision.largest / 2:g} and "
                     f"{decision.largest}, so the effective batch changed")
     return message
-
-
-def _remedies(est: MemoryEstimate, sharded: str | None, batch: Any, action: str) -> list[str]:
-    """What would make the step smaller, for what dominates it and what this run does not do yet."""
-    b = est.breakdown
-    total = max(1, est.peak_bytes)
-    states = b[Category.PARAMETERS] + b[Category.GRADIENTS] + b[Category.OPTIMIZER_STATE]
-    fp32 = str(est.inputs.get("precision")) in ("32-true", "64-true")
-    tips = []
-    if (b[Category.ACTIVATIONS] + b[Category.TEMPORARY]) / total >= 0.25:
-        if fp32:
-            tips.append("mixed precision (Trainer(precision='bf16-mixed'))")
-        if not est.inputs.get("gradient_checkpointing"):
-            tips.append("gradient checkpointing (e.g. model.gradient_checkpointing_enable() for transformers)")
-        first = next((t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
-        if first is not None:
-            tips.append(f"shorter sequences (now {first.shape[1]} per sample)")
-    if states / total >= 0.25:
-        if sharded is None:
-            tips.append("sharding parameters, gradients and optimizer state over several devices "
-                        "(strategy='fsdp' or 'deepspeed_stage_3')")
-        if b[Category.OPTIMIZER_STATE] >= b[Category.PARAMETERS]:
-            tips.append("a lighter optimizer (SGD, Adafactor, 8-bit Adam)")
-        if fp32:
-            tips.append("16-bit weights (Trainer(precision='bf16-true'))")
-    if action != "reduce":
-        tips.append("MemGuard(action='reduce'), which trains with a smaller batch and gradient accumulation")
-    return tips or ["a smaller model or a device with more memory"]

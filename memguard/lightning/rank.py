@@ -39,6 +39,9 @@ class RankPlan:
         at_fitting: the estimate at ``fitting_batch`` (at 1 when nothing fits).
         estimate_at: the estimate at any batch size, cached.
         sharded: the sharded strategy in words, or ``None``.
+        estimate_kwargs: what :func:`memguard.estimate` needs besides the model to estimate this
+            run's step under other settings (the batch, the ``training_step``, the optimizer), for
+            :func:`memguard.remedies`.
     """
 
     batch: Any
@@ -48,6 +51,7 @@ class RankPlan:
     at_fitting: MemoryEstimate
     estimate_at: Callable[[int], MemoryEstimate]
     sharded: str | None
+    estimate_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def report(self) -> RankReport:
         fit = self.at_requested
@@ -69,17 +73,18 @@ def plan_rank(trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any, *, ac
                             "so their shapes are not the model's; memguard cannot trace its step yet")
     requested = _pl.batch_size_of(batch)
     available, where = _available(info, pl_module, budget)
-    estimate_at = _estimator(trainer, pl_module, info, batch, requested, trace_timeout)
+    estimate_at, kwargs = _estimator(trainer, pl_module, info, batch, requested, trace_timeout)
     fit = Fit(estimate_at(requested), available, margin, where)
     if fit.fits or action != "reduce":
-        return RankPlan(batch, requested, fit, requested if fit.fits else 0, fit.estimate, estimate_at, info.sharded)
+        return RankPlan(batch, requested, fit, requested if fit.fits else 0, fit.estimate, estimate_at, info.sharded,
+                        kwargs)
     search = max_batch_size(estimate_at, available, margin=margin, limit=requested)
-    return RankPlan(batch, requested, fit, search.batch_size, search.estimate, estimate_at, info.sharded)
+    return RankPlan(batch, requested, fit, search.batch_size, search.estimate, estimate_at, info.sharded, kwargs)
 
 
 def _estimator(trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any, requested: int,
-               trace_timeout: float | None) -> Callable[[int], MemoryEstimate]:
-    """The estimate at a batch size, of this run's real step, cached.
+               trace_timeout: float | None) -> tuple[Callable[[int], MemoryEstimate], dict[str, Any]]:
+    """The estimate at a batch size, of this run's real step, cached; and the arguments it passes.
 
     A batch smaller than the one asked for is trained with accumulation (``"reduce"``), whose later
     micro-batches run their forward beside the gradients.
@@ -96,19 +101,20 @@ def _estimator(trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any, requ
         return pl_module.training_step(b, 0)
 
     cache: dict[int, MemoryEstimate] = {}
+    kwargs = {"example_input": batch, "step_fn": step, "optimizer": optimizer, "training_loop": "lightning",
+              "trace_timeout": trace_timeout}
 
     def estimate_at(batch_size: int) -> MemoryEstimate:
         if batch_size not in cache:
-            est = estimate(pl_module, batch_size=batch_size, example_input=batch, step_fn=step,
-                           optimizer=optimizer, precision=info.precision, device=device, method="trace",
-                           training_loop="lightning", strategy=parallel, world_size=info.world_size,
-                           offload_optimizer=info.offload_optimizer, offload_params=info.offload_params,
-                           trace_timeout=trace_timeout,
-                           accumulate_grad_batches=info.accumulate_grad_batches if batch_size >= requested else 2)
+            est = estimate(pl_module, batch_size=batch_size, precision=info.precision, device=device, method="trace",
+                           strategy=parallel, world_size=info.world_size, offload_optimizer=info.offload_optimizer,
+                           offload_params=info.offload_params,
+                           accumulate_grad_batches=info.accumulate_grad_batches if batch_size >= requested else 2,
+                           **kwargs)
             cache[batch_size] = dataclasses.replace(est, inputs={**est.inputs, "gradient_checkpointing": checkpointing})
         return cache[batch_size]
 
-    return estimate_at
+    return estimate_at, kwargs
 
 
 def _available(info: _pl.RunInfo, pl_module: Any, budget: int | str | None) -> tuple[int, str]:
