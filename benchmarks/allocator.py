@@ -2,8 +2,8 @@
 
 memguard's trace of a steady-state step (``memguard.estimate(..., device="cuda")``) records every
 storage allocated and freed, in order. This script captures that ledger, turns it into events
-(``memguard.allocator.ledger_events``) and replays them through the allocator model
-(``memguard.allocator.replay``) under several ``PYTORCH_CUDA_ALLOC_CONF`` settings, printing
+(``memguard.estimation.allocator.ledger_events``) and replays them through the allocator model
+(``memguard.estimation.allocator.replay``) under several ``PYTORCH_CUDA_ALLOC_CONF`` settings, printing
 peak allocated (``max_memory_allocated``), peak reserved (``max_memory_reserved``), the overhead
 and the replay time. It then times a replay of at least 100k events (the step's events repeated
 under fresh keys).
@@ -36,7 +36,7 @@ SETTINGS = ["", "expandable_segments:True", "max_split_size_mb:128", "roundup_po
 def traced_events(model: str, batch_size: int, seq_len: int, precision: str, optimizer: str) -> list[Any]:
     """The ledger records of memguard's CUDA trace of one steady-state step."""
     import memguard
-    import memguard.trace as trace
+    import memguard.estimation.trace as trace
 
     ledgers: list[Any] = []
     original = trace._Ledger
@@ -69,7 +69,7 @@ def repeated(events: list[tuple[int, int]], at_least: int) -> list[tuple[int, in
 
 
 def main(argv: list[str] | None = None) -> int:
-    from memguard.allocator import AllocatorConfig, ledger_events, replay
+    from memguard.estimation.allocator import AllocatorConfig, ledger_events, replay
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt2")

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from memguard.models import load_model, make_batch
-from memguard.options import resolve_precision
+from memguard.estimation.models import load_model, make_batch
+from memguard.estimation.spec import resolve_precision
 
 __all__ = ["CASES", "Case", "build_module", "case_loss", "estimate_kwargs", "get_case",
            "make_inputs", "prepared_module", "warmup_case"]
@@ -307,7 +307,7 @@ def input_dtype(case: Case) -> torch.dtype:
 
 def make_inputs(case: Case, module: nn.Module, generator: torch.Generator | None = None,
                 device: str | torch.device = "cpu") -> Inputs:
-    """One real batch for ``module``: ``memguard.models.make_batch`` or the case's own inputs."""
+    """One real batch for ``module``: ``memguard.estimation.models.make_batch`` or the case's own inputs."""
     if case.example_input is not None:
         example = case.example_input(case.batch_size, case.seq_len, generator)
         return _as_inputs(_to_device(example, device))

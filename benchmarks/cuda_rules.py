@@ -1,8 +1,8 @@
 """CUDA rules on a CPU-only machine: what ``device="cuda"`` estimates, trace and formula side by side.
 
-The trace runs on fake CPU tensors and applies CUDA's rules itself (``memguard/device_rules.py``:
+The trace runs on fake CPU tensors and applies CUDA's rules itself (``memguard/estimation/cuda_rules.py``:
 CUDA's autocast op lists, PyTorch's SDPA backend choice and the CUDA attention ops' output
-shapes); the formula (``memguard/formula.py``) writes the same rules in closed form. This script
+shapes); the formula (``memguard/estimation/formula.py``) writes the same rules in closed form. This script
 prints the peak and the activations of both, at ``bf16-mixed`` with AdamW, for four models:
 
 * GPT-2 small, batch 8 x 1024 (preset ``gpt2``, sdpa attention);
@@ -38,7 +38,7 @@ OUT = RESULTS / "cuda_rules_cpu.json"
 
 
 def _bert_large_eager() -> Any:
-    from memguard.models import load_model
+    from memguard.estimation.models import load_model
 
     config = copy.deepcopy(load_model("bert-large").config)
     config._attn_implementation = "eager"

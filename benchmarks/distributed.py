@@ -12,9 +12,9 @@ free port on the loopback), with the environment of the CPU truth method (``trut
    wrappers initialise lazily; none of that is the step's memory;
 3. ``VmRSS`` is read just before the model is built;
 4. the model is built on the CPU with real weights (seed 0, as memguard builds it:
-   ``memguard.models.load_model``), given LoRA adapters when the case asks (``peft.get_peft_model``
+   ``memguard.estimation.models.load_model``), given LoRA adapters when the case asks (``peft.get_peft_model``
    with ``LoraConfig(r, lora_alpha=2r)``, ``fan_in_fan_out`` for GPT-2's ``Conv1D``, the base
-   frozen, as ``memguard.models.add_lora`` does), wrapped, and the optimizer (AdamW over
+   frozen, as ``memguard.estimation.models.add_lora`` does), wrapped, and the optimizer (AdamW over
    the trainable parameters) and the rank's batch are made;
 5. the high-water mark is reset (``/proc/self/clear_refs`` = 5);
 6. three steps (``STEPS``): ``loss = model(**batch).loss``, ``loss.backward()``,
@@ -167,7 +167,7 @@ def build_module(case: DistCase, device: str = "cpu") -> nn.Module:
     """The case's model in train mode, built as memguard builds it, with LoRA when asked."""
     import torch
 
-    from memguard.models import load_model
+    from memguard.estimation.models import load_model
 
     torch.manual_seed(0)
     module = load_model(model_source(case), device=device).module
@@ -233,8 +233,8 @@ def setup(case: DistCase, rank: int) -> Run:
     """Build, wrap, make the optimizer (AdamW over trainable parameters) and the rank's batch."""
     import torch
 
-    from memguard.models import make_batch
-    from memguard.options import make_optimizer, resolve_optimizer
+    from memguard.estimation.models import make_batch
+    from memguard.estimation.spec import make_optimizer, resolve_optimizer
 
     module = build_module(case)
     batch = make_batch(module, case.batch_size, case.seq_len, generator=torch.Generator().manual_seed(rank))

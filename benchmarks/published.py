@@ -114,7 +114,7 @@ def _single_tensor(name: str, build: Callable[..., Any], state_tensors: int, fac
     """An optimizer that updates one parameter at a time, as transformers' own ``AdamW`` and
     ``Adafactor`` (the Trainer's default ``adamw_hf`` in 2022, and ``optim="adafactor"``) did:
     temporaries of one parameter, not of all (torch's ``foreach`` default on CUDA)."""
-    from memguard.options import OptimizerSpec
+    from memguard.estimation.spec import OptimizerSpec
 
     return OptimizerSpec(name, lambda params, **_: build(params), state_tensors, factored=factored)
 

@@ -10,7 +10,7 @@ Side by side, in one run, on the CPU (no GPU needed; nothing is allocated):
 (c) memguard's trace of Llama-2-7B, batch 1, sequence 2048, bf16-true (the preset is built on
     the meta device);
 (d) the formula: ``memguard.estimate(..., method="formula")`` end to end (preset loading and the
-    meta-device model build included), and ``memguard.formula.formula_breakdown`` alone on an
+    meta-device model build included), and ``memguard.estimation.formula.formula_breakdown`` alone on an
     already loaded model, timed over many repetitions (the per-call cost once the model has been
     inspected).
 
@@ -90,8 +90,8 @@ def _memtracker(setup: dict[str, Any]) -> dict[str, Any]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from memguard.models import load_model, make_batch
-    from memguard.options import make_optimizer, resolve_optimizer
+    from memguard.estimation.models import load_model, make_batch
+    from memguard.estimation.spec import make_optimizer, resolve_optimizer
 
     with FakeTensorMode():
         def build() -> tuple[Any, Any, Any]:
@@ -129,12 +129,12 @@ def _memtracker(setup: dict[str, Any]) -> dict[str, Any]:
 
 def formula_call(setup: dict[str, Any], reps: int) -> dict[str, Any]:
     """``formula_breakdown`` on a loaded model: first call, then the median of ``reps`` calls."""
-    from memguard.models import load_model
-    from memguard.options import TrainingSpec
+    from memguard.estimation.models import load_model
+    from memguard.estimation.spec import TrainingSpec
 
     try:
         # imported by name: the module is being written and may be missing
-        formula_breakdown = importlib.import_module("memguard.formula").formula_breakdown
+        formula_breakdown = importlib.import_module("memguard.estimation.formula").formula_breakdown
         resolved, load_s = _timed(lambda: load_model(setup["model"]))
         spec = TrainingSpec.create(batch_size=setup["batch_size"], seq_len=setup["seq_len"],
                                    optimizer=setup["optimizer"], precision=setup["precision"],

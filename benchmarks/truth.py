@@ -118,7 +118,7 @@ def _train_steps(module: Any, case: Case, inputs: Any, device: str,
     import torch
 
     from benchmarks.cases import case_loss
-    from memguard.options import make_optimizer, resolve_optimizer, resolve_precision
+    from memguard.estimation.spec import make_optimizer, resolve_optimizer, resolve_precision
 
     precision = resolve_precision(case.precision)
     params = [p for p in module.parameters() if p.requires_grad]

@@ -98,7 +98,7 @@ def main() -> None:
 
     ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: freed buffers go back to the OS
     logging.basicConfig(format="%(name)s: %(message)s")
-    logging.getLogger("memguard.search").setLevel(logging.INFO)  # the batch sizes tried
+    logging.getLogger("memguard.estimation.search").setLevel(logging.INFO)  # the batch sizes tried
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

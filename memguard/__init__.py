@@ -15,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from memguard._version import __version__
-from memguard.catalog import GPU_CATALOG, GpuSpec, list_gpus, lookup_gpu
+from memguard.device.catalog import GPU_CATALOG, GpuSpec, list_gpus, lookup_gpu
 from memguard.errors import (
     ConfigError,
     DeviceError,
@@ -25,28 +25,28 @@ from memguard.errors import (
     TraceError,
     UnsupportedModelError,
 )
-from memguard.result import Category, MemoryEstimate
+from memguard.estimation.result import Category, MemoryEstimate
 from memguard.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
-    from memguard._isolation import is_tracing
-    from memguard.callback import MemGuard
     from memguard.device import DeviceMemory, device_memory, list_devices, parse_budget, resolve_budget
-    from memguard.estimator import estimate
+    from memguard.estimation._isolation import is_tracing
+    from memguard.estimation.estimator import estimate
+    from memguard.estimation.models import list_presets
     from memguard.fit import Fit
-    from memguard.models import list_presets
+    from memguard.lightning.callback import MemGuard
     from memguard.planning import Plan, PlanRow, plan, remedies
 
 _LAZY = {
-    "MemGuard": "memguard.callback",
+    "MemGuard": "memguard.lightning.callback",
     "DeviceMemory": "memguard.device",
     "device_memory": "memguard.device",
     "list_devices": "memguard.device",
     "resolve_budget": "memguard.device",
     "parse_budget": "memguard.device",
-    "estimate": "memguard.estimator",
-    "is_tracing": "memguard._isolation",
-    "list_presets": "memguard.models",
+    "estimate": "memguard.estimation.estimator",
+    "is_tracing": "memguard.estimation._isolation",
+    "list_presets": "memguard.estimation.models",
     "plan": "memguard.planning",
     "remedies": "memguard.planning",
     "Plan": "memguard.planning",

@@ -27,7 +27,7 @@ so a CI log or a script that reads stderr sees warnings and errors alone. torch 
 are imported inside :func:`main`, so a Ctrl-C while torch loads is handled like any other; only
 Python's own start and the import of this module (the first ~0.1 s) come before :func:`main`.
 
-With ``--strategy`` and ``--world-size`` the estimate is per device (:mod:`memguard.parallel`).
+With ``--strategy`` and ``--world-size`` the estimate is per device (:mod:`memguard.estimation.parallel`).
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ from typing import Any, NoReturn
 import memguard
 from memguard import device as _device
 from memguard import plot as _plot
-from memguard.catalog import matching_gpus
+from memguard.device.catalog import matching_gpus
 from memguard.errors import ConfigError, DeviceError, MemguardError
-from memguard.result import MemoryEstimate
-from memguard.search import BatchSearch, max_batch_size
+from memguard.estimation.result import MemoryEstimate
+from memguard.estimation.search import BatchSearch, max_batch_size
 from memguard.units import format_bytes
 
 __all__ = ["EXIT_DOES_NOT_FIT", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -161,7 +161,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
-    from memguard.options import MAX_COUNT
+    from memguard.estimation.spec import MAX_COUNT
 
     try:
         value = int(text)
@@ -186,7 +186,7 @@ def _margin(text: str) -> float:
     return value
 
 
-_TRACE_TIMEOUT = 120.0  # memguard.trace.DEFAULT_TIMEOUT, without importing torch to build the parser
+_TRACE_TIMEOUT = 120.0  # memguard.estimation.trace.DEFAULT_TIMEOUT, without importing torch to build the parser
 
 
 def _count(text: str) -> int:
@@ -205,7 +205,7 @@ def _seconds(text: str) -> float:
 
 
 def _import_estimator() -> Any:
-    """``memguard.estimator`` (and so torch and transformers), or a one-line error naming what broke.
+    """``memguard.estimation.estimator`` (and so torch and transformers), or a one-line error naming what broke.
 
     A broken install anywhere below torch (a ``pynvml.py`` that raises on import, which torch
     imports too; a half-removed package) would otherwise end the command with a traceback.
@@ -213,7 +213,7 @@ def _import_estimator() -> Any:
     import importlib
 
     try:
-        return importlib.import_module("memguard.estimator")
+        return importlib.import_module("memguard.estimation.estimator")
     except MemguardError:
         raise
     except Exception as exc:

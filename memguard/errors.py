@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from memguard.result import MemoryEstimate
+    from memguard.estimation.result import MemoryEstimate
 
 __all__ = [
     "ConfigError",

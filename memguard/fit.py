@@ -14,7 +14,7 @@ from memguard.errors import ConfigError
 from memguard.units import format_bytes
 
 if TYPE_CHECKING:
-    from memguard.result import MemoryEstimate
+    from memguard.estimation.result import MemoryEstimate
 
 __all__ = ["Fit", "check_margin", "usable_bytes"]
 

@@ -27,11 +27,11 @@ from typing import Any
 
 from memguard.device import DeviceMemory, device_memory, resolve_budget
 from memguard.errors import ConfigError, MemguardError
-from memguard.estimator import estimate as _estimate
-from memguard.models import ResolvedModel, add_lora, load_model
-from memguard.options import positive_int, resolve_optimizer, resolve_precision
-from memguard.parallel import resolve_parallelism
-from memguard.result import MemoryEstimate
+from memguard.estimation.estimator import estimate as _estimate
+from memguard.estimation.models import ResolvedModel, add_lora, load_model
+from memguard.estimation.parallel import resolve_parallelism
+from memguard.estimation.result import MemoryEstimate
+from memguard.estimation.spec import positive_int, resolve_optimizer, resolve_precision
 from memguard.units import format_bytes
 
 __all__ = ["COSTS", "COST_MODEL", "FULL", "LORA", "Plan", "PlanRow", "plan", "remedies"]

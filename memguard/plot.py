@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from memguard.errors import ConfigError, require
-from memguard.result import Category, MemoryEstimate
+from memguard.estimation.result import Category, MemoryEstimate
 from memguard.units import format_bytes, parse_bytes
 
 __all__ = ["AXES", "Sweep", "batch_sizes_for", "check_output", "render", "render_timeline", "seq_lens_for", "sweep"]

@@ -35,7 +35,7 @@ import pytest
 
 if TYPE_CHECKING:
     from memguard.device import DeviceMemory
-    from memguard.result import MemoryEstimate
+    from memguard.estimation.result import MemoryEstimate
 
 __all__ = ["memguard_estimate"]
 
@@ -134,7 +134,7 @@ def _read_marker(marker: pytest.Mark) -> tuple[dict[str, Any], float, str]:
         pytest.fail(f"@pytest.mark.memguard: on_oom must be 'skip' or 'fail', got {on_oom!r}", pytrace=False)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
         pytest.fail(f"@pytest.mark.memguard: margin must be a number in [0, 1), got {margin!r}", pytrace=False)
-    accepted = set(inspect.signature(importlib.import_module("memguard.estimator").estimate).parameters)
+    accepted = set(inspect.signature(importlib.import_module("memguard.estimation.estimator").estimate).parameters)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         pytest.fail(f"@pytest.mark.memguard: unknown argument(s) {', '.join(unknown)}; it takes "

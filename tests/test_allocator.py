@@ -1,7 +1,7 @@
 """The caching allocator model against numbers derived by hand from CUDACachingAllocator.cpp.
 
 No GPU here, so nothing is compared with ``torch.cuda.memory_stats()``; every expected value below
-follows from the C++ rules cited in ``memguard/allocator.py``.
+follows from the C++ rules cited in ``memguard/estimation/allocator.py``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,16 @@ from typing import Any
 
 import pytest
 
-from memguard.allocator import FREE, AllocatorConfig, AllocatorStats, _Block, _Simulator, ledger_events, replay
 from memguard.errors import ConfigError
+from memguard.estimation.allocator import (
+    FREE,
+    AllocatorConfig,
+    AllocatorStats,
+    _Block,
+    _Simulator,
+    ledger_events,
+    replay,
+)
 
 MiB = 1 << 20
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from memguard.arch import Architecture, find_architecture, inspect_architecture
 from memguard.errors import UnsupportedModelError
-from memguard.models import load_model
+from memguard.estimation.arch import Architecture, find_architecture, inspect_architecture
+from memguard.estimation.models import load_model
 
 
 def _arch(name: str) -> Architecture:

@@ -24,9 +24,9 @@ import torch
 import memguard
 from memguard import Category, ConfigError, MemguardError, MemoryEstimate, parse_bytes
 from memguard.cli import EXIT_INTERRUPTED, EXIT_USAGE, main
-from memguard.models import load_model, make_batch
-from memguard.options import MAX_COUNT, TrainingSpec
-from memguard.parallel import resolve_parallelism
+from memguard.estimation.models import load_model, make_batch
+from memguard.estimation.parallel import resolve_parallelism
+from memguard.estimation.spec import MAX_COUNT, TrainingSpec
 
 GIB = 2**30
 MEMORY_LIMIT = 4 * GIB
@@ -385,7 +385,7 @@ def test_load_model_paths_the_os_refuses():
 
 
 def test_callback_budget_goes_through_parse_bytes():
-    from memguard.callback import MemGuard
+    from memguard.lightning.callback import MemGuard
 
     with pytest.raises(ConfigError, match="larger than any memory"):
         MemGuard(budget="1e400GiB")

@@ -24,7 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import memguard
 from memguard import InsufficientMemoryError, MemGuard
-from memguard._lightning import optimizer_factory
+from memguard.estimation.from_run import optimizer_factory
 
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 SAMPLES = 32
@@ -338,8 +338,7 @@ def test_process_memory_is_what_nvml_lists_for_this_process(monkeypatch: pytest.
 
     from _fake_nvml import MIB, FakeGpu, FakeNvml, uuid
 
-    from memguard import _nvml
-    from memguard.device import process_memory
+    from memguard.device import _nvml, process_memory
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     fake = FakeNvml([FakeGpu(uuid(i), "NVIDIA H100", 80 * 1024 * MIB) for i in range(2)])
@@ -362,7 +361,7 @@ def test_process_memory_is_what_nvml_lists_for_this_process(monkeypatch: pytest.
 def test_strategies_are_read_in_the_estimators_terms() -> None:
     from torch.distributed.fsdp import CPUOffload, ShardingStrategy
 
-    from memguard._lightning import run_info
+    from memguard.lightning.run import run_info
 
     def strategy(name: str, **attrs: Any) -> Any:
         base = type(name, (), {"root_device": torch.device("cpu"), **attrs})

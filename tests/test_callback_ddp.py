@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import memguard
 from memguard import MemGuard
-from memguard.search import reduced_batch
+from memguard.estimation.search import reduced_batch
 
 SAMPLES = 32
 SHORT, LONG = 32, 128

@@ -1,11 +1,11 @@
-"""Tests for memguard.catalog: the GPUs, their memory, and forgiving but unambiguous names."""
+"""Tests for memguard.device.catalog: the GPUs, their memory, and forgiving but unambiguous names."""
 
 from __future__ import annotations
 
 import pytest
 
-from memguard.catalog import GPU_CATALOG, GpuSpec, list_gpus, lookup_gpu, matching_gpus
 from memguard.device import device_memory
+from memguard.device.catalog import GPU_CATALOG, GpuSpec, list_gpus, lookup_gpu, matching_gpus
 from memguard.errors import ConfigError
 
 MIB = 2**20

@@ -287,7 +287,7 @@ def test_max_batch_nothing_fits_exits_1(capsys):
 @pytest.fixture
 def fake_nvml(monkeypatch: pytest.MonkeyPatch):
     """Install a fake pynvml (tests/_fake_nvml.py) and a torch without CUDA."""
-    from memguard import _nvml
+    from memguard.device import _nvml
 
     sys.path.insert(0, str(Path(__file__).parent))
     from _fake_nvml import FakeNvml
@@ -446,7 +446,7 @@ def test_training_loop_flags_reach_the_estimate(capsys):
 
 def test_the_parser_default_timeout_is_the_trace_default():
     from memguard import cli
-    from memguard.trace import DEFAULT_TIMEOUT
+    from memguard.estimation.trace import DEFAULT_TIMEOUT
 
     assert cli._TRACE_TIMEOUT == DEFAULT_TIMEOUT
 

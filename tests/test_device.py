@@ -1,4 +1,4 @@
-"""Tests for memguard.device, memguard._nvml and memguard._host.
+"""Tests for memguard.device, memguard.device._nvml and memguard.device._host.
 
 The host is read for real and from cgroup files laid out in a temporary directory; NVML is a fake
 ``pynvml`` module (``tests/_fake_nvml.py``) that raises the installed pynvml's exception types.
@@ -20,10 +20,19 @@ import pynvml
 import pytest
 import torch
 
-from memguard import _actual, _host, _nvml
 from memguard import device as device_module
-from memguard.catalog import lookup_gpu
-from memguard.device import DeviceMemory, device_memory, list_devices, parse_budget, resolve_budget, why_no_gpu
+from memguard.device import (
+    DeviceMemory,
+    _host,
+    _nvml,
+    device_memory,
+    list_devices,
+    parse_budget,
+    resolve_budget,
+    why_no_gpu,
+)
+from memguard.device import actual as _actual
+from memguard.device.catalog import lookup_gpu
 from memguard.errors import ConfigError, DeviceError, MemguardError
 
 sys.path.insert(0, str(Path(__file__).parent))

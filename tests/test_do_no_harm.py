@@ -709,7 +709,7 @@ def test_the_same_samples_reach_training_step_in_the_same_order(package: str, da
     (1, 1, 1, (1, 1)),
 ])
 def test_reduced_batch(requested: int, accumulate: int, largest: int, expected: tuple[int, int]) -> None:
-    reduced_batch = importlib.import_module("memguard.search").reduced_batch
+    reduced_batch = importlib.import_module("memguard.estimation.search").reduced_batch
     got = reduced_batch(requested, accumulate, largest)
     assert tuple(got) == expected
     batch, micro = got

@@ -183,7 +183,7 @@ def test_offloaded_optimizer_state_is_the_optimizers_own(tiny_gpt2: GPT2LMHeadMo
 
 
 def test_reserved_is_a_replay_of_the_traced_step(tiny_gpt2: GPT2LMHeadModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    from memguard.overhead import CUDA_CONTEXT_BYTES, CUDA_WORKSPACE_BYTES
+    from memguard.estimation.overhead import CUDA_CONTEXT_BYTES, CUDA_WORKSPACE_BYTES
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     est = memguard.estimate(tiny_gpt2, 8, 256, method="trace")

@@ -14,9 +14,9 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import memguard
-from memguard.arch import inspect_architecture
 from memguard.errors import ConfigError, MemguardError, UnsupportedModelError
-from memguard.formula import (
+from memguard.estimation.arch import inspect_architecture
+from memguard.estimation.formula import (
     _attention_core_bytes,
     _ctx,
     _loss_backward_bytes,
@@ -29,9 +29,9 @@ from memguard.formula import (
     optimizer_step_bytes,
     parameter_bytes,
 )
-from memguard.models import ResolvedModel, load_model
-from memguard.options import TrainingSpec
-from memguard.result import Category
+from memguard.estimation.models import ResolvedModel, load_model
+from memguard.estimation.result import Category
+from memguard.estimation.spec import TrainingSpec
 
 GPT2_PARAMS = 124_439_808
 
@@ -231,7 +231,7 @@ def test_close_to_the_trace(build: object) -> None:
 
 
 def test_lightning_loop_keeps_last_steps_gradients_through_forward() -> None:
-    from memguard.formula import _phases
+    from memguard.estimation.formula import _phases
 
     resolved = _tiny_gpt2()
     spec = _spec(batch_size=4, seq_len=128, device="cpu")

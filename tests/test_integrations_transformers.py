@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 
 import memguard
 from memguard import Category, ConfigError, InsufficientMemoryError
-from memguard._actual import mmap_threshold_pinned
+from memguard.device.actual import mmap_threshold_pinned
 from memguard.integrations.transformers import BatchTooLargeError, MemGuardCallback, _optimizer, _precision
 
 SAMPLES, SEQ, VOCAB, BATCH, EVAL_BATCH, STEPS = 64, 64, 1000, 8, 3, 4

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memguard import ConfigError
-from memguard.models import MAX_CONFIG_BYTES, list_presets, load_model, make_batch, model_task
+from memguard.estimation.models import MAX_CONFIG_BYTES, list_presets, load_model, make_batch, model_task
 
 # Parameter counts of the published checkpoints (tied embeddings counted once).
 PUBLISHED = {

@@ -8,7 +8,7 @@ from torch import nn
 
 import memguard
 from memguard import Category, ConfigError
-from memguard.parallel import resolve_parallelism
+from memguard.estimation.parallel import resolve_parallelism
 
 P, G, OPT = Category.PARAMETERS, Category.GRADIENTS, Category.OPTIMIZER_STATE
 

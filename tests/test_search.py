@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from memguard import Category, ConfigError, MemoryEstimate
-from memguard.search import max_batch_size
+from memguard.estimation.search import max_batch_size
 
 
 def _curve(fn):

@@ -8,10 +8,10 @@ from torch import nn
 
 import memguard
 from memguard.errors import ConfigError, UnsupportedModelError
-from memguard.models import ResolvedModel, load_model
-from memguard.options import TrainingSpec
-from memguard.result import Category
-from memguard.seed import seed_breakdown
+from memguard.estimation.models import ResolvedModel, load_model
+from memguard.estimation.result import Category
+from memguard.estimation.seed import seed_breakdown
+from memguard.estimation.spec import TrainingSpec
 
 
 def _seed(model: object, batch: int, seq: int | None) -> dict[Category, int]:

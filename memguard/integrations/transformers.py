@@ -30,15 +30,15 @@ from typing import Any
 
 import torch
 
-from memguard._actual import Measurement, MemoryProbe, resident_bytes
-from memguard._lightning import batch_size_of, optimizer_factory
 from memguard.device import device_memory, parse_budget, process_memory, resolve_budget
+from memguard.device.actual import Measurement, MemoryProbe, resident_bytes
 from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError, MissingDependencyError
-from memguard.estimator import estimate
+from memguard.estimation.estimator import estimate
+from memguard.estimation.from_run import batch_size_of, optimizer_factory
+from memguard.estimation.result import Category, MemoryEstimate
+from memguard.estimation.search import max_batch_size, reduced_batch
+from memguard.estimation.trace import DEFAULT_TIMEOUT
 from memguard.fit import check_margin
-from memguard.result import Category, MemoryEstimate
-from memguard.search import max_batch_size, reduced_batch
-from memguard.trace import DEFAULT_TIMEOUT
 from memguard.units import format_bytes
 
 try:
@@ -128,7 +128,7 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
     When the step does not fit, ``"warn"`` warns with the estimate's table, ``"raise"`` raises
     :class:`~memguard.InsufficientMemoryError`, and ``"reduce"`` finds the largest batch size that
     fits and raises :class:`BatchTooLargeError` naming the ``per_device_train_batch_size`` and
-    ``gradient_accumulation_steps`` to set (:func:`memguard.search.reduced_batch`), since a
+    ``gradient_accumulation_steps`` to set (:func:`memguard.estimation.search.reduced_batch`), since a
     Trainer builds its data loader before any callback event (see the module's docs).
 
     After the first optimizer step (a warm-up) and ``measure_steps`` more, it appends one entry to
@@ -136,7 +136,7 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
     ``memguard/predicted_peak_bytes``, ``memguard/actual_peak_bytes``,
     ``memguard/predicted_total_bytes``, ``memguard/error`` (actual over predicted peak, minus 1),
     ``memguard/actual_is_lower_bound`` (CPU resident-memory growth without glibc's mmap threshold
-    pinned, :mod:`memguard._actual`) and, where NVML lists the process,
+    pinned, :mod:`memguard.device.actual`) and, where NVML lists the process,
     ``memguard/actual_total_bytes``; it warns when the actual peak exceeds the prediction by more
     than ``margin``.
 

@@ -12,7 +12,7 @@ import dataclasses
 import enum
 from collections.abc import Sequence
 
-from memguard.search import reduced_batch
+from memguard.estimation.search import reduced_batch
 
 __all__ = ["ACTIONS", "Decision", "RankReport", "Verdict", "decide"]
 
@@ -92,7 +92,7 @@ def decide(action: str, requested: int, accumulate: int, reports: Sequence[RankR
         can_change_batch: whether the batch size can still change (the train loader is not built
             yet); ``"reduce"`` stops with ``STREAM`` when it cannot.
 
-    ``"reduce"`` trains with :func:`memguard.search.reduced_batch` of the largest batch that fits
+    ``"reduce"`` trains with :func:`memguard.estimation.search.reduced_batch` of the largest batch that fits
     every rank: the asked effective batch exactly whenever it has a divisor between half that
     batch and the batch.
     """

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from memguard.errors import InsufficientMemoryError
+from memguard.estimation.result import MemoryEstimate
 from memguard.lightning.decision import Decision, RankReport
 from memguard.lightning.rank import RankPlan
-from memguard.result import MemoryEstimate
 from memguard.units import format_bytes
 
 __all__ = ["fits", "insufficient", "reduced", "remedy_lines", "summary", "warning"]

@@ -12,15 +12,16 @@ from typing import Any
 
 import torch
 
-from memguard import _lightning as _pl
-from memguard._actual import resident_bytes
 from memguard.device import device_memory, process_memory, resolve_budget
+from memguard.device.actual import resident_bytes
 from memguard.errors import MemguardError
-from memguard.estimator import estimate
+from memguard.estimation.estimator import estimate
+from memguard.estimation.from_run import batch_size_of, optimizer_factory
+from memguard.estimation.result import MemoryEstimate
+from memguard.estimation.search import max_batch_size
 from memguard.fit import Fit
+from memguard.lightning import run as _pl
 from memguard.lightning.decision import RankReport
-from memguard.result import MemoryEstimate
-from memguard.search import max_batch_size
 from memguard.units import format_bytes
 
 __all__ = ["RankPlan", "plan_rank"]
@@ -71,7 +72,7 @@ def plan_rank(trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any, *, ac
     if info.sharded_module:
         raise MemguardError(f"{info.strategy} has already sharded the module's parameters when the fit starts, "
                             "so their shapes are not the model's; memguard cannot trace its step yet")
-    requested = _pl.batch_size_of(batch)
+    requested = batch_size_of(batch)
     available, where = _available(info, pl_module, budget)
     estimate_at, kwargs = _estimator(trainer, pl_module, info, batch, requested, trace_timeout)
     fit = Fit(estimate_at(requested), available, margin, where)
@@ -93,11 +94,11 @@ def _estimator(trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any, requ
     if len(optimizers) > 1:
         raise MemguardError(f"{len(optimizers)} optimizers: memguard traces a step of one")
     device = "cuda" if info.device.type == "cuda" else "cpu"
-    optimizer: Any = _pl.optimizer_factory(pl_module, optimizers[0], device) if optimizers else None
+    optimizer: Any = optimizer_factory(pl_module, optimizers[0], device) if optimizers else None
     checkpointing = _checkpointing(pl_module)
     parallel = info.parallel or ("ddp" if info.world_size > 1 else "single")
 
-    def step(b: Any) -> Any:  # runs on the module's private state (memguard._isolation)
+    def step(b: Any) -> Any:  # runs on the module's private state (memguard.estimation._isolation)
         return pl_module.training_step(b, 0)
 
     cache: dict[int, MemoryEstimate] = {}

@@ -12,18 +12,18 @@ and sequence length S, in float64 (8 bytes per number):
 This module computes exactly the TL;DR. The post's body writes ``model + 2 × activations``, which
 its TL;DR drops; we follow the TL;DR. The formula ignores gradients, optimizer state, biases,
 embeddings and the vocabulary (logits), the 4× MLP width, and dtypes other than float64; measured
-on real training steps it is far below the truth. :mod:`memguard.formula` is the refined answer.
+on real training steps it is far below the truth. :mod:`memguard.estimation.formula` is the refined answer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from memguard.arch import inspect_architecture
 from memguard.errors import ConfigError
-from memguard.models import ResolvedModel
-from memguard.options import TrainingSpec
-from memguard.result import Category
+from memguard.estimation.arch import inspect_architecture
+from memguard.estimation.models import ResolvedModel
+from memguard.estimation.result import Category
+from memguard.estimation.spec import TrainingSpec
 
 __all__ = ["SEED_BYTES_PER_NUMBER", "SeedInputs", "seed_activation_numbers", "seed_breakdown",
            "seed_inputs", "seed_model_numbers"]

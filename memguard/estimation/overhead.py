@@ -23,7 +23,7 @@ Blackwell), 8 MiB + 128 KiB before (``getChosenWorkspaceSize`` in ATen's
 
 FORMULA_SLACK = 0.08
 """Reserved beyond allocated when there is no trace to replay (the formula): replaying traced
-steps through :mod:`memguard.allocator` gave +8.4% for GPT-2 small at batch 8 x 1024 bf16-mixed
+steps through :mod:`memguard.estimation.allocator` gave +8.4% for GPT-2 small at batch 8 x 1024 bf16-mixed
 (``benchmarks/allocator.py``); the formula takes 8%."""
 
 

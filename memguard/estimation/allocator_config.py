@@ -2,7 +2,7 @@
 
 The keys, their accepted values and the environment variables follow
 ``AcceleratorAllocatorConfig::parseArgs`` in ``c10/core/AllocatorConfig.cpp`` and
-``CUDAAllocatorConfig`` (torch 2.13); :mod:`memguard.allocator` replays allocations under them.
+``CUDAAllocatorConfig`` (torch 2.13); :mod:`memguard.estimation.allocator` replays allocations under them.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ from collections.abc import Callable, Mapping
 from torch import nn
 
 from memguard.errors import ConfigError
-from memguard.options import positive_int, strict_bool
-from memguard.result import Category
+from memguard.estimation.result import Category
+from memguard.estimation.spec import positive_int, strict_bool
 
 __all__ = ["STRATEGIES", "Parallelism", "resolve_parallelism"]
 
@@ -207,7 +207,7 @@ def resolve_parallelism(strategy: str | None = "single", world_size: int | None 
 
     Raises:
         ConfigError: for an unknown or non-string strategy, a bad world size (a whole number from 1
-            to :data:`~memguard.options.MAX_COUNT`, not a bool), offload flags that are not
+            to :data:`~memguard.estimation.spec.MAX_COUNT`, not a bool), offload flags that are not
             ``True``/``False`` (``"no"`` would be truthy), or offload where it cannot apply.
     """
     if strategy is not None and not isinstance(strategy, str):

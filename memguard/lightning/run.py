@@ -10,23 +10,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten
 
-from memguard._isolation import preserved_rng
+from memguard.estimation._isolation import preserved_rng
 
 __all__ = [
     "RunInfo",
     "agree",
-    "batch_size_of",
     "callback_bases",
-    "optimizer_factory",
     "package_of",
     "peek_batch",
     "reset_train_data",
@@ -69,59 +65,6 @@ def utilities(trainer: Any, name: str) -> ModuleType:
     Each package keeps its own rank of the process for ``rank_zero_*``, set by its own Trainer.
     """
     return importlib.import_module(f"{package_of(trainer).__name__}.utilities.{name}")
-
-
-def optimizer_factory(pl_module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      device: str) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
-    """A ``params -> optimizer`` callable that rebuilds the real ``optimizer`` over fake params.
-
-    :func:`memguard.estimate` calls it with stand-ins for the module's trainable parameters, in
-    ``named_parameters()`` order. Each stand-in takes its real parameter's place in the real
-    optimizer's param groups, with each group's own hyperparameters; parameters the optimizer does
-    not hold stay out of it; an optimizer that holds none of them (a strategy's flat copies) is
-    rebuilt over all of them with its defaults. On a GPU, built-in optimizers left to choose take
-    their ``foreach`` implementation, as torch does for CUDA tensors; a ``foreach=`` the trace
-    passes is honoured.
-    """
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer  # a strategy's wrapper (DeepSpeed's ZeRO optimizer)
-    cls = type(optimizer)
-    real = [p for _, p in pl_module.named_parameters() if p.requires_grad]
-    position = {id(p): i for i, p in enumerate(real)}
-    accepted = _keywords(cls) or set(optimizer.defaults)
-    kwargs = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    members = [[position[id(p)] for p in g["params"] if id(p) in position] for g in optimizer.param_groups]
-    if not any(members):  # it holds copies (flat fp32 partitions), not the module's parameters
-        groups, members = [{}], [list(range(len(real)))]
-    if device == "cuda" and "foreach" in accepted and kwargs.get("foreach") is None and not kwargs.get("fused"):
-        for g in groups:
-            if g.get("foreach") is None and not g.get("fused"):
-                g["foreach"] = True
-
-    def factory(fakes: list[torch.Tensor], foreach: bool | None = None) -> torch.optim.Optimizer:
-        built = [{**g, "params": [fakes[i] for i in idx]} for g, idx in zip(groups, members, strict=True) if idx]
-        if foreach is not None and "foreach" in accepted:
-            for g in built:
-                if not g.get("fused"):
-                    g["foreach"] = foreach
-        return cls(built, **kwargs)
-
-    factory.__name__ = cls.__name__.lower()
-    factory.__qualname__ = factory.__name__
-    factory.optimizer_class = cls  # type: ignore[attr-defined]
-    return factory
-
-
-def _keywords(cls: type) -> set[str]:
-    """The keyword arguments ``cls.__init__`` takes besides ``params``; empty when it takes ``**kwargs``."""
-    try:
-        params = inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
-        return set()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return set()
-    return set(params) - {"self", "params"}
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -229,14 +172,6 @@ def run_info(trainer: Any) -> RunInfo:
         accumulate_grad_batches=int(trainer.accumulate_grad_batches),
         handles_accumulation=bool(getattr(strategy, "handles_gradient_accumulation", False)),
     )
-
-
-def batch_size_of(batch: Any) -> int:
-    """The first dimension of the first tensor in ``batch``."""
-    for t in tree_flatten(batch)[0]:
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return int(t.shape[0])
-    raise ValueError(f"the batch holds no tensor with a batch dimension: {type(batch).__name__}")
 
 
 def peek_batch(trainer: Any) -> Any:

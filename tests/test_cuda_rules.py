@@ -32,8 +32,8 @@ from transformers import (
 
 import memguard
 from memguard import Category
-from memguard.device_rules import cuda_autocast_policy, device_autocast, device_kernels, sdpa_backend
 from memguard.errors import TraceError
+from memguard.estimation.cuda_rules import cuda_autocast_policy, device_autocast, device_kernels, sdpa_backend
 
 # --------------------------------------------------------------------------- the oracle
 
@@ -47,7 +47,7 @@ _ORACLE = textwrap.dedent('''
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
-    from memguard.device_rules import device_autocast, device_kernels
+    from memguard.estimation.cuda_rules import device_autocast, device_kernels
 
     class Recorder(TorchDispatchMode):
         def __init__(self):
@@ -251,7 +251,7 @@ def _header_lists() -> dict[str, set[str]]:
 
 def test_policy_table_is_the_installed_headers() -> None:
     """_CUDA_AUTOCAST is ATen/autocast_mode.h's lists, plus what autocast_mode.cpp adds by hand."""
-    from memguard import device_rules
+    from memguard.estimation import cuda_rules as device_rules
 
     table = {policy: set(names) for policy, names in device_rules._CUDA_AUTOCAST.items()}
     extra = {"lower_precision_fp": {"cudnn_convolution", "cudnn_convolution_transpose"}}
@@ -261,7 +261,7 @@ def test_policy_table_is_the_installed_headers() -> None:
 
 
 def test_an_uncovered_cuda_autocast_op_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
-    from memguard import device_rules
+    from memguard.estimation import cuda_rules as device_rules
 
     fp32 = tuple(n for n in device_rules._CUDA_AUTOCAST["fp32"] if n != "layer_norm")
     monkeypatch.setitem(device_rules._CUDA_AUTOCAST, "fp32", fp32)

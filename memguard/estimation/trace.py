@@ -18,14 +18,14 @@ made during the forward and alive at its end (activations, with the batch), or a
 (temporary).
 
 What ``device="cuda"`` changes, since fake CUDA tensors cannot run autograd on a CPU-only build:
-the trace runs on fake CPU tensors and applies the CUDA rules itself (:mod:`memguard.device_rules`)
+the trace runs on fake CPU tensors and applies the CUDA rules itself (:mod:`memguard.estimation.cuda_rules`)
 — CUDA's autocast op lists, SDPA's backend choice and the CUDA attention ops' outputs and
 backward buffers, the fused dropout kernel (a 1-byte mask); built-in optimizers run their
 ``foreach`` implementation, the CUDA default; allocations round up to 512 bytes, and the step's
-allocations and frees are replayed through the caching allocator (:mod:`memguard.allocator`).
+allocations and frees are replayed through the caching allocator (:mod:`memguard.estimation.allocator`).
 
 The user's modules are not copied: each holds a private copy of its state while the step runs
-(:mod:`memguard._isolation`), so nothing of the trace stays behind; the trace stops after
+(:mod:`memguard.estimation._isolation`), so nothing of the trace stays behind; the trace stops after
 ``timeout`` seconds.
 
 Known limitations:
@@ -56,15 +56,15 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from memguard._isolation import isolated, preserved_rng
-from memguard.allocator import ledger_events, replay
-from memguard.allocator_config import AllocatorConfig
-from memguard.device_rules import device_autocast, device_kernels
 from memguard.errors import ConfigError, TraceError
-from memguard.models import is_checkpointing, set_checkpointing
-from memguard.options import TrainingSpec, make_optimizer
-from memguard.peak import analyse
-from memguard.result import Category, PeakTensors
+from memguard.estimation._isolation import isolated, preserved_rng
+from memguard.estimation.allocator import ledger_events, replay
+from memguard.estimation.allocator_config import AllocatorConfig
+from memguard.estimation.cuda_rules import device_autocast, device_kernels
+from memguard.estimation.models import is_checkpointing, set_checkpointing
+from memguard.estimation.peak import analyse
+from memguard.estimation.result import Category, PeakTensors
+from memguard.estimation.spec import TrainingSpec, make_optimizer
 
 __all__ = ["TraceResult", "trace_breakdown"]
 
@@ -265,8 +265,8 @@ class TraceResult:
         breakdown: bytes per category at the peak.
         notes: anything approximated, in words.
         slack: on CUDA, what the caching allocator reserves beyond its allocated peak, from
-            replaying the step's allocations and frees in order (:func:`memguard.allocator.replay`).
-        at_peak: tensors alive at the peak, by module and category (:func:`memguard.peak.analyse`).
+            replaying the step's allocations and frees in order (:func:`memguard.estimation.allocator.replay`).
+        at_peak: tensors alive at the peak, by module and category (:func:`memguard.estimation.peak.analyse`).
         timeline: live bytes through the step.
     """
 
@@ -348,11 +348,11 @@ def trace_breakdown(
             an output for ``loss_fn``.
         weight: share of each allocation, by category and phase (``"forward"``, ``"backward"``,
             ``"optimizer"``), that the device holds — how sharding enters (see
-            :meth:`memguard.parallel.Parallelism.weight`); the peak is then the peak of the
+            :meth:`memguard.estimation.parallel.Parallelism.weight`); the peak is then the peak of the
             weighted timeline. ``None`` counts everything whole.
         extras: bytes the device holds beyond the traced tensors, by phase (``"forward"``,
             ``"backward"`` before the first block, ``"block-backward"``, ``"optimizer"``): how
-            a sharded strategy's gathered units enter (see :meth:`memguard.parallel.Parallelism.phase_extras`).
+            a sharded strategy's gathered units enter (see :meth:`.parallel.Parallelism.phase_extras`).
         blocks: the repeated blocks; their backward marks the ``"block-backward"`` phase.
         steps: forward-backward-step rounds to trace after the state is made.
         accumulate: micro-batches per optimizer step (gradient accumulation); from the second on,

@@ -16,8 +16,8 @@ import math
 from collections.abc import Callable
 
 from memguard.errors import ConfigError
+from memguard.estimation.result import MemoryEstimate
 from memguard.fit import usable_bytes
-from memguard.result import MemoryEstimate
 
 __all__ = ["BatchSearch", "max_batch_size", "reduced_batch"]
 

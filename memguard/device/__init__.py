@@ -14,14 +14,14 @@ CI runner or a laptop, against the GPU the run is planned for. :func:`device_mem
 Where the numbers come from (:attr:`DeviceMemory.source`):
 
 - ``"nvml"``: a CUDA device read through NVML (``pynvml``, from ``nvidia-ml-py``), which creates no
-  CUDA context. See :mod:`memguard._nvml` for how ``cuda:N`` is mapped to NVML devices under
+  CUDA context. See :mod:`memguard.device._nvml` for how ``cuda:N`` is mapped to NVML devices under
   ``CUDA_VISIBLE_DEVICES``, ``CUDA_DEVICE_ORDER`` and MIG.
 - ``"torch"``: ``torch.cuda.mem_get_info``, the fallback when NVML is missing or fails. It creates
   a CUDA context on the device (300-500 MB of GPU memory that stays until the process exits) if
   the process has none yet, and a warning names the NVML failure.
 - ``"host"``: host memory for CPU runs, ``MemAvailable`` capped by the container's memory cgroup
-  (see :mod:`memguard._host`).
-- ``"catalog"``: a GPU from :mod:`memguard.catalog`, assumed empty (free = total).
+  (see :mod:`memguard.device._host`).
+- ``"catalog"``: a GPU from :mod:`memguard.device.catalog`, assumed empty (free = total).
 - ``"budget"``: a size the user allows (``"12GiB"``) or a share of the training device's total
   memory (``"80%"``): total = free = the budget. :func:`parse_budget` is the one check of a
   budget value (a positive size or a share in (0%, 100%]) that every entry point uses.
@@ -45,8 +45,8 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Union
 
-from memguard import _host, _nvml
-from memguard.catalog import list_gpus, lookup_gpu, matching_gpus
+from memguard.device import _host, _nvml
+from memguard.device.catalog import list_gpus, lookup_gpu, matching_gpus
 from memguard.errors import ConfigError, DeviceError
 from memguard.units import format_bytes, parse_bytes
 

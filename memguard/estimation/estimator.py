@@ -1,9 +1,9 @@
-"""``memguard.estimate`` (defined here, in ``memguard.estimator``): the one entry point to every estimator.
+"""``memguard.estimate`` (defined here, in ``memguard.estimation.estimator``): the one entry point to every estimator.
 
-It normalises the arguments (:mod:`memguard.options`), resolves the model
-(:mod:`memguard.models`), runs the chosen method — :mod:`memguard.seed`,
-:mod:`memguard.formula` or :mod:`memguard.trace` — and adds what the device costs beyond live
-tensors (:mod:`memguard.overhead`).
+It normalises the arguments (:mod:`memguard.estimation.spec`), resolves the model
+(:mod:`memguard.estimation.models`), runs the chosen method — :mod:`memguard.estimation.seed`,
+:mod:`memguard.estimation.formula` or :mod:`memguard.estimation.trace` — and adds what the device costs beyond live
+tensors (:mod:`memguard.estimation.overhead`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memguard.errors import ConfigError, MemguardError
-from memguard.models import (
+from memguard.estimation.models import (
     ResolvedModel,
     add_lora,
     is_checkpointing,
@@ -26,11 +26,11 @@ from memguard.models import (
     max_positions,
     model_task,
 )
-from memguard.options import TrainingSpec, positive_int, resolve_precision
-from memguard.overhead import device_overhead
-from memguard.parallel import Parallelism, repeated_blocks, resolve_parallelism
-from memguard.result import Category, MemoryEstimate, PeakTensors
-from memguard.trace import DEFAULT_TIMEOUT, trace_breakdown
+from memguard.estimation.overhead import device_overhead
+from memguard.estimation.parallel import Parallelism, repeated_blocks, resolve_parallelism
+from memguard.estimation.result import Category, MemoryEstimate, PeakTensors
+from memguard.estimation.spec import TrainingSpec, positive_int, resolve_precision
+from memguard.estimation.trace import DEFAULT_TIMEOUT, trace_breakdown
 
 __all__ = ["METHODS", "Inputs", "estimate"]
 
@@ -99,7 +99,7 @@ def estimate(
             ``example_input`` whole (resized to ``batch_size``), which it then requires.
         strategy: ``"single"``, ``"ddp"``, ``"fsdp"``, ``"fsdp_shard_grad_op"``, ``"fsdp_hybrid"``,
             ``"deepspeed_stage_1"``/``2``/``3``, or Lightning's strategy names. The estimate is
-            per device; ``batch_size`` is the per-device batch. See :mod:`memguard.parallel`.
+            per device; ``batch_size`` is the per-device batch. See :mod:`memguard.estimation.parallel`.
         world_size: data-parallel ranks.
         offload_optimizer: optimizer state and step in host memory (sharded strategies).
         offload_params: parameter shards in host memory (fully sharded strategies).
@@ -114,7 +114,7 @@ def estimate(
 
     The trace runs ``model``'s own ``forward`` (or ``step_fn``) on fake tensors, with every module
     holding a private copy of its state for the duration: whatever that code caches, appends or
-    counts is dropped afterwards, and the module is left as it was (see :mod:`memguard._isolation`;
+    counts is dropped afterwards, and the module is left as it was (see :mod:`memguard.estimation._isolation`;
     :func:`memguard.is_tracing` tells code with outside side effects, such as writing files, to
     skip them).
 
@@ -195,7 +195,7 @@ def estimate(
         breakdown, more = _formula(resolved, spec, formula_loop)
         used = "formula"
     else:
-        from memguard.seed import seed_breakdown
+        from memguard.estimation.seed import seed_breakdown
 
         breakdown, more = seed_breakdown(resolved, spec)
         used = "seed"
@@ -244,7 +244,7 @@ def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved:
     optimizer state is DeepSpeed's: an fp32 master copy of each trainable parameter plus the
     optimizer's state over it, in fp32, sharded as optimizer state.
     """
-    from memguard.formula import optimizer_state_bytes
+    from memguard.estimation.formula import optimizer_state_bytes
 
     if not traced:
         for cat, share in parallel.factors().items():
@@ -297,7 +297,7 @@ def _element_bytes(spec: TrainingSpec) -> int:
 
 def _formula(resolved: ResolvedModel, spec: TrainingSpec,
              training_loop: str) -> tuple[dict[Category, int], list[str]]:
-    from memguard.formula import formula_breakdown
+    from memguard.estimation.formula import formula_breakdown
 
     return formula_breakdown(resolved, spec, training_loop=training_loop)
 

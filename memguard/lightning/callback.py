@@ -34,18 +34,19 @@ from typing import Any
 
 import torch
 
-from memguard import _lightning as _pl
-from memguard._actual import Measurement, MemoryProbe, resident_bytes
-from memguard._isolation import is_tracing
 from memguard.device import parse_budget
+from memguard.device.actual import Measurement, MemoryProbe, resident_bytes
 from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError
+from memguard.estimation._isolation import is_tracing
+from memguard.estimation.from_run import batch_size_of
+from memguard.estimation.result import MemoryEstimate
+from memguard.estimation.spec import OPTIMIZERS
+from memguard.estimation.trace import DEFAULT_TIMEOUT
 from memguard.lightning import messages
+from memguard.lightning import run as _pl
 from memguard.lightning.decision import ACTIONS, Decision, RankReport, Verdict, decide
 from memguard.lightning.rank import RankPlan, plan_rank
-from memguard.options import OPTIMIZERS
 from memguard.planning import remedies
-from memguard.result import MemoryEstimate
-from memguard.trace import DEFAULT_TIMEOUT
 from memguard.units import format_bytes
 
 __all__ = ["MemGuard"]
@@ -96,7 +97,7 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
       kept exactly whenever ``E`` has a divisor between ``b_max / 2`` and ``b_max``: the largest
       one becomes the batch size and ``accumulate_grad_batches`` makes up the rest (asked 64, 11
       fit: 8 x 8). Otherwise the fewest micro-batches of at most ``b_max`` that make at least
-      ``E``, and a warning says what changed (:func:`memguard.search.reduced_batch`). The batch
+      ``E``, and a warning says what changed (:func:`memguard.estimation.search.reduced_batch`). The batch
       size is set where it
       lives (the model, its ``hparams`` or the datamodule, as Lightning's ``lightning_setattr``
       finds it) and the data loaders are rebuilt. When even a batch of 1 does not fit, it raises,
@@ -111,7 +112,7 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
     NVML, where NVML lists it) and ``memguard/error`` (actual over predicted peak, minus 1), and
     warns when the actual peak is above the prediction by more than ``margin``. On a GPU the
     actual peak is ``torch.cuda.max_memory_allocated``; on the CPU the growth of resident memory
-    (see :mod:`memguard._actual` for how, and its limits).
+    (see :mod:`memguard.device.actual` for how, and its limits).
 
     The chosen batch size and accumulation are saved in checkpoints and restored on resume,
     without estimating again.
@@ -322,7 +323,7 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         _pl.utilities(trainer, "parsing").lightning_setattr(pl_module, self.batch_arg_name, batch)
         trainer.accumulate_grad_batches = acc
         _pl.reset_train_data(trainer)
-        got = _pl.batch_size_of(_pl.peek_batch(trainer))
+        got = batch_size_of(_pl.peek_batch(trainer))
         if got > batch:
             raise InsufficientMemoryError(
                 f"MemGuard set {self.batch_arg_name}={batch}, but the train data loader still yields batches of "

@@ -97,7 +97,7 @@ def cuda_autocast_policy() -> dict[str, str]:
     if missing:
         raise TraceError(
             f"torch {torch.__version__} registers CUDA autocast kernels for {', '.join(missing)}, "
-            "which memguard's table (_CUDA_AUTOCAST in memguard/device_rules.py) does not cover; "
+            "which memguard's table (_CUDA_AUTOCAST in memguard/estimation/cuda_rules.py) does not cover; "
             "add them from ATen/autocast_mode.h of this torch, or estimate with device='cpu'")
     return {name: policy for name, policy in table.items() if name in registered}
 

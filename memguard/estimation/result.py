@@ -127,7 +127,7 @@ class MemoryEstimate:
 
         :attr:`peak_bytes` plus what the allocator reserves beyond live tensors (segment rounding,
         splits, cached blocks; replayed from the trace's allocations, see
-        :mod:`memguard.allocator`) and library workspaces. Equal to :attr:`peak_bytes` on the CPU.
+        :mod:`memguard.estimation.allocator`) and library workspaces. Equal to :attr:`peak_bytes` on the CPU.
         """
         return self.total_bytes - self.context_bytes
 

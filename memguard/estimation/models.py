@@ -1,7 +1,7 @@
 """Turn what the user names into a module, and build the batch a training step would see.
 
 A model may be given as an ``nn.Module``, a transformers ``PretrainedConfig``, a ``config.json``
-path or model directory, or the name of a preset shipped in ``memguard/presets`` (so everything
+path or model directory, or the name of a preset shipped in ``memguard/estimation/presets`` (so everything
 works offline). Models built here are built on the meta device: no weights are allocated.
 """
 
@@ -132,14 +132,14 @@ def check_config_sizes(data: Mapping[str, Any], origin: str) -> None:
     """Check the counts and sizes of a config (widths, depths, heads, vocabulary ...).
 
     Each key of :data:`_SIZE_KEYS` present, here or in a nested sub-config, must be ``None`` or a
-    whole number from 1 to :data:`memguard.options.MAX_COUNT` (``image_size`` may be a pair).
+    whole number from 1 to :data:`memguard.estimation.spec.MAX_COUNT` (``image_size`` may be a pair).
     transformers checks few of them: ``n_positions: -5`` fails deep inside torch, ``n_layer: -1``
     builds a model with no blocks, ``num_attention_heads: 0`` divides by zero.
 
     Raises:
         ConfigError: naming the config, the key and the value.
     """
-    from memguard.options import MAX_COUNT
+    from memguard.estimation.spec import MAX_COUNT
 
     for key, value in data.items():
         if isinstance(value, Mapping):
@@ -425,7 +425,7 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     Raises:
         ConfigError: if the model is not a transformers model (give ``example_input`` instead), a
             token model is asked for without ``seq_len``, or the batch would hold more than
-            :data:`~memguard.options.MAX_INPUT_ELEMENTS` elements (its bytes would overflow int64).
+            :data:`~memguard.estimation.spec.MAX_INPUT_ELEMENTS` elements (its bytes would overflow int64).
     """
     task = model_task(module)
     config = getattr(module, "config", None)
@@ -464,7 +464,7 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
 
 def _check_elements(batch_size: int, *dims: int, what: str) -> None:
     """A :class:`ConfigError` when a batch of ``batch_size`` x ``dims`` is past any device."""
-    from memguard.options import MAX_INPUT_ELEMENTS
+    from memguard.estimation.spec import MAX_INPUT_ELEMENTS
 
     n = batch_size
     for d in dims:

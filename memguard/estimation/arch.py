@@ -135,7 +135,7 @@ def _bump(*_: Any) -> None:
 def structure_generation() -> int:
     """A counter that changes whenever any module registers a parameter, buffer or submodule.
 
-    Caches keyed by a module (here and in :mod:`memguard.formula`) store the counter they were
+    Caches keyed by a module (here and in :mod:`memguard.estimation.formula`) store the counter they were
     built at and are rebuilt when it has moved, so a model changed after it was inspected (an
     adapter added, a layer replaced) is inspected again. The counting uses torch's global
     registration hooks (``torch.nn.modules.module.register_module_*_registration_hook``), put
@@ -222,7 +222,7 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
 
 
 def _head_kind(module: nn.Module, config: Any) -> str:
-    from memguard.models import model_task
+    from memguard.estimation.models import model_task
 
     task = model_task(module)
     return {"token-base": "base", "image-base": "base"}.get(task, task)

@@ -1,9 +1,9 @@
 """What a traced step's ledger says at its peak: bytes by category, the tensors alive, a timeline.
 
-The trace (:mod:`memguard.trace`) records every storage allocated and freed, in order, with the
+The trace (:mod:`memguard.estimation.trace`) records every storage allocated and freed, in order, with the
 phase of the step, the module whose forward made it, its shape and dtype. From those records this
 module finds the peak of live bytes (each allocation weighted by the share a rank holds, plus a
-sharded strategy's gathered units, see :meth:`memguard.parallel.Parallelism.weight`), and reports
+sharded strategy's gathered units, see :meth:`memguard.estimation.parallel.Parallelism.weight`), and reports
 what PyTorch's memory snapshot viewer shows, without a GPU:
 
 * :func:`analyse` -> :class:`PeakReport`: bytes per :class:`~memguard.Category` at the peak, the
@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from memguard.result import Category, PeakTensors
+from memguard.estimation.result import Category, PeakTensors
 
 __all__ = ["PeakReport", "analyse"]
 

@@ -1,6 +1,6 @@
 """The refined formula: peak live tensor bytes of a training step, in closed form.
 
-Where the seed formula (:mod:`memguard.seed`) counts one weight matrix and two activations per
+Where the seed formula (:mod:`memguard.estimation.seed`) counts one weight matrix and two activations per
 block, this formula counts what a training step really keeps, term by term:
 
 * parameters, gradients and optimizer state from the module's own parameters (EleutherAI,
@@ -9,11 +9,11 @@ block, this formula counts what a training step really keeps, term by term:
 * per transformer block, every tensor autograd saves for the backward pass (Korthikanti et al.
   2022, "Reducing Activation Recomputation in Large Transformer Models", section 4: linear
   inputs, norm inputs and statistics, attention scores/softmax/dropout mask, MLP activations,
-  dropout masks), read for the block layout of each family of :mod:`memguard.arch` and for the
+  dropout masks), read for the block layout of each family of :mod:`memguard.estimation.arch` and for the
   attention kernel that will run (fused attention keeps only its output and a log-sum-exp);
 * the logits and the loss's copies of them, which are often the largest single activation;
 * on ``device="cuda"`` with mixed precision, CUDA's autocast op lists as the trace applies them
-  (:mod:`memguard.device_rules`): an fp32 softmax in eager attention, fp32 Python GELUs (``pow``),
+  (:mod:`memguard.estimation.cuda_rules`): an fp32 softmax in eager attention, fp32 Python GELUs (``pow``),
   a 16-bit ``log_softmax`` with ``nll_loss``'s fp32 copy for 16-bit logits;
 * gradient checkpointing (only each block's input is kept, one block is recomputed at a time);
 * the phases of a step (end of forward, start and end of backward, optimizer step), whose
@@ -21,10 +21,10 @@ block, this formula counts what a training step really keeps, term by term:
 
 Everything is integer bytes of live tensors: what ``torch.cuda.max_memory_allocated()`` reports
 on a GPU, or how far resident memory grows on a CPU. Device overhead (CUDA context, allocator
-rounding) is added by :mod:`memguard.overhead`.
+rounding) is added by :mod:`memguard.estimation.overhead`.
 
 Known limitations:
-    * Block layouts are written out for the families of :mod:`memguard.arch`; other transformers
+    * Block layouts are written out for the families of :mod:`memguard.estimation.arch`; other transformers
       models are estimated with the nearest family, and the notes say so.
     * Activations of a frozen block that sits above a trainable one are counted as if it were
       trainable (it keeps slightly less: no linear inputs).
@@ -43,16 +43,16 @@ import weakref
 import torch
 from torch import nn
 
-from memguard.arch import (
+from memguard.errors import ConfigError
+from memguard.estimation.arch import (
     Architecture,
     find_architecture,
     inspect_architecture,
     structure_generation,
 )
-from memguard.errors import ConfigError
-from memguard.models import ResolvedModel
-from memguard.options import AdamW8bitStandIn, TrainingSpec
-from memguard.result import Category
+from memguard.estimation.models import ResolvedModel
+from memguard.estimation.result import Category
+from memguard.estimation.spec import AdamW8bitStandIn, TrainingSpec
 
 __all__ = [
     "activation_bytes",
@@ -79,7 +79,7 @@ class _Inventory:
 
     Only ``requires_grad`` is read again on every call (freezing a layer changes no structure);
     the inventory is rebuilt when any module registers a parameter, buffer or submodule
-    (:func:`memguard.arch.structure_generation`).
+    (:func:`memguard.estimation.arch.structure_generation`).
 
     Attributes:
         params: the parameters, tied ones once (``module.parameters()`` deduplicates).
@@ -333,7 +333,7 @@ def _batch_bytes(arch: Architecture, module: nn.Module, spec: TrainingSpec, b: i
                  s: int) -> int:
     """Bytes of the batch: ``input_ids`` and ``labels`` (int64) or pixels and class labels.
 
-    What :func:`memguard.models.make_batch` builds: token models get ``input_ids`` and, with a
+    What :func:`memguard.estimation.models.make_batch` builds: token models get ``input_ids`` and, with a
     language-model head, a ``labels`` copy; vision models get fp32 (or ``*-true`` dtype) pixels
     and one int64 label per image.
     """
@@ -575,14 +575,14 @@ def _qkv_bytes(ctx: _Ctx, q_rows: int, kv_rows: int, *, rope: bool, cache: bool,
     ``use_cache=True``; ``DynamicLayer.update`` concatenates K and V into new tensors that live
     as long as the output. Grouped-query models with an explicit mask repeat K/V to all heads
     (``repeat_kv``); without one, SDPA takes ``enable_gqa``, and on CUDA in fp32 the
-    memory-efficient kernel gets them repeated (:mod:`memguard.device_rules`).
+    memory-efficient kernel gets them repeated (:mod:`memguard.estimation.cuda_rules`).
     """
     a = ctx.arch
     nq, nkv = a.heads * a.head_dim, a.kv_heads * a.head_dim
     q, k = q_rows * nq, kv_rows * nkv
     grouped = a.kv_heads != a.heads
     # fp32 on CUDA takes memory-efficient attention, which gets K/V repeated to every query head
-    # (memguard.device_rules; the op's meta kernels take equal head counts)
+    # (memguard.estimation.cuda_rules; the op's meta kernels take equal head counts)
     efficient = ctx.cuda and ctx.c == _F32 and ctx.kernel == "fused"
     gqa_expand = grouped and (masked or ctx.kernel == "eager" or efficient)
     if ctx.kernel == "math":
