@@ -45,12 +45,15 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from memguard.device import process_memory
+from memguard.units import format_bytes
 
-__all__ = ["Measurement", "MemoryProbe", "mmap_threshold_pinned", "resident_bytes"]
+__all__ = ["Comparison", "Measurement", "MemoryProbe", "compare", "mmap_threshold_pinned", "resident_bytes",
+           "training_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -191,3 +194,55 @@ class MemoryProbe:
         if mmap_threshold_pinned():
             return Measurement(peak, None)
         return Measurement(peak, None, lower_bound=True, caveat=UNPINNED_CAVEAT)
+
+
+def training_tensors(module: torch.nn.Module, optimizers: Iterable[Any]) -> list[torch.Tensor]:
+    """What a training run keeps between steps: parameters, buffers, gradients, optimizer state.
+
+    A probe started between steps credits them as already resident (see :meth:`MemoryProbe.start`).
+    """
+    tensors: list[torch.Tensor] = [*module.parameters(), *module.buffers()]
+    tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    for opt in optimizers:
+        tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Predicted against measured, as the integrations log it.
+
+    Attributes:
+        metrics: ``memguard/predicted_peak_bytes``, ``memguard/actual_peak_bytes``,
+            ``memguard/predicted_total_bytes``, ``memguard/error`` (actual over predicted peak, minus
+            1), ``memguard/actual_is_lower_bound`` and, where NVML lists the process,
+            ``memguard/actual_total_bytes``.
+        summary: one line for the log.
+        warning: a line to warn with when the actual peak exceeds the prediction by more than the
+            margin, else ``None``.
+    """
+
+    metrics: dict[str, float]
+    summary: str
+    warning: str | None
+
+
+def compare(got: Measurement, peak: int, total: int, margin: float) -> Comparison:
+    """Compare a measurement with the predicted peak and total (bytes), with ``margin`` of tolerance."""
+    error = got.peak_bytes / peak - 1 if peak else float("nan")
+    metrics = {
+        "memguard/predicted_peak_bytes": float(peak),
+        "memguard/actual_peak_bytes": float(got.peak_bytes),
+        "memguard/predicted_total_bytes": float(total),
+        "memguard/error": error,
+        "memguard/actual_is_lower_bound": float(got.lower_bound),
+    }
+    if got.total_bytes is not None:
+        metrics["memguard/actual_total_bytes"] = float(got.total_bytes)
+    actual = (f"at least {format_bytes(got.peak_bytes)} ({got.caveat})" if got.lower_bound
+              else f"{format_bytes(got.peak_bytes)} ({100 * error:+.1f}%)")
+    warning = None
+    if got.peak_bytes > peak * (1 + margin):
+        warning = (f"the first training steps used {format_bytes(got.peak_bytes)} at their peak, {100 * error:.1f}% "
+                   f"above the {format_bytes(peak)} predicted (margin {margin:.0%}); memory may run out")
+    return Comparison(metrics, f"predicted peak {format_bytes(peak)}, actual {actual}", warning)

@@ -30,15 +30,20 @@ from typing import Any
 
 import torch
 
-from memguard.device import device_memory, parse_budget, process_memory, resolve_budget
-from memguard.device.actual import Measurement, MemoryProbe, resident_bytes
+from memguard.device import parse_budget
+from memguard.device.actual import Measurement, MemoryProbe, compare, resident_bytes, training_tensors
+from memguard.device.available import available_to
 from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError, MissingDependencyError
 from memguard.estimation.estimator import estimate
 from memguard.estimation.from_run import batch_size_of, optimizer_factory
-from memguard.estimation.result import Category, MemoryEstimate
+from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.search import max_batch_size, reduced_batch
+from memguard.estimation.spec import OPTIMIZERS
 from memguard.estimation.trace import DEFAULT_TIMEOUT
 from memguard.fit import check_margin
+from memguard.lightning.messages import remedy_lines
+from memguard.lightning.rank import REMEDY_ESTIMATES
+from memguard.planning import remedies
 from memguard.units import format_bytes
 
 try:
@@ -286,9 +291,13 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         requested = batch_size_of(batch)
         accumulate = int(args.gradient_accumulation_steps)
         self.requested_batch_size = requested
-        available, where = _available(self.budget, device, model)
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        available, where = available_to(device, [*model.parameters(), *model.buffers()], self.budget,
+                                        processes=processes)
         self.available_bytes = available
         estimate_at = self._estimator(model, batch, requested, device)
+        self._inputs = (model, batch, _optimizer(self._args, self._optimizer, model,
+                                                 "cuda" if device.type == "cuda" else "cpu"))
         est = estimate_at(requested)
         self.estimate = est
         fits = est.fits(available, self.margin)
@@ -296,6 +305,20 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         if not fits and self.action == "reduce":
             fitting = max_batch_size(estimate_at, available, margin=self.margin, limit=requested).batch_size
         return _Plan(requested, accumulate, est, fits, fitting, available, where)
+
+    def _remedies(self, est: MemoryEstimate, available: int) -> list[Any] | None:
+        """What would make the step fit (:func:`memguard.remedies`, the one remedy engine), or ``None``
+        when that search fails."""
+        model, batch, optimizer = self._inputs
+        optimizer = getattr(optimizer, "optimizer_class", optimizer)
+        name = optimizer.__name__.lower() if isinstance(optimizer, type) else optimizer
+        try:
+            return remedies(est, available, self.margin, model=model, max_estimates=REMEDY_ESTIMATES,
+                            estimate_kwargs={"example_input": batch, "loss_fn": _loss, "training_loop": "pytorch"},
+                            base={"optimizer": name if name in OPTIMIZERS else optimizer})
+        except MemguardError as exc:
+            log.info("MemGuardCallback: no remedies (%s)", exc)
+            return None
 
     def _estimator(self, model: torch.nn.Module, batch: Any, requested: int,
                    device: torch.device) -> Callable[[int], MemoryEstimate]:
@@ -341,9 +364,8 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
             none_fit = self.action == "reduce"
             if none_fit:
                 head += "; not even a batch of 1 fits"
-            tips = "; ".join(_remedies(est, smaller_batch=not none_fit and plan.requested > 1))
-            raise InsufficientMemoryError(f"{head}.\nWhat would help: {tips}.\n{est.table()}", estimate=est,
-                                          free_bytes=plan.available)
+            lines = [f"{head}.", *remedy_lines(self._remedies(est, plan.available)), est.table()]
+            raise InsufficientMemoryError("\n".join(lines), estimate=est, free_bytes=plan.available)
         self.fitting_batch_size = largest
         batch, accumulate = reduced_batch(plan.requested, plan.accumulate, largest)
         effective, wanted = batch * accumulate, plan.requested * plan.accumulate
@@ -366,13 +388,9 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
     def _start_probe(self, state: Any, model: Any, optimizer: Any) -> None:
         """Reset the peak counters of the device; the tensors resident now are credited."""
         device = torch.device(self._args.device)
-        tensors: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
-        tensors += [p.grad for p in model.parameters() if p.grad is not None]
         inner = _unwrap(optimizer if optimizer is not None else self._optimizer)
-        if inner is not None:
-            tensors += [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         probe = MemoryProbe(device)
-        if probe.start(resident_bytes(tensors, device)):
+        if probe.start(resident_bytes(training_tensors(model, [inner] if inner is not None else []), device)):
             self._probe, self._probe_step = probe, state.global_step
         else:
             self._predicted = None
@@ -381,35 +399,19 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
 
     def _measure(self, state: Any) -> None:
         probe, self._probe = self._probe, None
-        if probe is None or self._predicted is None:
-            return
-        got = probe.read()
-        if got is None:
+        got = probe.read() if probe is not None and self._predicted is not None else None
+        if got is None or self._predicted is None:
             return
         self.measurement = got
-        peak, total = self._predicted
-        lower = bool(getattr(got, "lower_bound", False))
-        metrics: dict[str, Any] = {
-            "memguard/predicted_peak_bytes": float(peak),
-            "memguard/actual_peak_bytes": float(got.peak_bytes),
-            "memguard/predicted_total_bytes": float(total),
-            "memguard/error": got.peak_bytes / peak - 1 if peak else float("nan"),
-            "memguard/actual_is_lower_bound": lower,
-        }
-        if got.total_bytes is not None:
-            metrics["memguard/actual_total_bytes"] = float(got.total_bytes)
-        self.metrics = metrics
-        entry = dict(metrics)
+        result = compare(got, *self._predicted, self.margin)
+        self.metrics = result.metrics
+        entry: dict[str, Any] = {**result.metrics, "memguard/actual_is_lower_bound": got.lower_bound}
         if state.epoch is not None:
             entry["epoch"] = state.epoch
         state.log_history.append({**entry, "step": state.global_step})  # as Trainer.log writes its entries
-        caveat = f" ({getattr(got, 'caveat', '') or 'a lower bound'})" if lower else ""
-        log.info("MemGuardCallback: predicted peak %s, actual %s (%+.1f%%)%s", format_bytes(peak),
-                 format_bytes(got.peak_bytes), 100 * metrics["memguard/error"], caveat)
-        if got.peak_bytes > peak * (1 + self.margin):
-            self._warn(f"MemGuardCallback: the first training steps used {format_bytes(got.peak_bytes)} at their "
-                       f"peak, {100 * metrics['memguard/error']:.1f}% above the {format_bytes(peak)} predicted "
-                       f"(margin {self.margin:.0%}); memory may run out")
+        log.info("MemGuardCallback: %s", result.summary)
+        if result.warning:
+            self._warn(f"MemGuardCallback: {result.warning}")
 
     def _safely(self, fn: Callable[..., None], *args: Any) -> None:
         """Run a measurement step; its failure is warned about and never stops training (unless strict)."""
@@ -525,23 +527,6 @@ def _loss(output: Any, batch: Any) -> torch.Tensor:
     return -torch.log_softmax(logits.float(), dim=-1).mean()
 
 
-def _available(budget: int | str | None, device: torch.device, model: torch.nn.Module) -> tuple[int, str]:
-    """The bytes this process may use (before the margin), and where the number comes from."""
-    if budget is not None:
-        mem = resolve_budget(budget, device=device)
-        return mem.free_bytes, mem.name
-    mem = device_memory(device)
-    if device.type == "cuda":
-        held = process_memory(device.index)
-        if held is None:
-            held = int(torch.cuda.memory_reserved(device))
-        return mem.free_bytes + held, f"{mem} + {format_bytes(held)} held by this process"
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    held = resident_bytes([*model.parameters(), *model.buffers()], device)
-    split = f" / {local} processes" if local > 1 else ""
-    return mem.free_bytes // local + held, f"{mem}{split} + {format_bytes(held)} of model tensors resident"
-
-
 def _agree(values: list[int], device: torch.device) -> list[list[int]]:
     """Every rank's ``values``, one row per rank (one row when no process group runs)."""
     dist = torch.distributed
@@ -551,25 +536,3 @@ def _agree(values: list[int], device: torch.device) -> list[list[int]]:
     rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, mine)
     return [row.cpu().tolist() for row in rows]
-
-
-def _remedies(est: MemoryEstimate, smaller_batch: bool) -> list[str]:
-    """What would make the step smaller, in ``TrainingArguments`` terms (``smaller_batch``: whether a
-    smaller batch may fit, unknown for ``"raise"``, false when not even 1 fits)."""
-    b = est.breakdown
-    total = max(1, est.peak_bytes)
-    fp32 = str(est.inputs.get("precision")) == "32-true"
-    tips = []
-    if (b[Category.ACTIVATIONS] + b[Category.TEMPORARY]) / total >= 0.25:
-        if fp32:
-            tips.append("bf16=True (mixed precision)")
-        if not est.inputs.get("gradient_checkpointing"):
-            tips.append("gradient_checkpointing=True")
-        if est.inputs.get("seq_len"):
-            tips.append(f"shorter sequences (now {est.inputs['seq_len']} per sample)")
-    if b[Category.OPTIMIZER_STATE] >= max(1, b[Category.PARAMETERS]):
-        tips.append("a lighter optimizer (optim='adafactor' or 'adamw_bnb_8bit')")
-    if smaller_batch:
-        tips.append("a smaller per_device_train_batch_size with more gradient_accumulation_steps "
-                    "(MemGuardCallback(action='reduce') finds the numbers)")
-    return tips or ["a smaller model or a device with more memory"]

@@ -35,24 +35,18 @@ from typing import Any
 import torch
 
 from memguard.device import parse_budget
-from memguard.device.actual import Measurement, MemoryProbe, resident_bytes
+from memguard.device.actual import Measurement, MemoryProbe, compare, resident_bytes, training_tensors
 from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError
 from memguard.estimation._isolation import is_tracing
 from memguard.estimation.from_run import batch_size_of
 from memguard.estimation.result import MemoryEstimate
-from memguard.estimation.spec import OPTIMIZERS
 from memguard.estimation.trace import DEFAULT_TIMEOUT
 from memguard.lightning import messages
 from memguard.lightning import run as _pl
 from memguard.lightning.decision import ACTIONS, Decision, RankReport, Verdict, decide
-from memguard.lightning.rank import RankPlan, plan_rank
-from memguard.planning import remedies
-from memguard.units import format_bytes
+from memguard.lightning.rank import RankPlan, plan_rank, remedies_for
 
 __all__ = ["MemGuard"]
-
-_REMEDY_ESTIMATES = 16
-"""Estimates the callback spends on what would fit: a LightningModule is searched with traces."""
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +302,7 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
                                 f"{list(decision.unchecked)}, so training goes on unchecked")
             return
         if verdict in (Verdict.RAISE, Verdict.NONE_FIT, Verdict.STREAM):
-            rows = [] if verdict == Verdict.STREAM else self._remedies(plan, pl_module, info)
+            rows = [] if verdict == Verdict.STREAM else remedies_for(plan, pl_module, info.world_size)
             raise messages.insufficient(plan, decision, reports, rank, rows)
         if verdict in (Verdict.FITS, Verdict.WARN):
             self.estimate = plan.at_requested.estimate
@@ -317,7 +311,7 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
                 self._info(trainer, messages.fits(plan, reports, rank))
             else:
                 self._warn(trainer, messages.warning(plan, decision, reports, rank,
-                                                     self._remedies(plan, pl_module, info)))
+                                                     remedies_for(plan, pl_module, info.world_size)))
             return
         batch, acc = decision.batch_size, decision.accumulate
         _pl.utilities(trainer, "parsing").lightning_setattr(pl_module, self.batch_arg_name, batch)
@@ -393,21 +387,6 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         """Keep a checkpoint's decision, applied in ``on_fit_start`` without estimating again."""
         self._restored = dict(state_dict)
 
-    def _remedies(self, plan: RankPlan, pl_module: Any, info: _pl.RunInfo) -> list[Any] | None:
-        """What would make this rank's step fit (:func:`memguard.remedies`, the one remedy engine), or
-        ``None`` when that search fails."""
-        kwargs = dict(plan.estimate_kwargs)
-        optimizer = kwargs.pop("optimizer")
-        optimizer = getattr(optimizer, "optimizer_class", optimizer)
-        name = optimizer.__name__.lower() if isinstance(optimizer, type) else None
-        try:
-            return remedies(plan.at_requested.estimate, plan.at_requested.free_bytes, self.margin, model=pl_module,
-                            gpus=info.world_size, estimate_kwargs=kwargs, max_estimates=_REMEDY_ESTIMATES,
-                            base={"optimizer": name if name in OPTIMIZERS else optimizer})
-        except MemguardError as exc:
-            log.info("MemGuard: no remedies (%s)", exc)
-            return None
-
     def _decided(self, requested: int, est: MemoryEstimate, batch_size: int, accumulate: int) -> None:
         self.requested_batch_size = requested
         self.batch_size = batch_size
@@ -442,44 +421,25 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         self._armed = False
         self._start_step = trainer.global_step
         device = torch.device(trainer.strategy.root_device)
-        tensors: list[torch.Tensor] = [*pl_module.parameters(), *pl_module.buffers()]
-        tensors += [p.grad for p in pl_module.parameters() if p.grad is not None]
-        for opt in trainer.optimizers:
-            tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         probe = MemoryProbe(device)
-        if probe.start(resident_bytes(tensors, device)):
+        if probe.start(resident_bytes(training_tensors(pl_module, trainer.optimizers), device)):
             self._probe = probe
         else:
             log.info("MemGuard cannot measure the memory of %s here; predicted vs actual is not logged", device)
 
     def _measure(self, trainer: Any) -> None:
         probe, self._probe = self._probe, None
-        if probe is None or self._predicted is None:
-            return
-        got = probe.read()
-        if got is None:
+        got = probe.read() if probe is not None and self._predicted is not None else None
+        if got is None or self._predicted is None:
             return
         self.measurement = got
-        peak, total = self._predicted
-        metrics = {
-            "memguard/predicted_peak_bytes": float(peak),
-            "memguard/actual_peak_bytes": float(got.peak_bytes),
-            "memguard/predicted_total_bytes": float(total),
-            "memguard/error": got.peak_bytes / peak - 1 if peak else float("nan"),
-        }
-        if got.total_bytes is not None:
-            metrics["memguard/actual_total_bytes"] = float(got.total_bytes)
-        metrics["memguard/actual_is_lower_bound"] = float(got.lower_bound)
-        self.metrics = metrics
+        result = compare(got, *self._predicted, self.margin)
+        self.metrics = result.metrics
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        bound = f"at least {format_bytes(got.peak_bytes)} ({got.caveat})" if got.lower_bound else \
-            f"{format_bytes(got.peak_bytes)} ({100 * metrics['memguard/error']:+.1f}%)"
-        self._info(trainer, f"MemGuard: predicted peak {format_bytes(peak)}, actual {bound}")
-        if got.peak_bytes > peak * (1 + self.margin):
-            self._warn(trainer, f"MemGuard: the first training steps used {format_bytes(got.peak_bytes)} at their "
-                                f"peak, {100 * metrics['memguard/error']:.1f}% above the {format_bytes(peak)} "
-                                f"predicted (margin {self.margin:.0%}); memory may run out")
+            logger.log_metrics(result.metrics, step=trainer.global_step)
+        self._info(trainer, f"MemGuard: {result.summary}")
+        if result.warning:
+            self._warn(trainer, f"MemGuard: {result.warning}")
 
     # -- messages -----------------------------------------------------------------------------
 

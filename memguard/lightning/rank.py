@@ -7,24 +7,27 @@ precision, the strategy, the batch) and the memory this rank may use; decides no
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from memguard.device import device_memory, process_memory, resolve_budget
-from memguard.device.actual import resident_bytes
+from memguard.device.available import available_to
 from memguard.errors import MemguardError
 from memguard.estimation.estimator import estimate
 from memguard.estimation.from_run import batch_size_of, optimizer_factory
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.search import max_batch_size
+from memguard.estimation.spec import OPTIMIZERS
 from memguard.fit import Fit
 from memguard.lightning import run as _pl
 from memguard.lightning.decision import RankReport
-from memguard.units import format_bytes
+from memguard.planning import remedies
 
-__all__ = ["RankPlan", "plan_rank"]
+__all__ = ["REMEDY_ESTIMATES", "RankPlan", "plan_rank", "remedies_for"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +76,8 @@ def plan_rank(trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any, *, ac
         raise MemguardError(f"{info.strategy} has already sharded the module's parameters when the fit starts, "
                             "so their shapes are not the model's; memguard cannot trace its step yet")
     requested = batch_size_of(batch)
-    available, where = _available(info, pl_module, budget)
+    available, where = available_to(info.device, [*pl_module.parameters(), *pl_module.buffers()], budget,
+                                    processes=info.local_world_size)
     estimate_at, kwargs = _estimator(trainer, pl_module, info, batch, requested, trace_timeout)
     fit = Fit(estimate_at(requested), available, margin, where)
     if fit.fits or action != "reduce":
@@ -118,28 +122,6 @@ def _estimator(trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any, requ
     return estimate_at, kwargs
 
 
-def _available(info: _pl.RunInfo, pl_module: Any, budget: int | str | None) -> tuple[int, str]:
-    """The bytes this rank may use (before the margin), and where the number comes from.
-
-    For a GPU, what NVML reports free plus what this process already holds there; for the CPU, the
-    host's available memory shared among the processes on the machine, plus the model's tensors
-    already resident.
-    """
-    if budget is not None:
-        mem = resolve_budget(budget, device=info.device)
-        return mem.free_bytes, mem.name
-    mem = device_memory(info.device)
-    if info.device.type == "cuda":
-        held = process_memory(info.device.index)
-        if held is None:
-            held = int(torch.cuda.memory_reserved(info.device))
-        return mem.free_bytes + held, f"{mem} + {format_bytes(held)} held by this process"
-    share = mem.free_bytes // info.local_world_size
-    held = resident_bytes([*pl_module.parameters(), *pl_module.buffers()], info.device)
-    split = f" / {info.local_world_size} processes" if info.local_world_size > 1 else ""
-    return share + held, f"{mem}{split} + {format_bytes(held)} of model tensors resident"
-
-
 def _checkpointing(module: torch.nn.Module) -> bool:
     """Whether any part of ``module`` recomputes activations in backward.
 
@@ -149,3 +131,24 @@ def _checkpointing(module: torch.nn.Module) -> bool:
     """
     return any(getattr(m, "gradient_checkpointing", False) is True or type(m).__name__ == "CheckpointWrapper"
                for m in module.modules())
+
+
+REMEDY_ESTIMATES = 16
+"""Estimates spent on what would fit: a LightningModule is searched with traces, seconds each."""
+
+
+def remedies_for(plan: RankPlan, pl_module: Any, world_size: int) -> list[Any] | None:
+    """What would make this rank's step fit (:func:`memguard.remedies`, the one remedy engine), or
+    ``None`` when that search fails."""
+    kwargs = dict(plan.estimate_kwargs)
+    optimizer = kwargs.pop("optimizer")
+    optimizer = getattr(optimizer, "optimizer_class", optimizer)
+    name = optimizer.__name__.lower() if isinstance(optimizer, type) else None
+    fit = plan.at_requested
+    try:
+        return remedies(fit.estimate, fit.free_bytes, fit.margin, model=pl_module, gpus=world_size,
+                        estimate_kwargs=kwargs, max_estimates=REMEDY_ESTIMATES,
+                        base={"optimizer": name if name in OPTIMIZERS else optimizer})
+    except MemguardError as exc:
+        log.info("MemGuard: no remedies (%s)", exc)
+        return None
