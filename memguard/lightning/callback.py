@@ -23,6 +23,80 @@ When it acts, in Lightning 2.x's order (``Trainer._run``):
 6. ``on_train_start``, ``on_train_batch_end``: after the first optimizer step the peak counters
    are reset, and ``measure_steps`` steps later the actual peak is read and logged
    (``on_train_end`` reads it if training stops sooner).
+
+It never changes the run it guards: a fit with ``"warn"``, or with any action when the step
+fits, is the fit without it, bit for bit. What it reads:
+
+* the first batch of this rank: with ``"warn"`` and ``"raise"``, the one the fit loop hands to
+  ``on_train_batch_start`` before the first step (no data is touched); with ``"reduce"``, which
+  must set the batch size before the loader is built, the first batch of a fresh loader in
+  ``on_fit_start`` (global random generators and the loaders' ``torch.Generator`` restored, so
+  the epoch is unchanged; a stream, an ``IterableDataset``, is not peeked at: it is decided
+  at its first batch, where a step that does not fit raises with the batch size that would);
+* the LightningModule, whose ``training_step`` is traced on fake tensors resized to each batch
+  size tried, while every module holds a private copy of its state (whatever the step
+  appends, counts, caches or updates in metrics is dropped afterwards); ``self.log``, the
+  loggers and ``print`` do nothing then, and :func:`memguard.is_tracing` tells code with
+  outside side effects (files) to skip them;
+* the real optimizer (its class and each param group's hyperparameters, over exactly the
+  parameters it holds), the Trainer's precision, the gradient checkpointing of the model, and
+  the strategy (world size, sharding).
+
+It compares the estimate with ``budget`` when given, else with the free memory of the root
+device: for a GPU, what NVML reports free plus what this process already holds there; for the
+CPU, the host's available memory shared among the processes on the machine, plus the model's
+tensors that are already resident. ``margin`` of it is kept spare.
+
+Actions when the step does not fit:
+
+* ``"warn"``: a rank-zero warning with the estimate's table and the free memory.
+* ``"raise"``: :class:`~memguard.InsufficientMemoryError` (with ``.estimate`` and
+  ``.free_bytes``) before any step runs.
+* ``"reduce"``: the largest batch size that fits, ``b_max``, is found on the estimator (no
+  trial steps). With ``b`` asked and accumulation ``a``, the effective batch ``E = b * a`` is
+  kept exactly whenever ``E`` has a divisor between ``b_max / 2`` and ``b_max``: the largest
+  one becomes the batch size and ``accumulate_grad_batches`` makes up the rest (asked 64, 11
+  fit: 8 x 8). Otherwise the fewest micro-batches of at most ``b_max`` that make at least
+  ``E``, and a warning says what changed (:func:`memguard.estimation.search.reduced_batch`). The
+  batch size is set where it lives (the model, its ``hparams`` or the datamodule, as Lightning's
+  ``lightning_setattr`` finds it) and the data loaders are rebuilt. When even a batch of 1 does
+  not fit, it raises.
+
+``"raise"``, ``"warn"`` and a ``"reduce"`` that cannot fit list what would
+(:func:`memguard.remedies`: only changes that fit, with their predicted totals).
+
+Under a distributed strategy every rank estimates for its own device, and the ranks agree:
+the smallest batch size that fits on all of them, and one raise when any does not fit.
+
+After the first optimizer step (a warm-up) and ``measure_steps`` more, it logs to the Trainer's
+loggers ``memguard/predicted_peak_bytes``, ``memguard/actual_peak_bytes``,
+``memguard/predicted_total_bytes``, ``memguard/actual_total_bytes`` (the process's memory in
+NVML, where NVML lists it) and ``memguard/error`` (actual over predicted peak, minus 1), and
+warns when the actual peak is above the prediction by more than ``margin``. On a GPU the
+actual peak is ``torch.cuda.max_memory_allocated``; on the CPU the growth of resident memory
+(see :mod:`memguard.device.actual` for how, and its limits).
+
+The chosen batch size and accumulation are saved in checkpoints and restored on resume,
+without estimating again.
+
+When the estimate itself fails (a ``training_step`` that cannot run on fake tensors, manual
+optimization, an unknown precision plugin), the callback warns and training goes on, unless
+``strict=True``.
+
+Known limitations:
+    * Fully sharded strategies (FSDP, DeepSpeed stage 3) have sharded the module's parameters
+      before the fit starts, so the step cannot be traced from them yet: the callback warns
+      and training goes on. DeepSpeed stages 1 and 2 get the sharded estimate (model state per
+      ZeRO), DDP its gradient buckets; a strategy memguard does not know is estimated as one
+      unsharded replica, with a warning.
+    * Manual optimization is not traced (``training_step`` steps real optimizers itself).
+    * Only the training step is estimated, not validation.
+    * ``training_step`` runs once per batch size tried, on fake tensors and private copies of
+      the modules' state; effects outside the modules (files, globals, objects that cannot be
+      copied) happen then, unless the code checks :func:`memguard.is_tracing`.
+    * The trace stops after ``trace_timeout`` seconds (a loop waiting on computed values never
+      ends on fake data); the callback then warns and training goes on.
+    * Collectives inside ``training_step`` (``SyncBatchNorm``) cannot be traced.
 """
 
 from __future__ import annotations
@@ -36,13 +110,13 @@ import torch
 
 from memguard.device import parse_budget
 from memguard.device.actual import Measurement, MemoryProbe, compare, resident_bytes, training_tensors
-from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError
+from memguard.errors import ConfigError, MemguardError
 from memguard.estimation._isolation import is_tracing
-from memguard.estimation.from_run import batch_size_of
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.trace import DEFAULT_TIMEOUT
 from memguard.lightning import messages
 from memguard.lightning import run as _pl
+from memguard.lightning.batch import reducible, set_batch
 from memguard.lightning.decision import ACTIONS, Decision, RankReport, Verdict, decide
 from memguard.lightning.rank import RankPlan, plan_rank, remedies_for
 
@@ -51,69 +125,13 @@ __all__ = ["MemGuard"]
 log = logging.getLogger(__name__)
 
 
-
 class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
     """Predict the memory of a training step before the first one runs, and act on it.
 
-    It is an instance of the ``Callback`` class of both ``pytorch_lightning`` and
-    ``lightning.pytorch`` (whichever are installed), so either Trainer takes it.
-
-    It never changes the run it guards: a fit with ``"warn"``, or with any action when the step
-    fits, is the fit without it, bit for bit. What it reads:
-
-    * the first batch of this rank: with ``"warn"`` and ``"raise"``, the one the fit loop hands to
-      ``on_train_batch_start`` before the first step (no data is touched); with ``"reduce"``, which
-      must set the batch size before the loader is built, the first batch of a fresh loader in
-      ``on_fit_start`` (global random generators and the loaders' ``torch.Generator`` restored, so
-      the epoch is unchanged; a stream, an ``IterableDataset``, is not peeked at: it is decided
-      at its first batch, where a step that does not fit raises with the batch size that would);
-    * the LightningModule, whose ``training_step`` is traced on fake tensors resized to each batch
-      size tried, while every module holds a private copy of its state (whatever the step
-      appends, counts, caches or updates in metrics is dropped afterwards); ``self.log``, the
-      loggers and ``print`` do nothing then, and :func:`memguard.is_tracing` tells code with
-      outside side effects (files) to skip them;
-    * the real optimizer (its class and each param group's hyperparameters, over exactly the
-      parameters it holds), the Trainer's precision, the gradient checkpointing of the model, and
-      the strategy (world size, sharding).
-
-    It compares the estimate with ``budget`` when given, else with the free memory of the root
-    device: for a GPU, what NVML reports free plus what this process already holds there; for the
-    CPU, the host's available memory shared among the processes on the machine, plus the model's
-    tensors that are already resident. ``margin`` of it is kept spare.
-
-    Actions when the step does not fit:
-
-    * ``"warn"``: a rank-zero warning with the estimate's table and the free memory.
-    * ``"raise"``: :class:`~memguard.InsufficientMemoryError` (with ``.estimate`` and
-      ``.free_bytes``) before any step runs.
-    * ``"reduce"``: the largest batch size that fits, ``b_max``, is found on the estimator (no
-      trial steps). With ``b`` asked and accumulation ``a``, the effective batch ``E = b * a`` is
-      kept exactly whenever ``E`` has a divisor between ``b_max / 2`` and ``b_max``: the largest
-      one becomes the batch size and ``accumulate_grad_batches`` makes up the rest (asked 64, 11
-      fit: 8 x 8). Otherwise the fewest micro-batches of at most ``b_max`` that make at least
-      ``E``, and a warning says what changed (:func:`memguard.estimation.search.reduced_batch`). The batch
-      size is set where it
-      lives (the model, its ``hparams`` or the datamodule, as Lightning's ``lightning_setattr``
-      finds it) and the data loaders are rebuilt. When even a batch of 1 does not fit, it raises,
-      naming what would help.
-
-    Under a distributed strategy every rank estimates for its own device, and the ranks agree:
-    the smallest batch size that fits on all of them, and one raise when any does not fit.
-
-    After the first optimizer step (a warm-up) and ``measure_steps`` more, it logs to the Trainer's loggers
-    ``memguard/predicted_peak_bytes``, ``memguard/actual_peak_bytes``,
-    ``memguard/predicted_total_bytes``, ``memguard/actual_total_bytes`` (the process's memory in
-    NVML, where NVML lists it) and ``memguard/error`` (actual over predicted peak, minus 1), and
-    warns when the actual peak is above the prediction by more than ``margin``. On a GPU the
-    actual peak is ``torch.cuda.max_memory_allocated``; on the CPU the growth of resident memory
-    (see :mod:`memguard.device.actual` for how, and its limits).
-
-    The chosen batch size and accumulation are saved in checkpoints and restored on resume,
-    without estimating again.
-
-    When the estimate itself fails (a ``training_step`` that cannot run on fake tensors, manual
-    optimization, an unknown precision plugin), the callback warns and training goes on, unless
-    ``strict=True``.
+    An instance of the ``Callback`` class of both ``pytorch_lightning`` and ``lightning.pytorch``
+    (whichever are installed), so either Trainer takes it. It never changes the run it guards: a
+    fit with ``"warn"``, or with any action when the step fits, is the fit without it, bit for bit.
+    What it reads, how it decides and what it logs: see the module's docstring.
 
     Args:
         action: ``"warn"``, ``"raise"`` or ``"reduce"``.
@@ -142,39 +160,12 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         accumulate_grad_batches: the accumulation trained with.
         measurement: what the first steps really used (a ``Measurement``), or ``None``.
         metrics: the values logged as ``memguard/*``.
-
-    Known limitations:
-        * Fully sharded strategies (FSDP, DeepSpeed stage 3) have sharded the module's parameters
-          before the fit starts, so the step cannot be traced from them yet: the callback warns
-          and training goes on. DeepSpeed stages 1 and 2 get the sharded estimate (model state per
-          ZeRO), DDP its gradient buckets; a strategy memguard does not know is estimated as one
-          unsharded replica, with a warning.
-        * Manual optimization is not traced (``training_step`` steps real optimizers itself).
-        * Only the training step is estimated, not validation.
-        * ``training_step`` runs once per batch size tried, on fake tensors and private copies of
-          the modules' state; effects outside the modules (files, globals, objects that cannot be
-          copied) happen then, unless the code checks :func:`memguard.is_tracing`.
-        * The trace stops after ``trace_timeout`` seconds (a loop waiting on computed values never
-          ends on fake data); the callback then warns and training goes on.
-        * Collectives inside ``training_step`` (``SyncBatchNorm``) cannot be traced.
     """
 
     def __init__(self, action: str = "warn", margin: float = 0.1, budget: int | str | None = None, *,
                  batch_arg_name: str = "batch_size", strict: bool = False, measure_steps: int = 2,
                  trace_timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        if action not in ACTIONS:
-            raise ConfigError(f"unknown action {action!r}; expected one of {', '.join(map(repr, ACTIONS))}")
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-            raise ConfigError(f"margin must be a number in [0, 1), got {margin!r}")
-        if budget is not None:
-            parse_budget(budget)
-        if not isinstance(batch_arg_name, str) or not batch_arg_name:
-            raise ConfigError(f"batch_arg_name must be a non-empty string, got {batch_arg_name!r}")
-        if isinstance(measure_steps, bool) or not isinstance(measure_steps, int) or measure_steps < 1:
-            raise ConfigError(f"measure_steps must be a positive integer, got {measure_steps!r}")
-        if trace_timeout is not None and (isinstance(trace_timeout, bool) or not isinstance(trace_timeout, (int, float))
-                                          or not 0 < trace_timeout < float("inf")):
-            raise ConfigError(f"trace_timeout must be a positive number of seconds or None, got {trace_timeout!r}")
+        _check_arguments(action, margin, budget, batch_arg_name, measure_steps, trace_timeout)
         self.action = action
         self.trace_timeout = trace_timeout
         self.margin = float(margin)
@@ -213,22 +204,9 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         """Check that ``"reduce"`` can change the batch size of this run."""
         if stage != "fit" or self.action != "reduce":
             return
-        if not trainer.fit_loop._data_source.is_module():
-            raise ConfigError(
-                "MemGuard(action='reduce') rebuilds the train data loader with a smaller batch, which it "
-                "cannot do for data loaders passed to fit(); return them from train_dataloader() of the "
-                "LightningModule or a LightningDataModule, or use action='raise'"
-            )
-        if not _pl.utilities(trainer, "parsing").lightning_hasattr(pl_module, self.batch_arg_name):
-            raise ConfigError(
-                f"MemGuard(action='reduce') sets the batch size through {self.batch_arg_name!r}, which is "
-                "neither an attribute of the model, nor in its hparams, nor in the datamodule; add it "
-                "(and use it in train_dataloader()), pass batch_arg_name=, or use action='raise'"
-            )
-        if any(type(cb).__name__ == "GradientAccumulationScheduler" for cb in trainer.callbacks):
-            self._warn(trainer, "MemGuard(action='reduce') raises accumulate_grad_batches when it reduces the "
-                                "batch size, but a GradientAccumulationScheduler sets it every epoch and will "
-                                "undo that")
+        warning = reducible(trainer, pl_module, self.batch_arg_name)
+        if warning:
+            self._warn(trainer, warning)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Apply a checkpoint's decision; for ``"reduce"``, decide now, before the loader is built."""
@@ -314,15 +292,7 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
                                                      remedies_for(plan, pl_module, info.world_size)))
             return
         batch, acc = decision.batch_size, decision.accumulate
-        _pl.utilities(trainer, "parsing").lightning_setattr(pl_module, self.batch_arg_name, batch)
-        trainer.accumulate_grad_batches = acc
-        _pl.reset_train_data(trainer)
-        got = batch_size_of(_pl.peek_batch(trainer))
-        if got > batch:
-            raise InsufficientMemoryError(
-                f"MemGuard set {self.batch_arg_name}={batch}, but the train data loader still yields batches of "
-                f"{got}: train_dataloader() must read the batch size from {self.batch_arg_name!r}",
-                estimate=plan.at_requested.estimate, free_bytes=plan.at_requested.free_bytes)
+        set_batch(trainer, pl_module, self.batch_arg_name, batch, acc)
         self.estimate = plan.estimate_at(batch)
         self._reduced = True
         self._decided(plan.requested, self.estimate, batch, acc)
@@ -403,14 +373,12 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         self._reduced = bool(state.get("reduced", False))
         peak, total = state.get("predicted_peak_bytes"), state.get("predicted_total_bytes")
         self._predicted = (int(peak), int(total)) if peak is not None and total is not None else None
-        parsing = _pl.utilities(trainer, "parsing")
-        if self._reduced and not parsing.lightning_hasattr(pl_module, self.batch_arg_name):
+        if self._reduced and not _pl.utilities(trainer, "parsing").lightning_hasattr(pl_module, self.batch_arg_name):
             self._warn(trainer, f"MemGuard cannot restore the batch size {self.batch_size} of the checkpoint: "
                                 f"{self.batch_arg_name!r} is no longer on the model, its hparams or the datamodule")
         elif self._reduced:
-            parsing.lightning_setattr(pl_module, self.batch_arg_name, self.batch_size)
-            trainer.accumulate_grad_batches = self.accumulate_grad_batches
-            _pl.reset_train_data(trainer)
+            set_batch(trainer, pl_module, self.batch_arg_name, self.batch_size, self.accumulate_grad_batches,
+                      check=False)
         self._info(trainer, f"MemGuard: resuming with batch size {self.batch_size} and accumulate_grad_batches="
                             f"{self.accumulate_grad_batches} from the checkpoint, without estimating again")
 
@@ -452,3 +420,21 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
     def _info(self, trainer: Any, message: str) -> None:
         log.info(message)
         _pl.utilities(trainer, "rank_zero").rank_zero_info(message)
+
+
+def _check_arguments(action: Any, margin: Any, budget: Any, batch_arg_name: Any, measure_steps: Any,
+                     trace_timeout: Any) -> None:
+    """:class:`MemGuard`'s arguments, each a :class:`ConfigError` naming the bad value."""
+    if action not in ACTIONS:
+        raise ConfigError(f"unknown action {action!r}; expected one of {', '.join(map(repr, ACTIONS))}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise ConfigError(f"margin must be a number in [0, 1), got {margin!r}")
+    if budget is not None:
+        parse_budget(budget)
+    if not isinstance(batch_arg_name, str) or not batch_arg_name:
+        raise ConfigError(f"batch_arg_name must be a non-empty string, got {batch_arg_name!r}")
+    if isinstance(measure_steps, bool) or not isinstance(measure_steps, int) or measure_steps < 1:
+        raise ConfigError(f"measure_steps must be a positive integer, got {measure_steps!r}")
+    if trace_timeout is not None and (isinstance(trace_timeout, bool) or not isinstance(trace_timeout, (int, float))
+                                      or not 0 < trace_timeout < float("inf")):
+        raise ConfigError(f"trace_timeout must be a positive number of seconds or None, got {trace_timeout!r}")
