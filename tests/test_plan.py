@@ -226,3 +226,12 @@ def test_no_bf16_on_a_v100() -> None:
 def test_bad_input_is_a_config_error_naming_it(kwargs: dict, named: str) -> None:
     with pytest.raises(memguard.ConfigError, match=named):
         plan("gpt2", seq_len=128, **kwargs)
+
+
+def test_the_planning_package_keeps_its_names() -> None:
+    import memguard.planning as planning
+
+    assert planning.__all__ == ["COSTS", "COST_MODEL", "FULL", "LORA", "Plan", "PlanRow", "plan", "remedies"]
+    assert (memguard.plan, memguard.remedies, memguard.Plan, memguard.PlanRow) == (
+        planning.plan, planning.remedies, planning.Plan, planning.PlanRow)
+    assert planning.COST_MODEL.startswith("cost = sum of terms") and planning.COSTS["recompute"] == 0.33

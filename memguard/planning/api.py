@@ -1,0 +1,243 @@
+"""The entry points :func:`plan` and :func:`remedies`, and the checks of their arguments."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from memguard.device import DeviceMemory, device_memory, resolve_budget
+from memguard.errors import ConfigError
+from memguard.estimation.models import ResolvedModel, add_lora, load_model
+from memguard.estimation.parallel import resolve_parallelism
+from memguard.estimation.result import MemoryEstimate
+from memguard.estimation.spec import positive_int, resolve_optimizer, resolve_precision
+from memguard.planning.costs import COST_MODEL
+from memguard.planning.rows import _OPT_NAMES, FULL, LORA, Plan, PlanRow, _Knobs
+from memguard.planning.search import _best, _rows, _searched, _Setup
+
+__all__ = ["plan", "remedies"]
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+OPTIMIZERS = ("adamw", "adamw-8bit", "adafactor", "sgd")
+LORA_RANKS = (8, 16, 64)
+_NO_BF16 = re.compile(r"\b(t4|v100|p100|p40|k80)\b", re.I)
+"""GPUs without bfloat16 arithmetic (before Ampere): bf16 precisions are not proposed there."""
+_EXTRA_KEYS = ("example_input", "loss_fn", "step_fn", "training_loop", "set_to_none", "trace_timeout")
+_BASE_KEYS = ("batch_size", "precision", "optimizer", "gradient_checkpointing", "strategy", "world_size",
+              "offload_optimizer", "offload_params", "lora_rank", "accumulate_grad_batches")
+
+
+def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = None, gpus: int | None = None,
+         batch_size: int | None = None, margin: float = 0.1, precision: str | Sequence[str] | None = None,
+         optimizers: Sequence[str] | None = None, base: Mapping[str, Any] | None = None,
+         lora_ranks: Sequence[int] = LORA_RANKS, method_prune: str = "formula", confirm: int = 2,
+         limit: int = 10, device: str = "cuda", max_estimates: int = 3000,
+         estimate_kwargs: Mapping[str, Any] | None = None) -> Plan:
+    """The configurations of a training run that fit a GPU, cheapest first by :data:`COST_MODEL`.
+
+    Args:
+        model: what :func:`memguard.estimate` takes; LoRA is planned for models memguard builds.
+        gpu: a :class:`DeviceMemory`, what :func:`memguard.device_memory` takes (``"A100-80GB"``,
+            ``"24GiB"``, ``"cuda:0"``) or ``"auto"``, or the free bytes as an ``int``.
+        seq_len: tokens per sample (default: the model's maximum).
+        gpus: the most data-parallel GPUs (default: ``base``'s world size). World sizes that do not
+            divide the effective batch are skipped: they would change it.
+        batch_size: the per-device micro-batch the user runs (``memguard check --batch-size``).
+            The effective batch, ``batch_size x accumulate_grad_batches x world_size``, is what
+            every row keeps: with more GPUs each one takes fewer samples. No row uses a larger
+            micro-batch than this.
+        margin: share of the free memory to keep spare, as in :meth:`MemoryEstimate.fits`.
+        precision: the precisions searched (one or several); ``None``: 32-true, bf16-mixed,
+            16-mixed, bf16-true and the user's (no bf16 on GPUs before Ampere).
+        optimizers: the optimizers searched; ``None``: AdamW, 8-bit AdamW, Adafactor, SGD and the
+            user's (the LoRA group keeps the user's: adapters' state is small).
+        base: the user's settings by :func:`memguard.estimate`'s names (``precision``,
+            ``optimizer``, ``gradient_checkpointing``, ``strategy``, ``world_size``,
+            ``offload_optimizer``, ``offload_params``, ``lora_rank``, ``accumulate_grad_batches``,
+            ``batch_size``); rows say what they change from it and are charged for that.
+        lora_ranks: the ranks of the LoRA group, when ``base`` is not LoRA already.
+        method_prune: ``"formula"`` (the trace when the formula cannot estimate the model) or ``"trace"``.
+        confirm: rows of each group confirmed with the trace; one it finds too large is dropped.
+        limit: rows kept per group; max_estimates: a bound on the search's estimates.
+        device: ``"cuda"`` or ``"cpu"``, as in :func:`memguard.estimate`.
+        estimate_kwargs: passed to every estimate: ``example_input``, ``loss_fn``, ``step_fn``,
+            ``training_loop``, ``set_to_none``, ``trace_timeout``.
+
+    Raises:
+        ConfigError: for a bad argument, naming it.
+    """
+    start = time.perf_counter()
+    setup = _setup(model, None, gpu=gpu, seq_len=seq_len, gpus=gpus, batch_size=batch_size, margin=margin,
+                   precision=precision, optimizers=optimizers, base=base, lora_ranks=lora_ranks,
+                   method_prune=method_prune, confirm=confirm, limit=limit, device=device,
+                   max_estimates=max_estimates, estimate_kwargs=estimate_kwargs)
+    search, groups = _searched(setup, None)
+    base_knobs = search.ctx.base
+    if search.method == "formula" and setup.confirm:
+        search.estimate(base_knobs, "trace")  # the number `memguard check` gives
+    mine = search.cache.get((base_knobs, "trace")) or search.cache[(base_knobs, search.method)]
+    if search.fits(mine) and groups:  # the trace may fit what the formula did not: it leads then
+        groups[0] = [(LORA if base_knobs.lora_rank else FULL, base_knobs, mine),
+                     *(f for f in groups[0] if f[1] != base_knobs)]
+    rows = _rows(search, groups)
+    asked = {"settings": {**base_knobs.kwargs(), "seq_len": search.seq_len, "device": setup.device},
+             "total_bytes": mine.total_bytes, "headroom_bytes": search.usable - mine.total_bytes,
+             "method": mine.method, "fits": search.fits(mine),
+             "flags": base_knobs.flags(base_knobs, search.seq_len, setup.device, setup.margin)}
+    return Plan(rows, COST_MODEL, asked, search.fits(mine), setup.name, setup.gpu, setup.margin, search.usable,
+                search.ctx.effective, search.all_notes(), search.count,
+                round(time.perf_counter() - start, 3))
+
+
+def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, margin: float = 0.1, *,
+             top: int = 3, model: Any = None, gpus: int | None = None, confirm: int | None = None,
+             base: Mapping[str, Any] | None = None, estimate_kwargs: Mapping[str, Any] | None = None,
+             max_estimates: int = 3000) -> list[PlanRow]:
+    """The best few changes that make ``estimate``'s run fit: only rows that fit, ``[]`` when none does.
+
+    The one remedy engine of ``memguard check`` and the callback. Rows come in turn from each group
+    (:meth:`Plan.best`), without the asked configuration; ``[]`` too when ``estimate`` fits.
+
+    Args:
+        estimate: what did not fit; its ``inputs`` are the user's settings.
+        free_bytes: free memory: bytes, a size such as ``"24GiB"``, or a :class:`DeviceMemory`.
+        margin: as in :meth:`MemoryEstimate.fits`; top: rows returned.
+        model: the module estimated, when ``estimate.inputs["model"]`` is not a name memguard can
+            build again (a user's module leaves only its class name there).
+        gpus: GPUs the run may use (default: its world size, so no GPU it does not have).
+        confirm: rows confirmed with the trace (default: ``top`` when ``estimate`` was traced).
+        base: settings that replace those read from ``estimate.inputs``, e.g. ``{"optimizer":
+            torch.optim.RMSprop}``: the inputs hold an optimizer class by its name only.
+        estimate_kwargs: as in :func:`plan`: ``example_input``, ``step_fn`` ... of the run.
+        max_estimates: a bound on the search's estimates (the callback keeps it small: a model the
+            formula cannot estimate is searched with traces, seconds each).
+
+    Raises:
+        ConfigError: when the model cannot be built again and ``model`` is not given, or the
+            optimizer is not a name memguard knows and ``base`` does not give it; for a bad argument.
+    """
+    gpu = free_bytes if isinstance(free_bytes, DeviceMemory) else resolve_budget(free_bytes)
+    top = positive_int("top", top)
+    if estimate.fits(gpu.free_bytes, margin):
+        return []
+    inputs, resolved = estimate.inputs, None
+    if model is None:
+        name = re.sub(r"\+lora\d+$", "", str(inputs.get("model")))
+        try:
+            model, resolved = name, load_model(name)
+        except ConfigError as exc:
+            raise ConfigError(f"remedies() cannot build model {name!r} again ({exc}); pass model=, the module "
+                              "that was estimated") from None
+    traced = estimate.method == "trace"
+    setup = _setup(model, resolved, gpu=gpu, seq_len=inputs.get("seq_len"), gpus=gpus, batch_size=None,
+                   margin=margin, precision=None, optimizers=None,
+                   base={**{k: inputs[k] for k in _BASE_KEYS if inputs.get(k) is not None}, **(base or {})},
+                   lora_ranks=LORA_RANKS,
+                   method_prune="formula", confirm=(top if traced else 0) if confirm is None else confirm,
+                   limit=top + 2, device=inputs.get("device", "cuda"), max_estimates=max_estimates,
+                   estimate_kwargs={**{k: inputs[k] for k in ("training_loop", "set_to_none") if k in inputs},
+                                    **(estimate_kwargs or {})})
+    search, groups = _searched(setup, estimate)
+    found = [[f for f in _best(g, search.ctx, setup.limit) if f[1] != search.ctx.base] for g in groups]
+    turns = [f for tier in itertools.zip_longest(*found) for f in tier if f is not None]
+    if search.method == "formula":
+        turns = search.confirm(turns, setup.confirm)
+    return [search.row(*f) for f in turns[:top]]
+
+
+def _setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len: Any, gpus: Any, batch_size: Any,
+           margin: Any, precision: Any, optimizers: Any, base: Any, lora_ranks: Any, method_prune: Any,
+           confirm: Any, limit: Any, device: Any, max_estimates: Any, estimate_kwargs: Any) -> _Setup:
+    """Check every argument of :func:`plan`, and build the model."""
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise ConfigError(f"margin must be a number in [0, 1), got {margin!r}")
+    if method_prune not in ("formula", "trace"):
+        raise ConfigError(f"method_prune must be 'formula' or 'trace', got {method_prune!r}")
+    if isinstance(confirm, bool) or not isinstance(confirm, int) or confirm < 0:
+        raise ConfigError(f"confirm must be a whole number of rows (0 for none), got {confirm!r}")
+    extra = dict(estimate_kwargs or {})
+    if set(extra) - set(_EXTRA_KEYS):
+        raise ConfigError(f"estimate_kwargs takes {', '.join(_EXTRA_KEYS)}, not "
+                          f"{', '.join(sorted(set(extra) - set(_EXTRA_KEYS)))}")
+    knobs = _base_knobs(base, batch_size, precision)
+    gpus = knobs.world_size if gpus is None else positive_int("gpus", gpus)
+    if gpus < knobs.world_size:
+        raise ConfigError(f"gpus={gpus} is fewer than the run's world_size={knobs.world_size}; pass gpus >= it")
+    memory, notes = _resolve_gpu(gpu), []
+    precisions = _choices("precision", precision, PRECISIONS, knobs.precision, lambda p: resolve_precision(p).name)
+    if precision is None and _NO_BF16.search(memory.name.replace("-", " ")):
+        precisions = tuple(p for p in precisions if not p.startswith("bf16") or p == knobs.precision)
+        notes.append(f"{memory.name} has no bfloat16 arithmetic: no bf16 precision is proposed")
+    optimizers = _choices("optimizers", optimizers, OPTIMIZERS, knobs.optimizer, _optimizer_name)
+    ranks = () if knobs.lora_rank else tuple(sorted({positive_int("lora_ranks", r) for r in lora_ranks}, reverse=True))
+    limit, max_estimates = positive_int("limit", limit), positive_int("max_estimates", max_estimates)
+    resolved = resolved or load_model(model)
+    if knobs.lora_rank and not resolved.built_here:
+        add_lora(resolved, knobs.lora_rank)  # raises the estimator's own ConfigError
+    if ranks and not resolved.built_here:
+        notes.append("LoRA is planned for models memguard builds (a preset, config or config.json); wrap your "
+                     "module with peft.get_peft_model to plan it")
+        ranks = ()
+    return _Setup(model, {None: resolved.module}, resolved.name, knobs, memory, float(margin), gpus, precisions,
+                  optimizers, ranks, method_prune, confirm, limit, device, seq_len, extra,
+                  max_estimates, notes)
+
+
+def _optimizer_name(optimizer: Any) -> Any:
+    """A name (canonical) or a ``torch.optim.Optimizer`` class (as is); anything else is a ConfigError."""
+    if not isinstance(optimizer, (str, type)):
+        raise ConfigError(f"plan takes optimizers by name ({', '.join(_OPT_NAMES)}) or as a torch.optim.Optimizer "
+                          f"class, got {optimizer!r}")
+    spec = resolve_optimizer(optimizer)
+    return spec.name if isinstance(optimizer, str) else optimizer
+
+
+def _choices(what: str, given: Any, default: Sequence[str], mine: str, canon: Any) -> tuple[str, ...]:
+    """The values searched: ``given`` (one or several) by canonical name, else ``default`` and the user's."""
+    if given is None:
+        return tuple(dict.fromkeys([mine, *default]))
+    values = [given] if isinstance(given, str) else list(given)
+    if not values:
+        raise ConfigError(f"{what} must name at least one value, got {given!r}")
+    return tuple(dict.fromkeys(canon(v) for v in values))
+
+
+def _base_knobs(base: Any, batch_size: Any, precision: Any) -> _Knobs:
+    """The user's settings, every value checked; ``precision`` (one name) stands for an absent one."""
+    if base is not None and not isinstance(base, Mapping):
+        raise ConfigError(f"base must be a dict of estimate settings, got {type(base).__name__}")
+    given = dict(base or {})
+    unknown = sorted(set(given) - set(_BASE_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in base; expected {', '.join(_BASE_KEYS)}")
+    if batch_size is not None and given.get("batch_size") not in (None, batch_size):
+        raise ConfigError(f"batch_size={batch_size!r} and base['batch_size']={given['batch_size']!r} disagree")
+    if isinstance(precision, str):
+        given.setdefault("precision", precision)
+    world = positive_int("world_size", given.get("world_size") or 1)
+    layout = resolve_parallelism(given.get("strategy") or ("ddp" if world > 1 else "single"), world,
+                                 offload_optimizer=given.get("offload_optimizer", False),
+                                 offload_params=given.get("offload_params", False))
+    ckpt, rank = given.get("gradient_checkpointing") or False, given.get("lora_rank")
+    if not isinstance(ckpt, bool):
+        raise ConfigError(f"base['gradient_checkpointing'] must be True or False, got {ckpt!r}")
+    return _Knobs(resolve_precision(given.get("precision") or "32-true").name,
+                  _optimizer_name(given.get("optimizer") or "adamw"), ckpt, layout.strategy, layout.world_size,
+                  layout.offload_optimizer, layout.offload_params,
+                  None if rank is None else positive_int("lora_rank", rank),
+                  positive_int("batch_size", batch_size if batch_size is not None else given.get("batch_size") or 1),
+                  positive_int("accumulate_grad_batches", given.get("accumulate_grad_batches") or 1))
+
+
+def _resolve_gpu(gpu: Any) -> DeviceMemory:
+    if isinstance(gpu, DeviceMemory):
+        return gpu
+    if isinstance(gpu, bool) or not isinstance(gpu, (str, int)):
+        raise ConfigError(f"gpu must be a DeviceMemory, a GPU name or size (e.g. 'A100-80GB', '24GiB') or free "
+                          f"bytes as an int, got {gpu!r}")
+    if isinstance(gpu, int):
+        return resolve_budget(gpu)
+    return device_memory("cuda" if gpu.strip().lower() == "auto" else gpu)

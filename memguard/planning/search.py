@@ -1,0 +1,270 @@
+"""The search: the largest micro-batch that fits in each state, cheapest states first, dominated ones skipped.
+
+Every combination of precision, optimizer, checkpointing and layout (strategy, world size,
+offload) is a *state* (:func:`_states`); :meth:`_Search.fit` finds its largest micro-batch among
+the divisors of the per-device effective batch, so the effective batch is kept exactly;
+:meth:`_Search.search` visits states by the least they can cost and stops once they cost more than
+the fits kept; :func:`_best` drops a fit that another with a subset of its changes beats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from memguard.device import DeviceMemory
+from memguard.errors import MemguardError
+from memguard.estimation.estimator import estimate as _estimate
+from memguard.estimation.models import add_lora, load_model
+from memguard.estimation.result import MemoryEstimate
+from memguard.planning.costs import COSTS, _Context, _cost, _cost_terms, _divisors, _least, _lower_bound
+from memguard.planning.rows import _DS2, _DS3, FULL, LORA, PlanRow, _Knobs
+from memguard.units import format_bytes
+
+_SINGLE = (("single", False, False), (_DS2, False, False), (_DS2, True, False), (_DS3, True, False),
+           (_DS3, True, True), ("fsdp", True, True))
+_MULTI = (("ddp", False, False), ("fsdp", False, False), ("fsdp", True, True), (_DS2, False, False),
+          (_DS2, True, False), (_DS3, False, False), (_DS3, True, False), (_DS3, True, True))
+"""(strategy, offload optimizer, offload parameters) searched on one GPU and on several. On one, a
+sharded strategy serves offload (ZeRO-Offload, ZeRO-Infinity, FSDP's ``CPUOffload``, which offloads
+parameters and gradients) or DeepSpeed's mixed precision (a 16-bit module, fp32 master weights)."""
+_LEVEL = {"single": 0, "ddp": 1, "deepspeed_stage_1": 2, _DS2: 2, "fsdp_shard_grad_op": 2, "fsdp": 3,
+          "fsdp_hybrid": 3, _DS3: 3}
+"""How much of the model state a strategy shards: a lower level is a smaller change."""
+
+
+@dataclasses.dataclass
+class _Setup:
+    """Everything one search needs, checked."""
+
+    model: Any
+    modules: dict[int | None, Any]
+    name: str
+    base: _Knobs
+    gpu: DeviceMemory
+    margin: float
+    gpus: int
+    precisions: tuple[str, ...]
+    optimizers: tuple[str, ...]
+    lora_ranks: tuple[int, ...]
+    method: str
+    confirm: int
+    limit: int
+    device: str
+    seq_len: int | None
+    extra: dict[str, Any]
+    max_estimates: int
+    notes: list[str]
+
+
+def _no_more_intrusive(a: _Knobs, c: _Knobs, base: _Knobs) -> bool:
+    """Whether ``a`` changes nothing ``c`` leaves as ``base`` has it, nor more in degree (so it costs no more)."""
+    same = ("precision", "optimizer", "checkpointing", "offload_optimizer", "offload_params")
+    if any(getattr(a, f) not in (getattr(base, f), getattr(c, f)) for f in same):
+        return False
+    if a.strategy not in (base.strategy, c.strategy) and _LEVEL[a.strategy] >= _LEVEL.get(c.strategy, 0):
+        return False
+    rank_ok = a.lora_rank == c.lora_rank or (a.lora_rank or 0) >= (c.lora_rank or 0) > 0
+    # Offload costs less over more GPUs: offloading rows compare on the same count only.
+    world_ok = a.world_size == c.world_size or (a.world_size < c.world_size
+                                                and not (a.offload_optimizer or a.offload_params))
+    return rank_ok and world_ok and a.accumulate <= c.accumulate
+
+
+_Found = tuple[str, _Knobs, MemoryEstimate]
+"""A configuration that fits: its group, knobs and estimate."""
+
+
+class _Search:
+    """Estimates the configurations of one run, remembered, and finds what fits."""
+
+    def __init__(self, setup: _Setup, ctx: _Context) -> None:
+        self.setup, self.ctx, self.seq_len = setup, ctx, setup.seq_len
+        self.usable = int(setup.gpu.free_bytes * (1 - setup.margin))
+        self.cache: dict[tuple[_Knobs, str], MemoryEstimate | None] = {}
+        self.count, self.notes, self.method = 0, [], setup.method
+        self.failed: dict[str, list[Any]] = {}  # message -> [count, first configuration]
+
+    def module(self, rank: int | None) -> Any:
+        """The module with LoRA adapters of ``rank`` (``None``: as given), built on first use."""
+        if rank not in self.setup.modules:
+            self.setup.modules[rank] = add_lora(load_model(self.setup.model), rank).module
+            self.ctx.trainable[rank] = sum(p.numel() for p in self.setup.modules[rank].parameters() if p.requires_grad)
+        return self.setup.modules[rank]
+
+    def estimate(self, k: _Knobs, method: str, *, strict: bool = False) -> MemoryEstimate | None:
+        """The estimate of ``k``; ``None`` when the estimator cannot make it (the reason noted once)."""
+        if (k, method) not in self.cache:
+            self.count += 1
+            kwargs = {**k.kwargs(), "lora_rank": None}  # the module already has its adapters
+            try:
+                self.cache[(k, method)] = _estimate(self.module(k.lora_rank), seq_len=self.seq_len,
+                                                    device=self.setup.device, method=method, **kwargs,
+                                                    **self.setup.extra)
+            except MemguardError as exc:
+                if strict:
+                    raise
+                seen = self.failed.setdefault(f"{exc} ({method})", [0, ", ".join(k.changes(self.ctx.base))])
+                seen[0] += 1
+                self.cache[(k, method)] = None
+        return self.cache[(k, method)]
+
+    def all_notes(self) -> list[str]:
+        """The setup's notes, the search's, and one per reason estimates failed."""
+        failed = [f"{n} configuration{'s' * (n > 1)} (e.g. {what or 'as asked'}) cannot be estimated: {why}"
+                  for why, (n, what) in self.failed.items()]
+        return self.setup.notes + self.notes + failed
+
+    def fits(self, est: MemoryEstimate | None) -> bool:
+        return est is not None and est.fits(self.setup.gpu.free_bytes, self.setup.margin)
+
+    def fit(self, state: _Knobs) -> tuple[_Knobs, MemoryEstimate] | None:
+        """The largest micro-batch that fits: a divisor of the per-device batch, at most the user's."""
+        per_device = self.ctx.effective // state.world_size
+        sizes = [d for d in _divisors(per_device) if d <= self.ctx.base.batch_size]
+        tried: dict[int, tuple[_Knobs, MemoryEstimate] | None] = {}
+
+        def at(i: int) -> bool:
+            k = dataclasses.replace(state, batch_size=sizes[i], accumulate=per_device // sizes[i])
+            est = self.estimate(k, self.method)
+            tried[i] = (k, est) if est is not None and self.fits(est) else None
+            return tried[i] is not None
+
+        if not at(0):
+            return None
+        if len(sizes) > 1 and at(len(sizes) - 1):
+            return tried[len(sizes) - 1]
+        lo, hi = 0, len(sizes) - 1  # lo fits, hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if at(mid) else (lo, mid)
+        return tried[lo]
+
+    def search(self, group: str, states: Sequence[_Knobs], ranks: Sequence[int | None], keep: int) -> list[_Found]:
+        """The best fit of each state (trying ``ranks`` in turn) that may be among the ``keep`` cheapest.
+
+        ``states`` come cheapest first by the least they can cost; the search stops at the first that
+        costs more than the ``keep``-th cheapest fit kept, and skips one that could only be dominated.
+        """
+        base, found, bound = self.ctx.base, [], math.inf
+        for state in states:
+            if self.count >= self.setup.max_estimates:
+                self.notes.append(f"the search stopped at max_estimates={self.setup.max_estimates}")
+                break
+            if _lower_bound(state, self.ctx) > bound:
+                break
+            for rank in ranks:
+                probe = dataclasses.replace(state, lora_rank=rank, accumulate=_least(state, self.ctx))
+                if any(_no_more_intrusive(k, probe, base) for _, k, _ in found):
+                    break
+                hit = self.fit(dataclasses.replace(state, lora_rank=rank))
+                if hit:
+                    found.append((group, *hit))
+                    kept = _best(found, self.ctx, keep)
+                    bound = _cost(kept[-1][1], self.ctx) if len(kept) >= keep else math.inf
+                    break
+        return found
+
+    def confirm(self, found: Sequence[_Found], n: int) -> list[_Found]:
+        """Trace the first ``n`` (at most ``n + 2`` tries); a row the trace finds too large is dropped."""
+        out: list[_Found] = []
+        done = tries = 0
+        for group, k, est in found:
+            if done < n and tries < n + 2 and est.method != "trace":
+                tries += 1
+                traced = self.estimate(k, "trace")
+                if traced is not None and not self.fits(traced):
+                    self.notes.append(f"{', '.join(k.changes(self.ctx.base))}: the formula's "
+                                      f"{format_bytes(est.total_bytes)} fits, the trace's "
+                                      f"{format_bytes(traced.total_bytes)} does not; dropped")
+                    continue
+                est, done = (traced, done + 1) if traced is not None else (est, done)
+            out.append((group, k, est))
+        return out
+
+    def row(self, group: str, k: _Knobs, est: MemoryEstimate) -> PlanRow:
+        terms, seq, device = _cost_terms(k, self.ctx), self.seq_len, self.setup.device
+        return PlanRow(group, k.changes(self.ctx.base), {**k.kwargs(), "seq_len": seq, "device": device},
+                       est.total_bytes, self.usable - est.total_bytes, _cost(k, self.ctx), terms,
+                       est.method, k.flags(self.ctx.base, seq, device, self.setup.margin), est.host_bytes)
+
+
+def _best(found: Sequence[_Found], ctx: _Context, limit: int) -> list[_Found]:
+    """The ``limit`` cheapest (then smallest) that no fit with a subset of their changes beats."""
+    cost = {k: _cost(k, ctx) for _, k, _ in found}
+    kept = [f for f in found if not any(a != f[1] and _no_more_intrusive(a, f[1], ctx.base) and cost[a] <= cost[f[1]]
+                                        for _, a, _ in found)]
+    return sorted(kept, key=lambda f: (cost[f[1]], f[2].total_bytes))[:limit]
+
+
+def _rows(search: _Search, groups: Sequence[Sequence[_Found]]) -> list[PlanRow]:
+    """Each group's rows: its undominated fits, the first confirmed with the trace, the cheapest kept."""
+    rows = []
+    for found in groups:
+        found = _best(found, search.ctx, len(found))
+        if search.method == "formula":
+            found = search.confirm(found, search.setup.confirm)
+        rows += [search.row(*f) for f in _best(found, search.ctx, search.setup.limit)]
+    return rows
+
+
+def _searched(setup: _Setup, asked: MemoryEstimate | None) -> tuple[_Search, list[list[_Found]]]:
+    """Estimate the asked run (the trace when the formula cannot), then search each group."""
+    base, module = setup.base, setup.modules[None]
+    effective = base.batch_size * base.accumulate * base.world_size
+    ctx = _Context(base, effective, 1, sum(p.numel() for p in module.parameters()),
+                   {None: sum(p.numel() for p in module.parameters() if p.requires_grad)})
+    search = _Search(setup, ctx)
+    if asked is not None:
+        search.cache[(base, asked.method)] = asked
+    if search.estimate(base, search.method, strict=search.method == "trace") is None:
+        search.failed.clear()
+        search.estimate(base, "trace", strict=True)
+        setup.notes.append(f"the formula cannot estimate {setup.name}: the trace searched instead")
+        search.method = "trace"
+    search.seq_len = search.cache[(base, search.method)].inputs.get("seq_len")
+    search.ctx = dataclasses.replace(ctx, tokens_per_sample=search.seq_len or COSTS["micro_batch_tokens"])
+    keep = setup.limit + setup.confirm + 2
+    return search, [search.search(group, states, ranks, keep) for group, states, ranks in _groups(search)]
+
+
+def _groups(search: _Search) -> list[tuple[str, list[_Knobs], tuple[int | None, ...]]]:
+    """Each group's name, states (fewest changes first) and LoRA ranks to try in turn."""
+    setup, ctx, base = search.setup, search.ctx, search.ctx.base
+    layouts = [(s, 1, oo, op) for s, oo, op in _SINGLE]
+    skipped = [w for w in range(2, setup.gpus + 1) if ctx.effective % w]
+    layouts += [(s, w, oo, op) for w in range(2, setup.gpus + 1) if w not in skipped for s, oo, op in _MULTI]
+    if skipped:
+        sizes = f"world size{'s' * (len(skipped) > 1)} {', '.join(map(str, skipped))}"
+        setup.notes.append(f"{setup.gpus} GPUs allowed, but {sizes} cannot keep the effective batch of "
+                           f"{ctx.effective}: not searched")
+    mine = (base.strategy, base.world_size, base.offload_optimizer, base.offload_params)
+    layouts = [mine, *(x for x in layouts if x != mine)]
+    module = setup.modules[None]
+    switch = any(hasattr(module, f) for f in ("activation_checkpointing_enable", "gradient_checkpointing_enable"))
+    if not (switch or base.checkpointing):
+        setup.notes.append(f"{setup.name} has no checkpointing switch (transformers' gradient_checkpointing_enable): "
+                           "gradient checkpointing not searched")
+    checkpointing = (base.checkpointing, not base.checkpointing) if switch else (base.checkpointing,)
+    out = [(LORA if base.lora_rank else FULL, setup.optimizers, (base.lora_rank,))]
+    if setup.lora_ranks:
+        try:
+            search.module(setup.lora_ranks[0])
+            out.append((LORA, (base.optimizer,), setup.lora_ranks))
+        except MemguardError as exc:
+            setup.notes.append(f"LoRA not planned: {exc}")
+    return [(group, _states(base, layouts, setup.precisions, optimizers, checkpointing, ranks[0], ctx), ranks)
+            for group, optimizers, ranks in out]
+
+
+def _states(base: _Knobs, layouts: Sequence[tuple[str, int, bool, bool]], precisions: Sequence[str],
+            optimizers: Sequence[str], checkpointing: Sequence[bool], rank: int | None, ctx: _Context) -> list[_Knobs]:
+    """Every combination, cheapest first by the least it can cost, then fewest changes; offloaded state
+    only with DeepSpeed's or FSDP's CPU Adam (no other optimizer is offloaded)."""
+    states = [_Knobs(p, o, ck, s, w, oo, op, rank) for s, w, oo, op in layouts for p in precisions for o in optimizers
+              for ck in checkpointing
+              if not oo or o in ("adamw", "adam") or (base.offload_optimizer and o == base.optimizer)]
+
+    return sorted(states, key=lambda s: (_lower_bound(s, ctx), len(s.changes(base))))
