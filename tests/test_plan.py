@@ -231,7 +231,15 @@ def test_bad_input_is_a_config_error_naming_it(kwargs: dict, named: str) -> None
 def test_the_planning_package_keeps_its_names() -> None:
     import memguard.planning as planning
 
-    assert planning.__all__ == ["COSTS", "COST_MODEL", "FULL", "LORA", "Plan", "PlanRow", "plan", "remedies"]
+    assert planning.__all__ == ["COSTS", "COST_MODEL", "FULL", "LORA", "Plan", "PlanRow", "plan", "remedies",
+                                "remedy_lines"]
     assert (memguard.plan, memguard.remedies, memguard.Plan, memguard.PlanRow) == (
         planning.plan, planning.remedies, planning.Plan, planning.PlanRow)
     assert planning.COST_MODEL.startswith("cost = sum of terms") and planning.COSTS["recompute"] == 0.33
+
+
+def test_remedy_lines_say_what_fits_or_that_nothing_does() -> None:
+    from memguard.planning import remedy_lines
+
+    assert remedy_lines(None) == []  # the search failed: say nothing rather than something wrong
+    assert remedy_lines([])[0].startswith("Nothing memguard can change")

@@ -41,9 +41,8 @@ from memguard.estimation.search import max_batch_size, reduced_batch
 from memguard.estimation.spec import OPTIMIZERS
 from memguard.estimation.trace import DEFAULT_TIMEOUT
 from memguard.fit import check_margin
-from memguard.lightning.messages import remedy_lines
 from memguard.lightning.rank import REMEDY_ESTIMATES
-from memguard.planning import remedies
+from memguard.planning import remedies, remedy_lines
 from memguard.units import format_bytes
 
 try:

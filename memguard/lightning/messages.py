@@ -9,9 +9,10 @@ from memguard.errors import InsufficientMemoryError
 from memguard.estimation.result import MemoryEstimate
 from memguard.lightning.decision import Decision, RankReport
 from memguard.lightning.rank import RankPlan
+from memguard.planning import remedy_lines
 from memguard.units import format_bytes
 
-__all__ = ["fits", "insufficient", "reduced", "remedy_lines", "summary", "warning"]
+__all__ = ["fits", "insufficient", "reduced", "summary", "warning"]
 
 
 def summary(plan: RankPlan, reports: Sequence[RankReport], rank: int) -> str:
@@ -39,18 +40,6 @@ def warning(plan: RankPlan, decision: Decision, reports: Sequence[RankReport], r
     return "\n".join([f"MemGuard: a training step at batch size {plan.requested} may not fit"
                       f"{_on(decision.too_big, len(reports))}: {summary(plan, reports, rank)}.",
                       *remedy_lines(rows), plan.at_requested.estimate.table()])
-
-
-def remedy_lines(rows: Sequence[Any] | None) -> list[str]:
-    """The rows of :func:`memguard.remedies`, one line each, or why there are none (nothing when the
-    search itself failed: ``None``)."""
-    if rows is None:
-        return []
-    if not rows:
-        return ["Nothing memguard can change (precision, checkpointing, optimizer, batch and accumulation, LoRA, "
-                "sharding, offload) makes it fit."]
-    return ["What would fit (best first; `memguard plan` lists more, with the flags):",
-            *(f"  - {row.describe()}" for row in rows)]
 
 
 def insufficient(plan: RankPlan, decision: Decision, reports: Sequence[RankReport], rank: int,

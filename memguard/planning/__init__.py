@@ -22,6 +22,6 @@ from __future__ import annotations
 
 from memguard.planning.api import plan, remedies
 from memguard.planning.costs import COST_MODEL, COSTS
-from memguard.planning.rows import FULL, LORA, Plan, PlanRow
+from memguard.planning.rows import FULL, LORA, Plan, PlanRow, remedy_lines
 
-__all__ = ["COSTS", "COST_MODEL", "FULL", "LORA", "Plan", "PlanRow", "plan", "remedies"]
+__all__ = ["COSTS", "COST_MODEL", "FULL", "LORA", "Plan", "PlanRow", "plan", "remedies", "remedy_lines"]

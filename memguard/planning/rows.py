@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from memguard.device import DeviceMemory
@@ -208,3 +208,15 @@ def _summary(s: Mapping[str, Any]) -> str:
     parts += ["gradient checkpointing"] * bool(s["gradient_checkpointing"])
     parts += [f"{s['strategy']} x {s['world_size']}"] * (s["strategy"] != "single")
     return ", ".join(parts + [f"LoRA rank {s['lora_rank']}"] * bool(s["lora_rank"]))
+
+
+def remedy_lines(rows: Sequence[PlanRow] | None) -> list[str]:
+    """The rows of :func:`memguard.remedies`, one line each, or why there are none (nothing when the
+    search itself failed: ``None``)."""
+    if rows is None:
+        return []
+    if not rows:
+        return ["Nothing memguard can change (precision, checkpointing, optimizer, batch and accumulation, LoRA, "
+                "sharding, offload) makes it fit."]
+    return ["What would fit (best first; `memguard plan` lists more, with the flags):",
+            *(f"  - {row.describe()}" for row in rows)]
