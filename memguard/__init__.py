@@ -29,7 +29,7 @@ from memguard.estimation.result import Category, MemoryEstimate
 from memguard.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
-    from memguard.device import DeviceMemory, device_memory, list_devices, parse_budget, resolve_budget
+    from memguard.device import DeviceMemory, device_memory, list_devices, parse_budget, parse_gpu, resolve_budget
     from memguard.estimation._isolation import is_tracing
     from memguard.estimation.estimator import estimate
     from memguard.estimation.models import list_presets
@@ -44,6 +44,7 @@ _LAZY = {
     "list_devices": "memguard.device",
     "resolve_budget": "memguard.device",
     "parse_budget": "memguard.device",
+    "parse_gpu": "memguard.device",
     "estimate": "memguard.estimation.estimator",
     "is_tracing": "memguard.estimation._isolation",
     "list_presets": "memguard.estimation.models",
@@ -82,6 +83,7 @@ __all__ = [
     "lookup_gpu",
     "parse_budget",
     "parse_bytes",
+    "parse_gpu",
     "plan",
     "remedies",
     "resolve_budget",

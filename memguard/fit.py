@@ -39,7 +39,8 @@ class Fit:
         estimate: the step's estimate; its :attr:`~MemoryEstimate.total_bytes` is compared.
         free_bytes: the memory available (free on the device, or a budget), before the margin.
         margin: the share of ``free_bytes`` kept spare, in ``[0, 1)``.
-        where: where ``free_bytes`` comes from, in words (``"A100-80GB"``, ``"budget of 12 GiB"``).
+        where: where ``free_bytes`` comes from, in words (``"A100-80GB"``, ``"budget of 12 GiB"``); for
+            the caller's messages, not part of :meth:`room` or :meth:`describe`.
     """
 
     estimate: MemoryEstimate
@@ -68,18 +69,25 @@ class Fit:
         return self.usable_bytes - self.estimate.total_bytes
 
     def room(self) -> str:
-        """``"80.00 GiB free less a 10% margin"``: what usable is made of."""
+        """``"40.00 GiB free less a 10% margin"`` (``"... free no margin"``): what usable is made of."""
         spare = f"less a {self.margin * 100:g}% margin" if self.margin else "no margin"
-        where = f" ({self.where})" if self.where else ""
-        return f"{format_bytes(self.free_bytes)} free{where} {spare}"
+        return f"{format_bytes(self.free_bytes)} free {spare}"
+
+    def needs(self) -> str:
+        """``"needs 536.00 MiB, has 230.40 MiB usable (256.00 MiB free less a 10% margin)"``."""
+        return (f"needs {format_bytes(self.estimate.total_bytes)}, has {format_bytes(self.usable_bytes)} usable "
+                f"({self.room()})")
 
     def describe(self) -> str:
-        """One line: the verdict, what the step needs and what is usable."""
-        need, usable = format_bytes(self.estimate.total_bytes), format_bytes(self.usable_bytes)
+        """The verdict line of ``memguard check``: what the step needs, what is usable, spare or short.
+
+        ``"FITS: needs 8.00 GiB of 9.00 GiB usable (10.00 GiB free less a 10% margin); 1.00 GiB to
+        spare"`` or ``"DOES NOT FIT: needs ..., has ... usable (...); ... short"``.
+        """
         if self.fits:
-            return f"fits: needs {need} of {usable} usable ({self.room()}); {format_bytes(self.spare_bytes)} spare"
-        return (f"does not fit: needs {need}, has {usable} usable ({self.room()}); "
-                f"{format_bytes(-self.spare_bytes)} short")
+            return (f"FITS: needs {format_bytes(self.estimate.total_bytes)} of {format_bytes(self.usable_bytes)} "
+                    f"usable ({self.room()}); {format_bytes(self.spare_bytes)} to spare")
+        return f"DOES NOT FIT: {self.needs()}; {format_bytes(-self.spare_bytes)} short"
 
     def to_dict(self) -> dict[str, Any]:
         return {"fits": self.fits, "free_bytes": self.free_bytes, "margin": self.margin,

@@ -23,6 +23,7 @@ from typing import Any
 
 from memguard.errors import ConfigError, require
 from memguard.estimation.result import Category, MemoryEstimate
+from memguard.fit import usable_bytes
 from memguard.units import format_bytes, parse_bytes
 
 __all__ = ["AXES", "Sweep", "batch_sizes_for", "check_output", "render", "render_timeline", "seq_lens_for", "sweep"]
@@ -165,8 +166,9 @@ def render(by_batch: Sweep, by_seq: Sweep | None, path: str | Path, *, capacity_
         by_batch: a sweep along ``batch_size``.
         by_seq: a sweep along ``seq_len`` for the second panel, or ``None`` for one panel.
         path: the image to write; the format follows the suffix.
-        capacity_bytes: the GPU's free memory, drawn as a line with the margin below it.
-        margin: the share of ``capacity_bytes`` kept spare, as in :meth:`MemoryEstimate.fits`.
+        capacity_bytes: the GPU's free memory, drawn as a line with the usable memory
+            (:func:`memguard.fit.usable_bytes`) below it.
+        margin: the share of ``capacity_bytes`` kept spare, as in :class:`memguard.fit.Fit`.
         max_batch: the largest fitting batch, marked on the first panel (0 or ``None``: none).
         gpu_name: the GPU's name (or ``"budget"``) for the legend.
         title: the figure's title.
@@ -179,11 +181,11 @@ def render(by_batch: Sweep, by_seq: Sweep | None, path: str | Path, *, capacity_
 
     Raises:
         MissingDependencyError: matplotlib is not installed.
-        ConfigError: the file cannot be written.
+        ConfigError: the file cannot be written, or, with ``capacity_bytes``, ``margin`` is outside
+            ``[0, 1)``.
     """
     require("matplotlib", "plot", "memguard plot")
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     sweeps = [s for s in (by_batch, by_seq) if s is not None and s.values]
     if not sweeps:
@@ -201,36 +203,50 @@ def render(by_batch: Sweep, by_seq: Sweep | None, path: str | Path, *, capacity_
             ax.axhline(capacity_bytes / unit, color="#c44e52", linewidth=1.6,
                        label=f"{gpu_name}: {format_bytes(capacity_bytes)} free")
             if margin:
-                ax.axhline(capacity_bytes * (1 - margin) / unit, color="#c44e52", linewidth=1.0,
+                ax.axhline(usable_bytes(capacity_bytes, margin) / unit, color="#c44e52", linewidth=1.0,
                            linestyle="--", label=f"usable with a {margin * 100:g}% margin")
         ax.set_xlabel(_LABELS[s.axis])
         ax.set_ylabel(f"predicted memory ({unit_name})")
         ax.set_ylim(0, top * 1.08 / unit)
         ax.grid(True, alpha=0.3)
-    batch_ax = axes[0] if sweeps[0] is by_batch else None
-    if batch_ax is not None:
-        batch_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        batch_ax.set_title(f"against batch size (seq {seq_len})" if seq_len else "against batch size")
-        if max_batch:
-            totals = dict(zip(by_batch.values, by_batch.totals(), strict=True))
-            batch_ax.axvline(max_batch, color="#2ca02c", linestyle=":", linewidth=1.6,
-                             label=f"largest fitting batch: {max_batch}")
-            if max_batch in totals:
-                batch_ax.plot([max_batch], [totals[max_batch] / unit], marker="o", color="#2ca02c", clip_on=False)
+    if sweeps[0] is by_batch:
+        _mark_batch_panel(axes[0], by_batch, unit, max_batch=max_batch, seq_len=seq_len)
     if by_seq is not None and by_seq.values:
-        seq_ax = axes[-1]
-        seq_ax.set_xscale("log", base=2)
-        seq_ax.set_xticks(list(by_seq.values), [str(v) for v in by_seq.values])
-        seq_ax.set_title(f"against sequence length (batch {batch_size})" if batch_size else
-                         "against sequence length")
-        if seq_len:
-            seq_ax.axvline(seq_len, color="#2ca02c", linestyle=":", linewidth=1.6, label=f"--seq-len {seq_len}")
-            totals = dict(zip(by_seq.values, by_seq.totals(), strict=True))
-            if seq_len in totals:
-                seq_ax.plot([seq_len], [totals[seq_len] / unit], marker="o", color="#2ca02c", clip_on=False)
+        _mark_seq_panel(axes[-1], by_seq, unit, seq_len=seq_len, batch_size=batch_size)
     for ax in axes:
         handles, labels = ax.get_legend_handles_labels()
         ax.legend(handles[::-1], labels[::-1], loc="upper left", fontsize="small", framealpha=0.9)
+    return _save(fig, path, title, dpi)
+
+
+def _mark_batch_panel(ax: Any, by_batch: Sweep, unit: int, *, max_batch: int | None, seq_len: int | None) -> None:
+    """Integer ticks, the title, and the largest fitting batch as a line and a point."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"against batch size (seq {seq_len})" if seq_len else "against batch size")
+    if max_batch:
+        totals = dict(zip(by_batch.values, by_batch.totals(), strict=True))
+        ax.axvline(max_batch, color="#2ca02c", linestyle=":", linewidth=1.6,
+                   label=f"largest fitting batch: {max_batch}")
+        if max_batch in totals:
+            ax.plot([max_batch], [totals[max_batch] / unit], marker="o", color="#2ca02c", clip_on=False)
+
+
+def _mark_seq_panel(ax: Any, by_seq: Sweep, unit: int, *, seq_len: int | None, batch_size: int | None) -> None:
+    """A log-2 axis at the swept lengths, the title, and ``--seq-len`` as a line and a point."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(by_seq.values), [str(v) for v in by_seq.values])
+    ax.set_title(f"against sequence length (batch {batch_size})" if batch_size else "against sequence length")
+    if seq_len:
+        ax.axvline(seq_len, color="#2ca02c", linestyle=":", linewidth=1.6, label=f"--seq-len {seq_len}")
+        totals = dict(zip(by_seq.values, by_seq.totals(), strict=True))
+        if seq_len in totals:
+            ax.plot([seq_len], [totals[seq_len] / unit], marker="o", color="#2ca02c", clip_on=False)
+
+
+def _save(fig: Any, path: str | Path, title: str, dpi: int) -> Path:
+    """Title ``fig`` and write it to ``path``, the format following the suffix; a failure is a :class:`ConfigError`."""
     if title:
         fig.suptitle(title)
     out = Path(path)
@@ -279,21 +295,15 @@ def render_timeline(est: MemoryEstimate, path: str | Path, *, capacity_bytes: in
     ax.plot([peak_at], [ys[peak_at]], marker="o", color="#c44e52",
             label=f"peak {format_bytes(top)} ({est.timeline[peak_at][1]})")
     if capacity_bytes:
-        ax.axhline(capacity_bytes * (1 - margin) / unit, color="#c44e52", linestyle="--", linewidth=1.0,
-                   label=f"usable: {format_bytes(int(capacity_bytes * (1 - margin)))}")
+        usable = usable_bytes(capacity_bytes, margin)
+        ax.axhline(usable / unit, color="#c44e52", linestyle="--", linewidth=1.0,
+                   label=f"usable: {format_bytes(usable)}")
     ax.set_xlabel("allocation and free events of one training step")
     ax.set_ylabel(f"live tensors ({unit_name})")
     ax.set_ylim(0, max(top, capacity_bytes or 0) * 1.08 / unit)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", fontsize="small", framealpha=0.9)
-    if title:
-        fig.suptitle(title)
-    out = Path(path)
-    try:
-        fig.savefig(out, dpi=dpi)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot write a plot to {str(out)!r}: {exc}") from None
-    return out
+    return _save(fig, path, title, dpi)
 
 
 def _draw_stack(ax: Any, s: Sweep, unit: int) -> None:

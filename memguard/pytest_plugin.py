@@ -13,12 +13,15 @@ that step and compares it with the GPU's free memory:
 .. code-block:: text
 
     pytest                            # against this machine's GPU (cuda:0 / the current device)
-    pytest --memguard-gpu A100-40GB   # against a catalog GPU, or a size such as 24GiB
+    pytest --memguard-gpu A100-40GB   # against a catalog GPU, a size such as 24GiB, or cuda:1 / 1
     pytest --memguard-gpu A100-40GB --memguard-check-only   # only the checks, on a runner without GPU
 
 The marker takes what :func:`memguard.estimate` takes (``model`` first, positionally or by name)
 plus ``margin`` (default 0.1) and ``on_oom``: ``"skip"`` (default) or ``"fail"``. With no GPU
 visible and no ``--memguard-gpu``, marked tests are skipped: a GPU test cannot run there anyway.
+``--memguard-gpu`` is read by :func:`memguard.device.parse_gpu`, as the ``memguard`` command reads
+``--gpu`` (bare digits are a CUDA index; a size needs its unit), and the verdict is
+:class:`memguard.fit.Fit`'s.
 
 Against a live GPU the free memory is read before each test (through NVML), adding back what this
 process's CUDA caching allocator holds but does not use, since the next test can reuse it.
@@ -34,8 +37,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from memguard._cache import Cached
     from memguard.device import DeviceMemory
     from memguard.estimation.result import MemoryEstimate
+    from memguard.fit import Fit
 
 __all__ = ["memguard_estimate"]
 
@@ -48,7 +53,7 @@ _MARKER = ("memguard(model, batch_size=None, seq_len=None, *, precision='32-true
 
 _estimate_key = pytest.StashKey["MemoryEstimate"]()
 _gpu_key = pytest.StashKey["DeviceMemory | None"]()
-_cache_key = pytest.StashKey["dict[Any, MemoryEstimate]"]()
+_cache_key = pytest.StashKey["Cached[MemoryEstimate]"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,13 +69,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _MARKER)
-    config.stash[_cache_key] = {}
     option = config.getoption("memguard_gpu", None)
-    if option is not None and option.strip().lower() != "auto":
+    if option is not None and option.strip().lower() != "auto":  # auto: this machine's GPU, read before each test
+        from memguard.device import parse_gpu
         from memguard.errors import MemguardError
 
         try:
-            config.stash[_gpu_key] = _resolve(option)
+            config.stash[_gpu_key] = parse_gpu(option)
         except MemguardError as exc:
             raise pytest.UsageError(f"--memguard-gpu {option}: {exc}") from None
 
@@ -82,22 +87,22 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if marker is None:
         return
     from memguard.errors import MemguardError
+    from memguard.fit import Fit
 
     kwargs, margin, on_oom = _read_marker(marker)
     gpu = _gpu_for_test(item.config)
     try:
-        est = _estimate(item.config, kwargs)
-        fits = est.fits(gpu.free_bytes, margin)
+        fit = Fit(_estimate(item.config, kwargs), gpu.free_bytes, margin, gpu.name)
     except MemguardError as exc:
         pytest.fail(f"memguard: {exc}", pytrace=False)
-    item.stash[_estimate_key] = est
-    if not fits:
-        message = f"memguard: {_verdict(est, gpu, margin)}\n{est.table()}"
+    item.stash[_estimate_key] = fit.estimate
+    if not fit.fits:
+        message = f"memguard: {_verdict(fit)}\n{fit.estimate.table()}"
         if on_oom == "fail":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     if item.config.getoption("memguard_check_only", False):
-        pytest.skip(f"memguard: fits; not run (--memguard-check-only): {_verdict(est, gpu, margin)}")
+        pytest.skip(f"memguard: fits; not run (--memguard-check-only): {_verdict(fit)}")
 
 
 @pytest.fixture
@@ -114,6 +119,9 @@ def _read_marker(marker: pytest.Mark) -> tuple[dict[str, Any], float, str]:
     """The estimate's arguments, the margin and ``on_oom`` of a ``memguard`` marker."""
     import importlib
     import inspect
+
+    from memguard.errors import ConfigError
+    from memguard.fit import check_margin
 
     kwargs = dict(marker.kwargs)
     if marker.args:
@@ -132,26 +140,16 @@ def _read_marker(marker: pytest.Mark) -> tuple[dict[str, Any], float, str]:
     on_oom = kwargs.pop("on_oom", "skip")
     if on_oom not in _ON_OOM:
         pytest.fail(f"@pytest.mark.memguard: on_oom must be 'skip' or 'fail', got {on_oom!r}", pytrace=False)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-        pytest.fail(f"@pytest.mark.memguard: margin must be a number in [0, 1), got {margin!r}", pytrace=False)
+    try:
+        margin = check_margin(margin)
+    except ConfigError as exc:
+        pytest.fail(f"@pytest.mark.memguard: {exc}", pytrace=False)
     accepted = set(inspect.signature(importlib.import_module("memguard.estimation.estimator").estimate).parameters)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         pytest.fail(f"@pytest.mark.memguard: unknown argument(s) {', '.join(unknown)}; it takes "
                     f"{', '.join(sorted(accepted | set(_OWN)))}", pytrace=False)
-    return kwargs, float(margin), on_oom
-
-
-def _resolve(option: str) -> DeviceMemory:
-    """``--memguard-gpu`` other than ``auto``: a CUDA index, a catalog name, a size or a percentage."""
-    from memguard import device
-
-    text = option.strip()
-    if text.isdigit():
-        return device.device_memory(int(text))
-    if text.endswith("%"):
-        return device.resolve_budget(text, "cuda")
-    return device.device_memory(text)
+    return kwargs, margin, on_oom
 
 
 def _gpu_for_test(config: pytest.Config) -> DeviceMemory:
@@ -189,29 +187,18 @@ def _with_cached_blocks(gpu: DeviceMemory) -> DeviceMemory:
 
 def _estimate(config: pytest.Config, kwargs: dict[str, Any]) -> MemoryEstimate:
     """``memguard.estimate(**kwargs)``, remembered for the session when the arguments are hashable."""
-    import memguard
+    cache: Cached[MemoryEstimate] | None = config.stash.get(_cache_key, None)
+    if cache is None:
+        import memguard
+        from memguard._cache import cached
 
-    try:
-        key: Any = tuple(sorted(kwargs.items()))
-        hash(key)
-    except TypeError:
-        key = None
-    cache = config.stash.setdefault(_cache_key, {})
-    if key is not None and key in cache:
-        return cache[key]
-    est = memguard.estimate(**kwargs)
-    if key is not None:
-        cache[key] = est
-    return est
+        cache = config.stash[_cache_key] = cached(lambda **kw: memguard.estimate(**kw))
+    return cache(**kwargs)
 
 
-def _verdict(est: MemoryEstimate, gpu: DeviceMemory, margin: float) -> str:
-    from memguard.units import format_bytes
-
-    usable = int(gpu.free_bytes * (1 - margin))
-    inputs = est.inputs
+def _verdict(fit: Fit) -> str:
+    """``"gpt2 (batch 8, seq 1024, 32-true, adamw) does not fit NVIDIA L4: needs ..., has ... usable (...)"``."""
+    inputs = fit.estimate.inputs
     what = (f"{inputs.get('model')} (batch {inputs.get('batch_size')}, seq {inputs.get('seq_len')}, "
             f"{inputs.get('precision')}, {inputs.get('optimizer')})")
-    fits = "fits" if est.total_bytes <= usable else "does not fit"
-    return (f"{what} {fits} {gpu.name}: needs {format_bytes(est.total_bytes)}, has {format_bytes(usable)} "
-            f"usable ({format_bytes(gpu.free_bytes)} free less a {margin * 100:g}% margin)")
+    return f"{what} {'fits' if fit.fits else 'does not fit'} {fit.where}: {fit.needs()}"

@@ -372,8 +372,10 @@ BAD = {
     "gpu name": (["check", "gpt2", "--gpu", "H900"], "unknown GPU 'H900'"),
     "ambiguous gpu": (["check", "gpt2", "--gpu", "A100"], "'A100' is ambiguous"),
     "gpu size": (["check", "gpt2", "--gpu", "12QiB"], "cannot read '12QiB' as a memory size"),
+    "gpu number": (["check", "gpt2", "--gpu", "1.5e9"], "'1.5e9' is a number without a unit"),
     "no gpu": (["check", "gpt2", "--gpu", "auto"], "--gpu auto: no CUDA device can be read"),
-    "no gpu index": (["max-batch", "gpt2", "--gpu", "1"], "--gpu 1: no CUDA device"),
+    "no gpu index": (["max-batch", "gpt2", "--gpu", "1"], "--gpu 1: no CUDA device can be read on this machine ('1' "
+                                                          "is read as the CUDA index cuda:1, since bare digits"),
     "margin": (["check", "gpt2", "--gpu", "T4", "--margin", "2"], "argument --margin"),
     "margin word": (["check", "gpt2", "--gpu", "T4", "--margin", "lots"], "expected a share"),
     "plot folder": (["plot", "gpt2", "--gpu", "T4", "-o", "/no/such/dir/p.png"], "does not exist"),

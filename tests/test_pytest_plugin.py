@@ -13,8 +13,13 @@ from pathlib import Path
 import pytest
 
 import memguard
+import memguard.estimation.estimator  # the plugin imports it (and torch); see below
 from memguard import Category, DeviceError, DeviceMemory, MemoryEstimate
 from memguard import device as device_module
+
+# The plugin imports the estimator, and so torch, on the first marked test. Modules first imported
+# inside an in-process run are dropped after it, and torch cannot be imported twice in a process:
+# imported here, this file passes on its own too, not only after a file that imports torch.
 
 pytest_plugins = ["pytester"]
 
@@ -191,7 +196,20 @@ def test_bad_gpu_option_is_a_usage_error(pytester):
     pytester.makepyfile("def test_x(): pass")
     result = run(pytester, "--memguard-gpu", "H900")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--memguard-gpu H900: cannot read 'H900' as a device*"])
+    result.stderr.fnmatch_lines(["*--memguard-gpu H900: unknown GPU 'H900'; expected auto, a CUDA index*"])
+
+
+def test_gpu_option_reads_as_the_cli_gpu(pytester, fake_estimate, gpu_with_3gib_free):
+    """memguard.device.parse_gpu reads both: bare digits are a CUDA index, a size needs its unit."""
+    marked(pytester)
+    result = run(pytester, "--memguard-gpu", "0", "--memguard-check-only", "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*fits NVIDIA L4: needs 2.00 GiB, has 2.70 GiB usable (3.00 GiB free less a 10% "
+                                 "margin)"])
+    pytester.makepyfile("def test_x(): pass")
+    result = run(pytester, "--memguard-gpu", "1.5e9")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--memguard-gpu 1.5e9: '1.5e9' is a number without a unit*CUDA index*"])
 
 
 @pytest.mark.parametrize(("option", "message"), [

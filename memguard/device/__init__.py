@@ -53,7 +53,7 @@ from memguard.units import format_bytes, parse_bytes
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SOURCES", "DeviceLike", "DeviceMemory", "device_memory", "list_devices", "parse_budget",
+__all__ = ["SOURCES", "DeviceLike", "DeviceMemory", "device_memory", "list_devices", "parse_budget", "parse_gpu",
            "process_memory", "resolve_budget", "why_no_gpu"]
 
 log = logging.getLogger(__name__)
@@ -489,3 +489,8 @@ def process_memory(index: int | None = None, pid: int | None = None) -> int | No
     except (_nvml.NvmlUnavailable, DeviceError) as exc:
         log.debug("cannot read the memory of process %s on cuda:%d: %s", pid, want, exc)
         return None
+
+
+# The one GPU-spec parser (--gpu, --memguard-gpu); bare digits are a CUDA index. Imported last: it reads
+# device_memory and resolve_budget above.
+from memguard.device._gpu_spec import parse_gpu  # noqa: E402

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from memguard._cache import cached
 from memguard.device import parse_budget
 from memguard.device.actual import Measurement, MemoryProbe, compare, resident_bytes, training_tensors
 from memguard.device.available import available_to
@@ -329,18 +330,14 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         precision = _precision(args, model, device)
         accumulate = int(args.gradient_accumulation_steps)
         world = int(args.world_size)
-        cache: dict[int, MemoryEstimate] = {}
-
         def estimate_at(batch_size: int) -> MemoryEstimate:
-            if batch_size not in cache:
-                cache[batch_size] = estimate(
-                    model, batch_size=batch_size, example_input=batch, optimizer=optimizer, precision=precision,
-                    device=kind, method="trace", loss_fn=_loss, training_loop="pytorch", set_to_none=True,
-                    strategy="ddp" if world > 1 else "single", world_size=world, trace_timeout=self.trace_timeout,
-                    accumulate_grad_batches=accumulate if batch_size >= requested else max(accumulate, 2))
-            return cache[batch_size]
+            return estimate(
+                model, batch_size=batch_size, example_input=batch, optimizer=optimizer, precision=precision,
+                device=kind, method="trace", loss_fn=_loss, training_loop="pytorch", set_to_none=True,
+                strategy="ddp" if world > 1 else "single", world_size=world, trace_timeout=self.trace_timeout,
+                accumulate_grad_batches=accumulate if batch_size >= requested else max(accumulate, 2))
 
-        return estimate_at
+        return cached(estimate_at)
 
     def _act(self, plan: _Plan, rows: list[list[int]]) -> None:
         est = plan.at_requested

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from memguard._cache import cached
 from memguard.device.available import available_to
 from memguard.errors import MemguardError
 from memguard.estimation.estimator import estimate
@@ -105,21 +106,18 @@ def _estimator(trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any, requ
     def step(b: Any) -> Any:  # runs on the module's private state (memguard.estimation._isolation)
         return pl_module.training_step(b, 0)
 
-    cache: dict[int, MemoryEstimate] = {}
     kwargs = {"example_input": batch, "step_fn": step, "optimizer": optimizer, "training_loop": "lightning",
               "trace_timeout": trace_timeout}
 
     def estimate_at(batch_size: int) -> MemoryEstimate:
-        if batch_size not in cache:
-            est = estimate(pl_module, batch_size=batch_size, precision=info.precision, device=device, method="trace",
-                           strategy=parallel, world_size=info.world_size, offload_optimizer=info.offload_optimizer,
-                           offload_params=info.offload_params,
-                           accumulate_grad_batches=info.accumulate_grad_batches if batch_size >= requested else 2,
-                           **kwargs)
-            cache[batch_size] = dataclasses.replace(est, inputs={**est.inputs, "gradient_checkpointing": checkpointing})
-        return cache[batch_size]
+        est = estimate(pl_module, batch_size=batch_size, precision=info.precision, device=device, method="trace",
+                       strategy=parallel, world_size=info.world_size, offload_optimizer=info.offload_optimizer,
+                       offload_params=info.offload_params,
+                       accumulate_grad_batches=info.accumulate_grad_batches if batch_size >= requested else 2,
+                       **kwargs)
+        return dataclasses.replace(est, inputs={**est.inputs, "gradient_checkpointing": checkpointing})
 
-    return estimate_at, kwargs
+    return cached(estimate_at), kwargs
 
 
 def _checkpointing(module: torch.nn.Module) -> bool:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from memguard.device import DeviceMemory, device_memory, resolve_budget
+from memguard.device import DeviceMemory, parse_gpu, resolve_budget
 from memguard.errors import ConfigError
 from memguard.estimation.models import ResolvedModel, add_lora, load_model
 from memguard.estimation.parallel import resolve_parallelism
@@ -240,4 +240,4 @@ def _resolve_gpu(gpu: Any) -> DeviceMemory:
                           f"bytes as an int, got {gpu!r}")
     if isinstance(gpu, int):
         return resolve_budget(gpu)
-    return device_memory("cuda" if gpu.strip().lower() == "auto" else gpu)
+    return parse_gpu(gpu)

@@ -1,0 +1,141 @@
+"""The ``memguard`` command: will a training step fit, before a GPU is booked or a config merged.
+
+A pipeline of small functions, after accelerate's ``commands/estimate.py``: parse the command line,
+resolve the GPU, estimate, judge, render. Every subcommand takes ``--json`` for machines and
+``--quiet`` to drop the progress lines written on stderr.
+
+::
+
+    memguard estimate MODEL [--batch-size N --seq-len N --precision P --optimizer O --method M
+                             --device D --gradient-checkpointing --strategy S --world-size N
+                             --offload-optimizer --offload-params --lora-rank R]
+    memguard check MODEL ... --gpu auto|INDEX|CATALOG-NAME|SIZE [--margin 0.1]
+    memguard max-batch MODEL --seq-len N --gpu ...
+    memguard plot MODEL --seq-len N --gpu ... -o FILE.png
+    memguard plan MODEL ... --gpu ...
+    memguard gpus [--catalog]
+
+``MODEL`` is a preset name (``memguard.list_presets()``), a ``config.json`` path or model directory,
+or ``package.module:factory`` naming a callable that returns an ``nn.Module``. ``--gpu`` is read by
+:func:`memguard.device.parse_gpu` (bare digits are a CUDA index; a size needs its unit) and the
+verdict is :class:`memguard.fit.Fit`'s, as in the pytest plugin and the Lightning callback.
+
+Exit status: 0 success (``check``: it fits), 1 it does not fit (``check``; ``max-batch`` when not
+even batch size 1 fits), 2 bad usage or input, reported as one line on stderr, 130 interrupted
+(Ctrl-C, at any moment, one line and no traceback). Under GitHub Actions (``GITHUB_ACTIONS=true``)
+a ``check`` that does not fit also writes an error annotation.
+
+Progress lines ("tracing gpt2: batch 8, seq 1024 ...") are written only when stderr is a terminal,
+so a CI log or a script that reads stderr sees warnings and errors alone. torch and the estimator
+are imported inside :func:`main`, so a Ctrl-C while torch loads is handled like any other; only
+Python's own start and the import of this package (the first ~0.1 s) come before :func:`main`.
+
+With ``--strategy`` and ``--world-size`` the estimate is per device (:mod:`memguard.estimation.parallel`).
+
+The package, one concern a module:
+
+- ``__init__``: :func:`main`, Ctrl-C and the exit status.
+- ``_parser``: the command line and the checks of its values.
+- ``_output``: stdout, stderr, exit codes, library chatter muted.
+- ``_shared``: what every subcommand needs (the GPU, the cached estimator, the remedies).
+- ``_commands``: ``estimate``, ``check``, ``max-batch``, ``plan``, ``gpus``.
+- ``_plot``: ``plot`` and ``plot --timeline``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from memguard.cli._output import (
+    EXIT_DOES_NOT_FIT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    Output,
+    fail,
+    is_terminal,
+    quiet_libraries,
+)
+from memguard.cli._parser import TRACE_TIMEOUT as _TRACE_TIMEOUT  # noqa: F401  (the old name; tests read it)
+from memguard.cli._parser import UsageError as _UsageError
+from memguard.cli._parser import build_parser as _build_parser
+from memguard.errors import MemguardError
+
+__all__ = ["EXIT_DOES_NOT_FIT", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``memguard`` command and return its exit status.
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        0 success, 1 does not fit, 2 bad usage or input, 130 interrupted.
+    """
+    with _watch_ctrl_c() as interrupted:
+        try:
+            code = _main(argv)
+        except KeyboardInterrupt:  # anywhere: importing torch, parsing, tracing, writing
+            interrupted.append(True)
+        except Exception:
+            if not interrupted:
+                raise
+        if interrupted:  # also when a library swallowed the KeyboardInterrupt and failed later
+            with contextlib.suppress(KeyboardInterrupt, OSError):
+                sys.stderr.write(f"{PROG}: interrupted\n")
+            return EXIT_INTERRUPTED
+        return code
+
+
+@contextlib.contextmanager
+def _watch_ctrl_c() -> Iterator[list[bool]]:
+    """Note every SIGINT while ``main`` runs, then raise ``KeyboardInterrupt`` as Python does.
+
+    A ``KeyboardInterrupt`` that lands inside a library's import can be swallowed there by a broad
+    ``except`` and come back as another error (an import of numpy cut short, then a
+    ``ModuleNotFoundError`` from transformers); the note makes that an interruption too. Left alone
+    where SIGINT is ignored or handled by someone else, or off the main thread.
+    """
+    seen: list[bool] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        seen.append(True)
+        raise KeyboardInterrupt
+
+    previous = None
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield seen
+    finally:
+        if previous is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
+        parser = _build_parser()
+    except MemguardError as exc:
+        return fail(str(exc))
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        return fail(str(exc))
+    except SystemExit as exc:  # --help and --version exit through argparse
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    quiet = args.quiet or args.json
+    out = Output(json_mode=args.json, quiet=quiet, progress_shown=not quiet and is_terminal(sys.stderr))
+    try:
+        with quiet_libraries(quiet=args.quiet, models=args.command != "gpus"):
+            return args.run(args, out)
+    except MemguardError as exc:
+        return fail(str(exc))

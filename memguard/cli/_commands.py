@@ -1,0 +1,164 @@
+"""``memguard estimate``, ``check``, ``max-batch``, ``plan`` and ``gpus``: each reads its ``args``, asks the
+library, and writes through :class:`~memguard.cli._output.Output`; each returns the exit status.
+
+The verdict is :class:`memguard.fit.Fit`'s: its :meth:`~memguard.fit.Fit.describe` is the
+``FITS``/``DOES NOT FIT`` line of ``check``, its :meth:`~memguard.fit.Fit.needs` the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import memguard
+from memguard import device as _device
+from memguard.cli._output import EXIT_DOES_NOT_FIT, EXIT_OK, Output, github_error, in_github_actions
+from memguard.cli._shared import (
+    EstimateAt,
+    describe_gpu,
+    estimate_once,
+    estimator,
+    remedies,
+    resolve_gpu,
+    show_remedies,
+    verb,
+)
+from memguard.estimation.result import MemoryEstimate
+from memguard.estimation.search import BatchSearch, max_batch_size
+from memguard.fit import Fit, usable_bytes
+from memguard.units import format_bytes
+
+__all__ = ["cmd_check", "cmd_estimate", "cmd_gpus", "cmd_max_batch", "cmd_plan", "search"]
+
+
+def cmd_estimate(args: argparse.Namespace, out: Output) -> int:
+    est = estimate_once(args, out)
+    if out.json_mode:
+        out.json(est.to_dict())
+    else:
+        out.text(est.table(top=args.top))
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace, out: Output) -> int:
+    gpu = resolve_gpu(args.gpu)
+    est = estimate_once(args, out)
+    fit = Fit(est, gpu.free_bytes, args.margin, gpu.name)
+    rows = [] if fit.fits else remedies(est, gpu, args.margin, out)
+    if out.json_mode:
+        out.json({**est.to_dict(), "device": gpu.to_dict(), "margin": args.margin, "usable_bytes": fit.usable_bytes,
+                  "fits": fit.fits, "verdict": "fits" if fit.fits else "does not fit",
+                  "remedies": [r.to_dict() for r in rows]})
+        return EXIT_OK if fit.fits else EXIT_DOES_NOT_FIT
+    out.text(est.table())
+    out.text()
+    out.text(describe_gpu(gpu))
+    out.text(fit.describe())
+    if fit.fits:
+        return EXIT_OK
+    show_remedies(rows, args.model, args.gpu, out)
+    if in_github_actions():
+        inputs = est.inputs
+        out.text(github_error(
+            f"{inputs.get('model')} (batch {inputs.get('batch_size')}, seq {inputs.get('seq_len')}, "
+            f"{inputs.get('precision')}) does not fit {gpu.name}: {fit.needs()}"
+        ))
+    return EXIT_DOES_NOT_FIT
+
+
+def search(args: argparse.Namespace, gpu: memguard.DeviceMemory, estimate_at: EstimateAt, out: Output,
+           method: str) -> BatchSearch:
+    """The largest fitting batch at ``--seq-len``, with a progress line per try."""
+    out.progress(f"searching the largest batch of {args.model} that fits {gpu.name} "
+                 f"({format_bytes(usable_bytes(gpu.free_bytes, args.margin))} usable); "
+                 f"{verb(method)} one step per try ...")
+
+    def at(batch_size: int) -> MemoryEstimate:
+        est = estimate_at(batch_size, args.seq_len)
+        verdict = "fits" if Fit(est, gpu.free_bytes, args.margin).fits else "does not fit"
+        out.progress(f"  batch {batch_size}: {format_bytes(est.total_bytes)}, {verdict}")
+        return est
+
+    return max_batch_size(at, gpu.free_bytes, margin=args.margin, limit=args.limit)
+
+
+def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
+    gpu = resolve_gpu(args.gpu)
+    found = search(args, gpu, estimator(args), out, args.method or "auto")
+    fit = Fit(found.estimate, gpu.free_bytes, args.margin, gpu.name)
+    if out.json_mode:
+        out.json({
+            "max_batch_size": found.batch_size,
+            "capped": found.capped,
+            "device": gpu.to_dict(),
+            "margin": args.margin,
+            "usable_bytes": fit.usable_bytes,
+            "estimate": found.estimate.to_dict(),
+            "trials": [{"batch_size": b, "total_bytes": t} for b, t in found.trials],
+        })
+        return EXIT_OK if found.batch_size else EXIT_DOES_NOT_FIT
+    out.text(found.estimate.table())
+    out.text()
+    out.text(describe_gpu(gpu))
+    if not found.batch_size:
+        out.text(f"NOTHING FITS: batch size 1 {fit.needs()}")
+        show_remedies(remedies(found.estimate, gpu, args.margin, out), args.model, args.gpu, out)
+        return EXIT_DOES_NOT_FIT
+    line = (f"max batch size: {found.batch_size} (needs {format_bytes(found.estimate.total_bytes)} of "
+            f"{format_bytes(fit.usable_bytes)} usable, {fit.room()}")
+    above = dict(found.trials).get(found.batch_size + 1)
+    if above is not None:
+        line += f"; {found.batch_size + 1} needs {format_bytes(above)}"
+    if found.capped:
+        line += f"; the search stopped at --limit {args.limit}"
+    out.text(line + ")")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace, out: Output) -> int:
+    from memguard.planning import plan
+
+    gpu = resolve_gpu(args.gpu)
+    base = {"precision": args.precision, "optimizer": args.optimizer,
+            "gradient_checkpointing": bool(args.gradient_checkpointing), "strategy": args.strategy,
+            "world_size": args.world_size, "offload_optimizer": args.offload_optimizer,
+            "offload_params": args.offload_params, "lora_rank": args.lora_rank,
+            "accumulate_grad_batches": args.accumulate_grad_batches}
+    out.progress(f"planning {args.model} on {gpu.name} ...")
+    found = plan(args.model, gpu=gpu, seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size or 1,
+                 margin=args.margin, base=base, device=args.device, confirm=args.confirm, limit=args.top,
+                 method_prune="trace" if args.method == "trace" else "formula",
+                 estimate_kwargs={"set_to_none": args.set_to_none, "trace_timeout": args.trace_timeout})
+    if out.json_mode:
+        out.json([row.to_dict() for row in found.rows])
+    else:
+        out.text(found.table(top=args.top))
+    return EXIT_OK if found.rows else EXIT_DOES_NOT_FIT
+
+
+def cmd_gpus(args: argparse.Namespace, out: Output) -> int:
+    devices = _device.list_devices()
+    reason = "" if devices else _device.why_no_gpu()
+    if out.json_mode:
+        data: dict[str, Any] = {"devices": [d.to_dict() for d in devices]}
+        if not devices:
+            data["reason"] = reason
+        if args.catalog:
+            data["catalog"] = [{"name": s.name, "vendor": s.vendor, "total_bytes": s.total_bytes}
+                               for s in memguard.GPU_CATALOG.values()]
+        out.json(data)
+        return EXIT_OK
+    if devices:
+        for d in devices:
+            out.text(f"{d.device or d.index}: {d.name}, {format_bytes(d.free_bytes)} free of "
+                     f"{format_bytes(d.total_bytes)} ({d.source})")
+    else:
+        why = f" ({' '.join(reason.split())})" if reason else ""
+        out.text(f"no GPU visible to this process{why}; plan against a catalog GPU (--gpu A100-80GB) or a "
+                 "size (--gpu 24GiB)")
+    if args.catalog:
+        out.text()
+        out.text("catalog (free = total, assumed empty):")
+        for s in memguard.GPU_CATALOG.values():
+            out.text(f"  {s.name:<12} {format_bytes(s.total_bytes):>12}  {s.vendor}")
+    return EXIT_OK

@@ -1,0 +1,222 @@
+"""The ``memguard`` command line: argparse with one-line errors, value checks, and the subcommands.
+
+Building the parser imports the estimator (and so torch): ``--method`` lists its methods. That
+happens inside :func:`memguard.cli.main`, where a Ctrl-C or a broken install is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, NoReturn
+
+import memguard
+from memguard.cli import _commands, _plot
+from memguard.cli._output import PROG
+from memguard.errors import ConfigError, MemguardError
+from memguard.fit import check_margin
+
+__all__ = ["TRACE_TIMEOUT", "Parser", "UsageError", "build_parser"]
+
+TRACE_TIMEOUT = 120.0
+"""memguard.estimation.trace.DEFAULT_TIMEOUT, without importing torch to build the parser."""
+
+
+class UsageError(Exception):
+    """A command line argparse cannot read; the message is argparse's, with a hint."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors become one line on stderr instead of usage + exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# -- values --------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """A whole number from 1 to :data:`~memguard.estimation.spec.MAX_COUNT`."""
+    from memguard.estimation.spec import MAX_COUNT
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text} is past any device; at most {MAX_COUNT:,}")
+    return value
+
+
+def margin(text: str) -> float:
+    """``0.1`` or ``10%``: the share of the GPU's free memory to keep spare (:func:`memguard.fit.check_margin`)."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share such as 0.1 or 10%, got {text!r}") from None
+    try:
+        return check_margin(value)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1 (0% to 99%), got {text!r}") from None
+
+
+def count(text: str) -> int:
+    """A whole number, zero allowed."""
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def import_estimator() -> Any:
+    """``memguard.estimation.estimator`` (and so torch and transformers), or a one-line error naming what broke.
+
+    A broken install anywhere below torch (a ``pynvml.py`` that raises on import, which torch
+    imports too; a half-removed package) would otherwise end the command with a traceback.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module("memguard.estimation.estimator")
+    except MemguardError:
+        raise
+    except Exception as exc:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f", raised in {tb.tb_frame.f_code.co_filename}" if tb is not None else ""
+        raise MemguardError(f"cannot load the estimator and torch ({type(exc).__name__}: {exc}{where}); "
+                            "repair or reinstall the package that file belongs to") from None
+
+
+# -- the parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> Parser:
+    """The ``memguard`` parser; each subcommand's ``run`` default is its function.
+
+    Raises:
+        MemguardError: the estimator cannot be imported (see :func:`import_estimator`).
+    """
+    output, model = _output_options(), _model_options(import_estimator().METHODS)
+    batch = Parser(add_help=False)
+    batch.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                       help="samples per step on one device (default: 1)")
+    gpu = _gpu_options()
+    parser = Parser(prog=PROG, description="Predict the peak memory of a training step before it runs.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {memguard.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_commands(commands, output=output, model=model, batch=batch, gpu=gpu)
+    return parser
+
+
+def _output_options() -> Parser:
+    output = Parser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON on stdout, for machines")
+    output.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress lines and no warnings on stderr")
+    return output
+
+
+def _model_options(methods: Any) -> Parser:
+    """MODEL and how its step runs: what :func:`memguard.estimate` takes besides the batch size."""
+    model = Parser(add_help=False)
+    model.add_argument("model", metavar="MODEL",
+                       help="a preset name (e.g. gpt2, llama-3-8b), a config.json path or model "
+                            "directory, or package.module:factory returning an nn.Module")
+    model.add_argument("--seq-len", type=positive_int, metavar="N",
+                       help="tokens per sample (default: the model's maximum, where it has one)")
+    model.add_argument("--precision", default="32-true",
+                       help="Lightning precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true "
+                            "(default: %(default)s)")
+    model.add_argument("--optimizer", default="adamw",
+                       help="adamw, adam, adamw-8bit, sgd, sgd-momentum, adafactor or none (default: %(default)s)")
+    model.add_argument("--method", choices=methods, default=None,
+                       help="how to estimate: trace the step on fake tensors, or use a formula "
+                            "(default: auto, which traces and falls back to the formula)")
+    model.add_argument("--device", default="cuda",
+                       help="where training runs: cuda or cpu (default: %(default)s)")
+    model.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                       help="force activation checkpointing on or off (default: as the model is set)")
+    model.add_argument("--strategy", default="single",
+                       help="single, ddp, fsdp, fsdp_shard_grad_op, fsdp_hybrid, deepspeed_stage_1/2/3, or a "
+                            "Lightning strategy name (default: %(default)s); the estimate is per device")
+    model.add_argument("--world-size", type=positive_int, default=1, metavar="N",
+                       help="data-parallel processes (default: %(default)s)")
+    model.add_argument("--offload-optimizer", action="store_true",
+                       help="optimizer state and step in host memory (sharded strategies)")
+    model.add_argument("--offload-params", action="store_true",
+                       help="parameter shards in host memory (fsdp, deepspeed_stage_3)")
+    model.add_argument("--lora-rank", type=positive_int, default=None, metavar="R",
+                       help="fine-tune LoRA adapters of rank R on a frozen base model (needs peft)")
+    model.add_argument("--accumulate-grad-batches", type=positive_int, default=1, metavar="N",
+                       help="micro-batches per optimizer step; from the second on, each forward runs beside the "
+                            "gradients (default: %(default)s)")
+    model.add_argument("--set-to-none", action=argparse.BooleanOptionalAction, default=True,
+                       help="zero_grad(set_to_none=...): --no-set-to-none keeps zeroed gradients alive, torch's "
+                            "default before 2.0 (default: set to none)")
+    model.add_argument("--trace-timeout", type=seconds, default=TRACE_TIMEOUT, metavar="S",
+                       help="seconds a trace may run before it gives up, and auto falls back to the formula "
+                            "(default: %(default)g)")
+    return model
+
+
+def _gpu_options() -> Parser:
+    gpu = Parser(add_help=False)
+    gpu.add_argument("--gpu", default="auto",
+                     help="the GPU to fit: auto (this machine's current CUDA device), a CUDA index, "
+                          "a catalog name such as A100-40GB (see 'memguard gpus --catalog') or a "
+                          "size such as 24GiB (default: %(default)s)")
+    gpu.add_argument("--margin", type=margin, default=0.1,
+                     help="share of the GPU's free memory to keep spare, 0.1 or 10%% (default: 0.1)")
+    return gpu
+
+
+def _add_commands(commands: Any, *, output: Parser, model: Parser, batch: Parser, gpu: Parser) -> None:
+    """The subcommands, each with the options it shares and its own."""
+    sub = commands.add_parser("estimate", parents=[model, batch, output],
+                              help="the memory breakdown of one training step")
+    sub.add_argument("--top", type=count, default=5, metavar="K",
+                     help="show the K largest groups of tensors alive at the peak, by module (trace only; "
+                          "default: %(default)s, 0 for none)")
+    sub.set_defaults(run=_commands.cmd_estimate)
+    sub = commands.add_parser("check", parents=[model, batch, gpu, output],
+                              help="whether a training step fits the GPU (exit 0 fits, 1 does not)")
+    sub.set_defaults(run=_commands.cmd_check)
+    sub = commands.add_parser("max-batch", parents=[model, gpu, output],
+                              help="the largest batch size that fits the GPU")
+    sub.add_argument("--limit", type=positive_int, default=1 << 16, metavar="N",
+                     help="the largest batch size considered (default: %(default)s)")
+    sub.set_defaults(run=_commands.cmd_max_batch)
+    sub = commands.add_parser("plot", parents=[model, batch, gpu, output],
+                              help="a picture of memory against batch size and sequence length")
+    sub.add_argument("-o", "--output", required=True, metavar="FILE",
+                     help="the image to write (.png, .svg, .pdf)")
+    sub.add_argument("--limit", type=positive_int, default=1 << 16, metavar="N",
+                     help="the largest batch size considered (default: %(default)s)")
+    sub.add_argument("--timeline", action="store_true",
+                     help="draw live memory through one traced step at --batch-size instead (phases, peak)")
+    sub.set_defaults(run=_plot.cmd_plot)
+    sub = commands.add_parser("plan", parents=[model, batch, gpu, output],
+                              help="what would make a step fit the GPU, cheapest first, with the flags for check")
+    sub.add_argument("--gpus", type=positive_int, default=None, metavar="N",
+                     help="GPUs the run may use (default: --world-size)")
+    sub.add_argument("--top", type=positive_int, default=10, metavar="K",
+                     help="rows per group (full fine-tuning, LoRA) (default: %(default)s)")
+    sub.add_argument("--confirm", type=count, default=2, metavar="K",
+                     help="best rows per group confirmed with the trace (default: %(default)s)")
+    sub.set_defaults(run=_commands.cmd_plan)
+    sub = commands.add_parser("gpus", parents=[output], help="the GPUs this machine sees, and their memory")
+    sub.add_argument("--catalog", action="store_true", help="also list the GPUs memguard knows by name")
+    sub.set_defaults(run=_commands.cmd_gpus)

@@ -1,0 +1,126 @@
+"""The pieces every ``memguard`` subcommand shares: the GPU, the estimate, the remedies, their lines."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import memguard
+from memguard import device as _device
+from memguard._cache import cached
+from memguard.cli._output import Output
+from memguard.errors import DeviceError, MemguardError
+from memguard.estimation.result import MemoryEstimate
+from memguard.units import format_bytes
+
+__all__ = ["EstimateAt", "describe_gpu", "describe_inputs", "estimate_once", "estimator", "first_sentence",
+           "remedies", "resolve_gpu", "show_remedies", "verb"]
+
+EstimateAt = Callable[[int, int | None], MemoryEstimate]
+"""``estimate_at(batch_size, seq_len)``; ``seq_len=None`` is the model's maximum."""
+
+
+def resolve_gpu(text: str) -> memguard.DeviceMemory:
+    """``--gpu``, read by :func:`memguard.device.parse_gpu`; a CUDA device that cannot be read gets the CLI's advice."""
+    try:
+        return _device.parse_gpu(text)
+    except DeviceError as exc:
+        raise DeviceError(
+            f"--gpu {text.strip()}: no CUDA device can be read on this machine ({_without_advice(exc)}); "
+            "plan against a catalog GPU (e.g. --gpu A100-80GB; 'memguard gpus --catalog' lists "
+            "them) or a size (e.g. --gpu 24GiB)"
+        ) from None
+
+
+def _without_advice(exc: Exception) -> str:
+    """The library's message without its advice to API users (the CLI gives its own)."""
+    return str(exc).split(" On a machine without")[0].rstrip(".")
+
+
+def first_sentence(exc: Exception) -> str:
+    text = str(exc)
+    return text.split(". ")[0].rstrip(".")
+
+
+def describe_gpu(gpu: memguard.DeviceMemory) -> str:
+    """One line: which GPU, how much is free, and where the number comes from."""
+    size = format_bytes(gpu.total_bytes)
+    if gpu.source == "catalog":
+        return f"GPU: {gpu.name}, {size} (catalog GPU, assumed empty: free = total)"
+    if gpu.source == "budget":
+        plain = gpu.name.startswith("budget of")  # a size; "80% of NVIDIA ..." for a share
+        return f"GPU: {gpu.name} (free = total)" if plain else f"GPU: {gpu.name}, {size} (budget: free = total)"
+    where = f"{gpu.device} " if gpu.device else ""
+    return f"GPU: {where}{gpu.name}, {format_bytes(gpu.free_bytes)} free of {size} ({gpu.source})"
+
+
+def _estimate_kwargs(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
+    return {
+        "seq_len": args.seq_len,
+        "precision": args.precision,
+        "optimizer": args.optimizer,
+        "method": method or args.method or "auto",
+        "device": args.device,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "strategy": args.strategy,
+        "world_size": args.world_size,
+        "offload_optimizer": args.offload_optimizer,
+        "offload_params": args.offload_params,
+        "lora_rank": args.lora_rank,
+        "accumulate_grad_batches": args.accumulate_grad_batches,
+        "set_to_none": args.set_to_none,
+        "trace_timeout": args.trace_timeout,
+    }
+
+
+def describe_inputs(model: str, batch_size: int | None, seq_len: int | None) -> str:
+    seq = "model maximum" if seq_len is None else seq_len
+    return f"{model}: batch {batch_size or 1}, seq {seq}"
+
+
+def verb(method: str) -> str:
+    return "tracing" if method in ("auto", "trace") else "estimating"
+
+
+def estimator(args: argparse.Namespace, method: str | None = None) -> EstimateAt:
+    """``estimate_at(batch_size, seq_len)`` for ``args.model``, remembered (:func:`memguard._cache.cached`).
+
+    An estimate at ``seq_len=None`` is also filed under the length ``None`` stood for.
+    """
+    kwargs = _estimate_kwargs(args, method)
+
+    def estimate_at(batch_size: int, seq_len: int | None) -> MemoryEstimate:
+        return memguard.estimate(args.model, batch_size, **{**kwargs, "seq_len": seq_len})
+
+    return cached(estimate_at, aliases=lambda at, est: [(at[0], est.inputs.get("seq_len"))])
+
+
+def estimate_once(args: argparse.Namespace, out: Output) -> MemoryEstimate:
+    """The estimate at ``--batch-size`` (default 1) and ``--seq-len``, with a progress line."""
+    method = args.method or "auto"
+    out.progress(f"{verb(method)} {describe_inputs(args.model, args.batch_size, args.seq_len)} ...")
+    return estimator(args)(args.batch_size or 1, args.seq_len)
+
+
+def remedies(est: MemoryEstimate, gpu: memguard.DeviceMemory, margin: float, out: Output) -> list[Any]:
+    """The best few changes that make the step fit, from the one remedy engine (:func:`memguard.remedies`)."""
+    from memguard.planning import remedies
+
+    out.progress("searching what would fit ...")
+    try:
+        return remedies(est, gpu, margin, top=3)
+    except MemguardError as exc:
+        out.progress(f"no remedies: {first_sentence(exc)}")
+        return []
+
+
+def show_remedies(rows: list[Any], model: str, gpu_arg: str, out: Output) -> None:
+    if not rows:
+        out.text("nothing memguard can change (precision, checkpointing, optimizer, batch and accumulation, "
+                 "LoRA, sharding, offload) makes it fit this GPU")
+        return
+    out.text("what would fit (best first; 'memguard plan' lists more):")
+    for row in rows:
+        out.text(f"  - {row.describe()}")
+        out.text(f"    memguard check {model} --gpu {gpu_arg} {' '.join(row.flags)}")

@@ -1,0 +1,86 @@
+"""memguard.device.parse_gpu: the one reader of ``--gpu`` and ``--memguard-gpu``."""
+
+from __future__ import annotations
+
+import pytest
+
+from memguard import ConfigError, DeviceError, DeviceMemory
+from memguard import device as device_module
+from memguard.device import parse_gpu
+
+GIB = 2**30
+
+
+@pytest.fixture
+def cuda(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """cuda:0 is a 40 GiB GPU with 30 GiB free; any other index cannot be read. Returns the devices asked for."""
+    gpu = DeviceMemory(name="NVIDIA A100-SXM4-40GB", index=0, uuid="GPU-0", total_bytes=40 * GIB,
+                       free_bytes=30 * GIB, used_bytes=10 * GIB, source="nvml")
+    real = device_module.device_memory
+    asked: list[object] = []
+
+    def device_memory(device=None):
+        asked.append(device)
+        if device in ("cuda", 0, "cuda:0"):
+            return gpu
+        if isinstance(device, int) or (str(device).startswith("cuda:") and str(device)[5:].isdigit()):
+            raise DeviceError(f"there is no cuda:{device}; torch sees 1 CUDA device(s)")
+        return real(device)
+
+    monkeypatch.setattr(device_module, "device_memory", device_memory)
+    return asked
+
+
+@pytest.mark.parametrize(("spec", "asked"), [("auto", "cuda"), ("AUTO", "cuda"), ("0", 0), (" 0 ", 0),
+                                             ("cuda", "cuda"), ("cuda:0", "cuda:0"), ("CUDA:0", "cuda:0")])
+def test_this_machines_gpu(cuda, spec, asked):
+    assert parse_gpu(spec).free_bytes == 30 * GIB
+    assert cuda == [asked]
+
+
+def test_bare_digits_are_an_index_never_a_size_nor_a_catalog_name(cuda):
+    with pytest.raises(DeviceError, match="'4090' is read as the CUDA index cuda:4090, since bare digits are an "
+                                          "index and a size needs its unit, such as '4090MiB'; there is no cuda:4090"):
+        parse_gpu("4090")  # the catalog knows an RTX 4090, but digits are an index
+    with pytest.raises(DeviceError, match=r"'1' is read as the CUDA index cuda:1, .* such as '24GiB'; there is no"):
+        parse_gpu("1")
+    assert cuda == [4090, 1]
+    assert parse_gpu("RTX 4090").source == "catalog"
+
+
+def test_a_number_without_a_unit_is_named(cuda):
+    for spec in ("1.5e9", "4096.0", ".5"):
+        with pytest.raises(ConfigError, match=f"'{spec}' is a number without a unit: a memory size needs one"):
+            parse_gpu(spec)
+    assert cuda == []  # no device read for a size
+
+
+@pytest.mark.parametrize(("spec", "source", "free"), [
+    ("A100-40GB", "catalog", 40 * GIB), ("a100 40gb", "catalog", 40 * GIB), ("24GiB", "budget", 24 * GIB),
+    (" 24GB ", "budget", 24 * 10**9), (".5GiB", "budget", GIB // 2), ("4096B", "budget", 4096),
+])
+def test_catalog_names_and_sizes(cuda, spec, source, free):
+    gpu = parse_gpu(spec)
+    assert (gpu.source, gpu.free_bytes, gpu.total_bytes) == (source, free, free)
+    assert cuda == ([spec.strip()] if source == "catalog" else [])
+
+
+def test_a_share_of_this_machines_gpu(cuda):
+    gpu = parse_gpu("80%")
+    assert (gpu.source, gpu.free_bytes, gpu.index) == ("budget", int(40 * GIB * 0.8), 0)
+    assert gpu.name == "80% of NVIDIA A100-SXM4-40GB"
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("H900", "unknown GPU 'H900'; expected auto, a CUDA index (0, cuda:1), a catalog name"),
+    ("cpu", "unknown GPU 'cpu'"),
+    ("", "cannot read '' as a GPU"),
+    ("A100", "'A100' is ambiguous"),
+    ("12QiB", "cannot read '12QiB' as a memory size"),
+    ("0GiB", "budget '0GiB' is no memory at all"),
+    ("0%", "budget '0%' is no memory at all"),
+    ("cuda:x", "cannot read 'cuda:x' as a CUDA device"),
+])
+def test_bad_specs_are_named(cuda, spec, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_gpu(spec)
