@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from memguard.errors import UnsupportedModelError
-from memguard.estimation.arch import Architecture, find_architecture, inspect_architecture
+from memguard.estimation.arch import (
+    Architecture,
+    block_stacks,
+    find_architecture,
+    inspect_architecture,
+    transformer_blocks,
+)
 from memguard.estimation.models import load_model
 
 
@@ -123,3 +129,45 @@ def test_cached_per_module_and_refreshed_on_change() -> None:
         model.more = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, batch_first=True)
     again = find_architecture(model)
     assert again is not None and again.layers == 3
+
+
+def test_blocks_of_decoder_and_encoder_only_models() -> None:
+    gpt2 = load_model("gpt2").module
+    assert transformer_blocks(gpt2) == list(gpt2.transformer.h) and len(gpt2.transformer.h) == 12
+    bert = load_model("bert-base-uncased").module
+    assert transformer_blocks(bert) == list(bert.bert.encoder.layer)
+    llama = load_model("llama-2-7b").module
+    assert block_stacks(llama) == (list(llama.model.layers), [])
+
+
+def test_blocks_of_encoder_decoder_models_come_encoder_first() -> None:
+    t5 = load_model("t5-small").module
+    enc, dec = block_stacks(t5)
+    assert enc == list(t5.encoder.block) and dec == list(t5.decoder.block)  # not T5's block[i].layer lists
+    assert transformer_blocks(t5) == [*t5.encoder.block, *t5.decoder.block]
+    with torch.device("meta"):
+        model = nn.Transformer(32, 4, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=64, batch_first=True)
+    enc, dec = block_stacks(model)
+    assert enc == list(model.encoder.layers) and dec == list(model.decoder.layers)
+
+
+def test_blocks_without_an_architecture_are_the_largest_list() -> None:
+    gpt2 = load_model("gpt2").module
+    wrapper = nn.Module()  # as a LightningModule holds a transformers model: no config of its own
+    wrapper.model = gpt2
+    wrapper.heads = nn.ModuleList(nn.Linear(768, 2) for _ in range(20))  # longer, but smaller
+    assert find_architecture(wrapper) is None
+    assert transformer_blocks(wrapper) == list(gpt2.transformer.h)
+    assert transformer_blocks(nn.Sequential(nn.Linear(3, 3))) == []
+
+
+def test_blocks_the_architecture_does_not_lay_out_are_a_guess() -> None:
+    from transformers import AlbertConfig
+
+    # ALBERT's 4 layers run one shared group: no list of 4 modules.
+    albert = load_model(AlbertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                     num_hidden_layers=4, embedding_size=16, vocab_size=64)).module
+    assert find_architecture(albert) is not None
+    assert block_stacks(albert, guess=False) == ([], [])
+    guessed, _ = block_stacks(albert)
+    assert guessed == list(albert.albert.encoder.albert_layer_groups)

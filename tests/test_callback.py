@@ -40,9 +40,13 @@ def _cpu_setup() -> Iterator[None]:
     A tiny model gains nothing from more threads, and on a busy machine they wait for each other.
     """
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
         pytest.skip("glibc is needed to measure CPU memory")
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    # Memory the earlier tests of this process freed stays in malloc's arenas, where the fits below
+    # would reuse it without growing RSS: give it back first, so what they measure is their own.
+    libc.malloc_trim(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

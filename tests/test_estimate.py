@@ -208,3 +208,17 @@ def test_the_cpu_reserves_nothing_beyond_its_tensors(tiny_gpt2: GPT2LMHeadModel)
     est = memguard.estimate(tiny_gpt2, 2, 64, method="trace", device="cpu")
     assert est.reserved_bytes == est.total_bytes == est.peak_bytes
     assert est.context_bytes == 0
+
+
+@pytest.mark.parametrize(("strategy", "name"), [("auto", "single"), ("ddp_spawn", "ddp"), ("FSDP", "fsdp"),
+                                                ("deepspeed_stage_3_offload", "deepspeed_stage_3")])
+def test_inputs_keep_the_strategys_plain_name(tiny_gpt2: GPT2LMHeadModel, strategy: str, name: str) -> None:
+    est = memguard.estimate(tiny_gpt2, 1, 16, method="formula", strategy=strategy,
+                            world_size=1 if name == "single" else 2)
+    assert type(est.inputs["strategy"]) is str and est.inputs["strategy"] == name
+    assert json.loads(json.dumps(est.to_dict()))["inputs"]["strategy"] == name
+
+
+def test_an_image_model_takes_no_sequence_length() -> None:
+    est = memguard.estimate("vit-base", 2, method="formula", device="cpu")
+    assert est.inputs["seq_len"] is None  # TaskKind.IMAGE_CLS takes pixels

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from memguard import ConfigError
-from memguard.estimation.models import MAX_CONFIG_BYTES, list_presets, load_model, make_batch, model_task
+from memguard.estimation.models import (
+    MAX_CONFIG_BYTES,
+    TaskKind,
+    list_presets,
+    load_model,
+    make_batch,
+    model_task,
+)
 
 # Parameter counts of the published checkpoints (tied embeddings counted once).
 PUBLISHED = {
@@ -64,6 +71,52 @@ def test_batches_fit_the_head(name: str, task: str, keys: dict) -> None:
     if "input_ids" in batch:
         assert batch["input_ids"].dtype == torch.long
         assert int(batch["input_ids"].max()) < module.config.vocab_size
+
+
+def test_task_kinds_own_what_they_take() -> None:
+    rules = {  # kind: (pixels, tokens, a label per token, a label per sample, head)
+        "causal-lm": (False, True, True, False, "causal-lm"),
+        "masked-lm": (False, True, True, False, "masked-lm"),
+        "seq2seq": (False, True, True, False, "seq2seq"),
+        "seq-cls": (False, True, False, True, "seq-cls"),
+        "image-cls": (True, False, False, True, "image-cls"),
+        "token-base": (False, True, False, False, "base"),
+        "image-base": (True, False, False, False, "base"),
+        "unknown": (False, False, False, False, "unknown"),
+    }
+    assert set(rules) == {k.value for k in TaskKind}
+    for value, rule in rules.items():
+        kind = TaskKind(value)
+        assert (kind.takes_pixels, kind.takes_tokens, kind.labels_per_token, kind.labels_per_sample,
+                kind.head) == rule, value
+        assert str(kind) == f"{kind}" == value
+
+
+@pytest.mark.parametrize(("config", "task", "keys"), [
+    ("BertConfig", TaskKind.TOKEN_BASE, {"input_ids": (2, 8)}),
+    ("BertConfig:BertForSequenceClassification", TaskKind.SEQ_CLS, {"input_ids": (2, 8), "labels": (2,)}),
+    ("ViTConfig", TaskKind.IMAGE_BASE, {"pixel_values": (2, 3, 32, 32)}),
+])
+def test_batches_of_base_models_and_classifiers(config: str, task: TaskKind, keys: dict) -> None:
+    import transformers
+
+    config_name, _, model_name = config.partition(":")
+    small = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "num_hidden_layers": 1}
+    cfg = getattr(transformers, config_name)(**small, **({"image_size": 32, "patch_size": 8}
+                                                        if config_name == "ViTConfig" else {"vocab_size": 64}))
+    cls = getattr(transformers, model_name or config_name.replace("Config", "Model"))
+    with torch.device("meta"):
+        module = cls(cfg)
+    assert model_task(module) is task
+    batch = make_batch(module, 2, None if task.takes_pixels else 8, device="meta")
+    assert {k: tuple(v.shape) for k, v in batch.items()} == keys
+
+
+def test_no_batch_for_an_unknown_task() -> None:
+    module = torch.nn.Linear(3, 3)
+    assert model_task(module) is TaskKind.UNKNOWN
+    with pytest.raises(ConfigError, match="pass example_input="):
+        make_batch(module, 2, 8)
 
 
 def test_factory_string(tmp_path, monkeypatch) -> None:

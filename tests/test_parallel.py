@@ -8,7 +8,8 @@ from torch import nn
 
 import memguard
 from memguard import Category, ConfigError
-from memguard.estimation.parallel import resolve_parallelism
+from memguard.estimation.parallel import Parallelism, Strategy, resolve_parallelism, wrapped_blocks
+from memguard.estimation.peak import Phase
 
 P, G, OPT = Category.PARAMETERS, Category.GRADIENTS, Category.OPTIMIZER_STATE
 
@@ -80,6 +81,118 @@ def test_llama_fsdp_fits_where_single_device_does_not() -> None:
 def test_bad_strategies(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         memguard.estimate("gpt2", 1, 16, **kwargs)
+
+
+# The ZeRO table of memguard/estimation/parallel.py's docstring: which state a rank keeps a shard of.
+ZERO_TABLE = {  # strategy: (parameters, gradients, optimizer state)
+    "single": (False, False, False),
+    "ddp": (False, False, False),
+    "deepspeed_stage_1": (False, False, True),
+    "deepspeed_stage_2": (False, True, True),
+    "fsdp_shard_grad_op": (False, True, True),
+    "deepspeed_stage_3": (True, True, True),
+    "fsdp": (True, True, True),
+    "fsdp_hybrid": (True, True, True),
+}
+
+
+def test_each_strategy_shards_what_the_zero_table_says() -> None:
+    assert set(ZERO_TABLE) == {s.value for s in Strategy}
+    for name, (params, grads, states) in ZERO_TABLE.items():
+        s = Strategy(name)
+        assert (s.shards_parameters, s.shards_gradients, s.shards_optimizer_state) == (params, grads, states), name
+        assert (s.shards(P), s.shards(G), s.shards(OPT), s.shards(Category.ACTIVATIONS)) == (params, grads, states,
+                                                                                          False)
+        assert s.sharded == states and s.fully_sharded == params
+        share = resolve_parallelism(name, 1 if s is Strategy.SINGLE else 8).factors()
+        n = 8 if s.sharded else 1  # the hybrid's 8 ranks make one node
+        assert share == {P: 1 / n if params else 1.0, G: 1 / n if grads else 1.0, OPT: 1 / n if states else 1.0}
+    assert [s.value for s in Strategy if s.is_fsdp] == ["fsdp", "fsdp_shard_grad_op", "fsdp_hybrid"]
+    assert [s.value for s in Strategy if s.is_deepspeed] == [f"deepspeed_stage_{i}" for i in (1, 2, 3)]
+
+
+def test_a_strategy_is_its_plain_name() -> None:
+    import json
+
+    assert str(Strategy.FSDP) == f"{Strategy.FSDP}" == "fsdp" == Strategy.FSDP
+    assert json.dumps({"s": Strategy.DEEPSPEED_STAGE_3}) == '{"s": "deepspeed_stage_3"}'
+    est = memguard.estimate("gpt2", 1, 16, method="formula", strategy=Strategy.FSDP, world_size=2)
+    assert type(est.inputs["strategy"]) is str and est.inputs["strategy"] == "fsdp"
+    assert Parallelism("ddp_spawn").strategy is Strategy.DDP  # a name given to the dataclass is parsed
+
+
+@pytest.mark.parametrize(("name", "strategy", "offloads"), [
+    ("auto", Strategy.SINGLE, (False, False)),
+    (None, Strategy.SINGLE, (False, False)),
+    ("dp", Strategy.SINGLE, (False, False)),
+    ("DDP-Spawn", Strategy.DDP, (False, False)),
+    ("ddp_find_unused_parameters_true", Strategy.DDP, (False, False)),
+    ("full_shard", Strategy.FSDP, (False, False)),
+    ("shard_grad_op", Strategy.FSDP_SHARD_GRAD_OP, (False, False)),
+    ("hybrid_shard", Strategy.FSDP_HYBRID, (False, False)),
+    ("fsdp_cpu_offload", Strategy.FSDP, (True, True)),
+    ("deepspeed", Strategy.DEEPSPEED_STAGE_2, (False, False)),
+    ("deepspeed_stage_2_offload", Strategy.DEEPSPEED_STAGE_2, (True, False)),
+    (" deepspeed_stage_3_offload ", Strategy.DEEPSPEED_STAGE_3, (True, True)),
+    ("fsdp", Strategy.FSDP, (False, False)),
+    (Strategy.DEEPSPEED_STAGE_1, Strategy.DEEPSPEED_STAGE_1, (False, False)),
+])
+def test_parse_reads_lightning_names(name: str | None, strategy: Strategy, offloads: tuple[bool, bool]) -> None:
+    assert Strategy.parse(name) is strategy
+    assert Strategy.offloads_named(name) == offloads
+
+
+@pytest.mark.parametrize(("name", "match"), [
+    ("zero", r"unknown strategy 'zero'; expected one of single, ddp, fsdp, fsdp_shard_grad_op, fsdp_hybrid, "
+             r"deepspeed_stage_1, deepspeed_stage_2, deepspeed_stage_3 \(or Lightning's names auto, dp, ddp_spawn"),
+    ("deepspeed_stage_4", "unknown strategy 'deepspeed_stage_4'"),
+    ("fsdp2", "unknown strategy 'fsdp2'"),
+    (3, "strategy must be a name such as 'ddp' or 'fsdp', got int 3; expected one of single, ddp"),
+])
+def test_parse_names_a_bad_value_and_the_accepted_ones(name: object, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Strategy.parse(name)  # type: ignore[arg-type]
+
+
+def test_lightning_strategy_objects_map_to_strategies() -> None:
+    modes = {m: Strategy.from_fsdp_mode(m) for m in ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD",
+                                                      "_HYBRID_SHARD_ZERO2", "NO_SHARD", "SOMETHING_NEW")}
+    assert modes == {"FULL_SHARD": Strategy.FSDP, "SHARD_GRAD_OP": Strategy.FSDP_SHARD_GRAD_OP,
+                     "HYBRID_SHARD": Strategy.FSDP_HYBRID, "_HYBRID_SHARD_ZERO2": Strategy.FSDP_HYBRID,
+                     "NO_SHARD": Strategy.DDP, "SOMETHING_NEW": None}
+    assert [Strategy.from_deepspeed_stage(i) for i in range(5)] == [
+        Strategy.DDP, Strategy.DEEPSPEED_STAGE_1, Strategy.DEEPSPEED_STAGE_2, Strategy.DEEPSPEED_STAGE_3, Strategy.DDP]
+
+
+def test_sharded_weights_by_phase() -> None:
+    zero2 = resolve_parallelism("deepspeed_stage_2", 4)
+    assert zero2.weight(Category.TEMPORARY, Phase.OPTIMIZER) == 1 / 4  # the step runs on the local shard
+    assert zero2.weight(Category.TEMPORARY, Phase.BACKWARD) == 1.0
+    assert zero2.weight(P, Phase.FORWARD) == 1.0 and zero2.weight(G, Phase.BACKWARD) == 1 / 4
+    offload = resolve_parallelism("fsdp", 4, offload_params=True)
+    assert offload.factors() == {P: 0.0, G: 0.0, OPT: 1 / 4}  # FSDP's CPUOffload keeps gradient shards on the host
+    ds3 = resolve_parallelism("deepspeed_stage_3", 4, offload_params=True)
+    assert ds3.factors() == {P: 0.0, G: 1 / 4, OPT: 1 / 4}
+
+
+def test_fsdp_units_are_the_larger_stack_of_blocks() -> None:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4, vocab_size=64)
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(config)
+    assert wrapped_blocks(model) == list(model.decoder.block)  # cross-attention makes them larger
+    extras = resolve_parallelism("fsdp", 4).phase_extras(model, bytes_per_element=4, device="cuda")
+    total = sum(p.numel() for p in model.parameters())
+    sizes = [sum(p.numel() for p in b.parameters()) for b in model.decoder.block]
+    block, root = max(sizes), total - sum(sizes)  # the first block holds the relative position bias
+    assert extras(Phase.BLOCK_BACKWARD) == {P: 4 * (root + 2 * block), G: 4 * block}
+    assert extras(Phase.FORWARD) == {P: 4 * (root + 2 * block)}  # one block and the prefetched next
+    assert extras(Phase.OPTIMIZER) == {}
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    assert wrapped_blocks(mlp) == []
+    assert resolve_parallelism("fsdp", 2).extras(mlp, bytes_per_element=4, trainable_bytes=0) == {
+        P: 4 * 20, G: 4 * 20}  # all root
 
 
 def test_lightning_names_are_understood() -> None:

@@ -9,6 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import memguard
 from memguard import Category
+from memguard.estimation.peak import Phase
 
 MiB4 = 4 * 2**20  # one 1024x1024 fp32 matrix
 
@@ -210,6 +211,8 @@ def test_the_timeline_peaks_at_the_peak_and_walks_the_phases() -> None:
     phases = [phase for _, phase, _ in est.timeline]
     first = {p: phases.index(p) for p in ("forward", "backward", "optimizer")}
     assert first["forward"] < first["backward"] < max(i for i, p in enumerate(phases) if p == "optimizer")
+    assert {type(phase) for phase in phases} == {str}  # the plain string, not the Phase enum
+    assert set(phases) <= {p.value for p in Phase}
     events = [e for e, _, _ in est.timeline]
     assert events == sorted(events)
     made_by = {g.where for g in est.at_peak if g.category == Category.ACTIVATIONS}
@@ -224,3 +227,14 @@ def test_the_timeline_peaks_at_the_peak_and_walks_the_phases() -> None:
 def test_only_the_trace_knows_where_the_peak_is() -> None:
     est = memguard.estimate("gpt2", 1, 64, method="formula")
     assert est.at_peak == () and est.timeline == ()
+
+
+def test_full_sharding_marks_the_blocks_backward() -> None:
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=128)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    est = memguard.estimate(model, 2, 64, method="trace", strategy="fsdp", world_size=2)
+    order = [p for i, (_, p, _) in enumerate(est.timeline) if i == 0 or est.timeline[i - 1][1] != p]
+    assert order[order.index("backward") + 1] == Phase.BLOCK_BACKWARD.value  # the head's, then the blocks'
+    single = memguard.estimate(model, 2, 64, method="trace")
+    assert "block-backward" not in {p for _, p, _ in single.timeline}  # marked only where it matters

@@ -7,6 +7,10 @@ runs. :func:`inspect_architecture` reads them into an :class:`Architecture`, fro
 transformers config of a model when it has one, else from the ``torch.nn.TransformerEncoderLayer``
 / ``TransformerDecoderLayer`` modules inside it. The answer is cached per module.
 
+:func:`transformer_blocks` finds the blocks themselves (the one place that does): the formula
+walks them to see which save activations, FSDP wraps them one by one
+(:mod:`memguard.estimation.parallel`), the trace marks their backward.
+
 Families (how a block is laid out, which decides what autograd saves in it):
 
 ========  ==========================================================================
@@ -31,7 +35,8 @@ from torch import nn
 
 from memguard.errors import UnsupportedModelError
 
-__all__ = ["Architecture", "find_architecture", "inspect_architecture", "structure_generation"]
+__all__ = ["Architecture", "block_stacks", "find_architecture", "inspect_architecture", "structure_generation",
+           "transformer_blocks"]
 
 _FAMILIES: dict[str, str] = {
     "gpt2": "gpt2", "gpt_neo": "gpt2", "gpt_bigcode": "gpt2", "gptj": "gpt2", "opt": "gpt2",
@@ -224,8 +229,7 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
 def _head_kind(module: nn.Module, config: Any) -> str:
     from memguard.estimation.models import model_task
 
-    task = model_task(module)
-    return {"token-base": "base", "image-base": "base"}.get(task, task)
+    return model_task(module).head
 
 
 def _from_config(config: Any, module: nn.Module) -> Architecture | None:
@@ -373,3 +377,66 @@ def _from_torch_layers(module: nn.Module) -> Architecture | None:
         num_labels=head_linear.out_features if head == "seq-cls" and head_linear else None,
         use_cache=False, head=head,
     )
+
+
+# --------------------------------------------------------------------------- the blocks themselves
+
+
+def block_stacks(module: nn.Module, config: Any = None, *, arch: Architecture | None = None,
+                 guess: bool = True) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The repeated transformer blocks of ``module``: ``(encoder, decoder)``.
+
+    The encoder's are those of an encoder-only or decoder-only model too; the decoder's are the
+    blocks with cross-attention of an encoder-decoder model (T5, BART), else ``[]``.
+
+    * plain torch models (family ``torch``): their ``TransformerEncoderLayer`` and
+      ``TransformerDecoderLayer`` modules;
+    * transformers models: the outermost ``nn.ModuleList``s whose lengths are the architecture's
+      block counts, in registration order (the encoder's before the decoder's); lists nested in a
+      block found already (T5's ``block[i].layer``) are skipped;
+    * otherwise (no known architecture, or no list of its lengths), with ``guess``: the items of the
+      ``nn.ModuleList`` holding the most parameters, e.g. a LightningModule around a transformers
+      model. What FSDP's ``auto_wrap_policy`` over the block class wraps is the same list.
+
+    Args:
+        module: the model.
+        config: its transformers config; ``module.config`` when omitted.
+        arch: its architecture, when the caller has it (else :func:`find_architecture`).
+        guess: fall back on the largest ``nn.ModuleList``. Without it, blocks are only those the
+            architecture lays out, each run once (ALBERT's 12 layers share one module: no guess).
+    """
+    arch = arch if arch is not None else find_architecture(module, config)
+    enc: list[nn.Module] = []
+    dec: list[nn.Module] = []
+    if arch is not None and arch.family == "torch":
+        enc = [m for m in module.modules() if isinstance(m, nn.TransformerEncoderLayer)]
+        dec = [m for m in module.modules() if isinstance(m, nn.TransformerDecoderLayer)]
+    elif arch is not None:
+        wanted = [arch.encoder_layers, arch.decoder_layers] if arch.decoder_layers else [arch.layers]
+        found: list[tuple[str, nn.ModuleList]] = []
+        for name, m in module.named_modules():
+            if not isinstance(m, nn.ModuleList) or len(found) == len(wanted):
+                continue
+            if any(name.startswith(prefix + ".") for prefix, _ in found):
+                continue  # inside a block already found
+            if len(m) == wanted[len(found)]:
+                found.append((name, m))
+        enc = list(found[0][1]) if found else []
+        dec = list(found[1][1]) if len(found) > 1 else []
+    if guess and not (enc or dec):
+        largest = max((m for m in module.modules() if isinstance(m, nn.ModuleList)), key=_numel, default=None)
+        enc = list(largest) if largest is not None else []
+    return enc, dec
+
+
+def transformer_blocks(module: nn.Module, config: Any = None) -> list[nn.Module]:
+    """Every repeated transformer block of ``module``, the encoder's first (see :func:`block_stacks`).
+
+    ``[]`` for a model without a list of layers.
+    """
+    enc, dec = block_stacks(module, config)
+    return enc + dec
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

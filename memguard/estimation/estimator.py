@@ -27,7 +27,7 @@ from memguard.estimation.models import (
     model_task,
 )
 from memguard.estimation.overhead import device_overhead
-from memguard.estimation.parallel import Parallelism, repeated_blocks, resolve_parallelism
+from memguard.estimation.parallel import Parallelism, Strategy, resolve_parallelism, wrapped_blocks
 from memguard.estimation.result import Category, MemoryEstimate, PeakTensors
 from memguard.estimation.spec import TrainingSpec, positive_int, resolve_precision
 from memguard.estimation.trace import DEFAULT_TIMEOUT, trace_breakdown
@@ -57,7 +57,7 @@ def estimate(
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     training_loop: str = "pytorch",
     step_fn: Callable[[Any], Any] | None = None,
-    strategy: str = "single",
+    strategy: str | Strategy = "single",
     world_size: int = 1,
     offload_optimizer: bool = False,
     offload_params: bool = False,
@@ -98,7 +98,8 @@ def estimate(
             ``lambda batch: lightning_module.training_step(batch, 0)``. It receives
             ``example_input`` whole (resized to ``batch_size``), which it then requires.
         strategy: ``"single"``, ``"ddp"``, ``"fsdp"``, ``"fsdp_shard_grad_op"``, ``"fsdp_hybrid"``,
-            ``"deepspeed_stage_1"``/``2``/``3``, or Lightning's strategy names. The estimate is
+            ``"deepspeed_stage_1"``/``2``/``3`` (a :class:`~memguard.estimation.parallel.Strategy`),
+            or Lightning's strategy names. The estimate is
             per device; ``batch_size`` is the per-device batch. See :mod:`memguard.estimation.parallel`.
         world_size: data-parallel ranks.
         offload_optimizer: optimizer state and step in host memory (sharded strategies).
@@ -169,7 +170,7 @@ def estimate(
         if parallel.fully_sharded:
             sharding["extras"] = parallel.phase_extras(resolved.module, device=spec.device,
                                                        bytes_per_element=_element_bytes(spec))
-            sharding["blocks"] = repeated_blocks(resolved.module)
+            sharding["blocks"] = wrapped_blocks(resolved.module)
         try:
             traced = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn,
                                               training_loop=training_loop, step_fn=step_fn,
@@ -199,12 +200,12 @@ def estimate(
 
         breakdown, more = seed_breakdown(resolved, spec)
         used = "seed"
-        if parallel.strategy != "single":
+        if parallel.strategy is not Strategy.SINGLE:
             more = [*more, f"the seed formula knows no strategy: {parallel.strategy} is ignored"]
     notes.extend(more)
     breakdown = dict(breakdown)
     host = 0
-    if used != "seed" and parallel.strategy != "single":
+    if used != "seed" and parallel.strategy is not Strategy.SINGLE:
         breakdown, host, more = _distribute(breakdown, parallel, resolved, spec, traced=used == "trace",
                                             master_weights=master_weights)
         notes.extend(more)
@@ -222,7 +223,7 @@ def estimate(
         "device": spec.device,
         "method": method,
         "training_loop": training_loop,
-        "strategy": parallel.strategy,
+        "strategy": parallel.strategy.value,
         "world_size": parallel.world_size,
         "offload_optimizer": parallel.offload_optimizer,
         "offload_params": parallel.offload_params,
@@ -283,7 +284,7 @@ def _deepspeed_precision(spec: TrainingSpec, parallel: Parallelism) -> tuple[Tra
     (``deepspeed/runtime/zero/stage_1_and_2.py``, ``single_partition_of_fp32_groups``;
     ``bf16_optimizer.py``). Under torch AMP (DDP, FSDP) parameters and gradients stay fp32.
     """
-    if not parallel.strategy.startswith("deepspeed") or spec.precision.autocast_dtype is None:
+    if not parallel.strategy.is_deepspeed or spec.precision.autocast_dtype is None:
         return spec, False
     low = "bf16-true" if spec.precision.autocast_dtype == torch.bfloat16 else "16-true"
     return spec.replace(precision=resolve_precision(low)), True
@@ -315,9 +316,9 @@ def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec, example_input: Any
     batch_size = spec.batch_size or 1
     seq_len = spec.seq_len
     task = model_task(module)
-    if task in ("image-cls", "image-base"):
+    if task.takes_pixels:
         seq_len = None
-    elif task != "unknown" and seq_len is None:
+    elif task.takes_tokens and seq_len is None:
         seq_len = max_positions(resolved.config)
         if seq_len is None:
             raise ConfigError(f"seq_len is needed for {resolved.name} (it has no fixed maximum length)")

@@ -8,6 +8,7 @@ works offline). Models built here are built on the meta device: no weights are a
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import re
 import stat
@@ -381,9 +382,48 @@ def set_checkpointing(module: nn.Module, on: bool) -> None:
         )
 
 
-TaskKind = str
-"""One of ``"causal-lm"``, ``"masked-lm"``, ``"seq2seq"``, ``"seq-cls"``, ``"image-cls"``,
-``"token-base"``, ``"image-base"`` or ``"unknown"``."""
+class TaskKind(str, enum.Enum):
+    """What a transformers model computes from its head, which decides the batch it takes.
+
+    ``str(TaskKind.CAUSAL_LM) == "causal-lm"``.
+    """
+
+    CAUSAL_LM = "causal-lm"
+    MASKED_LM = "masked-lm"
+    SEQ2SEQ = "seq2seq"
+    SEQ_CLS = "seq-cls"
+    IMAGE_CLS = "image-cls"
+    TOKEN_BASE = "token-base"
+    IMAGE_BASE = "image-base"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def takes_pixels(self) -> bool:
+        """Its input is ``pixel_values`` (no sequence length)."""
+        return self in (TaskKind.IMAGE_CLS, TaskKind.IMAGE_BASE)
+
+    @property
+    def takes_tokens(self) -> bool:
+        """Its input is ``input_ids`` of some sequence length."""
+        return not (self.takes_pixels or self is TaskKind.UNKNOWN)
+
+    @property
+    def labels_per_token(self) -> bool:
+        """Its loss takes a label per token (language models; an encoder-decoder makes its decoder inputs of them)."""
+        return self in (TaskKind.CAUSAL_LM, TaskKind.MASKED_LM, TaskKind.SEQ2SEQ)
+
+    @property
+    def labels_per_sample(self) -> bool:
+        """Its loss takes a class label per sample (classifiers)."""
+        return self in (TaskKind.SEQ_CLS, TaskKind.IMAGE_CLS)
+
+    @property
+    def head(self) -> str:
+        """As :attr:`memguard.estimation.arch.Architecture.head` names it: ``"base"`` without a head."""
+        return "base" if self in (TaskKind.TOKEN_BASE, TaskKind.IMAGE_BASE) else self.value
 
 
 def model_task(module: nn.Module) -> TaskKind:
@@ -393,22 +433,22 @@ def model_task(module: nn.Module) -> TaskKind:
     name = type(module).__name__
     config = getattr(module, "config", None)
     if config is None:
-        return "unknown"
+        return TaskKind.UNKNOWN
     if name.endswith(("ForCausalLM", "LMHeadModel")) and not getattr(config, "is_encoder_decoder", False):
-        return "causal-lm"
+        return TaskKind.CAUSAL_LM
     if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
+        return TaskKind.SEQ2SEQ
     if name.endswith(("ForMaskedLM", "ForPreTraining")):
-        return "masked-lm"
+        return TaskKind.MASKED_LM
     if name.endswith("ForImageClassification"):
-        return "image-cls"
+        return TaskKind.IMAGE_CLS
     if name.endswith("ForSequenceClassification"):
-        return "seq-cls"
+        return TaskKind.SEQ_CLS
     if hasattr(config, "image_size") and hasattr(config, "num_channels"):
-        return "image-base"
+        return TaskKind.IMAGE_BASE
     if hasattr(config, "vocab_size"):
-        return "token-base"
-    return "unknown"
+        return TaskKind.TOKEN_BASE
+    return TaskKind.UNKNOWN
 
 
 def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
@@ -430,16 +470,16 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     task = model_task(module)
     config = getattr(module, "config", None)
     b = batch_size
-    if task in ("image-cls", "image-base"):
+    if task.takes_pixels:
         size = config.image_size
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
         _check_elements(b, config.num_channels, *size, what="pixel values")
         pixels = torch.rand(b, config.num_channels, *size, generator=generator, device=device).to(dtype)
         batch = {"pixel_values": pixels}
-        if task == "image-cls":
+        if task.labels_per_sample:
             batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
         return batch
-    if task == "unknown":
+    if not task.takes_tokens:
         raise ConfigError(
             f"memguard cannot build inputs for {type(module).__name__}: pass example_input= "
             "(one batch as forward takes it: a tensor, a tuple or a dict of tensors)"
@@ -455,9 +495,9 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     _check_elements(b, seq_len, what="token ids")
     ids = torch.randint(0, config.vocab_size, (b, seq_len), generator=generator, device=device)
     batch = {"input_ids": ids}
-    if task in ("causal-lm", "masked-lm", "seq2seq"):
+    if task.labels_per_token:
         batch["labels"] = ids.clone()
-    elif task == "seq-cls":
+    elif task.labels_per_sample:
         batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
     return batch
 

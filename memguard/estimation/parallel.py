@@ -27,37 +27,152 @@ own estimator, which counts every parameter as trainable and keeps fp32 gradient
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Mapping
 
 from torch import nn
 
 from memguard.errors import ConfigError
+from memguard.estimation.arch import block_stacks
+from memguard.estimation.peak import Phase
 from memguard.estimation.result import Category
 from memguard.estimation.spec import positive_int, strict_bool
 
-__all__ = ["STRATEGIES", "Parallelism", "resolve_parallelism"]
+__all__ = ["STRATEGIES", "Parallelism", "Strategy", "resolve_parallelism", "wrapped_blocks"]
 
-STRATEGIES = ("single", "ddp", "fsdp", "fsdp_shard_grad_op", "fsdp_hybrid",
-              "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
 
-# Lightning's registered strategy names that mean one of ours (``StrategyRegistry``).
-_ALIASES: dict[str, tuple[str, bool, bool]] = {
-    "auto": ("single", False, False),
-    "dp": ("single", False, False),
-    "ddp_spawn": ("ddp", False, False),
-    "ddp_fork": ("ddp", False, False),
-    "ddp_notebook": ("ddp", False, False),
-    "ddp_find_unused_parameters_true": ("ddp", False, False),
-    "ddp_find_unused_parameters_false": ("ddp", False, False),
-    "fsdp_full_shard": ("fsdp", False, False),
-    "full_shard": ("fsdp", False, False),
-    "shard_grad_op": ("fsdp_shard_grad_op", False, False),
-    "hybrid_shard": ("fsdp_hybrid", False, False),
-    "fsdp_cpu_offload": ("fsdp", True, True),
-    "deepspeed": ("deepspeed_stage_2", False, False),
-    "deepspeed_stage_2_offload": ("deepspeed_stage_2", True, False),
-    "deepspeed_stage_3_offload": ("deepspeed_stage_3", True, True),
+class Strategy(str, enum.Enum):
+    """A data-parallel strategy, owning which model state it shards (the table above).
+
+    ``str(Strategy.FSDP) == "fsdp"``: the value is the name :func:`memguard.estimate` takes and
+    writes into ``inputs``. :meth:`parse` also reads Lightning's registered names
+    (``StrategyRegistry``: ``"deepspeed_stage_3_offload"``, ``"ddp_spawn"`` ...); the Lightning
+    strategy objects are read with :meth:`from_fsdp_mode` and :meth:`from_deepspeed_stage`.
+    """
+
+    SINGLE = "single"
+    DDP = "ddp"
+    FSDP = "fsdp"
+    FSDP_SHARD_GRAD_OP = "fsdp_shard_grad_op"
+    FSDP_HYBRID = "fsdp_hybrid"
+    DEEPSPEED_STAGE_1 = "deepspeed_stage_1"
+    DEEPSPEED_STAGE_2 = "deepspeed_stage_2"
+    DEEPSPEED_STAGE_3 = "deepspeed_stage_3"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Each rank keeps a shard of the parameters (ZeRO stage 3, FSDP's full sharding)."""
+        return self in (Strategy.FSDP, Strategy.FSDP_HYBRID, Strategy.DEEPSPEED_STAGE_3)
+
+    @property
+    def shards_gradients(self) -> bool:
+        """Each rank keeps a shard of the gradients (ZeRO stage 2 and up)."""
+        return self not in (Strategy.SINGLE, Strategy.DDP, Strategy.DEEPSPEED_STAGE_1)
+
+    @property
+    def shards_optimizer_state(self) -> bool:
+        """Each rank keeps a shard of the optimizer state (ZeRO stage 1 and up)."""
+        return self not in (Strategy.SINGLE, Strategy.DDP)
+
+    def shards(self, category: Category) -> bool:
+        """Whether a rank keeps only a shard of the model-state ``category`` (else it is whole)."""
+        return {Category.PARAMETERS: self.shards_parameters, Category.GRADIENTS: self.shards_gradients,
+                Category.OPTIMIZER_STATE: self.shards_optimizer_state}.get(category, False)
+
+    @property
+    def sharded(self) -> bool:
+        """Some model state is sharded: anything but one device and DDP."""
+        return self.shards_optimizer_state
+
+    @property
+    def fully_sharded(self) -> bool:
+        """Parameters, gradients and optimizer state are all sharded."""
+        return self.shards_parameters
+
+    @property
+    def is_fsdp(self) -> bool:
+        return self in (Strategy.FSDP, Strategy.FSDP_SHARD_GRAD_OP, Strategy.FSDP_HYBRID)
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self in (Strategy.DEEPSPEED_STAGE_1, Strategy.DEEPSPEED_STAGE_2, Strategy.DEEPSPEED_STAGE_3)
+
+    @classmethod
+    def parse(cls, name: str | None) -> Strategy:
+        """The strategy ``name`` means: ours or Lightning's (case, ``-``/``_`` and spaces ignored);
+        ``None`` is ``"single"``.
+
+        Raises:
+            ConfigError: for a non-string or unknown name, naming it and the accepted ones.
+        """
+        return cls._lookup(name)[0]
+
+    @classmethod
+    def offloads_named(cls, name: str | None) -> tuple[bool, bool]:
+        """``(offload_optimizer, offload_params)`` that a Lightning name turns on
+        (``"deepspeed_stage_3_offload"``: both); ``(False, False)`` for the rest."""
+        return cls._lookup(name)[1:]
+
+    @classmethod
+    def _lookup(cls, name: str | None) -> tuple[Strategy, bool, bool]:
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"strategy must be a name such as 'ddp' or 'fsdp', got {type(name).__name__} "
+                              f"{name!r}; expected one of {', '.join(STRATEGIES)}")
+        key = (name or "single").strip().lower().replace("-", "_")
+        if key in _ALIASES:
+            return _ALIASES[key]
+        try:
+            return cls(key), False, False
+        except ValueError:
+            raise ConfigError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)} "
+                              f"(or Lightning's names {', '.join(_ALIASES)})") from None
+
+    @classmethod
+    def from_fsdp_mode(cls, mode: str) -> Strategy | None:
+        """The strategy of Lightning's ``FSDPStrategy`` with ``sharding_strategy`` named ``mode``
+        (torch's ``ShardingStrategy``), or ``None`` for a mode memguard does not know.
+
+        ``_HYBRID_SHARD_ZERO2`` is counted as ``fsdp_hybrid``; ``NO_SHARD`` is DDP.
+        """
+        return _FSDP_MODES.get(mode)
+
+    @classmethod
+    def from_deepspeed_stage(cls, stage: int) -> Strategy:
+        """The strategy of Lightning's ``DeepSpeedStrategy`` at ZeRO ``stage`` (0: no sharding, DDP)."""
+        return {1: cls.DEEPSPEED_STAGE_1, 2: cls.DEEPSPEED_STAGE_2, 3: cls.DEEPSPEED_STAGE_3}.get(stage, cls.DDP)
+
+
+STRATEGIES = tuple(s.value for s in Strategy)
+"""The names of :class:`Strategy`, as :func:`memguard.estimate` takes them."""
+
+# Lightning's registered strategy names that mean one of ours (``StrategyRegistry``), with the
+# offloads (optimizer, parameters) they turn on.
+_ALIASES: dict[str, tuple[Strategy, bool, bool]] = {
+    "auto": (Strategy.SINGLE, False, False),
+    "dp": (Strategy.SINGLE, False, False),
+    "ddp_spawn": (Strategy.DDP, False, False),
+    "ddp_fork": (Strategy.DDP, False, False),
+    "ddp_notebook": (Strategy.DDP, False, False),
+    "ddp_find_unused_parameters_true": (Strategy.DDP, False, False),
+    "ddp_find_unused_parameters_false": (Strategy.DDP, False, False),
+    "fsdp_full_shard": (Strategy.FSDP, False, False),
+    "full_shard": (Strategy.FSDP, False, False),
+    "shard_grad_op": (Strategy.FSDP_SHARD_GRAD_OP, False, False),
+    "hybrid_shard": (Strategy.FSDP_HYBRID, False, False),
+    "fsdp_cpu_offload": (Strategy.FSDP, True, True),
+    "deepspeed": (Strategy.DEEPSPEED_STAGE_2, False, False),
+    "deepspeed_stage_2_offload": (Strategy.DEEPSPEED_STAGE_2, True, False),
+    "deepspeed_stage_3_offload": (Strategy.DEEPSPEED_STAGE_3, True, True),
 }
+
+_FSDP_MODES: dict[str, Strategy] = {
+    "FULL_SHARD": Strategy.FSDP, "SHARD_GRAD_OP": Strategy.FSDP_SHARD_GRAD_OP, "HYBRID_SHARD": Strategy.FSDP_HYBRID,
+    "_HYBRID_SHARD_ZERO2": Strategy.FSDP_HYBRID, "NO_SHARD": Strategy.DDP,
+}
+"""torch's ``ShardingStrategy`` names, as Lightning's ``FSDPStrategy.sharding_strategy`` holds them."""
 
 DEEPSPEED_BUCKET_ELEMENTS = int(2e8)
 """Lightning's ``DeepSpeedStrategy`` defaults ``reduce_bucket_size`` and ``allgather_bucket_size``
@@ -72,44 +187,49 @@ class Parallelism:
     """How training is spread over devices.
 
     Attributes:
-        strategy: one of :data:`STRATEGIES`.
+        strategy: the :class:`Strategy` (a name of one is read as it).
         world_size: number of data-parallel ranks.
         offload_optimizer: optimizer state and step in host memory.
         offload_params: parameter shards in host memory (sharded strategies only).
         shard_size: ranks that one copy of the model state is sharded over.
     """
 
-    strategy: str = "single"
+    strategy: Strategy = Strategy.SINGLE
     world_size: int = 1
     offload_optimizer: bool = False
     offload_params: bool = False
     shard_size: int = 1
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.strategy, Strategy):
+            object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
+
     @property
     def sharded(self) -> bool:
-        return self.strategy not in ("single", "ddp")
+        return self.strategy.sharded
+
+    @property
+    def fully_sharded(self) -> bool:
+        return self.strategy.fully_sharded
 
     def factors(self) -> dict[Category, float]:
         """Share of each model-state category a rank keeps on the device."""
-        n = self.shard_size
-        s = self.strategy
-        p = 1 / n if s in ("fsdp", "fsdp_hybrid", "deepspeed_stage_3") else 1.0
-        g = 1.0 if s in ("single", "ddp", "deepspeed_stage_1") else 1 / n
-        o = 1.0 if s in ("single", "ddp") else 1 / n
+        share = {c: 1 / self.shard_size if self.strategy.shards(c) else 1.0
+                 for c in (Category.PARAMETERS, Category.GRADIENTS, Category.OPTIMIZER_STATE)}
         if self.offload_optimizer:
-            o = 0.0
+            share[Category.OPTIMIZER_STATE] = 0.0
         if self.offload_params:
-            p = 0.0
-            if s.startswith("fsdp"):
-                g = 0.0  # FSDP's CPUOffload keeps gradient shards on the host too
-        return {Category.PARAMETERS: p, Category.GRADIENTS: g, Category.OPTIMIZER_STATE: o}
+            share[Category.PARAMETERS] = 0.0
+            if self.strategy.is_fsdp:
+                share[Category.GRADIENTS] = 0.0  # FSDP's CPUOffload keeps gradient shards on the host too
+        return share
 
-    def weight(self, category: Category, phase: str) -> float:
+    def weight(self, category: Category, phase: Phase) -> float:
         """Share of one allocation a rank holds, by its category and the phase that made it."""
         factors = self.factors()
         if category in factors:
             return factors[category]
-        if category == Category.TEMPORARY and phase == "optimizer":
+        if category == Category.TEMPORARY and phase == Phase.OPTIMIZER:
             return factors[Category.OPTIMIZER_STATE]
         return 1.0
 
@@ -127,26 +247,23 @@ class Parallelism:
           blocks and one block's unsharded gradients. The formula adds this at its peak; the
           trace adds :meth:`phase_extras` phase by phase instead.
         """
-        if self.strategy == "ddp" and self.world_size > 1:
+        s = self.strategy
+        if s is Strategy.DDP and self.world_size > 1:
             return {Category.GRADIENTS: trainable_bytes}
-        if self.strategy in ("deepspeed_stage_1", "deepspeed_stage_2"):
+        if s.is_deepspeed and not s.fully_sharded:
             bucket = min(DEEPSPEED_BUCKET_ELEMENTS, sum(p.numel() for p in module.parameters())) * bytes_per_element
             return {Category.GRADIENTS: bucket, Category.PARAMETERS: bucket}
         root, block, blocks = _units(module)
-        if self.strategy == "fsdp_shard_grad_op":
+        if s is Strategy.FSDP_SHARD_GRAD_OP:
             return {Category.GRADIENTS: max(root, block) * bytes_per_element}
-        if self.strategy in ("fsdp", "fsdp_hybrid", "deepspeed_stage_3"):
+        if s.fully_sharded:
             gathered = root + min(2, blocks) * block
             return {Category.PARAMETERS: gathered * bytes_per_element,
                     Category.GRADIENTS: (block or root) * bytes_per_element}
         return {}
 
-    @property
-    def fully_sharded(self) -> bool:
-        return self.strategy in ("fsdp", "fsdp_hybrid", "deepspeed_stage_3")
-
     def phase_extras(self, module: nn.Module, *, bytes_per_element: int,
-                     device: str) -> Callable[[str], dict[Category, int]]:
+                     device: str) -> Callable[[Phase], dict[Category, int]]:
         """What full sharding holds gathered in each phase of a step, for the trace.
 
         Measured with torch's ``FSDPMemTracker`` on FSDP2 runs (``benchmarks/distributed.py``):
@@ -160,10 +277,10 @@ class Parallelism:
         root_bytes = root * bytes_per_element
         forward = 1 + (device == "cuda")
         table = {
-            "forward": {Category.PARAMETERS: root_bytes + min(forward, blocks) * one},
-            "backward": {Category.PARAMETERS: root_bytes + min(1, blocks) * one},
-            "block-backward": {Category.PARAMETERS: root_bytes + min(2, blocks) * one,
-                               Category.GRADIENTS: one},
+            Phase.FORWARD: {Category.PARAMETERS: root_bytes + min(forward, blocks) * one},
+            Phase.BACKWARD: {Category.PARAMETERS: root_bytes + min(1, blocks) * one},
+            Phase.BLOCK_BACKWARD: {Category.PARAMETERS: root_bytes + min(2, blocks) * one,
+                                   Category.GRADIENTS: one},
         }
         return lambda phase: table.get(phase, {})
 
@@ -178,11 +295,14 @@ class Parallelism:
         return host
 
 
-def repeated_blocks(module: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks (the largest ``ModuleList``), which FSDP wraps one by one."""
-    blocks = max((m for m in module.modules() if isinstance(m, nn.ModuleList)),
-                 key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
-    return list(blocks) if blocks is not None else []
+def wrapped_blocks(module: nn.Module) -> list[nn.Module]:
+    """The blocks FSDP wraps one by one, whose backward the trace marks: the larger stack of
+    :func:`~memguard.estimation.arch.block_stacks` (an encoder-decoder's decoder).
+
+    ``max`` over the two stacks, by parameters, keeps the first of equals (the encoder).
+    """
+    enc, dec = block_stacks(module)
+    return max(enc, dec, key=lambda stack: sum(p.numel() for b in stack for p in b.parameters()))
 
 
 def _units(module: nn.Module) -> tuple[int, int, int]:
@@ -192,7 +312,7 @@ def _units(module: nn.Module) -> tuple[int, int, int]:
     class); everything else (embeddings, head, final norm) stays in the root unit. A model without
     repeated blocks is all root.
     """
-    blocks = repeated_blocks(module)
+    blocks = wrapped_blocks(module)
     total = sum(p.numel() for p in module.parameters())
     if not blocks:
         return total, 0, 0
@@ -200,10 +320,10 @@ def _units(module: nn.Module) -> tuple[int, int, int]:
     return total - sum(sizes), max(sizes), len(blocks)
 
 
-def resolve_parallelism(strategy: str | None = "single", world_size: int | None = 1, *,
+def resolve_parallelism(strategy: str | Strategy | None = "single", world_size: int | None = 1, *,
                         offload_optimizer: bool = False, offload_params: bool = False,
                         ranks_per_node: int | None = None) -> Parallelism:
-    """Normalise a strategy name (ours or Lightning's) and its options.
+    """Normalise a strategy name (ours or Lightning's, see :meth:`Strategy.parse`) and its options.
 
     Raises:
         ConfigError: for an unknown or non-string strategy, a bad world size (a whole number from 1
@@ -211,34 +331,29 @@ def resolve_parallelism(strategy: str | None = "single", world_size: int | None 
             ``True``/``False`` (``"no"`` would be truthy), or offload where it cannot apply.
     """
     if strategy is not None and not isinstance(strategy, str):
-        raise ConfigError(f"strategy must be a name such as 'ddp' or 'fsdp', got {type(strategy).__name__} "
-                          f"{strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        Strategy.parse(strategy)  # raises, naming it: the name is checked before the flags
     offload_optimizer = strict_bool("offload_optimizer", offload_optimizer)
     offload_params = strict_bool("offload_params", offload_params)
-    key = (strategy or "single").strip().lower().replace("-", "_")
-    if key in _ALIASES:
-        key, opt_off, par_off = _ALIASES[key]
-        offload_optimizer = offload_optimizer or opt_off
-        offload_params = offload_params or par_off
-    if key not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)} "
-                          f"(or Lightning's names {', '.join(_ALIASES)})")
+    key = Strategy.parse(strategy)
+    opt_off, par_off = Strategy.offloads_named(strategy)
+    offload_optimizer = offload_optimizer or opt_off
+    offload_params = offload_params or par_off
     world_size = positive_int("world_size", world_size)
-    if key == "single" and world_size > 1:
+    if key is Strategy.SINGLE and world_size > 1:
         raise ConfigError(f"strategy 'single' runs on one device, but world_size={world_size}; "
                           "pass strategy='ddp' (or a sharded one)")
-    if offload_params and key not in ("fsdp", "fsdp_hybrid", "deepspeed_stage_3"):
+    if offload_params and not key.fully_sharded:
         raise ConfigError(f"offload_params needs fully sharded parameters (fsdp or deepspeed_stage_3), "
-                          f"not {key!r}")
-    if offload_optimizer and key in ("single", "ddp"):
-        raise ConfigError(f"offload_optimizer needs a sharded strategy (fsdp or deepspeed_stage_*), not {key!r}")
+                          f"not {key.value!r}")
+    if offload_optimizer and not key.sharded:
+        raise ConfigError(f"offload_optimizer needs a sharded strategy (fsdp or deepspeed_stage_*), not {key.value!r}")
     shard = world_size
-    if key == "fsdp_hybrid":
+    if key is Strategy.FSDP_HYBRID:
         per_node = (min(world_size, NODE_SIZE) if ranks_per_node is None
                     else positive_int("ranks_per_node", ranks_per_node))
         if world_size % per_node:
             raise ConfigError(f"world_size={world_size} is not a multiple of {per_node} ranks per node")
         shard = per_node
-    elif key in ("single", "ddp"):
+    elif not key.sharded:
         shard = 1
     return Parallelism(key, world_size, offload_optimizer, offload_params, shard)

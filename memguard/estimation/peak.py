@@ -9,17 +9,40 @@ what PyTorch's memory snapshot viewer shows, without a GPU:
 * :func:`analyse` -> :class:`PeakReport`: bytes per :class:`~memguard.Category` at the peak, the
   tensors alive then grouped by module and category (largest first), and the live bytes after each
   event (the timeline, whose maximum is the peak).
+
+Each record carries the :class:`Phase` of the step it was made in; the timeline, the result and
+its JSON keep the phase's plain string (``"forward"``...).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from memguard.estimation.result import Category, PeakTensors
 
-__all__ = ["PeakReport", "analyse"]
+__all__ = ["PeakReport", "Phase", "analyse"]
+
+
+class Phase(str, enum.Enum):
+    """The part of a training step the trace is in when something is allocated.
+
+    ``BACKWARD`` is the backward before the first repeated block (the loss and the head);
+    ``BLOCK_BACKWARD`` starts when the first block's backward does (a sharded strategy holds more
+    gathered there, see :meth:`memguard.estimation.parallel.Parallelism.phase_extras`).
+    ``str(Phase.FORWARD) == "forward"``, the string the timeline and JSON keep.
+    """
+
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    BLOCK_BACKWARD = "block-backward"
+    OPTIMIZER = "optimizer"
+    OTHER = "other"
+
+    def __str__(self) -> str:
+        return self.value
 
 TIMELINE_POINTS = 2000
 """Points kept in a timeline: the live bytes after each event, thinned evenly, the peak always kept."""
@@ -41,9 +64,9 @@ class PeakReport:
     timeline: tuple[tuple[int, str, int], ...]
 
 
-def analyse(records: Sequence[Any], marks: Sequence[tuple[int, str]], kinds: dict[int, Category],
-            weight: Callable[[Category, str], float] | None = None,
-            extras: Callable[[str], dict[Category, int]] | None = None) -> PeakReport:
+def analyse(records: Sequence[Any], marks: Sequence[tuple[int, Phase]], kinds: dict[int, Category],
+            weight: Callable[[Category, Phase], float] | None = None,
+            extras: Callable[[Phase], dict[Category, int]] | None = None) -> PeakReport:
     """Find the peak of the (weighted) timeline of allocations and frees, plus the ``extras`` of the
     phase it falls in, and what is alive then.
 
@@ -73,7 +96,7 @@ def analyse(records: Sequence[Any], marks: Sequence[tuple[int, str]], kinds: dic
             mark += 1
         live += delta
         phase = marks[mark][1]
-        timeline.append((clock, phase, live + extra_of[phase]))
+        timeline.append((clock, str(phase), live + extra_of[phase]))
         if live + extra_of[phase] > peak:
             peak, peak_clock, peak_phase = live + extra_of[phase], clock, phase
     alive = [i for i, r in enumerate(records) if r.alloc <= peak_clock and (r.free is None or r.free > peak_clock)]
@@ -91,7 +114,7 @@ def _group(records: Sequence[Any], alive: list[int], kinds: dict[int, Category],
     """The live tensors by (module, category): their bytes, count, and the largest one's shape and dtype."""
     groups: dict[tuple[str, Category], list[int]] = {}
     for i in alive:
-        groups.setdefault((records[i].where or records[i].phase, kinds[i]), []).append(i)
+        groups.setdefault((records[i].where or str(records[i].phase), kinds[i]), []).append(i)
     out = []
     for (where, cat), members in groups.items():
         largest = max(members, key=held)

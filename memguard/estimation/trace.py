@@ -62,7 +62,7 @@ from memguard.estimation.allocator import ledger_events, replay
 from memguard.estimation.allocator_config import AllocatorConfig
 from memguard.estimation.cuda_rules import device_autocast, device_kernels
 from memguard.estimation.models import is_checkpointing, set_checkpointing
-from memguard.estimation.peak import analyse
+from memguard.estimation.peak import Phase, analyse
 from memguard.estimation.result import Category, PeakTensors
 from memguard.estimation.spec import TrainingSpec, make_optimizer
 
@@ -105,7 +105,7 @@ class _Record:
     nbytes: int  # as the device's allocator rounds it
     alloc: int
     free: int | None = None
-    phase: str = "other"
+    phase: Phase = Phase.OTHER
     requested: int = 0  # as asked for
     where: str = ""  # the module whose forward made it, or the parameter it belongs to
     shape: tuple[int, ...] = ()
@@ -120,12 +120,12 @@ class _Ledger:
         self.records: list[_Record] = []
         self.by_storage: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.clock = 0
-        self.phase = "other"
-        self.marks: list[tuple[int, str]] = [(0, "other")]
+        self.phase = Phase.OTHER
+        self.marks: list[tuple[int, Phase]] = [(0, Phase.OTHER)]
         self.modules: list[str] = []  # the forward calls under way, outermost first
 
-    def set_phase(self, phase: str) -> None:
-        """Start ``phase`` (``"forward"``, ``"backward"``, ``"block-backward"``, ``"optimizer"``)."""
+    def set_phase(self, phase: Phase) -> None:
+        """Start ``phase``."""
         if phase != self.phase:
             self.phase = phase
             self.marks.append((self.clock, phase))
@@ -322,8 +322,8 @@ def trace_breakdown(
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     training_loop: str = "pytorch",
     step_fn: Callable[[Any], Any] | None = None,
-    weight: Callable[[Category, str], float] | None = None,
-    extras: Callable[[str], dict[Category, int]] | None = None,
+    weight: Callable[[Category, Phase], float] | None = None,
+    extras: Callable[[Phase], dict[Category, int]] | None = None,
     blocks: Iterable[nn.Module] = (),
     steps: int = 1,
     timeout: float | None = DEFAULT_TIMEOUT,
@@ -346,14 +346,14 @@ def trace_breakdown(
         step_fn: called with the one positional input instead of ``module(...)`` (e.g. a
             LightningModule's ``training_step``); its result is a loss, a dict with ``"loss"``, or
             an output for ``loss_fn``.
-        weight: share of each allocation, by category and phase (``"forward"``, ``"backward"``,
-            ``"optimizer"``), that the device holds — how sharding enters (see
+        weight: share of each allocation, by category and :class:`~memguard.estimation.peak.Phase`,
+            that the device holds — how sharding enters (see
             :meth:`memguard.estimation.parallel.Parallelism.weight`); the peak is then the peak of the
             weighted timeline. ``None`` counts everything whole.
-        extras: bytes the device holds beyond the traced tensors, by phase (``"forward"``,
-            ``"backward"`` before the first block, ``"block-backward"``, ``"optimizer"``): how
+        extras: bytes the device holds beyond the traced tensors, by phase (``BACKWARD`` is before
+            the first block, ``BLOCK_BACKWARD`` from it on): how
             a sharded strategy's gathered units enter (see :meth:`.parallel.Parallelism.phase_extras`).
-        blocks: the repeated blocks; their backward marks the ``"block-backward"`` phase.
+        blocks: the repeated blocks; their backward marks the ``BLOCK_BACKWARD`` phase.
         steps: forward-backward-step rounds to trace after the state is made.
         accumulate: micro-batches per optimizer step (gradient accumulation); from the second on,
             each forward runs beside the gradients accumulated so far.
@@ -393,7 +393,7 @@ def trace_breakdown(
             _prepare(module, bool(spec.gradient_checkpointing))
             for block in blocks:
                 block.register_full_backward_pre_hook(
-                    lambda *_: ledger.set_phase("block-backward") if ledger.phase == "backward" else None)
+                    lambda *_: ledger.set_phase(Phase.BLOCK_BACKWARD) if ledger.phase is Phase.BACKWARD else None)
             stack.enter_context(counting)
             stack.enter_context(device_kernels(spec.device))
             for t in fakes.values():
@@ -418,7 +418,7 @@ def trace_breakdown(
                 # With accumulation, every micro-batch after the first runs its forward beside the
                 # gradients so far; the second stands for all the others.
                 for micro in range(min(accumulate, 2)):
-                    ledger.set_phase("forward")
+                    ledger.set_phase(Phase.FORWARD)
                     start = ledger.clock
                     args, kwargs = make_inputs()
                     for t in tree_flatten((args, kwargs))[0]:
@@ -430,7 +430,7 @@ def trace_breakdown(
                     end = ledger.clock
                     activations.update(i for i, r in ledger.live_at(end) if r.alloc > start)
                     del output
-                    ledger.set_phase("backward")
+                    ledger.set_phase(Phase.BACKWARD)
                     if training_loop == "lightning" and optimizer is not None and micro == 0:
                         optimizer.zero_grad(set_to_none=set_to_none)
                     if trainable:
@@ -488,7 +488,7 @@ def _storages(ledger: _Ledger, tensors: Iterable[Any]) -> Iterator[int]:
 def _optimizer_step(ledger: _Ledger, optimizer: torch.optim.Optimizer | None, trainable: list[torch.Tensor],
                     opt_state: set[int], training_loop: str, set_to_none: bool = True) -> None:
     """The optimizer's step (noting its state) and, in PyTorch's loop, ``zero_grad``."""
-    ledger.set_phase("optimizer")
+    ledger.set_phase(Phase.OPTIMIZER)
     if optimizer is not None:
         optimizer.step()
         opt_state.update(_storages(ledger, (v for s in optimizer.state.values() for v in s.values())))
@@ -497,11 +497,11 @@ def _optimizer_step(ledger: _Ledger, optimizer: torch.optim.Optimizer | None, tr
     else:
         for t in trainable:
             t.grad = None
-    ledger.set_phase("other")
+    ledger.set_phase(Phase.OTHER)
 
 
 def _allocator_slack(ledger: _Ledger, kinds: dict[int, Category],
-                     weight: Callable[[Category, str], float] | None) -> int:
+                     weight: Callable[[Category, Phase], float] | None) -> int:
     """``max_memory_reserved() - max_memory_allocated()`` of the step under the CUDA caching allocator.
 
     The step's allocations and frees are replayed in order, at their requested sizes (the share a

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from memguard.estimation._isolation import preserved_rng
+from memguard.estimation.parallel import Strategy
 
 __all__ = [
     "RunInfo",
@@ -81,8 +82,8 @@ class RunInfo:
         world_size: processes taking part in training.
         rank: this process's global rank.
         local_world_size: processes on this machine (they share the host's memory).
-        parallel: the strategy in :func:`memguard.estimate`'s terms (``"single"``, ``"ddp"``,
-            ``"fsdp"``, ``"deepspeed_stage_2"`` ...), or ``None`` when memguard does not know it.
+        parallel: the strategy in :func:`memguard.estimate`'s terms (a :class:`Strategy`, equal to
+            its name ``"ddp"``, ``"fsdp"`` ...), or ``None`` when memguard does not know it.
         offload_optimizer: optimizer state and step in host memory (DeepSpeed, FSDP ``CPUOffload``).
         offload_params: parameter shards in host memory.
         sharded_module: whether the module's parameters are already sharded when the fit starts
@@ -98,7 +99,7 @@ class RunInfo:
     world_size: int
     rank: int
     local_world_size: int
-    parallel: str | None
+    parallel: Strategy | None
     offload_optimizer: bool
     offload_params: bool
     sharded_module: bool
@@ -108,16 +109,12 @@ class RunInfo:
     @property
     def sharded(self) -> str | None:
         """The sharded strategy in words, or ``None`` for one device and DDP."""
-        if self.parallel in ("single", "ddp"):
+        if self.parallel is not None and not self.parallel.sharded:
             return None
-        return self.parallel or self.strategy
+        return self.parallel.value if self.parallel is not None else self.strategy
 
 
-_FSDP_MODES = {"FULL_SHARD": "fsdp", "SHARD_GRAD_OP": "fsdp_shard_grad_op", "HYBRID_SHARD": "fsdp_hybrid",
-               "_HYBRID_SHARD_ZERO2": "fsdp_hybrid", "NO_SHARD": "ddp"}
-
-
-def _parallelism(strategy: Any, world_size: int) -> tuple[str | None, bool, bool, bool]:
+def _parallelism(strategy: Any, world_size: int) -> tuple[Strategy | None, bool, bool, bool]:
     """Lightning's strategy object in memguard's terms: name, offloads, and whether params are sharded.
 
     Read from ``FSDPStrategy.sharding_strategy`` and ``.cpu_offload``, and from
@@ -128,24 +125,24 @@ def _parallelism(strategy: Any, world_size: int) -> tuple[str | None, bool, bool
     if "FSDPStrategy" in names:
         mode = getattr(getattr(strategy, "sharding_strategy", None), "name", "FULL_SHARD")
         offload = bool(getattr(getattr(strategy, "cpu_offload", None), "offload_params", False))
-        parallel = _FSDP_MODES.get(mode)
-        return (parallel, offload and parallel != "ddp", offload and parallel in ("fsdp", "fsdp_hybrid"),
-                parallel != "ddp")
+        parallel = Strategy.from_fsdp_mode(mode)
+        return (parallel, offload and parallel is not Strategy.DDP,
+                offload and parallel is not None and parallel.fully_sharded, parallel is not Strategy.DDP)
     if "DeepSpeedStrategy" in names:
         config = getattr(strategy, "config", None)
         zero = config.get("zero_optimization", {}) if isinstance(config, dict) else {}
         stage = int(zero.get("stage", 0) or 0)
-        parallel = f"deepspeed_stage_{stage}" if stage in (1, 2, 3) else "ddp"
+        parallel = Strategy.from_deepspeed_stage(stage)
         offload_optimizer = _offloaded(zero.get("offload_optimizer")) and stage > 0
         offload_params = _offloaded(zero.get("offload_param")) and stage == 3
         return parallel, offload_optimizer, offload_params, stage == 3
     if names & set(_SHARDED):
         return None, False, False, True
     if "SingleDeviceStrategy" in names:
-        return "single", False, False, False
+        return Strategy.SINGLE, False, False, False
     if "DDPStrategy" in names or world_size > 1:
-        return "ddp", False, False, False
-    return "single", False, False, False
+        return Strategy.DDP, False, False, False
+    return Strategy.SINGLE, False, False, False
 
 
 def _offloaded(section: Any) -> bool:

@@ -1,0 +1,196 @@
+"""Activation bytes of a training step: which blocks save what, summed over the model.
+
+Per transformer block, every tensor autograd saves for the backward pass
+(:mod:`memguard.estimation.formula.blocks`), for the blocks that save anything given which
+parameters are trainable (:func:`block_activity`), under gradient checkpointing only each block's
+input (Korthikanti et al. 2022, section 5); plus the embeddings, what sits between the last block
+and the logits, an encoder-decoder's encoder output and the logits themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from memguard.estimation.arch import Architecture, inspect_architecture
+from memguard.estimation.formula.blocks import (
+    block_bytes,
+    checkpoint_bias_bytes,
+    checkpoint_input_bytes,
+    fused_bias_bytes,
+)
+from memguard.estimation.formula.context import F32, Ctx, make_ctx, tokens
+from memguard.estimation.formula.embeddings import embedding_bytes
+from memguard.estimation.formula.head import encoder_output_bytes, final_bytes
+from memguard.estimation.formula.inventory import Inventory, inventory
+from memguard.estimation.models import ResolvedModel
+from memguard.estimation.spec import TrainingSpec
+
+__all__ = ["Activations", "Activity", "activation_bytes", "activations", "block_activity"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+    """Activation bytes of one step, by where they sit.
+
+    Attributes:
+        saved: bytes saved for backward and alive at the end of the forward pass.
+        top_block: bytes of one (the last) block's full activations.
+        bottom_block: bytes the first block holds while its backward runs (its activations, or
+            under checkpointing its input and its recomputed activations).
+        recompute: bytes of one block's activations re-made during its backward under gradient
+            checkpointing (0 without it).
+        logits: elements of the logits (batch × tokens × vocab), 0 without an LM head.
+        tokens: tokens per sequence of the blocks (the decoder's for an encoder-decoder model).
+        embedding: bytes still alive at the end of backward (the embeddings' saved tensors).
+        idle: parameter indices of blocks that save nothing (frozen, nothing trainable below).
+        output_cache: bytes of the key/value cache held by the model's output alone (not saved
+            for backward), alive until the output is dropped.
+    """
+
+    saved: int
+    top_block: int
+    bottom_block: int
+    recompute: int
+    logits: int
+    tokens: int
+    embedding: int
+    idle: frozenset[int] = frozenset()
+    output_cache: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Activity:
+    """Which blocks save activations, from which parameters are trainable.
+
+    A block saves activations when a gradient flows into it from below or it has a trainable
+    parameter itself; a frozen block that only passes gradients down keeps less (no linear
+    inputs: a frozen weight needs none).
+
+    Attributes:
+        embeddings: something before the first block is trainable.
+        enc: encoder (or only) blocks with a trainable parameter that save activations.
+        enc_frozen: frozen encoder blocks that save activations (a trainable block below).
+        dec: decoder blocks with a trainable parameter.
+        dec_frozen: frozen decoder blocks that save activations.
+        idle: parameter indices of blocks that save nothing (frozen, nothing trainable below).
+    """
+
+    embeddings: bool
+    enc: int
+    enc_frozen: int
+    dec: int
+    dec_frozen: int
+    idle: frozenset[int]
+
+
+def block_activity(inv: Inventory, arch: Architecture, grad: list[bool]) -> Activity:
+    """Count the blocks of each kind (see :class:`Activity`); ``grad[i]`` is parameter ``i``'s
+    ``requires_grad``. Modules registered before the first block (embeddings and their norm,
+    positions, patch projection, class token) are taken to run before it, as in transformers
+    models and most plain ones."""
+    if not inv.enc_blocks and not inv.dec_blocks:  # blocks not found: all trainable
+        return Activity(True, arch.encoder_layers if arch.decoder_layers else arch.layers, 0,
+                        arch.decoder_layers, 0, frozenset())
+    emb = any(grad[i] for i in inv.pre)
+    idle: list[int] = []
+
+    def walk(blocks: tuple[tuple[int, ...], ...], upstream: bool) -> tuple[int, int, bool]:
+        trained = frozen = 0
+        for blk in blocks:
+            own = any(grad[i] for i in blk)
+            if own:
+                trained += 1
+            elif upstream:
+                frozen += 1
+            else:
+                idle.extend(blk)
+            upstream = upstream or own
+        return trained, frozen, upstream
+
+    n_enc, f_enc, enc_grad = walk(inv.enc_blocks, emb)
+    n_dec, f_dec, _ = walk(inv.dec_blocks, emb or enc_grad)
+    return Activity(emb, n_enc, f_enc, n_dec, f_dec, frozenset(idle))
+
+
+def activation_bytes(model: ResolvedModel, spec: TrainingSpec) -> Activations:
+    """Activation bytes of a training step of ``model`` (see :class:`Activations`).
+
+    Raises:
+        UnsupportedModelError: when the model is not a transformer the formula can read.
+        ConfigError: when a token model has no ``seq_len``.
+    """
+    arch = inspect_architecture(model.module, model.config, name=model.name,
+                                needs="the formula")
+    inv = inventory(model.module, arch)
+    return activations(inv, spec, make_ctx(arch, spec), inv.requires_grad())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layers:
+    """Bytes one block of each kind saves: trainable and frozen, encoder (or only) and decoder."""
+
+    enc: int
+    enc_frozen: int
+    dec: int
+    dec_frozen: int
+
+
+def _layers(ctx: Ctx, seq: int, cache: bool) -> _Layers:
+    arch = ctx.arch
+    frozen_ctx = dataclasses.replace(ctx, frozen=True)
+    enc_cache = cache and arch.decoder_layers == 0  # decoder-only models cache every block
+    enc = block_bytes(ctx, seq, cache=enc_cache)
+    enc_frozen = block_bytes(frozen_ctx, seq, cache=enc_cache)
+    if not arch.decoder_layers:
+        return _Layers(enc, enc_frozen, 0, 0)
+    return _Layers(enc, enc_frozen, block_bytes(ctx, seq, cache=cache, cross_seq=seq),
+                   block_bytes(frozen_ctx, seq, cache=cache, cross_seq=seq))
+
+
+def _blocks_saved(ctx: Ctx, seq: int, act: Activity, one: _Layers, ckpt: bool) -> tuple[int, int]:
+    """Bytes every block saves through the forward, and under checkpointing the largest block
+    recomputed in backward (0 without)."""
+    if ckpt:
+        n = act.enc + act.enc_frozen + act.dec + act.dec_frozen
+        blocks = n * checkpoint_input_bytes(ctx, seq) + checkpoint_bias_bytes(ctx, seq)
+        recompute = max(one.enc if act.enc else 0, one.enc_frozen if act.enc_frozen else 0,
+                        one.dec if act.dec else 0, one.dec_frozen if act.dec_frozen else 0)
+        return blocks, recompute
+    blocks = (act.enc * one.enc + act.enc_frozen * one.enc_frozen + act.dec * one.dec
+              + act.dec_frozen * one.dec_frozen)
+    if ctx.kernel == "fused":
+        blocks += fused_bias_bytes(ctx, seq, act.dec + act.dec_frozen)
+    return blocks, 0
+
+
+def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool]) -> Activations:
+    """Activation bytes of one step (see :class:`Activations`); ``grad[i]`` is parameter ``i``'s
+    ``requires_grad``.
+
+    Raises:
+        ConfigError: when a token model has no ``seq_len``.
+    """
+    arch = ctx.arch
+    seq = tokens(arch, spec)
+    ckpt = bool(spec.gradient_checkpointing)
+    cache = arch.use_cache and not ckpt
+    act = block_activity(inv, arch, grad)
+    one = _layers(ctx, seq, cache)
+    emb = embedding_bytes(ctx, seq) * (2 if arch.decoder_layers else 1) if act.embeddings else 0
+    blocks, recompute = _blocks_saved(ctx, seq, act, one, ckpt)
+    saved = emb + blocks + final_bytes(ctx, seq)
+    if arch.decoder_layers:
+        saved += encoder_output_bytes(ctx, seq)
+    top = one.dec if act.dec else (one.enc if act.enc else 0)
+    bottom = one.enc if act.enc else one.dec if act.dec else 0
+    if ckpt:
+        bottom = recompute + checkpoint_input_bytes(ctx, seq)
+    lm = arch.head in ("causal-lm", "masked-lm", "seq2seq") and arch.vocab
+    logits = ctx.b * seq * arch.vocab if lm and arch.vocab else 0
+    output_cache = 0
+    if cache and ctx.fam.rotary and ctx.autocast and ctx.kernel != "math":
+        # every layer's cached rotary K, fp32 under autocast: the kernel saves its 16-bit cast
+        output_cache = arch.layers * ctx.b * seq * arch.kv_heads * arch.head_dim * F32
+    return Activations(saved=saved, top_block=top, bottom_block=bottom, recompute=recompute,
+                       logits=logits, tokens=seq, embedding=emb, idle=act.idle,
+                       output_cache=output_cache)

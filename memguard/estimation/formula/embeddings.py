@@ -1,0 +1,51 @@
+"""What sits before the first block: the batch and what the embedding layer saves."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from memguard.estimation.arch import Architecture
+from memguard.estimation.formula.context import F32, I64, Ctx
+from memguard.estimation.formula.norms import layer_norm_bytes
+from memguard.estimation.spec import TrainingSpec
+
+__all__ = ["batch_bytes", "embedding_bytes"]
+
+
+def batch_bytes(arch: Architecture, module: nn.Module, spec: TrainingSpec, b: int, s: int) -> int:
+    """Bytes of the batch: ``input_ids`` and ``labels`` (int64) or pixels and class labels.
+
+    What :func:`memguard.estimation.models.make_batch` builds: token models get ``input_ids`` and,
+    with a language-model head, a ``labels`` copy; vision models get fp32 (or ``*-true`` dtype)
+    pixels and one int64 label per image.
+    """
+    if arch.image_tokens is not None:
+        config = getattr(module, "config", None)
+        size = getattr(config, "image_size", 224)
+        hh, ww = (size, size) if isinstance(size, int) else tuple(size)
+        chans = getattr(config, "num_channels", 3)
+        prec = spec.precision
+        px = F32 if prec.autocast_dtype is not None else prec.param_dtype.itemsize
+        return b * chans * hh * ww * px + b * I64
+    labels = b * s * I64 if arch.head in ("causal-lm", "masked-lm", "seq2seq") else b * I64
+    if arch.head in ("unknown", "base"):
+        labels = 0
+    return b * s * I64 + labels
+
+
+def embedding_bytes(ctx: Ctx, seq: int) -> int:
+    """What the embedding layer saves beyond the first block's input: the embedding dropout mask,
+    an embedding LayerNorm's input (BERT, BART), rotary tables, T5's relative position buckets.
+    """
+    a = ctx.arch
+    rows = ctx.b * seq
+    total = 0
+    if a.embedding_dropout > 0:
+        total += rows * a.hidden * ctx.mask(ctx.r)
+    if ctx.fam.embedding_norm:
+        total += layer_norm_bytes(ctx, rows, a.hidden)
+    if a.positions == "rotary":
+        total += 2 * seq * a.head_dim * F32
+    if a.positions == "relative":
+        total += seq * seq * I64
+    return total

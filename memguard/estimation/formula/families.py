@@ -1,0 +1,132 @@
+"""The block layouts of the architecture families: one :class:`Family` per family, in one table.
+
+What autograd saves in a transformer block depends on how the block is laid out: which norm it
+uses, how many linear layers read each norm's output, where dropout sits, how Q, K and V are
+projected, how positions enter attention, and what sits between the last block and the logits.
+Each family of :mod:`memguard.estimation.arch` (``Architecture.family``) is one entry of
+:data:`FAMILIES`; the formula's terms read these fields rather than testing family names.
+
+The layouts are read from the transformers modelling code of each family
+(``modeling_gpt2.py``, ``modeling_bert.py``, ``modeling_distilbert.py``, ``modeling_bart.py``,
+``modeling_t5.py``, ``modeling_llama.py``, ``modeling_vit.py``) and from
+``torch/nn/modules/transformer.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from memguard.errors import UnsupportedModelError
+from memguard.estimation.arch import Architecture
+
+__all__ = ["FAMILIES", "Family", "family_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How the blocks of one architecture family are laid out.
+
+    Attributes:
+        name: the family, as ``Architecture.family`` names it.
+        norm: ``"layernorm"`` (``native_layer_norm``), ``"rmsnorm"`` (Llama's: the input upcast
+            to fp32) or ``"t5-rmsnorm"`` (``T5LayerNorm``, which also keeps its own input).
+        qkv_readers: linear layers that read the attention's input: 1 for one fused or packed
+            projection (GPT-2's ``c_attn``, torch's ``in_proj``), 3 for separate Q, K and V.
+        gated_readers: a gated MLP's gate and up projections both read the MLP's input (else,
+            and for an ungated MLP, one linear layer reads it).
+        packed_attention: torch's ``nn.MultiheadAttention`` (a packed in-projection whose
+            output stays alive), not transformers' Q/K/V handed to SDPA or eager attention.
+        fused_qkv: Q, K and V are views of one projection output.
+        rotary: rotary positions are applied to Q and K (Llama).
+        kv_cache: the self-attention returns a key/value cache when the config asks for one.
+        cross_kv_cache: the cross-attention's K/V are cached too.
+        sliding_window: a sliding window shorter than the sequence passes an explicit mask.
+        residual_dropout: dropout on the attention and MLP outputs of each block.
+        no_attention_dropout: model types of the family without dropout after the attention
+            (DistilBERT adds the attention output to the residual directly).
+        eager_fp32_softmax: eager attention takes its softmax in fp32 (Llama, ViT:
+            ``softmax(..., dtype=torch.float32)``).
+        position_bias: T5's relative position bias, computed once and added to every attention.
+        embedding_norm: a LayerNorm on the embeddings (BERT, BART).
+        final_norm: a norm after the last block (pre-norm models; counted for plain torch).
+        head_input: what the output head saves: ``"linear"`` (the last hidden states),
+            ``"class-token"`` (ViT's classifier reads the class token) or ``"none"`` (plain
+            torch: the head is unknown).
+        mlm_transform: a masked-LM head has BERT's transform (dense, GELU, LayerNorm) before
+            its decoder.
+        final_dropout: dropout after the final norm, whose mask and output are kept (T5).
+        tied_head_rescale: a tied head's input is scaled by ``d_model ** -0.5`` (T5).
+        encoder_final_norm: an encoder-decoder's encoder output passes a final norm and dropout
+            that the cross-attentions' input keeps (T5).
+        logits_upcast: a causal-LM head upcasts its logits to fp32 before the loss
+            (transformers' ``ForCausalLMLoss``: ``logits.float()``).
+        fp32_logits_bias: the head adds an fp32 bias, so the logits are fp32 (BART's
+            ``final_logits_bias``).
+        note: what the estimate notes for this family, or ``""``.
+    """
+
+    name: str
+    norm: Literal["layernorm", "rmsnorm", "t5-rmsnorm"]
+    qkv_readers: int = 3
+    gated_readers: bool = False
+    packed_attention: bool = False
+    fused_qkv: bool = False
+    rotary: bool = False
+    kv_cache: bool = True
+    cross_kv_cache: bool = True
+    sliding_window: bool = False
+    residual_dropout: bool = True
+    no_attention_dropout: frozenset[str] = frozenset()
+    eager_fp32_softmax: bool = False
+    position_bias: bool = False
+    embedding_norm: bool = False
+    final_norm: bool = True
+    head_input: Literal["linear", "class-token", "none"] = "linear"
+    mlm_transform: bool = False
+    final_dropout: bool = False
+    tied_head_rescale: bool = False
+    encoder_final_norm: bool = False
+    logits_upcast: bool = True
+    fp32_logits_bias: bool = False
+    note: str = ""
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    # pre-LayerNorm, one c_attn projection for Q, K and V (modeling_gpt2.py, GPT2Block)
+    Family("gpt2", "layernorm", qkv_readers=1, fused_qkv=True, sliding_window=True),
+    # post-LayerNorm, separate Q/K/V, embedding LayerNorm, MLM head transform (BertLayer)
+    Family("bert", "layernorm", no_attention_dropout=frozenset({"distilbert"}),
+           embedding_norm=True, final_norm=False, mlm_transform=True),
+    # BERT's layout with a decoder and an fp32 final_logits_bias (BartEncoderLayer)
+    Family("bart", "layernorm", embedding_norm=True, final_norm=False, mlm_transform=True,
+           fp32_logits_bias=True),
+    # pre-RMSNorm keeping its input, relative position bias (T5Block, T5LayerNorm)
+    Family("t5", "t5-rmsnorm", gated_readers=True, position_bias=True, final_dropout=True,
+           tied_head_rescale=True, encoder_final_norm=True),
+    # pre-RMSNorm, rotary Q/K, gated MLP, no dropout on the residual (LlamaDecoderLayer)
+    Family("llama", "rmsnorm", gated_readers=True, rotary=True, sliding_window=True,
+           residual_dropout=False, eager_fp32_softmax=True),
+    # pre-LayerNorm image encoder; the classifier reads the class token (ViTLayer)
+    Family("vit", "layernorm", kv_cache=False, eager_fp32_softmax=True, head_input="class-token"),
+    # nn.TransformerEncoderLayer / TransformerDecoderLayer over nn.MultiheadAttention
+    Family("torch", "layernorm", qkv_readers=1, packed_attention=True, kv_cache=False,
+           cross_kv_cache=False, head_input="none", logits_upcast=False,
+           note="plain torch model: its embedding and head are not known to the formula; "
+                "one LayerNorm after the blocks assumed"),
+)}
+"""Every family of :mod:`memguard.estimation.arch`, by name."""
+
+
+def family_of(arch: Architecture) -> Family:
+    """The :class:`Family` of ``arch``.
+
+    Raises:
+        UnsupportedModelError: for a family without a layout here.
+    """
+    try:
+        return FAMILIES[arch.family]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"the formula has no block layout for family {arch.family!r} ({arch.model_type}); "
+            f"known: {', '.join(FAMILIES)}. Use method='trace' for this model.") from None

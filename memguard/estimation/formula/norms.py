@@ -1,0 +1,38 @@
+"""What the normalisation layers save for backward: LayerNorm, Llama's RMSNorm, T5's RMSNorm."""
+
+from __future__ import annotations
+
+from memguard.estimation.formula.context import F32, Ctx
+
+__all__ = ["layer_norm_bytes", "norm_bytes", "rms_norm_bytes"]
+
+
+def norm_bytes(ctx: Ctx, rows: int, width: int) -> int:
+    """What one norm of the family's kind (``ctx.fam.norm``) saves over ``rows × width``."""
+    norm = ctx.fam.norm
+    if norm == "layernorm":
+        return layer_norm_bytes(ctx, rows, width)
+    return rms_norm_bytes(ctx, rows, width, keeps_input=norm == "t5-rmsnorm")
+
+
+def layer_norm_bytes(ctx: Ctx, rows: int, width: int, elem: int | None = None) -> int:
+    """``native_layer_norm`` saves its input and two fp32 statistics per row (mean, rstd).
+
+    Korthikanti et al. 2022, section 4.1 ("layer norms: 4·sbh" for two norms in 16 bits).
+    """
+    return rows * width * (elem or ctx.r) + 2 * rows * F32
+
+
+def rms_norm_bytes(ctx: Ctx, rows: int, width: int, *, keeps_input: bool = False) -> int:
+    """What transformers' RMSNorm (Llama, T5) saves: its input in fp32, ``rsqrt`` per row, and
+    the normalised tensor (in fp32, or its 16-bit copy for 16-bit weights).
+
+    ``LlamaRMSNorm.forward``: ``x.to(float32)``, ``pow(2).mean``, ``x * rsqrt(var)``, then
+    ``weight * x.to(input_dtype)``; ``T5LayerNorm`` multiplies the un-upcast input, which it
+    therefore also keeps (``keeps_input``).
+    """
+    n = rows * width
+    if ctx.r >= F32:
+        return 2 * n * F32 + rows * F32
+    extra = n * ctx.r if keeps_input else 0
+    return n * F32 + n * ctx.r + rows * F32 + extra
