@@ -24,7 +24,8 @@ import torch
 import memguard
 from memguard import Category, ConfigError, MemguardError, MemoryEstimate, parse_bytes
 from memguard.cli import EXIT_INTERRUPTED, EXIT_USAGE, main
-from memguard.estimation.models import load_model, make_batch
+from memguard.estimation.inputs import make_batch
+from memguard.estimation.models import load_model
 from memguard.estimation.parallel import resolve_parallelism
 from memguard.estimation.spec import MAX_COUNT, TrainingSpec
 

@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from memguard import ConfigError
-from memguard.estimation.models import (
-    MAX_CONFIG_BYTES,
-    TaskKind,
-    list_presets,
-    load_model,
-    make_batch,
-    model_task,
-)
+from memguard.estimation.inputs import TaskKind, make_batch, model_task
+from memguard.estimation.models import MAX_CONFIG_BYTES, list_presets, load_model
 
 # Parameter counts of the published checkpoints (tied embeddings counted once).
 PUBLISHED = {

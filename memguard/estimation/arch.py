@@ -227,7 +227,7 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
 
 
 def _head_kind(module: nn.Module, config: Any) -> str:
-    from memguard.estimation.models import model_task
+    from memguard.estimation.inputs import model_task
 
     return model_task(module).head
 

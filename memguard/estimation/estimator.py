@@ -17,15 +17,8 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memguard.errors import ConfigError, MemguardError
-from memguard.estimation.models import (
-    ResolvedModel,
-    add_lora,
-    is_checkpointing,
-    load_model,
-    make_batch,
-    max_positions,
-    model_task,
-)
+from memguard.estimation.inputs import make_batch, max_positions, model_task
+from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing, load_model
 from memguard.estimation.overhead import device_overhead
 from memguard.estimation.parallel import Parallelism, Strategy, resolve_parallelism, wrapped_blocks
 from memguard.estimation.result import Category, MemoryEstimate, PeakTensors

@@ -1,4 +1,4 @@
-"""Turn what the user names into a module, and build the batch a training step would see.
+"""Turn what the user names into a module (the batch it takes: :mod:`memguard.estimation.inputs`).
 
 A model may be given as an ``nn.Module``, a transformers ``PretrainedConfig``, a ``config.json``
 path or model directory, or the name of a preset shipped in ``memguard/estimation/presets`` (so everything
@@ -8,7 +8,6 @@ works offline). Models built here are built on the meta device: no weights are a
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import re
 import stat
@@ -21,8 +20,8 @@ from torch import nn
 
 from memguard.errors import ConfigError, MemguardError
 
-__all__ = ["MAX_CONFIG_BYTES", "ResolvedModel", "TaskKind", "add_lora", "check_config_sizes", "is_checkpointing",
-           "list_presets", "load_model", "make_batch", "max_positions", "model_task", "set_checkpointing"]
+__all__ = ["MAX_CONFIG_BYTES", "ResolvedModel", "add_lora", "check_config_sizes", "is_checkpointing", "list_presets",
+           "load_model", "set_checkpointing"]
 
 _PRESET_DIR = Path(__file__).parent / "presets"
 _ALIASES = {
@@ -380,147 +379,3 @@ def set_checkpointing(module: nn.Module, on: bool) -> None:
             f"gradient_checkpointing=True, but {type(module).__name__} has no checkpointing switch; "
             "checkpoint it in the model's code and pass gradient_checkpointing=None"
         )
-
-
-class TaskKind(str, enum.Enum):
-    """What a transformers model computes from its head, which decides the batch it takes.
-
-    ``str(TaskKind.CAUSAL_LM) == "causal-lm"``.
-    """
-
-    CAUSAL_LM = "causal-lm"
-    MASKED_LM = "masked-lm"
-    SEQ2SEQ = "seq2seq"
-    SEQ_CLS = "seq-cls"
-    IMAGE_CLS = "image-cls"
-    TOKEN_BASE = "token-base"
-    IMAGE_BASE = "image-base"
-    UNKNOWN = "unknown"
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def takes_pixels(self) -> bool:
-        """Its input is ``pixel_values`` (no sequence length)."""
-        return self in (TaskKind.IMAGE_CLS, TaskKind.IMAGE_BASE)
-
-    @property
-    def takes_tokens(self) -> bool:
-        """Its input is ``input_ids`` of some sequence length."""
-        return not (self.takes_pixels or self is TaskKind.UNKNOWN)
-
-    @property
-    def labels_per_token(self) -> bool:
-        """Its loss takes a label per token (language models; an encoder-decoder makes its decoder inputs of them)."""
-        return self in (TaskKind.CAUSAL_LM, TaskKind.MASKED_LM, TaskKind.SEQ2SEQ)
-
-    @property
-    def labels_per_sample(self) -> bool:
-        """Its loss takes a class label per sample (classifiers)."""
-        return self in (TaskKind.SEQ_CLS, TaskKind.IMAGE_CLS)
-
-    @property
-    def head(self) -> str:
-        """As :attr:`memguard.estimation.arch.Architecture.head` names it: ``"base"`` without a head."""
-        return "base" if self in (TaskKind.TOKEN_BASE, TaskKind.IMAGE_BASE) else self.value
-
-
-def model_task(module: nn.Module) -> TaskKind:
-    """What kind of inputs and labels a transformers model takes, read from its class."""
-    if hasattr(module, "get_base_model"):  # a peft wrapper: the head is the base model's
-        module = module.get_base_model()
-    name = type(module).__name__
-    config = getattr(module, "config", None)
-    if config is None:
-        return TaskKind.UNKNOWN
-    if name.endswith(("ForCausalLM", "LMHeadModel")) and not getattr(config, "is_encoder_decoder", False):
-        return TaskKind.CAUSAL_LM
-    if getattr(config, "is_encoder_decoder", False):
-        return TaskKind.SEQ2SEQ
-    if name.endswith(("ForMaskedLM", "ForPreTraining")):
-        return TaskKind.MASKED_LM
-    if name.endswith("ForImageClassification"):
-        return TaskKind.IMAGE_CLS
-    if name.endswith("ForSequenceClassification"):
-        return TaskKind.SEQ_CLS
-    if hasattr(config, "image_size") and hasattr(config, "num_channels"):
-        return TaskKind.IMAGE_BASE
-    if hasattr(config, "vocab_size"):
-        return TaskKind.TOKEN_BASE
-    return TaskKind.UNKNOWN
-
-
-def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Inputs and labels that fit the head of a transformers model.
-
-    Token models get ``input_ids`` (and ``labels``: one per token for language models, one per
-    sample for classifiers); encoder-decoders get ``labels`` of the same length, from which they
-    make their own decoder inputs; vision models get ``pixel_values`` of the configured image size
-    in ``dtype``. No attention mask is passed: with every token attended, transformers takes its
-    fast path (and would drop an all-ones mask anyway).
-
-    Raises:
-        ConfigError: if the model is not a transformers model (give ``example_input`` instead), a
-            token model is asked for without ``seq_len``, or the batch would hold more than
-            :data:`~memguard.estimation.spec.MAX_INPUT_ELEMENTS` elements (its bytes would overflow int64).
-    """
-    task = model_task(module)
-    config = getattr(module, "config", None)
-    b = batch_size
-    if task.takes_pixels:
-        size = config.image_size
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        _check_elements(b, config.num_channels, *size, what="pixel values")
-        pixels = torch.rand(b, config.num_channels, *size, generator=generator, device=device).to(dtype)
-        batch = {"pixel_values": pixels}
-        if task.labels_per_sample:
-            batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
-        return batch
-    if not task.takes_tokens:
-        raise ConfigError(
-            f"memguard cannot build inputs for {type(module).__name__}: pass example_input= "
-            "(one batch as forward takes it: a tensor, a tuple or a dict of tensors)"
-        )
-    if seq_len is None:
-        raise ConfigError(f"seq_len is needed to build token inputs for {type(module).__name__}")
-    limit = max_positions(config)
-    if limit is not None and seq_len > limit:
-        raise ConfigError(
-            f"seq_len={seq_len} is longer than {type(module).__name__} can take "
-            f"(max_position_embeddings={limit})"
-        )
-    _check_elements(b, seq_len, what="token ids")
-    ids = torch.randint(0, config.vocab_size, (b, seq_len), generator=generator, device=device)
-    batch = {"input_ids": ids}
-    if task.labels_per_token:
-        batch["labels"] = ids.clone()
-    elif task.labels_per_sample:
-        batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
-    return batch
-
-
-def _check_elements(batch_size: int, *dims: int, what: str) -> None:
-    """A :class:`ConfigError` when a batch of ``batch_size`` x ``dims`` is past any device."""
-    from memguard.estimation.spec import MAX_INPUT_ELEMENTS
-
-    n = batch_size
-    for d in dims:
-        n *= d
-    if n > MAX_INPUT_ELEMENTS:
-        shape = " x ".join(str(d) for d in (batch_size, *dims))
-        raise ConfigError(f"batch_size={batch_size} makes {n:,} {what} ({shape}): their bytes would overflow "
-                          "int64, past any device; give a smaller batch_size")
-
-
-def max_positions(config: Any) -> int | None:
-    """The longest sequence a model with learned absolute positions can take, else ``None``."""
-    if getattr(config, "model_type", None) in ("gpt2", "gpt_neo", "gptj", "opt", "bert", "roberta",
-                                               "distilbert", "electra", "albert", "xlm-roberta"):
-        n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if getattr(config, "model_type", None) in ("roberta", "xlm-roberta") and n:
-            n -= 2  # RoBERTa's positions start after the padding index
-        return n
-    return None

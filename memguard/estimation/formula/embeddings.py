@@ -15,7 +15,7 @@ __all__ = ["batch_bytes", "embedding_bytes"]
 def batch_bytes(arch: Architecture, module: nn.Module, spec: TrainingSpec, b: int, s: int) -> int:
     """Bytes of the batch: ``input_ids`` and ``labels`` (int64) or pixels and class labels.
 
-    What :func:`memguard.estimation.models.make_batch` builds: token models get ``input_ids`` and,
+    What :func:`memguard.estimation.inputs.make_batch` builds: token models get ``input_ids`` and,
     with a language-model head, a ``labels`` copy; vision models get fp32 (or ``*-true`` dtype)
     pixels and one int64 label per image.
     """
