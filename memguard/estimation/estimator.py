@@ -8,6 +8,7 @@ tensors (:mod:`memguard.estimation.overhead`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -60,6 +61,9 @@ def estimate(
     set_to_none: bool = True,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one steady-state training step.
+
+    (Long for its twenty documented arguments, each checked before any work starts; the work itself
+    is :func:`_by_method` and :func:`_distribute`.)
 
     Args:
         model: an ``nn.Module`` (real weights on any device, or built on the meta device), a
@@ -150,53 +154,10 @@ def estimate(
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=is_checkpointing(resolved.module))
 
-    # The formula knows one thing about the loop: whether gradients live through the forward.
-    formula_loop = "lightning" if accumulate_grad_batches > 1 or not set_to_none else training_loop
-    notes: list[str] = []
-    slack: int | None = None
-    at_peak: tuple[PeakTensors, ...] = ()
-    timeline: tuple[tuple[int, str, int], ...] = ()
-    if method in ("auto", "trace"):
-        sharding: dict[str, Any] = {}
-        if parallel.sharded:
-            sharding["weight"] = parallel.weight
-        if parallel.fully_sharded:
-            sharding["extras"] = parallel.phase_extras(resolved.module, device=spec.device,
-                                                       bytes_per_element=_element_bytes(spec))
-            sharding["blocks"] = wrapped_blocks(resolved.module)
-        try:
-            traced = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn,
-                                              training_loop=training_loop, step_fn=step_fn,
-                                              timeout=trace_timeout, accumulate=accumulate_grad_batches,
-                                              set_to_none=set_to_none, **sharding)
-            breakdown, more, slack = traced.breakdown, traced.notes, traced.slack
-            at_peak, timeline = traced.at_peak, traced.timeline
-            used = "trace"
-        except ConfigError:
-            raise  # a bad argument is no reason to try another method
-        except MemguardError as exc:
-            if method == "trace":
-                raise
-            log.warning("trace failed (%s); falling back to the formula", exc)
-            notes.append(f"trace failed ({exc}); formula used instead")
-            try:
-                breakdown, more = _formula(resolved, spec, formula_loop)
-            except MemguardError as formula_exc:
-                raise type(formula_exc)(f"neither method can estimate {resolved.name}: the trace failed ({exc}), "
-                                        f"and the formula too ({formula_exc})") from exc
-            used = "formula"
-    elif method == "formula":
-        breakdown, more = _formula(resolved, spec, formula_loop)
-        used = "formula"
-    else:
-        from memguard.estimation.seed import seed_breakdown
-
-        breakdown, more = seed_breakdown(resolved, spec)
-        used = "seed"
-        if parallel.strategy is not Strategy.SINGLE:
-            more = [*more, f"the seed formula knows no strategy: {parallel.strategy} is ignored"]
-    notes.extend(more)
-    breakdown = dict(breakdown)
+    found = _by_method(method, resolved, spec, parallel, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
+                       step_fn=step_fn, trace_timeout=trace_timeout, accumulate=accumulate_grad_batches,
+                       set_to_none=set_to_none)
+    used, breakdown, notes = found.method, dict(found.breakdown), list(found.notes)
     host = 0
     if used != "seed" and parallel.strategy is not Strategy.SINGLE:
         breakdown, host, more = _distribute(breakdown, parallel, resolved, spec, traced=used == "trace",
@@ -205,7 +166,7 @@ def estimate(
     peak = sum(v for k, v in breakdown.items() if k != Category.OVERHEAD)
     context = 0
     if used != "seed":
-        breakdown[Category.OVERHEAD], context = device_overhead(spec.device, peak, slack if used == "trace" else None)
+        breakdown[Category.OVERHEAD], context = device_overhead(spec.device, peak, found.slack)
     inputs = {
         "model": resolved.name,
         "batch_size": spec.batch_size,
@@ -225,7 +186,61 @@ def estimate(
         "set_to_none": set_to_none,
     }
     return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes), host_bytes=host,
-                          context_bytes=context, at_peak=at_peak, timeline=timeline)
+                          context_bytes=context, at_peak=found.at_peak, timeline=found.timeline)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Found:
+    """What one method found: its breakdown and notes; the trace adds the allocator's slack (``None``
+    for the others: the overhead module then takes its share), the tensors at the peak and the timeline."""
+
+    method: str
+    breakdown: dict[Category, int]
+    notes: list[str]
+    slack: int | None = None
+    at_peak: tuple[PeakTensors, ...] = ()
+    timeline: tuple[tuple[int, str, int], ...] = ()
+
+
+def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism,
+               make_inputs: Callable[[], Inputs], *, loss_fn: Any, training_loop: str, step_fn: Any,
+               trace_timeout: float | None, accumulate: int, set_to_none: bool) -> _Found:
+    """Run ``method``; under ``"auto"`` a trace that fails falls back to the formula, saying why."""
+    # The formula knows one thing about the loop: whether gradients live through the forward.
+    formula_loop = "lightning" if accumulate > 1 or not set_to_none else training_loop
+    if method == "seed":
+        from memguard.estimation.seed import seed_breakdown
+
+        breakdown, notes = seed_breakdown(resolved, spec)
+        if parallel.strategy is not Strategy.SINGLE:
+            notes = [*notes, f"the seed formula knows no strategy: {parallel.strategy} is ignored"]
+        return _Found("seed", breakdown, notes)
+    if method == "formula":
+        return _Found("formula", *_formula(resolved, spec, formula_loop))
+    sharding: dict[str, Any] = {}
+    if parallel.sharded:
+        sharding["weight"] = parallel.weight
+    if parallel.fully_sharded:
+        sharding["extras"] = parallel.phase_extras(resolved.module, device=spec.device,
+                                                   bytes_per_element=_element_bytes(spec))
+        sharding["blocks"] = wrapped_blocks(resolved.module)
+    try:
+        traced = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
+                                 step_fn=step_fn, timeout=trace_timeout, accumulate=accumulate,
+                                 set_to_none=set_to_none, **sharding)
+        return _Found("trace", traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline)
+    except ConfigError:
+        raise  # a bad argument is no reason to try another method
+    except MemguardError as exc:
+        if method == "trace":
+            raise
+        log.warning("trace failed (%s); falling back to the formula", exc)
+        try:
+            breakdown, notes = _formula(resolved, spec, formula_loop)
+        except MemguardError as formula_exc:
+            raise type(formula_exc)(f"neither method can estimate {resolved.name}: the trace failed ({exc}), "
+                                    f"and the formula too ({formula_exc})") from exc
+        return _Found("formula", breakdown, [f"trace failed ({exc}); formula used instead", *notes])
 
 
 def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel,

@@ -332,6 +332,10 @@ def trace_breakdown(
 ) -> TraceResult:
     """Trace a steady-state training step of ``module`` on fake tensors and break down the peak.
 
+    (Long because every step of the trace shares one ledger, one fake mode and the module's private
+    state; the parts that need none of them are helpers: :func:`_stand_ins`, :func:`_optimizer_step`,
+    :func:`memguard.estimation.peak.analyse`, :func:`_allocator_slack`.)
+
     The optimizer's state is made first, by one optimizer step on zero gradients, so the traced
     step is what the second step of a real run is (the first only differs in lacking the state),
     at half the cost of tracing two.
