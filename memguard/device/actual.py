@@ -52,8 +52,8 @@ import torch
 from memguard.device import process_memory
 from memguard.units import format_bytes
 
-__all__ = ["Comparison", "Measurement", "MemoryProbe", "compare", "mmap_threshold_pinned", "resident_bytes",
-           "training_tensors"]
+__all__ = ["Comparison", "Measurement", "MemoryProbe", "compare", "mmap_threshold_pinned", "read_and_compare",
+           "resident_bytes", "training_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,7 @@ class Comparison:
     metrics: dict[str, float]
     summary: str
     warning: str | None
+    measurement: Measurement | None = None
 
 
 def compare(got: Measurement, peak: int, total: int, margin: float) -> Comparison:
@@ -245,4 +246,10 @@ def compare(got: Measurement, peak: int, total: int, margin: float) -> Compariso
     if got.peak_bytes > peak * (1 + margin):
         warning = (f"the first training steps used {format_bytes(got.peak_bytes)} at their peak, {100 * error:.1f}% "
                    f"above the {format_bytes(peak)} predicted (margin {margin:.0%}); memory may run out")
-    return Comparison(metrics, f"predicted peak {format_bytes(peak)}, actual {actual}", warning)
+    return Comparison(metrics, f"predicted peak {format_bytes(peak)}, actual {actual}", warning, got)
+
+
+def read_and_compare(probe: MemoryProbe | None, predicted: tuple[int, int] | None, margin: float) -> Comparison | None:
+    """Read ``probe`` and compare it with the ``(peak, total)`` predicted; ``None`` when either is missing."""
+    got = probe.read() if probe is not None and predicted is not None else None
+    return None if got is None or predicted is None else compare(got, *predicted, margin)

@@ -32,7 +32,7 @@ import torch
 
 from memguard._cache import cached
 from memguard.device import parse_budget
-from memguard.device.actual import Measurement, MemoryProbe, compare, resident_bytes, training_tensors
+from memguard.device.actual import Measurement, MemoryProbe, read_and_compare, resident_bytes, training_tensors
 from memguard.device.available import available_to
 from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError, MissingDependencyError
 from memguard.estimation.estimator import estimate
@@ -395,13 +395,11 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
 
     def _measure(self, state: Any) -> None:
         probe, self._probe = self._probe, None
-        got = probe.read() if probe is not None and self._predicted is not None else None
-        if got is None or self._predicted is None:
+        result = read_and_compare(probe, self._predicted, self.margin)
+        if result is None or result.measurement is None:
             return
-        self.measurement = got
-        result = compare(got, *self._predicted, self.margin)
-        self.metrics = result.metrics
-        entry: dict[str, Any] = {**result.metrics, "memguard/actual_is_lower_bound": got.lower_bound}
+        self.measurement, self.metrics = result.measurement, result.metrics
+        entry: dict[str, Any] = {**result.metrics, "memguard/actual_is_lower_bound": result.measurement.lower_bound}
         if state.epoch is not None:
             entry["epoch"] = state.epoch
         state.log_history.append({**entry, "step": state.global_step})  # as Trainer.log writes its entries

@@ -109,7 +109,7 @@ from typing import Any
 import torch
 
 from memguard.device import parse_budget
-from memguard.device.actual import Measurement, MemoryProbe, compare, resident_bytes, training_tensors
+from memguard.device.actual import Measurement, MemoryProbe, read_and_compare, resident_bytes, training_tensors
 from memguard.errors import ConfigError, MemguardError
 from memguard.estimation._isolation import is_tracing
 from memguard.estimation.result import MemoryEstimate
@@ -397,12 +397,10 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
 
     def _measure(self, trainer: Any) -> None:
         probe, self._probe = self._probe, None
-        got = probe.read() if probe is not None and self._predicted is not None else None
-        if got is None or self._predicted is None:
+        result = read_and_compare(probe, self._predicted, self.margin)
+        if result is None:
             return
-        self.measurement = got
-        result = compare(got, *self._predicted, self.margin)
-        self.metrics = result.metrics
+        self.measurement, self.metrics = result.measurement, result.metrics
         for logger in trainer.loggers:
             logger.log_metrics(result.metrics, step=trainer.global_step)
         self._info(trainer, f"MemGuard: {result.summary}")
