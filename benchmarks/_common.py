@@ -36,7 +36,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "memory_bytes": _total_memory(),
+        "memory_bytes": memguard.device_memory("cpu").total_bytes,  # MemTotal, or the container's limit
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -47,16 +47,6 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
     return info
-
-
-def _total_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from memguard.estimation.models import load_model, make_batch
+from memguard.estimation.arch import transformer_blocks
+from memguard.estimation.inputs import make_batch
+from memguard.estimation.models import load_model
 from memguard.estimation.spec import resolve_precision
 
 __all__ = ["CASES", "Case", "build_module", "case_loss", "estimate_kwargs", "get_case",
@@ -286,17 +288,13 @@ def _freeze(module: nn.Module, case: Case) -> None:
             if isinstance(sub, nn.Embedding):
                 sub.requires_grad_(False)
     if case.frozen_blocks > 0:
-        blocks = _blocks(module)
+        # the blocks as memguard finds them (memguard.estimation.arch.transformer_blocks)
+        blocks = transformer_blocks(module)
+        if not blocks:
+            raise ValueError(f"case {case.name!r}: {type(module).__name__} has no nn.ModuleList of "
+                             "transformer blocks to freeze")
         for block in blocks[: round(len(blocks) * case.frozen_blocks)]:
             block.requires_grad_(False)
-
-
-def _blocks(module: nn.Module) -> nn.ModuleList:
-    """The longest ``nn.ModuleList`` of the model: its transformer blocks."""
-    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"{type(module).__name__} has no nn.ModuleList of blocks to freeze")
-    return max(lists, key=len)
 
 
 def input_dtype(case: Case) -> torch.dtype:
@@ -307,7 +305,7 @@ def input_dtype(case: Case) -> torch.dtype:
 
 def make_inputs(case: Case, module: nn.Module, generator: torch.Generator | None = None,
                 device: str | torch.device = "cpu") -> Inputs:
-    """One real batch for ``module``: ``memguard.estimation.models.make_batch`` or the case's own inputs."""
+    """One real batch for ``module``: ``memguard.estimation.inputs.make_batch`` or the case's own inputs."""
     if case.example_input is not None:
         example = case.example_input(case.batch_size, case.seq_len, generator)
         return _as_inputs(_to_device(example, device))

@@ -2,7 +2,7 @@
 
 The trace runs on fake CPU tensors and applies CUDA's rules itself (``memguard/estimation/cuda_rules.py``:
 CUDA's autocast op lists, PyTorch's SDPA backend choice and the CUDA attention ops' output
-shapes); the formula (``memguard/estimation/formula.py``) writes the same rules in closed form. This script
+shapes); the formula (``memguard/estimation/formula/``) writes the same rules in closed form. This script
 prints the peak and the activations of both, at ``bf16-mixed`` with AdamW, for four models:
 
 * GPT-2 small, batch 8 x 1024 (preset ``gpt2``, sdpa attention);

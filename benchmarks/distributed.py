@@ -1,9 +1,10 @@
 """Multi-process truth on the CPU: DDP and FSDP over gloo, and LoRA, against memguard's estimates.
 
-Every rank is its own Python process (started with ``subprocess``, ``MASTER_ADDR=127.0.0.1`` and a
-free port on the loopback), with the environment of the CPU truth method (``truth.allocator_env``:
-``MALLOC_MMAP_THRESHOLD_=65536``, MKL's and oneDNN's caches off; ../shared/REFERENCES.md,
-"Measuring the truth on a CPU"). In each rank:
+Every rank is its own process: a launcher started with the environment of the CPU truth method
+(``truth.allocator_env``: ``MALLOC_MMAP_THRESHOLD_=65536``, MKL's and oneDNN's caches off;
+../shared/REFERENCES.md, "Measuring the truth on a CPU") imports torch, transformers and peft once
+and forks one child per rank of each case (:mod:`benchmarks._ranks`), which finds its peer over the
+loopback (``MASTER_ADDR=127.0.0.1``, a free port per case). In each rank:
 
 1. ``torch.distributed.init_process_group("gloo")`` (not for single-process cases);
 2. warm-up: one whole throwaway training step of the *same* case (same model, wrapper, optimizer
@@ -16,7 +17,8 @@ free port on the loopback), with the environment of the CPU truth method (``trut
    with ``LoraConfig(r, lora_alpha=2r)``, ``fan_in_fan_out`` for GPT-2's ``Conv1D``, the base
    frozen, as ``memguard.estimation.models.add_lora`` does), wrapped, and the optimizer (AdamW over
    the trainable parameters) and the rank's batch are made;
-5. the high-water mark is reset (``/proc/self/clear_refs`` = 5);
+5. memguard's probe (``memguard.device.actual.MemoryProbe``) resets the high-water mark
+   (``/proc/self/clear_refs`` = 5);
 6. three steps (``STEPS``): ``loss = model(**batch).loss``, ``loss.backward()``,
    ``optimizer.step()``, ``optimizer.zero_grad(set_to_none=True)``. Three, not the two of
    ``truth.py``: DDP rebuilds its gradient buckets in the forward of its second iteration (in the
@@ -31,8 +33,9 @@ free port on the loopback), with the environment of the CPU truth method (``trut
 Wrappers: ``ddp`` is ``DistributedDataParallel`` with its defaults (``gradient_as_bucket_view=False``:
 the reducer keeps its own flat buckets, one more copy of the gradients); ``ddp_bucket_view`` passes
 ``gradient_as_bucket_view=True`` (the gradients *are* the buckets); ``fsdp2`` is
-``torch.distributed.fsdp.fully_shard`` on each transformer block and then on the root (full shard,
-as Lightning's auto-wrap does per block); ``fsdp1`` is ``FullyShardedDataParallel`` with a
+``torch.distributed.fsdp.fully_shard`` on each transformer block (found as memguard's FSDP model
+finds them, ``memguard.estimation.arch.transformer_blocks``) and then on the root (full shard, as
+Lightning's auto-wrap does per block); ``fsdp1`` is ``FullyShardedDataParallel`` with a
 ``transformer_auto_wrap_policy`` on the block class, ``device_id=torch.device("cpu")`` (with
 ``device_id=None`` torch 2.13 refuses: "FSDP needs a non-CPU accelerator device").
 
@@ -51,27 +54,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import RESULTS, machine_info, mib, render_table, write_json
-from benchmarks.truth import _env_ready, _proc_status_bytes, _reset_hwm, allocator_env
+from benchmarks._ranks import free_port, launch, report
+from benchmarks.truth import allocator_env, env_ready, rss_bytes
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
     from torch.optim import Optimizer
+
+    from memguard.device.actual import MemoryProbe
 
 STEPS = 3
 RANK_TIMEOUT_S = 600
@@ -180,12 +184,13 @@ def build_module(case: DistCase, device: str = "cpu") -> nn.Module:
     return module.train()
 
 
-def _block_class(module: nn.Module) -> type[nn.Module]:
-    """The class of the repeated transformer blocks (the largest ``nn.ModuleList``'s items)."""
-    from torch import nn
+def block_class(module: nn.Module) -> type[nn.Module]:
+    """The class of the transformer blocks, as memguard finds them for FSDP's units."""
+    from memguard.estimation.arch import transformer_blocks
 
-    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    blocks = transformer_blocks(module)
+    if not blocks:
+        raise ValueError(f"{type(module).__name__} has no nn.ModuleList of transformer blocks to wrap")
     return type(blocks[0])
 
 
@@ -197,7 +202,7 @@ def wrap_module(module: nn.Module, wrap: str) -> nn.Module:
         return module
     if wrap in ("ddp", "ddp_bucket_view"):
         return DistributedDataParallel(module, gradient_as_bucket_view=wrap == "ddp_bucket_view")
-    block = _block_class(module)
+    block = block_class(module)
     if wrap == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
@@ -233,7 +238,7 @@ def setup(case: DistCase, rank: int) -> Run:
     """Build, wrap, make the optimizer (AdamW over trainable parameters) and the rank's batch."""
     import torch
 
-    from memguard.estimation.models import make_batch
+    from memguard.estimation.inputs import make_batch
     from memguard.estimation.spec import make_optimizer, resolve_optimizer
 
     module = build_module(case)
@@ -245,25 +250,23 @@ def setup(case: DistCase, rank: int) -> Run:
     return Run(model, optimizer, batch)
 
 
-def train_steps(run: Run, steps: int, marks: list[tuple[str, int]] | None = None) -> list[float]:
-    """``steps`` training steps; with ``marks``, the ``VmHWM`` after each phase is appended."""
+def train_steps(run: Run, steps: int, mark: Callable[[str], None] | None = None) -> list[float]:
+    """``steps`` training steps; ``mark`` is called with ``"<step>:<phase>"`` after each phase."""
     losses = []
     for i in range(steps):
         loss = run.model(**run.batch).loss
-        _mark(marks, f"{i}:forward")
+        if mark:
+            mark(f"{i}:forward")
         loss.backward()
-        _mark(marks, f"{i}:backward")
+        if mark:
+            mark(f"{i}:backward")
         run.optimizer.step()
-        _mark(marks, f"{i}:step")
+        if mark:
+            mark(f"{i}:step")
         run.optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         del loss
     return losses
-
-
-def _mark(marks: list[tuple[str, int]] | None, label: str) -> None:
-    if marks is not None:
-        marks.append((label, _proc_status_bytes("VmHWM")))
 
 
 # --------------------------------------------------------------------------- one rank
@@ -278,24 +281,44 @@ def warm_up(case: DistCase, rank: int) -> None:
 
 
 def measure_rank(case: DistCase, rank: int) -> dict[str, Any]:
-    """Measure ``case`` on ``rank`` in this process (the process group, if any, is up)."""
+    """Measure ``case`` on ``rank`` in this process (the process group, if any, is up).
+
+    memguard's probe (:class:`memguard.device.actual.MemoryProbe`) resets ``VmHWM`` after the
+    setup, with the setup's growth of ``VmRSS`` as already resident, so each reading is
+    ``VmHWM`` - ``VmRSS`` before the model.
+    """
+    import torch
+
+    from memguard.device.actual import MemoryProbe
+
     warm_up(case, rank)
-    before = _proc_status_bytes("VmRSS")
+    probe = MemoryProbe(torch.device("cpu"))
+    before = rss_bytes()
     run = setup(case, rank)
-    built = _proc_status_bytes("VmRSS")
-    _reset_hwm()
-    marks: list[tuple[str, int]] = []
+    built = rss_bytes() - before
+    if not probe.start(resident=built):
+        raise RuntimeError("cannot reset VmHWM through /proc/self/clear_refs (Linux >= 4.0 needed)")
+    phases: dict[str, int] = {}
+
+    def mark(label: str) -> None:
+        phases[label] = _peak(probe)
+
     start = time.perf_counter()
-    losses = train_steps(run, STEPS, marks)
+    losses = train_steps(run, STEPS, mark)
     seconds = time.perf_counter() - start
-    hwm = _proc_status_bytes("VmHWM")
     return {
-        "rank": rank, "peak_bytes": hwm - before, "peak_two_steps_bytes": dict(marks)["1:step"] - before,
-        "setup_bytes": built - before,
-        "rss_before_model": before, "vm_hwm": hwm, "local_param_bytes": _local_param_bytes(run.model),
-        "phases": {label: value - before for label, value in marks},
-        "step_seconds": seconds / STEPS, "losses": losses,
+        "rank": rank, "peak_bytes": _peak(probe), "peak_two_steps_bytes": phases["1:step"],
+        "setup_bytes": built, "rss_before_model": before, "local_param_bytes": _local_param_bytes(run.model),
+        "phases": phases, "step_seconds": seconds / STEPS, "losses": losses,
     }
+
+
+def _peak(probe: MemoryProbe) -> int:
+    """The probe's exact reading so far; a lower bound (mmap threshold not pinned) is an error."""
+    measured = probe.read()
+    if measured is None or measured.lower_bound:
+        raise RuntimeError(f"no exact CPU measurement: {measured.caveat if measured else 'VmHWM unreadable'}")
+    return measured.peak_bytes
 
 
 def _local_param_bytes(model: nn.Module) -> int:
@@ -326,8 +349,8 @@ def worker(case: DistCase, rank: int, threads: int) -> dict[str, Any]:
     """The body of one rank's process."""
     import torch
 
-    if not _env_ready(False):
-        raise RuntimeError("a rank must start with truth.allocator_env() (run it through run_case)")
+    if not env_ready():
+        raise RuntimeError("a rank must start with truth.allocator_env() (run it through run_cases)")
     torch.set_num_threads(threads)
     with process_group(case.world_size, rank):
         return measure_rank(case, rank)
@@ -336,72 +359,38 @@ def worker(case: DistCase, rank: int, threads: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- launching ranks
 
 
-def free_port() -> int:
-    """A TCP port on the loopback that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def launcher_env() -> dict[str, str]:
+    """The environment of the launcher and its ranks: the truth's allocator settings, loopback."""
+    return {**allocator_env(), "MASTER_ADDR": "127.0.0.1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def rank_env(port: int) -> dict[str, str]:
-    """The environment of a rank: the truth's allocator settings and the rendezvous address."""
-    return {**allocator_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "TOKENIZERS_PARALLELISM": "false"}
+def run_cases(cases: Sequence[DistCase], *, threads: int | None = None, timeout: float = RANK_TIMEOUT_S,
+              show_progress: bool = False) -> dict[str, list[dict[str, Any]] | RuntimeError]:
+    """Measure every rank of every case; each case's rank records, or why it failed.
 
-
-def run_case(case: DistCase, timeout: float = RANK_TIMEOUT_S) -> list[dict[str, Any]]:
-    """Run ``case`` with one fresh process per rank; each rank's measurement, by rank.
-
-    Raises:
-        RuntimeError: when a rank fails (its last lines of stderr are in the message); the other
-            ranks are then stopped, since they would wait for it in their next collective.
-        subprocess.TimeoutExpired: when the ranks take longer than ``timeout`` seconds.
+    One launcher process (``--launch``, started with :func:`launcher_env`) imports everything
+    once and forks one fresh process per rank of each case in turn (:mod:`benchmarks._ranks`).
+    ``threads`` is torch's threads per rank (default: the cores shared among the ranks);
+    ``timeout`` is per case.
     """
-    threads = max(1, (os.cpu_count() or 1) // case.world_size)
-    env = rank_env(free_port())
-    with contextlib.ExitStack() as stack:
-        files = [(stack.enter_context(tempfile.TemporaryFile("w+")), stack.enter_context(tempfile.TemporaryFile("w+")))
-                 for _ in range(case.world_size)]
-        procs = [subprocess.Popen(_worker_command(case, rank, threads), env=env, stdout=out, stderr=err, text=True)
-                 for rank, (out, err) in enumerate(files)]
-        _wait_all(procs, timeout)
-        return [_rank_record(case, rank, proc.returncode, out, err)
-                for rank, (proc, (out, err)) in enumerate(zip(procs, files, strict=True))]
+    spec = {"cases": [c.to_dict() for c in cases], "threads": threads, "timeout": timeout}
+    return launch(Path(__file__).resolve(), spec, [c.name for c in cases], env=launcher_env(),
+                  timeout=300 + timeout * len(cases), show_progress=show_progress)
 
 
-def _worker_command(case: DistCase, rank: int, threads: int) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(case.to_dict()),
-            "--rank", str(rank), "--threads", str(threads)]
-
-
-def _wait_all(procs: Sequence[subprocess.Popen[str]], timeout: float) -> None:
-    """Wait for every rank; stop them all when one fails or the time is up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        codes = [p.poll() for p in procs]
-        if all(c is not None for c in codes):
-            return
-        failed = any(c not in (None, 0) for c in codes)
-        if failed or time.monotonic() > deadline:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            if not failed:
-                raise subprocess.TimeoutExpired([str(a) for a in procs[0].args], timeout)
-            return
-        time.sleep(0.1)
-
-
-def _rank_record(case: DistCase, rank: int, code: int | None, out: IO[str], err: IO[str]) -> dict[str, Any]:
-    """The JSON line a rank printed, or a ``RuntimeError`` with the tail of its stderr."""
-    out.seek(0)
-    lines = [ln for ln in out.read().splitlines() if ln.startswith("{")]
-    if code == 0 and lines:
-        return dict(json.loads(lines[-1]))
-    err.seek(0)
-    tail = "\n".join(err.read().strip().splitlines()[-12:])
-    raise RuntimeError(f"{case.name}: rank {rank} failed (exit {code}):\n{tail}")
+def _launch_here(spec: Mapping[str, Any]) -> int:
+    """The launcher: fork the ranks of each case, print one JSON line per case."""
+    if not env_ready():
+        raise RuntimeError("the launcher must start with launcher_env() (run it through run_cases)")
+    cases = [DistCase.from_dict(c) for c in spec["cases"]]
+    for case in cases:  # import transformers, the model classes and peft before any fork; no kernel runs
+        build_module(case, "meta")
+    for case in cases:
+        print(f"measuring {case.name} ({case.world_size} rank(s), {case.wrap}) ...", file=sys.stderr, flush=True)
+        threads = spec["threads"] or max(1, (os.cpu_count() or 1) // case.world_size)
+        os.environ["MASTER_PORT"] = str(free_port())
+        report(case.name, case.world_size, functools.partial(worker, case, threads=threads), spec["timeout"])
+    return 0
 
 
 # --------------------------------------------------------------------------- estimates
@@ -438,16 +427,13 @@ def error(estimate: Mapping[str, Any], truth: int) -> float | None:
 # --------------------------------------------------------------------------- report
 
 
-def collect(case: DistCase, log: Any = None) -> dict[str, Any]:
-    """Measure every rank of ``case`` and estimate it; a failure is recorded, not raised."""
+def collect(case: DistCase, ranks: list[dict[str, Any]] | RuntimeError) -> dict[str, Any]:
+    """The record of ``case``: its ranks' measurements (or why they failed) and the estimates."""
     record: dict[str, Any] = {"case": case.name, "spec": case.to_dict(), "strategy": case.strategy}
-    if log:
-        log(f"measuring {case.name} ({case.world_size} rank(s), {case.wrap}) ...")
-    try:
-        record["ranks"] = run_case(case)
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        record["failed"] = str(exc)
+    if isinstance(ranks, RuntimeError):
+        record["failed"] = str(ranks)
         return record
+    record["ranks"] = ranks
     record["estimates"] = estimates(case)
     record["errors"] = {m: [error(e, r["peak_bytes"]) for r in record["ranks"]]
                         for m, e in record["estimates"].items()}
@@ -492,15 +478,15 @@ def machine() -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", help="comma-separated case names, or 'all' (default)")
+    parser.add_argument("--threads", type=int, help="torch threads per rank (default: the cores shared)")
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULT_PATH.name}")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--launch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(DistCase.from_dict(json.loads(args.worker)), args.rank, args.threads)))
-        return 0
-    records = [collect(case, log=lambda m: print(m, file=sys.stderr, flush=True)) for case in select(args.cases)]
+    if args.launch:
+        return _launch_here(json.loads(args.launch))
+    cases = select(args.cases)
+    measured = run_cases(cases, threads=args.threads, show_progress=True)
+    records = [collect(case, measured[case.name]) for case in cases]
     print(render(records))
     if not args.no_write:
         write_json(RESULT_PATH, {"machine": machine(), "steps": STEPS, "cases": records})

@@ -90,7 +90,8 @@ def _memtracker(setup: dict[str, Any]) -> dict[str, Any]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from memguard.estimation.models import load_model, make_batch
+    from memguard.estimation.inputs import make_batch
+    from memguard.estimation.models import load_model
     from memguard.estimation.spec import make_optimizer, resolve_optimizer
 
     with FakeTensorMode():

@@ -12,18 +12,21 @@ them on); resident memory then follows live buffers. In that process:
 2. ``VmRSS`` is read just before the real model is built;
 3. the model is built on the CPU with real weights and prepared (dtype, freezing, checkpointing),
    and one batch is made;
-4. the high-water mark is reset (``/proc/self/clear_refs`` = 5), so init transients do not count;
+4. memguard's own probe (:class:`memguard.device.actual.MemoryProbe`) resets the high-water mark
+   (``/proc/self/clear_refs`` = 5), so init transients do not count;
 5. two full steps: forward (under ``torch.autocast`` for ``*-mixed``) and loss,
    ``loss.backward()``, ``optimizer.step()``, ``optimizer.zero_grad(set_to_none=True)``. Only
    the loss outlives the forward (the model's output, logits included, is dropped before
    ``backward``), as in Lightning, whose ``training_step`` returns just the loss; the one batch
    is built before the steps and lives through both;
-6. truth = ``VmHWM`` - ``VmRSS`` before the model: weights, batch and everything the steps add.
+6. truth = ``VmHWM`` - ``VmRSS`` before the model: weights, batch and everything the steps add
+   (the probe's reading, given the build's growth of ``VmRSS`` as already resident).
 
 CUDA (only where ``torch.cuda.is_available()``): the same steps on the GPU; truth =
-``torch.cuda.max_memory_allocated()`` (peak stats reset after the model is built) minus what was
-allocated before the model; also recorded: peak reserved bytes and NVML's used memory of the
-process (context, workspaces and cached blocks included).
+``torch.cuda.max_memory_allocated()`` (peak stats reset by the probe after the model is built)
+minus what was allocated before the model; also recorded: peak reserved bytes and NVML's used
+memory of the process (:func:`memguard.device.process_memory`: context, workspaces and cached
+blocks included).
 
 Usage (from the repository root)::
 
@@ -85,7 +88,8 @@ def allocator_env(library_caches: bool = False) -> dict[str, str]:
     return env
 
 
-def _env_ready(library_caches: bool) -> bool:
+def env_ready(library_caches: bool = False) -> bool:
+    """Whether this process started with the allocator settings of :func:`allocator_env`."""
     wanted = allocator_env(library_caches)
     return all(os.environ.get(k) == wanted.get(k) for k in (*MALLOC_ENV, *CACHES_OFF_ENV))
 
@@ -98,18 +102,11 @@ def cache_path(device: str, library_caches: bool = False) -> Path:
 # --------------------------------------------------------------------------- in this process
 
 
-def _proc_status_bytes(field: str) -> int:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+def rss_bytes() -> int:
+    """This process's resident memory now (``VmRSS``; psutil reads ``/proc/self/statm``)."""
+    import psutil
 
-
-def _reset_hwm() -> None:
-    """Reset ``VmHWM`` to the current ``VmRSS`` (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    return int(psutil.Process().memory_info().rss)
 
 
 def _train_steps(module: Any, case: Case, inputs: Any, device: str,
@@ -181,52 +178,78 @@ def _build(case: Case, device: str) -> tuple[Any, Any]:
 
 
 def measure_cpu(case: Case, library_caches: bool = False) -> dict[str, Any]:
-    """Measure ``case`` in this process by the RSS method (see the module docstring)."""
-    if not _env_ready(library_caches):
+    """Measure ``case`` in this process by the RSS method (see the module docstring).
+
+    The high-water mark is memguard's own probe (:class:`memguard.device.actual.MemoryProbe`, the
+    one the callback compares its predictions with): started after the build with the build's
+    growth of ``VmRSS`` as what is already resident, it reads ``VmHWM`` - ``VmRSS`` before the model.
+    """
+    import torch
+
+    from memguard.device.actual import MemoryProbe
+
+    if not env_ready(library_caches):
         raise RuntimeError("start the process with the environment of allocator_env()")
     _warm_up(case, "cpu")
-    rss_before = _proc_status_bytes("VmRSS")
+    probe = MemoryProbe(torch.device("cpu"))
+    rss_before = rss_bytes()
     module, inputs = _build(case, "cpu")
-    rss_built = _proc_status_bytes("VmRSS")
-    _reset_hwm()
+    built = rss_bytes() - rss_before
+    if not probe.start(resident=built):  # resets VmHWM: the build's transients are not counted
+        raise RuntimeError("cannot reset VmHWM through /proc/self/clear_refs (Linux >= 4.0 needed)")
     start = time.perf_counter()
     losses = _train_steps(module, case, inputs, "cpu")
     seconds = time.perf_counter() - start
-    hwm = _proc_status_bytes("VmHWM")
+    measured = probe.read()
+    if measured is None or measured.lower_bound:
+        raise RuntimeError(f"no exact CPU measurement: {measured.caveat if measured else 'VmHWM unreadable'}")
     return {
-        "case": case.name, "device": "cpu", "peak_bytes": hwm - rss_before,
-        "model_and_batch_bytes": rss_built - rss_before, "rss_before_model": rss_before,
-        "vm_hwm": hwm, "param_bytes": _param_bytes(module), "steps": STEPS,
+        "case": case.name, "device": "cpu", "peak_bytes": measured.peak_bytes,
+        "model_and_batch_bytes": built, "rss_before_model": rss_before,
+        "param_bytes": _param_bytes(module), "steps": STEPS,
         "step_seconds": seconds / STEPS, "losses": losses, "library_caches": library_caches,
     }
 
 
 def measure_cuda(case: Case) -> dict[str, Any]:
-    """Measure ``case`` on the current GPU with the caching allocator's statistics and NVML."""
+    """Measure ``case`` on the current GPU with memguard's probe: allocator statistics and NVML.
+
+    :class:`memguard.device.actual.MemoryProbe` resets the peak statistics after the build and
+    reads ``torch.cuda.max_memory_allocated()`` and the process's NVML usage
+    (:func:`memguard.device.process_memory`, the GPU matched by UUID; ``None`` where NVML does not
+    list this process, e.g. in a container whose PID namespace hides it).
+    """
     import torch
+
+    from memguard.device.actual import MemoryProbe
 
     if not torch.cuda.is_available():
         raise RuntimeError("--device cuda needs a CUDA build of torch and a visible GPU")
     _warm_up(case, "cuda")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
+    probe = MemoryProbe(torch.device("cuda", torch.cuda.current_device()))
     allocated_before = torch.cuda.memory_allocated()
     module, inputs = _build(case, "cuda")
     torch.cuda.synchronize()
     built = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    if not probe.start(resident=built):
+        raise RuntimeError("cannot reset the CUDA peak memory statistics")
     start = time.perf_counter()
     losses = _train_steps(module, case, inputs, "cuda")
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    measured = probe.read()
+    if measured is None:
+        raise RuntimeError("cannot read torch.cuda.max_memory_allocated()")
     return {
         "case": case.name, "device": "cuda",
-        "peak_bytes": torch.cuda.max_memory_allocated() - allocated_before,
+        "peak_bytes": measured.peak_bytes - allocated_before,
         "model_and_batch_bytes": built - allocated_before,
         "allocated_before_model": allocated_before,
-        "max_allocated": torch.cuda.max_memory_allocated(),
+        "max_allocated": measured.peak_bytes,
         "max_reserved": torch.cuda.max_memory_reserved(),
-        "nvml_process_used_bytes": _nvml_process_used(),
+        "nvml_process_used_bytes": measured.total_bytes,
         "param_bytes": _param_bytes(module), "steps": STEPS, "step_seconds": seconds / STEPS,
         "losses": losses,
     }
@@ -234,36 +257,6 @@ def measure_cuda(case: Case) -> dict[str, Any]:
 
 def _param_bytes(module: Any) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def _nvml_process_used() -> int | None:
-    """NVML's used memory of this process on the current GPU, or ``None`` if NVML cannot tell.
-
-    Read after the steps: the caching allocator keeps its peak reserved blocks, so this is the
-    device memory the step needed, CUDA context and library workspaces included. The GPU is found
-    by UUID (CUDA and NVML number devices differently); under MIG or in a PID namespace where NVML
-    cannot see our PID, a lone process on the device is taken to be this one.
-    """
-    import torch
-
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        uuid = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
-        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
-        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-    except (pynvml.NVMLError, AttributeError, RuntimeError):
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
-    mine = [p for p in procs if p.pid == os.getpid()] or (procs if len(procs) == 1 else [])
-    used = mine[0].usedGpuMemory if mine else None
-    return int(used) if used is not None else None
 
 
 def measure(case: Case, device: str = "cpu", library_caches: bool = False) -> dict[str, Any]:
@@ -275,9 +268,15 @@ def measure(case: Case, device: str = "cpu", library_caches: bool = False) -> di
 
 
 def measure_in_subprocess(case: Case, device: str = "cpu", timeout: float = SUBPROCESS_TIMEOUT_S,
-                          library_caches: bool = False) -> dict[str, Any]:
-    """Measure ``case`` in a fresh Python process with the allocator settings of the method."""
+                          library_caches: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Measure ``case`` in a fresh Python process with the allocator settings of the method.
+
+    ``threads``: torch's intra-op threads there (default: torch's own choice, one per core). One
+    thread suits a tiny model, which gains nothing from more and, on a busy machine, waits for them.
+    """
     cmd = [sys.executable, str(Path(__file__).resolve()), "--device", device]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     if _is_listed(case):
         cmd += ["--case", case.name]
     else:
@@ -371,10 +370,14 @@ def _table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _measure_here(args: argparse.Namespace) -> int:
-    if args.device == "cpu" and not _env_ready(args.library_caches):
+    if args.device == "cpu" and not env_ready(args.library_caches):
         # glibc and MKL read their variables at start-up only: start again with them set.
         os.execve(sys.executable, [sys.executable, *sys.argv], allocator_env(args.library_caches))
     case = get_case(args.case) if args.case else Case.from_dict(json.loads(args.spec))
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(json.dumps(measure(case, args.device, args.library_caches)))
     return 0
 
@@ -407,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     what.add_argument("--cases", help="comma-separated case names or 'all': one process each")
     parser.add_argument("--repeat", type=int, default=1, help="runs per case (with --cases)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, help="torch threads (with --case or --spec; default: torch's)")
     parser.add_argument("--no-write", action="store_true", help="do not update the result file")
     parser.add_argument("--library-caches", action="store_true",
                         help="leave MKL's and oneDNN's caches on (CPU; results go to "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import sys
 import threading
@@ -749,7 +750,8 @@ def test_device_memory_to_dict_and_validation():
 # -- CPU actuals: resident-memory growth, a lower bound unless glibc's mmap threshold is pinned ----
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
+                    reason="needs a writable Linux /proc/self/clear_refs")
 @pytest.mark.parametrize(("env", "pinned"), [
     ({}, False),
     ({"MALLOC_MMAP_THRESHOLD_": "65536"}, True),
@@ -762,14 +764,13 @@ def test_cpu_measurement_says_when_it_is_a_lower_bound(monkeypatch, env, pinned)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     probe = _actual.MemoryProbe(torch.device("cpu"))
-    if not probe.start(resident=0):
-        pytest.skip("/proc/self/clear_refs is not writable here")
+    assert probe.start(resident=0)  # clear_refs is writable (the skipif): the probe must start
     # 48 MiB: above glibc's largest dynamic threshold (32 MiB), so always a fresh mmap that makes
     # RSS grow. (A 16 MiB buffer freed before would be reused from the heap: a growth of 0.)
     buffer = torch.ones(48 * MIB // 4)
     got = probe.read()
     del buffer
-    assert got is not None and got.peak_bytes >= 47 * MIB
+    assert got is not None and 47 * MIB <= got.peak_bytes < 56 * MIB
     assert got.lower_bound is (not pinned)
     if pinned:
         assert got.caveat == ""

@@ -92,9 +92,8 @@ def test_to_dict_is_json_and_round_trips(tiny_gpt2) -> None:
 
 @settings(max_examples=8, deadline=None)
 @given(batch=st.integers(1, 6), seq=st.integers(8, 96))
-def test_trace_is_non_negative_and_grows_with_batch_and_sequence(tiny_gpt2, batch: int, seq: int) -> None:
+def test_trace_grows_with_batch_and_sequence(tiny_gpt2, batch: int, seq: int) -> None:
     est = memguard.estimate(tiny_gpt2, batch, seq, device="cuda", method="trace")
-    assert all(v >= 0 for v in est.breakdown.values())
     assert memguard.estimate(tiny_gpt2, batch + 1, seq, device="cuda", method="trace").peak_bytes >= est.peak_bytes
     assert memguard.estimate(tiny_gpt2, batch, seq + 32, device="cuda", method="trace").peak_bytes >= est.peak_bytes
 
