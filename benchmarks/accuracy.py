@@ -100,6 +100,10 @@ def evaluate(cases: Sequence[Case], device: str, methods: Sequence[str],
             nvml = truth.get("nvml_process_used_bytes")
             record["total_errors"] = {m: error_of(e, nvml, "total_bytes")
                                       for m, e in record["estimates"].items()}
+            # max_memory_reserved() against the allocator replay (less what was allocated before the model)
+            reserved = truth["max_reserved"] - truth["allocated_before_model"]
+            record["reserved_errors"] = {m: error_of(e, reserved, "reserved_bytes")
+                                         for m, e in record["estimates"].items()}
         rows.append(record)
     return rows
 
@@ -168,6 +172,7 @@ def _seconds(row: dict[str, Any], method: str) -> str:
 def render(rows: Sequence[dict[str, Any]], methods: Sequence[str], device: str) -> str:
     headers = ["case", "truth MiB", *(f"{m} err" for m in methods)]
     if device == "cuda":
+        headers += ["reserved MiB", *(f"{m} reserved err" for m in methods)]
         headers += ["NVML MiB", *(f"{m} total err" for m in methods)]
     headers += [f"{m} s" for m in methods]
     lines = []
@@ -176,6 +181,8 @@ def render(rows: Sequence[dict[str, Any]], methods: Sequence[str], device: str) 
         cells = [r["case"], mib(truth) if truth is not None else f"failed ({r['truth']['error']})"]
         cells += [_cell(r, m) for m in methods]
         if device == "cuda":
+            cells.append(mib(r["truth"].get("max_reserved")))
+            cells += [_cell(r, m, "reserved_errors") for m in methods]
             cells.append(mib(r["truth"].get("nvml_process_used_bytes")))
             cells += [_cell(r, m, "total_errors") for m in methods]
         cells += [_seconds(r, m) for m in methods]

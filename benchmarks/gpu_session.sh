@@ -3,7 +3,8 @@
 # repository root with the project's venv built (bash .ci/run), e.g.
 #     bash benchmarks/gpu_session.sh            # results under $OUT (or benchmarks/results/gpu)
 # It records the machine, compares NVML with nvidia-smi and torch, runs the GPU-only tests, and the
-# accuracy benchmark with device="cuda" (max_memory_allocated and NVML against each method).
+# accuracy benchmark with device="cuda" (max_memory_allocated, max_memory_reserved against the allocator
+# replay, and NVML against each method).
 # Commit what it writes under benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
