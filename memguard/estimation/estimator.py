@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ from memguard.estimation.overhead import device_overhead
 from memguard.estimation.parallel import Parallelism, Strategy, resolve_parallelism, wrapped_blocks
 from memguard.estimation.result import Category, MemoryEstimate, PeakTensors
 from memguard.estimation.spec import TrainingSpec, positive_int, resolve_precision
-from memguard.estimation.trace import DEFAULT_TIMEOUT, trace_breakdown
+from memguard.estimation.trace import DEFAULT_TIMEOUT, check_timeout, trace_breakdown
 
 __all__ = ["METHODS", "Inputs", "estimate"]
 
@@ -130,9 +129,7 @@ def estimate(
     accumulate_grad_batches = positive_int("accumulate_grad_batches", accumulate_grad_batches)
     if not isinstance(set_to_none, bool):
         raise ConfigError(f"set_to_none must be True or False, got {set_to_none!r}")
-    if trace_timeout is not None and (isinstance(trace_timeout, bool) or not isinstance(trace_timeout, (int, float))
-                                      or not 0 < trace_timeout < math.inf):
-        raise ConfigError(f"trace_timeout must be a positive number of seconds or None, got {trace_timeout!r}")
+    trace_timeout = check_timeout(trace_timeout)
     for name, fn in (("loss_fn", loss_fn), ("step_fn", step_fn)):
         if fn is not None and not callable(fn):
             raise ConfigError(f"{name} must be callable, got {fn!r}")

@@ -66,7 +66,7 @@ from memguard.estimation.peak import Phase, analyse
 from memguard.estimation.result import Category, PeakTensors
 from memguard.estimation.spec import TrainingSpec, make_optimizer
 
-__all__ = ["TraceResult", "trace_breakdown"]
+__all__ = ["DEFAULT_TIMEOUT", "TraceResult", "check_timeout", "trace_breakdown"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,15 @@ _CPU_ALIGN = 64
 _FALLBACK_NUMEL_LIMIT = 1 << 24
 _CLOCK_EVERY = 256
 """Ops between two looks at the clock (a look costs about as much as an op)."""
+
+def check_timeout(value: Any) -> float | None:
+    """A ``trace_timeout``: a positive number of seconds, or ``None`` for no limit; else a
+    :class:`ConfigError` naming it."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 < value < math.inf):
+        raise ConfigError(f"trace_timeout must be a positive number of seconds or None, got {value!r}")
+    return None if value is None else float(value)
+
 
 DEFAULT_TIMEOUT = 120.0
 """Seconds a trace may take before it stops with a :class:`TraceError`. Traces take seconds (GPT-2

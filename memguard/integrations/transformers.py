@@ -31,7 +31,6 @@ from typing import Any
 import torch
 
 from memguard._cache import cached
-from memguard.device import parse_budget
 from memguard.device.actual import Measurement, MemoryProbe, read_and_compare, resident_bytes, training_tensors
 from memguard.device.available import available_to
 from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError, MissingDependencyError
@@ -42,6 +41,7 @@ from memguard.estimation.search import max_batch_size, reduced_batch
 from memguard.estimation.spec import OPTIMIZERS
 from memguard.estimation.trace import DEFAULT_TIMEOUT
 from memguard.fit import check_margin
+from memguard.lightning.decision import check_arguments
 from memguard.lightning.rank import REMEDY_ESTIMATES
 from memguard.planning import remedies, remedy_lines
 from memguard.units import format_bytes
@@ -55,7 +55,6 @@ __all__ = ["BatchTooLargeError", "MemGuardCallback"]
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("warn", "raise", "reduce")
 
 _NAMED_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adafactor": "adafactor", "sgd": "sgd",
                      "adamw_bnb_8bit": "adamw-8bit", "adamw_8bit": "adamw-8bit", "paged_adamw_8bit": "adamw-8bit"}
@@ -177,15 +176,7 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
     def __init__(self, action: str = "warn", margin: float = 0.1, budget: int | str | None = None, *,
                  strict: bool = False, measure_steps: int = 2,
                  trace_timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        if action not in ACTIONS:
-            raise ConfigError(f"unknown action {action!r}; expected one of {', '.join(map(repr, ACTIONS))}")
-        if budget is not None:
-            parse_budget(budget)
-        if isinstance(measure_steps, bool) or not isinstance(measure_steps, int) or measure_steps < 1:
-            raise ConfigError(f"measure_steps must be a positive integer, got {measure_steps!r}")
-        if trace_timeout is not None and (isinstance(trace_timeout, bool) or not isinstance(trace_timeout, (int, float))
-                                          or not 0 < trace_timeout < float("inf")):
-            raise ConfigError(f"trace_timeout must be a positive number of seconds or None, got {trace_timeout!r}")
+        check_arguments(action, margin, budget, measure_steps, trace_timeout)
         self.action = action
         self.margin = check_margin(margin)
         self.budget = budget

@@ -108,7 +108,6 @@ from typing import Any
 
 import torch
 
-from memguard.device import parse_budget
 from memguard.device.actual import Measurement, MemoryProbe, read_and_compare, resident_bytes, training_tensors
 from memguard.errors import ConfigError, MemguardError
 from memguard.estimation._isolation import is_tracing
@@ -117,7 +116,7 @@ from memguard.estimation.trace import DEFAULT_TIMEOUT
 from memguard.lightning import messages
 from memguard.lightning import run as _pl
 from memguard.lightning.batch import reducible, set_batch
-from memguard.lightning.decision import ACTIONS, Decision, RankReport, Verdict, decide
+from memguard.lightning.decision import Decision, RankReport, Verdict, check_arguments, decide
 from memguard.lightning.rank import RankPlan, plan_rank, remedies_for
 
 __all__ = ["MemGuard"]
@@ -165,7 +164,9 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
     def __init__(self, action: str = "warn", margin: float = 0.1, budget: int | str | None = None, *,
                  batch_arg_name: str = "batch_size", strict: bool = False, measure_steps: int = 2,
                  trace_timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        _check_arguments(action, margin, budget, batch_arg_name, measure_steps, trace_timeout)
+        check_arguments(action, margin, budget, measure_steps, trace_timeout)
+        if not isinstance(batch_arg_name, str) or not batch_arg_name:
+            raise ConfigError(f"batch_arg_name must be a non-empty string, got {batch_arg_name!r}")
         self.action = action
         self.trace_timeout = trace_timeout
         self.margin = float(margin)
@@ -188,7 +189,6 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         self._restored: dict[str, Any] = {}
         self._probe: MemoryProbe | None = None
         self._pending = False  # the decision waits for a batch
-        self._early = False  # deciding before the fit loop built its loader (so the batch size can change)
         self._armed = False
         self._start_step = 0
 
@@ -418,21 +418,3 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
     def _info(self, trainer: Any, message: str) -> None:
         log.info(message)
         _pl.utilities(trainer, "rank_zero").rank_zero_info(message)
-
-
-def _check_arguments(action: Any, margin: Any, budget: Any, batch_arg_name: Any, measure_steps: Any,
-                     trace_timeout: Any) -> None:
-    """:class:`MemGuard`'s arguments, each a :class:`ConfigError` naming the bad value."""
-    if action not in ACTIONS:
-        raise ConfigError(f"unknown action {action!r}; expected one of {', '.join(map(repr, ACTIONS))}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-        raise ConfigError(f"margin must be a number in [0, 1), got {margin!r}")
-    if budget is not None:
-        parse_budget(budget)
-    if not isinstance(batch_arg_name, str) or not batch_arg_name:
-        raise ConfigError(f"batch_arg_name must be a non-empty string, got {batch_arg_name!r}")
-    if isinstance(measure_steps, bool) or not isinstance(measure_steps, int) or measure_steps < 1:
-        raise ConfigError(f"measure_steps must be a positive integer, got {measure_steps!r}")
-    if trace_timeout is not None and (isinstance(trace_timeout, bool) or not isinstance(trace_timeout, (int, float))
-                                      or not 0 < trace_timeout < float("inf")):
-        raise ConfigError(f"trace_timeout must be a positive number of seconds or None, got {trace_timeout!r}")

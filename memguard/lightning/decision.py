@@ -11,10 +11,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Sequence
+from typing import Any
 
+from memguard.device import parse_budget
+from memguard.errors import ConfigError
 from memguard.estimation.search import reduced_batch
+from memguard.estimation.trace import check_timeout
+from memguard.fit import check_margin
 
-__all__ = ["ACTIONS", "Decision", "RankReport", "Verdict", "decide"]
+__all__ = ["ACTIONS", "Decision", "RankReport", "Verdict", "check_arguments", "decide"]
 
 ACTIONS = ("warn", "raise", "reduce")
 
@@ -113,3 +118,16 @@ def decide(action: str, requested: int, accumulate: int, reports: Sequence[RankR
     batch, acc = reduced_batch(requested, accumulate, largest)
     verdict = Verdict.REDUCE if can_change_batch else Verdict.STREAM
     return Decision(verdict, batch, acc, too_big, largest)
+
+
+def check_arguments(action: Any, margin: Any, budget: Any, measure_steps: Any, trace_timeout: Any) -> None:
+    """The arguments every guard takes (``MemGuard``, the Trainer's ``MemGuardCallback``), each a
+    :class:`ConfigError` naming the bad value."""
+    if action not in ACTIONS:
+        raise ConfigError(f"unknown action {action!r}; expected one of {', '.join(map(repr, ACTIONS))}")
+    check_margin(margin)
+    if budget is not None:
+        parse_budget(budget)
+    if isinstance(measure_steps, bool) or not isinstance(measure_steps, int) or measure_steps < 1:
+        raise ConfigError(f"measure_steps must be a positive integer, got {measure_steps!r}")
+    check_timeout(trace_timeout)

@@ -14,6 +14,7 @@ from memguard.estimation.models import ResolvedModel, add_lora, load_model
 from memguard.estimation.parallel import resolve_parallelism
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.spec import positive_int, resolve_optimizer, resolve_precision
+from memguard.fit import check_margin
 from memguard.planning.costs import COST_MODEL
 from memguard.planning.rows import _OPT_NAMES, FULL, LORA, Plan, PlanRow, _Knobs
 from memguard.planning.search import _best, _rows, _searched, _Setup
@@ -152,8 +153,7 @@ def _setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len: Any
            margin: Any, precision: Any, optimizers: Any, base: Any, lora_ranks: Any, method_prune: Any,
            confirm: Any, limit: Any, device: Any, max_estimates: Any, estimate_kwargs: Any) -> _Setup:
     """Check every argument of :func:`plan`, and build the model."""
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-        raise ConfigError(f"margin must be a number in [0, 1), got {margin!r}")
+    check_margin(margin)
     if method_prune not in ("formula", "trace"):
         raise ConfigError(f"method_prune must be 'formula' or 'trace', got {method_prune!r}")
     if isinstance(confirm, bool) or not isinstance(confirm, int) or confirm < 0:
