@@ -39,19 +39,19 @@ def traced_events(model: str, batch_size: int, seq_len: int, precision: str, opt
     import memguard.estimation.trace as trace
 
     ledgers: list[Any] = []
-    original = trace._Ledger
+    original = trace.Ledger
 
     class _Capturing(original):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             ledgers.append(self)
 
-    trace._Ledger = _Capturing  # type: ignore[misc]
+    trace.Ledger = _Capturing  # type: ignore[misc]
     try:
         memguard.estimate(model, batch_size, seq_len, precision=precision, optimizer=optimizer,
                           device="cuda", method="trace")
     finally:
-        trace._Ledger = original  # type: ignore[misc]
+        trace.Ledger = original  # type: ignore[misc]
     return ledgers[-1].records
 
 

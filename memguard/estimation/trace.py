@@ -41,26 +41,22 @@ import contextlib
 import dataclasses
 import logging
 import math
-import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import (
-    DataDependentOutputException,
-    DynamicOutputShapeException,
     FakeTensorMode,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.utils._pytree import tree_flatten
 
 from memguard.errors import ConfigError, TraceError
 from memguard.estimation._isolation import isolated, preserved_rng
 from memguard.estimation.allocator import ledger_events, replay
 from memguard.estimation.allocator_config import AllocatorConfig
 from memguard.estimation.cuda_rules import device_autocast, device_kernels
+from memguard.estimation.ledger import CountingMode, Ledger, Record
 from memguard.estimation.models import is_checkpointing, set_checkpointing
 from memguard.estimation.peak import Phase, analyse
 from memguard.estimation.result import Category, PeakTensors
@@ -69,16 +65,6 @@ from memguard.estimation.spec import TrainingSpec, make_optimizer
 __all__ = ["DEFAULT_TIMEOUT", "TraceResult", "check_timeout", "trace_breakdown"]
 
 log = logging.getLogger(__name__)
-
-_CUDA_BLOCK = 512
-"""PyTorch's CUDA caching allocator rounds every block up to 512 bytes (REFERENCES.md)."""
-
-_MMAP_THRESHOLD = 65536
-_PAGE = 4096
-_CPU_ALIGN = 64
-_FALLBACK_NUMEL_LIMIT = 1 << 24
-_CLOCK_EVERY = 256
-"""Ops between two looks at the clock (a look costs about as much as an op)."""
 
 def check_timeout(value: Any) -> float | None:
     """A ``trace_timeout``: a positive number of seconds, or ``None`` for no limit; else a
@@ -93,155 +79,6 @@ DEFAULT_TIMEOUT = 120.0
 """Seconds a trace may take before it stops with a :class:`TraceError`. Traces take seconds (GPT-2
 small 1.4 s, Llama-2-7B 3 s on two CPU cores); a step that does not end in two minutes waits on
 values a fake tensor does not have."""
-
-
-def _rounded(nbytes: int, device: str) -> int:
-    """Bytes one allocation of ``nbytes`` costs on ``device``.
-
-    CUDA: 512-byte blocks. CPU (the RSS the truth measures): torch aligns CPU buffers to 64 bytes;
-    buffers from ``MALLOC_MMAP_THRESHOLD_`` (64 KiB) up are mmapped whole pages, with malloc's
-    header.
-    """
-    if device == "cuda":
-        return -(-nbytes // _CUDA_BLOCK) * _CUDA_BLOCK
-    if nbytes < _MMAP_THRESHOLD:
-        return -(-nbytes // _CPU_ALIGN) * _CPU_ALIGN
-    return -(-(nbytes + _CPU_ALIGN) // _PAGE) * _PAGE
-
-
-@dataclasses.dataclass
-class _Record:
-    nbytes: int  # as the device's allocator rounds it
-    alloc: int
-    free: int | None = None
-    phase: Phase = Phase.OTHER
-    requested: int = 0  # as asked for
-    where: str = ""  # the module whose forward made it, or the parameter it belongs to
-    shape: tuple[int, ...] = ()
-    dtype: str = ""
-
-
-class _Ledger:
-    """Allocation and free events of storages, in order."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.records: list[_Record] = []
-        self.by_storage: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        self.clock = 0
-        self.phase = Phase.OTHER
-        self.marks: list[tuple[int, Phase]] = [(0, Phase.OTHER)]
-        self.modules: list[str] = []  # the forward calls under way, outermost first
-
-    def set_phase(self, phase: Phase) -> None:
-        """Start ``phase``."""
-        if phase != self.phase:
-            self.phase = phase
-            self.marks.append((self.clock, phase))
-
-    def track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        if storage in self.by_storage:
-            return
-        nbytes = storage.nbytes()
-        self.clock += 1
-        index = len(self.records)
-        self.records.append(_Record(_rounded(nbytes, self.device) if nbytes else 0, self.clock,
-                                    phase=self.phase, requested=nbytes,
-                                    where=self.modules[-1] if self.modules else "",
-                                    shape=tuple(t.shape), dtype=str(t.dtype)))
-        self.by_storage[storage] = index
-        weakref.finalize(storage, self._free, index)
-
-    def index_of(self, t: torch.Tensor) -> int | None:
-        return self.by_storage.get(t.untyped_storage())
-
-    def name(self, tensors: Iterable[tuple[str, Any]]) -> None:
-        """Say which module the storages of ``(module path, tensor)`` pairs belong to (parameters,
-        their gradients and optimizer state)."""
-        for name, t in tensors:
-            i = self.index_of(t) if isinstance(t, torch.Tensor) else None
-            if i is not None:
-                self.records[i].where = name
-
-    def follow(self, root: nn.Module) -> None:
-        """Note which module's forward each allocation happens in (hooks on the isolated module)."""
-        def enter(name: str) -> Callable[..., None]:
-            def hook(*_: Any) -> None:
-                self.modules.append(name)
-            return hook
-
-        def leave(*_: Any) -> None:  # a hook that returns something replaces the output
-            if self.modules:
-                self.modules.pop()
-
-        for name, m in root.named_modules():
-            m.register_forward_pre_hook(enter(name or type(root).__name__))
-            m.register_forward_hook(leave)
-
-    def _free(self, index: int) -> None:
-        record = self.records[index]
-        if record.free is None:
-            self.clock += 1
-            record.free = self.clock
-
-    def live_at(self, clock: int) -> Iterator[tuple[int, _Record]]:
-        for i, r in enumerate(self.records):
-            if r.alloc <= clock and (r.free is None or r.free > clock):
-                yield i, r
-
-
-class _CountingMode(TorchDispatchMode):
-    """Records every storage an op returns; runs data-dependent ops on stand-in tensors."""
-
-    def __init__(self, ledger: _Ledger, fake_mode: FakeTensorMode, timeout: float | None = None) -> None:
-        super().__init__()
-        self.ledger = ledger
-        self.fake_mode = fake_mode
-        self.fallbacks: dict[str, int] = {}
-        self.timeout = timeout
-        self.deadline = math.inf if timeout is None else time.monotonic() + timeout
-        self.ops = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        try:
-            out = func(*args, **kwargs)
-        except (DataDependentOutputException, DynamicOutputShapeException):
-            out = self._fallback(func, args, kwargs)
-        if isinstance(out, torch.Tensor):  # the common case, without a tree walk
-            self.ledger.track(out)
-            # Only ops that return tensors look at the clock: metadata queries (prim.device ...)
-            # are called from C++ that cannot pass an exception on.
-            self.ops += 1
-            if not self.ops % _CLOCK_EVERY and time.monotonic() > self.deadline:
-                raise TraceError(
-                    f"the trace ran out of time: {self.ops} ops in more than {self.timeout:g} s (trace_timeout) "
-                    "without finishing the step; a loop that waits for computed values to converge never ends "
-                    "on fake data (stand-in values of ones); raise trace_timeout if the step is just long"
-                )
-        elif out is not None:
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self.ledger.track(t)
-        return out
-
-    def _fallback(self, func: Any, args: Any, kwargs: Any) -> Any:
-        name = str(func.overloadpacket.__name__)
-        self.fallbacks[name] = self.fallbacks.get(name, 0) + 1
-        if func is torch.ops.aten._local_scalar_dense.default:
-            dtype = args[0].dtype
-            return True if dtype == torch.bool else (1.0 if dtype.is_floating_point else 1)
-
-        def real(t: torch.Tensor) -> torch.Tensor:
-            if t.numel() > _FALLBACK_NUMEL_LIMIT:
-                raise TraceError(f"cannot run data-dependent op {name} on a stand-in of {tuple(t.shape)}")
-            return torch.ones(t.shape, dtype=t.dtype)
-
-        with torch.utils._python_dispatch._disable_current_modes():
-            real_args, real_kwargs = tree_map_only(torch.Tensor, real, (args, kwargs))
-            result = func(*real_args, **real_kwargs)
-        return tree_map_only(torch.Tensor, self.fake_mode.from_tensor, result)
 
 
 def _loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> torch.Tensor:
@@ -384,9 +221,9 @@ def trace_breakdown(
         TraceError: when the model's code cannot run on fake tensors.
         ConfigError: for a loss that is not a scalar.
     """
-    ledger = _Ledger(spec.device)
+    ledger = Ledger(spec.device)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    counting = _CountingMode(ledger, fake_mode, timeout)
+    counting = CountingMode(ledger, fake_mode, timeout)
     precision = spec.precision
     notes: list[str] = []
     foreach = True if spec.device == "cuda" else None
@@ -489,7 +326,7 @@ def _owner(name: str, root: nn.Module) -> str:
     return name.rpartition(".")[0] or type(root).__name__
 
 
-def _storages(ledger: _Ledger, tensors: Iterable[Any]) -> Iterator[int]:
+def _storages(ledger: Ledger, tensors: Iterable[Any]) -> Iterator[int]:
     """Ledger indices of the storages of ``tensors`` (``None`` entries skipped)."""
     for t in tensors:
         if isinstance(t, torch.Tensor):
@@ -498,7 +335,7 @@ def _storages(ledger: _Ledger, tensors: Iterable[Any]) -> Iterator[int]:
                 yield i
 
 
-def _optimizer_step(ledger: _Ledger, optimizer: torch.optim.Optimizer | None, trainable: list[torch.Tensor],
+def _optimizer_step(ledger: Ledger, optimizer: torch.optim.Optimizer | None, trainable: list[torch.Tensor],
                     opt_state: set[int], training_loop: str, set_to_none: bool = True) -> None:
     """The optimizer's step (noting its state) and, in PyTorch's loop, ``zero_grad``."""
     ledger.set_phase(Phase.OPTIMIZER)
@@ -513,14 +350,14 @@ def _optimizer_step(ledger: _Ledger, optimizer: torch.optim.Optimizer | None, tr
     ledger.set_phase(Phase.OTHER)
 
 
-def _allocator_slack(ledger: _Ledger, kinds: dict[int, Category],
+def _allocator_slack(ledger: Ledger, kinds: dict[int, Category],
                      weight: Callable[[Category, Phase], float] | None) -> int:
     """``max_memory_reserved() - max_memory_allocated()`` of the step under the CUDA caching allocator.
 
     The step's allocations and frees are replayed in order, at their requested sizes (the share a
     rank holds, under sharding), with the allocator settings of ``PYTORCH_CUDA_ALLOC_CONF``.
     """
-    def share(i: int, r: _Record) -> int:
+    def share(i: int, r: Record) -> int:
         return r.requested if weight is None else int(r.requested * weight(kinds[i], r.phase))
 
     records = [dataclasses.replace(r, nbytes=share(i, r)) for i, r in enumerate(ledger.records)]
