@@ -17,6 +17,44 @@ Trainer lets a callback see, and when (transformers 5.24, ``Trainer.train``, ``_
 4. ``optimizer.step()``, then ``model.zero_grad()`` (``set_to_none=True``, torch's default since
    2.0: a PyTorch-style loop), then ``on_step_end``: after the first, the memory probe starts;
    ``measure_steps`` steps later it is read and logged.
+
+The callback in detail:
+
+It traces one step on fake tensors (:func:`memguard.estimate`, ``training_loop="pytorch"``)
+from the run as the Trainer set it up: the model (weights' dtype, gradient checkpointing), the
+real optimizer (class and param groups, ``fused``/``foreach`` included; bitsandbytes' 8-bit
+AdamW by memguard's stand-in), ``bf16``/``fp16``, ``gradient_accumulation_steps``, the world
+size and the first batch as the model receives it; and compares it with ``budget``, or else
+with the free memory of ``args.device`` (a GPU: free in NVML plus what this process holds; the
+CPU: available host memory shared among this machine's processes, plus the model's resident
+tensors), keeping ``margin`` spare. It never changes the run: no data is drawn, no generator
+moves, the hook removes itself, every module holds a private copy of its state during the
+trace. A guarded run that goes on is the unguarded run, bit for bit.
+
+When the step does not fit, ``"warn"`` warns with the estimate's table, ``"raise"`` raises
+:class:`~memguard.InsufficientMemoryError`, and ``"reduce"`` finds the largest batch size that
+fits and raises :class:`BatchTooLargeError` naming the ``per_device_train_batch_size`` and
+``gradient_accumulation_steps`` to set (:func:`memguard.estimation.search.reduced_batch`), since a
+Trainer builds its data loader before any callback event (see the module's docs).
+
+After the first optimizer step (a warm-up) and ``measure_steps`` more, it appends one entry to
+``state.log_history`` (as ``Trainer.log`` writes them, with ``epoch`` and ``step``):
+``memguard/predicted_peak_bytes``, ``memguard/actual_peak_bytes``,
+``memguard/predicted_total_bytes``, ``memguard/error`` (actual over predicted peak, minus 1),
+``memguard/actual_is_lower_bound`` (CPU resident-memory growth without glibc's mmap threshold
+pinned, :mod:`memguard.device.actual`) and, where NVML lists the process,
+``memguard/actual_total_bytes``; it warns when the actual peak exceeds the prediction by more
+than ``margin``.
+
+Known limitations:
+    * DeepSpeed, FSDP, ``torch_compile`` and ``DataParallel`` (several GPUs in one process)
+      are not estimated: the callback warns and training goes on.
+    * A ``Trainer`` subclass whose ``compute_loss`` does more than ``model(**inputs)`` is
+      estimated for the model's forward and loss. A model that returns no loss
+      (``compute_loss_func``, label smoothing) gets a log-softmax over its logits instead.
+    * Gradient clipping's per-tensor norms and evaluation are not estimated.
+    * Only ``log_history`` gets the entry: a callback cannot call ``Trainer.log``, so the
+      reporting integrations (TensorBoard, W&B) do not.
 """
 
 from __future__ import annotations
@@ -25,7 +63,7 @@ import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,12 +73,13 @@ from memguard.device.actual import Measurement, MemoryProbe, read_and_compare, r
 from memguard.device.available import available_to
 from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError, MissingDependencyError
 from memguard.estimation.estimator import estimate
-from memguard.estimation.from_run import batch_size_of, optimizer_factory
+from memguard.estimation.from_run import batch_size_of
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.search import max_batch_size, reduced_batch
 from memguard.estimation.spec import OPTIMIZERS
 from memguard.estimation.trace import DEFAULT_TIMEOUT
 from memguard.fit import check_margin
+from memguard.integrations._trainer import _agree, _example, _loss, _not_estimated, _optimizer, _precision, _unwrap
 from memguard.lightning.decision import check_arguments
 from memguard.lightning.rank import REMEDY_ESTIMATES
 from memguard.planning import remedies, remedy_lines
@@ -54,22 +93,6 @@ except ImportError as exc:  # transformers is a dependency of memguard, but an i
 __all__ = ["BatchTooLargeError", "MemGuardCallback"]
 
 log = logging.getLogger(__name__)
-
-
-_NAMED_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adafactor": "adafactor", "sgd": "sgd",
-                     "adamw_bnb_8bit": "adamw-8bit", "adamw_8bit": "adamw-8bit", "paged_adamw_8bit": "adamw-8bit"}
-"""``TrainingArguments.optim`` in :func:`memguard.estimate`'s names (``OptimizerNames`` in transformers)."""
-
-_STAND_IN_ONLY = ("adamw-8bit",)
-"""Named optimizers whose real class cannot run on fake tensors (bitsandbytes' CUDA kernels)."""
-
-_TRUE_PRECISION = {torch.bfloat16: "bf16-true", torch.float16: "16-true", torch.float64: "64-true"}
-
-_NOT_ESTIMATED = (
-    ("deepspeed", "DeepSpeed shards and casts the model in its own engine"),
-    ("fsdp", "FSDP shards the model's parameters"),
-    ("torch_compile", "torch.compile would trace the estimate into the compiled graph"),
-)
 
 
 class BatchTooLargeError(ConfigError, InsufficientMemoryError):
@@ -118,31 +141,7 @@ class _Plan:
 class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
     """Predict the memory of a ``Trainer``'s training step before the first one runs, and act on it.
 
-    It traces one step on fake tensors (:func:`memguard.estimate`, ``training_loop="pytorch"``)
-    from the run as the Trainer set it up: the model (weights' dtype, gradient checkpointing), the
-    real optimizer (class and param groups, ``fused``/``foreach`` included; bitsandbytes' 8-bit
-    AdamW by memguard's stand-in), ``bf16``/``fp16``, ``gradient_accumulation_steps``, the world
-    size and the first batch as the model receives it; and compares it with ``budget``, or else
-    with the free memory of ``args.device`` (a GPU: free in NVML plus what this process holds; the
-    CPU: available host memory shared among this machine's processes, plus the model's resident
-    tensors), keeping ``margin`` spare. It never changes the run: no data is drawn, no generator
-    moves, the hook removes itself, every module holds a private copy of its state during the
-    trace. A guarded run that goes on is the unguarded run, bit for bit.
-
-    When the step does not fit, ``"warn"`` warns with the estimate's table, ``"raise"`` raises
-    :class:`~memguard.InsufficientMemoryError`, and ``"reduce"`` finds the largest batch size that
-    fits and raises :class:`BatchTooLargeError` naming the ``per_device_train_batch_size`` and
-    ``gradient_accumulation_steps`` to set (:func:`memguard.estimation.search.reduced_batch`), since a
-    Trainer builds its data loader before any callback event (see the module's docs).
-
-    After the first optimizer step (a warm-up) and ``measure_steps`` more, it appends one entry to
-    ``state.log_history`` (as ``Trainer.log`` writes them, with ``epoch`` and ``step``):
-    ``memguard/predicted_peak_bytes``, ``memguard/actual_peak_bytes``,
-    ``memguard/predicted_total_bytes``, ``memguard/error`` (actual over predicted peak, minus 1),
-    ``memguard/actual_is_lower_bound`` (CPU resident-memory growth without glibc's mmap threshold
-    pinned, :mod:`memguard.device.actual`) and, where NVML lists the process,
-    ``memguard/actual_total_bytes``; it warns when the actual peak exceeds the prediction by more
-    than ``margin``.
+    It never changes the run it guards; what it reads, does and logs: see the module's docstring.
 
     Args:
         action: ``"warn"``, ``"raise"`` or ``"reduce"``.
@@ -161,16 +160,6 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         fitting_batch_size: the largest batch size that fits (``"reduce"``, when it does not fit).
         measurement: what the first steps really used (a ``Measurement``), or ``None``.
         metrics: the ``memguard/*`` values put into ``log_history``.
-
-    Known limitations:
-        * DeepSpeed, FSDP, ``torch_compile`` and ``DataParallel`` (several GPUs in one process)
-          are not estimated: the callback warns and training goes on.
-        * A ``Trainer`` subclass whose ``compute_loss`` does more than ``model(**inputs)`` is
-          estimated for the model's forward and loss. A model that returns no loss
-          (``compute_loss_func``, label smoothing) gets a log-softmax over its logits instead.
-        * Gradient clipping's per-tensor norms and evaluation are not estimated.
-        * Only ``log_history`` gets the entry: a callback cannot call ``Trainer.log``, so the
-          reporting integrations (TensorBoard, W&B) do not.
     """
 
     def __init__(self, action: str = "warn", margin: float = 0.1, budget: int | str | None = None, *,
@@ -418,106 +407,3 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
 
 
 # -- what the Trainer says, in memguard's terms ----------------------------------------------
-
-
-def _not_estimated(args: Any, model: Any) -> str | None:
-    """Why this run is not estimated, or ``None`` when it is."""
-    if not isinstance(model, torch.nn.Module):
-        return f"the Trainer passed no model to on_train_begin (got {type(model).__name__})"
-    for name, why in _NOT_ESTIMATED:
-        if getattr(args, name, None):
-            return f"{name} is set ({why})"
-    if int(getattr(args, "n_gpu", 0) or 0) > 1:
-        return f"DataParallel over {args.n_gpu} GPUs in one process"
-    return None
-
-
-def _example(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The forward's inputs as one batch: its keyword arguments (batched tensors first: the Trainer
-    adds a 0-dimensional ``num_items_in_batch`` after the collator's keys), else its positional ones."""
-    if kwargs:
-        batched = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
-        return {**batched, **kwargs}
-    return args[0] if len(args) == 1 else tuple(args)
-
-
-def _precision(args: Any, model: torch.nn.Module, device: torch.device) -> str:
-    """The precision of the run in Lightning's names, which :func:`memguard.estimate` takes.
-
-    Weights already in 16 bits (``from_pretrained(dtype=torch.bfloat16)``) train in them: ``"*-true"``,
-    whatever autocast adds. Otherwise ``bf16``/``fp16`` make accelerate wrap the forward in
-    ``torch.autocast`` (``Accelerator.prepare_model``, ``native_amp``), with fp32 weights:
-    ``"bf16-mixed"``/``"16-mixed"``; accelerate turns no fp16 autocast on for the CPU.
-    """
-    sizes: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        if p.is_floating_point():
-            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
-    weights = max(sizes, key=lambda d: sizes[d]) if sizes else torch.float32
-    if weights in _TRUE_PRECISION:
-        return _TRUE_PRECISION[weights]
-    mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else str(getattr(args, "mixed_precision", "no") or "no")
-    if mixed == "bf16":
-        return "bf16-mixed"
-    if mixed == "fp16" and device.type != "cpu":
-        return "16-mixed"
-    return "32-true"
-
-
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (itself an ``Optimizer``)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
-
-
-def _optimizer(args: Any, optimizer: Any, model: torch.nn.Module, device: str) -> Any:
-    """What :func:`memguard.estimate` takes for the Trainer's optimizer.
-
-    The real one whenever memguard can rebuild it over fake parameters: its class and param
-    groups, so ``fused``/``foreach``, SGD's ``momentum`` from ``optim_args`` and transformers' own
-    ``Adafactor`` are what they are in the run. bitsandbytes' 8-bit AdamW by memguard's stand-in
-    (its kernels need CUDA). Without an optimizer, ``args.optim`` by name.
-    """
-    name = str(getattr(args.optim, "value", args.optim))
-    named = _NAMED_OPTIMIZERS.get(name)
-    if named in _STAND_IN_ONLY:
-        return named
-    real = _unwrap(optimizer)
-    if real is not None:
-        return optimizer_factory(model, real, device)
-    if named == "sgd" and "momentum" in str(getattr(args, "optim_args", "") or ""):
-        return "sgd-momentum"
-    if named is None:
-        raise ConfigError(f"memguard does not know optim={name!r}, and the Trainer made no optimizer to rebuild; "
-                          f"known: {', '.join(_NAMED_OPTIMIZERS)}")
-    return named
-
-
-def _loss(output: Any, batch: Any) -> torch.Tensor:
-    """The loss as ``Trainer.compute_loss`` takes it (``outputs["loss"]`` or ``outputs[0]``); when the
-    model returns none (``compute_loss_func`` or label smoothing make it from the logits), an fp32
-    log-softmax over the logits, as large as theirs, stands in."""
-    if isinstance(output, Mapping) and output.get("loss") is not None:
-        return output["loss"]
-    if isinstance(output, torch.Tensor) and output.dim() == 0:
-        return output
-    values = list(output.values()) if isinstance(output, Mapping) else list(output) \
-        if isinstance(output, (tuple, list)) else [output]
-    if values and isinstance(values[0], torch.Tensor) and values[0].dim() == 0:
-        return values[0]
-    logits = next((v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0), None)
-    if logits is None:
-        raise ConfigError(f"the model returned no loss and no logits ({type(output).__name__}) to stand in for one")
-    return -torch.log_softmax(logits.float(), dim=-1).mean()
-
-
-def _agree(values: list[int], device: torch.device) -> list[list[int]]:
-    """Every rank's ``values``, one row per rank (one row when no process group runs)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
-        return [values]
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, mine)
-    return [row.cpu().tolist() for row in rows]
