@@ -233,6 +233,10 @@ def _head_kind(module: nn.Module, config: Any) -> str:
 
 
 def _from_config(config: Any, module: nn.Module) -> Architecture | None:
+    """The architecture a transformers config describes (``None`` without widths and layers).
+
+    (Long: one line per field, each read under the several names the families give it.)
+    """
     model_type = str(getattr(config, "model_type", "") or "")
     family = _FAMILIES.get(model_type)
     hidden = _get(config, "hidden_size", "d_model", "n_embd", "dim")
