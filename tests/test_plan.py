@@ -222,8 +222,8 @@ def test_bad_input_is_a_config_error_naming_it(kwargs: dict, named: str) -> None
 def test_the_planning_package_keeps_its_names() -> None:
     import memguard.planning as planning
 
-    assert planning.__all__ == ["COSTS", "COST_MODEL", "FULL", "LORA", "Plan", "PlanRow", "plan", "remedies",
-                                "remedy_lines"]
+    assert planning.__all__ == ["COSTS", "COST_MODEL", "FULL", "LORA", "Plan", "PlanRow", "guard_remedies", "plan",
+                                "remedies", "remedy_lines"]
     assert (memguard.plan, memguard.remedies, memguard.Plan, memguard.PlanRow) == (
         planning.plan, planning.remedies, planning.Plan, planning.PlanRow)
     assert planning.COST_MODEL.startswith("cost = sum of terms") and planning.COSTS["recompute"] == 0.33
@@ -234,3 +234,13 @@ def test_remedy_lines_say_what_fits_or_that_nothing_does() -> None:
 
     assert remedy_lines(None) == []  # the search failed: say nothing rather than something wrong
     assert remedy_lines([])[0].startswith("Nothing memguard can change")
+
+
+def test_guard_remedies_name_the_optimizer_class_or_say_nothing() -> None:
+    from memguard.planning import guard_remedies
+
+    est = memguard.estimate("gpt2", 16, 128, method="formula")
+    rows = guard_remedies(est, 3 * 2**30, 0.1, model="gpt2", optimizer=torch.optim.AdamW, estimate_kwargs={})
+    assert rows and all(r.total_bytes <= int(3 * 2**30 * 0.9) for r in rows)
+    # An optimizer the search cannot rebuild: the guard says nothing rather than something wrong.
+    assert guard_remedies(est, 3 * 2**30, 0.1, model="gpt2", optimizer=lambda params: None, estimate_kwargs={}) is None

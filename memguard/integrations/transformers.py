@@ -76,13 +76,11 @@ from memguard.estimation.estimator import estimate
 from memguard.estimation.from_run import batch_size_of
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.search import max_batch_size, reduced_batch
-from memguard.estimation.spec import OPTIMIZERS
 from memguard.estimation.trace import DEFAULT_TIMEOUT
 from memguard.fit import check_margin
 from memguard.integrations._trainer import _agree, _example, _loss, _not_estimated, _optimizer, _precision, _unwrap
 from memguard.lightning.decision import check_arguments
-from memguard.lightning.rank import REMEDY_ESTIMATES
-from memguard.planning import remedies, remedy_lines
+from memguard.planning import guard_remedies, remedy_lines
 from memguard.units import format_bytes
 
 try:
@@ -275,9 +273,9 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         available, where = available_to(device, [*model.parameters(), *model.buffers()], self.budget,
                                         processes=processes)
         self.available_bytes = available
-        estimate_at = self._estimator(model, batch, requested, device)
-        self._inputs = (model, batch, _optimizer(self._args, self._optimizer, model,
-                                                 "cuda" if device.type == "cuda" else "cpu"))
+        optimizer = _optimizer(self._args, self._optimizer, model, "cuda" if device.type == "cuda" else "cpu")
+        self._inputs = (model, batch, optimizer)
+        estimate_at = self._estimator(model, batch, requested, device, optimizer)
         est = estimate_at(requested)
         self.estimate = est
         fits = est.fits(available, self.margin)
@@ -287,29 +285,21 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         return _Plan(requested, accumulate, est, fits, fitting, available, where)
 
     def _remedies(self, est: MemoryEstimate, available: int) -> list[Any] | None:
-        """What would make the step fit (:func:`memguard.remedies`, the one remedy engine), or ``None``
-        when that search fails."""
+        """What would make the step fit, or ``None`` (:func:`memguard.planning.guard_remedies`)."""
         model, batch, optimizer = self._inputs
-        optimizer = getattr(optimizer, "optimizer_class", optimizer)
-        name = optimizer.__name__.lower() if isinstance(optimizer, type) else optimizer
-        try:
-            return remedies(est, available, self.margin, model=model, max_estimates=REMEDY_ESTIMATES,
-                            estimate_kwargs={"example_input": batch, "loss_fn": _loss, "training_loop": "pytorch"},
-                            base={"optimizer": name if name in OPTIMIZERS else optimizer})
-        except MemguardError as exc:
-            log.info("MemGuardCallback: no remedies (%s)", exc)
-            return None
+        return guard_remedies(est, available, self.margin, model=model, optimizer=optimizer,
+                              estimate_kwargs={"example_input": batch, "loss_fn": _loss, "training_loop": "pytorch"})
 
-    def _estimator(self, model: torch.nn.Module, batch: Any, requested: int,
-                   device: torch.device) -> Callable[[int], MemoryEstimate]:
+    def _estimator(self, model: torch.nn.Module, batch: Any, requested: int, device: torch.device,
+                   optimizer: Any) -> Callable[[int], MemoryEstimate]:
         """The estimate of this run's step at a batch size, cached; a smaller batch than asked trains
         with accumulation, whose later micro-batches run their forward beside the gradients."""
         args = self._args
         kind = "cuda" if device.type == "cuda" else "cpu"
-        optimizer = _optimizer(args, self._optimizer, model, kind)
         precision = _precision(args, model, device)
         accumulate = int(args.gradient_accumulation_steps)
         world = int(args.world_size)
+
         def estimate_at(batch_size: int) -> MemoryEstimate:
             return estimate(
                 model, batch_size=batch_size, example_input=batch, optimizer=optimizer, precision=precision,

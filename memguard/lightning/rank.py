@@ -20,13 +20,12 @@ from memguard.estimation.estimator import estimate
 from memguard.estimation.from_run import batch_size_of, optimizer_factory
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.search import max_batch_size
-from memguard.estimation.spec import OPTIMIZERS
 from memguard.fit import Fit
 from memguard.lightning import run as _pl
 from memguard.lightning.decision import RankReport
-from memguard.planning import remedies
+from memguard.planning import guard_remedies
 
-__all__ = ["REMEDY_ESTIMATES", "RankPlan", "plan_rank", "remedies_for"]
+__all__ = ["RankPlan", "plan_rank", "remedies_for"]
 
 log = logging.getLogger(__name__)
 
@@ -131,22 +130,9 @@ def _checkpointing(module: torch.nn.Module) -> bool:
                for m in module.modules())
 
 
-REMEDY_ESTIMATES = 16
-"""Estimates spent on what would fit: a LightningModule is searched with traces, seconds each."""
-
-
 def remedies_for(plan: RankPlan, pl_module: Any, world_size: int) -> list[Any] | None:
-    """What would make this rank's step fit (:func:`memguard.remedies`, the one remedy engine), or
-    ``None`` when that search fails."""
+    """What would make this rank's step fit (:func:`memguard.planning.guard_remedies`), or ``None``."""
     kwargs = dict(plan.estimate_kwargs)
-    optimizer = kwargs.pop("optimizer")
-    optimizer = getattr(optimizer, "optimizer_class", optimizer)
-    name = optimizer.__name__.lower() if isinstance(optimizer, type) else None
     fit = plan.at_requested
-    try:
-        return remedies(fit.estimate, fit.free_bytes, fit.margin, model=pl_module, gpus=world_size,
-                        estimate_kwargs=kwargs, max_estimates=REMEDY_ESTIMATES,
-                        base={"optimizer": name if name in OPTIMIZERS else optimizer})
-    except MemguardError as exc:
-        log.info("MemGuard: no remedies (%s)", exc)
-        return None
+    return guard_remedies(fit.estimate, fit.free_bytes, fit.margin, model=pl_module, gpus=world_size,
+                          optimizer=kwargs.pop("optimizer"), estimate_kwargs=kwargs)

@@ -20,8 +20,9 @@ search (:mod:`.search`), the entry points and their argument checks (:mod:`.api`
 
 from __future__ import annotations
 
-from memguard.planning.api import plan, remedies
+from memguard.planning.api import guard_remedies, plan, remedies
 from memguard.planning.costs import COST_MODEL, COSTS
 from memguard.planning.rows import FULL, LORA, Plan, PlanRow, remedy_lines
 
-__all__ = ["COSTS", "COST_MODEL", "FULL", "LORA", "Plan", "PlanRow", "plan", "remedies", "remedy_lines"]
+__all__ = ["COSTS", "COST_MODEL", "FULL", "LORA", "Plan", "PlanRow", "guard_remedies", "plan", "remedies",
+           "remedy_lines"]

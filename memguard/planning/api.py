@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from memguard.device import DeviceMemory, parse_gpu, resolve_budget
-from memguard.errors import ConfigError
+from memguard.errors import ConfigError, MemguardError
 from memguard.estimation.models import ResolvedModel, add_lora, load_model
 from memguard.estimation.parallel import resolve_parallelism
 from memguard.estimation.result import MemoryEstimate
+from memguard.estimation.spec import OPTIMIZERS as NAMED_OPTIMIZERS
 from memguard.estimation.spec import positive_int, resolve_optimizer, resolve_precision
 from memguard.fit import check_margin
 from memguard.planning.costs import COST_MODEL
 from memguard.planning.rows import _OPT_NAMES, FULL, LORA, Plan, PlanRow, _Knobs
 from memguard.planning.search import _best, _rows, _searched, _Setup
 
-__all__ = ["plan", "remedies"]
+__all__ = ["GUARD_ESTIMATES", "guard_remedies", "plan", "remedies"]
+
+log = logging.getLogger(__name__)
+
+GUARD_ESTIMATES = 16
+"""Estimates a guard spends on what would fit: a user's module is searched with traces, seconds each."""
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
 OPTIMIZERS = ("adamw", "adamw-8bit", "adafactor", "sgd")
@@ -241,3 +248,24 @@ def _resolve_gpu(gpu: Any) -> DeviceMemory:
     if isinstance(gpu, int):
         return resolve_budget(gpu)
     return parse_gpu(gpu)
+
+
+def guard_remedies(estimate: MemoryEstimate, free_bytes: int, margin: float, *, model: Any, optimizer: Any,
+                   estimate_kwargs: Mapping[str, Any], gpus: int | None = None) -> list[PlanRow] | None:
+    """:func:`remedies` for a guard watching a real run (the Lightning and the Trainer callbacks), or
+    ``None`` when the search fails: a guard says nothing rather than something wrong.
+
+    Args:
+        optimizer: what the guard estimated with: a memguard name, an optimizer class, or a factory
+            rebuilt from the run's optimizer (``optimizer_class`` names its class).
+        estimate_kwargs: the run's ``example_input``, ``step_fn``/``loss_fn`` and ``training_loop``.
+    """
+    optimizer = getattr(optimizer, "optimizer_class", optimizer)
+    name = optimizer.__name__.lower() if isinstance(optimizer, type) else optimizer
+    try:
+        return remedies(estimate, free_bytes, margin, model=model, gpus=gpus, estimate_kwargs=estimate_kwargs,
+                        max_estimates=GUARD_ESTIMATES,
+                        base={"optimizer": name if name in NAMED_OPTIMIZERS else optimizer})
+    except MemguardError as exc:
+        log.info("no remedies: %s", exc)
+        return None
