@@ -292,7 +292,7 @@ def measure_rank(case: DistCase, rank: int) -> dict[str, Any]:
     from memguard.device.actual import MemoryProbe
 
     warm_up(case, rank)
-    probe = MemoryProbe(torch.device("cpu"))
+    probe = MemoryProbe(torch.device("cpu"), reset=True)
     before = rss_bytes()
     run = setup(case, rank)
     built = rss_bytes() - before

@@ -191,7 +191,7 @@ def measure_cpu(case: Case, library_caches: bool = False) -> dict[str, Any]:
     if not env_ready(library_caches):
         raise RuntimeError("start the process with the environment of allocator_env()")
     _warm_up(case, "cpu")
-    probe = MemoryProbe(torch.device("cpu"))
+    probe = MemoryProbe(torch.device("cpu"), reset=True)
     rss_before = rss_bytes()
     module, inputs = _build(case, "cpu")
     built = rss_bytes() - rss_before
@@ -228,7 +228,7 @@ def measure_cuda(case: Case) -> dict[str, Any]:
     _warm_up(case, "cuda")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    probe = MemoryProbe(torch.device("cuda", torch.cuda.current_device()))
+    probe = MemoryProbe(torch.device("cuda", torch.cuda.current_device()), reset=True)
     allocated_before = torch.cuda.memory_allocated()
     module, inputs = _build(case, "cuda")
     torch.cuda.synchronize()

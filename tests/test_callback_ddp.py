@@ -13,6 +13,7 @@ that fits on rank 1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import warnings
@@ -116,3 +117,40 @@ def test_ddp_ranks_agree_on_the_batch_that_fits_everywhere(tmp_path: Path) -> No
         assert max(rank["batch_sizes"]) == agreed
     assert sorted(short["seen"] + long["seen"]) == list(range(SAMPLES))  # every sample once, on one rank
     assert all(i % 2 == 0 for i in short["seen"]) and all(i % 2 == 1 for i in long["seen"])
+
+
+class Scheduled(TinyGPT):
+    """Steps its scheduler and decays its learning rate in ``training_step`` (issue 15)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.lr_schedulers().step()
+        for group in self.optimizers().param_groups:
+            group["lr"] *= 0.9
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+    def on_train_end(self) -> None:
+        digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in self.parameters())).hexdigest()
+        Path(self.hparams.out, f"rank{self.global_rank}.json").write_text(json.dumps({
+            "weights": digest, "lr": self.trainer.optimizers[0].param_groups[0]["lr"], "seen": self.seen,
+            "scheduler": self.trainer.lr_scheduler_configs[0].scheduler.last_epoch}))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_a_guarded_ddp_run_is_the_unguarded_run(tmp_path: Path) -> None:
+    def run(out: Path, guard: MemGuard | None) -> list[dict[str, Any]]:
+        out.mkdir()
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=STRATEGY, max_steps=3,
+                             callbacks=[guard] if guard else [], use_distributed_sampler=False, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(Scheduled(out=str(out), batch_size=4))
+        return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+    plain = run(tmp_path / "plain", None)
+    guarded = run(tmp_path / "guarded", MemGuard(action="warn", budget="64GiB"))
+    assert plain[0]["scheduler"] == 3 and plain[0]["seen"]
+    assert guarded == plain

@@ -763,7 +763,7 @@ def test_cpu_measurement_says_when_it_is_a_lower_bound(monkeypatch, env, pinned)
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    probe = _actual.MemoryProbe(torch.device("cpu"))
+    probe = _actual.MemoryProbe(torch.device("cpu"), reset=True)
     assert probe.start(resident=0)  # clear_refs is writable (the skipif): the probe must start
     # 48 MiB: above glibc's largest dynamic threshold (32 MiB), so always a fresh mmap that makes
     # RSS grow. (A 16 MiB buffer freed before would be reused from the heap: a growth of 0.)

@@ -46,8 +46,13 @@ PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 GENEROUS = "64GiB"
 MARGIN = 0.1
 TIMED_OUT = re.compile(r"(?i)time(d)?[ -]?out|out of time|trace_timeout")
-TRACED: collections.Counter[str] = collections.Counter()
-"""Calls of ``training_step`` that saw ``is_tracing()`` true, by the file each run writes."""
+
+
+def traced_calls(path: Path) -> int:
+    """Calls of ``training_step`` that saw ``is_tracing()`` true, for the run writing ``path``: they
+    run in the trace's own process, so they leave their mark where every process can see it, a file."""
+    marks = Path(f"{path}.traced")
+    return len(marks.read_text()) if marks.exists() else 0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -150,7 +155,7 @@ class Run:
 
 
 def fit(package: str, make: Callable[[], Any] | None, guard: MemGuard | None = None, *, module: Any = None,
-        loader: Any = None, **trainer_kwargs: Any) -> Run:
+        loader: Any = None, datamodule: Any = None, **trainer_kwargs: Any) -> Run:
     """Fit a module made by ``make`` (or ``module``) from seed 0 with a recording logger.
 
     Returns the final weights and the logger's records less MemGuard's own ``memguard/*``.
@@ -168,7 +173,7 @@ def fit(package: str, make: Callable[[], Any] | None, guard: MemGuard | None = N
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            trainer.fit(module, train_dataloaders=loader)
+            trainer.fit(module, train_dataloaders=loader, datamodule=datamodule)
         except Exception as exc:
             if guard is None:
                 raise
@@ -405,7 +410,8 @@ def side_effects_class(package: str) -> type:
             self.batch_indices.append(batch_idx)
             self.batch_sizes.append(len(batch[0]))
             if is_tracing():  # a file is outside memguard's reach: user code must check
-                TRACED[self.path] += 1
+                with open(f"{self.path}.traced", "a") as f:
+                    f.write("x")
             else:
                 with open(self.path, "a") as f:
                     f.write(f"{batch_idx}\n")
@@ -433,7 +439,7 @@ def test_counters_lists_files_and_logger_calls_see_only_real_steps(package: str,
                    f"batch_idx list {g.batch_indices} != {p.batch_indices}" if g.batch_indices != p.batch_indices
                    else "")
     assert p.calls == 6 and lines(tmp_path / "plain.txt") == [0, 1, 2, 3, 0, 1]
-    assert TRACED[str(tmp_path / "guarded.txt")] >= 1, "is_tracing() was never true inside the trace"
+    assert traced_calls(tmp_path / "guarded.txt") >= 1, "is_tracing() was never true inside the trace"
     assert lines(tmp_path / "guarded.txt") == lines(tmp_path / "plain.txt")
 
 
@@ -447,7 +453,7 @@ def test_side_effects_under_a_reducing_guard_count_only_real_steps(tmp_path: Pat
     assert guard.batch_size is not None and guard.batch_size <= 6, run.warned  # it did reduce
     real = lines(tmp_path / "guarded.txt")
     assert len(real) == guard.accumulate_grad_batches * 2
-    assert TRACED[str(tmp_path / "guarded.txt")] >= 2  # the search traced several batch sizes
+    assert traced_calls(tmp_path / "guarded.txt") >= 2  # the search traced several batch sizes
     m = run.module
     assert (m.calls, m.batch_indices) == (len(real), real), "training_step's own counter and list saw the trace"
     assert set(m.batch_sizes) == {guard.batch_size}
@@ -730,3 +736,300 @@ def test_reduce_trains_with_a_divisor_of_the_asked_batch(tmp_path: Path) -> None
     assert run.trainer.accumulate_grad_batches * run.module.batch_size == 64
     assert lines(tmp_path / "run.txt") == list(range(8))
     assert sorted(set(run.module.batch_sizes)) == [8]
+
+
+# -- 8. issue 15: what in-process copies could not cover -------------------------------------------
+#
+# The trace and the peek run in a forked child (memguard.estimation.sandbox). Each scenario below
+# changed the guarded run while they ran in the user's process.
+
+
+@functools.cache
+def scheduled_class(package: str) -> type:
+    """Steps its scheduler and decays its learning rate inside ``training_step``."""
+
+    class Scheduled(base_class(package)):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            self.lr_schedulers().step()
+            for group in self.optimizers().param_groups:
+                group["lr"] *= 0.95
+            self.trainer.datamodule.seen.append(len(batch[0]))
+            return super().training_step(batch, batch_idx)
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.AdamW(self.parameters(), lr=0.05)
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+    return Scheduled
+
+
+@functools.cache
+def datamodule_class(package: str) -> type:
+    """Serves the base module's data; its loader draws the order from the user's own generators."""
+    pl = importlib.import_module(package)
+    np = pytest.importorskip("numpy")
+
+    class Data(pl.LightningDataModule):
+        def __init__(self, source: Any, how: str = "plain", batch_size: int = 4) -> None:
+            super().__init__()
+            self.source, self.how, self.batch_size = source, how, batch_size
+            self.seen: list[int] = []
+            self.rng = np.random.default_rng(3)
+            self.cached: DataLoader | None = None
+
+        def train_dataloader(self) -> DataLoader:
+            data = self.source.dataset()
+            if self.how == "numpy":  # a numpy Generator of the DataModule picks the order
+                order = self.rng.permutation(len(data)).tolist()
+                return DataLoader(torch.utils.data.Subset(data, order), batch_size=self.batch_size)
+            if self.how == "sampler":  # a random.Random in a batch sampler
+                return DataLoader(data, batch_sampler=RandomBatches(len(data), self.batch_size))
+            if self.how == "dataset":  # a torch.Generator in the Dataset adds noise
+                return DataLoader(Noisy(data), batch_size=self.batch_size)
+            if self.how == "persistent":  # one loader, cached, with a persistent worker
+                if self.cached is None:
+                    self.cached = DataLoader(data, batch_size=self.batch_size, num_workers=1,
+                                             persistent_workers=True, shuffle=True,
+                                             generator=torch.Generator().manual_seed(5))
+                return self.cached
+            return DataLoader(data, batch_size=self.batch_size)
+
+    return Data
+
+
+class RandomBatches(torch.utils.data.Sampler):
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.random = __import__("random").Random(11)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(range(self.n))
+        self.random.shuffle(order)
+        return iter([order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)])
+
+    def __len__(self) -> int:
+        return (self.n + self.batch_size - 1) // self.batch_size
+
+
+class Noisy(torch.utils.data.Dataset):
+    def __init__(self, data: TensorDataset) -> None:
+        self.data, self.generator = data, torch.Generator().manual_seed(13)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        index, x, y = self.data[i]
+        return index, x + torch.randn(x.shape, generator=self.generator), y
+
+
+@pytest.mark.parametrize(("package", "action"), ACTIONS)
+def test_a_scheduler_stepped_and_a_learning_rate_changed_in_training_step(package: str, action: str) -> None:
+    def run(guard: MemGuard | None) -> tuple[Run, Any]:
+        pl = importlib.import_module(package)
+        pl.seed_everything(0, verbose=False)
+        module = scheduled_class(package)()
+        data = datamodule_class(package)(module)
+        return fit(package, None, guard, module=module, datamodule=data), data
+
+    plain, plain_data = run(None)
+    guarded, guarded_data = run(MemGuard(action=action, budget=GENEROUS))
+    assert guarded.guard.estimate is not None, guarded.warned
+    lrs = [[g["lr"] for g in r.trainer.optimizers[0].param_groups] for r in (guarded, plain)]
+    epochs = [r.trainer.lr_scheduler_configs[0].scheduler.last_epoch for r in (guarded, plain)]
+    assert_no_harm(guarded, plain, f"learning rates {lrs[0]} != {lrs[1]}" if lrs[0] != lrs[1] else "",
+                   f"scheduler epochs {epochs[0]} != {epochs[1]}" if epochs[0] != epochs[1] else "",
+                   f"datamodule.seen {guarded_data.seen} != {plain_data.seen}" if guarded_data.seen != plain_data.seen
+                   else "")
+    assert epochs[1] == 6 + 1 and plain_data.seen == [4] * 6  # six steps in training_step, one at the epoch end
+
+
+@pytest.mark.parametrize("how", ["numpy", "sampler", "dataset", "persistent"])
+def test_reduce_that_fits_draws_nothing_from_the_users_generators(how: str) -> None:
+    package = "lightning.pytorch"
+    cls = seen_class(package)
+
+    def run(guard: MemGuard | None) -> tuple[Run, Any]:
+        pl = importlib.import_module(package)
+        pl.seed_everything(0, verbose=False)
+        module = cls("plain")
+        data = datamodule_class(package)(module, how)
+        return fit(package, None, guard, module=module, datamodule=data, max_steps=-1, max_epochs=2), data
+
+    plain, _ = run(None)
+    guarded, _ = run(MemGuard(action="reduce", budget=GENEROUS))
+    assert guarded.guard.estimate is not None, guarded.warned
+    g, p = guarded.module, plain.module
+    assert sorted(p.seen) == sorted(list(range(24)) * 2)
+    assert_no_harm(guarded, plain, f"samples seen {g.seen} != {p.seen}" if g.seen != p.seen else "")
+
+
+# A forward hook that keeps what it sees, a module-level cache, and torch.compile.
+
+KEPT: list[torch.Tensor] = []
+
+
+@functools.lru_cache(maxsize=4)
+def ramp(n: int) -> torch.Tensor:
+    """A helper cached at module level, as position tables often are."""
+    return torch.linspace(0.0, 1.0, n)
+
+
+@functools.cache
+def hooked_class(package: str) -> type:
+    class Hooked(base_class(package)):
+        def __init__(self, compiled: Callable[[nn.Module], nn.Module] | None = None) -> None:
+            super().__init__(log_loss=False)
+            self.layer.register_forward_hook(lambda m, i, out: KEPT.append(out.detach()))
+            if compiled is not None:
+                self.layer = compiled(self.layer)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x) + ramp(2)
+
+        def on_train_epoch_end(self) -> None:
+            self.kept_mean = torch.stack(KEPT).mean()  # fails on a FakeTensor the trace left there
+
+    return Hooked
+
+
+@pytest.mark.parametrize(("package", "action"), ACTIONS)
+def test_hooks_that_keep_tensors_and_module_level_caches(package: str, action: str) -> None:
+    def run(guard: MemGuard | None) -> tuple[Run, list[torch.Tensor]]:
+        KEPT.clear()
+        ramp.cache_clear()
+        return fit(package, hooked_class(package), guard, max_steps=-1, max_epochs=2), list(KEPT)
+
+    plain, plain_kept = run(None)
+    guarded, guarded_kept = run(MemGuard(action=action, budget=GENEROUS))
+    assert guarded.guard.estimate is not None, guarded.warned
+    same = len(plain_kept) == len(guarded_kept) and all(map(_same, guarded_kept, plain_kept))
+    assert_no_harm(guarded, plain, "" if same else f"the hook kept {len(guarded_kept)} tensors, not {len(plain_kept)}",
+                   "" if not isinstance(ramp(2), FakeTensor) else "a FakeTensor in the module-level cache")
+    assert _same(guarded.module.kept_mean, plain.module.kept_mean)
+
+
+def test_a_compiled_module_stays_compiled() -> None:
+    package = "lightning.pytorch"
+    graphs: list[Any] = []
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    def run(guard: MemGuard | None) -> tuple[Run, int]:
+        torch._dynamo.reset()
+        graphs.clear()
+        KEPT.clear()
+        make = functools.partial(hooked_class(package), lambda m: torch.compile(m, backend=backend))
+        got = fit(package, make, guard, max_steps=-1, max_epochs=2)
+        return got, len(graphs)
+
+    plain, plain_graphs = run(None)
+    guarded, guarded_graphs = run(MemGuard(action="warn", budget=GENEROUS))
+    assert guarded.guard.estimate is not None, guarded.warned
+    assert plain_graphs >= 1
+    assert_no_harm(guarded, plain, "" if guarded_graphs == plain_graphs else
+                   f"dynamo compiled {guarded_graphs} graphs in the guarded fit, {plain_graphs} without the guard")
+    # and after the guard, compilation still works in this process
+    torch._dynamo.reset()
+    graphs.clear()
+    torch.compile(nn.Linear(2, 2), backend=backend)(torch.ones(1, 2))
+    assert len(graphs) == 1
+
+
+def test_estimate_of_a_compiled_module_is_the_original_modules() -> None:
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    kwargs = dict(example_input=torch.randn(16, 64), loss_fn=lambda out, b: out.sum(), device="cpu", method="trace")
+    compiled = torch.compile(net, backend="eager")
+    assert memguard.estimate(compiled, **kwargs).breakdown == memguard.estimate(net, **kwargs).breakdown
+
+
+# The user's own peak readings.
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("reset_peak", [False, True])
+def test_the_users_peak_readings_survive_the_measurement(reset_peak: bool) -> None:
+    import resource
+
+    spike = torch.ones(256 * 2**20 // 4)  # 256 MiB resident, then freed: the process's peak
+    del spike  # unmapped: the kernel records the high-water mark, which is what the user reads now
+    hwm, maxrss = _status_kib("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    guard = MemGuard(action="warn", budget=GENEROUS, reset_peak=reset_peak)
+    run = fit("lightning.pytorch", base_class("lightning.pytorch"), guard)
+    assert guard.measurement is not None, run.warned
+    after = _status_kib("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if reset_peak:  # asked for: the counters were reset, and the measurement is exact
+        assert after[0] < hwm and not guard.measurement.upper_bound
+    else:
+        assert after[0] >= hwm and after[1] >= maxrss, "the guard reset the process's peak memory readings"
+        assert guard.measurement.upper_bound  # a tiny fit stays under the spike: at most this much
+        assert guard.metrics["memguard/actual_is_upper_bound"] == 1.0
+
+
+# A trace that loops in pure Python, and user objects that are not copied.
+
+
+class Spinning(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        while True:  # no tensor op: only a separate process can be stopped here
+            pass
+
+
+def test_trace_timeout_stops_a_pure_python_loop() -> None:
+    def trace() -> str:
+        return memguard.estimate(Spinning(), example_input=torch.randn(2, 4), loss_fn=lambda out, b: out.sum(),
+                                 device="cpu", method="trace", trace_timeout=2).method
+
+    classes, message = expect_error(bounded(trace, 30), "estimate(method='trace', trace_timeout=2) of a Python loop")
+    assert "TraceError" in classes and TIMED_OUT.search(message), message
+
+
+class CopyWitness:
+    """Writes to a file when it is deep-copied: an effect any process can see."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CopyWitness:
+        with open(self.path, "a") as f:
+            f.write("copied\n")
+        return CopyWitness(self.path)
+
+
+def test_user_objects_are_not_copied_for_the_trace(tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    net = nn.Sequential(nn.Linear(8, 8))
+    net.witness = CopyWitness(tmp_path / "copies.txt")
+    net.table = np.zeros(1)
+    memguard.estimate(net, example_input=torch.randn(2, 8), loss_fn=lambda out, b: out.sum(), device="cpu",
+                      method="trace")
+    assert not (tmp_path / "copies.txt").exists(), "a user object was deep-copied for the trace"
+
+
+# Where fork is not used, today's in-process isolation still holds, and says so once.
+
+
+@pytest.mark.parametrize("package", ["lightning.pytorch"])
+def test_in_process_fallback_still_isolates_and_warns_once(package: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memguard.estimation import sandbox
+
+    monkeypatch.setenv(sandbox.IN_PROCESS_VARIABLE, "1")
+    monkeypatch.setattr(sandbox, "_warned", False)
+    plain = fit(package, cached_class(package))
+    guarded = fit(package, cached_class(package), MemGuard(action="warn", budget=GENEROUS))
+    assert guarded.guard.estimate is not None, guarded.warned
+    assert_no_harm(guarded, plain)
+    assert sum("runs user code in this process" in w for w in guarded.warned) == 1

@@ -11,7 +11,7 @@ import ctypes
 import dataclasses
 import pickle
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,8 @@ def model() -> GPT2LMHeadModel:
                                       bos_token_id=0, eos_token_id=0))
 
 
-def train(tmp: Path, guard: TrainerCallback | None, *, evaluate: bool = False, **overrides: Any) -> Run:
+def train(tmp: Path, guard: TrainerCallback | None, *, evaluate: bool = False,
+          prepare: Callable[[torch.nn.Module], None] | None = None, **overrides: Any) -> Run:
     """Train ``STEPS`` steps (or fail trying); what the user could see afterwards."""
     options: dict[str, Any] = dict(output_dir=str(tmp), per_device_train_batch_size=BATCH, max_steps=STEPS,
                                    logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
@@ -87,6 +88,8 @@ def train(tmp: Path, guard: TrainerCallback | None, *, evaluate: bool = False, *
     options.update(overrides)
     seen: list[int] = []
     net = model()
+    if prepare is not None:
+        prepare(net)
     initial = {k: v.clone() for k, v in net.state_dict().items()}
     trainer = Trainer(model=net, args=TrainingArguments(**options), train_dataset=Tokens(SAMPLES, seen),
                       eval_dataset=Tokens(EVAL_BATCH, seen, offset=1000) if evaluate else None,
@@ -302,3 +305,26 @@ def test_the_optimizer_is_the_real_one_or_memguards_name(pair: tuple[Run, Run, M
     assert _optimizer(arguments(tmp_path, optim="sgd", optim_args="momentum=0.9"), None, net, "cpu") == "sgd-momentum"
     with pytest.raises(ConfigError, match="'lion_32bit'"):
         _optimizer(arguments(tmp_path, optim="lion_32bit"), None, net, "cpu")
+
+
+def test_a_hook_that_keeps_tensors_sees_only_the_real_forwards(tmp_path: Path) -> None:
+    """A forward hook appending to a list it closes over (issue 15): the trace's forward runs in
+    another process, so the list holds the real outputs of the real steps only."""
+
+    def keeping(kept: list[torch.Tensor]) -> Callable[[torch.nn.Module], None]:
+        def prepare(net: torch.nn.Module) -> None:
+            net.transformer.h[0].register_forward_hook(
+                lambda m, i, out: kept.append((out[0] if isinstance(out, tuple) else out).detach()))
+        return prepare
+
+    plain_kept: list[torch.Tensor] = []
+    guarded_kept: list[torch.Tensor] = []
+    plain = train(tmp_path / "plain", None, prepare=keeping(plain_kept))
+    guard = MemGuardCallback("warn", budget=GENEROUS)
+    guarded = train(tmp_path / "guarded", guard, prepare=keeping(guarded_kept))
+    assert guarded.error is None and guard.estimate is not None, guarded.warned
+    assert len(plain_kept) == STEPS
+    assert len(guarded_kept) == len(plain_kept), f"the hook kept {len(guarded_kept)} outputs, not {len(plain_kept)}"
+    assert not any(isinstance(t, FakeTensor) for t in guarded_kept)
+    assert all(torch.equal(a, b) for a, b in zip(guarded_kept, plain_kept, strict=True))
+    assert same_weights(plain.trainer.model.state_dict(), guarded.trainer.model.state_dict())

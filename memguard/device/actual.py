@@ -1,18 +1,28 @@
 """What a training step really used: the truth that a prediction is compared with.
 
-On a GPU the peak of live tensors is ``torch.cuda.max_memory_allocated()`` after
-``reset_peak_memory_stats()``, and the process's whole footprint is what NVML lists for it (the
-CUDA context, workspaces and every block the caching allocator holds), as ``nvidia-smi`` shows.
+On a GPU the peak of live tensors is ``torch.cuda.max_memory_allocated()``, and the process's
+whole footprint is what NVML lists for it (the CUDA context, workspaces and every block the caching
+allocator holds), as ``nvidia-smi`` shows.
 
 On the CPU the truth is the growth of resident memory (../shared/REFERENCES.md, "Measuring the
-truth on a CPU"): the high-water mark ``VmHWM`` is reset by writing ``5`` to
-``/proc/self/clear_refs``, ``VmRSS`` is read at that moment, and after the steps
+truth on a CPU"): ``VmRSS`` is read at the start, the high-water mark ``VmHWM`` after the steps, and
 
     actual peak ≈ VmHWM − VmRSS at the start + bytes of tensors already resident at the start
 
 where the tensors already resident are the model's parameters and buffers (and gradients and
 optimizer state, when a run resumes), which the estimate counts and which the start's ``VmRSS``
 already holds.
+
+Both counters are the process's, and the user may read them too (``torch.cuda.max_memory_allocated``,
+``VmHWM``, ``ru_maxrss``). So the probe does not reset them unless asked (``reset=True``, as the
+benchmarks do): it reads the high-water mark at the start and again after the steps. When the mark
+rose, the new mark was reached during the steps, and is their peak, exactly. When it did not, the
+steps peaked no higher than the mark the process had reached before them, and the measurement is
+an upper bound (:attr:`Measurement.upper_bound`): exact numbers then need ``reset=True`` (the
+callbacks' ``reset_peak=True``), which loses the user's own reading of the peak before it.
+
+Resetting, on the CPU: writing ``5`` to ``/proc/self/clear_refs`` resets ``VmHWM`` (and ``ru_maxrss``)
+to ``VmRSS``; on a GPU ``torch.cuda.reset_peak_memory_stats()``.
 
 Why the CPU number is only a lower bound unless glibc's mmap threshold is pinned: glibc serves an
 allocation of ``M_MMAP_THRESHOLD`` bytes or more (128 KiB at start) with its own ``mmap`` and
@@ -33,8 +43,8 @@ Known limitations (CPU):
       Python objects, the logger, lazy initialisation of kernels in the first step.
     * Without the threshold pinned, the growth is a lower bound (see above). The environment
       is what is checked: a ``mallopt`` call made by the program itself cannot be seen.
-    * Without write access to ``/proc/self/clear_refs`` the mark cannot be reset, and the
-      measurement is not taken (:meth:`MemoryProbe.start` says so by returning ``False``).
+    * With ``reset=True`` and without write access to ``/proc/self/clear_refs`` the mark cannot be
+      reset, and the measurement is not taken (:meth:`MemoryProbe.start` says so by returning ``False``).
     * Data-loader worker processes are other processes, and are not counted.
 """
 
@@ -72,14 +82,22 @@ class Measurement:
         lower_bound: ``True`` when :attr:`peak_bytes` may be below the true peak and is not to be
             compared with an estimate as if exact: on the CPU when glibc's mmap threshold is not
             pinned (see the module docs).
-        caveat: why it is a lower bound and how to get a comparable number, in one sentence;
-            ``""`` when the measurement is exact as far as memguard knows.
+        caveat: why it is a bound and how to get a comparable number, in one sentence; ``""`` when
+            the measurement is exact as far as memguard knows.
+        upper_bound: ``True`` when the steps did not raise the process's high-water mark, so that
+            their own peak is at most :attr:`peak_bytes` (see the module docs).
     """
 
     peak_bytes: int
     total_bytes: int | None
     lower_bound: bool = False
     caveat: str = ""
+    upper_bound: bool = False
+
+    @property
+    def exact(self) -> bool:
+        """Whether :attr:`peak_bytes` is the steps' peak (neither bound)."""
+        return not (self.lower_bound or self.upper_bound)
 
 
 MMAP_THRESHOLD_VARIABLE = "MALLOC_MMAP_THRESHOLD_"
@@ -88,6 +106,13 @@ UNPINNED_CAVEAT = (
     "resident-memory growth with glibc's mmap threshold not pinned: freed buffers stay in the heap and "
     "are reused without growth, so this is a lower bound of the step's peak; start the process with "
     "MALLOC_MMAP_THRESHOLD_=65536 for a number comparable with the estimate"
+)
+
+
+UNRAISED_CAVEAT = (
+    "the measured steps did not raise the process's peak above the one reached before them, so theirs is at "
+    "most this; reset_peak=True resets the peak counters for an exact number (the process's own reading of "
+    "its earlier peak is then lost)"
 )
 
 
@@ -139,16 +164,25 @@ def _status_kib(field: str) -> int | None:
 
 
 class MemoryProbe:
-    """Measures the peak memory of the steps between :meth:`start` and :meth:`read`."""
+    """Measures the peak memory of the steps between :meth:`start` and :meth:`read`.
 
-    def __init__(self, device: torch.device) -> None:
+    Args:
+        device: the device to measure.
+        reset: reset the process's peak counters at :meth:`start` (exact, but what the process
+            itself would read of its earlier peak is lost); else compare the high-water marks at
+            the start and at the end (see the module docs).
+    """
+
+    def __init__(self, device: torch.device, *, reset: bool = False) -> None:
         self.device = device
+        self.reset = reset
         self._rss_start: int | None = None
+        self._mark = 0  # the high-water mark at the start: bytes (GPU) or KiB (CPU)
         self._resident = 0
         self._started = False
 
     def start(self, resident: int) -> bool:
-        """Reset the peak counters; ``resident`` is the bytes of tensors already on the device.
+        """Read (or reset) the peak counters; ``resident`` is the bytes of tensors already on the device.
 
         Returns:
             Whether the measurement could start.
@@ -158,21 +192,26 @@ class MemoryProbe:
         if self.device.type == "cuda":
             try:
                 torch.cuda.synchronize(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
+                if self.reset:
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                self._mark = int(torch.cuda.max_memory_allocated(self.device))
             except Exception as exc:  # a broken CUDA must not break training
-                log.debug("cannot reset the CUDA peak counters: %s", exc)
+                log.debug("cannot read the CUDA peak counters: %s", exc)
                 return False
             self._started = True
             return True
         if self.device.type != "cpu":
             return False
-        try:
-            (_PROC_SELF / "clear_refs").write_text("5")
-        except OSError as exc:
-            log.debug("cannot reset VmHWM through /proc/self/clear_refs: %s", exc)
-            return False
+        if self.reset:
+            try:
+                (_PROC_SELF / "clear_refs").write_text("5")
+            except OSError as exc:
+                log.debug("cannot reset VmHWM through /proc/self/clear_refs: %s", exc)
+                return False
         self._rss_start = _status_kib("VmRSS")
-        self._started = self._rss_start is not None
+        mark = _status_kib("VmHWM")
+        self._mark = mark or 0
+        self._started = self._rss_start is not None and mark is not None
         return self._started
 
     def read(self) -> Measurement | None:
@@ -186,14 +225,18 @@ class MemoryProbe:
             except Exception as exc:
                 log.debug("cannot read the CUDA peak: %s", exc)
                 return None
-            return Measurement(peak, process_memory(self.device.index, os.getpid()))
+            total = process_memory(self.device.index, os.getpid())
+            if self.reset or peak > self._mark:
+                return Measurement(peak, total)
+            return Measurement(peak, total, caveat=UNRAISED_CAVEAT, upper_bound=True)
         hwm = _status_kib("VmHWM")
         if hwm is None or self._rss_start is None:
             return None
         peak = max(0, hwm - self._rss_start) * 1024 + self._resident
-        if mmap_threshold_pinned():
-            return Measurement(peak, None)
-        return Measurement(peak, None, lower_bound=True, caveat=UNPINNED_CAVEAT)
+        unraised = not self.reset and hwm <= self._mark
+        pinned = mmap_threshold_pinned()
+        caveat = " and ".join(c for c, on in ((UNRAISED_CAVEAT, unraised), (UNPINNED_CAVEAT, not pinned)) if on)
+        return Measurement(peak, None, lower_bound=not pinned, caveat=caveat, upper_bound=unraised)
 
 
 def training_tensors(module: torch.nn.Module, optimizers: Iterable[Any]) -> list[torch.Tensor]:
@@ -215,7 +258,8 @@ class Comparison:
     Attributes:
         metrics: ``memguard/predicted_peak_bytes``, ``memguard/actual_peak_bytes``,
             ``memguard/predicted_total_bytes``, ``memguard/error`` (actual over predicted peak, minus
-            1), ``memguard/actual_is_lower_bound`` and, where NVML lists the process,
+            1), ``memguard/actual_is_lower_bound``, ``memguard/actual_is_upper_bound`` and, where NVML
+            lists the process,
             ``memguard/actual_total_bytes``.
         summary: one line for the log.
         warning: a line to warn with when the actual peak exceeds the prediction by more than the
@@ -240,10 +284,15 @@ def compare(got: Measurement, peak: int, total: int, margin: float) -> Compariso
     }
     if got.total_bytes is not None:
         metrics["memguard/actual_total_bytes"] = float(got.total_bytes)
-    actual = (f"at least {format_bytes(got.peak_bytes)} ({got.caveat})" if got.lower_bound
-              else f"{format_bytes(got.peak_bytes)} ({100 * error:+.1f}%)")
+    if got.exact:
+        actual = f"{format_bytes(got.peak_bytes)} ({100 * error:+.1f}%)"
+    elif got.upper_bound and got.lower_bound:
+        actual = f"unknown ({got.caveat})"
+    else:
+        actual = f"{'at most' if got.upper_bound else 'at least'} {format_bytes(got.peak_bytes)} ({got.caveat})"
+    metrics["memguard/actual_is_upper_bound"] = float(got.upper_bound)
     warning = None
-    if got.peak_bytes > peak * (1 + margin):
+    if not got.upper_bound and got.peak_bytes > peak * (1 + margin):
         warning = (f"the first training steps used {format_bytes(got.peak_bytes)} at their peak, {100 * error:.1f}% "
                    f"above the {format_bytes(peak)} predicted (margin {margin:.0%}); memory may run out")
     return Comparison(metrics, f"predicted peak {format_bytes(peak)}, actual {actual}", warning, got)

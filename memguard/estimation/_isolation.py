@@ -22,6 +22,11 @@ trace fails. In the copy:
 * a torchmetrics metric does not validate its arguments' values (``validate_args``): a fake tensor
   has none, and ``if torch.any(bad): raise`` would see a stand-in ``True``.
 
+In a child forked by :mod:`memguard.estimation.sandbox`, where the trace normally runs, nothing
+can reach the user's process anyway: there, only the tensors are replaced, and every other
+object (a large numpy array, a list of outputs) is shared with the child's copy-on-write image
+instead of copied.
+
 Because the module objects keep their identity, ``module.training_step`` and any ``step_fn`` that
 closes over the module run on the copy. What cannot be undone is outside Python's objects: files
 written, sockets, module-level globals and objects that are shared (above). User code can skip such
@@ -125,9 +130,11 @@ class _TrainerView:
 class _Copier:
     """Structural copies of values, sharing no mutable state with the originals."""
 
-    def __init__(self, stand_in: Callable[[torch.Tensor], torch.Tensor], memo: dict[int, Any]) -> None:
+    def __init__(self, stand_in: Callable[[torch.Tensor], torch.Tensor], memo: dict[int, Any],
+                 share: bool = False) -> None:
         self.stand_in = stand_in
         self.memo = memo  # id -> copy; also the memo of copy.deepcopy
+        self.share = share  # share objects instead of deep-copying them (in a sandbox's child)
         self.modules: list[nn.Module] = []
 
     def module_dict(self, module: nn.Module) -> dict[str, Any]:
@@ -165,7 +172,7 @@ class _Copier:
         elif isinstance(value, torch.Generator):
             out = torch.Generator(device=value.device)
             out.set_state(value.get_state())
-        elif _shared(value):
+        elif self.share or _shared(value):
             out = value
         elif isinstance(value, (list, dict, set, tuple, collections.deque)):
             out = self._container(value)
@@ -209,7 +216,9 @@ def isolated(root: nn.Module, stand_ins: dict[int, torch.Tensor],
             in the dtypes training keeps them).
         stand_in: makes a fake stand-in for any other tensor found.
     """
-    copier = _Copier(stand_in, dict(stand_ins))
+    from memguard.estimation.sandbox import in_child
+
+    copier = _Copier(stand_in, dict(stand_ins), share=in_child())
     for m in root.modules():
         copier.value(m)
     swapped: list[tuple[nn.Module, dict[str, Any]]] = []

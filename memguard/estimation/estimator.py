@@ -17,13 +17,14 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memguard.errors import ConfigError, MemguardError
+from memguard.estimation import sandbox
 from memguard.estimation.inputs import make_batch, max_positions, model_task
 from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing, load_model
 from memguard.estimation.overhead import device_overhead
 from memguard.estimation.parallel import Parallelism, Strategy, resolve_parallelism, wrapped_blocks
 from memguard.estimation.result import Category, MemoryEstimate, PeakTensors
 from memguard.estimation.spec import TrainingSpec, positive_int, resolve_precision
-from memguard.estimation.trace import DEFAULT_TIMEOUT, check_timeout, trace_breakdown
+from memguard.estimation.trace import DEFAULT_TIMEOUT, check_timeout, trace_breakdown, warm_up
 
 __all__ = ["METHODS", "Inputs", "estimate"]
 
@@ -109,11 +110,12 @@ def estimate(
         trace_timeout: seconds the trace may run before it stops with a :class:`TraceError`
             (``"auto"`` then falls back to the formula); ``None`` for no limit.
 
-    The trace runs ``model``'s own ``forward`` (or ``step_fn``) on fake tensors, with every module
-    holding a private copy of its state for the duration: whatever that code caches, appends or
-    counts is dropped afterwards, and the module is left as it was (see :mod:`memguard.estimation._isolation`;
-    :func:`memguard.is_tracing` tells code with outside side effects, such as writing files, to
-    skip them).
+    The trace runs ``model``'s own ``forward`` (or ``step_fn``) on fake tensors in a forked child
+    process that sends back only the numbers (:mod:`memguard.estimation.sandbox`): whatever that
+    code caches, appends, counts, steps or draws stays in the child, and the child is killed after
+    ``trace_timeout`` seconds. :func:`memguard.is_tracing` is true there, for code with effects
+    outside the process (files) to skip. Where fork is not available, the trace runs in process,
+    with every module holding a private copy of its state (:mod:`memguard.estimation._isolation`).
 
     Returns:
         A :class:`MemoryEstimate`.
@@ -222,9 +224,12 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
                                                    bytes_per_element=_element_bytes(spec))
         sharding["blocks"] = wrapped_blocks(resolved.module)
     try:
-        traced = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
-                                 step_fn=step_fn, timeout=trace_timeout, accumulate=accumulate,
-                                 set_to_none=set_to_none, **sharding)
+        if sandbox.forks() and not sandbox.in_child():
+            warm_up()
+        traced = sandbox.run(lambda: trace_breakdown(
+            resolved.module, spec, make_inputs, loss_fn=loss_fn, training_loop=training_loop, step_fn=step_fn,
+            timeout=trace_timeout, accumulate=accumulate, set_to_none=set_to_none, **sharding),
+            timeout=trace_timeout)
         return _Found("trace", traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline)
     except ConfigError:
         raise  # a bad argument is no reason to try another method

@@ -27,9 +27,11 @@ AdamW by memguard's stand-in), ``bf16``/``fp16``, ``gradient_accumulation_steps`
 size and the first batch as the model receives it; and compares it with ``budget``, or else
 with the free memory of ``args.device`` (a GPU: free in NVML plus what this process holds; the
 CPU: available host memory shared among this machine's processes, plus the model's resident
-tensors), keeping ``margin`` spare. It never changes the run: no data is drawn, no generator
-moves, the hook removes itself, every module holds a private copy of its state during the
-trace. A guarded run that goes on is the unguarded run, bit for bit.
+tensors), keeping ``margin`` spare. It never changes the run: no data is drawn, the hook removes
+itself, and the trace runs in a forked child that sends back only the numbers and is killed after
+``trace_timeout`` (:mod:`memguard.estimation.sandbox`), so whatever the model's code does there
+(hooks that keep tensors, caches, random draws, compilation) stays in the child. A guarded run
+that goes on is the unguarded run, bit for bit.
 
 When the step does not fit, ``"warn"`` warns with the estimate's table, ``"raise"`` raises
 :class:`~memguard.InsufficientMemoryError`, and ``"reduce"`` finds the largest batch size that
@@ -42,9 +44,10 @@ After the first optimizer step (a warm-up) and ``measure_steps`` more, it append
 ``memguard/predicted_peak_bytes``, ``memguard/actual_peak_bytes``,
 ``memguard/predicted_total_bytes``, ``memguard/error`` (actual over predicted peak, minus 1),
 ``memguard/actual_is_lower_bound`` (CPU resident-memory growth without glibc's mmap threshold
-pinned, :mod:`memguard.device.actual`) and, where NVML lists the process,
-``memguard/actual_total_bytes``; it warns when the actual peak exceeds the prediction by more
-than ``margin``.
+pinned, :mod:`memguard.device.actual`), ``memguard/actual_is_upper_bound`` (the process had
+peaked higher before; ``reset_peak=True`` resets the counters instead of reading them) and,
+where NVML lists the process, ``memguard/actual_total_bytes``; it warns when the actual peak
+exceeds the prediction by more than ``margin``.
 
 Known limitations:
     * DeepSpeed, FSDP, ``torch_compile`` and ``DataParallel`` (several GPUs in one process)
@@ -149,7 +152,10 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
             (``int``), a size (``"12GiB"``) or a share of the device's total memory (``"80%"``).
         strict: raise when the estimate fails instead of warning and training on.
         measure_steps: optimizer steps measured after the first.
-        trace_timeout: seconds one trace may take (``None``: no limit).
+        trace_timeout: seconds one trace may take (``None``: no limit); past them its process is killed.
+        reset_peak: reset the device's peak counters before measuring (exact even when the process
+            peaked higher before training, but the program's own reading of that peak is lost);
+            by default they are only read (:mod:`memguard.device.actual`).
 
     Attributes:
         estimate: the :class:`~memguard.MemoryEstimate` at the batch size asked for, or ``None``.
@@ -162,13 +168,14 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
 
     def __init__(self, action: str = "warn", margin: float = 0.1, budget: int | str | None = None, *,
                  strict: bool = False, measure_steps: int = 2,
-                 trace_timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        check_arguments(action, margin, budget, measure_steps, trace_timeout)
+                 trace_timeout: float | None = DEFAULT_TIMEOUT, reset_peak: bool = False) -> None:
+        check_arguments(action, margin, budget, measure_steps, trace_timeout, reset_peak)
         self.action = action
         self.margin = check_margin(margin)
         self.budget = budget
         self.strict = bool(strict)
         self.measure_steps = measure_steps
+        self.reset_peak = reset_peak
         self.trace_timeout = trace_timeout
         self._reset()
         self._handle: Any = None
@@ -352,10 +359,10 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
     # -- predicted vs actual ------------------------------------------------------------------
 
     def _start_probe(self, state: Any, model: Any, optimizer: Any) -> None:
-        """Reset the peak counters of the device; the tensors resident now are credited."""
+        """Read (or reset) the peak counters of the device; the tensors resident now are credited."""
         device = torch.device(self._args.device)
         inner = _unwrap(optimizer if optimizer is not None else self._optimizer)
-        probe = MemoryProbe(device)
+        probe = MemoryProbe(device, reset=self.reset_peak)
         if probe.start(resident_bytes(training_tensors(model, [inner] if inner is not None else []), device)):
             self._probe, self._probe_step = probe, state.global_step
         else:
@@ -369,7 +376,8 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         if result is None or result.measurement is None:
             return
         self.measurement, self.metrics = result.measurement, result.metrics
-        entry: dict[str, Any] = {**result.metrics, "memguard/actual_is_lower_bound": result.measurement.lower_bound}
+        entry: dict[str, Any] = {**result.metrics, "memguard/actual_is_lower_bound": result.measurement.lower_bound,
+                                 "memguard/actual_is_upper_bound": result.measurement.upper_bound}
         if state.epoch is not None:
             entry["epoch"] = state.epoch
         state.log_history.append({**entry, "step": state.global_step})  # as Trainer.log writes its entries

@@ -21,23 +21,25 @@ When it acts, in Lightning 2.x's order (``Trainer._run``):
    stream): estimates from the batch the fit loop hands over, agrees across ranks and acts,
    before the first step runs.
 6. ``on_train_start``, ``on_train_batch_end``: after the first optimizer step the peak counters
-   are reset, and ``measure_steps`` steps later the actual peak is read and logged
-   (``on_train_end`` reads it if training stops sooner).
+   are read (reset only with ``reset_peak=True``), and ``measure_steps`` steps later the actual
+   peak is read and logged (``on_train_end`` reads it if training stops sooner).
 
 It never changes the run it guards: a fit with ``"warn"``, or with any action when the step
 fits, is the fit without it, bit for bit. What it reads:
 
 * the first batch of this rank: with ``"warn"`` and ``"raise"``, the one the fit loop hands to
   ``on_train_batch_start`` before the first step (no data is touched); with ``"reduce"``, which
-  must set the batch size before the loader is built, the first batch of a fresh loader in
-  ``on_fit_start`` (global random generators and the loaders' ``torch.Generator`` restored, so
-  the epoch is unchanged; a stream, an ``IterableDataset``, is not peeked at: it is decided
-  at its first batch, where a step that does not fit raises with the batch size that would);
+  must set the batch size before the loader is built, the shapes of the first batch of a fresh
+  loader in ``on_fit_start``, read in a forked child (:func:`memguard.lightning.run.peek_batch`:
+  whatever ``train_dataloader()`` and the loader do there, calls, random draws, workers, stays in
+  the child); a stream, an ``IterableDataset``, is not peeked at: it is decided at its first
+  batch, where a step that does not fit raises with the batch size that would;
 * the LightningModule, whose ``training_step`` is traced on fake tensors resized to each batch
-  size tried, while every module holds a private copy of its state (whatever the step
-  appends, counts, caches or updates in metrics is dropped afterwards); ``self.log``, the
-  loggers and ``print`` do nothing then, and :func:`memguard.is_tracing` tells code with
-  outside side effects (files) to skip them;
+  size tried, in a forked child that sends back only the numbers and is killed after
+  ``trace_timeout`` (:mod:`memguard.estimation.sandbox`): whatever the step does there (steps a
+  scheduler, appends, counts, caches, compiles, draws random numbers) stays in the child;
+  ``self.log``, the loggers and ``print`` do nothing, and :func:`memguard.is_tracing` tells code
+  with effects outside the process (files) to skip them;
 * the real optimizer (its class and each param group's hyperparameters, over exactly the
   parameters it holds), the Trainer's precision, the gradient checkpointing of the model, and
   the strategy (world size, sharding).
@@ -91,12 +93,15 @@ Known limitations:
       unsharded replica, with a warning.
     * Manual optimization is not traced (``training_step`` steps real optimizers itself).
     * Only the training step is estimated, not validation.
-    * ``training_step`` runs once per batch size tried, on fake tensors and private copies of
-      the modules' state; effects outside the modules (files, globals, objects that cannot be
-      copied) happen then, unless the code checks :func:`memguard.is_tracing`.
+    * ``training_step`` runs once per batch size tried, in a forked child; effects outside the
+      process (files, sockets) happen then, unless the code checks :func:`memguard.is_tracing`.
+      Where fork is not available (Windows, macOS) it runs in this process on private copies of
+      the modules' state, which cannot cover effects outside the modules (a warning says so).
     * The trace stops after ``trace_timeout`` seconds (a loop waiting on computed values never
       ends on fake data); the callback then warns and training goes on.
     * Collectives inside ``training_step`` (``SyncBatchNorm``) cannot be traced.
+    * The actual peak is exact when the measured steps raise the process's high-water mark; when
+      the process peaked higher before the fit, it is an upper bound unless ``reset_peak=True``.
 """
 
 from __future__ import annotations
@@ -145,7 +150,12 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
             step, which warms up (lazy initialisation of kernels and allocators) and is not
             measured. Every measured step is in the steady state the estimate predicts, with
             optimizer state and last step's gradients alive.
-        trace_timeout: seconds one trace of ``training_step`` may take (``None``: no limit).
+        trace_timeout: seconds one trace of ``training_step`` (or the peek at the data) may take
+            (``None``: no limit); past them its process is killed.
+        reset_peak: reset the device's peak counters (``torch.cuda.reset_peak_memory_stats``,
+            ``VmHWM``) before measuring, for an exact actual peak even when the process peaked
+            higher before the fit; what the program itself would read of that earlier peak is then
+            lost. By default the counters are only read (:mod:`memguard.device.actual`).
 
     Attributes:
         estimate: the :class:`~memguard.MemoryEstimate` at the batch size trained with (``None``
@@ -163,8 +173,8 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
 
     def __init__(self, action: str = "warn", margin: float = 0.1, budget: int | str | None = None, *,
                  batch_arg_name: str = "batch_size", strict: bool = False, measure_steps: int = 2,
-                 trace_timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        check_arguments(action, margin, budget, measure_steps, trace_timeout)
+                 trace_timeout: float | None = DEFAULT_TIMEOUT, reset_peak: bool = False) -> None:
+        check_arguments(action, margin, budget, measure_steps, trace_timeout, reset_peak)
         if not isinstance(batch_arg_name, str) or not batch_arg_name:
             raise ConfigError(f"batch_arg_name must be a non-empty string, got {batch_arg_name!r}")
         self.action = action
@@ -174,6 +184,7 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         self.batch_arg_name = batch_arg_name
         self.strict = bool(strict)
         self.measure_steps = measure_steps
+        self.reset_peak = reset_peak
 
         self.estimate: MemoryEstimate | None = None
         self.available_bytes: int | None = None
@@ -219,7 +230,7 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
             return
         self._pending = True
         if self.action == "reduce":  # the batch size can only change before the fit loop builds its loader
-            self._decide(trainer, pl_module, lambda: _pl.peek_batch(trainer), early=True)
+            self._decide(trainer, pl_module, lambda: _pl.peek_batch(trainer, self.trace_timeout), early=True)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         """Decide from the first batch the fit loop hands over, before its step runs."""
@@ -385,11 +396,11 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
     # -- predicted vs actual ------------------------------------------------------------------
 
     def _start_probe(self, trainer: Any, pl_module: Any) -> None:
-        """Reset the peak counters of the root device; the tensors resident now are credited."""
+        """Read (or reset) the peak counters of the root device; the tensors resident now are credited."""
         self._armed = False
         self._start_step = trainer.global_step
         device = torch.device(trainer.strategy.root_device)
-        probe = MemoryProbe(device)
+        probe = MemoryProbe(device, reset=self.reset_peak)
         if probe.start(resident_bytes(training_tensors(pl_module, trainer.optimizers), device)):
             self._probe = probe
         else:

@@ -120,7 +120,8 @@ def decide(action: str, requested: int, accumulate: int, reports: Sequence[RankR
     return Decision(verdict, batch, acc, too_big, largest)
 
 
-def check_arguments(action: Any, margin: Any, budget: Any, measure_steps: Any, trace_timeout: Any) -> None:
+def check_arguments(action: Any, margin: Any, budget: Any, measure_steps: Any, trace_timeout: Any,
+                    reset_peak: Any = False) -> None:
     """The arguments every guard takes (``MemGuard``, the Trainer's ``MemGuardCallback``), each a
     :class:`ConfigError` naming the bad value."""
     if action not in ACTIONS:
@@ -131,3 +132,5 @@ def check_arguments(action: Any, margin: Any, budget: Any, measure_steps: Any, t
     if isinstance(measure_steps, bool) or not isinstance(measure_steps, int) or measure_steps < 1:
         raise ConfigError(f"measure_steps must be a positive integer, got {measure_steps!r}")
     check_timeout(trace_timeout)
+    if not isinstance(reset_peak, bool):
+        raise ConfigError(f"reset_peak must be True or False, got {reset_peak!r}")

@@ -16,9 +16,12 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map_only
 
+from memguard.estimation import sandbox
 from memguard.estimation._isolation import preserved_rng
 from memguard.estimation.parallel import Strategy
+from memguard.estimation.trace import DEFAULT_TIMEOUT
 
 __all__ = [
     "RunInfo",
@@ -171,20 +174,31 @@ def run_info(trainer: Any) -> RunInfo:
     )
 
 
-def peek_batch(trainer: Any) -> Any:
-    """The first training batch of this rank, from a fresh data loader, without consuming any.
+def peek_batch(trainer: Any, timeout: float | None = DEFAULT_TIMEOUT) -> Any:
+    """The shapes of this rank's first training batch, read in a forked child (no data is consumed).
 
-    The train data loader is requested from its source (the LightningModule, the datamodule or
-    the loaders given to ``fit``) and prepared as the fit loop prepares it (the distributed
-    sampler of this rank injected), and its first batch is drawn from a throwaway iterator. The
-    fit loop's own loader is not touched; the global random number generators and every
-    ``torch.Generator`` the loaders and their samplers hold are restored, so the epoch sees the
-    same batches in the same order as without the peek. The batch goes through the module's
-    batch-transfer hooks to the root device, as the fit loop would send it.
+    In a child forked by :mod:`memguard.estimation.sandbox`, the train data loader is requested from
+    its source (the LightningModule, the datamodule or the loaders given to ``fit``) and prepared as
+    the fit loop prepares it (the distributed sampler of this rank injected), in one process (no
+    workers, no pinned memory: a persistent worker of the parent's loader is never woken), and its
+    first batch goes through the module's batch-transfer hooks. Whatever that does — another call
+    of ``train_dataloader()``, draws from any random generator, a loader cached on the module —
+    happens in the child only. What comes back is the batch's skeleton: the same structure, with
+    every tensor on the meta device (its shape and dtype, no data), which is all a trace needs.
+
+    Without fork (see :mod:`memguard.estimation.sandbox`) the peek runs here, restoring the global
+    random generators and every ``torch.Generator`` of the loaders and their samplers.
 
     Returns ``None`` for an ``IterableDataset``: a stream may be single-pass, and a peek would take
     its first batch away from training.
+
+    Raises:
+        TraceError: when the peek does not end within ``timeout`` seconds.
     """
+    return sandbox.run(lambda: _skeleton(_first_batch(trainer)), timeout=timeout, what="the peek at the train data")
+
+
+def _first_batch(trainer: Any) -> Any:
     pl = package_of(trainer)
     connector = importlib.import_module(f"{pl.__name__}.trainer.connectors.data_connector")
     states = importlib.import_module(f"{pl.__name__}.trainer.states")
@@ -195,6 +209,9 @@ def peek_batch(trainer: Any) -> Any:
             combined_mod.CombinedLoader(loaders, "max_size_cycle")
         if any(isinstance(getattr(dl, "dataset", dl), torch.utils.data.IterableDataset) for dl in combined.flattened):
             return None
+        if sandbox.in_child():
+            for dl in combined.flattened:
+                _in_one_process(dl)
         with _generators_kept(combined.flattened):
             combined.flattened = [
                 connector._process_dataloader(trainer, states.TrainerFn.FITTING, states.RunningStage.TRAINING, dl)
@@ -210,6 +227,24 @@ def peek_batch(trainer: Any) -> Any:
         except Exception as exc:  # the raw batch has the same shapes in nearly every case
             log.debug("the batch-transfer hooks failed on the peeked batch (%s); using it as loaded", exc)
     return batch
+
+
+def _in_one_process(loader: Any) -> None:
+    """Make the child's copy of a ``DataLoader`` load in the child itself: no workers, no pinning.
+
+    A persistent loader of the parent keeps its iterator and live workers (``DataLoader.__iter__``
+    reuses ``_iterator`` when ``persistent_workers``); waking them from the child would move them.
+    ``object.__setattr__``: ``DataLoader.__setattr__`` refuses ``persistent_workers`` after init.
+    """
+    if isinstance(loader, torch.utils.data.DataLoader):
+        for name, value in (("num_workers", 0), ("persistent_workers", False), ("prefetch_factor", None),
+                            ("pin_memory", False), ("_iterator", None)):
+            object.__setattr__(loader, name, value)
+
+
+def _skeleton(batch: Any) -> Any:
+    """``batch`` with every tensor replaced by an empty one on the meta device (shape and dtype kept)."""
+    return tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), batch)
 
 
 @contextlib.contextmanager
