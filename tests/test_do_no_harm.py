@@ -942,7 +942,10 @@ def test_estimate_of_a_compiled_module_is_the_original_modules() -> None:
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     kwargs = dict(example_input=torch.randn(16, 64), loss_fn=lambda out, b: out.sum(), device="cpu", method="trace")
     compiled = torch.compile(net, backend="eager")
-    assert memguard.estimate(compiled, **kwargs).breakdown == memguard.estimate(net, **kwargs).breakdown
+    got, expected = memguard.estimate(compiled, **kwargs), memguard.estimate(net, **kwargs)
+    assert got.breakdown == expected.breakdown
+    assert got.inputs["model"] == "Sequential"
+    assert {t.where for t in got.at_peak} == {t.where for t in expected.at_peak}  # not "_orig_mod.0"
 
 
 # The user's own peak readings.

@@ -120,7 +120,7 @@ def without_memguard(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Run, MemGuardCallback]:
     """The same run without the guard and with ``warn`` and room to spare."""
     plain = train(tmp_path_factory.mktemp("plain"), None, evaluate=True)
-    guard = MemGuardCallback("warn", budget=GENEROUS)
+    guard = MemGuardCallback("warn", budget=GENEROUS, reset_peak=True)  # an exact actual, whatever ran before
     guarded = train(tmp_path_factory.mktemp("guarded"), guard, evaluate=True)
     assert plain.error is None and guarded.error is None, (plain.error, guarded.error)
     return plain, guarded, guard
@@ -190,6 +190,7 @@ def test_predicted_and_actual_land_in_log_history(pair: tuple[Run, Run, MemGuard
     assert entry["memguard/error"] == pytest.approx(actual / predicted - 1)
     assert abs(entry["memguard/error"]) < 0.25, entry  # RSS follows live tensors with the threshold pinned
     assert entry["memguard/actual_is_lower_bound"] is (not mmap_threshold_pinned())
+    assert entry["memguard/actual_is_upper_bound"] is False  # reset_peak=True: the counters were reset
     assert guard.metrics == {k: v for k, v in entry.items() if k.startswith("memguard/")}
 
 

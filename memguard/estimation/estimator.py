@@ -24,7 +24,7 @@ from memguard.estimation.overhead import device_overhead
 from memguard.estimation.parallel import Parallelism, Strategy, resolve_parallelism, wrapped_blocks
 from memguard.estimation.result import Category, MemoryEstimate, PeakTensors
 from memguard.estimation.spec import TrainingSpec, positive_int, resolve_precision
-from memguard.estimation.trace import DEFAULT_TIMEOUT, check_timeout, trace_breakdown, warm_up
+from memguard.estimation.trace import DEFAULT_TIMEOUT, TraceResult, check_timeout, trace_breakdown, warm_up
 
 __all__ = ["METHODS", "Inputs", "estimate"]
 
@@ -110,12 +110,14 @@ def estimate(
         trace_timeout: seconds the trace may run before it stops with a :class:`TraceError`
             (``"auto"`` then falls back to the formula); ``None`` for no limit.
 
-    The trace runs ``model``'s own ``forward`` (or ``step_fn``) on fake tensors in a forked child
-    process that sends back only the numbers (:mod:`memguard.estimation.sandbox`): whatever that
-    code caches, appends, counts, steps or draws stays in the child, and the child is killed after
-    ``trace_timeout`` seconds. :func:`memguard.is_tracing` is true there, for code with effects
-    outside the process (files) to skip. Where fork is not available, the trace runs in process,
-    with every module holding a private copy of its state (:mod:`memguard.estimation._isolation`).
+    The trace runs ``model``'s own ``forward`` (or ``step_fn``) on fake tensors. For a module,
+    factory, ``step_fn`` or ``loss_fn`` of the user's, it runs in a forked child process that sends
+    back only the numbers (:mod:`memguard.estimation.sandbox`): whatever that code caches, appends,
+    counts, steps or draws stays in the child, and the child is killed after ``trace_timeout``
+    seconds; :func:`memguard.is_tracing` is true there, for code with effects outside the process
+    (files) to skip. Where fork is not available, the trace runs in process, with every module
+    holding a private copy of its state (:mod:`memguard.estimation._isolation`). A model memguard
+    builds from a preset or config is nobody else's, and is traced in process.
 
     Returns:
         A :class:`MemoryEstimate`.
@@ -223,13 +225,18 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
         sharding["extras"] = parallel.phase_extras(resolved.module, device=spec.device,
                                                    bytes_per_element=_element_bytes(spec))
         sharding["blocks"] = wrapped_blocks(resolved.module)
+    def trace() -> TraceResult:
+        return trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
+                               step_fn=step_fn, timeout=trace_timeout, accumulate=accumulate,
+                               set_to_none=set_to_none, **sharding)
+
+    # User code (a module, factory, step or loss of the user's) runs in a forked child; a model memguard
+    # built from a preset or config here is nobody else's, and runs here.
+    user_code = not resolved.built_here or step_fn is not None or loss_fn is not None
     try:
-        if sandbox.forks() and not sandbox.in_child():
+        if user_code and sandbox.forks() and not sandbox.in_child():
             warm_up()
-        traced = sandbox.run(lambda: trace_breakdown(
-            resolved.module, spec, make_inputs, loss_fn=loss_fn, training_loop=training_loop, step_fn=step_fn,
-            timeout=trace_timeout, accumulate=accumulate, set_to_none=set_to_none, **sharding),
-            timeout=trace_timeout)
+        traced = sandbox.run(trace, timeout=trace_timeout) if user_code else trace()
         return _Found("trace", traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline)
     except ConfigError:
         raise  # a bad argument is no reason to try another method

@@ -236,6 +236,7 @@ def load_model(model: Any, *, device: str | torch.device = "meta") -> ResolvedMo
             a factory that does not import, raises, exits, needs arguments or returns no module.
     """
     if isinstance(model, nn.Module):
+        model = _uncompiled(model)
         config = getattr(model, "config", None)
         return ResolvedModel(model, type(model).__name__, config)
     if hasattr(model, "model_type") and hasattr(model, "to_dict"):
@@ -316,6 +317,16 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
         return f"it called sys.exit({exc.code!r})"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``OptimizedModule._orig_mod``, torch/_dynamo/eval_frame.py).
+
+    The trace runs eagerly in any case (dynamo is off in its process); tracing the original module
+    keeps the parameters' names the user's own.
+    """
+    inner = getattr(module, "_orig_mod", None)
+    return inner if type(module).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else module
 
 
 def add_lora(resolved: ResolvedModel, rank: int) -> ResolvedModel:

@@ -145,7 +145,7 @@ def _child(fn: Callable[[], Any], fd: int) -> None:
             err = payload[1] if payload[0] == "error" else exc
             data = pickle.dumps(("error", MemguardError(f"{type(err).__name__}: {err}")))
         with open(fd, "wb", closefd=True) as pipe:
-            pipe.write(data)
+            pipe.write(len(data).to_bytes(8, "little") + data)
     finally:
         os._exit(0)
 
@@ -191,10 +191,15 @@ def _stub_collectives() -> None:
 
 
 def _receive(fd: int, pid: int, timeout: float | None, what: str) -> bytes:
-    """Everything the child writes to ``fd``; kills it past ``timeout``."""
+    """The message the child writes to ``fd`` (its length in 8 bytes, then the pickle); kills it past ``timeout``.
+
+    The length, not the end of the pipe, says when the message is whole: a process the child
+    started may hold the pipe open after the child is done.
+    """
     deadline = None if timeout is None else time.monotonic() + timeout
     chunks: list[bytes] = []
-    while True:
+    received, size = 0, None
+    while size is None or received < size + 8:
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             _kill(pid)
@@ -206,15 +211,20 @@ def _receive(fd: int, pid: int, timeout: float | None, what: str) -> bytes:
             continue
         chunk = os.read(fd, 1 << 20)
         if not chunk:
-            break
+            raise TraceError(f"{what} ended without a result: its process {_died(pid)}")
         chunks.append(chunk)
-    if not chunks:
+        received += len(chunk)
+        if size is None and received >= 8:
+            size = int.from_bytes(b"".join(chunks)[:8], "little")
+    return b"".join(chunks)[8:]
+
+
+def _died(pid: int) -> str:
+    """How the child ended, in words."""
+    try:
         _, status = os.waitpid(pid, 0)
-        raise TraceError(f"{what} ended without a result: its process {_died(status)}")
-    return b"".join(chunks)
-
-
-def _died(status: int) -> str:
+    except ChildProcessError:  # collected by a SIGCHLD handler of the program
+        return "ended"
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         hint = " (killed: out of memory?)" if sig == signal.SIGKILL else ""
