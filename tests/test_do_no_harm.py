@@ -596,7 +596,12 @@ def expect_error(outcome: dict[str, Any], what: str) -> tuple[list[str], str]:
     return classes, message
 
 
-def test_trace_timeout_stops_a_trace_that_never_ends() -> None:
+@pytest.mark.parametrize("in_process", [False, True], ids=["forked", "in-process"])
+def test_trace_timeout_stops_a_trace_that_never_ends(in_process: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if in_process:  # where fork is missing, the trace's own clock, checked between tensor ops, stops it
+        monkeypatch.setenv("MEMGUARD_IN_PROCESS", "1")
+    importlib.import_module("memguard.estimation.trace").warm_up()  # once per process, not part of the trace
+
     def trace() -> str:
         est = memguard.estimate(Halving(), example_input=torch.randn(4, 4), loss_fn=lambda out, b: out.sum(),
                                 device="cpu", method="trace", trace_timeout=2)
