@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from memguard.estimation.result import MemoryEstimate
 
+DISTRIBUTION = "memguard-train"
+"""memguard's name on the package index (``pip install memguard-train``); the import name and the
+command are ``memguard``. The names ``memguard`` and ``ml-memguard`` there belong to other projects."""
+
 __all__ = [
     "ConfigError",
     "DeviceError",
@@ -78,5 +82,5 @@ def require(module: str, extra: str, feature: str) -> Any:
     except ImportError as exc:
         raise MissingDependencyError(
             f"{feature} needs the {module!r} package, which is not installed; "
-            f"install it with: pip install 'memguard[{extra}]'"
+            f"install it with: pip install '{DISTRIBUTION}[{extra}]'"
         ) from exc

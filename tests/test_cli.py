@@ -401,7 +401,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(capsys, monkeypatch, tmp
     code, out, err = run(capsys, "plot", TINY, "--gpu", "T4", "-o", str(tmp_path / "p.png"))
     assert (code, out) == (EXIT_USAGE, "")
     assert err == ("memguard: error: memguard plot needs the 'matplotlib' package, which is not installed; "
-                   "install it with: pip install 'memguard[plot]'\n")
+                   "install it with: pip install 'memguard-train[plot]'\n")
 
 
 def test_help_and_version_exit_0(capsys):

@@ -102,7 +102,7 @@ def test_render_one_panel_svg_without_a_gpu(tmp_path):
 def test_render_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     by_batch = plot.sweep(fake_estimate, "batch_size", [1, 2])
-    with pytest.raises(MissingDependencyError, match=r"pip install 'memguard\[plot\]'"):
+    with pytest.raises(MissingDependencyError, match=r"pip install 'memguard-train\[plot\]'"):
         plot.render(by_batch, None, tmp_path / "mem.png")
     with pytest.raises(MissingDependencyError):
         plot.check_output(tmp_path / "mem.png")

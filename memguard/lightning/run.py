@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from memguard.errors import DISTRIBUTION, MissingDependencyError
 from memguard.estimation._isolation import preserved_rng
 from memguard.estimation.parallel import Strategy
 
@@ -50,7 +51,10 @@ def callback_bases() -> tuple[type, ...]:
         except ImportError:
             log.debug("%s is not installed", name)
     if not bases:
-        raise ImportError("MemGuard needs Lightning: pip install pytorch-lightning (or lightning)")
+        raise MissingDependencyError(
+            "MemGuard (the Lightning callback) needs Lightning, which is not installed; install it "
+            f"with: pip install '{DISTRIBUTION}[lightning]' (or pytorch-lightning, if your code imports "
+            "pytorch_lightning)")
     return tuple(bases)
 
 
