@@ -73,6 +73,16 @@ def _rebuild_insufficient(message: str, estimate: Any, free_bytes: Any) -> Insuf
     return InsufficientMemoryError(message, estimate=estimate, free_bytes=free_bytes)
 
 
+def did_you_mean(choices: list[str]) -> str:
+    """``" Did you mean 'a' or 'b'?"`` for the names closest to a bad one, or ``""`` when none is close;
+    the one wording of every "unknown name" message (presets, GPUs)."""
+    if not choices:
+        return ""
+    quoted = [repr(c) for c in choices]
+    listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    return f" Did you mean {listed}?"
+
+
 def require(module: str, extra: str, feature: str) -> Any:
     """Import an optional dependency, or raise :class:`MissingDependencyError` with a hint."""
     import importlib

@@ -41,7 +41,7 @@ def cmd_estimate(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_check(args: argparse.Namespace, out: Output) -> int:
-    gpu = resolve_gpu(args.gpu)
+    gpu = resolve_gpu(args.gpu, args.precision)
     est = estimate_once(args, out)
     fit = Fit(est, gpu.free_bytes, args.margin, gpu.name)
     rows = [] if fit.fits else remedies(est, gpu, args.margin, out)
@@ -83,7 +83,7 @@ def search(args: argparse.Namespace, gpu: memguard.DeviceMemory, estimate_at: Es
 
 
 def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
-    gpu = resolve_gpu(args.gpu)
+    gpu = resolve_gpu(args.gpu, args.precision)
     found = search(args, gpu, estimator(args), out, args.method or "auto")
     fit = Fit(found.estimate, gpu.free_bytes, args.margin, gpu.name)
     if out.json_mode:
@@ -118,7 +118,7 @@ def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
 def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     from memguard.planning import plan
 
-    gpu = resolve_gpu(args.gpu)
+    gpu = resolve_gpu(args.gpu, args.precision)
     base = {"precision": args.precision, "optimizer": args.optimizer,
             "gradient_checkpointing": bool(args.gradient_checkpointing), "strategy": args.strategy,
             "world_size": args.world_size, "offload_optimizer": args.offload_optimizer,

@@ -25,8 +25,8 @@ __all__ = ["cmd_plot"]
 
 def cmd_plot(args: argparse.Namespace, out: Output) -> int:
     if args.timeline:
-        return _plot_timeline(args, out, _timeline_gpu(args.gpu), _plot.check_output(args.output))
-    gpu = resolve_gpu(args.gpu)
+        return _plot_timeline(args, out, _timeline_gpu(args.gpu, args.precision), _plot.check_output(args.output))
+    gpu = resolve_gpu(args.gpu, args.precision)
     path = _plot.check_output(args.output)
     method, estimate_at = _plot_estimator(args, out)
     found = search(args, gpu, estimate_at, out, method)
@@ -74,14 +74,14 @@ def _plot_estimator(args: argparse.Namespace, out: Output) -> tuple[str, Estimat
     return "formula", formula
 
 
-def _timeline_gpu(text: str) -> memguard.DeviceMemory | None:
+def _timeline_gpu(text: str, precision: str | None) -> memguard.DeviceMemory | None:
     """The GPU whose usable memory the timeline marks, or ``None``: a timeline needs no GPU, so
     ``--gpu auto`` (the default) on a machine without a readable one draws the step without the line.
     A GPU named on purpose (a catalog name, a size, an index) must still be read."""
     if text.strip().lower() != "auto":
-        return resolve_gpu(text)
+        return resolve_gpu(text, precision)
     try:
-        return resolve_gpu(text)
+        return resolve_gpu(text, precision)
     except DeviceError:
         return None
 
