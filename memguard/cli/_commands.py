@@ -52,7 +52,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK if fit.fits else EXIT_DOES_NOT_FIT
     out.text(est.table())
     out.text()
-    out.text(describe_gpu(gpu))
+    out.text(describe_gpu(gpu, args.gpu))
     out.text(fit.describe())
     if fit.fits:
         return EXIT_OK
@@ -99,7 +99,7 @@ def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK if found.batch_size else EXIT_DOES_NOT_FIT
     out.text(found.estimate.table())
     out.text()
-    out.text(describe_gpu(gpu))
+    out.text(describe_gpu(gpu, args.gpu))
     if not found.batch_size:
         out.text(f"NOTHING FITS: batch size 1 {fit.needs()}")
         show_remedies(remedies(found.estimate, gpu, args.margin, out), args.model, args.gpu, out)

@@ -13,7 +13,7 @@ from memguard.cli._output import Output
 from memguard.device.catalog import bf16_problem
 from memguard.errors import ConfigError, DeviceError, MemguardError
 from memguard.estimation.result import MemoryEstimate
-from memguard.units import format_bytes
+from memguard.units import decimal_reading, format_bytes
 
 __all__ = ["EstimateAt", "describe_gpu", "describe_inputs", "estimate_once", "estimator", "first_sentence",
            "remedies", "resolve_gpu", "show_remedies", "verb"]
@@ -53,7 +53,14 @@ def first_sentence(exc: Exception) -> str:
     return text.split(". ")[0].rstrip(".")
 
 
-def describe_gpu(gpu: memguard.DeviceMemory) -> str:
+def describe_gpu(gpu: memguard.DeviceMemory, spec: str | None = None) -> str:
+    """The ``GPU:`` line; for a size in decimal units (``--gpu 24GB``) a second line says how it is read."""
+    line = _describe_gpu(gpu)
+    note = decimal_reading(spec) if spec is not None and gpu.source == "budget" else None
+    return f"{line}\n  {note}" if note else line
+
+
+def _describe_gpu(gpu: memguard.DeviceMemory) -> str:
     """One line: which GPU, how much is free, and where the number comes from."""
     size = format_bytes(gpu.total_bytes)
     if gpu.source == "catalog":
