@@ -359,7 +359,7 @@ BAD = {
     "batch size": (["estimate", "gpt2", "--batch-size", "0"], "argument --batch-size: expected a positive integer"),
     "batch word": (["estimate", "gpt2", "--batch-size", "eight"], "expected a positive integer, got 'eight'"),
     "seq len": (["estimate", "gpt2", "--seq-len", "-3"], "argument --seq-len"),
-    "seq too long": (["estimate", "gpt2", "--seq-len", "5000"], "seq_len=5000 is longer"),
+    "seq too long": (["estimate", "gpt2", "--seq-len", "5000"], "--seq-len 5000 is longer"),
     "precision": (["estimate", "gpt2", "--precision", "fp7"], "unknown precision 'fp7'"),
     "optimizer": (["estimate", "gpt2", "--optimizer", "lion"], "unknown optimizer 'lion'"),
     "method": (["estimate", "gpt2", "--method", "magic"], "invalid choice: 'magic'"),
