@@ -366,7 +366,7 @@ BAD = {
     "device": (["estimate", "gpt2", "--device", "tpu"], "unknown device 'tpu'"),
     "strategy": (["estimate", "gpt2", "--strategy", "horovod"], "unknown strategy 'horovod'"),
     "offload": (["check", "gpt2", "--strategy", "ddp", "--offload-optimizer", "--gpu", "T4"],
-                "offload_optimizer needs a sharded strategy"),
+                "--offload-optimizer needs a sharded strategy"),
     "world size": (["check", "gpt2", "--world-size", "2", "--gpu", "T4"], "strategy 'single' runs on one device"),
     "lora": (["estimate", "gpt2", "--lora-rank", "0"], "argument --lora-rank"),
     "gpu name": (["check", "gpt2", "--gpu", "H900"], "unknown GPU 'H900'"),
