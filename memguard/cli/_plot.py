@@ -78,11 +78,11 @@ def _timeline_gpu(text: str, precision: str | None) -> memguard.DeviceMemory | N
     """The GPU whose usable memory the timeline marks, or ``None``: a timeline needs no GPU, so
     ``--gpu auto`` (the default) on a machine without a readable one draws the step without the line.
     A GPU named on purpose (a catalog name, a size, an index) must still be read."""
-    if text.strip().lower() != "auto":
-        return resolve_gpu(text, precision)
     try:
         return resolve_gpu(text, precision)
     except DeviceError:
+        if text.strip().lower() != "auto":
+            raise
         return None
 
 
