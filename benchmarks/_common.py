@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -12,6 +13,34 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+"""The tracked results the README and the notes cite; a run writes here only with ``--update-results``."""
+
+SCRATCH = Path(__file__).resolve().parents[1] / "out" / "benchmarks"
+"""Where a run writes by default: ``out/`` is ignored by git, so running a benchmark never rewrites
+the tracked results."""
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--out PATH`` (also ``--output``) and ``--update-results`` for a script that writes ``name``."""
+    parser.add_argument("--out", "--output", dest="out", type=Path, default=None,
+                        help=f"result file (default: out/benchmarks/{name}, which git ignores)")
+    parser.add_argument("--update-results", action="store_true",
+                        help=f"write benchmarks/results/{name}, the tracked file the README cites")
+
+
+def result_path(args: argparse.Namespace, name: str) -> Path:
+    """Where this run writes ``name``: ``--out``, else the tracked results with ``--update-results``,
+    else :data:`SCRATCH`."""
+    if args.out is not None:
+        return Path(args.out)
+    return (RESULTS if args.update_results else SCRATCH) / name
+
+
+def readable_result(name: str) -> Path:
+    """The newest copy of ``name`` to read (a cache of measured truths): this machine's own run in
+    :data:`SCRATCH` when there is one, else the tracked one."""
+    scratch = SCRATCH / name
+    return scratch if scratch.exists() else RESULTS / name
 
 
 def cpu_model() -> str:

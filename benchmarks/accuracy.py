@@ -1,7 +1,8 @@
 """Accuracy: memguard's estimates against the measured peak of real training steps.
 
 For every case of ``benchmarks/cases.py``: the truth (``truth.py``, one fresh process per case,
-cached in ``benchmarks/results/truth_<device>.json``; ``--refresh`` measures again), and
+cached in ``out/benchmarks/truth_<device>.json``, read from ``benchmarks/results/`` until this machine
+has its own; ``--refresh`` measures again), and
 ``memguard.estimate(..., method=m)`` for the trace, the formula and the seed formula, each timed.
 The estimators get the same prepared module the truth trained (built on the meta device), so
 dtype conversion, frozen layers and checkpointing are the same on both sides.
@@ -29,11 +30,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (
-    RESULTS,
+    add_output_arguments,
     machine_info,
     median,
     mib,
     render_table,
+    result_path,
     write_json,
 )
 from benchmarks.cases import Case, estimate_kwargs, prepared_module, select_cases
@@ -80,9 +82,10 @@ def error_of(estimate: dict[str, Any], truth: int | None, key: str = "peak_bytes
 
 
 def evaluate(cases: Sequence[Case], device: str, methods: Sequence[str],
-             refresh: bool) -> list[dict[str, Any]]:
-    """Truth and estimates of every case, as JSON-ready rows."""
-    truths = cached_truth(cases, device, refresh=refresh, log=_log)
+             refresh: bool, update_results: bool = False) -> list[dict[str, Any]]:
+    """Truth and estimates of every case, as JSON-ready rows; truths measured anew go to the scratch
+    cache, or to the tracked one with ``update_results``."""
+    truths = cached_truth(cases, device, refresh=refresh, log=_log, update_results=update_results)
     rows = []
     for case in cases:
         _log(f"estimating {case.name} ...")
@@ -253,8 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--refresh", action="store_true", help="measure every truth again")
-    parser.add_argument("--output", type=Path,
-                        help="result file (default: results/accuracy_<device>.json)")
+    add_output_arguments(parser, "accuracy_<device>.json")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         import torch
@@ -266,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyError as exc:
         parser.error(str(exc.args[0]))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    rows = evaluate(cases, args.device, methods, args.refresh)
+    rows = evaluate(cases, args.device, methods, args.refresh, args.update_results and args.out is None)
     summary = summarize(rows, methods)
     print(render(rows, methods, args.device))
     print()
@@ -274,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool = library_cache_share(rows) if args.device == "cpu" else {}
     if pool:
         print("\n" + render_library_caches(pool))
-    output = args.output or RESULTS / f"accuracy_{args.device}.json"
+    output = result_path(args, f"accuracy_{args.device}.json")
     write_json(output, {"machine": machine_info(args.device), "device": args.device,
                         "targets": TARGETS, "summary": summary, "library_cache_share": pool,
                         "cases": rows})

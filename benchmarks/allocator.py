@@ -12,7 +12,7 @@ No GPU is involved: these are the model's predictions, not measurements of ``tor
 
 Usage (from the repository root)::
 
-    python benchmarks/allocator.py     # GPT-2 small, batch 8 x 1024, bf16-mixed: results/allocator_gpt2_cpu.json
+    python benchmarks/allocator.py     # GPT-2 small, batch 8 x 1024, bf16-mixed: out/benchmarks/allocator_gpt2_cpu.json
     python benchmarks/allocator.py --model llama-2-7b --batch-size 1 --seq-len 2048 --precision bf16-true
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, machine_info, mib, render_table, write_json
+from benchmarks._common import add_output_arguments, machine_info, mib, render_table, result_path, write_json
 
 SETTINGS = ["", "expandable_segments:True", "max_split_size_mb:128", "roundup_power2_divisions:4",
             "max_split_size_mb:128,expandable_segments:True"]
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--events", type=int, default=100_000, help="events in the timed replay")
+    add_output_arguments(parser, "allocator_<model>_cpu.json")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -104,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     replay(many)
     took = time.perf_counter() - start
     print(f"\nreplay of {len(many)} events: {took:.3f} s ({took / len(many) * 1e6:.2f} us per event)")
-    write_json(RESULTS / f"allocator_{args.model}_cpu.json", {
-        "machine": machine_info(), "case": vars(args), "events": len(events), "configs": results,
+    output = result_path(args, f"allocator_{args.model}_cpu.json")
+    case = {k: v for k, v in vars(args).items() if k not in ("out", "update_results")}
+    write_json(output, {
+        "machine": machine_info(), "case": case, "events": len(events), "configs": results,
         "timing": {"events": len(many), "seconds": took}})
+    print(f"written to {output}")
     return 0
 
 

@@ -11,8 +11,9 @@ prints the peak and the activations of both, at ``bf16-mixed`` with AdamW, for f
 * ViT-base, batch 32 (preset ``vit-base``).
 
 No GPU is involved: these are estimates, not measurements. ``--label`` names the run (e.g.
-``before`` and ``after`` a change); ``--save`` merges it into
-``benchmarks/results/cuda_rules_cpu.json``.
+``before`` and ``after`` a change); ``--save`` merges it into ``out/benchmarks/cuda_rules_cpu.json``
+(git ignores ``out/``), or into the tracked ``benchmarks/results/cuda_rules_cpu.json`` with
+``--update-results``.
 
 Usage (from the repository root)::
 
@@ -32,9 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, machine_info, mib, read_json, render_table, write_json
+from benchmarks._common import add_output_arguments, machine_info, mib, read_json, render_table, result_path, write_json
 
-OUT = RESULTS / "cuda_rules_cpu.json"
+RESULT_NAME = "cuda_rules_cpu.json"
 
 
 def _bert_large_eager() -> Any:
@@ -80,7 +81,9 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--save", action="store_true", help=f"merge the results into {OUT}")
+    parser.add_argument("--save", action="store_true",
+                        help=f"merge the results into {RESULT_NAME} (where --out / --update-results say)")
+    add_output_arguments(parser, RESULT_NAME)
     parser.add_argument("--label", default="current", help="name of this run in the JSON file")
     args = parser.parse_args(argv)
     results = {name: run_case(case) for name, case in CASES.items()}
@@ -93,10 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render_table(["case (bf16-mixed, cuda)", "trace peak MiB", "trace act. MiB",
                         "formula peak MiB", "formula act. MiB", "formula vs trace"], rows))
     if args.save:
-        data = read_json(OUT) or {}
+        output = result_path(args, RESULT_NAME)
+        data = read_json(output) or {}
         data.setdefault("runs", {})[args.label] = {"machine": machine_info(), "cases": results}
-        write_json(OUT, data)
-        print(f"saved as {args.label!r} in {OUT}")
+        write_json(output, data)
+        print(f"saved as {args.label!r} in {output}")
     return 0
 
 

@@ -45,7 +45,8 @@ formula, and the single-device trace for reference. error = (estimate - truth) /
 
 Usage (from the repository root)::
 
-    python benchmarks/distributed.py                 # every case; writes results/distributed_cpu.json
+    python benchmarks/distributed.py                 # every case; writes out/benchmarks/distributed_cpu.json
+    python benchmarks/distributed.py --update-results  # ... benchmarks/results/distributed_cpu.json
     python benchmarks/distributed.py --cases ddp,fsdp2 --no-write
 """
 
@@ -66,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, machine_info, mib, render_table, write_json
+from benchmarks._common import add_output_arguments, machine_info, mib, render_table, result_path, write_json
 from benchmarks._ranks import free_port, launch, report
 from benchmarks.truth import allocator_env, env_ready, rss_bytes
 
@@ -79,7 +80,7 @@ if TYPE_CHECKING:
 
 STEPS = 3
 RANK_TIMEOUT_S = 600
-RESULT_PATH = RESULTS / "distributed_cpu.json"
+RESULT_NAME = "distributed_cpu.json"
 WRAPS = ("none", "ddp", "ddp_bucket_view", "fsdp2", "fsdp1")
 
 GPT2_SMALL: dict[str, Any] = {
@@ -479,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", help="comma-separated case names, or 'all' (default)")
     parser.add_argument("--threads", type=int, help="torch threads per rank (default: the cores shared)")
-    parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULT_PATH.name}")
+    parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULT_NAME}")
+    add_output_arguments(parser, RESULT_NAME)
     parser.add_argument("--launch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.launch:
@@ -489,8 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = [collect(case, measured[case.name]) for case in cases]
     print(render(records))
     if not args.no_write:
-        write_json(RESULT_PATH, {"machine": machine(), "steps": STEPS, "cases": records})
-        print(f"\nwritten to {RESULT_PATH}")
+        output = result_path(args, RESULT_NAME)
+        write_json(output, {"machine": machine(), "steps": STEPS, "cases": records})
+        print(f"\nwritten to {output}")
     return 0 if all("failed" not in r for r in records) else 1
 
 

@@ -19,7 +19,7 @@ times.
 
 Usage (from the repository root)::
 
-    python benchmarks/speed.py            # writes benchmarks/results/speed_cpu.json
+    python benchmarks/speed.py            # writes out/benchmarks/speed_cpu.json (--update-results: benchmarks/results/)
     python benchmarks/speed.py --reps 2000
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, machine_info, mib, render_table, write_json
+from benchmarks._common import add_output_arguments, machine_info, mib, render_table, result_path, write_json
 
 GPT2 = {"model": "gpt2", "batch_size": 8, "seq_len": 1024, "optimizer": "adamw",
         "precision": "32-true"}
@@ -244,13 +244,13 @@ def render(results: dict[str, dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=1000, help="formula calls to time")
-    parser.add_argument("--output", type=Path, default=RESULTS / "speed_cpu.json")
+    add_output_arguments(parser, "speed_cpu.json")
     args = parser.parse_args(argv)
     results = run(args.reps)
     print(render(results))
-    write_json(args.output, {"machine": machine_info("cpu"), "targets": TARGETS,
-                             "results": results})
-    print(f"\nwritten to {args.output}")
+    output = result_path(args, "speed_cpu.json")
+    write_json(output, {"machine": machine_info("cpu"), "targets": TARGETS, "results": results})
+    print(f"\nwritten to {output}")
     return 0
 
 

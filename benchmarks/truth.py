@@ -33,7 +33,8 @@ Usage (from the repository root)::
     python benchmarks/truth.py --case gpt2               # measure in this process, print JSON
     python benchmarks/truth.py --spec '{"model": "gpt2", "batch_size": 1, "seq_len": 64}'
     python benchmarks/truth.py --cases all               # one fresh process per case, table,
-                                                         # updates benchmarks/results/truth_cpu.json
+                                                         # writes out/benchmarks/truth_cpu.json
+    python benchmarks/truth.py --cases all --update-results   # ... benchmarks/results/truth_cpu.json
     python benchmarks/truth.py --cases gpt2 --repeat 3   # repeatability: spread of 3 runs
 """
 
@@ -55,10 +56,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (
     RESULTS,
+    SCRATCH,
     machine_info,
     median,
     mib,
     read_json,
+    readable_result,
     render_table,
     write_json,
 )
@@ -94,9 +97,15 @@ def env_ready(library_caches: bool = False) -> bool:
     return all(os.environ.get(k) == wanted.get(k) for k in (*MALLOC_ENV, *CACHES_OFF_ENV))
 
 
-def cache_path(device: str, library_caches: bool = False) -> Path:
-    """Where measured truths are kept: ``benchmarks/results/truth_<device>.json``."""
-    return RESULTS / f"truth_{device}{'_library-caches' if library_caches else ''}.json"
+def cache_name(device: str, library_caches: bool = False) -> str:
+    """The file measured truths are kept in: ``truth_<device>.json``."""
+    return f"truth_{device}{'_library-caches' if library_caches else ''}.json"
+
+
+def cache_path(device: str, library_caches: bool = False, *, update_results: bool = False) -> Path:
+    """Where new truths are written: ``out/benchmarks/`` (ignored by git), or the tracked
+    ``benchmarks/results/`` with ``update_results``."""
+    return (RESULTS if update_results else SCRATCH) / cache_name(device, library_caches)
 
 
 # --------------------------------------------------------------------------- in this process
@@ -315,25 +324,26 @@ def measure_repeated(case: Case, device: str, repeat: int,
 
 def load_cache(device: str, library_caches: bool = False) -> dict[str, Any]:
     """The cached truths of ``device``: ``{"machine": ..., "cases": {name: record}}``."""
-    data = read_json(cache_path(device, library_caches))
+    data = read_json(readable_result(cache_name(device, library_caches)))
     if not isinstance(data, dict) or not isinstance(data.get("cases"), dict):
         return {"machine": None, "cases": {}}
     return data
 
 
-def save_cache(device: str, data: dict[str, Any], library_caches: bool = False) -> None:
+def save_cache(device: str, data: dict[str, Any], library_caches: bool = False, *,
+               update_results: bool = False) -> None:
     data["machine"] = machine_info(device)
     data["environment"] = {k: v for k, v in allocator_env(library_caches).items()
                            if k in (*MALLOC_ENV, *CACHES_OFF_ENV)}
-    write_json(cache_path(device, library_caches), data)
+    write_json(cache_path(device, library_caches, update_results=update_results), data)
 
 
 def cached_truth(cases: Sequence[Case], device: str = "cpu", *, refresh: bool = False,
-                 log: Any = None) -> dict[str, dict[str, Any] | Exception]:
+                 log: Any = None, update_results: bool = False) -> dict[str, dict[str, Any] | Exception]:
     """The truth of each case: from the cache when its spec is unchanged, else measured.
 
-    New measurements are written to the cache one by one. A case that cannot be measured maps to
-    its exception.
+    New measurements are written to the cache one by one (:func:`cache_path`: the scratch copy
+    unless ``update_results``). A case that cannot be measured maps to its exception.
     """
     cache = load_cache(device)
     out: dict[str, dict[str, Any] | Exception] = {}
@@ -348,7 +358,7 @@ def cached_truth(cases: Sequence[Case], device: str = "cpu", *, refresh: bool = 
                 out[case.name] = exc
                 continue
             cache["cases"][case.name] = record
-            save_cache(device, cache)
+            save_cache(device, cache, update_results=update_results)
         out[case.name] = record
     return out
 
@@ -395,10 +405,10 @@ def _measure_many(args: argparse.Namespace) -> int:
         records.append(record)
         if not args.no_write:
             cache["cases"][case.name] = record
-            save_cache(args.device, cache, args.library_caches)
+            save_cache(args.device, cache, args.library_caches, update_results=args.update_results)
     print(_table(records))
     if not args.no_write:
-        print(f"\nwritten to {cache_path(args.device, args.library_caches)}")
+        print(f"\nwritten to {cache_path(args.device, args.library_caches, update_results=args.update_results)}")
     return 0 if records else 1
 
 
@@ -412,6 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, help="torch threads (with --case or --spec; default: torch's)")
     parser.add_argument("--no-write", action="store_true", help="do not update the result file")
+    parser.add_argument("--update-results", action="store_true",
+                        help="write benchmarks/results/truth_<device>.json, the tracked file, instead of "
+                             "out/benchmarks/ (which git ignores)")
     parser.add_argument("--library-caches", action="store_true",
                         help="leave MKL's and oneDNN's caches on (CPU; results go to "
                              "truth_cpu_library-caches.json)")

@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from memguard.estimation.result import MemoryEstimate
 
+DISTRIBUTION = "memguard-train"
+"""memguard's name on the package index (``pip install memguard-train``); the import name and the
+command are ``memguard``. The names ``memguard`` and ``ml-memguard`` there belong to other projects."""
+
 __all__ = [
     "ConfigError",
     "DeviceError",
@@ -69,6 +73,16 @@ def _rebuild_insufficient(message: str, estimate: Any, free_bytes: Any) -> Insuf
     return InsufficientMemoryError(message, estimate=estimate, free_bytes=free_bytes)
 
 
+def did_you_mean(choices: list[str]) -> str:
+    """``" Did you mean 'a' or 'b'?"`` for the names closest to a bad one, or ``""`` when none is close;
+    the one wording of every "unknown name" message (presets, GPUs)."""
+    if not choices:
+        return ""
+    quoted = [repr(c) for c in choices]
+    listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    return f" Did you mean {listed}?"
+
+
 def require(module: str, extra: str, feature: str) -> Any:
     """Import an optional dependency, or raise :class:`MissingDependencyError` with a hint."""
     import importlib
@@ -78,5 +92,5 @@ def require(module: str, extra: str, feature: str) -> Any:
     except ImportError as exc:
         raise MissingDependencyError(
             f"{feature} needs the {module!r} package, which is not installed; "
-            f"install it with: pip install 'memguard[{extra}]'"
+            f"install it with: pip install '{DISTRIBUTION}[{extra}]'"
         ) from exc

@@ -4,7 +4,7 @@ The data functions are pure: :func:`sweep` runs an estimator over a range of one
 returns a :class:`Sweep`; :func:`batch_sizes_for` and :func:`seq_lens_for` choose the points.
 :func:`render` draws one or two sweeps as areas stacked by :class:`~memguard.Category`, with the
 GPU's capacity, the margin and the largest fitting batch marked. matplotlib is an optional extra
-(``pip install 'memguard[plot]'``), imported only by :func:`render` and :func:`check_output`.
+(``pip install 'memguard-train[plot]'``), imported only by :func:`render` and :func:`check_output`.
 
 >>> import memguard
 >>> from memguard import plot

@@ -12,7 +12,7 @@ import re
 
 from memguard.errors import ConfigError
 
-__all__ = ["MAX_BYTES", "format_bytes", "parse_bytes"]
+__all__ = ["MAX_BYTES", "decimal_reading", "format_bytes", "parse_bytes"]
 
 MAX_BYTES = 2**63 - 1
 """The largest size memguard reads: NVML, torch and the kernel count memory in signed or unsigned
@@ -75,6 +75,26 @@ def parse_bytes(value: int | float | str, *, total: int | None = None) -> int:
     prefix = prefix.lower()
     scale = _BINARY[prefix] if binary else _DECIMAL[prefix]
     return _bounded(float(number) * scale, value)
+
+
+def decimal_reading(value: str) -> str | None:
+    """How a size with a decimal unit is read, for a user who may have meant the binary one, or ``None``.
+
+    ``"24GB"`` is 24 x 10^9 bytes (IEC 80000-13), 22.35 GiB, while a GPU sold as "24 GB" has about
+    24 GiB (``nvidia-smi`` counts MiB): ``decimal_reading("24GB")`` says so and how to write the other.
+    ``None`` for binary units, plain bytes and percentages.
+    """
+    match = _PATTERN.match(value) if isinstance(value, str) else None
+    if not match:
+        return None
+    number, prefix, binary, _ = match.groups()
+    if binary or not prefix:
+        return None
+    n = parse_bytes(value)
+    p = prefix.upper()
+    power = " KMGTP".index(p)
+    return (f"{value.strip()} is read as {n:,} bytes (SI: 1 {p}B = 10^{3 * power} bytes), {format_bytes(n)}; "
+            f"write {number}{p}iB for {number} x 2^{10 * power} bytes (binary, as nvidia-smi counts)")
 
 
 def _bounded(n: int | float, value: object) -> int:

@@ -128,3 +128,26 @@ def test_benchmarks_use_memguards_public_names() -> None:
     assert "pynvml" not in text and "VmHWM\")" not in text and 'open("/proc/self/clear_refs"' not in text
     assert _private_memguard_names("import memguard.estimation.trace as t\nt._Ledger\n") == ["_Ledger"]
     assert _private_memguard_names("from memguard.device._nvml import devices\n") == ["_nvml"]
+
+
+def test_running_a_benchmark_leaves_the_tracked_results_alone(tmp_path) -> None:
+    """Results go to out/benchmarks/ (ignored by git) unless --out or --update-results say otherwise."""
+    import argparse
+    import subprocess
+
+    from benchmarks._common import RESULTS, SCRATCH, add_output_arguments, result_path
+
+    parser = argparse.ArgumentParser()
+    add_output_arguments(parser, "speed_cpu.json")
+    root = Path(__file__).resolve().parents[1]
+    assert result_path(parser.parse_args([]), "speed_cpu.json") == SCRATCH / "speed_cpu.json" \
+        == root / "out" / "benchmarks" / "speed_cpu.json"
+    assert result_path(parser.parse_args(["--update-results"]), "speed_cpu.json") == RESULTS / "speed_cpu.json"
+    assert result_path(parser.parse_args(["--out", str(tmp_path / "s.json")]), "x") == tmp_path / "s.json"
+    assert result_path(parser.parse_args(["--output", str(tmp_path / "s.json")]), "x") == tmp_path / "s.json"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(SCRATCH / "speed_cpu.json")], cwd=root)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 0  # git ignores it
+    assert truth.cache_path("cpu") == SCRATCH / "truth_cpu.json"
+    assert truth.cache_path("cpu", update_results=True) == RESULTS / "truth_cpu.json"

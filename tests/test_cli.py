@@ -359,14 +359,14 @@ BAD = {
     "batch size": (["estimate", "gpt2", "--batch-size", "0"], "argument --batch-size: expected a positive integer"),
     "batch word": (["estimate", "gpt2", "--batch-size", "eight"], "expected a positive integer, got 'eight'"),
     "seq len": (["estimate", "gpt2", "--seq-len", "-3"], "argument --seq-len"),
-    "seq too long": (["estimate", "gpt2", "--seq-len", "5000"], "seq_len=5000 is longer"),
+    "seq too long": (["estimate", "gpt2", "--seq-len", "5000"], "--seq-len 5000 is longer"),
     "precision": (["estimate", "gpt2", "--precision", "fp7"], "unknown precision 'fp7'"),
     "optimizer": (["estimate", "gpt2", "--optimizer", "lion"], "unknown optimizer 'lion'"),
     "method": (["estimate", "gpt2", "--method", "magic"], "invalid choice: 'magic'"),
     "device": (["estimate", "gpt2", "--device", "tpu"], "unknown device 'tpu'"),
     "strategy": (["estimate", "gpt2", "--strategy", "horovod"], "unknown strategy 'horovod'"),
     "offload": (["check", "gpt2", "--strategy", "ddp", "--offload-optimizer", "--gpu", "T4"],
-                "offload_optimizer needs a sharded strategy"),
+                "--offload-optimizer needs a sharded strategy"),
     "world size": (["check", "gpt2", "--world-size", "2", "--gpu", "T4"], "strategy 'single' runs on one device"),
     "lora": (["estimate", "gpt2", "--lora-rank", "0"], "argument --lora-rank"),
     "gpu name": (["check", "gpt2", "--gpu", "H900"], "unknown GPU 'H900'"),
@@ -401,7 +401,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(capsys, monkeypatch, tmp
     code, out, err = run(capsys, "plot", TINY, "--gpu", "T4", "-o", str(tmp_path / "p.png"))
     assert (code, out) == (EXIT_USAGE, "")
     assert err == ("memguard: error: memguard plot needs the 'matplotlib' package, which is not installed; "
-                   "install it with: pip install 'memguard[plot]'\n")
+                   "install it with: pip install 'memguard-train[plot]'\n")
 
 
 def test_help_and_version_exit_0(capsys):
@@ -422,6 +422,86 @@ def test_python_m_memguard_is_the_same_command():
     # stderr is a pipe: no progress line, only the error on one line; no traceback, no library chatter.
     assert len(done.stderr.splitlines()) == 1
     assert done.stderr.startswith("memguard: error: unknown model 'nope': not a preset")
+
+
+def a_linear_layer() -> torch.nn.Module:
+    """A module memguard cannot build inputs for: it needs example_input=, which only Python takes."""
+    return torch.nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["check", "gpt2", "--precision", "bf16-mixed", "--gpu", "T4", "--seq-len", "64"],
+     "--precision bf16-mixed on --gpu T4: T4 has no bfloat16 support (compute capability 7.5; bf16 needs 8.0, "
+     "Ampere or newer): torch only emulates it there, slowly, and without the fused attention kernels this "
+     "estimate assumes. Use --precision 16-mixed (fp16 with a gradient scaler) or 32-true on a T4"),
+    (["max-batch", "gpt2", "--precision", "bf16-true", "--gpu", "Tesla V100-SXM2-16GB", "--seq-len", "64"],
+     "--precision bf16-true on --gpu Tesla V100-SXM2-16GB: V100-16GB has no bfloat16 support (compute "
+     "capability 7.0;"),
+    (["check", "gpt-2", "--gpu", "T4"], "unknown model 'gpt-2': not a preset, not an existing config.json or model "
+                                        "directory, nor a 'package.module:factory'. Did you mean 'gpt2'? Presets:"),
+    (["check", "mistral", "--gpu", "T4"], "nor a 'package.module:factory'. Did you mean 'mistral-7b'? Presets:"),
+    (["check", "llama-7b", "--gpu", "T4"],
+     "Did you mean 'llama-2-7b', 'llama-3-8b' or 'llama-2-13b'? Presets:"),
+    (["check", "gpt2", "--gpu", "a100-40"], "unknown GPU 'a100-40'. Did you mean 'A100-40GB'? Expected auto,"),
+    (["check", "gpt2", "--gpu", "rtx6000"], "unknown GPU 'rtx6000'. Did you mean 'RTX-A6000'? Expected auto,"),
+    (["check", "gpt2", "--gpu", "4090"], "such as '4090MiB' (for the catalog GPU write 'RTX-4090'); "),
+    (["estimate", "t5-small", "--method", "formula"],
+     "memguard: error: --seq-len is needed for t5-small (it has no fixed maximum length)"),
+    (["estimate", "t5-small", "--lora-rank", "4"],
+     "memguard: error: --seq-len is needed for t5-small with LoRA rank 4 (it has no fixed maximum length)"),
+    (["estimate", "test_cli:a_linear_layer"],
+     "memguard: error: memguard cannot build inputs for Linear: this needs example_input=, which only Python "
+     "takes: memguard.estimate(model, example_input=...) (one batch as forward takes it"),
+])
+def test_errors_speak_the_commands_words(capsys, no_gpu, argv, expected):
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (EXIT_USAGE, "")
+    assert err.count("\n") == 1 and err.startswith("memguard: error: ")
+    assert expected in err
+    assert "seq_len" not in err and "+lora" not in err
+
+
+def test_a_size_in_decimal_units_says_how_it_is_read(capsys):
+    code, out, _ = run(capsys, "check", TINY, "--seq-len", "32", "--method", "formula", "--gpu", "24GB")
+    assert code == EXIT_OK
+    lines = out.splitlines()
+    at = lines.index("GPU: budget of 22.35 GiB (free = total)")
+    assert lines[at + 1] == ("  24GB is read as 24,000,000,000 bytes (SI: 1 GB = 10^9 bytes), 22.35 GiB; write 24GiB "
+                             "for 24 x 2^30 bytes (binary, as nvidia-smi counts)")
+    code, out, _ = run(capsys, "check", TINY, "--seq-len", "32", "--method", "formula", "--gpu", "24GiB")
+    assert code == EXIT_OK and "GPU: budget of 24.00 GiB (free = total)\nFITS" in out and "SI" not in out
+
+
+FACTORY_HERE = """
+import warnings
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def build():
+    warnings.warn("this model uses a layer that will change", UserWarning, stacklevel=2)
+    warnings.warn("an old argument", FutureWarning, stacklevel=2)
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    with torch.device("meta"):
+        return GPT2LMHeadModel(config)
+"""
+
+
+def test_console_script_finds_a_factory_in_the_current_folder(tmp_path):
+    """`memguard check my_model:build` where my_model.py is, from the installed console script, whose
+    sys.path[0] is its bin folder; the factory's warnings are shown as its own, not memguard's."""
+    script = Path(sys.executable).with_name("memguard")
+    if not script.exists():
+        pytest.skip(f"no console script next to {sys.executable} (memguard is not installed in this environment)")
+    (tmp_path / "my_model.py").write_text(FACTORY_HERE)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}  # this checkout's memguard, not the current folder
+    done = subprocess.run([str(script), "check", "my_model:build", "--seq-len", "16", "--method", "formula",
+                           "--gpu", "T4"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("FITS: needs ")
+    assert done.stderr == "memguard: warning from my_model: this model uses a layer that will change\n"
 
 
 def test_estimate_shows_the_largest_tensors_alive_at_the_peak(capsys):

@@ -716,7 +716,7 @@ def test_catalog_device():
 
 @pytest.mark.parametrize(("device", "message"), [
     ("A100", "ambiguous.*A100-40GB.*A100-80GB"),
-    ("B200", "cannot read 'B200' as a device.*catalog knows: T4"),
+    ("B300", r"cannot read 'B300' as a device.* Did you mean 'B200' or 'RTX-3090'\? GPU names the catalog knows: T4"),
     ("12 parsecs", "cannot read '12 parsecs'"),
     ("1024", "'1024B'"),
     ("cuda:x", "'cuda' or 'cuda:N'"),

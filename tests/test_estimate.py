@@ -221,3 +221,22 @@ def test_inputs_keep_the_strategys_plain_name(tiny_gpt2: GPT2LMHeadModel, strate
 def test_an_image_model_takes_no_sequence_length() -> None:
     est = memguard.estimate("vit-base", 2, method="formula", device="cpu")
     assert est.inputs["seq_len"] is None  # TaskKind.IMAGE_CLS takes pixels
+
+
+def test_repr_is_one_short_line_and_str_the_whole_table() -> None:
+    """A notebook shows ``repr(est)``: with the timeline and every group inside, it was 111 KB."""
+    mib = 2**20
+    est = memguard.MemoryEstimate(
+        "trace", {Category.PARAMETERS: 300 * mib, Category.ACTIVATIONS: 700 * mib, Category.OVERHEAD: 24 * mib},
+        inputs={"model": "gpt2", "batch_size": 8, "seq_len": 1024, "precision": "bf16-mixed", "optimizer": "adamw",
+                "device": "cuda"},
+        notes=("a note",), context_bytes=8 * mib,
+        at_peak=tuple(memguard.estimation.result.PeakTensors(f"transformer.h.{i}", Category.ACTIVATIONS, mib, 2,
+                                                              (8, 1024, 768), "torch.float32") for i in range(300)),
+        timeline=tuple((i, "forward", i * 1000) for i in range(2000)))
+    assert repr(est) == ("<MemoryEstimate trace: peak 1000.00 MiB, reserved 1016.00 MiB, total 1.00 GiB; "
+                         "model='gpt2', batch_size=8, seq_len=1024, precision='bf16-mixed', 300 groups at_peak, "
+                         "2000 timeline points>")
+    assert str(est) == est.table(top=5) and "alive at the peak (largest 5 of 300)" in str(est)
+    assert repr(memguard.MemoryEstimate("formula", {Category.ACTIVATIONS: 1024})) == (
+        "<MemoryEstimate formula: peak 1.00 KiB, reserved 1.00 KiB, total 1.00 KiB>")

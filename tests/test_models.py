@@ -7,7 +7,7 @@ import torch
 
 from memguard import ConfigError
 from memguard.estimation.inputs import TaskKind, make_batch, model_task
-from memguard.estimation.models import MAX_CONFIG_BYTES, list_presets, load_model
+from memguard.estimation.models import MAX_CONFIG_BYTES, close_presets, list_presets, load_model
 
 # Parameter counts of the published checkpoints (tied embeddings counted once).
 PUBLISHED = {
@@ -49,6 +49,32 @@ def test_presets_cover_the_issue() -> None:
 ])
 def test_forgiving_names(alias: str, preset: str) -> None:
     assert load_model(alias).name == preset
+
+
+@pytest.mark.parametrize(("name", "meant"), [
+    ("gpt-2", ["gpt2"]),
+    ("GPT_2", ["gpt2"]),
+    ("mistral", ["mistral-7b"]),
+    ("mistralai/Mistral-7B-Instruct-v0.2", ["mistral-7b"]),
+    ("llama-7b", ["llama-2-7b", "llama-3-8b", "llama-2-13b"]),
+    ("t5-large", ["t5-base", "gpt2-large", "bert-large-uncased"]),
+    ("roberta-large", ["roberta-base", "bert-large-uncased", "bert-large-cased"]),
+    ("gpt2-xxl", ["gpt2-xl", "gpt2", "gpt2-large"]),
+    ("resnet50", []),
+])
+def test_unknown_presets_say_which_was_meant(name: str, meant: list[str]) -> None:
+    assert close_presets(name) == meant
+    with pytest.raises(ConfigError) as info:
+        load_model(name)
+    message = str(info.value)
+    assert message.startswith(f"unknown model {name!r}: not a preset, not an existing config.json or model directory, "
+                              "nor a 'package.module:factory'.")
+    if meant:
+        quoted = [repr(m) for m in meant]
+        listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+        assert f"'package.module:factory'. Did you mean {listed}? Presets: bert-base-cased," in message
+    else:
+        assert "Did you mean" not in message
 
 
 @pytest.mark.parametrize(("name", "task", "keys"), [

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import memguard
 from memguard import Category, ConfigError, MemoryEstimate, MissingDependencyError, plot
 from memguard.cli import EXIT_OK, main
 
@@ -102,7 +103,7 @@ def test_render_one_panel_svg_without_a_gpu(tmp_path):
 def test_render_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     by_batch = plot.sweep(fake_estimate, "batch_size", [1, 2])
-    with pytest.raises(MissingDependencyError, match=r"pip install 'memguard\[plot\]'"):
+    with pytest.raises(MissingDependencyError, match=r"pip install 'memguard-train\[plot\]'"):
         plot.render(by_batch, None, tmp_path / "mem.png")
     with pytest.raises(MissingDependencyError):
         plot.check_output(tmp_path / "mem.png")
@@ -173,6 +174,39 @@ def test_memguard_plot_timeline_draws_the_traced_step(tmp_path, capsys):
                  "-o", str(target)])
     assert code == 2
     assert "--method formula makes no timeline" in capsys.readouterr().err
+
+
+def test_memguard_plot_timeline_needs_no_gpu(tmp_path, capsys, monkeypatch):
+    """The README's `memguard plot MODEL --timeline -o f.png` on a machine without a GPU (--gpu auto)."""
+    from memguard import device as device_module
+
+    real = device_module.device_memory
+
+    def device_memory(device=None):
+        if device == "cuda" or isinstance(device, int):
+            raise memguard.DeviceError("cannot read the memory of cuda:0. NVML: no driver. torch: no CUDA")
+        return real(device)
+
+    monkeypatch.setattr(device_module, "device_memory", device_memory)
+    config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 128, "n_positions": 64}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    target = tmp_path / "timeline.png"
+    code = main(["plot", str(tmp_path), "--seq-len", "32", "--batch-size", "2", "--timeline", "-o", str(target)])
+    captured = capsys.readouterr()
+    assert code == EXIT_OK, captured.err
+    assert target.read_bytes().startswith(PNG_MAGIC)
+    lines = captured.out.splitlines()
+    assert lines[0].startswith(f"wrote {target}: peak ") and lines[0].endswith(" points")
+    assert lines[1] == "  no GPU can be read here, so no usable-memory line (--gpu A100-40GB or --gpu 24GiB adds one)"
+    # a GPU named on purpose must still be read: cuda:0 is not there
+    code = main(["plot", str(tmp_path), "--seq-len", "32", "--timeline", "--gpu", "0", "-o", str(target)])
+    assert code == 2
+    assert "--gpu 0: no CUDA device can be read" in capsys.readouterr().err
+    # --json says there was no device
+    code = main(["plot", str(tmp_path), "--seq-len", "32", "--batch-size", "2", "--timeline", "-o", str(target),
+                 "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == EXIT_OK and data["device"] is None and data["method"] == "trace"
 
 
 def test_render_timeline_needs_a_trace(tmp_path):

@@ -196,7 +196,8 @@ def test_bad_gpu_option_is_a_usage_error(pytester):
     pytester.makepyfile("def test_x(): pass")
     result = run(pytester, "--memguard-gpu", "H900")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--memguard-gpu H900: unknown GPU 'H900'; expected auto, a CUDA index*"])
+    result.stderr.fnmatch_lines(["*--memguard-gpu H900: unknown GPU 'H900'. Did you mean 'H200' or 'H100-80GB'? "
+                                 "Expected auto, a CUDA index*"])
 
 
 def test_gpu_option_reads_as_the_cli_gpu(pytester, fake_estimate, gpu_with_3gib_free):

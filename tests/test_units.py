@@ -125,3 +125,14 @@ def test_formatted_sizes_parse_back_closely(n):
     # two decimals of the unit: off by at most half a hundredth of it
     unit = 1 if n < 1024 else 1024 ** min(int(math.log(n, 1024)), 4)
     assert abs(back - n) <= unit * 0.005 + 1
+
+
+def test_decimal_sizes_say_how_they_are_read():
+    from memguard.units import decimal_reading
+
+    assert decimal_reading("24GB") == ("24GB is read as 24,000,000,000 bytes (SI: 1 GB = 10^9 bytes), 22.35 GiB; "
+                                       "write 24GiB for 24 x 2^30 bytes (binary, as nvidia-smi counts)")
+    assert decimal_reading(" 1.5 TB ").startswith("1.5 TB is read as 1,500,000,000,000 bytes (SI: 1 TB = 10^12 "
+                                                  "bytes), 1.36 TiB; write 1.5TiB for 1.5 x 2^40 bytes")
+    for binary_or_plain in ("24GiB", "24 GiB", "4096", "4096B", "80%", "lots"):
+        assert decimal_reading(binary_or_plain) is None

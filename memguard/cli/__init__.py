@@ -45,6 +45,7 @@ The package, one concern a module:
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -132,6 +133,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return fail(str(exc))
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else EXIT_OK
+    _factories_from_here(getattr(args, "model", None))
     quiet = args.quiet or args.json
     out = Output(json_mode=args.json, quiet=quiet, progress_shown=not quiet and is_terminal(sys.stderr))
     try:
@@ -139,3 +141,13 @@ def _main(argv: Sequence[str] | None) -> int:
             return args.run(args, out)
     except MemguardError as exc:
         return fail(str(exc))
+
+
+def _factories_from_here(model: Any) -> None:
+    """Put the current folder on ``sys.path`` for a ``package.module:factory`` MODEL, as
+    ``python -m memguard`` does: the console script's ``sys.path[0]`` is its own ``bin`` folder, so
+    ``memguard check my_model:build`` in the folder of ``my_model.py`` would not find it."""
+    if isinstance(model, str) and ":" in model:
+        here = os.getcwd()
+        if here not in sys.path and "" not in sys.path:
+            sys.path.insert(0, here)

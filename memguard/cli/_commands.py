@@ -41,7 +41,7 @@ def cmd_estimate(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_check(args: argparse.Namespace, out: Output) -> int:
-    gpu = resolve_gpu(args.gpu)
+    gpu = resolve_gpu(args.gpu, args.precision)
     est = estimate_once(args, out)
     fit = Fit(est, gpu.free_bytes, args.margin, gpu.name)
     rows = [] if fit.fits else remedies(est, gpu, args.margin, out)
@@ -52,7 +52,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK if fit.fits else EXIT_DOES_NOT_FIT
     out.text(est.table())
     out.text()
-    out.text(describe_gpu(gpu))
+    out.text(describe_gpu(gpu, args.gpu))
     out.text(fit.describe())
     if fit.fits:
         return EXIT_OK
@@ -83,7 +83,7 @@ def search(args: argparse.Namespace, gpu: memguard.DeviceMemory, estimate_at: Es
 
 
 def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
-    gpu = resolve_gpu(args.gpu)
+    gpu = resolve_gpu(args.gpu, args.precision)
     found = search(args, gpu, estimator(args), out, args.method or "auto")
     fit = Fit(found.estimate, gpu.free_bytes, args.margin, gpu.name)
     if out.json_mode:
@@ -99,7 +99,7 @@ def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK if found.batch_size else EXIT_DOES_NOT_FIT
     out.text(found.estimate.table())
     out.text()
-    out.text(describe_gpu(gpu))
+    out.text(describe_gpu(gpu, args.gpu))
     if not found.batch_size:
         out.text(f"NOTHING FITS: batch size 1 {fit.needs()}")
         show_remedies(remedies(found.estimate, gpu, args.margin, out), args.model, args.gpu, out)
@@ -118,7 +118,7 @@ def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
 def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     from memguard.planning import plan
 
-    gpu = resolve_gpu(args.gpu)
+    gpu = resolve_gpu(args.gpu, args.precision)
     base = {"precision": args.precision, "optimizer": args.optimizer,
             "gradient_checkpointing": bool(args.gradient_checkpointing), "strategy": args.strategy,
             "world_size": args.world_size, "offload_optimizer": args.offload_optimizer,

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -64,10 +65,36 @@ def is_terminal(stream: Any) -> bool:
 
 
 def fail(message: str) -> int:
-    """Write ``message`` as one ``memguard: error:`` line on stderr; return :data:`EXIT_USAGE`."""
-    line = " ".join(message.split())  # one line, whatever the message holds
+    """Write ``message`` as one ``memguard: error:`` line on stderr, in the command's words
+    (:func:`in_flags`); return :data:`EXIT_USAGE`."""
+    line = in_flags(" ".join(message.split()))  # one line, whatever the message holds
     sys.stderr.write(f"{PROG}: error: {line}\n")
     return EXIT_USAGE
+
+
+_FLAGS = ("seq_len", "batch_size", "lora_rank", "world_size", "accumulate_grad_batches", "trace_timeout",
+          "offload_optimizer", "offload_params", "gradient_checkpointing")
+_WORDS = ("precision", "optimizer", "strategy")  # plain words in prose: a flag only as `precision=`
+_ARGUMENT = re.compile(r"(?<![\w'\"./-])(?:(" + "|".join(_FLAGS) + r")\b|(" + "|".join(_WORDS) + r")(?==))"
+                       r"(=(?=\S))?(=)?")
+_PYTHON_ONLY = re.compile(r"pass (example_input|loss_fn)=")
+_LORA_NAME = re.compile(r"(\S+)\+lora(\d+)\b")
+
+
+def in_flags(message: str) -> str:
+    """A library message in the command's words: ``seq_len=4096`` as ``--seq-len 4096``, ``pass
+    seq_len=`` as ``pass --seq-len``; arguments that only Python takes (``example_input=``,
+    ``loss_fn=``) as the call that takes them; a preset with adapters (``mistral-7b+lora16``, the
+    name memguard gives the model internally) as ``mistral-7b with LoRA rank 16``."""
+
+    def flag(m: re.Match[str]) -> str:
+        name = "--" + (m.group(1) or m.group(2)).replace("_", "-")
+        return f"{name} " if m.group(3) else name
+
+    message = _PYTHON_ONLY.sub(lambda m: f"this needs {m.group(1)}=, which only Python takes: "
+                                         f"memguard.estimate(model, {m.group(1)}=...)", message)
+    message = _ARGUMENT.sub(flag, message)
+    return _LORA_NAME.sub(lambda m: f"{m.group(1)} with LoRA rank {m.group(2)}", message)
 
 
 def github_error(message: str) -> str:
@@ -125,13 +152,42 @@ class _OneLine(logging.Formatter):
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
-    """Show a warning memguard raised (or attributed to its caller, the CLI); drop the rest."""
+    """Show a warning attributed to memguard's code; drop the rest.
+
+    ``filename`` is where ``stacklevel`` points, so a library (torch, transformers, a user's model
+    factory) that warns with ``stacklevel=2`` while memguard calls it lands in memguard's files
+    too. The frame that called ``warnings.warn`` tells them apart: memguard's own warnings are
+    ``memguard: warning: ...``; another module's are shown with its name (``memguard: warning from
+    transformers.modeling_utils: ...``), except its deprecation notices, which are for the code's
+    authors, not for a CLI user.
+    """
+    if not _within(filename, _PACKAGE_DIR):
+        return
+    text = " ".join(str(message).split())
+    origin = _warning_origin()
+    if origin is None or origin == "memguard" or origin.startswith("memguard."):
+        sys.stderr.write(f"{PROG}: warning: {text}\n")
+    elif not issubclass(category, (DeprecationWarning, FutureWarning)):
+        sys.stderr.write(f"{PROG}: warning from {origin}: {text}\n")
+
+
+def _within(filename: str, folder: Path) -> bool:
     try:
-        ours = Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
+        return Path(filename).resolve().is_relative_to(folder)
     except (OSError, ValueError):
-        ours = False
-    if ours:
-        sys.stderr.write(f"{PROG}: warning: {' '.join(str(message).split())}\n")
+        return False
+
+
+def _warning_origin() -> str | None:
+    """The module that called ``warnings.warn`` (the first frame above this module and
+    :mod:`warnings`), or ``None`` when it cannot be told."""
+    frame = sys._getframe(1)
+    skip = {__file__, warnings.__file__}
+    while frame is not None and frame.f_code.co_filename in skip:
+        frame = frame.f_back
+    if frame is None:
+        return None
+    return frame.f_globals.get("__name__") or None
 
 
 def _drop_warning(*args: Any, **kwargs: Any) -> None:

@@ -15,7 +15,7 @@ from memguard import plot as _plot
 from memguard.cli._commands import search
 from memguard.cli._output import EXIT_OK, Output
 from memguard.cli._shared import EstimateAt, describe_inputs, estimate_once, estimator, first_sentence, resolve_gpu
-from memguard.errors import ConfigError, MemguardError
+from memguard.errors import ConfigError, DeviceError, MemguardError
 from memguard.estimation.result import MemoryEstimate
 from memguard.fit import usable_bytes
 from memguard.units import format_bytes
@@ -24,10 +24,10 @@ __all__ = ["cmd_plot"]
 
 
 def cmd_plot(args: argparse.Namespace, out: Output) -> int:
-    gpu = resolve_gpu(args.gpu)
-    path = _plot.check_output(args.output)
     if args.timeline:
-        return _plot_timeline(args, out, gpu, path)
+        return _plot_timeline(args, out, _timeline_gpu(args.gpu, args.precision), _plot.check_output(args.output))
+    gpu = resolve_gpu(args.gpu, args.precision)
+    path = _plot.check_output(args.output)
     method, estimate_at = _plot_estimator(args, out)
     found = search(args, gpu, estimate_at, out, method)
     seq_len = found.estimate.inputs.get("seq_len")
@@ -74,8 +74,20 @@ def _plot_estimator(args: argparse.Namespace, out: Output) -> tuple[str, Estimat
     return "formula", formula
 
 
-def _plot_timeline(args: argparse.Namespace, out: Output, gpu: memguard.DeviceMemory, path: Any) -> int:
-    """``plot --timeline``: live memory through one traced step."""
+def _timeline_gpu(text: str, precision: str | None) -> memguard.DeviceMemory | None:
+    """The GPU whose usable memory the timeline marks, or ``None``: a timeline needs no GPU, so
+    ``--gpu auto`` (the default) on a machine without a readable one draws the step without the line.
+    A GPU named on purpose (a catalog name, a size, an index) must still be read."""
+    try:
+        return resolve_gpu(text, precision)
+    except DeviceError:
+        if text.strip().lower() != "auto":
+            raise
+        return None
+
+
+def _plot_timeline(args: argparse.Namespace, out: Output, gpu: memguard.DeviceMemory | None, path: Any) -> int:
+    """``plot --timeline``: live memory through one traced step, against ``gpu`` when there is one."""
     if args.method not in (None, "auto", "trace"):
         raise ConfigError(f"--timeline draws a traced step; --method {args.method} makes no timeline")
     args.method = "trace"
@@ -83,11 +95,14 @@ def _plot_timeline(args: argparse.Namespace, out: Output, gpu: memguard.DeviceMe
     inputs = est.inputs
     title = (f"{inputs.get('model')}: batch {inputs.get('batch_size')}, seq {inputs.get('seq_len')}, "
              f"{inputs.get('precision')}, {inputs.get('optimizer')}")
-    _plot.render_timeline(est, path, capacity_bytes=gpu.free_bytes, margin=args.margin, title=title)
+    _plot.render_timeline(est, path, capacity_bytes=gpu.free_bytes if gpu is not None else None,
+                          margin=args.margin, title=title)
     if out.json_mode:
-        out.json({"output": str(path), **est.to_dict()})
+        out.json({"output": str(path), "device": gpu.to_dict() if gpu is not None else None, **est.to_dict()})
     else:
         out.text(f"wrote {path}: peak {format_bytes(est.peak_bytes)} of live tensors, {len(est.timeline)} points")
+        if gpu is None:
+            out.text("  no GPU can be read here, so no usable-memory line (--gpu A100-40GB or --gpu 24GiB adds one)")
     return EXIT_OK
 
 

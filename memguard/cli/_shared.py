@@ -10,9 +10,10 @@ import memguard
 from memguard import device as _device
 from memguard._cache import cached
 from memguard.cli._output import Output
-from memguard.errors import DeviceError, MemguardError
+from memguard.device.catalog import bf16_problem
+from memguard.errors import ConfigError, DeviceError, MemguardError
 from memguard.estimation.result import MemoryEstimate
-from memguard.units import format_bytes
+from memguard.units import decimal_reading, format_bytes
 
 __all__ = ["EstimateAt", "describe_gpu", "describe_inputs", "estimate_once", "estimator", "first_sentence",
            "remedies", "resolve_gpu", "show_remedies", "verb"]
@@ -21,16 +22,25 @@ EstimateAt = Callable[[int, int | None], MemoryEstimate]
 """``estimate_at(batch_size, seq_len)``; ``seq_len=None`` is the model's maximum."""
 
 
-def resolve_gpu(text: str) -> memguard.DeviceMemory:
-    """``--gpu``, read by :func:`memguard.device.parse_gpu`; a CUDA device that cannot be read gets the CLI's advice."""
+def resolve_gpu(text: str, precision: str | None = None) -> memguard.DeviceMemory:
+    """``--gpu``, read by :func:`memguard.device.parse_gpu`; a CUDA device that cannot be read gets the CLI's advice.
+
+    With ``precision`` (``--precision``), a bf16 precision on a GPU without bf16 (T4, V100: catalog's
+    :func:`~memguard.device.catalog.bf16_problem`) is refused: the estimate would assume kernels
+    that do not run there.
+    """
     try:
-        return _device.parse_gpu(text)
+        gpu = _device.parse_gpu(text)
     except DeviceError as exc:
         raise DeviceError(
             f"--gpu {text.strip()}: no CUDA device can be read on this machine ({_without_advice(exc)}); "
             "plan against a catalog GPU (e.g. --gpu A100-80GB; 'memguard gpus --catalog' lists "
             "them) or a size (e.g. --gpu 24GiB)"
         ) from None
+    problem = bf16_problem(gpu.name, precision)
+    if problem is not None:
+        raise ConfigError(f"--precision {precision} on --gpu {text.strip()}: {problem}")
+    return gpu
 
 
 def _without_advice(exc: Exception) -> str:
@@ -43,7 +53,14 @@ def first_sentence(exc: Exception) -> str:
     return text.split(". ")[0].rstrip(".")
 
 
-def describe_gpu(gpu: memguard.DeviceMemory) -> str:
+def describe_gpu(gpu: memguard.DeviceMemory, spec: str | None = None) -> str:
+    """The ``GPU:`` line; for a size in decimal units (``--gpu 24GB``) a second line says how it is read."""
+    line = _describe_gpu(gpu)
+    note = decimal_reading(spec) if spec is not None and gpu.source == "budget" else None
+    return f"{line}\n  {note}" if note else line
+
+
+def _describe_gpu(gpu: memguard.DeviceMemory) -> str:
     """One line: which GPU, how much is free, and where the number comes from."""
     size = format_bytes(gpu.total_bytes)
     if gpu.source == "catalog":

@@ -46,8 +46,8 @@ import warnings
 from typing import TYPE_CHECKING, Any, Union
 
 from memguard.device import _host, _nvml
-from memguard.device.catalog import list_gpus, lookup_gpu, matching_gpus
-from memguard.errors import ConfigError, DeviceError
+from memguard.device.catalog import close_gpus, list_gpus, lookup_gpu, matching_gpus
+from memguard.errors import ConfigError, DeviceError, did_you_mean
 from memguard.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
@@ -273,8 +273,8 @@ def _from_text(text: str) -> DeviceMemory:
         raise ConfigError(f"{text!r} is neither a GPU name nor a size; write a budget with its "
                           f"unit ('{text}B', '{text}MiB'), or 'cuda:{text}' for a device index")
     if not matches:
-        raise ConfigError(f"cannot read {text!r} as a device; expected {_ACCEPTED}. GPU names "
-                          f"the catalog knows: {', '.join(list_gpus())}")
+        raise ConfigError(f"cannot read {text!r} as a device; expected {_ACCEPTED}.{did_you_mean(close_gpus(text))} "
+                          f"GPU names the catalog knows: {', '.join(list_gpus())}")
     spec = matches[0]
     return DeviceMemory(name=spec.name, index=None, uuid=None, total_bytes=spec.total_bytes,
                         free_bytes=spec.total_bytes, used_bytes=0, source="catalog")

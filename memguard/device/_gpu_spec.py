@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from memguard.device.catalog import list_gpus, matching_gpus
-from memguard.errors import ConfigError, DeviceError
+from memguard.device.catalog import close_gpus, list_gpus, matching_gpus
+from memguard.errors import ConfigError, DeviceError, did_you_mean
 
 if TYPE_CHECKING:
     from memguard.device import DeviceMemory
@@ -64,8 +64,10 @@ def parse_gpu(text: str) -> DeviceMemory:
             return device.device_memory(int(value))
         except DeviceError as exc:
             size = f"{value}MiB" if len(value) > 2 else "24GiB"
+            named = matching_gpus(value)  # "4090": the catalog's RTX-4090
+            card = f" (for the catalog GPU write '{named[0].name}')" if len(named) == 1 else ""
             raise DeviceError(f"{value!r} is read as the CUDA index cuda:{int(value)}, since bare digits are an "
-                              f"index and a size needs its unit, such as '{size}'; {exc}") from None
+                              f"index and a size needs its unit, such as '{size}'{card}; {exc}") from None
     if low.startswith("cuda"):
         return device.device_memory(low)
     if value.endswith("%"):
@@ -77,8 +79,8 @@ def parse_gpu(text: str) -> DeviceMemory:
                           "'24GiB'), and bare digits are a CUDA index")
     if value[:1].isdigit() or value.startswith("."):
         return device.resolve_budget(value)
-    raise ConfigError(f"unknown GPU {value!r}; expected {_FORMS}. GPU names the catalog knows: "
-                      f"{', '.join(list_gpus())}")
+    raise ConfigError(f"unknown GPU {value!r}.{did_you_mean(close_gpus(value))} Expected {_FORMS}. GPU names the "
+                      f"catalog knows: {', '.join(list_gpus())}")
 
 
 _FORMS = ("auto, a CUDA index (0, cuda:1), a catalog name such as A100-40GB, a size such as 24GiB or a share "

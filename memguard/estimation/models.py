@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memguard.errors import ConfigError, MemguardError
+from memguard.errors import ConfigError, MemguardError, did_you_mean
 
 __all__ = ["MAX_CONFIG_BYTES", "ResolvedModel", "add_lora", "check_config_sizes", "is_checkpointing", "list_presets",
            "load_model", "set_checkpointing"]
@@ -39,10 +39,52 @@ def list_presets() -> list[str]:
 
 
 def _preset_key(name: str) -> str | None:
-    key = name.strip().lower().split("/")[-1].replace("_", "-")
-    key = re.sub(r"-hf$", "", key)
+    key = _normalised(name)
     key = _ALIASES.get(key, key)
     return key if key in list_presets() else None
+
+
+def _normalised(name: str) -> str:
+    """A model name as presets are keyed: lower case, no hub owner, ``-`` for ``_``, no ``-hf``."""
+    key = name.strip().lower().split("/")[-1].replace("_", "-")
+    return re.sub(r"-hf$", "", key)
+
+
+def close_presets(name: str, limit: int = 3) -> list[str]:
+    """Presets a mistyped ``name`` may mean (``gpt-2`` -> gpt2, ``mistral`` -> mistral-7b,
+    ``llama-7b`` -> llama-2-7b), best first; ``[]`` when none is close.
+
+    Compared on normalised names without separators (``-``, ``.``), aliases included: an equal
+    name alone; else names it begins, then :func:`difflib.get_close_matches` (ratio of at least
+    0.6), those of the same family (``t5``, ``roberta``: the name up to its first ``-``) first.
+    """
+    import difflib
+
+    def squash(text: str) -> str:
+        return re.sub(r"[-.\s]", "", text)
+
+    key = squash(_normalised(name))
+    if not key:
+        return []
+    names = {squash(p): p for p in list_presets()}
+    names.update({squash(alias): preset for alias, preset in _ALIASES.items() if squash(alias) not in names})
+    found: list[str] = []
+
+    def add(preset: str) -> None:
+        if preset not in found:
+            found.append(preset)
+
+    if key in names:
+        return [names[key]]
+    for squashed in sorted(names):
+        if squashed.startswith(key) and len(key) >= 3:
+            add(names[squashed])
+    family = _normalised(name).split("-")[0]
+    close = difflib.get_close_matches(key, list(names), n=limit * 2, cutoff=0.6)
+    close.sort(key=lambda squashed: not squashed.startswith(family))
+    for squashed in close:
+        add(names[squashed])
+    return found[:limit]
 
 
 @dataclasses.dataclass
@@ -256,7 +298,7 @@ def load_model(model: Any, *, device: str | torch.device = "meta") -> ResolvedMo
             return _from_factory(text)
         raise ConfigError(
             f"unknown model {text!r}: not a preset, not an existing config.json or model directory, "
-            f"nor a 'package.module:factory'. Presets: {', '.join(list_presets())}"
+            f"nor a 'package.module:factory'.{did_you_mean(close_presets(text))} Presets: {', '.join(list_presets())}"
         )
     raise ConfigError(
         f"cannot use {type(model).__name__} {model!r} as a model; expected an nn.Module, a "

@@ -221,6 +221,17 @@ class MemoryEstimate:
     def __str__(self) -> str:
         return self.table(top=5)
 
+    def __repr__(self) -> str:
+        """One short line (a notebook shows it for ``est``): the method, the three totals, what was
+        estimated and how much detail it holds; ``str()``/:meth:`table` and :meth:`to_dict` give it all."""
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.inputs.items()
+                          if k in ("model", "batch_size", "seq_len", "precision") and v is not None)
+        detail = "".join(f", {n} {what}" for n, what in ((len(self.at_peak), "groups at_peak"),
+                                                         (len(self.timeline), "timeline points")) if n)
+        return (f"<MemoryEstimate {self.method}: peak {format_bytes(self.peak_bytes)}, reserved "
+                f"{format_bytes(self.reserved_bytes)}, total {format_bytes(self.total_bytes)}"
+                f"{'; ' + shown if shown else ''}{detail}>")
+
 
 _SHOWN_INPUTS = ("model", "batch_size", "seq_len", "precision", "optimizer", "device",
                  "gradient_checkpointing", "strategy", "world_size", "offload_optimizer", "offload_params")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map_only
 
+from memguard.errors import DISTRIBUTION, MissingDependencyError
 from memguard.estimation import sandbox
 from memguard.estimation._isolation import preserved_rng
 from memguard.estimation.parallel import Strategy
@@ -53,7 +54,10 @@ def callback_bases() -> tuple[type, ...]:
         except ImportError:
             log.debug("%s is not installed", name)
     if not bases:
-        raise ImportError("MemGuard needs Lightning: pip install pytorch-lightning (or lightning)")
+        raise MissingDependencyError(
+            "MemGuard (the Lightning callback) needs Lightning, which is not installed; install it "
+            f"with: pip install '{DISTRIBUTION}[lightning]' (or pytorch-lightning, if your code imports "
+            "pytorch_lightning)")
     return tuple(bases)
 
 
