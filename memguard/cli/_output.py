@@ -19,12 +19,16 @@ from typing import Any
 
 import memguard
 
-__all__ = ["EXIT_DOES_NOT_FIT", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "PROG", "Output", "fail",
-           "github_error", "in_github_actions", "is_terminal", "quiet_libraries"]
+__all__ = ["EXIT_DOES_NOT_FIT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "PROG", "Output",
+           "fail", "github_error", "in_github_actions", "internal_error", "is_terminal", "quiet_libraries", "write"]
 
 EXIT_OK = 0
 EXIT_DOES_NOT_FIT = 1
+"""Also what Python exits with on an uncaught exception: :func:`memguard.cli.main` lets none escape."""
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+"""An unexpected exception, not a mistake of the user's: a bug of memguard's (or of a library under
+it) that a CI must not read as "does not fit"."""
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, what a shell reports for a command ended by Ctrl-C."""
 
@@ -44,15 +48,30 @@ class Output:
     progress_shown: bool = False
 
     def text(self, text: str = "") -> None:
-        sys.stdout.write(text + "\n")
+        write(sys.stdout, text + "\n")
 
     def json(self, data: Any) -> None:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        write(sys.stdout, json.dumps(data, indent=2) + "\n")
 
     def progress(self, text: str) -> None:
         if self.progress_shown:
-            sys.stderr.write(text + "\n")
+            write(sys.stderr, text + "\n")
             sys.stderr.flush()
+
+
+def write(stream: Any, text: str) -> None:
+    """Write ``text`` to ``stream``; what its encoding cannot hold is written as ``\\x..``/``\\udc..`` escapes.
+
+    A file name that is not UTF-8 reaches Python as lone surrogates (PEP 383, ``surrogateescape``);
+    a stream opened with ``errors="strict"`` (``PYTHONIOENCODING=utf-8``, or an ASCII locale for
+    other characters) raises ``UnicodeEncodeError`` on them. ``TextIOWrapper.write`` encodes the
+    whole text before writing any of it, so the second try does not repeat a part.
+    """
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
 def is_terminal(stream: Any) -> bool:
@@ -66,8 +85,24 @@ def is_terminal(stream: Any) -> bool:
 def fail(message: str) -> int:
     """Write ``message`` as one ``memguard: error:`` line on stderr; return :data:`EXIT_USAGE`."""
     line = " ".join(message.split())  # one line, whatever the message holds
-    sys.stderr.write(f"{PROG}: error: {line}\n")
+    write(sys.stderr, f"{PROG}: error: {line}\n")
     return EXIT_USAGE
+
+
+def internal_error(exc: BaseException) -> int:
+    """Write an unexpected exception as one ``memguard: internal error:`` line; return :data:`EXIT_INTERNAL`.
+
+    The line names the exception, its message and the innermost frame it was raised in, enough for a
+    bug report; the full traceback would bury it in a CI log.
+    """
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" (raised in {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None else ""
+    line = " ".join(f"{type(exc).__name__}: {exc}{where}".split())
+    with contextlib.suppress(Exception):
+        write(sys.stderr, f"{PROG}: internal error: {line}; this is a bug, please report it with the command line\n")
+    return EXIT_INTERNAL
 
 
 def github_error(message: str) -> str:
@@ -95,7 +130,7 @@ def quiet_libraries(*, quiet: bool, models: bool) -> Iterator[None]:
         except ImportError:  # pragma: no cover - transformers is a dependency
             tf_logging = None
     tf_level = tf_logging.get_verbosity() if tf_logging else None
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     handler.setFormatter(_OneLine(f"{PROG}: warning: %(message)s"))
     handler.setLevel(logging.ERROR if quiet else logging.WARNING)
     logger = logging.getLogger("memguard")
@@ -123,6 +158,18 @@ class _OneLine(logging.Formatter):
         return " ".join(super().format(record).split())
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A ``StreamHandler`` that writes through :func:`write`: a record naming a file that is not UTF-8 is
+    shown escaped, not replaced by logging's "--- Logging error ---" traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            write(self.stream, self.format(record) + self.terminator)
+            self.flush()
+        except Exception:  # as logging.StreamHandler.emit does
+            self.handleError(record)
+
+
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     """Show a warning memguard raised (or attributed to its caller, the CLI); drop the rest."""
@@ -131,7 +178,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     except (OSError, ValueError):
         ours = False
     if ours:
-        sys.stderr.write(f"{PROG}: warning: {' '.join(str(message).split())}\n")
+        write(sys.stderr, f"{PROG}: warning: {' '.join(str(message).split())}\n")
 
 
 def _drop_warning(*args: Any, **kwargs: Any) -> None:
