@@ -78,8 +78,8 @@ takes time even on the meta device (~20 ms a GPT-2 block on a busy CPU): 100,000
 MAX_PARAMETERS = 10**13
 """The most parameters a config may describe, checked on a lower bound computed from its sizes
 before anything is built (:func:`_parameters_at_least`). Ten times the largest model trained so far
-(Switch-C, 1.6 x 10**12, Fedus et al. 2022); 10**13 fp32 weights are 40 TB, past any cluster's memory
-for one model replica. A width of 2**31 would otherwise give tensors whose sizes overflow int64."""
+(Switch-C, 1.6 x 10**12, Fedus et al. 2022); its fp32 weights alone are 40 TB. A config past it is a
+typo or a probe, not a model: a width of 2**31 would give tensors whose sizes overflow int64."""
 
 _WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
 _FFN_KEYS = ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "hidden_dim", "encoder_ffn_dim", "decoder_ffn_dim")
