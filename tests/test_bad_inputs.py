@@ -8,6 +8,7 @@ API cases are plain ``pytest.raises`` checks.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import torch
 
 import memguard
 from memguard import Category, ConfigError, MemguardError, MemoryEstimate, parse_bytes
-from memguard.cli import EXIT_INTERRUPTED, EXIT_USAGE, main
+from memguard.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 from memguard.estimation.inputs import make_batch
 from memguard.estimation.models import load_model
 from memguard.estimation.parallel import resolve_parallelism
@@ -34,6 +35,7 @@ MEMORY_LIMIT = 4 * GIB
 """Address space of each ``python -m memguard`` (RLIMIT_AS): reading a weights file whole, or
 /dev/zero until memory runs out, fails inside it instead of taking the machine's memory."""
 WALL_LIMIT = 60.0
+AT_ONCE = 3
 
 
 def tiny_gpt2() -> torch.nn.Module:
@@ -61,6 +63,20 @@ def exits():
 
 def interrupted():
     raise KeyboardInterrupt
+
+from transformers import GPT2Config, GPT2LMHeadModel
+
+class NoParameters(GPT2LMHeadModel):
+    def parameters(self, recurse=True):
+        if getattr(self, "built", False):
+            raise RuntimeError("parameters are gone")
+        return super().parameters(recurse)
+
+def broken_module():
+    with torch.device("meta"):
+        model = NoParameters(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    model.built = True
+    return model
 '''
 
 
@@ -111,31 +127,49 @@ SUBPROCESS_CASES = {
     "/dev/zero": (["estimate", "/dev/zero"], "'/dev/zero' is not a regular file"),
     # torch.cuda imports pynvml too, so torch itself fails to import: named, in one line.
     "pynvml raising at import": (["gpus"], "RuntimeError: half-installed bindings, raised in {broken}/pynvml.py"),
+    # Round two (issue 15). Building 2**31 blocks never ended (100,000 took minutes), even on meta.
+    "n_layer 2**31-1": (["estimate", "{inputs}/deep.json", "--seq-len", "8"],
+                        "n_layer=2,147,483,647 layers is more than memguard builds (at most 1,024"),
+    # The planner listed every world size up to --gpus: a MemoryError traceback.
+    "plan --gpus 2**31-1": (["plan", "{inputs}/tiny.json", "--seq-len", "8", "--gpu", "T4", "--confirm", "0",
+                             "--method", "formula", "--gpus", str(MAX_COUNT)],
+                            "gpus=2,147,483,647 GPUs is more than any cluster holds: memguard takes at most 1,048,576"),
+    "plan --world-size 2**31-1": (["plan", "{inputs}/tiny.json", "--seq-len", "8", "--gpu", "T4", "--confirm", "0",
+                                   "--method", "formula", "--strategy", "ddp", "--world-size", str(MAX_COUNT)],
+                                  "world_size=2,147,483,647 GPUs is more than any cluster holds"),
 }
+if Path("/proc/kmsg").exists():
+    # A regular file of size 0 whose read waits for the kernel to log: it blocked forever. Where it may
+    # not be opened (no CAP_SYSLOG) the open fails at once, also in one line naming it.
+    SUBPROCESS_CASES["/proc/kmsg"] = (["estimate", "/proc/kmsg"], "'/proc/kmsg'")
 
 
 @pytest.fixture(scope="module")
 def subprocess_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """Every subprocess case, started at once, then awaited."""
+    """Every subprocess case, :data:`AT_ONCE` at a time (each imports torch: more at once on a shared
+    machine would time the CPU's queue, not the command)."""
     inputs = tmp_path_factory.mktemp("inputs")
     with open(inputs / "pytorch_model.bin", "wb") as f:
         f.truncate(1_600_000_000)  # sparse: no disk used, but 1.6 GB to read
+    write_config(inputs, "deep.json", n_layer=MAX_COUNT)
+    write_config(inputs, "tiny.json")
     broken = tmp_path_factory.mktemp("broken")
     (broken / "pynvml.py").write_text("raise RuntimeError('half-installed bindings')\n")
-    started = {}
-    for case, (args, _) in SUBPROCESS_CASES.items():
+
+    def run(case: str) -> dict:
+        args, says = SUBPROCESS_CASES[case]
         argv = [a.format(inputs=inputs) for a in args] + ["--json"]
-        started[case] = _start(argv, *([broken] if "pynvml" in case else []))
-    runs = {}
-    for case, (proc, t0) in started.items():
+        proc, t0 = _start(argv, *([broken] if "pynvml" in case else []))
         try:
             out, err = proc.communicate(timeout=WALL_LIMIT + 60)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-        says = SUBPROCESS_CASES[case][1].format(broken=broken)
-        runs[case] = {"rc": proc.returncode, "out": out, "err": err, "seconds": time.monotonic() - t0, "says": says}
-    return runs
+        return {"rc": proc.returncode, "out": out, "err": err, "seconds": time.monotonic() - t0,
+                "says": says.format(broken=broken)}
+
+    with concurrent.futures.ThreadPoolExecutor(AT_ONCE) as pool:
+        return dict(zip(SUBPROCESS_CASES, pool.map(run, SUBPROCESS_CASES), strict=True))
 
 
 @pytest.mark.parametrize("case", list(SUBPROCESS_CASES))
@@ -178,6 +212,34 @@ def test_early_ctrl_c_exits_130_without_traceback():
     assert time.monotonic() - t0 < WALL_LIMIT
 
 
+def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path):
+    """PEP 383: the name's byte 0xff reaches Python as the lone surrogate U+DCFF, which a strict UTF-8
+    stdout refuses: the table's ``model=`` line ended in a UnicodeEncodeError traceback."""
+    name = os.fsdecode(b"caf\xff.json")
+    write_config(tmp_path, name)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run([sys.executable, "-m", "memguard", "estimate", str(tmp_path / name), "--seq-len", "8",
+                           "--method", "formula"], capture_output=True, text=True, env=env, timeout=WALL_LIMIT,
+                          errors="surrogateescape", preexec_fn=_limit_memory)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert f"model={tmp_path}/caf\\udcff.json, batch_size=1, seq_len=8" in proc.stdout
+
+
+def test_messages_with_surrogates_are_one_line_on_a_strict_stream(capsys, tmp_path):
+    """capsys's stream is strict UTF-8, as stdout under PYTHONIOENCODING=utf-8."""
+    name = os.fsdecode(b"caf\xff.json")
+    write_config(tmp_path, name)
+    code = main(["estimate", str(tmp_path / name), "--seq-len", "8", "--method", "formula", "--top", "0"])
+    captured = capsys.readouterr()
+    assert code == EXIT_OK, captured.err
+    assert "caf\\udcff.json" in captured.out
+    code = main(["check", "gpt2", "--seq-len", "8", "--gpu", "A100\udcff"])
+    captured = capsys.readouterr()
+    assert code == EXIT_USAGE and captured.err.count("\n") == 1, captured.err
+    assert "A100\\udcff" in captured.err
+
+
 # -- the command line, in this process -------------------------------------------------------
 
 CONFIGS = {
@@ -195,7 +257,34 @@ CONFIGS = {
     "heads do not divide": ({"n_embd": 33, "n_head": 2}, "cannot build a model from config"),
     "model_type a number": ({"model_type": 5}, "model_type must be a string, got 5"),
     "unknown model_type": ({"model_type": "no-such-arch"}, "is malformed"),
+    # Round two (issue 15): bounded before anything is built.
+    "1,025 layers": ({"n_layer": 1025}, "n_layer=1,025 layers is more than memguard builds (at most 1,024"),
+    "10**14 parameters": ({"n_layer": 8, "n_embd": 2**22, "n_head": 2},
+                          "n_layer=8, n_embd=4,194,304, vocab_size=64 describe at least 2.81e+14 parameters, more "
+                          "than memguard builds (at most 1e+13"),
+    "encoder 2**31-1 layers": ({"model_type": "t5", "d_model": 32, "num_heads": 2, "num_layers": MAX_COUNT,
+                                "d_ff": 64}, "num_layers=2,147,483,647 layers is more than memguard builds"),
+    # ... and their forward could not run: the trace failed, the formula answered, exit 0.
+    "kv heads do not divide": ({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 3},
+                               "num_key_value_heads=3 does not divide num_attention_heads=4 (each key/value head "
+                               "serves the same number of query heads); use one of 1, 2, 4"),
+    "ViT patch larger than its image": ({"model_type": "vit", "hidden_size": 32, "intermediate_size": 64,
+                                         "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 16,
+                                         "patch_size": 32},
+                                        "patch_size=32 is larger than image_size=16, so the image holds no patch"),
+    "ViT patch pair": ({"model_type": "vit", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                        "num_attention_heads": 2, "image_size": [64, 16], "patch_size": [16, 32]},
+                       "patch_size=[16, 32] is larger than image_size=[64, 16]"),
+    # A class of transformers that is no model: transformers.Trainer(config) was built.
+    "architectures Trainer": ({"architectures": ["Trainer"]},
+                              "architectures names 'Trainer', which is not a model class (transformers.Trainer is "
+                              "not a torch.nn.Module)"),
+    "architectures a function": ({"architectures": ["set_seed"]}, "architectures names 'set_seed'"),
+    "LoRA rank above the width": ({}, "lora_rank=33 is above the hidden size of"),
+    "LoRA rank 2**31-1": ({}, "lora_rank=2,147,483,647 is above the hidden size of"),
 }
+LORA_RANKS = {"LoRA rank above the width": "33", "LoRA rank 2**31-1": str(MAX_COUNT)}
 
 
 @pytest.fixture
@@ -223,7 +312,8 @@ def assert_one_line(code: int, out: str, err: str, seconds: float, says: str) ->
 def test_bad_config_values(capsys, tmp_path, case):
     fields, says = CONFIGS[case]
     path = write_config(tmp_path, "config.json", **fields)
-    assert_one_line(*cli(capsys, "estimate", path, "--seq-len", "8"), says)
+    lora = ["--lora-rank", LORA_RANKS[case], "--method", "formula"] if case in LORA_RANKS else []
+    assert_one_line(*cli(capsys, "estimate", path, "--seq-len", "8", *lora), says)
 
 
 def test_bad_config_files(capsys, tmp_path):
@@ -268,6 +358,16 @@ FACTORY_CASES = {
 @pytest.mark.parametrize("spec", list(FACTORY_CASES))
 def test_bad_factories(capsys, user_code, spec):
     assert_one_line(*cli(capsys, "estimate", spec, "--seq-len", "8"), FACTORY_CASES[spec])
+
+
+def test_an_internal_error_is_one_line_and_exit_3(capsys, user_code):
+    """An exception memguard did not expect is a bug: its own exit code, never 1 ("does not fit")."""
+    code = main(["estimate", "mg_factories:broken_module", "--seq-len", "8", "--method", "formula", "--json"])
+    captured = capsys.readouterr()
+    assert (code, captured.out) == (EXIT_INTERNAL, ""), captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.err.startswith("memguard: internal error: RuntimeError: parameters are gone (raised in ")
+    assert "mg_factories.py:" in captured.err and captured.err.endswith("please report it with the command line\n")
 
 
 def test_ctrl_c_inside_the_users_code_exits_130(capsys, user_code):
@@ -376,6 +476,40 @@ def test_config_objects_are_checked_and_build_errors_wrapped():
         load_model(GPT2Config(n_layer=-1, n_embd=32, n_head=2))
     with pytest.raises(ConfigError, match="cannot build a model from config 'GPT2Config': ValueError"):
         load_model(GPT2Config(n_layer=1, n_embd=33, n_head=2))
+
+
+def test_config_objects_whose_forward_cannot_run_are_refused():
+    from transformers import LlamaConfig, ViTConfig
+
+    with pytest.raises(ConfigError, match=r"num_key_value_heads=3 does not divide num_attention_heads=4"):
+        load_model(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=3, vocab_size=64))
+    with pytest.raises(ConfigError, match=r"patch_size=32 is larger than image_size=16"):
+        load_model(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             image_size=16, patch_size=32))
+    with pytest.raises(ConfigError, match=r"num_hidden_layers=1,025 layers is more than memguard builds"):
+        load_model(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1025, num_attention_heads=4,
+                               vocab_size=64))
+    ok = load_model(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=64))  # 2 divides 4: grouped-query attention
+    assert ok.module.model.layers[0].self_attn.k_proj.out_features == 16
+
+
+def test_plan_refuses_gpus_past_any_cluster_and_skips_lora_ranks_past_the_width(tmp_path):
+    from memguard.estimation.parallel import MAX_WORLD_SIZE
+    from memguard.planning import plan
+
+    path = write_config(tmp_path, "config.json")
+    with pytest.raises(ConfigError, match=r"gpus=1,048,577 GPUs is more than any cluster holds"):
+        plan(path, gpu="T4", seq_len=8, gpus=MAX_WORLD_SIZE + 1, confirm=0)
+    with pytest.raises(ConfigError, match=r"world_size=1,048,577 GPUs is more than any cluster holds"):
+        plan(path, gpu="T4", seq_len=8, base={"strategy": "ddp", "world_size": MAX_WORLD_SIZE + 1}, confirm=0)
+    found = plan(path, gpu="T4", seq_len=8, confirm=0, lora_ranks=(16, 64), batch_size=6, gpus=64)
+    assert "LoRA ranks above the hidden size of " in " ".join(found.notes)
+    assert {row.settings["lora_rank"] for row in found.rows if row.settings["lora_rank"]} == {16}
+    skipped = [n for n in found.notes if "cannot keep the effective batch of 6" in n]
+    assert skipped == ["64 GPUs allowed, but world sizes 4, 5, 7, 8, 9, 10, 11, 12 and 52 more cannot keep the "
+                       "effective batch of 6: not searched"]
 
 
 def test_load_model_paths_the_os_refuses():

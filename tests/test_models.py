@@ -171,3 +171,69 @@ def test_factory_classes_and_modules_are_taken_as_they_are(tmp_path, monkeypatch
     monkeypatch.syspath_prepend(str(tmp_path))
     assert isinstance(load_model("mymodels2:Net").module, torch.nn.Linear)  # a class is a factory
     assert load_model("mymodels2:ready").module.in_features == 4  # a module is used as it is
+
+
+LORA_HWM = '''
+import sys, torch
+from transformers import LlamaConfig
+from memguard.estimation.models import add_lora, load_model
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+base = load_model(LlamaConfig(hidden_size=4096, intermediate_size=64, num_hidden_layers=1, num_attention_heads=32,
+                              vocab_size=64))
+before = hwm()
+lora = add_lora(base, 4096).module
+devices = sorted({p.device.type for p in lora.parameters()})
+trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+print(hwm() - before, trainable, ",".join(devices))
+'''
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_lora_adapters_of_a_meta_model_are_built_on_meta(tmp_path) -> None:
+    """peft built each adapter on the CPU before moving it to the base layer's meta device: rank 4096 on
+    the q and v projections of one 4096-wide layer is 4 x 4096 x 4096 fp32 = 256 MiB resident, for nothing."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", LORA_HWM], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    grown, trainable, devices = proc.stdout.split()
+    assert int(trainable) == 2 * (4096 * 4096 + 4096 * 4096)  # q_proj and v_proj: A (r x 4096) + B (4096 x r)
+    assert devices == "meta"
+    assert int(grown) < 32 * 2**20, f"add_lora grew the resident peak by {int(grown) / 2**20:.0f} MiB"
+
+
+def test_lora_rank_is_at_most_the_hidden_size() -> None:
+    from transformers import GPT2Config
+
+    from memguard.estimation.models import add_lora, lora_rank_limit
+
+    base = load_model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    assert lora_rank_limit(base) == 32
+    assert add_lora(base, 32).name == "GPT2Config+lora32"
+    base = load_model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ConfigError, match=r"lora_rank=33 is above the hidden size of GPT2Config \(32\)"):
+        add_lora(base, 33)
+
+
+def test_architectures_take_model_classes_only() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32, architectures=["GPT2Model"])
+    assert type(load_model(config).module) is GPT2Model
+    config.architectures = ["NoSuchModelOfRemoteCode", "GPT2LMHeadModel"]  # an unknown name is passed over
+    assert type(load_model(config).module) is GPT2LMHeadModel
+    for name in ("Trainer", "AutoModelForCausalLM", "PreTrainedModel.__init__", "__builtins__"):
+        config.architectures = [name]
+        if name.isidentifier() and not name.startswith("_"):
+            with pytest.raises(ConfigError, match=f"architectures names '{name}', which is not a model class"):
+                load_model(config)
+        else:  # not a name transformers exports: passed over, the auto class builds
+            assert type(load_model(config).module) is GPT2LMHeadModel

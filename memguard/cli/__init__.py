@@ -21,9 +21,12 @@ or ``package.module:factory`` naming a callable that returns an ``nn.Module``. `
 verdict is :class:`memguard.fit.Fit`'s, as in the pytest plugin and the Lightning callback.
 
 Exit status: 0 success (``check``: it fits), 1 it does not fit (``check``; ``max-batch`` when not
-even batch size 1 fits), 2 bad usage or input, reported as one line on stderr, 130 interrupted
+even batch size 1 fits; ``plan`` when no row fits), 2 bad usage or input, reported as one line on
+stderr, 3 internal error (an unexpected exception: a bug, one ``memguard: internal error:`` line
+naming it and where it was raised; never 1, which a CI reads as "does not fit"), 130 interrupted
 (Ctrl-C, at any moment, one line and no traceback). Under GitHub Actions (``GITHUB_ACTIONS=true``)
-a ``check`` that does not fit also writes an error annotation.
+a ``check`` that does not fit also writes an error annotation. Names that are not UTF-8 (a file
+name's lone surrogates, PEP 383) are written escaped, whatever the streams' encoding.
 
 Progress lines ("tracing gpt2: batch 8, seq 1024 ...") are written only when stderr is a terminal,
 so a CI log or a script that reads stderr sees warnings and errors alone. torch and the estimator
@@ -53,12 +56,14 @@ from typing import Any
 
 from memguard.cli._output import (
     EXIT_DOES_NOT_FIT,
+    EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     PROG,
     Output,
     fail,
+    internal_error,
     is_terminal,
     quiet_libraries,
 )
@@ -67,7 +72,7 @@ from memguard.cli._parser import UsageError as _UsageError
 from memguard.cli._parser import build_parser as _build_parser
 from memguard.errors import MemguardError
 
-__all__ = ["EXIT_DOES_NOT_FIT", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = ["EXIT_DOES_NOT_FIT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``memguard`` command and return its exit status.
@@ -76,16 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
 
     Returns:
-        0 success, 1 does not fit, 2 bad usage or input, 130 interrupted.
+        0 success, 1 does not fit, 2 bad usage or input, 3 internal error, 130 interrupted.
     """
     with _watch_ctrl_c() as interrupted:
         try:
             code = _main(argv)
         except KeyboardInterrupt:  # anywhere: importing torch, parsing, tracing, writing
             interrupted.append(True)
-        except Exception:
+        except Exception as exc:  # a bug, not the user's mistake: its own code, never 1 ("does not fit")
             if not interrupted:
-                raise
+                return internal_error(exc)
         if interrupted:  # also when a library swallowed the KeyboardInterrupt and failed later
             with contextlib.suppress(KeyboardInterrupt, OSError):
                 sys.stderr.write(f"{PROG}: interrupted\n")

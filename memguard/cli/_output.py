@@ -20,12 +20,16 @@ from typing import Any
 
 import memguard
 
-__all__ = ["EXIT_DOES_NOT_FIT", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "PROG", "Output", "fail",
-           "github_error", "in_github_actions", "is_terminal", "quiet_libraries"]
+__all__ = ["EXIT_DOES_NOT_FIT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "PROG", "Output",
+           "fail", "github_error", "in_github_actions", "internal_error", "is_terminal", "quiet_libraries", "write"]
 
 EXIT_OK = 0
 EXIT_DOES_NOT_FIT = 1
+"""Also what Python exits with on an uncaught exception: :func:`memguard.cli.main` lets none escape."""
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+"""An unexpected exception, not a mistake of the user's: a bug of memguard's (or of a library under
+it) that a CI must not read as "does not fit"."""
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, what a shell reports for a command ended by Ctrl-C."""
 
@@ -45,15 +49,30 @@ class Output:
     progress_shown: bool = False
 
     def text(self, text: str = "") -> None:
-        sys.stdout.write(text + "\n")
+        write(sys.stdout, text + "\n")
 
     def json(self, data: Any) -> None:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        write(sys.stdout, json.dumps(data, indent=2) + "\n")
 
     def progress(self, text: str) -> None:
         if self.progress_shown:
-            sys.stderr.write(text + "\n")
+            write(sys.stderr, text + "\n")
             sys.stderr.flush()
+
+
+def write(stream: Any, text: str) -> None:
+    """Write ``text`` to ``stream``; what its encoding cannot hold is written as ``\\x..``/``\\udc..`` escapes.
+
+    A file name that is not UTF-8 reaches Python as lone surrogates (PEP 383, ``surrogateescape``);
+    a stream opened with ``errors="strict"`` (``PYTHONIOENCODING=utf-8``, or an ASCII locale for
+    other characters) raises ``UnicodeEncodeError`` on them. ``TextIOWrapper.write`` encodes the
+    whole text before writing any of it, so the second try does not repeat a part.
+    """
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
 def is_terminal(stream: Any) -> bool:
@@ -68,7 +87,7 @@ def fail(message: str) -> int:
     """Write ``message`` as one ``memguard: error:`` line on stderr, in the command's words
     (:func:`in_flags`); return :data:`EXIT_USAGE`."""
     line = in_flags(" ".join(message.split()))  # one line, whatever the message holds
-    sys.stderr.write(f"{PROG}: error: {line}\n")
+    write(sys.stderr, f"{PROG}: error: {line}\n")
     return EXIT_USAGE
 
 
@@ -97,6 +116,22 @@ def in_flags(message: str) -> str:
     return _LORA_NAME.sub(lambda m: f"{m.group(1)} with LoRA rank {m.group(2)}", message)
 
 
+def internal_error(exc: BaseException) -> int:
+    """Write an unexpected exception as one ``memguard: internal error:`` line; return :data:`EXIT_INTERNAL`.
+
+    The line names the exception, its message and the innermost frame it was raised in, enough for a
+    bug report; the full traceback would bury it in a CI log.
+    """
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" (raised in {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None else ""
+    line = " ".join(f"{type(exc).__name__}: {exc}{where}".split())
+    with contextlib.suppress(Exception):
+        write(sys.stderr, f"{PROG}: internal error: {line}; this is a bug, please report it with the command line\n")
+    return EXIT_INTERNAL
+
+
 def github_error(message: str) -> str:
     """A GitHub Actions error annotation; the message escaped as workflow commands require."""
     data = message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
@@ -122,7 +157,7 @@ def quiet_libraries(*, quiet: bool, models: bool) -> Iterator[None]:
         except ImportError:  # pragma: no cover - transformers is a dependency
             tf_logging = None
     tf_level = tf_logging.get_verbosity() if tf_logging else None
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     handler.setFormatter(_OneLine(f"{PROG}: warning: %(message)s"))
     handler.setLevel(logging.ERROR if quiet else logging.WARNING)
     logger = logging.getLogger("memguard")
@@ -150,6 +185,18 @@ class _OneLine(logging.Formatter):
         return " ".join(super().format(record).split())
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A ``StreamHandler`` that writes through :func:`write`: a record naming a file that is not UTF-8 is
+    shown escaped, not replaced by logging's "--- Logging error ---" traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            write(self.stream, self.format(record) + self.terminator)
+            self.flush()
+        except Exception:  # as logging.StreamHandler.emit does
+            self.handleError(record)
+
+
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     """Show a warning attributed to memguard's code; drop the rest.
@@ -166,9 +213,9 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     text = " ".join(str(message).split())
     origin = _warning_origin()
     if origin is None or origin == "memguard" or origin.startswith("memguard."):
-        sys.stderr.write(f"{PROG}: warning: {text}\n")
+        write(sys.stderr, f"{PROG}: warning: {text}\n")
     elif not issubclass(category, (DeprecationWarning, FutureWarning)):
-        sys.stderr.write(f"{PROG}: warning from {origin}: {text}\n")
+        write(sys.stderr, f"{PROG}: warning from {origin}: {text}\n")
 
 
 def _within(filename: str, folder: Path) -> bool:

@@ -21,6 +21,11 @@ TRACE_TIMEOUT = 120.0
 """memguard.estimation.trace.DEFAULT_TIMEOUT, without importing torch to build the parser."""
 
 
+EXIT_STATUS = ("exit status: 0 success (check: it fits); 1 it does not fit (check, max-batch, plan); 2 bad usage "
+               "or input, one line on stderr; 3 internal error (a bug), one line on stderr; 130 interrupted")
+"""The exit statuses of :mod:`memguard.cli._output`, for ``--help``."""
+
+
 class UsageError(Exception):
     """A command line argparse cannot read; the message is argparse's, with a hint."""
 
@@ -114,7 +119,8 @@ def build_parser() -> Parser:
     batch.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                        help="samples per step on one device (default: 1)")
     gpu = _gpu_options()
-    parser = Parser(prog=PROG, description="Predict the peak memory of a training step before it runs.")
+    parser = Parser(prog=PROG, description="Predict the peak memory of a training step before it runs.",
+                    epilog=EXIT_STATUS)
     parser.add_argument("--version", action="version", version=f"{PROG} {memguard.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_commands(commands, output=output, model=model, batch=batch, gpu=gpu)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import stat
 from collections.abc import Mapping
@@ -20,8 +21,9 @@ from torch import nn
 
 from memguard.errors import ConfigError, MemguardError, did_you_mean
 
-__all__ = ["MAX_CONFIG_BYTES", "ResolvedModel", "add_lora", "check_config_sizes", "is_checkpointing", "list_presets",
-           "load_model", "set_checkpointing"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_LAYERS", "MAX_PARAMETERS", "ResolvedModel", "add_lora", "check_config_shapes",
+           "check_config_sizes", "is_checkpointing", "list_presets", "load_model", "lora_rank_limit",
+           "set_checkpointing"]
 
 _PRESET_DIR = Path(__file__).parent / "presets"
 _ALIASES = {
@@ -108,13 +110,29 @@ MAX_CONFIG_BYTES = 16 * 2**20
 """The largest file read as a ``config.json``. Real ones are a few KiB (Llama-3's is 0.7 KiB); a
 larger file is a weights file or something else given by mistake, and is refused before it is read."""
 
+MAX_LAYERS = 1024
+"""The most layers one stack of a config may have (each depth key: ``n_layer``, ``num_hidden_layers``,
+``encoder_layers`` ...). The deepest published transformer, DeepNet (Wang et al. 2022, "DeepNet:
+Scaling Transformers to 1,000 Layers"), has 1,000; Llama-3.1-405B has 126. Building the modules
+takes time even on the meta device (~20 ms a GPT-2 block on a busy CPU): 100,000 layers take minutes,
+2**31 never end, so a deeper config is refused before anything is built."""
+
+MAX_PARAMETERS = 10**13
+"""The most parameters a config may describe, checked on a lower bound computed from its sizes
+before anything is built (:func:`_parameters_at_least`). Ten times the largest model trained so far
+(Switch-C, 1.6 x 10**12, Fedus et al. 2022); its fp32 weights alone are 40 TB. A config past it is a
+typo or a probe, not a model: a width of 2**31 would give tensors whose sizes overflow int64."""
+
+_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
+_FFN_KEYS = ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "hidden_dim", "encoder_ffn_dim", "decoder_ffn_dim")
+_DEPTH_KEYS = ("n_layer", "n_layers", "num_hidden_layers", "num_layers", "num_decoder_layers",
+               "encoder_layers", "decoder_layers")
+
 _SIZE_KEYS = frozenset({
     # widths
-    "hidden_size", "n_embd", "d_model", "d_kv", "dim", "hidden_dim", "head_dim",
-    "intermediate_size", "n_inner", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim",
+    *_WIDTH_KEYS, "d_kv", "head_dim", *_FFN_KEYS,
     # depths
-    "n_layer", "n_layers", "num_hidden_layers", "num_layers", "num_decoder_layers",
-    "encoder_layers", "decoder_layers",
+    *_DEPTH_KEYS,
     # heads
     "n_head", "n_heads", "num_heads", "num_attention_heads", "num_key_value_heads",
     "encoder_attention_heads", "decoder_attention_heads",
@@ -128,11 +146,15 @@ transformers configs of GPT-2, BERT, Llama, Mistral, T5, BART, DistilBERT and Vi
 
 
 def _read_config_dict(source: str | Path) -> tuple[dict[str, Any], str]:
-    """The JSON object in a ``config.json`` (or a model directory's), read with bounded memory.
+    """The JSON object in a ``config.json`` (or a model directory's), read with bounded memory and time.
 
     A path that is not a regular file (``/dev/zero``, a pipe) or is larger than
     :data:`MAX_CONFIG_BYTES` is refused before anything is read; bytes that are not UTF-8 JSON
-    are one clear error.
+    are one clear error. The file is opened with ``O_NONBLOCK`` and checked again on the open
+    descriptor: a kernel file that says it is regular but waits for data (``/proc/kmsg``: a regular
+    file of size 0 whose ``read`` blocks until the kernel logs, see ``kmsg_read`` in Linux's
+    ``kernel/printk/printk.c``) is refused instead of blocking, and so is a path swapped for a pipe
+    between the two checks (``open(2)``: with ``O_NONBLOCK`` opening a FIFO for reading returns at once).
     """
     path = Path(source)
     if path.is_dir():
@@ -151,11 +173,7 @@ def _read_config_dict(source: str | Path) -> tuple[dict[str, Any], str]:
         raise ConfigError(f"{where!r} is {info.st_size:,} bytes, too large for a config.json (at most "
                           f"{MAX_CONFIG_BYTES // 2**20} MiB): is it a weights file? Give the config.json "
                           "next to it, or the model's directory")
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {where!r} as a JSON model config: {exc}") from None
+    raw = _read_bounded(path, where)
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{where!r} is larger than {MAX_CONFIG_BYTES // 2**20} MiB, too large for a config.json")
     try:
@@ -170,13 +188,44 @@ def _read_config_dict(source: str | Path) -> tuple[dict[str, Any], str]:
     return data, str(source)
 
 
+def _read_bounded(path: Path, where: str) -> bytes:
+    """At most ``MAX_CONFIG_BYTES + 1`` bytes of a regular file, without ever waiting for data."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {where!r} as a JSON model config: {exc}") from None
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"{where!r} is not a regular file (a device, pipe or socket); give a model's "
+                                  "config.json or its directory")
+            chunks, size = [], 0
+            while size <= MAX_CONFIG_BYTES:
+                chunk = f.read(MAX_CONFIG_BYTES + 1 - size)
+                if chunk is None:  # O_NONBLOCK and nothing to read yet: a file that waits for data
+                    raise BlockingIOError("it has no data to read now")
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        except BlockingIOError:
+            raise ConfigError(f"{where!r} is not a config.json: a kernel or device file that waits for data "
+                              "(reading it would block); give a model's config.json or its directory") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {where!r} as a JSON model config: {exc}") from None
+    return b"".join(chunks)
+
+
 def check_config_sizes(data: Mapping[str, Any], origin: str) -> None:
-    """Check the counts and sizes of a config (widths, depths, heads, vocabulary ...).
+    """Check the counts and sizes of a config (widths, depths, heads, vocabulary ...), before anything is built.
 
     Each key of :data:`_SIZE_KEYS` present, here or in a nested sub-config, must be ``None`` or a
-    whole number from 1 to :data:`memguard.estimation.spec.MAX_COUNT` (``image_size`` may be a pair).
-    transformers checks few of them: ``n_positions: -5`` fails deep inside torch, ``n_layer: -1``
-    builds a model with no blocks, ``num_attention_heads: 0`` divides by zero.
+    whole number from 1 to :data:`memguard.estimation.spec.MAX_COUNT` (``image_size`` and
+    ``patch_size`` may be pairs). transformers checks few of them: ``n_positions: -5`` fails deep
+    inside torch, ``n_layer: -1`` builds a model with no blocks, ``num_attention_heads: 0`` divides by
+    zero. Each depth key is at most :data:`MAX_LAYERS`, and the parameters the sizes describe (a lower
+    bound, :func:`_parameters_at_least`) at most :data:`MAX_PARAMETERS`: building more would not end.
 
     Raises:
         ConfigError: naming the config, the key and the value.
@@ -189,11 +238,89 @@ def check_config_sizes(data: Mapping[str, Any], origin: str) -> None:
             continue
         if key not in _SIZE_KEYS or value is None:
             continue
-        values = value if key == "image_size" and isinstance(value, (list, tuple)) else [value]
-        for v in values:
+        pair = key in ("image_size", "patch_size") and isinstance(value, (list, tuple))
+        for v in value if pair else [value]:
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_COUNT:
                 raise ConfigError(f"model config {origin!r}: {key} must be a whole number from 1 to "
                                   f"{MAX_COUNT:,}, got {value!r}")
+        if key in _DEPTH_KEYS and value > MAX_LAYERS:
+            raise ConfigError(f"model config {origin!r}: {key}={value:,} layers is more than memguard builds (at "
+                              f"most {MAX_LAYERS:,}; the deepest published transformer has 1,000); give the "
+                              "model's real depth")
+    at_least, sizes = _parameters_at_least(data)
+    if at_least > MAX_PARAMETERS:
+        raise ConfigError(f"model config {origin!r}: {sizes} describe at least {at_least:.2e} parameters, more "
+                          f"than memguard builds (at most {MAX_PARAMETERS:.0e}, ten times the largest model "
+                          "trained); give the model's real sizes")
+
+
+def _parameters_at_least(data: Mapping[str, Any]) -> tuple[int, str]:
+    """A lower bound of the parameters of one (sub-)config's transformer, and the sizes it read.
+
+    ``layers x (2 h**2 + 2 h f) + vocab x h``: each block has at least a query and an output
+    projection (h x h each) and an MLP up and down (h x f each), the embedding ``vocab x h``
+    (Vaswani et al. 2017; GPT-2, BERT, Llama and T5 all have more: k and v projections, a gate, norms).
+    A size absent counts as 0, so the bound never exceeds the real count.
+    """
+    def size(keys: tuple[str, ...]) -> tuple[int, str]:
+        for key in keys:
+            value = data.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, f"{key}={value:,}"
+        return 0, ""
+
+    (h, h_text), (f, f_text), (v, v_text) = size(_WIDTH_KEYS), size(_FFN_KEYS), size(("vocab_size",))
+    layers = [(data[k], f"{k}={data[k]:,}") for k in _DEPTH_KEYS
+              if isinstance(data.get(k), int) and not isinstance(data.get(k), bool) and data[k] > 0]
+    depth, depth_text = max(layers, default=(0, ""))
+    at_least = depth * (2 * h * h + 2 * h * f) + v * h
+    return at_least, ", ".join(t for t in (depth_text, h_text, f_text, v_text) if t)
+
+
+def check_config_shapes(data: Mapping[str, Any], origin: str) -> None:
+    """Check sizes that must agree for the forward to run, here or in a nested sub-config.
+
+    transformers builds such a model without complaint, and its forward then fails deep inside
+    torch with a message that names no config key:
+
+    - ``num_key_value_heads`` must divide ``num_attention_heads``: each key/value head serves
+      ``num_attention_heads // num_key_value_heads`` query heads (``repeat_kv`` and
+      ``num_key_value_groups`` in transformers/models/llama/modeling_llama.py; Mistral, Qwen2,
+      Gemma copy it), so 4 heads over 3 key/value heads fail at the attention product.
+    - ``patch_size`` may not exceed ``image_size`` (either side of a pair): the patch embedding is a
+      ``Conv2d`` with ``kernel_size=stride=patch_size`` (``ViTPatchEmbeddings`` in
+      transformers/models/vit/modeling_vit.py), and torch refuses a kernel larger than its input.
+
+    Raises:
+        ConfigError: naming the config, both keys and their values.
+    """
+    for value in data.values():
+        if isinstance(value, Mapping):
+            check_config_shapes(value, origin)
+    heads, kv = data.get("num_attention_heads"), data.get("num_key_value_heads")
+    if _whole(heads) and _whole(kv) and heads % kv:
+        fits = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0) if heads <= 1024 else "a divisor"
+        raise ConfigError(f"model config {origin!r}: num_key_value_heads={kv} does not divide "
+                          f"num_attention_heads={heads} (each key/value head serves the same number of query "
+                          f"heads); use one of {fits}")
+    image, patch = _pair(data.get("image_size")), _pair(data.get("patch_size"))
+    if image and patch and (patch[0] > image[0] or patch[1] > image[1]):
+        raise ConfigError(f"model config {origin!r}: patch_size={data['patch_size']!r} is larger than "
+                          f"image_size={data['image_size']!r}, so the image holds no patch; use a patch_size "
+                          "of at most the image_size")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    """``224`` or ``[224, 224]`` as a pair of sides, or ``None`` for anything else."""
+    if _whole(value):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_whole(v) for v in value):
+        return value[0], value[1]
+    return None
 
 
 def _config_from_dict(data: Mapping[str, Any], origin: str) -> Any:
@@ -223,13 +350,10 @@ def _build_from_config(config: Any, *, device: str | torch.device = "meta", orig
     import transformers
 
     origin = origin or type(config).__name__
-    check_config_sizes(_config_dict(config), origin)
-    archs = list(getattr(config, "architectures", None) or [])
-    cls = None
-    for arch in archs:
-        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-        if cls is not None:
-            break
+    data = _config_dict(config)
+    check_config_sizes(data, origin)
+    check_config_shapes(data, origin)
+    cls = _architecture(transformers, config, origin)
     try:
         if cls is None:
             return _build_auto(transformers, config, device, origin)
@@ -239,6 +363,28 @@ def _build_from_config(config: Any, *, device: str | torch.device = "meta", orig
         raise
     except Exception as exc:
         raise ConfigError(f"cannot build a model from config {origin!r}: {type(exc).__name__}: {exc}") from None
+
+
+def _architecture(transformers: Any, config: Any, origin: str) -> type[nn.Module] | None:
+    """The first model class of transformers that the config's ``architectures`` names, if any.
+
+    Only a model class is built: a name transformers exports that is not an ``nn.Module``
+    subclass (``"Trainer"``, ``"AutoTokenizer"``, a function) is refused, not called with the
+    config; a name transformers does not know (a model of remote code) is passed over.
+    """
+    archs = getattr(config, "architectures", None) or []
+    for arch in archs if isinstance(archs, (list, tuple)) else [archs]:
+        if not isinstance(arch, str) or not arch.isidentifier() or arch.startswith("_"):
+            continue
+        found = getattr(transformers, arch, None)
+        if found is None:
+            continue
+        if not (isinstance(found, type) and issubclass(found, nn.Module)):
+            raise ConfigError(f"model config {origin!r}: architectures names {arch!r}, which is not a model class "
+                              f"(transformers.{arch} is not a torch.nn.Module); name the model's class, e.g. "
+                              "'LlamaForCausalLM', or drop 'architectures'")
+        return found
+    return None
 
 
 def _build_auto(transformers: Any, config: Any, device: str | torch.device, origin: str) -> nn.Module:
@@ -370,31 +516,56 @@ def _uncompiled(module: nn.Module) -> nn.Module:
     inner = getattr(module, "_orig_mod", None)
     return inner if type(module).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else module
 
+def lora_rank_limit(resolved: ResolvedModel) -> int | None:
+    """The largest LoRA rank worth taking for ``resolved``: its hidden size, or ``None`` when unknown.
+
+    A LoRA update ``B @ A`` of a ``d_out x d_in`` weight has rank at most ``min(r, d_in, d_out)``
+    (Hu et al. 2021, section 4.1), and the attention projections peft targets are ``hidden x
+    hidden`` (or narrower for grouped key/values): adapters of a larger rank add parameters that
+    can learn nothing more. transformers configs name the width ``hidden_size`` (GPT-2's ``n_embd``
+    and T5's ``d_model`` through their ``attribute_map``).
+    """
+    hidden = getattr(resolved.config, "hidden_size", None)
+    return hidden if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0 else None
+
 
 def add_lora(resolved: ResolvedModel, rank: int) -> ResolvedModel:
     """Freeze the base model and add LoRA adapters of ``rank`` (Hu et al. 2021) with ``peft``.
 
     The adapters go where peft puts them by default for the architecture (the attention
-    projections for most), with ``lora_alpha = 2 * rank`` and no adapter dropout.
+    projections for most), with ``lora_alpha = 2 * rank`` and no adapter dropout. On a base model
+    on the meta device (as :func:`load_model` builds them) the adapters are built there too, with
+    peft's ``low_cpu_mem_usage=True`` (``init_empty_weights`` in peft/tuners/tuners_utils.py):
+    without it peft allocates each adapter on the CPU before moving it to the base layer's device
+    (rank 1024 on Llama-2-7B: 1.9 GB resident, for nothing).
 
     Raises:
         ConfigError: for a module the user built (adding adapters would change it: wrap it with
-            peft yourself and pass the result), or an architecture peft has no default targets for.
+            peft yourself and pass the result), a rank above the model's hidden size
+            (:func:`lora_rank_limit`), or an architecture peft has no default targets for.
         MissingDependencyError: without ``peft``.
     """
     from memguard.errors import require
+    from memguard.estimation.spec import positive_int
 
+    rank = positive_int("lora_rank", rank)
     peft = require("peft", "peft", "lora_rank")
     if not resolved.built_here:
         raise ConfigError(
             "lora_rank adds adapters to models memguard builds (a preset, config or config.json); "
             "for your own module, wrap it with peft.get_peft_model and pass the result"
         )
+    limit = lora_rank_limit(resolved)
+    if limit is not None and rank > limit:
+        raise ConfigError(f"lora_rank={rank:,} is above the hidden size of {resolved.name} ({limit:,}): an adapter's "
+                          f"update has rank at most the width of the layer it adapts; use a rank of at most {limit:,} "
+                          "(8 to 64 is usual)")
+    on_meta = any(p.device.type == "meta" for p in resolved.module.parameters())
     # GPT-2's Conv1D layers store their weights transposed; peft wants to be told.
     conv1d = any(type(m).__name__ == "Conv1D" for m in resolved.module.modules())
     try:
         config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, fan_in_fan_out=conv1d)
-        module = peft.get_peft_model(resolved.module, config)
+        module = peft.get_peft_model(resolved.module, config, low_cpu_mem_usage=on_meta)
     except ValueError as exc:
         raise ConfigError(f"cannot add LoRA adapters to {resolved.name}: {exc}") from None
     return ResolvedModel(module, f"{resolved.name}+lora{rank}", resolved.config, built_here=True)

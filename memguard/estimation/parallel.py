@@ -320,6 +320,21 @@ def _units(module: nn.Module) -> tuple[int, int, int]:
     return total - sum(sizes), max(sizes), len(blocks)
 
 
+MAX_WORLD_SIZE = 2**20
+"""The most data-parallel ranks (GPUs) memguard plans for: 1,048,576, ten times the largest GPU
+clusters built (~10**5 GPUs). The planner tries world sizes one by one (and lists those it cannot
+use), so 2**31 of them would exhaust memory before the first estimate."""
+
+
+def world_size_of(name: str, value: object) -> int:
+    """``value`` as a number of ranks from 1 to :data:`MAX_WORLD_SIZE`, else a :class:`ConfigError` naming ``name``."""
+    count = positive_int(name, value)
+    if count > MAX_WORLD_SIZE:
+        raise ConfigError(f"{name}={count:,} GPUs is more than any cluster holds: memguard takes at most "
+                          f"{MAX_WORLD_SIZE:,} (ten times the largest GPU clusters built)")
+    return count
+
+
 def resolve_parallelism(strategy: str | Strategy | None = "single", world_size: int | None = 1, *,
                         offload_optimizer: bool = False, offload_params: bool = False,
                         ranks_per_node: int | None = None) -> Parallelism:
@@ -327,7 +342,7 @@ def resolve_parallelism(strategy: str | Strategy | None = "single", world_size: 
 
     Raises:
         ConfigError: for an unknown or non-string strategy, a bad world size (a whole number from 1
-            to :data:`~memguard.estimation.spec.MAX_COUNT`, not a bool), offload flags that are not
+            to :data:`MAX_WORLD_SIZE`, not a bool), offload flags that are not
             ``True``/``False`` (``"no"`` would be truthy), or offload where it cannot apply.
     """
     if strategy is not None and not isinstance(strategy, str):
@@ -338,7 +353,7 @@ def resolve_parallelism(strategy: str | Strategy | None = "single", world_size: 
     opt_off, par_off = Strategy.offloads_named(strategy)
     offload_optimizer = offload_optimizer or opt_off
     offload_params = offload_params or par_off
-    world_size = positive_int("world_size", world_size)
+    world_size = world_size_of("world_size", world_size)
     if key is Strategy.SINGLE and world_size > 1:
         raise ConfigError(f"strategy 'single' runs on one device, but world_size={world_size}; "
                           "pass strategy='ddp' (or a sharded one)")

@@ -11,8 +11,8 @@ from typing import Any
 
 from memguard.device import DeviceMemory, parse_gpu, resolve_budget
 from memguard.errors import ConfigError, MemguardError
-from memguard.estimation.models import ResolvedModel, add_lora, load_model
-from memguard.estimation.parallel import resolve_parallelism
+from memguard.estimation.models import ResolvedModel, add_lora, load_model, lora_rank_limit
+from memguard.estimation.parallel import resolve_parallelism, world_size_of
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.spec import OPTIMIZERS as NAMED_OPTIMIZERS
 from memguard.estimation.spec import positive_int, resolve_optimizer, resolve_precision
@@ -170,7 +170,7 @@ def _setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len: Any
         raise ConfigError(f"estimate_kwargs takes {', '.join(_EXTRA_KEYS)}, not "
                           f"{', '.join(sorted(set(extra) - set(_EXTRA_KEYS)))}")
     knobs = _base_knobs(base, batch_size, precision)
-    gpus = knobs.world_size if gpus is None else positive_int("gpus", gpus)
+    gpus = knobs.world_size if gpus is None else world_size_of("gpus", gpus)
     if gpus < knobs.world_size:
         raise ConfigError(f"gpus={gpus} is fewer than the run's world_size={knobs.world_size}; pass gpus >= it")
     memory, notes = _resolve_gpu(gpu), []
@@ -188,6 +188,10 @@ def _setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len: Any
         notes.append("LoRA is planned for models memguard builds (a preset, config or config.json); wrap your "
                      "module with peft.get_peft_model to plan it")
         ranks = ()
+    rank_limit = lora_rank_limit(resolved)
+    if rank_limit is not None and any(r > rank_limit for r in ranks):
+        notes.append(f"LoRA ranks above the hidden size of {resolved.name} ({rank_limit}) are not planned")
+        ranks = tuple(r for r in ranks if r <= rank_limit)
     return _Setup(model, {None: resolved.module}, resolved.name, knobs, memory, float(margin), gpus, precisions,
                   optimizers, ranks, method_prune, confirm, limit, device, seq_len, extra,
                   max_estimates, notes)

@@ -235,9 +235,10 @@ def _groups(search: _Search) -> list[tuple[str, list[_Knobs], tuple[int | None, 
     setup, ctx, base = search.setup, search.ctx, search.ctx.base
     layouts = [(s, 1, oo, op) for s, oo, op in _SINGLE]
     skipped = [w for w in range(2, setup.gpus + 1) if ctx.effective % w]
-    layouts += [(s, w, oo, op) for w in range(2, setup.gpus + 1) if w not in skipped for s, oo, op in _MULTI]
+    layouts += [(s, w, oo, op) for w in range(2, setup.gpus + 1) if not ctx.effective % w for s, oo, op in _MULTI]
     if skipped:
-        sizes = f"world size{'s' * (len(skipped) > 1)} {', '.join(map(str, skipped))}"
+        shown = ", ".join(map(str, skipped[:8])) + (f" and {len(skipped) - 8:,} more" if len(skipped) > 8 else "")
+        sizes = f"world size{'s' * (len(skipped) > 1)} {shown}"
         setup.notes.append(f"{setup.gpus} GPUs allowed, but {sizes} cannot keep the effective batch of "
                            f"{ctx.effective}: not searched")
     mine = (base.strategy, base.world_size, base.offload_optimizer, base.offload_params)
