@@ -245,6 +245,10 @@ def _paged_notes(resolved: ResolvedModel, spec: TrainingSpec) -> list[str]:
     from memguard.estimation.formula.model_state import paged_state_bytes
 
     paged = paged_state_bytes(resolved.module, spec)
+    if paged == 0:
+        return [f"{spec.optimizer.name}: no trainable parameter has 100,000 elements or more, so bitsandbytes pages "
+                "none of its state (Optimizer8bit.get_state_buffer): all of it is ordinary CUDA memory, which "
+                "torch.cuda.max_memory_allocated() counts"]
     return [f"{spec.optimizer.name}: {paged:,} bytes of its state are in CUDA managed memory (bitsandbytes "
             "get_paged, cudaMallocManaged, for parameters of 100,000 elements or more): torch.cuda."
             "max_memory_allocated() and memory_reserved() do not count them, nvidia-smi does while they are "

@@ -87,7 +87,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     grad = inv.requires_grad()
     state = model_state(inv, spec, grad)
     notes = list(state.notes)
-    acts = activations(inv, spec, ctx, grad)
+    acts = activations(inv, spec, ctx, grad, _lora_bytes(module, arch, ctx, spec))
     batch = batch_bytes(arch, module, spec, ctx.b, acts.tokens)
     states = state.held()
     # Lightning zeroes gradients after the forward: last step's are alive through it
@@ -135,6 +135,18 @@ def _backward_phases(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[boo
         "optimizer step": {**states, Category.ACTIVATIONS: batch, Category.GRADIENTS: grads,
                            Category.TEMPORARY: state.optimizer_step},
     }
+
+
+def _lora_bytes(module: Any, arch: Architecture, ctx: Ctx, spec: TrainingSpec) -> int | None:
+    """What the first block's LoRA adapters save (see :mod:`memguard.estimation.formula.lora`), or ``None``."""
+    from memguard.estimation.arch import block_stacks
+    from memguard.estimation.formula.context import tokens
+    from memguard.estimation.formula.lora import lora_block_bytes
+
+    enc, dec = block_stacks(module, arch=arch, guess=False)
+    if not enc or dec:  # encoder-decoders: counted as trainable blocks
+        return None
+    return lora_block_bytes(module, enc[0], ctx, ctx.b * tokens(arch, spec))
 
 
 def _dequantize_bytes(module: Any, spec: TrainingSpec, ctx: Ctx, tokens: int) -> tuple[int, int]:
