@@ -450,11 +450,11 @@ def quantized_layers(module: nn.Module) -> list[QuantizedLinear]:
     return [m for m in module.modules() if isinstance(m, QuantizedLinear)]
 
 
-def dequantize_temporary(module: nn.Module, elem: int) -> int:
+def dequantize_temporary(layers: Iterable[QuantizedLinear], elem: int) -> int:
     """The largest temporary a quantized layer's matmul makes: its weight dequantized into
     ``elem``-byte elements (plus fp32 absmax under double quantization), or int8's scaled copy."""
     most = 0
-    for m in quantized_layers(module):
+    for m in layers:
         n = m.in_features * m.out_features
         if m.quantization.kind == "int8":
             extra = F32 * m.out_features

@@ -8,6 +8,8 @@ temporaries differ from moment to moment.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import Any
 
 from memguard.errors import ConfigError
@@ -94,7 +96,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     old_grads = state.gradients if training_loop == "lightning" else 0
     saved = acts.saved + batch + _autocast_weight_bytes(inv, ctx, acts.idle)
     loss_fwd = loss_forward_bytes(ctx, acts.logits)
-    dequant_fwd, dequant_bwd = _dequantize_bytes(module, spec, ctx, acts.tokens)
+    dequant_fwd, dequant_bwd = _dequantize_bytes(module, arch, spec, ctx, acts.tokens)
     block_fwd = block_forward_bytes(ctx, acts.tokens) + dequant_fwd
     kept = loss_saved_bytes(ctx, acts.logits) if loss_fwd - block_fwd >= 0 else 0
     phases: Phases = {
@@ -137,19 +139,44 @@ def _backward_phases(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[boo
     }
 
 
+_STRUCTURE: weakref.WeakKeyDictionary[Any, tuple[int, Any, list[Any]]] = weakref.WeakKeyDictionary()
+"""module -> (structure generation, its first block when it has one stack of them, its quantized layers)."""
+
+
+def _structure(module: Any, arch: Architecture) -> tuple[Any, list[Any]]:
+    """The first block (``None`` for encoder-decoders) and the quantized layers, read once per structure."""
+    from memguard.estimation.arch import block_stacks, structure_generation
+    from memguard.estimation.quantization import quantized_layers
+
+    generation = structure_generation()
+    try:
+        cached = _STRUCTURE.get(module)
+    except TypeError:
+        cached = None
+    if cached is not None and cached[0] == generation:
+        return cached[1], cached[2]
+    enc, dec = block_stacks(module, arch=arch, guess=False)
+    first = enc[0] if enc and not dec else None
+    found = (generation, first, quantized_layers(module))
+    with contextlib.suppress(TypeError):
+        _STRUCTURE[module] = found
+    return found[1], found[2]
+
+
 def _lora_bytes(module: Any, arch: Architecture, ctx: Ctx, spec: TrainingSpec) -> int | None:
-    """What the first block's LoRA adapters save (see :mod:`memguard.estimation.formula.lora`), or ``None``."""
-    from memguard.estimation.arch import block_stacks
+    """What the first block's LoRA adapters save (see :mod:`memguard.estimation.formula.lora`), or ``None``
+    (encoder-decoders: counted as trainable blocks)."""
     from memguard.estimation.formula.context import tokens
     from memguard.estimation.formula.lora import lora_block_bytes
 
-    enc, dec = block_stacks(module, arch=arch, guess=False)
-    if not enc or dec:  # encoder-decoders: counted as trainable blocks
+    first, _ = _structure(module, arch)
+    if first is None:
         return None
-    return lora_block_bytes(module, enc[0], ctx, ctx.b * tokens(arch, spec))
+    return lora_block_bytes(module, first, ctx, ctx.b * tokens(arch, spec))
 
 
-def _dequantize_bytes(module: Any, spec: TrainingSpec, ctx: Ctx, tokens: int) -> tuple[int, int]:
+def _dequantize_bytes(module: Any, arch: Architecture, spec: TrainingSpec, ctx: Ctx,
+                      tokens: int) -> tuple[int, int]:
     """A quantized base's largest dequantized weight, in forward and in backward.
 
     bitsandbytes' ``gemm_4bit`` dequantizes the weight into the input's dtype (the parameters' dtype:
@@ -157,14 +184,15 @@ def _dequantize_bytes(module: Any, spec: TrainingSpec, ctx: Ctx, tokens: int) ->
     rows of input; ``MatMul4Bit.backward`` always does, into the gradient's dtype (the matmul's
     output dtype). See :mod:`memguard.estimation.quantization`.
     """
-    from memguard.estimation.quantization import FUSED_MAX_ROWS, dequantize_temporary, quantized_layers
+    from memguard.estimation.quantization import FUSED_MAX_ROWS, dequantize_temporary
 
-    if not quantized_layers(module):
+    _, layers = _structure(module, arch)
+    if not layers:
         return 0, 0
-    kinds = {m.quantization.kind for m in quantized_layers(module)}
+    kinds = {m.quantization.kind for m in layers}
     fused = "int8" not in kinds and ctx.b * tokens <= FUSED_MAX_ROWS
-    forward = 0 if fused else dequantize_temporary(module, spec.precision.param_dtype.itemsize)
-    return forward, dequantize_temporary(module, ctx.c)
+    forward = 0 if fused else dequantize_temporary(layers, spec.precision.param_dtype.itemsize)
+    return forward, dequantize_temporary(layers, ctx.c)
 
 
 def _autocast_weight_bytes(inv: Inventory, ctx: Ctx, idle: frozenset[int]) -> int:
