@@ -8,7 +8,8 @@ and ``lora_B`` keeps ``lora_A``'s ``rank``-wide output. Adapters that read the s
 V read the attention norm's output; gate and up the MLP norm's) keep it once, or once each under
 autocast (each casts its own copy, as :meth:`~memguard.estimation.formula.context.Ctx.linear_inputs`
 says). The attention's output, which an adapted output projection reads, is saved by the fused
-attention kernel already.
+attention kernel already. A base in LLM.int8 keeps its layers' inputs too
+(:mod:`memguard.estimation.quantization`).
 """
 
 from __future__ import annotations
@@ -54,4 +55,27 @@ def lora_block_bytes(module: nn.Module, block: nn.Module, ctx: Ctx, rows: int) -
     for key, n in readers.items():
         width = ctx.arch.ffn if key.startswith("ffn") else ctx.arch.hidden
         total += ctx.linear_inputs(rows, width, n)
+    return total + _int8_inputs(block, ctx, rows, set(readers))
+
+
+def _int8_inputs(block: nn.Module, ctx: Ctx, rows: int, saved: set[str]) -> int:
+    """Inputs that LLM.int8's ``MatMul8bitLt`` keeps for backward (``ctx.tensors = (CAt, subA, A)``), each
+    tensor once, beyond those the adapters keep already (the same tensor without autocast)."""
+    from memguard.estimation.quantization import QuantizedLinear
+
+    kept: set[str] = set()
+    for name, m in block.named_modules():
+        if not isinstance(m, QuantizedLinear) or m.quantization.kind != "int8":
+            continue
+        parts = name.split(".")
+        leaf = parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]
+        group = "attn" if leaf in _READS["hidden"][:10] or leaf in ("o_proj", "out_proj", "dense") else "mlp"
+        source = "hidden" if leaf in _READS["hidden"] else "ffn" if leaf in _READS["ffn"] else "out"
+        kept.add(f"{source}:{group}")
+    total = 0
+    for key in kept:
+        if key in saved and not ctx.autocast:
+            continue
+        width = ctx.arch.ffn if key.startswith("ffn") else ctx.arch.hidden
+        total += rows * width * (ctx.r if key.startswith("hidden") else ctx.c)
     return total
