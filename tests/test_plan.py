@@ -14,7 +14,8 @@ import torch
 
 import memguard
 from memguard import cli
-from memguard.planning import COSTS, FULL, LORA, QLORA, Plan, plan, remedies
+from memguard.planning import COSTS, FULL, LORA, Plan, plan, remedies
+from memguard.planning.rows import QLORA
 
 A100 = memguard.device_memory("A100-80GB")
 
