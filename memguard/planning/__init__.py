@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from memguard.planning.api import guard_remedies, plan, remedies
 from memguard.planning.costs import COST_MODEL, COSTS
-from memguard.planning.rows import FULL, LORA, QLORA, Plan, PlanRow, remedy_lines
+from memguard.planning.rows import FULL, LORA, Plan, PlanRow, remedy_lines
 
-__all__ = ["COSTS", "COST_MODEL", "FULL", "LORA", "QLORA", "Plan", "PlanRow", "guard_remedies", "plan", "remedies",
+__all__ = ["COSTS", "COST_MODEL", "FULL", "LORA", "Plan", "PlanRow", "guard_remedies", "plan", "remedies",
            "remedy_lines"]
