@@ -269,3 +269,11 @@ def test_cli_bad_quantization_is_one_line_and_exit_2(capsys, argv, expected):
     assert (code, out) == (EXIT_USAGE, "")
     assert err.startswith("memguard: error: ") and err.count("\n") == 1, err
     assert expected in err
+
+
+def test_gpt2_conv1d_layers_are_quantized_as_transformers_does():
+    est = memguard.estimate("gpt2", 2, 128, quantization="nf4", double_quant=True, method="formula")
+    # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 12 blocks; the tied LM head stays in 16 bits
+    weights = 12 * (768 * 2304 + 768 * 768 + 768 * 3072 + 3072 * 768)
+    assert f"48 linear layers, {weights:,} weights" in est.notes[0]
+    assert est.inputs["model"] == "gpt2+lora8+nf4-dq"

@@ -33,6 +33,12 @@ formula reads them off the module. :func:`detect_quantization` reads a model tha
 bitsandbytes layers, or a config with a ``quantization_config``.
 
 Known limitations:
+    * The formula's int8 blocks (the inputs ``MatMul8bitLt`` keeps, the cast copies) are within about
+      ±14% of the trace on a small Llama with LoRA (high in bf16-true, low in bf16-mixed); 4-bit
+      blocks within 1% under checkpointing.
+    * bitsandbytes before the 0.4x refactor of ``MatMul4Bit`` kept its input for backward
+      (``ctx.tensors = (A, B)``); memguard models 0.50, which does not. Runs on older versions keep
+      about one more activation per quantized layer without an adapter reading the same tensor.
     * LLM.int8's outlier columns (``threshold=6.0`` in transformers) depend on the data and are not
       counted: a few columns of the input per layer.
     * peft's ``prepare_model_for_kbit_training`` casts the non-quantized weights to fp32; that is
