@@ -190,6 +190,40 @@ def _optimum(model: str) -> Callable[[], tuple[Any, dict[str, Any]]]:
     return build
 
 
+def _litgpt(model: str, quantization: str | None) -> Callable[[], tuple[Any, dict[str, Any]]]:
+    """LitGPT's ``finetune/lora.py`` on Alpaca (resource tables): micro-batch 1 of the longest sample
+    (1304 Llama 2 tokens), ``bf16-true``, AdamW, no checkpointing, LoRA r=8 on queries and values, and
+    with ``--quantize bnb.nf4[-dq]`` Lightning's ``BitsandbytesPrecision``, which quantizes every
+    ``nn.Linear``, the LM head included (``skip_modules=[]``)."""
+    def build() -> tuple[Any, dict[str, Any]]:
+        kwargs: dict[str, Any] = {"batch_size": 1, "seq_len": 1304, "precision": "bf16-true", "optimizer": "adamw",
+                                  "gradient_checkpointing": False, "lora_rank": 8}
+        if quantization:
+            kind, _, dq = quantization.partition("-")
+            kwargs.update(quantization=kind, double_quant=dq == "dq", skip_modules=[])
+        return model, kwargs
+    return build
+
+
+_LG = "LitGPT tutorials/resource-tables.md (commit 8641822, 10/20/2023), 'Finetuning with LoRA on 1 GPU'"
+_LG_URL = ("https://github.com/Lightning-AI/litgpt/blob/4839345a97a0a90bc5f2361664b04d665c9a0e89/"
+           "tutorials/resource-tables.md")
+_LG_DIFF = ("LitGPT's own GPT (one fused QKV linear carrying the LoRA of q and v), lora_dropout 0.05 (a mask and a "
+            "dropped copy per adapter input); bitsandbytes 0.41.1, whose MatMul4Bit kept its input for backward "
+            "(ctx.tensors = (A, B)), which 0.50, modelled here, no longer does; the peak is taken at the longest "
+            "sample")
+
+
+def _lg_row(key: str, model: str, quantization: str | None, quoted_gb: str) -> Row:
+    settings = {"model": f"{model} (LitGPT checkpoint)", "batch": "1 (micro-batch; 128 per optimizer step)",
+                "seq": "1304 (longest Alpaca sample)", "precision": "bf16-true", "optimizer": "AdamW",
+                "grad_ckpt": "no", "strategy": "single GPU, Fabric",
+                "lora": f"r=8 on query and value{', base ' + quantization if quantization else ''}"}
+    return Row(key, _LG, _LG_URL, "A100-SXM4-40GB", settings, "max_memory_allocated",
+               f"Max GPU RAM {quoted_gb} GB", float(quoted_gb), MB * 1000,
+               _litgpt(model, quantization), differences=_LG_DIFF)
+
+
 # --------------------------------------------------------------------------- the rows
 
 _HF = ("Hugging Face transformers docs v4.21, 'Efficient Training on a Single GPU' (same figures in "
@@ -313,6 +347,17 @@ ROWS: tuple[Row, ...] = (
         incomplete=("the statistic (allocated, active or reserved) and how 2048-token sequences were made "
                     "from Alpaca are not stated; the config's defaults (batch 2, accumulation 64) differ "
                     "from the row")),
+    _lg_row("lg-7b-lora", "llama-2-7b", None, "21.30"),
+    _lg_row("lg-7b-nf4", "llama-2-7b", "nf4", "14.14"),
+    _lg_row("lg-7b-nf4-dq", "llama-2-7b", "nf4-dq", "13.84"),
+    _lg_row("lg-13b-nf4-dq", "llama-2-13b", "nf4-dq", "22.55"),
+    Row("qlora-65b-48gb", "Dettmers et al. 2023, QLoRA, abstract and section 1",
+        "https://arxiv.org/abs/2305.14314", "one 48 GB GPU",
+        {"model": "LLaMA 65B (Guanaco)", "batch": "not stated for this claim", "seq": "not stated",
+         "precision": "bf16 compute", "optimizer": "paged AdamW", "grad_ckpt": "yes",
+         "strategy": "single GPU", "lora": "every linear layer, NF4 + double quantization"},
+        "unknown", "finetune a 65B parameter model on a single 48GB GPU", 48, 10**9,
+        incomplete="a bound, not a measurement: batch, sequence and the statistic are not given"),
     Row("peft-t0-3b-lora", "PEFT README, 'High performance on consumer hardware'",
         "https://github.com/huggingface/peft/blob/main/README.md", "A100 80 GB",
         {"model": "bigscience/T0_3B", "batch": "not stated", "seq": "not stated (twitter_complaints)",

@@ -15,6 +15,7 @@ import torch
 import memguard
 from memguard import cli
 from memguard.planning import COSTS, FULL, LORA, Plan, plan, remedies
+from memguard.planning.rows import QLORA
 
 A100 = memguard.device_memory("A100-80GB")
 
@@ -46,7 +47,7 @@ def test_llama_on_an_a100_gets_numbers_for_what_fits_and_neither_vague_hint(llam
                                 **{"batch_size": 4, **hint})
         assert est.total_bytes > usable, hint
     groups = {r.group for r in llama.rows}
-    assert groups == {FULL, LORA}
+    assert groups == {FULL, LORA, QLORA}
     for row in llama.rows:
         assert row.changes, "the asked configuration does not fit, so every row changes something"
         assert row.changes != ["gradient checkpointing"]
@@ -73,10 +74,11 @@ def test_every_row_fits_when_estimated_again_from_its_settings(llama: Plan, smal
 
 
 def test_rows_are_sorted_by_the_stated_cost(llama: Plan, small: Plan) -> None:
-    terms = {"recompute", "micro-batches", "precision", "optimizer", "gpus", "communication", "offload", "lora rank"}
+    terms = {"recompute", "micro-batches", "precision", "optimizer", "gpus", "communication", "offload", "lora rank",
+             "quantized base"}
     for p in (llama, small):
-        assert [r.group for r in p.rows] == sorted((r.group for r in p.rows), key=[FULL, LORA].index)
-        for group in (FULL, LORA):
+        assert [r.group for r in p.rows] == sorted((r.group for r in p.rows), key=[FULL, LORA, QLORA].index)
+        for group in (FULL, LORA, QLORA):
             rows = p.group(group)
             keys = [(r.cost, -r.headroom_bytes) for r in rows]
             assert keys == sorted(keys), group
@@ -136,7 +138,7 @@ def test_remedies_fit_or_are_empty() -> None:
     est = memguard.estimate("gpt2", 16, 128, method="formula")
     budget = 3 * 2**30
     rows = remedies(est, budget, 0.1, top=3)
-    assert 1 <= len(rows) <= 3 and {r.group for r in rows} == {FULL, LORA}
+    assert 1 <= len(rows) <= 3 and {r.group for r in rows} == {FULL, LORA, QLORA}
     for row in rows:
         assert row.changes and row.method == "formula"
         again = memguard.estimate("gpt2", method=row.method, **row.settings)

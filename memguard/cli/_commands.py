@@ -123,7 +123,8 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
             "gradient_checkpointing": bool(args.gradient_checkpointing), "strategy": args.strategy,
             "world_size": args.world_size, "offload_optimizer": args.offload_optimizer,
             "offload_params": args.offload_params, "lora_rank": args.lora_rank,
-            "accumulate_grad_batches": args.accumulate_grad_batches}
+            "accumulate_grad_batches": args.accumulate_grad_batches, "quantization": args.quantization,
+            "double_quant": args.double_quant}
     out.progress(f"planning {args.model} on {gpu.name} ...")
     found = plan(args.model, gpu=gpu, seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size or 1,
                  margin=args.margin, base=base, device=args.device, confirm=args.confirm, limit=args.top,

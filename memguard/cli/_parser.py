@@ -55,6 +55,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def names(text: str) -> list[str]:
+    """``"lm_head,model.layers.0"`` -> module names; ``""`` -> none."""
+    found = [n.strip() for n in text.split(",")]
+    if any(not n for n in found) and text.strip():
+        raise argparse.ArgumentTypeError(f"module names must be comma-separated, got {text!r}")
+    return [n for n in found if n]
+
+
 def margin(text: str) -> float:
     """``0.1`` or ``10%``: the share of the GPU's free memory to keep spare (:func:`memguard.fit.check_margin`)."""
     raw = text.strip()
@@ -147,7 +155,8 @@ def _model_options(methods: Any) -> Parser:
                        help="Lightning precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true "
                             "(default: %(default)s)")
     model.add_argument("--optimizer", default="adamw",
-                       help="adamw, adam, adamw-8bit, sgd, sgd-momentum, adafactor or none (default: %(default)s)")
+                       help="adamw, adam, adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum, adafactor "
+                            "or none (default: %(default)s)")
     model.add_argument("--method", choices=methods, default=None,
                        help="how to estimate: trace the step on fake tensors, or use a formula "
                             "(default: auto, which traces and falls back to the formula)")
@@ -166,6 +175,14 @@ def _model_options(methods: Any) -> Parser:
                        help="parameter shards in host memory (fsdp, deepspeed_stage_3)")
     model.add_argument("--lora-rank", type=positive_int, default=None, metavar="R",
                        help="fine-tune LoRA adapters of rank R on a frozen base model (needs peft)")
+    model.add_argument("--quantization", choices=("nf4", "fp4", "int8"), default=None,
+                       help="store the base's linear layers as bitsandbytes does: nf4 or fp4 (4-bit, QLoRA) or int8 "
+                            "(LLM.int8); the base is frozen and LoRA adapters train over it (default: as the model is)")
+    model.add_argument("--double-quant", action="store_true",
+                       help="quantize the 4-bit quantization constants again (bnb_4bit_use_double_quant, QLoRA's)")
+    model.add_argument("--skip-modules", type=names, default=None, metavar="NAME,...",
+                       help="linear layers left unquantized, as transformers' llm_int8_skip_modules (default: the "
+                            "output head; '' for none, as Lightning's plugin)")
     model.add_argument("--accumulate-grad-batches", type=positive_int, default=1, metavar="N",
                        help="micro-batches per optimizer step; from the second on, each forward runs beside the "
                             "gradients (default: %(default)s)")

@@ -88,6 +88,9 @@ def _estimate_kwargs(args: argparse.Namespace, method: str | None = None) -> dic
         "accumulate_grad_batches": args.accumulate_grad_batches,
         "set_to_none": args.set_to_none,
         "trace_timeout": args.trace_timeout,
+        "quantization": args.quantization,
+        "double_quant": args.double_quant,
+        "skip_modules": args.skip_modules,
     }
 
 

@@ -22,6 +22,13 @@ from memguard.estimation.inputs import make_batch, max_positions, model_task
 from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing, load_model
 from memguard.estimation.overhead import device_overhead
 from memguard.estimation.parallel import Parallelism, Strategy, resolve_parallelism, wrapped_blocks
+from memguard.estimation.quantization import (
+    Quantization,
+    detect_quantization,
+    quantize_model,
+    quantized_layers,
+    resolve_quantization,
+)
 from memguard.estimation.result import Category, MemoryEstimate, PeakTensors
 from memguard.estimation.spec import TrainingSpec, positive_int, resolve_precision
 from memguard.estimation.trace import DEFAULT_TIMEOUT, TraceResult, check_timeout, trace_breakdown, warm_up
@@ -59,6 +66,9 @@ def estimate(
     trace_timeout: float | None = DEFAULT_TIMEOUT,
     accumulate_grad_batches: int = 1,
     set_to_none: bool = True,
+    quantization: str | None = None,
+    double_quant: bool = False,
+    skip_modules: list[str] | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one steady-state training step.
 
@@ -109,6 +119,16 @@ def estimate(
             2.0) keeps zeroed gradients alive through every forward.
         trace_timeout: seconds the trace may run before it stops with a :class:`TraceError`
             (``"auto"`` then falls back to the formula); ``None`` for no limit.
+        quantization: ``"nf4"``, ``"fp4"`` (bitsandbytes 4-bit) or ``"int8"`` (LLM.int8) base
+            weights: every ``nn.Linear`` is stored so, as Lightning's ``BitsandbytesPrecision`` and
+            transformers' ``BitsAndBytesConfig`` do (see :mod:`memguard.estimation.quantization`).
+            ``None`` reads it from the model: bitsandbytes ``Linear4bit``/``Linear8bitLt`` layers,
+            or a config's ``quantization_config``. A quantized base is frozen: on a model memguard
+            builds, LoRA adapters of ``lora_rank`` (default 8, peft's) are trained over it (QLoRA).
+        double_quant: quantize the 4-bit absmax again (``bnb_4bit_use_double_quant``; QLoRA's).
+        skip_modules: names of ``nn.Linear`` modules left unquantized (``llm_int8_skip_modules``,
+            matched as transformers matches them); ``None`` keeps transformers' default, the output
+            head; ``[]`` quantizes every linear layer, as Lightning's plugin does.
 
     The trace runs ``model``'s own ``forward`` (or ``step_fn``) on fake tensors. For a module,
     factory, ``step_fn`` or ``loss_fn`` of the user's, it runs in a forked child process that sends
@@ -148,9 +168,16 @@ def estimate(
     spec, master_weights = _deepspeed_precision(spec, parallel)
     if lora_rank is not None:
         lora_rank = positive_int("lora_rank", lora_rank)
+    quant = resolve_quantization(quantization, double_quant, skip_modules)
     resolved = load_model(model)
+    quant = quant or detect_quantization(resolved.module, resolved.config)
+    if quant is not None and lora_rank is None and resolved.built_here:
+        lora_rank = DEFAULT_QLORA_RANK
     if lora_rank is not None:
         resolved = add_lora(resolved, lora_rank)
+    quant_notes: list[str] = []
+    if quant is not None:
+        resolved, quant_notes = _quantize(resolved, quant)
     spec, make_inputs = _plan_inputs(resolved, spec, example_input, whole=step_fn is not None)
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=is_checkpointing(resolved.module))
@@ -158,7 +185,8 @@ def estimate(
     found = _by_method(method, resolved, spec, parallel, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
                        step_fn=step_fn, trace_timeout=trace_timeout, accumulate=accumulate_grad_batches,
                        set_to_none=set_to_none)
-    used, breakdown, notes = found.method, dict(found.breakdown), list(found.notes)
+    used, breakdown, notes = found.method, dict(found.breakdown), [*quant_notes, *found.notes]
+    notes.extend(_paged_notes(resolved, spec))
     host = 0
     if used != "seed" and parallel.strategy is not Strategy.SINGLE:
         breakdown, host, more = _distribute(breakdown, parallel, resolved, spec, traced=used == "trace",
@@ -185,9 +213,51 @@ def estimate(
         "lora_rank": lora_rank,
         "accumulate_grad_batches": accumulate_grad_batches,
         "set_to_none": set_to_none,
+        "quantization": None if quant is None else quant.kind,
+        "double_quant": bool(quant and quant.double_quant),
+        "skip_modules": None if quant is None or quant.skip_modules is None else list(quant.skip_modules),
     }
     return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes), host_bytes=host,
                           context_bytes=context, at_peak=found.at_peak, timeline=found.timeline)
+
+
+DEFAULT_QLORA_RANK = 8
+"""LoRA rank over a quantized base when none is given: peft's ``LoraConfig`` default ``r``."""
+
+
+def _quantize(resolved: ResolvedModel, quant: Quantization) -> tuple[ResolvedModel, list[str]]:
+    """``resolved`` with its linear layers quantized (in place only for a model memguard built), and a note."""
+    module, n = quantize_model(resolved.module, quant, in_place=resolved.built_here)
+    if n == 0 and not quantized_layers(module):
+        raise ConfigError(f"quantization={quant.kind!r}, but {resolved.name} has no nn.Linear layer to quantize "
+                          "(skip_modules may name them all)")
+    layers = quantized_layers(module)
+    stored = sum(p.numel() * p.element_size() for m in layers for p in (*m.parameters(), *m.buffers())
+                 if p.dtype in (torch.uint8, torch.int8, torch.int32) and p is not getattr(m, "dynamic_code", None))
+    weights = sum(m.in_features * m.out_features for m in layers)
+    note = (f"{quant.label} base: {len(layers)} linear layers, {weights:,} weights in {stored:,} bytes with their "
+            f"quantization constants ({8 * stored / max(weights, 1):.3f} bits each; bitsandbytes, QLoRA paper "
+            "section 3), frozen; each matmul dequantizes its weight into a temporary")
+    name = f"{resolved.name}+{quant.kind}{'-dq' * quant.double_quant}"
+    return dataclasses.replace(resolved, module=module, name=name), [note]
+
+
+def _paged_notes(resolved: ResolvedModel, spec: TrainingSpec) -> list[str]:
+    """What of a paged optimizer's state ``torch.cuda.max_memory_allocated()`` does not see."""
+    if not spec.optimizer.paged:
+        return []
+    from memguard.estimation.formula.model_state import paged_state_bytes
+
+    paged = paged_state_bytes(resolved.module, spec)
+    if paged == 0:
+        return [f"{spec.optimizer.name}: no trainable parameter has 100,000 elements or more, so bitsandbytes pages "
+                "none of its state (Optimizer8bit.get_state_buffer): all of it is ordinary CUDA memory, which "
+                "torch.cuda.max_memory_allocated() counts"]
+    return [f"{spec.optimizer.name}: {paged:,} bytes of its state are in CUDA managed memory (bitsandbytes "
+            "get_paged, cudaMallocManaged, for parameters of 100,000 elements or more): torch.cuda."
+            "max_memory_allocated() and memory_reserved() do not count them, nvidia-smi does while they are "
+            "resident; they are counted here as resident, and under memory pressure the driver pages them out "
+            "to host memory instead of failing"]
 
 
 @dataclasses.dataclass(frozen=True)

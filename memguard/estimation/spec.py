@@ -16,7 +16,8 @@ import torch
 
 from memguard.errors import ConfigError
 
-__all__ = ["MAX_COUNT", "MAX_INPUT_ELEMENTS", "OPTIMIZERS", "PRECISIONS", "AdamW8bitStandIn", "Precision",
+__all__ = ["MAX_COUNT", "MAX_INPUT_ELEMENTS", "OPTIMIZERS", "PAGED_MIN_NUMEL", "PRECISIONS", "AdamW8bitStandIn",
+           "PagedAdamWStandIn", "Precision",
            "TrainingSpec", "make_optimizer", "positive_int", "resolve_optimizer", "resolve_precision", "strict_bool"]
 
 
@@ -82,6 +83,8 @@ class OptimizerSpec:
             when unknown (a user's class): the formula then assumes Adam's 2.
         factored: Adafactor-style row + column statistics instead of full-size state.
         quantized: 8-bit block-wise state (bitsandbytes), see :class:`AdamW8bitStandIn`.
+        paged: bitsandbytes' paged optimizer: state of large parameters in CUDA managed memory
+            (see :data:`PAGED_MIN_NUMEL`), fp32 for the 32-bit one (:class:`PagedAdamWStandIn`).
     """
 
     name: str
@@ -89,6 +92,7 @@ class OptimizerSpec:
     state_tensors: int | None
     factored: bool = False
     quantized: bool = False
+    paged: bool = False
 
 
 def _builtin(cls_name: str, **kwargs: Any) -> OptimizerFactory:
@@ -139,6 +143,41 @@ def _adamw8bit(params: Iterable[torch.nn.Parameter], **_: Any) -> torch.optim.Op
     return AdamW8bitStandIn(params)
 
 
+PAGED_MIN_NUMEL = 100_000
+"""Parameters from this many elements have their state paged (bitsandbytes ``Optimizer8bit.get_state_buffer``:
+``if not self.is_paged or p.numel() < 1e5: return torch.zeros_like(...)``, else ``F.get_paged``, which
+allocates with ``cudaMallocManaged``); smaller ones get ordinary CUDA tensors."""
+
+
+class PagedAdamWStandIn(torch.optim.Optimizer):
+    """The memory of bitsandbytes' ``PagedAdamW`` (32-bit), for the trace (bitsandbytes needs CUDA).
+
+    ``Optimizer2State.init_state`` with 32 optimizer bits keeps both moments in fp32 whatever the
+    parameter's dtype (``get_state_buffer(p, dtype=torch.float32)``); the fused ``cadam32bit``
+    kernel updates in place, with no temporaries. Where the state lives (managed memory for large
+    parameters) is said in the estimate's notes. The values it computes are not Adam's.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["state1"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["state2"] = torch.zeros_like(p, dtype=torch.float32)
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+def _paged_adamw(params: Iterable[torch.nn.Parameter], **_: Any) -> torch.optim.Optimizer:
+    return PagedAdamWStandIn(params)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("adamw", _builtin("AdamW", lr=1e-3), 2),
     "adam": OptimizerSpec("adam", _builtin("Adam", lr=1e-3), 2),
@@ -146,6 +185,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd-momentum": OptimizerSpec("sgd-momentum", _builtin("SGD", lr=1e-3, momentum=0.9), 1),
     "adafactor": OptimizerSpec("adafactor", _builtin("Adafactor", lr=1e-2), 0, factored=True),
     "adamw-8bit": OptimizerSpec("adamw-8bit", _adamw8bit, 0, quantized=True),
+    "paged-adamw": OptimizerSpec("paged-adamw", _paged_adamw, 2, paged=True),
+    "paged-adamw-8bit": OptimizerSpec("paged-adamw-8bit", _adamw8bit, 0, quantized=True, paged=True),
     "none": OptimizerSpec("none", None, 0),
 }
 _KNOWN_CLASSES = {"AdamW": 2, "Adam": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adagrad": 1,
@@ -161,8 +202,8 @@ def resolve_optimizer(optimizer: str | type | OptimizerFactory | OptimizerSpec |
     if isinstance(optimizer, str):
         key = optimizer.strip().lower().replace("_", "-")
         key = {"sgd-nesterov": "sgd-momentum", "momentum": "sgd-momentum", "adam-w": "adamw",
-               "adamw8bit": "adamw-8bit", "adamw-bnb-8bit": "adamw-8bit", "paged-adamw-8bit": "adamw-8bit",
-               }.get(key, key)
+               "adamw8bit": "adamw-8bit", "adamw-bnb-8bit": "adamw-8bit", "pagedadamw": "paged-adamw",
+               "pagedadamw8bit": "paged-adamw-8bit", "paged-adamw-32bit": "paged-adamw"}.get(key, key)
         if key not in OPTIMIZERS:
             raise ConfigError(
                 f"unknown optimizer {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}, "
@@ -200,7 +241,8 @@ def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter],
     """Build the optimizer of ``spec`` over ``params``; ``foreach`` is passed where accepted."""
     if spec.factory is None or not params:
         return None
-    if foreach is not None and spec.name in OPTIMIZERS and spec.name not in ("adafactor", "adamw-8bit"):
+    bitsandbytes = spec.quantized or spec.paged
+    if foreach is not None and spec.name in OPTIMIZERS and not bitsandbytes and spec.name != "adafactor":
         return spec.factory(params, foreach=foreach)  # type: ignore[call-arg]
     return spec.factory(params)
 

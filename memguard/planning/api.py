@@ -11,14 +11,16 @@ from typing import Any
 
 from memguard.device import DeviceMemory, parse_gpu, resolve_budget
 from memguard.errors import ConfigError, MemguardError
+from memguard.estimation.estimator import DEFAULT_QLORA_RANK
 from memguard.estimation.models import ResolvedModel, add_lora, load_model, lora_rank_limit
 from memguard.estimation.parallel import resolve_parallelism, world_size_of
+from memguard.estimation.quantization import resolve_quantization
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.spec import OPTIMIZERS as NAMED_OPTIMIZERS
 from memguard.estimation.spec import positive_int, resolve_optimizer, resolve_precision
 from memguard.fit import check_margin
 from memguard.planning.costs import COST_MODEL
-from memguard.planning.rows import _OPT_NAMES, FULL, LORA, Plan, PlanRow, _Knobs
+from memguard.planning.rows import _OPT_NAMES, FULL, LORA, QLORA, Plan, PlanRow, _Knobs
 from memguard.planning.search import _best, _rows, _searched, _Setup
 
 __all__ = ["GUARD_ESTIMATES", "guard_remedies", "plan", "remedies"]
@@ -35,7 +37,8 @@ _NO_BF16 = re.compile(r"\b(t4|v100|p100|p40|k80)\b", re.I)
 """GPUs without bfloat16 arithmetic (before Ampere): bf16 precisions are not proposed there."""
 _EXTRA_KEYS = ("example_input", "loss_fn", "step_fn", "training_loop", "set_to_none", "trace_timeout")
 _BASE_KEYS = ("batch_size", "precision", "optimizer", "gradient_checkpointing", "strategy", "world_size",
-              "offload_optimizer", "offload_params", "lora_rank", "accumulate_grad_batches")
+              "offload_optimizer", "offload_params", "lora_rank", "accumulate_grad_batches", "quantization",
+              "double_quant")
 
 
 def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = None, gpus: int | None = None,
@@ -88,7 +91,8 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
         search.estimate(base_knobs, "trace")  # the number `memguard check` gives
     mine = search.cache.get((base_knobs, "trace")) or search.cache[(base_knobs, search.method)]
     if search.fits(mine) and groups:  # the trace may fit what the formula did not: it leads then
-        groups[0] = [(LORA if base_knobs.lora_rank else FULL, base_knobs, mine),
+        mine_group = QLORA if base_knobs.quantization else LORA if base_knobs.lora_rank else FULL
+        groups[0] = [(mine_group, base_knobs, mine),
                      *(f for f in groups[0] if f[1] != base_knobs)]
     rows = _rows(search, groups)
     asked = {"settings": {**base_knobs.kwargs(), "seq_len": search.seq_len, "device": setup.device},
@@ -133,7 +137,7 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
         return []
     inputs, resolved = estimate.inputs, None
     if model is None:
-        name = re.sub(r"\+lora\d+$", "", str(inputs.get("model")))
+        name = re.sub(r"(\+lora\d+|\+(nf4|fp4|int8)(-dq)?)+$", "", str(inputs.get("model")))
         try:
             model, resolved = name, load_model(name)
         except ConfigError as exc:
@@ -235,12 +239,16 @@ def _base_knobs(base: Any, batch_size: Any, precision: Any) -> _Knobs:
     ckpt, rank = given.get("gradient_checkpointing") or False, given.get("lora_rank")
     if not isinstance(ckpt, bool):
         raise ConfigError(f"base['gradient_checkpointing'] must be True or False, got {ckpt!r}")
+    quant = resolve_quantization(given.get("quantization"), given.get("double_quant") or False)
+    if quant is not None and rank is None:
+        rank = DEFAULT_QLORA_RANK  # what estimate() trains over a quantized base
     return _Knobs(resolve_precision(given.get("precision") or "32-true").name,
                   _optimizer_name(given.get("optimizer") or "adamw"), ckpt, layout.strategy, layout.world_size,
                   layout.offload_optimizer, layout.offload_params,
                   None if rank is None else positive_int("lora_rank", rank),
                   positive_int("batch_size", batch_size if batch_size is not None else given.get("batch_size") or 1),
-                  positive_int("accumulate_grad_batches", given.get("accumulate_grad_batches") or 1))
+                  positive_int("accumulate_grad_batches", given.get("accumulate_grad_batches") or 1),
+                  None if quant is None else quant.kind + "-dq" * quant.double_quant)
 
 
 def _resolve_gpu(gpu: Any) -> DeviceMemory:

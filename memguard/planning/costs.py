@@ -22,7 +22,7 @@ COSTS: dict[str, Any] = {
     "precision_speed": {"32-true": 1.0, "64-true": 4.0},
     "optimizer_quality": {"adamw-8bit": 0.05, "adafactor": 0.1, "sgd-momentum": 0.3, "sgd": 0.5},
     "pcie_bytes_per_s": 25e9, "host_bytes_per_s": 50e9, "host_step_bytes_per_param": 32, "gpu_flops": 125e12,
-    "lora_rank": 0.02,
+    "lora_rank": 0.02, "quantized_base": 0.5,
 }
 """The cost model's constants, in units where 1.0 is about one more step time (absent names: 0).
 
@@ -43,6 +43,11 @@ COSTS: dict[str, Any] = {
   weights need no weight gradients; Kaplan et al. 2020) at ``gpu_flops`` (an A100 at 40% of peak),
   without recomputation, which is charged apart.
 * ``lora_rank``: per halving of the rank below 64 (Hu et al. 2021: small ranks do nearly as well).
+* ``quantized_base``: a bitsandbytes 4-bit or 8-bit base over a 16-bit one: every matmul dequantizes
+  its weight. LitGPT's resource tables (``tutorials/resource-tables.md``, A100, bitsandbytes 0.41.1)
+  time 1,000 LoRA iterations of Llama 2 7B at 2.36 min in bf16 and 3.68 / 3.83 min with NF4 / NF4 with
+  double quantization (+56% / +62%; Llama 2 13B +100%, phi-1.5 +9%): about half a step. QLoRA matches
+  16-bit LoRA's quality (Dettmers et al. 2023), so nothing more is charged.
 """
 
 COST_MODEL = (
@@ -52,8 +57,10 @@ COST_MODEL = (
     "speed 32-true +1.0; optimizer quality 8-bit AdamW 0.05, Adafactor 0.10, SGD 0.50; GPUs beyond yours +1.0 "
     "per multiple of yours (1 -> 2 GPUs +1.0, 1 -> 4 +3.0), +0.05 for fsdp/deepspeed_stage_3 traffic; offload "
     "(PCIe bytes at 25 GB/s + host optimizer step, 32 B/param at 50 GB/s) / compute (6 N FLOPs/token at 125 "
-    "TFLOPS); LoRA +0.02 per halving of the rank below 64. Not charged: the work of adopting DeepSpeed or FSDP, "
-    "host memory. Ranked by cost, then headroom; full fine-tuning and LoRA apart (they train different things)."
+    "TFLOPS); LoRA +0.02 per halving of the rank below 64; a 4-bit or 8-bit base (QLoRA) +0.5 (dequantizing every "
+    "weight). Not charged: the work of adopting DeepSpeed or FSDP, "
+    "host memory. Ranked by cost, then headroom; full fine-tuning, LoRA and QLoRA apart (they train different "
+    "things, or over a different base)."
 )
 
 
@@ -89,6 +96,7 @@ def _cost_terms(k: _Knobs, ctx: _Context) -> dict[str, float]:
                                                         and base.strategy not in full_shard),
         "offload": _offload_cost(k, ctx),
         "lora rank": max(0.0, rank),
+        "quantized base": c["quantized_base"] * (k.quantization is not None and base.quantization is None),
     }
     return {name: round(v, 4) for name, v in terms.items() if v > 0}
 

@@ -16,13 +16,17 @@ from typing import Any
 from memguard.device import DeviceMemory
 from memguard.units import format_bytes
 
-__all__ = ["FULL", "LORA", "Plan", "PlanRow"]
+__all__ = ["FULL", "LORA", "QLORA", "Plan", "PlanRow"]
 
-FULL, LORA = "full fine-tuning", "LoRA"
+FULL, LORA, QLORA = "full fine-tuning", "LoRA", "QLoRA"
 _DS2, _DS3 = "deepspeed_stage_2", "deepspeed_stage_3"
 """DeepSpeed's ZeRO stages 2 and 3 by their strategy names (Rajbhandari et al. 2020)."""
 _OPT_NAMES = {"adamw": "AdamW", "adam": "Adam", "adamw-8bit": "8-bit AdamW", "adafactor": "Adafactor",
-              "sgd": "SGD", "sgd-momentum": "SGD with momentum"}
+              "sgd": "SGD", "sgd-momentum": "SGD with momentum", "paged-adamw": "paged AdamW",
+              "paged-adamw-8bit": "paged 8-bit AdamW"}
+_QUANT_NAMES = {"nf4-dq": "QLoRA base: NF4 with double quantization", "nf4": "NF4 base", "fp4": "FP4 base",
+                "fp4-dq": "FP4 base with double quantization", "int8": "int8 base (LLM.int8)"}
+"""A :attr:`_Knobs.quantization` in words; ``-dq``: double quantization."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,17 +43,22 @@ class _Knobs:
     lora_rank: int | None
     batch_size: int = 1
     accumulate: int = 1
+    quantization: str | None = None
+    """The base's bitsandbytes storage: ``"nf4"``, ``"fp4"``, ``"int8"``, ``-dq`` for double quantization."""
 
     def kwargs(self) -> dict[str, Any]:
+        kind, dq = quantization_args(self.quantization)
         return {"batch_size": self.batch_size, "precision": self.precision, "optimizer": self.optimizer,
                 "gradient_checkpointing": self.checkpointing, "strategy": self.strategy,
                 "world_size": self.world_size, "offload_optimizer": self.offload_optimizer,
                 "offload_params": self.offload_params, "lora_rank": self.lora_rank,
-                "accumulate_grad_batches": self.accumulate}
+                "accumulate_grad_batches": self.accumulate, "quantization": kind, "double_quant": dq}
 
     def changes(self, base: _Knobs) -> list[str]:
         """What differs from ``base``, in words."""
         out = [f"LoRA rank {self.lora_rank}"] if self.lora_rank != base.lora_rank else []
+        if self.quantization != base.quantization:
+            out.append(_QUANT_NAMES.get(self.quantization or "", "16-bit base"))
         if (self.strategy, self.world_size) != (base.strategy, base.world_size):
             many = self.world_size > 1
             how = " (16-bit module, fp32 master weights)" if "mixed" in self.precision and _half(self) else ""
@@ -77,8 +86,18 @@ class _Knobs:
         out += ["--world-size", str(self.world_size)] * (self.world_size != 1)
         out += ["--offload-optimizer"] * self.offload_optimizer + ["--offload-params"] * self.offload_params
         out += ["--lora-rank", str(self.lora_rank)] * bool(self.lora_rank)
+        kind, dq = quantization_args(self.quantization)
+        out += ["--quantization", kind] * bool(kind) + ["--double-quant"] * dq
         out += ["--device", device] * (device != "cuda")
         return out + ["--margin", f"{margin:g}"] * (margin != 0.1)
+
+
+def quantization_args(label: str | None) -> tuple[str | None, bool]:
+    """``"nf4-dq"`` -> ``("nf4", True)``: :func:`memguard.estimate`'s ``quantization`` and ``double_quant``."""
+    if not label:
+        return None, False
+    kind, _, dq = label.partition("-")
+    return kind, dq == "dq"
 
 
 def _half(k: _Knobs) -> bool:
@@ -207,7 +226,9 @@ def _summary(s: Mapping[str, Any]) -> str:
     parts = [f"batch {s['batch_size']}{accumulate}", s["precision"], _opt_name(s["optimizer"])]
     parts += ["gradient checkpointing"] * bool(s["gradient_checkpointing"])
     parts += [f"{s['strategy']} x {s['world_size']}"] * (s["strategy"] != "single")
-    return ", ".join(parts + [f"LoRA rank {s['lora_rank']}"] * bool(s["lora_rank"]))
+    parts += [f"LoRA rank {s['lora_rank']}"] * bool(s["lora_rank"])
+    kind = s.get("quantization")
+    return ", ".join(parts + [f"{kind}{' + double quantization' * bool(s.get('double_quant'))} base"] * bool(kind))
 
 
 def remedy_lines(rows: Sequence[PlanRow] | None) -> list[str]:
@@ -217,6 +238,6 @@ def remedy_lines(rows: Sequence[PlanRow] | None) -> list[str]:
         return []
     if not rows:
         return ["Nothing memguard can change (precision, checkpointing, optimizer, batch and accumulation, LoRA, "
-                "sharding, offload) makes it fit."]
+                "QLoRA, sharding, offload) makes it fit."]
     return ["What would fit (best first; `memguard plan` lists more, with the flags):",
             *(f"  - {row.describe()}" for row in rows)]

@@ -18,9 +18,10 @@ from memguard.device import DeviceMemory
 from memguard.errors import MemguardError
 from memguard.estimation.estimator import estimate as _estimate
 from memguard.estimation.models import add_lora, load_model
+from memguard.estimation.quantization import Quantization, quantize_model
 from memguard.estimation.result import MemoryEstimate
 from memguard.planning.costs import COSTS, _Context, _cost, _cost_terms, _divisors, _least, _lower_bound
-from memguard.planning.rows import _DS2, _DS3, FULL, LORA, PlanRow, _Knobs
+from memguard.planning.rows import _DS2, _DS3, FULL, LORA, QLORA, PlanRow, _Knobs, quantization_args
 from memguard.units import format_bytes
 
 _SINGLE = (("single", False, False), (_DS2, False, False), (_DS2, True, False), (_DS3, True, False),
@@ -61,7 +62,7 @@ class _Setup:
 
 def _no_more_intrusive(a: _Knobs, c: _Knobs, base: _Knobs) -> bool:
     """Whether ``a`` changes nothing ``c`` leaves as ``base`` has it, nor more in degree (so it costs no more)."""
-    same = ("precision", "optimizer", "checkpointing", "offload_optimizer", "offload_params")
+    same = ("precision", "optimizer", "checkpointing", "offload_optimizer", "offload_params", "quantization")
     if any(getattr(a, f) not in (getattr(base, f), getattr(c, f)) for f in same):
         return False
     if a.strategy not in (base.strategy, c.strategy) and _LEVEL[a.strategy] >= _LEVEL.get(c.strategy, 0):
@@ -87,20 +88,29 @@ class _Search:
         self.count, self.notes, self.method = 0, [], setup.method
         self.failed: dict[str, list[Any]] = {}  # message -> [count, first configuration]
 
-    def module(self, rank: int | None) -> Any:
-        """The module with LoRA adapters of ``rank`` (``None``: as given), built on first use."""
-        if rank not in self.setup.modules:
-            self.setup.modules[rank] = add_lora(load_model(self.setup.model), rank).module
-            self.ctx.trainable[rank] = sum(p.numel() for p in self.setup.modules[rank].parameters() if p.requires_grad)
-        return self.setup.modules[rank]
+    def module(self, rank: int | None, quantization: str | None = None) -> Any:
+        """The module with LoRA adapters of ``rank`` (``None``: as given) over a base quantized as
+        ``quantization`` (a :attr:`_Knobs.quantization`), built on first use."""
+        key: Any = rank if quantization is None else (rank, quantization)
+        if key not in self.setup.modules:
+            if quantization is None:
+                module = add_lora(load_model(self.setup.model), rank).module
+            else:
+                kind, dq = quantization_args(quantization)
+                adapted = self.module(rank) if rank is not None else self.setup.modules[None]
+                module, _ = quantize_model(adapted, Quantization(str(kind), dq))
+            self.setup.modules[key] = module
+            self.ctx.trainable.setdefault(rank, sum(p.numel() for p in module.parameters() if p.requires_grad))
+        return self.setup.modules[key]
 
     def estimate(self, k: _Knobs, method: str, *, strict: bool = False) -> MemoryEstimate | None:
         """The estimate of ``k``; ``None`` when the estimator cannot make it (the reason noted once)."""
         if (k, method) not in self.cache:
             self.count += 1
-            kwargs = {**k.kwargs(), "lora_rank": None}  # the module already has its adapters
+            # the module already has its adapters and its quantized base
+            kwargs = {**k.kwargs(), "lora_rank": None, "quantization": None, "double_quant": False}
             try:
-                self.cache[(k, method)] = _estimate(self.module(k.lora_rank), seq_len=self.seq_len,
+                self.cache[(k, method)] = _estimate(self.module(k.lora_rank, k.quantization), seq_len=self.seq_len,
                                                     device=self.setup.device, method=method, **kwargs,
                                                     **self.setup.extra)
             except MemguardError as exc:
@@ -249,23 +259,45 @@ def _groups(search: _Search) -> list[tuple[str, list[_Knobs], tuple[int | None, 
         setup.notes.append(f"{setup.name} has no checkpointing switch (transformers' gradient_checkpointing_enable): "
                            "gradient checkpointing not searched")
     checkpointing = (base.checkpointing, not base.checkpointing) if switch else (base.checkpointing,)
-    out = [(LORA if base.lora_rank else FULL, setup.optimizers, (base.lora_rank,))]
+    mine_group = QLORA if base.quantization else LORA if base.lora_rank else FULL
+    out = [(mine_group, setup.optimizers, (base.lora_rank,), setup.precisions, base.quantization)]
     if setup.lora_ranks:
         try:
             search.module(setup.lora_ranks[0])
-            out.append((LORA, (base.optimizer,), setup.lora_ranks))
+            out.append((LORA, (base.optimizer,), setup.lora_ranks, setup.precisions, None))
         except MemguardError as exc:
             setup.notes.append(f"LoRA not planned: {exc}")
-    return [(group, _states(base, layouts, setup.precisions, optimizers, checkpointing, ranks[0], ctx), ranks)
-            for group, optimizers, ranks in out]
+    qlora_ranks = setup.lora_ranks or ((base.lora_rank,) if base.lora_rank else ())
+    if qlora_ranks and base.quantization is None:
+        try:
+            search.module(qlora_ranks[0], _QLORA)
+            out.append((QLORA, (base.optimizer,), qlora_ranks, _qlora_precisions(setup.precisions), _QLORA))
+        except MemguardError as exc:
+            setup.notes.append(f"QLoRA not planned: {exc}")
+    return [(group, _states(base, layouts, precisions, optimizers, checkpointing, ranks[0], ctx, quant), ranks)
+            for group, optimizers, ranks, precisions, quant in out]
+
+
+_QLORA = "nf4-dq"
+"""The QLoRA paper's base (Dettmers et al. 2023): NF4 with double quantization, bf16 compute."""
+
+
+def _qlora_precisions(precisions: Sequence[str]) -> tuple[str, ...]:
+    """QLoRA's: the 16-bit true precisions searched (bf16 first, as the paper computes in bf16), else the others."""
+    true16 = tuple(p for p in ("bf16-true", "16-true") if p in precisions)
+    return true16[:1] or tuple(precisions)
 
 
 def _states(base: _Knobs, layouts: Sequence[tuple[str, int, bool, bool]], precisions: Sequence[str],
-            optimizers: Sequence[str], checkpointing: Sequence[bool], rank: int | None, ctx: _Context) -> list[_Knobs]:
+            optimizers: Sequence[str], checkpointing: Sequence[bool], rank: int | None, ctx: _Context,
+            quantization: str | None = None) -> list[_Knobs]:
     """Every combination, cheapest first by the least it can cost, then fewest changes; offloaded state
-    only with DeepSpeed's or FSDP's CPU Adam (no other optimizer is offloaded)."""
-    states = [_Knobs(p, o, ck, s, w, oo, op, rank) for s, w, oo, op in layouts for p in precisions for o in optimizers
-              for ck in checkpointing
-              if not oo or o in ("adamw", "adam") or (base.offload_optimizer and o == base.optimizer)]
+    only with DeepSpeed's or FSDP's CPU Adam (no other optimizer is offloaded); a quantized base on one
+    GPU or under DDP only (sharding bitsandbytes' packed weights needs FSDP's ``quant_storage`` setup,
+    not modelled)."""
+    states = [_Knobs(p, o, ck, s, w, oo, op, rank, quantization=quantization)
+              for s, w, oo, op in layouts for p in precisions for o in optimizers for ck in checkpointing
+              if (not oo or o in ("adamw", "adam") or (base.offload_optimizer and o == base.optimizer))
+              and not (quantization and (s not in ("single", "ddp") or oo or op))]
 
     return sorted(states, key=lambda s: (_lower_bound(s, ctx), len(s.changes(base))))

@@ -163,9 +163,11 @@ def _blocks_saved(ctx: Ctx, seq: int, act: Activity, one: _Layers, ckpt: bool) -
     return blocks, 0
 
 
-def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool]) -> Activations:
+def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool],
+                lora: int | None = None) -> Activations:
     """Activation bytes of one step (see :class:`Activations`); ``grad[i]`` is parameter ``i``'s
-    ``requires_grad``.
+    ``requires_grad``; ``lora``: when the trainable blocks train LoRA adapters only, what their
+    adapters save beyond the frozen block's tensors (:func:`memguard.estimation.formula.lora.lora_block_bytes`).
 
     Raises:
         ConfigError: when a token model has no ``seq_len``.
@@ -176,6 +178,8 @@ def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool]) 
     cache = arch.use_cache and not ckpt
     act = block_activity(inv, arch, grad)
     one = _layers(ctx, seq, cache)
+    if lora is not None:
+        one = _Layers(one.enc_frozen + lora, one.enc_frozen, one.dec_frozen + lora if one.dec else 0, one.dec_frozen)
     emb = embedding_bytes(ctx, seq) * (2 if arch.decoder_layers else 1) if act.embeddings else 0
     blocks, recompute = _blocks_saved(ctx, seq, act, one, ckpt)
     saved = emb + blocks + final_bytes(ctx, seq)

@@ -16,10 +16,10 @@ from torch import nn
 from memguard.estimation.formula.context import F32
 from memguard.estimation.formula.inventory import Inventory, inventory
 from memguard.estimation.result import Category
-from memguard.estimation.spec import AdamW8bitStandIn, TrainingSpec
+from memguard.estimation.spec import PAGED_MIN_NUMEL, AdamW8bitStandIn, TrainingSpec
 
 __all__ = ["ModelState", "gradient_bytes", "model_state", "optimizer_state_bytes",
-           "optimizer_step_bytes", "parameter_bytes"]
+           "optimizer_step_bytes", "paged_state_bytes", "parameter_bytes"]
 
 _ADAM_LIKE = ("adam", "adamw", "nadam", "radam", "adamax", "adadelta")
 """Optimizers whose state holds a step counter per parameter besides their full-size tensors."""
@@ -131,6 +131,8 @@ def _optimizer_state(inv: Inventory, trainable: list[int], sizes: list[int],
         return total + F32 * len(trainable), notes
     if opt.quantized:
         return sum(_quantized_state(inv.numel[i]) for i in trainable), notes
+    if opt.paged:  # bitsandbytes' 32-bit PagedAdamW: two fp32 moments whatever the dtype, no step tensor
+        return sum(2 * F32 * inv.numel[i] for i in trainable), notes
     k = opt.state_tensors
     if k is None:
         k = 2
@@ -150,6 +152,21 @@ def _quantized_state(numel: int) -> int:
     return 2 * numel + 2 * F32 * -(-numel // AdamW8bitStandIn.BLOCK)
 
 
+def paged_state_bytes(module: nn.Module, spec: TrainingSpec) -> int:
+    """Bytes of a paged optimizer's state that bitsandbytes puts in CUDA managed memory.
+
+    ``Optimizer8bit.get_state_buffer`` pages the moments of parameters of at least
+    :data:`~memguard.estimation.spec.PAGED_MIN_NUMEL` elements (``F.get_paged``, ``cudaMallocManaged``);
+    the block absmax of the 8-bit one and the state of smaller parameters are ordinary CUDA tensors.
+    """
+    if not spec.optimizer.paged:
+        return 0
+    per_element = 2 if spec.optimizer.quantized else 2 * F32
+    return sum(per_element * p.numel() for p in module.parameters()
+               if p.requires_grad and p.numel() >= PAGED_MIN_NUMEL
+               and (not spec.optimizer.quantized or p.numel() >= AdamW8bitStandIn.MIN_8BIT_SIZE))
+
+
 def _optimizer_step(sizes: list[int], spec: TrainingSpec) -> int:
     """Temporary bytes of ``optimizer.step()`` on top of parameters, gradients and state.
 
@@ -164,8 +181,8 @@ def _optimizer_step(sizes: list[int], spec: TrainingSpec) -> int:
     momentum, updates in place.
     """
     opt = spec.optimizer
-    if opt.factory is None or not sizes or opt.name in ("sgd", "sgd-momentum") or opt.quantized:
-        return 0
+    if opt.factory is None or not sizes or opt.name in ("sgd", "sgd-momentum") or opt.quantized or opt.paged:
+        return 0  # SGD in place; bitsandbytes' fused kernels update block by block in place
     if opt.factored:
         return max(sizes)
     if spec.device == "cuda":

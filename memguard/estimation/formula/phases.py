@@ -8,6 +8,10 @@ temporaries differ from moment to moment.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from typing import Any
+
 from memguard.errors import ConfigError
 from memguard.estimation.arch import Architecture, inspect_architecture
 from memguard.estimation.formula.activations import Activations, activations
@@ -85,14 +89,15 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     grad = inv.requires_grad()
     state = model_state(inv, spec, grad)
     notes = list(state.notes)
-    acts = activations(inv, spec, ctx, grad)
+    acts = activations(inv, spec, ctx, grad, _lora_bytes(module, arch, ctx, spec))
     batch = batch_bytes(arch, module, spec, ctx.b, acts.tokens)
     states = state.held()
     # Lightning zeroes gradients after the forward: last step's are alive through it
     old_grads = state.gradients if training_loop == "lightning" else 0
     saved = acts.saved + batch + _autocast_weight_bytes(inv, ctx, acts.idle)
     loss_fwd = loss_forward_bytes(ctx, acts.logits)
-    block_fwd = block_forward_bytes(ctx, acts.tokens)
+    dequant_fwd, dequant_bwd = _dequantize_bytes(module, arch, spec, ctx, acts.tokens)
+    block_fwd = block_forward_bytes(ctx, acts.tokens) + dequant_fwd
     kept = loss_saved_bytes(ctx, acts.logits) if loss_fwd - block_fwd >= 0 else 0
     phases: Phases = {
         "end of forward": {**states, Category.ACTIVATIONS: saved + kept + acts.output_cache,
@@ -102,20 +107,21 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     if state.gradients > 0:
         elem = spec.precision.param_dtype.itemsize
         phases.update(_backward_phases(inv, ctx, acts, grad, state, saved=saved, batch=batch,
-                                       elem=elem))
+                                       elem=elem, dequant=dequant_bwd))
     notes.extend(_notes(arch, spec, ctx))
     return phases, notes
 
 
 def _backward_phases(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[bool],
-                     state: ModelState, *, saved: int, batch: int, elem: int) -> Phases:
+                     state: ModelState, *, saved: int, batch: int, elem: int, dequant: int = 0) -> Phases:
     """The moments of backward and of the optimizer step (``elem``: bytes per parameter element;
-    ``saved``: the forward's activations with the batch and autocast's weight copies)."""
+    ``saved``: the forward's activations with the batch and autocast's weight copies; ``dequant``:
+    a quantized layer's dequantized weight, made again in its backward)."""
     states = state.held()
     grads = state.gradients
     lsm = loss_saved_bytes(ctx, acts.logits)  # log_softmax output, saved by the forward
     head_grad = _head_grad_bytes(inv, grad, elem)
-    block_bwd = block_backward_bytes(ctx, acts.tokens)
+    block_bwd = block_backward_bytes(ctx, acts.tokens) + dequant
     pre_grads = sum(inv.size(i, elem) for i in inv.pre if grad[i])
     return {
         "start of backward": {**states, Category.ACTIVATIONS: saved + lsm,
@@ -131,6 +137,62 @@ def _backward_phases(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[boo
         "optimizer step": {**states, Category.ACTIVATIONS: batch, Category.GRADIENTS: grads,
                            Category.TEMPORARY: state.optimizer_step},
     }
+
+
+_STRUCTURE: weakref.WeakKeyDictionary[Any, tuple[int, Any, list[Any]]] = weakref.WeakKeyDictionary()
+"""module -> (structure generation, its first block when it has one stack of them, its quantized layers)."""
+
+
+def _structure(module: Any, arch: Architecture) -> tuple[Any, list[Any]]:
+    """The first block (``None`` for encoder-decoders) and the quantized layers, read once per structure."""
+    from memguard.estimation.arch import block_stacks, structure_generation
+    from memguard.estimation.quantization import quantized_layers
+
+    generation = structure_generation()
+    try:
+        cached = _STRUCTURE.get(module)
+    except TypeError:
+        cached = None
+    if cached is not None and cached[0] == generation:
+        return cached[1], cached[2]
+    enc, dec = block_stacks(module, arch=arch, guess=False)
+    first = enc[0] if enc and not dec else None
+    found = (generation, first, quantized_layers(module))
+    with contextlib.suppress(TypeError):
+        _STRUCTURE[module] = found
+    return found[1], found[2]
+
+
+def _lora_bytes(module: Any, arch: Architecture, ctx: Ctx, spec: TrainingSpec) -> int | None:
+    """What the first block's LoRA adapters save (see :mod:`memguard.estimation.formula.lora`), or ``None``
+    (encoder-decoders: counted as trainable blocks)."""
+    from memguard.estimation.formula.context import tokens
+    from memguard.estimation.formula.lora import lora_block_bytes
+
+    first, _ = _structure(module, arch)
+    if first is None:
+        return None
+    return lora_block_bytes(module, first, ctx, ctx.b * tokens(arch, spec))
+
+
+def _dequantize_bytes(module: Any, arch: Architecture, spec: TrainingSpec, ctx: Ctx,
+                      tokens: int) -> tuple[int, int]:
+    """A quantized base's largest dequantized weight, in forward and in backward.
+
+    bitsandbytes' ``gemm_4bit`` dequantizes the weight into the input's dtype (the parameters' dtype:
+    transformers' norms return it) only above :data:`~memguard.estimation.quantization.FUSED_MAX_ROWS`
+    rows of input; ``MatMul4Bit.backward`` always does, into the gradient's dtype (the matmul's
+    output dtype). See :mod:`memguard.estimation.quantization`.
+    """
+    from memguard.estimation.quantization import FUSED_MAX_ROWS, dequantize_temporary
+
+    _, layers = _structure(module, arch)
+    if not layers:
+        return 0, 0
+    kinds = {m.quantization.kind for m in layers}
+    fused = "int8" not in kinds and ctx.b * tokens <= FUSED_MAX_ROWS
+    forward = 0 if fused else dequantize_temporary(layers, spec.precision.param_dtype.itemsize)
+    return forward, dequantize_temporary(layers, ctx.c)
 
 
 def _autocast_weight_bytes(inv: Inventory, ctx: Ctx, idle: frozenset[int]) -> int:
