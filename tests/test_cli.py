@@ -555,3 +555,14 @@ def test_plan_prints_rows_that_fit_and_their_json(capsys):
     code, out, _ = run(capsys, "plan", TINY, "--batch-size", "64", "--seq-len", "128", "--gpu", "640MiB",
                        "--confirm", "0", "--top", "3")
     assert "cost =" in out and "flags: --batch-size" in out
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """``memguard ... | head``: stdout closed before the output is written is exit 141, no traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    done = subprocess.run([sys.executable, "-m", "memguard", "estimate", "gpt2", "--seq-len", "32", "--method",
+                           "formula", "--json"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(write)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr, done.stderr

@@ -24,7 +24,8 @@ Exit status: 0 success (``check``: it fits), 1 it does not fit (``check``; ``max
 even batch size 1 fits; ``plan`` when no row fits), 2 bad usage or input, reported as one line on
 stderr, 3 internal error (an unexpected exception: a bug, one ``memguard: internal error:`` line
 naming it and where it was raised; never 1, which a CI reads as "does not fit"), 130 interrupted
-(Ctrl-C, at any moment, one line and no traceback). Under GitHub Actions (``GITHUB_ACTIONS=true``)
+(Ctrl-C, at any moment, one line and no traceback), 141 when the reader of stdout went away
+(``memguard ... | head``). Under GitHub Actions (``GITHUB_ACTIONS=true``)
 a ``check`` that does not fit also writes an error annotation. Names that are not UTF-8 (a file
 name's lone surrogates, PEP 383) are written escaped, whatever the streams' encoding.
 
@@ -55,6 +56,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from memguard.cli._output import (
+    EXIT_BROKEN_PIPE,
     EXIT_DOES_NOT_FIT,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -81,13 +83,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
 
     Returns:
-        0 success, 1 does not fit, 2 bad usage or input, 3 internal error, 130 interrupted.
+        0 success, 1 does not fit, 2 bad usage or input, 3 internal error, 130 interrupted, 141 stdout
+        closed early (a pipe).
     """
     with _watch_ctrl_c() as interrupted:
         try:
             code = _main(argv)
         except KeyboardInterrupt:  # anywhere: importing torch, parsing, tracing, writing
             interrupted.append(True)
+        except BrokenPipeError:  # the reader of stdout went away (`memguard ... | head`): nothing to say to it
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return EXIT_BROKEN_PIPE
         except Exception as exc:  # a bug, not the user's mistake: its own code, never 1 ("does not fit")
             if not interrupted:
                 return internal_error(exc)

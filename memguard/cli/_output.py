@@ -32,6 +32,8 @@ EXIT_INTERNAL = 3
 it) that a CI must not read as "does not fit"."""
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, what a shell reports for a command ended by Ctrl-C."""
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE, what a shell reports for a command whose reader went away (``memguard ... | head``)."""
 
 PROG = "memguard"
 _PACKAGE_DIR = Path(memguard.__file__).resolve().parent

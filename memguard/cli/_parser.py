@@ -22,7 +22,8 @@ TRACE_TIMEOUT = 120.0
 
 
 EXIT_STATUS = ("exit status: 0 success (check: it fits); 1 it does not fit (check, max-batch, plan); 2 bad usage "
-               "or input, one line on stderr; 3 internal error (a bug), one line on stderr; 130 interrupted")
+               "or input, one line on stderr; 3 internal error (a bug), one line on stderr; 130 interrupted; "
+               "141 stdout closed early")
 """The exit statuses of :mod:`memguard.cli._output`, for ``--help``."""
 
 
