@@ -58,6 +58,7 @@ def estimate(
     trace_timeout: float | None = DEFAULT_TIMEOUT,
     accumulate_grad_batches: int = 1,
     set_to_none: bool = True,
+    moe_routing: str | float = "balanced",
 ) -> MemoryEstimate:
     """Estimate the peak memory of one steady-state training step.
 
@@ -108,6 +109,11 @@ def estimate(
             2.0) keeps zeroed gradients alive through every forward.
         trace_timeout: seconds the trace may run before it stops with a :class:`TraceError`
             (``"auto"`` then falls back to the formula); ``None`` for no limit.
+        moe_routing: how a mixture-of-experts router spreads the tokens: ``"balanced"``
+            (``top_k * tokens / num_experts`` per expert), ``"worst"`` (every token on the same
+            ``top_k`` experts), or a capacity factor >= 1 (each expert takes at most that many
+            times its balanced share, as in Switch Transformer). See
+            :mod:`memguard.estimation.stand_ins`.
 
     The trace runs ``model``'s own ``forward`` (or ``step_fn``) on fake tensors, with every module
     holding a private copy of its state for the duration: whatever that code caches, appends or
@@ -139,7 +145,7 @@ def estimate(
                                    offload_params=offload_params)
     spec = TrainingSpec.create(batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
                                precision=precision, gradient_checkpointing=gradient_checkpointing,
-                               device=device)
+                               device=device, moe_routing=moe_routing)
     asked_precision = spec.precision.name
     spec, master_weights = _deepspeed_precision(spec, parallel)
     if lora_rank is not None:
@@ -181,9 +187,11 @@ def estimate(
         "lora_rank": lora_rank,
         "accumulate_grad_batches": accumulate_grad_batches,
         "set_to_none": set_to_none,
+        "moe_routing": moe_routing,
     }
     return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes), host_bytes=host,
-                          context_bytes=context, at_peak=found.at_peak, timeline=found.timeline)
+                          context_bytes=context, at_peak=found.at_peak, timeline=found.timeline,
+                          stand_ins=found.stand_ins)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +205,7 @@ class _Found:
     slack: int | None = None
     at_peak: tuple[PeakTensors, ...] = ()
     timeline: tuple[tuple[int, str, int], ...] = ()
+    stand_ins: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism,
@@ -225,7 +234,8 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
         traced = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
                                  step_fn=step_fn, timeout=trace_timeout, accumulate=accumulate,
                                  set_to_none=set_to_none, **sharding)
-        return _Found("trace", traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline)
+        return _Found("trace", traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline,
+                      traced.stand_ins)
     except ConfigError:
         raise  # a bad argument is no reason to try another method
     except MemguardError as exc:
