@@ -70,7 +70,7 @@ def resolve_routing(value: Any) -> float:
     """
     if isinstance(value, str) and value.strip().lower() in ROUTINGS:
         return ROUTINGS[value.strip().lower()]
-    if not isinstance(value, bool) and isinstance(value, (int, float)) and 1 <= value:
+    if not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 1:
         return float(value)
     raise ConfigError(f"moe_routing must be 'balanced', 'worst' or a capacity factor >= 1 "
                       f"(Switch Transformer uses 1.25), got {value!r}")
