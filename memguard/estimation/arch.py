@@ -51,6 +51,10 @@ _FAMILIES: dict[str, str] = {
 }
 """transformers ``model_type`` -> block family."""
 
+_QK_NORM = frozenset({"olmoe", "olmo2", "qwen3", "qwen3_moe"})
+"""Model types whose attention normalises Q and K (``self.q_norm(self.q_proj(x))`` in
+``modeling_olmoe.py``, ``modeling_olmo2.py``, ``modeling_qwen3.py``, ``modeling_qwen3_moe.py``)."""
+
 _GATED_FF = ("gated-gelu", "gated-silu", "gated-relu")
 
 
@@ -93,6 +97,8 @@ class Architecture:
         head: what the output head computes, from the class name: ``causal-lm``, ``masked-lm``,
             ``seq2seq``, ``seq-cls``, ``image-cls``, ``base`` (no head) or ``unknown``.
         moe: the mixture of experts in place of the MLP, or ``None`` for a dense model.
+        qk_norm: an RMSNorm on the queries and on the keys after their projections (OLMoE's
+            ``q_norm``/``k_norm`` over the projection, Qwen3's over each head: the same bytes).
     """
 
     family: str
@@ -124,6 +130,7 @@ class Architecture:
     use_cache: bool = False
     head: str = "unknown"
     moe: MoE | None = None
+    qk_norm: bool = False
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -360,6 +367,7 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
         use_cache=bool(getattr(config, "use_cache", False)) and family in ("gpt2", "llama", "t5"),
         head=_head_kind(module, config),
         moe=_moe(config, n_layers),
+        qk_norm=model_type in _QK_NORM,
     )
 
 

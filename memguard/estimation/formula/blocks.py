@@ -41,6 +41,8 @@ def block_bytes(ctx: Ctx, seq: int, *, cache: bool, cross_seq: int | None = None
     attention = (norm_bytes(ctx, rows, h) + ctx.linear_inputs(rows, h, fam.qkv_readers)
                  + self_attention_bytes(ctx, seq, cache=cache and fam.kv_cache, masked=masked)
                  + attn_drop)
+    if a.qk_norm:  # the norms keep the projections' outputs and their normalised copies
+        attention += norm_bytes(ctx, rows, a.heads * a.head_dim) + norm_bytes(ctx, rows, a.kv_heads * a.head_dim)
     mlp_readers = 2 if fam.gated_readers and a.gated_mlp else 1
     mlp = (norm_bytes(ctx, rows, h) + ctx.linear_inputs(rows, h, mlp_readers)
            + mlp_bytes(ctx, rows, a.ffn, a.gated_mlp, a.activation, a.activation_dropout)

@@ -81,7 +81,8 @@ def moe_bytes(ctx: Ctx, rows: int, moe: MoE, activation: str, capacity: float) -
     the gathered input that the up projection saves (``h``), the fused gate/up output that SiLU
     keeps through its ``chunk`` view (``2·ffn``), the activation and the product (``ffn`` each),
     the down projection's output that the routing weight's product saves (``h``), that weight
-    (fp32) and the int64 indices of the gather and the reordering. The router saves the fp32
+    (fp32) and the int64 indices of the gather and the reordering; the eager loop's ``index_add_``
+    also keeps the weighted output. The router saves the fp32
     softmax (or sigmoid) over the experts and its top-k indices and weights. Shared experts are a
     dense gated MLP over every token (:func:`mlp_bytes`); Qwen2-MoE's sigmoid gate keeps the
     shared output and the gate. The eager loop under autocast also keeps each expert's 16-bit
@@ -90,6 +91,10 @@ def moe_bytes(ctx: Ctx, rows: int, moe: MoE, activation: str, capacity: float) -
     e = experts_elem(ctx, moe.implementation)
     pairs = rows * moe.top_k
     experts = pairs * ((2 * ctx.arch.hidden + 4 * moe.ffn) * e + F32 + 2 * I64)
+    if moe.implementation == "eager":
+        # index_add_ saves its source, the weighted output in the residual's dtype
+        # (derivatives.yaml, index_add: ``grad.index_select(dim, index).expand_as(source)``)
+        experts += pairs * ctx.arch.hidden * ctx.r
     router = rows * moe.experts * F32 + rows * moe.top_k * (I64 + 2 * F32)
     shared = 0
     if moe.shared_ffn:
