@@ -71,6 +71,7 @@ def _estimate_kwargs(args: argparse.Namespace, method: str | None = None) -> dic
         "accumulate_grad_batches": args.accumulate_grad_batches,
         "set_to_none": args.set_to_none,
         "trace_timeout": args.trace_timeout,
+        "moe_routing": args.moe_routing,
     }
 
 
