@@ -128,9 +128,7 @@ class StandIns:
         if func is _TOPK:
             self._route(args, kwargs, out)
             return
-        if not len(self.values):
-            return
-        if func.overloadpacket in _UNINITIALISED:
+        if not len(self.values) or func.overloadpacket in _UNINITIALISED:
             return
         tensors = _tensors(args, kwargs)
         known = [t for t in tensors if t in self.values]
