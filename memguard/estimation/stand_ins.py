@@ -40,7 +40,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memguard.errors import ConfigError, TraceError
 
-__all__ = ["ROUTINGS", "StandIns", "resolve_routing", "routed_indices", "routing_name"]
+__all__ = ["ONES", "ROUTINGS", "StandIns", "expert_load", "resolve_routing", "routed_indices", "routing_name"]
 
 ROUTINGS: dict[str, float] = {"balanced": 1.0, "worst": math.inf}
 """``moe_routing`` names and the capacity factor each stands for: ``"balanced"`` spreads the
@@ -51,7 +51,8 @@ ONES = "ones"
 """How the values of an unmodelled stand-in were made (:attr:`memguard.MemoryEstimate.stand_ins`)."""
 
 _NUMEL_LIMIT = 1 << 24
-"""Largest tensor run for real on stand-in or known values (16 Mi elements)."""
+"""Largest tensor run for real on stand-in or known values (16 Mi elements); a larger result stays
+unknown."""
 
 _UNINITIALISED = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
                   torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided}
@@ -128,7 +129,7 @@ class StandIns:
         if func is _TOPK:
             self._route(args, kwargs, out)
             return
-        if not len(self.values) or func.overloadpacket in _UNINITIALISED:
+        if not len(self.values) or getattr(func, "overloadpacket", None) in _UNINITIALISED:
             return
         tensors = _tensors(args, kwargs)
         known = [t for t in tensors if t in self.values]
@@ -137,10 +138,13 @@ class StandIns:
         if len(known) < len(tensors):
             self._forget_written(func, args, kwargs)
             return
+        outs = tree_flatten(out)[0]
+        if any(isinstance(t, torch.Tensor) and t.numel() > _NUMEL_LIMIT for t in outs):
+            return  # too large to run for real (a factory of activations): unknown
         real = self._run_real(func, args, kwargs)
         if real is None:
             return
-        for fake, value in zip(tree_flatten(out)[0], tree_flatten(real)[0], strict=False):
+        for fake, value in zip(outs, tree_flatten(real)[0], strict=False):
             if isinstance(fake, torch.Tensor) and isinstance(value, torch.Tensor):
                 self.values[fake] = value
 
