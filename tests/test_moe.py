@@ -245,3 +245,22 @@ def test_cli_shows_the_stand_ins_in_one_line_and_in_json(capsys: pytest.CaptureF
     assert data["inputs"]["moe_routing"] == "balanced"
     assert main([*args, "--moe-routing", "0.5"]) == EXIT_USAGE
     assert "capacity factor >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("a_shape", "b_shape", "offs"), [
+    ((12, 16), (3, 16, 8), [4, 8, 12]),  # the experts' case: tokens sorted by expert x per-expert weights
+    ((16, 12), (12, 8), [4, 8, 12]),  # 2-D x 2-D: the weight gradient, one product per group
+])
+def test_grouped_mm_correction_gives_what_the_cpu_kernel_gives(a_shape, b_shape, offs) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memguard.estimation.fake_kernels import corrected
+
+    a, b = torch.randn(a_shape), torch.randn(b_shape)
+    offsets = torch.tensor(offs, dtype=torch.int32)
+    real = torch._grouped_mm(a, b, offs=offsets)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = corrected(torch.ops.aten._grouped_mm.default, (a, b, offsets), {})
+        bf16 = corrected(torch.ops.aten._grouped_mm.default, (a.bfloat16(), b.bfloat16(), offsets), {})
+    assert (fake.shape, fake.dtype) == (real.shape, real.dtype) == (real.shape, torch.float32)
+    assert bf16 is None  # bf16 takes torch's own fake kernel
