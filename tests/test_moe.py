@@ -202,6 +202,12 @@ def test_an_unmodelled_stand_in_makes_the_estimate_uncertain() -> None:
     assert memguard.MemoryEstimate.from_dict(json.loads(json.dumps(data))) == est
 
 
+def test_the_result_and_the_trace_name_unmodelled_stand_ins_alike() -> None:
+    from memguard.estimation import result, stand_ins
+
+    assert result._ONES == stand_ins.ONES
+
+
 def test_an_estimate_without_stand_ins_reads_back_from_an_old_dict() -> None:
     old = {"method": "formula", "breakdown": {"parameters": 10}}
     est = memguard.MemoryEstimate.from_dict(old)

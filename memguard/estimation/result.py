@@ -238,8 +238,8 @@ class MemoryEstimate:
         return "\n".join(lines)
 
     def stand_in_line(self) -> str:
-        """One line on the invented values, ``""`` without any: ``uncertain: nonzero ran on stand-in
-        ones`` or ``modelled: topk (MoE routing: balanced)``."""
+        """One line on the invented values, ``""`` without any: ``uncertain: data-dependent nonzero ran
+        on stand-in values of ones; ...`` or ``stand-ins modelled: topk (MoE routing: balanced)``."""
         if not self.stand_ins:
             return ""
         guessed = sorted(op for op, how in self.stand_ins.items() if how == _ONES)
