@@ -176,9 +176,45 @@ BART_SMALL: dict[str, Any] = {
     "vocab_size": 32000, "max_position_embeddings": 512,
 }
 
+_MOE = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "vocab_size": 8000, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+"""What the mixture-of-experts cases share: small widths, many tokens, so the experts' activations
+weigh as much as the model state."""
+MIXTRAL_SMALL: dict[str, Any] = {
+    "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], **_MOE,
+    "intermediate_size": 512, "num_local_experts": 8, "num_experts_per_tok": 2,
+}
+QWEN2_MOE_SMALL: dict[str, Any] = {
+    "model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"], **_MOE,
+    "intermediate_size": 512, "moe_intermediate_size": 256, "shared_expert_intermediate_size": 512,
+    "num_experts": 8, "num_experts_per_tok": 2,
+}
+QWEN3_MOE_SMALL: dict[str, Any] = {
+    "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], **_MOE, "head_dim": 32,
+    "intermediate_size": 512, "moe_intermediate_size": 256, "num_experts": 16, "num_experts_per_tok": 4,
+}
+OLMOE_SMALL: dict[str, Any] = {
+    "model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], **_MOE,
+    "intermediate_size": 256, "num_experts": 16, "num_experts_per_tok": 4,
+}
+DEEPSEEK_V3_SMALL: dict[str, Any] = {
+    "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], **_MOE,
+    "num_key_value_heads": 8, "intermediate_size": 512, "moe_intermediate_size": 256,
+    "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+    "first_k_dense_replace": 1, "q_lora_rank": 128, "kv_lora_rank": 64, "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 32, "v_head_dim": 32,
+}
+
+
+def _experts(config: dict[str, Any], implementation: str) -> dict[str, Any]:
+    """``config`` with transformers' experts implementation (``"grouped_mm"``, its default, or the
+    per-expert ``"eager"`` loop; ``PreTrainedModel.get_correct_experts_implementation``)."""
+    return {**config, "experts_implementation": implementation}
+
+
 _WARMUP = {
     "num_hidden_layers": 1, "n_layer": 1, "num_layers": 1, "num_decoder_layers": 1, "n_layers": 1,
-    "encoder_layers": 1, "decoder_layers": 1, "vocab_size": 512,
+    "encoder_layers": 1, "decoder_layers": 1, "vocab_size": 512, "first_k_dense_replace": 0,
 }
 """Config values of the warm-up model: one block and a small vocabulary; the widths stay, so the
 kernels (and their code paths, which depend on the matrix shapes) are those of the real model."""
@@ -217,6 +253,23 @@ CASES: tuple[Case, ...] = (
     Case("vit-base-bf16-mixed", "vit-base", 4, None, precision="bf16-mixed", note="autocast bf16"),
     Case("plain-transformer", _plain, 8, 128, example_input=token_batch, loss_fn=class_zero_loss,
          warmup_model=_plain_warmup, note="torch nn.TransformerEncoder classifier"),
+    Case("mixtral-moe", _experts(MIXTRAL_SMALL, "grouped_mm"), 4, 256,
+         note="Mixtral, 8 experts top-2, transformers' default grouped_mm experts, fp32"),
+    Case("mixtral-moe-eager", _experts(MIXTRAL_SMALL, "eager"), 4, 256,
+         note="the per-expert loop: data-dependent sizes from the routing"),
+    Case("mixtral-moe-bf16-mixed", _experts(MIXTRAL_SMALL, "grouped_mm"), 4, 256, precision="bf16-mixed",
+         note="grouped_mm under autocast: fp32 experts"),
+    Case("mixtral-moe-eager-bf16-true", _experts(MIXTRAL_SMALL, "eager"), 4, 256, precision="bf16-true",
+         note="the per-expert loop in bf16"),
+    Case("qwen2-moe", _experts(QWEN2_MOE_SMALL, "grouped_mm"), 4, 256,
+         note="Qwen2-MoE: 8 experts top-2 and a gated shared expert"),
+    Case("qwen2-moe-eager-bf16-mixed", _experts(QWEN2_MOE_SMALL, "eager"), 4, 256, precision="bf16-mixed",
+         note="the per-expert loop under autocast"),
+    Case("qwen3-moe-bf16-true", _experts(QWEN3_MOE_SMALL, "grouped_mm"), 4, 256, precision="bf16-true",
+         note="Qwen3-MoE: 16 experts top-4, bf16 grouped_mm"),
+    Case("olmoe-eager", _experts(OLMOE_SMALL, "eager"), 4, 256, note="OLMoE: 16 experts top-4, per-expert loop"),
+    Case("deepseek-v3-moe", _experts(DEEPSEEK_V3_SMALL, "grouped_mm"), 4, 256,
+         note="DeepSeek-V3 layout: a dense first layer, 8 routed experts in 2 groups and a shared expert"),
 )
 
 _BY_NAME = {c.name: c for c in CASES}

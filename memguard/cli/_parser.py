@@ -93,6 +93,20 @@ def seconds(text: str) -> float:
     return value
 
 
+def routing(text: str) -> str | float:
+    """``balanced``, ``worst`` or a capacity factor >= 1 (``memguard.estimation.stand_ins.resolve_routing``)."""
+    name = text.strip().lower()
+    if name in ("balanced", "worst"):
+        return name
+    try:
+        value = float(name)
+    except ValueError:
+        value = 0.0
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"expected balanced, worst or a capacity factor >= 1, got {text!r}")
+    return value
+
+
 def import_estimator() -> Any:
     """``memguard.estimation.estimator`` (and so torch and transformers), or a one-line error naming what broke.
 
@@ -190,6 +204,10 @@ def _model_options(methods: Any) -> Parser:
     model.add_argument("--set-to-none", action=argparse.BooleanOptionalAction, default=True,
                        help="zero_grad(set_to_none=...): --no-set-to-none keeps zeroed gradients alive, torch's "
                             "default before 2.0 (default: set to none)")
+    model.add_argument("--moe-routing", type=routing, default="balanced", metavar="R",
+                       help="how a mixture-of-experts router spreads the tokens: balanced (top_k * tokens / "
+                            "experts each), worst (all on the same top_k experts) or a capacity factor such as "
+                            "1.25 (default: %(default)s)")
     model.add_argument("--trace-timeout", type=seconds, default=TRACE_TIMEOUT, metavar="S",
                        help="seconds a trace may run before it gives up, and auto falls back to the formula "
                             "(default: %(default)g)")

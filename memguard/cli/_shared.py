@@ -91,6 +91,7 @@ def _estimate_kwargs(args: argparse.Namespace, method: str | None = None) -> dic
         "quantization": args.quantization,
         "double_quant": args.double_quant,
         "skip_modules": args.skip_modules,
+        "moe_routing": args.moe_routing,
     }
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from memguard.errors import UnsupportedModelError
 
-__all__ = ["Architecture", "block_stacks", "find_architecture", "inspect_architecture", "structure_generation",
+__all__ = ["Architecture", "MoE", "block_stacks", "find_architecture", "inspect_architecture", "structure_generation",
            "transformer_blocks"]
 
 _FAMILIES: dict[str, str] = {
@@ -46,9 +46,14 @@ _FAMILIES: dict[str, str] = {
     "t5": "t5", "mt5": "t5", "umt5": "t5",
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
     "gemma2": "llama", "phi3": "llama", "mixtral": "llama", "olmo": "llama", "granite": "llama",
+    "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama",
     "vit": "vit", "deit": "vit", "dinov2": "vit",
 }
 """transformers ``model_type`` -> block family."""
+
+_QK_NORM = frozenset({"olmoe", "olmo2", "qwen3", "qwen3_moe"})
+"""Model types whose attention normalises Q and K (``self.q_norm(self.q_proj(x))`` in
+``modeling_olmoe.py``, ``modeling_olmo2.py``, ``modeling_qwen3.py``, ``modeling_qwen3_moe.py``)."""
 
 _GATED_FF = ("gated-gelu", "gated-silu", "gated-relu")
 
@@ -91,6 +96,9 @@ class Architecture:
         use_cache: the config returns a key/value cache from a training forward.
         head: what the output head computes, from the class name: ``causal-lm``, ``masked-lm``,
             ``seq2seq``, ``seq-cls``, ``image-cls``, ``base`` (no head) or ``unknown``.
+        moe: the mixture of experts in place of the MLP, or ``None`` for a dense model.
+        qk_norm: an RMSNorm on the queries and on the keys after their projections (OLMoE's
+            ``q_norm``/``k_norm`` over the projection, Qwen3's over each head: the same bytes).
     """
 
     family: str
@@ -121,11 +129,64 @@ class Architecture:
     sliding_window: int | None = None
     use_cache: bool = False
     head: str = "unknown"
+    moe: MoE | None = None
+    qk_norm: bool = False
 
     @property
     def is_encoder_decoder(self) -> bool:
         """Whether the model has a decoder with cross-attention over an encoder."""
         return self.decoder_layers > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MoE:
+    """A mixture-of-experts layer as transformers lays it out: a top-k router over ``experts``
+    gated MLPs of width ``ffn``, optionally beside always-on shared experts.
+
+    Attributes:
+        experts: routed experts per layer (``num_local_experts``, ``num_experts``, ``n_routed_experts``).
+        top_k: experts each token is routed to (``num_experts_per_tok``).
+        ffn: inner width of one expert (``moe_intermediate_size``, else ``intermediate_size``).
+        layers: blocks whose MLP is the mixture (the others keep the dense MLP of width
+            ``Architecture.ffn``: DeepSeek's first ``first_k_dense_replace``, Qwen-MoE's
+            ``mlp_only_layers`` and ``decoder_sparse_step``).
+        shared_ffn: inner width of the shared experts, 0 without (Qwen2-MoE's
+            ``shared_expert_intermediate_size``; DeepSeek's ``n_shared_experts * moe_intermediate_size``).
+        shared_gate: the shared expert's output is scaled by ``sigmoid(Linear(h, 1))`` (Qwen2-MoE).
+        implementation: ``config._experts_implementation``: ``"grouped_mm"`` (transformers'
+            default, ``PreTrainedModel.get_correct_experts_implementation``), ``"eager"`` (one
+            loop step per expert hit) or ``"batched_mm"``.
+    """
+
+    experts: int
+    top_k: int
+    ffn: int
+    layers: int
+    shared_ffn: int = 0
+    shared_gate: bool = False
+    implementation: str = "grouped_mm"
+
+
+def _moe(config: Any, n_layers: int) -> MoE | None:
+    """The :class:`MoE` of a transformers config, ``None`` for a dense one (the fields of
+    ``MixtralConfig``, ``Qwen2MoeConfig``/``Qwen3MoeConfig``, ``OlmoeConfig``, ``DeepseekV3Config``)."""
+    experts = int(_get(config, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
+    top_k = int(_get(config, "num_experts_per_tok", "moe_top_k", default=0) or 0)
+    if experts < 2 or top_k < 1:
+        return None
+    ffn = int(_get(config, "moe_intermediate_size", "intermediate_size"))
+    dense_first = int(_get(config, "first_k_dense_replace", default=0) or 0)
+    only_mlp = set(_get(config, "mlp_only_layers", default=()) or ())
+    step = int(_get(config, "decoder_sparse_step", default=1) or 1)
+    layers = sum(1 for i in range(n_layers)
+                 if i >= dense_first and i not in only_mlp and (i + 1) % step == 0)
+    shared = int(_get(config, "shared_expert_intermediate_size", default=0) or 0)
+    if not shared and _get(config, "n_shared_experts"):
+        shared = int(config.n_shared_experts) * ffn
+    impl = str(getattr(config, "_experts_implementation", None) or "grouped_mm")
+    return MoE(experts=experts, top_k=top_k, ffn=ffn, layers=layers, shared_ffn=shared,
+               shared_gate=shared > 0 and hasattr(config, "shared_expert_intermediate_size"),
+               implementation=impl)
 
 
 _generation = 0
@@ -305,6 +366,8 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
         # BART-like models turn the cache off themselves when given labels
         use_cache=bool(getattr(config, "use_cache", False)) and family in ("gpt2", "llama", "t5"),
         head=_head_kind(module, config),
+        moe=_moe(config, n_layers),
+        qk_norm=model_type in _QK_NORM,
     )
 
 

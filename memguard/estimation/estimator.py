@@ -69,6 +69,7 @@ def estimate(
     quantization: str | None = None,
     double_quant: bool = False,
     skip_modules: list[str] | None = None,
+    moe_routing: str | float = "balanced",
 ) -> MemoryEstimate:
     """Estimate the peak memory of one steady-state training step.
 
@@ -129,6 +130,11 @@ def estimate(
         skip_modules: names of ``nn.Linear`` modules left unquantized (``llm_int8_skip_modules``,
             matched as transformers matches them); ``None`` keeps transformers' default, the output
             head; ``[]`` quantizes every linear layer, as Lightning's plugin does.
+        moe_routing: how a mixture-of-experts router spreads the tokens: ``"balanced"``
+            (``top_k * tokens / num_experts`` per expert), ``"worst"`` (every token on the same
+            ``top_k`` experts), or a capacity factor >= 1 (each expert takes at most that many
+            times its balanced share, as in Switch Transformer). See
+            :mod:`memguard.estimation.stand_ins`.
 
     The trace runs ``model``'s own ``forward`` (or ``step_fn``) on fake tensors. For a module,
     factory, ``step_fn`` or ``loss_fn`` of the user's, it runs in a forked child process that sends
@@ -163,7 +169,7 @@ def estimate(
                                    offload_params=offload_params)
     spec = TrainingSpec.create(batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
                                precision=precision, gradient_checkpointing=gradient_checkpointing,
-                               device=device)
+                               device=device, moe_routing=moe_routing)
     asked_precision = spec.precision.name
     spec, master_weights = _deepspeed_precision(spec, parallel)
     if lora_rank is not None:
@@ -216,9 +222,11 @@ def estimate(
         "quantization": None if quant is None else quant.kind,
         "double_quant": bool(quant and quant.double_quant),
         "skip_modules": None if quant is None or quant.skip_modules is None else list(quant.skip_modules),
+        "moe_routing": moe_routing,
     }
     return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes), host_bytes=host,
-                          context_bytes=context, at_peak=found.at_peak, timeline=found.timeline)
+                          context_bytes=context, at_peak=found.at_peak, timeline=found.timeline,
+                          stand_ins=found.stand_ins)
 
 
 DEFAULT_QLORA_RANK = 8
@@ -271,6 +279,7 @@ class _Found:
     slack: int | None = None
     at_peak: tuple[PeakTensors, ...] = ()
     timeline: tuple[tuple[int, str, int], ...] = ()
+    stand_ins: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism,
@@ -308,6 +317,11 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
             warm_up()
         traced = sandbox.run(trace, timeout=trace_timeout) if user_code else trace()
         return _Found("trace", traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline)
+        traced = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
+                                 step_fn=step_fn, timeout=trace_timeout, accumulate=accumulate,
+                                 set_to_none=set_to_none, **sharding)
+        return _Found("trace", traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline,
+                      traced.stand_ins)
     except ConfigError:
         raise  # a bad argument is no reason to try another method
     except MemguardError as exc:

@@ -4,8 +4,9 @@ dispatch mode that fills it.
 Under ``FakeTensorMode`` nothing is allocated; :class:`CountingMode` sees every op's outputs and
 records each new storage (its size as the device's allocator rounds it, the phase of the step, the
 module whose forward made it, shape and dtype); a ``weakref.finalize`` on the storage records its
-free. Data-dependent ops run on stand-in tensors of ones; the mode stops the trace past its time
-budget.
+free. Data-dependent ops run on the values :mod:`memguard.estimation.stand_ins` invents and records;
+ops whose fake kernels refuse what the real ones run take :mod:`memguard.estimation.fake_kernels`;
+the mode stops the trace past its time budget.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.utils._pytree import tree_flatten
 
 from memguard.errors import TraceError
+from memguard.estimation.fake_kernels import corrected
 from memguard.estimation.peak import Phase
+from memguard.estimation.stand_ins import StandIns
 
 __all__ = ["CountingMode", "Ledger", "Record"]
 
@@ -39,7 +42,6 @@ _CUDA_BLOCK = 512
 _MMAP_THRESHOLD = 65536
 _PAGE = 4096
 _CPU_ALIGN = 64
-_FALLBACK_NUMEL_LIMIT = 1 << 24
 _CLOCK_EVERY = 256
 """Ops between two looks at the clock (a look costs about as much as an op)."""
 
@@ -140,23 +142,36 @@ class Ledger:
 
 
 class CountingMode(TorchDispatchMode):
-    """Records every storage an op returns; runs data-dependent ops on stand-in tensors."""
+    """Records every storage an op returns; runs data-dependent ops on the values of :attr:`stand_ins`.
 
-    def __init__(self, ledger: Ledger, fake_mode: FakeTensorMode, timeout: float | None = None) -> None:
+    Args:
+        routing: the capacity factor of the MoE routing model (:func:`memguard.estimation.stand_ins.resolve_routing`).
+    """
+
+    def __init__(self, ledger: Ledger, fake_mode: FakeTensorMode, timeout: float | None = None,
+                 routing: float = 1.0) -> None:
         super().__init__()
         self.ledger = ledger
         self.fake_mode = fake_mode
-        self.fallbacks: dict[str, int] = {}
+        self.stand_ins = StandIns(fake_mode, routing)
         self.timeout = timeout
         self.deadline = math.inf if timeout is None else time.monotonic() + timeout
         self.ops = 0
 
+    @property
+    def fallbacks(self) -> dict[str, int]:
+        """Data-dependent ops run on stand-in values of ones, with their counts."""
+        return self.stand_ins.invented
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         try:
-            out = func(*args, **kwargs)
+            out = corrected(func, args, kwargs)
+            if out is None:
+                out = func(*args, **kwargs)
+            self.stand_ins.after(func, args, kwargs, out)
         except (DataDependentOutputException, DynamicOutputShapeException):
-            out = self._fallback(func, args, kwargs)
+            out = self.stand_ins.data_dependent(func, args, kwargs)
         if isinstance(out, torch.Tensor):  # the common case, without a tree walk
             self.ledger.track(out)
             # Only ops that return tensors look at the clock: metadata queries (prim.device ...)
@@ -173,20 +188,3 @@ class CountingMode(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     self.ledger.track(t)
         return out
-
-    def _fallback(self, func: Any, args: Any, kwargs: Any) -> Any:
-        name = str(func.overloadpacket.__name__)
-        self.fallbacks[name] = self.fallbacks.get(name, 0) + 1
-        if func is torch.ops.aten._local_scalar_dense.default:
-            dtype = args[0].dtype
-            return True if dtype == torch.bool else (1.0 if dtype.is_floating_point else 1)
-
-        def real(t: torch.Tensor) -> torch.Tensor:
-            if t.numel() > _FALLBACK_NUMEL_LIMIT:
-                raise TraceError(f"cannot run data-dependent op {name} on a stand-in of {tuple(t.shape)}")
-            return torch.ones(t.shape, dtype=t.dtype)
-
-        with torch.utils._python_dispatch._disable_current_modes():
-            real_args, real_kwargs = tree_map_only(torch.Tensor, real, (args, kwargs))
-            result = func(*real_args, **real_kwargs)
-        return tree_map_only(torch.Tensor, self.fake_mode.from_tensor, result)

@@ -89,6 +89,11 @@ class MemoryEstimate:
         timeline: the trace only: ``(event, phase, live_bytes)`` through the step (phases
             ``forward``, ``backward``, ``block-backward``, ``optimizer``, ``other``); its largest
             ``live_bytes`` is :attr:`peak_bytes`.
+        stand_ins: the trace only: data-dependent ops (``"nonzero"``, ``"_local_scalar_dense"``,
+            ``"topk"``) whose values decided a branch or a size and were invented by the trace, and
+            how: a documented model (``"MoE routing: balanced"``, see
+            :mod:`memguard.estimation.stand_ins`), or ``"ones"`` where nothing models them, which
+            makes the estimate :attr:`uncertain`.
     """
 
     method: str
@@ -99,6 +104,7 @@ class MemoryEstimate:
     context_bytes: int = 0
     at_peak: tuple[PeakTensors, ...] = ()
     timeline: tuple[tuple[int, str, int], ...] = ()
+    stand_ins: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         full = {c: 0 for c in _ORDER}
@@ -112,8 +118,16 @@ class MemoryEstimate:
         object.__setattr__(self, "notes", tuple(self.notes))
         object.__setattr__(self, "at_peak", tuple(self.at_peak))
         object.__setattr__(self, "timeline", tuple(tuple(p) for p in self.timeline))
+        object.__setattr__(self, "stand_ins", {str(k): str(v) for k, v in self.stand_ins.items()})
         if not 0 <= self.context_bytes <= full[Category.OVERHEAD]:
             raise ValueError(f"context_bytes must be within the overhead, got {self.context_bytes!r}")
+
+    @property
+    def uncertain(self) -> bool:
+        """Whether the estimate rests on values the trace made up without a model of them (stand-in
+        ones for a data-dependent op, named in :attr:`stand_ins`): a branch taken or a size chosen
+        may differ from the real step's."""
+        return any(how == _ONES for how in self.stand_ins.values())
 
     @property
     def total_bytes(self) -> int:
@@ -172,6 +186,8 @@ class MemoryEstimate:
             "context_bytes": self.context_bytes,
             "at_peak": [g.to_dict() for g in self.at_peak],
             "timeline": [list(p) for p in self.timeline],
+            "stand_ins": dict(self.stand_ins),
+            "uncertain": self.uncertain,
         }
 
     @classmethod
@@ -182,7 +198,8 @@ class MemoryEstimate:
                    host_bytes=int(data.get("host_bytes", 0)), context_bytes=int(data.get("context_bytes", 0)),
                    at_peak=tuple(PeakTensors(g["where"], Category(g["category"]), int(g["bytes"]), int(g["count"]),
                                              tuple(g["shape"]), g["dtype"]) for g in data.get("at_peak", ())),
-                   timeline=tuple((int(e), str(p), int(n)) for e, p, n in data.get("timeline", ())))
+                   timeline=tuple((int(e), str(p), int(n)) for e, p, n in data.get("timeline", ())),
+                   stand_ins=dict(data.get("stand_ins", {})))
 
     def table(self, top: int = 0) -> str:
         """The breakdown as a text table, one row per category, with shares of the total, and the
@@ -215,8 +232,23 @@ class MemoryEstimate:
             lines.extend(f"  {format_bytes(g.nbytes):>12}  {g.category.value:<15}  {g.where}  "
                          f"{g.count} x, largest {list(g.shape)} {g.dtype.removeprefix('torch.')}"
                          for g in self.at_peak[:top])
+        if self.stand_ins:
+            lines.append(self.stand_in_line())
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+    def stand_in_line(self) -> str:
+        """One line on the invented values, ``""`` without any: ``uncertain: data-dependent nonzero ran
+        on stand-in values of ones; ...`` or ``stand-ins modelled: topk (MoE routing: balanced)``."""
+        if not self.stand_ins:
+            return ""
+        guessed = sorted(op for op, how in self.stand_ins.items() if how == _ONES)
+        modelled = ", ".join(f"{op} ({how})" for op, how in sorted(self.stand_ins.items()) if how != _ONES)
+        if guessed:
+            line = (f"uncertain: data-dependent {', '.join(guessed)} ran on stand-in values of ones; "
+                    "a branch or size may differ from the real step's")
+            return f"{line}; modelled: {modelled}" if modelled else line
+        return f"stand-ins modelled: {modelled}"
 
     def __str__(self) -> str:
         return self.table(top=5)
@@ -232,6 +264,9 @@ class MemoryEstimate:
                 f"{format_bytes(self.reserved_bytes)}, total {format_bytes(self.total_bytes)}"
                 f"{'; ' + shown if shown else ''}{detail}>")
 
+
+_ONES = "ones"
+"""How an unmodelled stand-in's values were made (``memguard.estimation.stand_ins.ONES``)."""
 
 _SHOWN_INPUTS = ("model", "batch_size", "seq_len", "precision", "optimizer", "device",
                  "gradient_checkpointing", "strategy", "world_size", "offload_optimizer", "offload_params")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from memguard.errors import ConfigError
+from memguard.estimation.stand_ins import resolve_routing
 
 __all__ = ["MAX_COUNT", "MAX_INPUT_ELEMENTS", "OPTIMIZERS", "PAGED_MIN_NUMEL", "PRECISIONS", "AdamW8bitStandIn",
            "PagedAdamWStandIn", "Precision",
@@ -322,6 +323,8 @@ class TrainingSpec:
         precision: the :class:`Precision`.
         gradient_checkpointing: ``None`` to read from the model, else forced on or off.
         device: ``"cuda"`` or ``"cpu"``: where training will run.
+        moe_routing: the capacity factor of the mixture-of-experts routing model: 1.0 balanced,
+            ``math.inf`` every token on the same experts (:func:`memguard.estimation.stand_ins.resolve_routing`).
     """
 
     batch_size: int | None
@@ -330,11 +333,12 @@ class TrainingSpec:
     precision: Precision
     gradient_checkpointing: bool | None
     device: str
+    moe_routing: float = 1.0
 
     @classmethod
     def create(cls, *, batch_size: Any = None, seq_len: Any = None, optimizer: Any = "adamw",
                precision: Any = "32-true", gradient_checkpointing: bool | None = None,
-               device: Any = "cuda") -> TrainingSpec:
+               device: Any = "cuda", moe_routing: Any = "balanced") -> TrainingSpec:
         """Check and normalise every argument.
 
         Raises:
@@ -358,6 +362,7 @@ class TrainingSpec:
             precision=resolve_precision(precision),
             gradient_checkpointing=gradient_checkpointing,
             device=resolve_device(device),
+            moe_routing=resolve_routing(moe_routing),
         )
 
     def replace(self, **changes: Any) -> TrainingSpec:

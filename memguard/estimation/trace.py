@@ -31,8 +31,10 @@ stops after ``timeout`` seconds.
 
 Known limitations:
     * Values are unknown. ``.item()`` on computed data, and ops whose output shape depends on data
-      (``nonzero``, ``masked_select``), run op by op on stand-in tensors of ones; the estimate says
-      so in its notes.
+      (``nonzero``, ``masked_select``), run on invented values (:mod:`memguard.estimation.stand_ins`):
+      a mixture-of-experts router's ``topk`` on the routing model (balanced unless
+      ``spec.moe_routing`` says otherwise), anything else on stand-in tensors of ones. The result
+      names each such op in :attr:`TraceResult.stand_ins`.
     * A ``GradScaler``'s own scalars are not traced (they are a few bytes).
 """
 
@@ -62,6 +64,7 @@ from memguard.estimation.models import is_checkpointing, set_checkpointing
 from memguard.estimation.peak import Phase, analyse
 from memguard.estimation.result import Category, PeakTensors
 from memguard.estimation.spec import TrainingSpec, make_optimizer
+from memguard.estimation.stand_ins import ONES, ROUTINGS, routing_name
 
 __all__ = ["DEFAULT_TIMEOUT", "TraceResult", "check_timeout", "trace_breakdown", "warm_up"]
 
@@ -115,6 +118,9 @@ class TraceResult:
             replaying the step's allocations and frees in order (:func:`memguard.estimation.allocator.replay`).
         at_peak: tensors alive at the peak, by module and category (:func:`memguard.estimation.peak.analyse`).
         timeline: live bytes through the step.
+        stand_ins: data-dependent ops whose values the trace invented, and how: the routing model
+            (``"topk"``), or ``"ones"`` (:data:`memguard.estimation.stand_ins.ONES`) where nothing
+            models them.
     """
 
     breakdown: dict[Category, int]
@@ -122,6 +128,7 @@ class TraceResult:
     slack: int
     at_peak: tuple[PeakTensors, ...]
     timeline: tuple[tuple[int, str, int], ...]
+    stand_ins: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _prepare(module: nn.Module, checkpointing: bool) -> None:
@@ -224,7 +231,7 @@ def trace_breakdown(
     """
     ledger = Ledger(spec.device)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    counting = CountingMode(ledger, fake_mode, timeout)
+    counting = CountingMode(ledger, fake_mode, timeout, spec.moe_routing)
     precision = spec.precision
     notes: list[str] = []
     foreach = True if spec.device == "cuda" else None
@@ -312,14 +319,36 @@ def trace_breakdown(
     except Exception as exc:
         raise TraceError(
             f"could not trace a training step of {type(module).__name__}: {type(exc).__name__}: {exc}"
+            + _stand_in_cause(counting)
         ) from exc
-    if counting.fallbacks:
-        ops = ", ".join(f"{k} x{v}" for k, v in sorted(counting.fallbacks.items()))
+    invented = counting.stand_ins
+    if invented.invented:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(invented.invented.items()))
         notes.append(f"data-dependent ops ran on stand-in values of ones: {ops}")
+    if invented.modelled:
+        notes.append(f"{_routing_words(spec.moe_routing)}: the indices of topk x{invented.modelled.get('topk', 0)} "
+                     "(the routers' choice of experts) made by the routing model")
     if precision.grad_scaler:
         notes.append("GradScaler's scalars are not traced (a few bytes)")
     log.debug("trace of %s: peak %d bytes", type(module).__name__, sum(report.breakdown.values()))
-    return TraceResult(report.breakdown, notes, slack, report.at_peak, report.timeline)
+    stand_ins = {op: _routing_words(spec.moe_routing) for op in invented.modelled}
+    stand_ins.update({op: ONES for op in invented.invented})
+    return TraceResult(report.breakdown, notes, slack, report.at_peak, report.timeline, stand_ins)
+
+
+def _routing_words(capacity: float) -> str:
+    """The routing model in words: ``"MoE routing: balanced"`` ..."""
+    name = routing_name(capacity)
+    return f"MoE routing: {name if name in ROUTINGS else f'capacity factor {name}'}"
+
+
+def _stand_in_cause(counting: CountingMode) -> str:
+    """What a failed trace adds when values it invented may have caused the failure."""
+    if not counting.fallbacks:
+        return ""
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(counting.fallbacks.items()))
+    return (f"; before it, data-dependent ops ran on stand-in values of ones ({ops}), which may be the cause: "
+            "a value or size the model computes from its data was invented by the trace")
 
 
 def _owner(name: str, root: nn.Module) -> str:

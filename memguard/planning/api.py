@@ -35,7 +35,8 @@ OPTIMIZERS = ("adamw", "adamw-8bit", "adafactor", "sgd")
 LORA_RANKS = (8, 16, 64)
 _NO_BF16 = re.compile(r"\b(t4|v100|p100|p40|k80)\b", re.I)
 """GPUs without bfloat16 arithmetic (before Ampere): bf16 precisions are not proposed there."""
-_EXTRA_KEYS = ("example_input", "loss_fn", "step_fn", "training_loop", "set_to_none", "trace_timeout")
+_EXTRA_KEYS = ("example_input", "loss_fn", "step_fn", "training_loop", "set_to_none", "trace_timeout",
+               "moe_routing")
 _BASE_KEYS = ("batch_size", "precision", "optimizer", "gradient_checkpointing", "strategy", "world_size",
               "offload_optimizer", "offload_params", "lora_rank", "accumulate_grad_batches", "quantization",
               "double_quant")
@@ -150,8 +151,8 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
                    lora_ranks=LORA_RANKS,
                    method_prune="formula", confirm=(top if traced else 0) if confirm is None else confirm,
                    limit=top + 2, device=inputs.get("device", "cuda"), max_estimates=max_estimates,
-                   estimate_kwargs={**{k: inputs[k] for k in ("training_loop", "set_to_none") if k in inputs},
-                                    **(estimate_kwargs or {})})
+                   estimate_kwargs={**{k: inputs[k] for k in ("training_loop", "set_to_none", "moe_routing")
+                                       if k in inputs}, **(estimate_kwargs or {})})
     search, groups = _searched(setup, estimate)
     found = [[f for f in _best(g, search.ctx, setup.limit) if f[1] != search.ctx.base] for g in groups]
     turns = [f for tier in itertools.zip_longest(*found) for f in tier if f is not None]

@@ -9,9 +9,10 @@ recomputation keeps each block's input), composed per family from
 
 from __future__ import annotations
 
+from memguard.estimation.arch import Architecture
 from memguard.estimation.formula.attention import cross_attention_bytes, self_attention_bytes
 from memguard.estimation.formula.context import F32, Ctx
-from memguard.estimation.formula.mlp import fp32_gelu, mlp_bytes
+from memguard.estimation.formula.mlp import fp32_gelu, mlp_bytes, moe_bytes, moe_temporary_bytes
 from memguard.estimation.formula.norms import norm_bytes
 
 __all__ = ["block_backward_bytes", "block_bytes", "block_forward_bytes", "checkpoint_bias_bytes",
@@ -40,16 +41,38 @@ def block_bytes(ctx: Ctx, seq: int, *, cache: bool, cross_seq: int | None = None
     attention = (norm_bytes(ctx, rows, h) + ctx.linear_inputs(rows, h, fam.qkv_readers)
                  + self_attention_bytes(ctx, seq, cache=cache and fam.kv_cache, masked=masked)
                  + attn_drop)
+    if a.qk_norm:  # the norms keep the projections' outputs and their normalised copies
+        attention += norm_bytes(ctx, rows, a.heads * a.head_dim) + norm_bytes(ctx, rows, a.kv_heads * a.head_dim)
     mlp_readers = 2 if fam.gated_readers and a.gated_mlp else 1
     mlp = (norm_bytes(ctx, rows, h) + ctx.linear_inputs(rows, h, mlp_readers)
            + mlp_bytes(ctx, rows, a.ffn, a.gated_mlp, a.activation, a.activation_dropout)
            + drop_mask)
+    if a.moe is not None and a.moe.layers:
+        mlp = _mean_over_layers(a, mlp, _moe_sublayer(ctx, rows) + drop_mask)
     cross = 0
     if cross_seq is not None:
         cross = (norm_bytes(ctx, rows, h) + ctx.linear_inputs(rows, h, 1)
                  + cross_attention_bytes(ctx, seq, cross_seq, cache=cache and fam.cross_kv_cache)
                  + drop_mask)
     return attention + mlp + cross
+
+
+def _moe_sublayer(ctx: Ctx, rows: int) -> int:
+    """A mixture-of-experts sublayer: its norm, the linear layers that read the norm's output (the
+    router, and a shared expert's gate and up projections and its sigmoid gate), and
+    :func:`memguard.estimation.formula.mlp.moe_bytes`."""
+    a, moe = ctx.arch, ctx.arch.moe
+    assert moe is not None
+    readers = 1 + (2 if moe.shared_ffn else 0) + (1 if moe.shared_gate else 0)
+    return (norm_bytes(ctx, rows, a.hidden) + ctx.linear_inputs(rows, a.hidden, readers)
+            + moe_bytes(ctx, rows, moe, a.activation, ctx.routing))
+
+
+def _mean_over_layers(a: Architecture, dense: int, sparse: int) -> int:
+    """Bytes of one block's MLP sublayer averaged over the blocks, ``moe.layers`` of which hold the
+    mixture (DeepSeek keeps its first blocks dense): the formula counts blocks as alike."""
+    assert a.moe is not None
+    return (a.moe.layers * sparse + (a.layers - a.moe.layers) * dense) // a.layers
 
 
 def checkpoint_input_bytes(ctx: Ctx, seq: int) -> int:
@@ -90,7 +113,10 @@ def block_forward_bytes(ctx: Ctx, seq: int) -> int:
     scores = 0
     if ctx.kernel != "fused":
         scores = ctx.b * a.heads * seq * seq * ctx.math_elem
-    return max(ctx.b * seq * a.ffn * ctx.c, scores)
+    mlp = ctx.b * seq * a.ffn * ctx.c
+    if a.moe is not None and a.moe.layers:
+        mlp = max(mlp if a.moe.layers < a.layers else 0, moe_temporary_bytes(ctx, ctx.b * seq, a.moe, ctx.routing))
+    return max(mlp, scores)
 
 
 def block_backward_bytes(ctx: Ctx, seq: int) -> int:
@@ -108,4 +134,7 @@ def block_backward_bytes(ctx: Ctx, seq: int) -> int:
         # the fused kernel's gradient of T5's learned bias, batch-wide before it is summed
         grad_bias = ctx.b * a.heads * seq * seq * ctx.r
     mlp = 3 * F32 - ctx.c if fp32_gelu(ctx, a.activation) else ctx.c
-    return rows * a.hidden * ctx.r + rows * a.ffn * mlp + grad_bias
+    ffn = rows * a.ffn * mlp
+    if a.moe is not None and a.moe.layers:
+        ffn = max(ffn if a.moe.layers < a.layers else 0, moe_temporary_bytes(ctx, rows, a.moe, ctx.routing))
+    return rows * a.hidden * ctx.r + ffn + grad_bias

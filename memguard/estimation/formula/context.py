@@ -39,6 +39,7 @@ class Ctx:
         fam: its family's block layout.
         frozen: counting a frozen block that passes gradients down: its linear layers keep no
             inputs (a frozen weight needs no gradient), only what input gradients need.
+        routing: the capacity factor of the MoE routing model (``TrainingSpec.moe_routing``).
     """
 
     b: int
@@ -50,6 +51,7 @@ class Ctx:
     arch: Architecture
     fam: Family
     frozen: bool = False
+    routing: float = 1.0
 
     def mask(self, elem: int) -> int:
         """Bytes per element of a dropout mask over a tensor of ``elem``-byte elements.
@@ -107,7 +109,7 @@ def make_ctx(arch: Architecture, spec: TrainingSpec) -> Ctx:
     c = prec.autocast_dtype.itemsize if prec.autocast_dtype is not None else r
     return Ctx(b=spec.batch_size or 1, r=r, c=c, autocast=prec.autocast_dtype is not None,
                cuda=spec.device == "cuda", kernel=attention_kernel(arch, spec), arch=arch,
-               fam=family_of(arch))
+               fam=family_of(arch), routing=spec.moe_routing)
 
 
 def tokens(arch: Architecture, spec: TrainingSpec) -> int:

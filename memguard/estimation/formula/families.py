@@ -118,12 +118,22 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 """Every family of :mod:`memguard.estimation.arch`, by name."""
 
 
+_NO_LAYOUT = {"deepseek_v2": "multi-head latent attention", "deepseek_v3": "multi-head latent attention"}
+"""Model types whose blocks the formula cannot lay out: DeepSeek's attention compresses K and V
+through low-rank projections with their own norms, and pads V to Q's head size for SDPA
+(``DeepseekV3Attention`` in ``modeling_deepseek_v3.py``)."""
+
+
 def family_of(arch: Architecture) -> Family:
     """The :class:`Family` of ``arch``.
 
     Raises:
         UnsupportedModelError: for a family without a layout here.
     """
+    if arch.model_type in _NO_LAYOUT:
+        raise UnsupportedModelError(
+            f"the formula has no layout for {_NO_LAYOUT[arch.model_type]} ({arch.model_type}); "
+            "use method='trace' (method='auto' does)")
     try:
         return FAMILIES[arch.family]
     except KeyError:

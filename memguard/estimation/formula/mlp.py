@@ -1,10 +1,12 @@
-"""What a block's MLP saves for backward, by activation function."""
+"""What a block's MLP saves for backward, by activation function, and what a mixture of experts saves."""
 
 from __future__ import annotations
 
-from memguard.estimation.formula.context import F32, Ctx
+from memguard.estimation.arch import MoE
+from memguard.estimation.formula.context import F32, I64, Ctx
+from memguard.estimation.stand_ins import expert_load
 
-__all__ = ["fp32_gelu", "mlp_bytes"]
+__all__ = ["experts_elem", "fp32_gelu", "mlp_bytes", "moe_bytes", "moe_temporary_bytes"]
 
 _POW_GELUS = ("gelu_new", "gelu_python_tanh")
 """transformers' Python tanh-GELUs that call ``torch.pow`` (``transformers/activations.py``)."""
@@ -58,3 +60,59 @@ def mlp_bytes(ctx: Ctx, rows: int, ffn: int, gated: bool, activation: str,
     if act_dropout > 0:
         return own_bytes + second * unit + extra  # the dropped tensor, saved by the second linear
     return own_bytes + (0 if output_saved else second) * unit
+
+
+def experts_elem(ctx: Ctx, implementation: str) -> int:
+    """Bytes per element inside the routed experts. transformers' ``grouped_mm`` experts call
+    ``torch._grouped_mm``, which no autocast list holds, on ``input.to(weight.dtype)``
+    (``transformers/integrations/moe.py``, ``_grouped_mm``): under mixed precision they run in the
+    weights' fp32. The ``eager`` loop's ``F.linear`` is autocast: 16-bit."""
+    return ctx.r if implementation in ("grouped_mm", "batched_mm") else ctx.c
+
+
+def moe_bytes(ctx: Ctx, rows: int, moe: MoE, activation: str, capacity: float) -> int:
+    """Bytes a mixture-of-experts layer saves between its input norm and its output, for ``rows`` tokens.
+
+    Routing spreads ``S = top_k * rows`` token-expert pairs over the experts; whatever the
+    spread, the experts together save what one gated MLP saves for ``S`` rows (each pair is one
+    row of one expert's matmuls), so ``capacity`` only moves the temporaries (see
+    :func:`moe_temporary_bytes`). Per pair, read from ``grouped_mm_experts_forward`` and
+    ``MixtralExperts.forward`` (``transformers/integrations/moe.py``, ``modeling_mixtral.py``):
+    the gathered input that the up projection saves (``h``), the fused gate/up output that SiLU
+    keeps through its ``chunk`` view (``2·ffn``), the activation and the product (``ffn`` each),
+    the down projection's output that the routing weight's product saves (``h``), that weight
+    (fp32) and the int64 indices of the gather and the reordering; the eager loop's ``index_add_``
+    also keeps the weighted output. The router saves the fp32
+    softmax (or sigmoid) over the experts and its top-k indices and weights. Shared experts are a
+    dense gated MLP over every token (:func:`mlp_bytes`); Qwen2-MoE's sigmoid gate keeps the
+    shared output and the gate. The eager loop under autocast also keeps each expert's 16-bit
+    weight copy (a slice of the 3-D parameter is no leaf, so autocast's cast cache skips it).
+    """
+    e = experts_elem(ctx, moe.implementation)
+    pairs = rows * moe.top_k
+    experts = pairs * ((2 * ctx.arch.hidden + 4 * moe.ffn) * e + F32 + 2 * I64)
+    if moe.implementation == "eager":
+        # index_add_ saves its source, the weighted output in the residual's dtype
+        # (derivatives.yaml, index_add: ``grad.index_select(dim, index).expand_as(source)``)
+        experts += pairs * ctx.arch.hidden * ctx.r
+    router = rows * moe.experts * F32 + rows * moe.top_k * (I64 + 2 * F32)
+    shared = 0
+    if moe.shared_ffn:
+        shared = mlp_bytes(ctx, rows, moe.shared_ffn, True, activation, 0.0)
+        if moe.shared_gate:
+            shared += rows * ctx.arch.hidden * ctx.c + rows * ctx.c
+    copies = 0
+    if ctx.autocast and e == ctx.c and not ctx.frozen:
+        copies = moe.experts * 3 * moe.ffn * ctx.arch.hidden * ctx.c
+    del capacity  # the saved bytes do not depend on the spread
+    return experts + router + shared + copies
+
+
+def moe_temporary_bytes(ctx: Ctx, rows: int, moe: MoE, capacity: float) -> int:
+    """The largest temporary of a mixture-of-experts layer: the fused gate/up output of the
+    busiest expert in the eager loop (``expert_load`` tokens of :mod:`memguard.estimation.stand_ins`,
+    which the capacity factor sets), or of all ``top_k * rows`` pairs at once in ``grouped_mm``."""
+    e = experts_elem(ctx, moe.implementation)
+    if moe.implementation == "eager":
+        return expert_load(rows, moe.top_k, moe.experts, capacity) * 2 * moe.ffn * e
+    return rows * moe.top_k * 2 * moe.ffn * e
