@@ -1041,3 +1041,23 @@ def test_in_process_fallback_still_isolates_and_warns_once(package: str, monkeyp
     assert guarded.guard.estimate is not None, guarded.warned
     assert_no_harm(guarded, plain)
     assert sum("runs user code in this process" in w for w in guarded.warned) == 1
+
+
+@functools.cache
+def data_dependent_class(package: str) -> type:
+    class DataDependent(base_class(package)):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.layer(x)
+            return out * (out > 0).nonzero().shape[0]  # a size the data decides
+
+    return DataDependent
+
+
+def test_the_guard_warns_when_the_estimate_rests_on_invented_values() -> None:
+    package = "lightning.pytorch"
+    plain = fit(package, data_dependent_class(package))
+    guarded = fit(package, data_dependent_class(package), MemGuard(action="warn", budget=GENEROUS))
+    est = guarded.guard.estimate
+    assert est is not None and est.uncertain and "nonzero" in " ".join(est.stand_ins), guarded.warned
+    assert any("rests on invented values" in w and "nonzero" in w for w in guarded.warned), guarded.warned
+    assert_no_harm(guarded, plain)

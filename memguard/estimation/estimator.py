@@ -304,6 +304,7 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
         sharding["extras"] = parallel.phase_extras(resolved.module, device=spec.device,
                                                    bytes_per_element=_element_bytes(spec))
         sharding["blocks"] = wrapped_blocks(resolved.module)
+
     def trace() -> TraceResult:
         return trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
                                step_fn=step_fn, timeout=trace_timeout, accumulate=accumulate,
@@ -316,10 +317,6 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
         if user_code and sandbox.forks() and not sandbox.in_child():
             warm_up()
         traced = sandbox.run(trace, timeout=trace_timeout) if user_code else trace()
-        return _Found("trace", traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline)
-        traced = trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
-                                 step_fn=step_fn, timeout=trace_timeout, accumulate=accumulate,
-                                 set_to_none=set_to_none, **sharding)
         return _Found("trace", traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline,
                       traced.stand_ins)
     except ConfigError:

@@ -269,6 +269,8 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
             self._warn(f"MemGuardCallback could not estimate a training step on rank(s) {failed}, so training goes "
                        "on unchecked")
             return
+        if plan.at_requested.uncertain:
+            self._warn(f"MemGuardCallback: the estimate rests on invented values, {plan.at_requested.stand_in_line()}")
         self._act(plan, rows)
 
     def _plan(self, model: torch.nn.Module, batch: Any, device: torch.device) -> _Plan:

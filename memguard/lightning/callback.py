@@ -272,6 +272,9 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
                                 f"on unchecked: {type(failure).__name__}: {failure}", every_rank=True)
         if plan is None:
             return
+        if plan.at_requested.estimate.uncertain:
+            self._warn(trainer, f"MemGuard: the estimate rests on invented values, "
+                                f"{plan.at_requested.estimate.stand_in_line()}")
         decision = decide(self.action, plan.requested, info.accumulate_grad_batches, reports,
                           can_change_batch=early)
         self._apply(trainer, pl_module, info, plan, decision, reports)
