@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +56,26 @@ BASE: dict[str, Any] = {"precision": "bf16-mixed", "optimizer": "adamw", "device
                         "gradient_checkpointing": False}
 
 
-def small_llama() -> Any:
-    """A ~110M-parameter Llama (GQA, rotary, SDPA): 12 layers of width 768."""
+def llama(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int) -> Any:
+    """A Llama config (GQA, rotary, SDPA, SwiGLU)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                       num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
+    return LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                        max_position_embeddings=2048)
 
 
-SIZES: dict[str, tuple[Any, int, int]] = {
-    "small": (small_llama, 2, 512),
+SIZES: dict[str, tuple[Callable[[], Any], int, int]] = {
+    "tiny-64": (lambda: llama(64, 176, 2, 4, 2, 512), 2, 32),
+    "tiny-128": (lambda: llama(128, 352, 3, 4, 2, 1024), 2, 32),
+    "tiny-256": (lambda: llama(256, 688, 4, 8, 4, 2048), 2, 32),
+    "small": (lambda: llama(768, 2048, 12, 12, 4, 32000), 2, 512),
     "llama-2-7b": (lambda: "llama-2-7b", 1, 256),
     "llama-2-13b": (lambda: "llama-2-13b", 1, 256),
 }
-"""Model (a factory), batch size and sequence length per size: short, so each trace takes seconds."""
+"""Model (a factory), batch size and sequence length per size: short, so each trace takes seconds.
+The ``tiny-*`` sizes are the ones ``tests/test_formula_matrix.py`` traces; ``small`` (~110M
+parameters, 12 layers of width 768) and the presets only here."""
 
 
 def compare(size: str, cells: Sequence[str], traced: dict[tuple[str, str], int] | None = None,

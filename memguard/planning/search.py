@@ -217,6 +217,7 @@ def _searched(setup: _Setup, asked: MemoryEstimate | None) -> tuple[_Search, lis
     ctx = _Context(base, effective, 1, sum(p.numel() for p in module.parameters()),
                    {None: sum(p.numel() for p in module.parameters() if p.requires_grad)})
     search = _Search(setup, ctx)
+    search.module(base.lora_rank)  # its trainable count, which the costs read before any estimate
     if asked is not None:
         search.cache[(base, asked.method)] = asked
     if search.estimate(base, search.method, strict=search.method == "trace") is None:
