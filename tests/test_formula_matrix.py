@@ -1,5 +1,5 @@
 """The formula agrees with the trace across the matrix: strategies, offload, LoRA, 8-bit AdamW,
-precision and accumulation, on Llamas of five sizes (issue 17).
+precision and accumulation, on Llamas of six sizes, tiny to llama-2-13b (issue 17).
 
 The trace peaks are committed in ``benchmarks/results/formula_vs_trace.json`` (written by
 ``benchmarks/formula_vs_trace.py``): the formula, which takes milliseconds, is held to them for
