@@ -246,3 +246,21 @@ def test_guard_remedies_name_the_optimizer_class_or_say_nothing() -> None:
     assert rows and all(r.total_bytes <= int(3 * 2**30 * 0.9) for r in rows)
     # An optimizer the search cannot rebuild: the guard says nothing rather than something wrong.
     assert guard_remedies(est, 3 * 2**30, 0.1, model="gpt2", optimizer=lambda params: None, estimate_kwargs={}) is None
+
+
+def test_a_run_the_formula_rejects_by_a_little_is_traced_and_kept() -> None:
+    """The formula puts this LoRA step 1.9% above the trace; with usable memory between the two, the
+    plan traces the asked run (within 10% of the limit) instead of dropping it (issue 17)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
+    kwargs = {"batch_size": 2, "seq_len": 32, "precision": "bf16-mixed", "device": "cpu", "lora_rank": 8}
+    formula = memguard.estimate(config, method="formula", **kwargs).total_bytes
+    traced = memguard.estimate(config, method="trace", **kwargs).total_bytes
+    free = (formula + traced) // 2 / 0.9
+    assert traced <= 0.9 * free < formula
+    p = plan(config, seq_len=32, gpu=int(free), batch_size=2, base={"precision": "bf16-mixed", "lora_rank": 8},
+             confirm=0, lora_ranks=(), device="cpu", optimizers=["adamw"], precision="bf16-mixed")
+    assert p.fits_as_is and p.rows[0].changes == [] and p.rows[0].method == "trace"
+    assert p.rows[0].total_bytes == traced

@@ -195,7 +195,7 @@ def estimate(
     notes.extend(_paged_notes(resolved, spec))
     host = 0
     if used != "seed" and parallel.strategy is not Strategy.SINGLE:
-        breakdown, host, more = _distribute(breakdown, parallel, resolved, spec, traced=used == "trace",
+        breakdown, host, more = _distribute(breakdown, parallel, resolved, spec,
                                             master_weights=master_weights)
         notes.extend(more)
     peak = sum(v for k, v in breakdown.items() if k != Category.OVERHEAD)
@@ -296,7 +296,7 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
             notes = [*notes, f"the seed formula knows no strategy: {parallel.strategy} is ignored"]
         return _Found("seed", breakdown, notes)
     if method == "formula":
-        return _Found("formula", *_formula(resolved, spec, formula_loop))
+        return _Found("formula", *_formula(resolved, spec, formula_loop, parallel))
     sharding: dict[str, Any] = {}
     if parallel.sharded:
         sharding["weight"] = parallel.weight
@@ -326,7 +326,7 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
             raise
         log.warning("trace failed (%s); falling back to the formula", exc)
         try:
-            breakdown, notes = _formula(resolved, spec, formula_loop)
+            breakdown, notes = _formula(resolved, spec, formula_loop, parallel)
         except MemguardError as formula_exc:
             raise type(formula_exc)(f"neither method can estimate {resolved.name}: the trace failed ({exc}), "
                                     f"and the formula too ({formula_exc})") from exc
@@ -334,20 +334,19 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
 
 
 def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel,
-                spec: TrainingSpec, *, traced: bool, master_weights: bool = False,
+                spec: TrainingSpec, *, master_weights: bool = False,
                 ) -> tuple[dict[Category, int], int, list[str]]:
-    """Apply the per-device share of model state and add the strategy's buffers.
+    """Add the strategy's buffers to a per-device breakdown, and DeepSpeed's master weights.
 
-    A trace was already weighted allocation by allocation; a formula's breakdown is scaled here.
+    Both the trace (allocation by allocation) and the formula (moment by moment,
+    :func:`memguard.estimation.formula.phases.shard_phases`) come already weighted by the share a
+    rank keeps, full sharding's gathered units included.
     With ``master_weights`` (DeepSpeed's mixed precision, see :func:`_deepspeed_precision`) the
     optimizer state is DeepSpeed's: an fp32 master copy of each trainable parameter plus the
     optimizer's state over it, in fp32, sharded as optimizer state.
     """
     from memguard.estimation.formula import optimizer_state_bytes
 
-    if not traced:
-        for cat, share in parallel.factors().items():
-            breakdown[cat] = int(breakdown.get(cat, 0) * share)
     module = resolved.module
     element = _element_bytes(spec)
     trainable_numel = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -363,7 +362,7 @@ def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved:
                      "parameter for Adam, ZeRO paper)")
     full = {Category.PARAMETERS: sum(p.numel() for p in module.parameters()) * element,
             Category.OPTIMIZER_STATE: states}
-    if not (traced and parallel.fully_sharded):  # the trace added those phase by phase
+    if not parallel.fully_sharded:  # both methods added those phase by phase
         for cat, extra in parallel.extras(module, bytes_per_element=element, trainable_bytes=trainable).items():
             breakdown[cat] = breakdown.get(cat, 0) + extra
     if parallel.sharded:
@@ -394,11 +393,12 @@ def _element_bytes(spec: TrainingSpec) -> int:
     return dtype.itemsize if dtype.is_floating_point else 4
 
 
-def _formula(resolved: ResolvedModel, spec: TrainingSpec,
-             training_loop: str) -> tuple[dict[Category, int], list[str]]:
+def _formula(resolved: ResolvedModel, spec: TrainingSpec, training_loop: str,
+             parallel: Parallelism) -> tuple[dict[Category, int], list[str]]:
+    """The formula's breakdown, each moment of the step weighted per device as the trace weights it."""
     from memguard.estimation.formula import formula_breakdown
 
-    return formula_breakdown(resolved, spec, training_loop=training_loop)
+    return formula_breakdown(resolved, spec, training_loop=training_loop, parallel=parallel)
 
 
 def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec, example_input: Any,

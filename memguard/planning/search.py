@@ -31,6 +31,8 @@ _MULTI = (("ddp", False, False), ("fsdp", False, False), ("fsdp", True, True), (
 """(strategy, offload optimizer, offload parameters) searched on one GPU and on several. On one, a
 sharded strategy serves offload (ZeRO-Offload, ZeRO-Infinity, FSDP's ``CPUOffload``, which offloads
 parameters and gradients) or DeepSpeed's mixed precision (a 16-bit module, fp32 master weights)."""
+NEAR = 0.1
+"""A configuration the formula rejects by less than this share of the usable memory is traced."""
 _LEVEL = {"single": 0, "ddp": 1, "deepspeed_stage_1": 2, _DS2: 2, "fsdp_shard_grad_op": 2, "fsdp": 3,
           "fsdp_hybrid": 3, _DS3: 3}
 """How much of the model state a strategy shards: a lower level is a smaller change."""
@@ -130,6 +132,15 @@ class _Search:
     def fits(self, est: MemoryEstimate | None) -> bool:
         return est is not None and est.fits(self.setup.gpu.free_bytes, self.setup.margin)
 
+    def second_look(self, k: _Knobs, est: MemoryEstimate | None) -> MemoryEstimate | None:
+        """The trace's estimate of ``k`` where the formula's does not fit by less than
+        :data:`NEAR` of the usable memory (the formula may err high; the row is not dropped
+        on its word), else ``est``."""
+        if est is None or est.method == "trace" or self.fits(est) or est.total_bytes > self.usable * (1 + NEAR):
+            return est
+        traced = self.estimate(k, "trace")
+        return traced if traced is not None and self.fits(traced) else est
+
     def fit(self, state: _Knobs) -> tuple[_Knobs, MemoryEstimate] | None:
         """The largest micro-batch that fits: a divisor of the per-device batch, at most the user's."""
         per_device = self.ctx.effective // state.world_size
@@ -138,7 +149,7 @@ class _Search:
 
         def at(i: int) -> bool:
             k = dataclasses.replace(state, batch_size=sizes[i], accumulate=per_device // sizes[i])
-            est = self.estimate(k, self.method)
+            est = self.second_look(k, self.estimate(k, self.method))
             tried[i] = (k, est) if est is not None and self.fits(est) else None
             return tried[i] is not None
 
@@ -227,6 +238,7 @@ def _searched(setup: _Setup, asked: MemoryEstimate | None) -> tuple[_Search, lis
     ctx = _Context(base, effective, 1, sum(p.numel() for p in module.parameters()),
                    {None: sum(p.numel() for p in module.parameters() if p.requires_grad)})
     search = _Search(setup, ctx)
+    search.module(base.lora_rank)  # its trainable count, which the costs read before any estimate
     if asked is not None:
         search.cache[(base, asked.method)] = asked
     if search.estimate(base, search.method, strict=search.method == "trace") is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from memguard.estimation.arch import Architecture, inspect_architecture
+from memguard.estimation.formula.adapters import adapter_bytes
 from memguard.estimation.formula.blocks import (
     block_bytes,
     checkpoint_bias_bytes,
@@ -73,6 +74,8 @@ class Activity:
         dec: decoder blocks with a trainable parameter.
         dec_frozen: frozen decoder blocks that save activations.
         idle: parameter indices of blocks that save nothing (frozen, nothing trainable below).
+        adapted: for each block whose only trainable parameters are LoRA adapters (counted as
+            frozen, :mod:`memguard.estimation.formula.adapters`), ``(in, r)`` of its ``lora_A``.
     """
 
     embeddings: bool
@@ -81,6 +84,7 @@ class Activity:
     dec: int
     dec_frozen: int
     idle: frozenset[int]
+    adapted: tuple[tuple[tuple[int, int], ...], ...] = ()
 
 
 def block_activity(inv: Inventory, arch: Architecture, grad: list[bool]) -> Activity:
@@ -93,12 +97,16 @@ def block_activity(inv: Inventory, arch: Architecture, grad: list[bool]) -> Acti
                         arch.decoder_layers, 0, frozenset())
     emb = any(grad[i] for i in inv.pre)
     idle: list[int] = []
+    adapted: list[tuple[tuple[int, int], ...]] = []
 
     def walk(blocks: tuple[tuple[int, ...], ...], upstream: bool) -> tuple[int, int, bool]:
         trained = frozen = 0
         for blk in blocks:
             own = any(grad[i] for i in blk)
-            if own:
+            if own and all(i in inv.adapters for i in blk if grad[i]):  # LoRA: a frozen block
+                frozen += 1
+                adapted.append(tuple(inv.adapters[i] for i in blk if grad[i] and inv.adapters[i][0]))
+            elif own:
                 trained += 1
             elif upstream:
                 frozen += 1
@@ -109,7 +117,7 @@ def block_activity(inv: Inventory, arch: Architecture, grad: list[bool]) -> Acti
 
     n_enc, f_enc, enc_grad = walk(inv.enc_blocks, emb)
     n_dec, f_dec, _ = walk(inv.dec_blocks, emb or enc_grad)
-    return Activity(emb, n_enc, f_enc, n_dec, f_dec, frozenset(idle))
+    return Activity(emb, n_enc, f_enc, n_dec, f_dec, frozenset(idle), tuple(adapted))
 
 
 def activation_bytes(model: ResolvedModel, spec: TrainingSpec) -> Activations:
@@ -149,15 +157,21 @@ def _layers(ctx: Ctx, seq: int, cache: bool) -> _Layers:
 
 def _blocks_saved(ctx: Ctx, seq: int, act: Activity, one: _Layers, ckpt: bool) -> tuple[int, int]:
     """Bytes every block saves through the forward, and under checkpointing the largest block
-    recomputed in backward (0 without)."""
+    recomputed in backward (0 without). A LoRA block is a frozen one plus its adapters'
+    :func:`~memguard.estimation.formula.adapters.adapter_bytes`; under checkpointing, it keeps
+    its input like any other (the adapters run inside the checkpointed forward)."""
+    adapters = [adapter_bytes(ctx.b * seq, a, elem=ctx.c, autocast=ctx.autocast)
+                for a in act.adapted]
     if ckpt:
         n = act.enc + act.enc_frozen + act.dec + act.dec_frozen
         blocks = n * checkpoint_input_bytes(ctx, seq) + checkpoint_bias_bytes(ctx, seq)
-        recompute = max(one.enc if act.enc else 0, one.enc_frozen if act.enc_frozen else 0,
-                        one.dec if act.dec else 0, one.dec_frozen if act.dec_frozen else 0)
+        recompute = max(one.enc if act.enc else 0,
+                        one.enc_frozen + max(adapters, default=0) if act.enc_frozen else 0,
+                        one.dec if act.dec else 0,
+                        one.dec_frozen + max(adapters, default=0) if act.dec_frozen else 0)
         return blocks, recompute
     blocks = (act.enc * one.enc + act.enc_frozen * one.enc_frozen + act.dec * one.dec
-              + act.dec_frozen * one.dec_frozen)
+              + act.dec_frozen * one.dec_frozen + sum(adapters))
     if ctx.kernel == "fused":
         blocks += fused_bias_bytes(ctx, seq, act.dec + act.dec_frozen)
     return blocks, 0
@@ -187,6 +201,10 @@ def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool],
         saved += encoder_output_bytes(ctx, seq)
     top = one.dec if act.dec else (one.enc if act.enc else 0)
     bottom = one.enc if act.enc else one.dec if act.dec else 0
+    if act.adapted and not (act.enc or act.dec):  # LoRA: frozen blocks with adapters
+        lora = adapter_bytes(ctx.b * seq, act.adapted[0], elem=ctx.c, autocast=ctx.autocast)
+        top = (one.dec_frozen if act.dec_frozen else one.enc_frozen) + lora
+        bottom = (one.enc_frozen if act.enc_frozen else one.dec_frozen) + lora
     if ckpt:
         bottom = recompute + checkpoint_input_bytes(ctx, seq)
     lm = arch.head in ("causal-lm", "masked-lm", "seq2seq") and arch.vocab

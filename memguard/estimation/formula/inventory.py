@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from memguard.estimation.arch import (
     find_architecture,
     structure_generation,
 )
+from memguard.estimation.formula.adapters import lora_weights
 
 __all__ = ["Inventory", "inventory"]
 
@@ -45,6 +47,8 @@ class Inventory:
         float_numel: elements of each parameter if it is floating point, else 0.
         other_bytes: bytes of each parameter if it is not floating point, else 0.
         matmul_numel: elements of all matmul weights.
+        adapters: peft's LoRA weights, parameter index -> ``(in, r)`` of a ``lora_A``, ``(0, 0)``
+            for a ``lora_B`` (:func:`~memguard.estimation.formula.adapters.lora_weights`).
     """
 
     params: tuple[nn.Parameter, ...]
@@ -61,6 +65,7 @@ class Inventory:
     float_numel: tuple[int, ...]
     other_bytes: tuple[int, ...]
     matmul_numel: int
+    adapters: Mapping[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     def requires_grad(self) -> list[bool]:
         """``requires_grad`` of each parameter, read now."""
@@ -120,6 +125,7 @@ def _build(module: nn.Module, arch: Architecture | None, generation: int) -> Inv
         other_bytes=tuple(0 if p.is_floating_point() else p.numel() * p.element_size()
                           for p in params),
         matmul_numel=sum(p.numel() for p, mm in zip(params, matmul, strict=True) if mm),
+        adapters=lora_weights(module, index),
     )
 
 

@@ -29,10 +29,13 @@ def rms_norm_bytes(ctx: Ctx, rows: int, width: int, *, keeps_input: bool = False
 
     ``LlamaRMSNorm.forward``: ``x.to(float32)``, ``pow(2).mean``, ``x * rsqrt(var)``, then
     ``weight * x.to(input_dtype)``; ``T5LayerNorm`` multiplies the un-upcast input, which it
-    therefore also keeps (``keeps_input``).
+    therefore also keeps (``keeps_input``). A frozen weight (``ctx.frozen``, a LoRA block) needs
+    no gradient, so ``weight * x`` saves only the weight (autograd saves ``other`` of ``mul`` for
+    ``self``'s gradient alone): the normalised tensor is not kept.
     """
     n = rows * width
+    normalised = 0 if ctx.frozen else n * min(ctx.r, F32)
     if ctx.r >= F32:
-        return 2 * n * F32 + rows * F32
+        return n * F32 + normalised + rows * F32
     extra = n * ctx.r if keeps_input else 0
-    return n * F32 + n * ctx.r + rows * F32 + extra
+    return n * F32 + normalised + rows * F32 + extra

@@ -12,6 +12,8 @@ import contextlib
 import weakref
 from typing import Any
 
+from torch import nn
+
 from memguard.errors import ConfigError
 from memguard.estimation.arch import Architecture, inspect_architecture
 from memguard.estimation.formula.activations import Activations, activations
@@ -26,10 +28,12 @@ from memguard.estimation.formula.loss import (
 )
 from memguard.estimation.formula.model_state import ModelState, model_state
 from memguard.estimation.models import ResolvedModel
+from memguard.estimation.parallel import Parallelism
+from memguard.estimation.peak import Phase
 from memguard.estimation.result import Category
 from memguard.estimation.spec import TrainingSpec
 
-__all__ = ["TRAINING_LOOPS", "formula_breakdown", "step_phases"]
+__all__ = ["PHASE_OF", "TRAINING_LOOPS", "formula_breakdown", "shard_phases", "step_phases"]
 
 TRAINING_LOOPS = ("pytorch", "lightning")
 """When gradients are zeroed: after the step (``pytorch``) or after the next forward."""
@@ -38,8 +42,8 @@ Phases = dict[str, dict[Category, int]]
 """Bytes per category at each named moment of the step."""
 
 
-def formula_breakdown(model: ResolvedModel, spec: TrainingSpec, *,
-                      training_loop: str = "pytorch") -> tuple[dict[Category, int], list[str]]:
+def formula_breakdown(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str = "pytorch",
+                      parallel: Parallelism | None = None) -> tuple[dict[Category, int], list[str]]:
     """The refined formula: peak live tensor bytes of one steady-state training step.
 
     The peak is the largest of these moments of the step (parameters and optimizer state are
@@ -60,15 +64,21 @@ def formula_breakdown(model: ResolvedModel, spec: TrainingSpec, *,
         training_loop: ``"pytorch"`` (``zero_grad(set_to_none=True)`` after the step: no
             gradients during forward) or ``"lightning"`` (``zero_grad`` after the next forward:
             last step's gradients live through the forward).
+        parallel: a data-parallel strategy: each moment is weighted as the trace weights the
+            allocations of its phase (:func:`shard_phases`) before the largest is taken.
 
     Returns:
-        Bytes per category at the peak (no device overhead) and notes on what was assumed.
+        Bytes per category at the peak (no device overhead; under ``parallel``, per device, without
+        the buckets :meth:`~memguard.estimation.parallel.Parallelism.extras` adds for strategies
+        that do not shard parameters) and notes on what was assumed.
 
     Raises:
         UnsupportedModelError: when the model is not a transformer this module can read.
         ConfigError: when a token model has no ``seq_len``, or for an unknown ``training_loop``.
     """
     phases, notes = step_phases(model, spec, training_loop=training_loop)
+    if parallel is not None and parallel.sharded:
+        phases = shard_phases(phases, parallel, model.module, spec)
     name, peak = max(phases.items(), key=lambda kv: sum(kv[1].values()))
     breakdown = dict(peak)
     notes.append(f"formula: peak at the {name}")
@@ -94,7 +104,8 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     states = state.held()
     # Lightning zeroes gradients after the forward: last step's are alive through it
     old_grads = state.gradients if training_loop == "lightning" else 0
-    saved = acts.saved + batch + _autocast_weight_bytes(inv, ctx, acts.idle)
+    saved = acts.saved + batch + _autocast_weight_bytes(inv, ctx, acts.idle, grad,
+                                                        ckpt=bool(spec.gradient_checkpointing))
     loss_fwd = loss_forward_bytes(ctx, acts.logits)
     dequant_fwd, dequant_bwd = _dequantize_bytes(module, arch, spec, ctx, acts.tokens)
     block_fwd = block_forward_bytes(ctx, acts.tokens) + dequant_fwd
@@ -110,6 +121,41 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
                                        elem=elem, dequant=dequant_bwd))
     notes.extend(_notes(arch, spec, ctx))
     return phases, notes
+
+
+PHASE_OF = {"end of forward": Phase.FORWARD, "start of backward": Phase.BACKWARD,
+            "top block's backward": Phase.BLOCK_BACKWARD,
+            "bottom block's backward": Phase.BLOCK_BACKWARD,
+            "end of backward": Phase.BLOCK_BACKWARD, "optimizer step": Phase.OPTIMIZER}
+"""The trace's :class:`~memguard.estimation.peak.Phase` each moment of the formula falls in."""
+
+
+def shard_phases(phases: Phases, parallel: Parallelism, module: nn.Module, spec: TrainingSpec,
+                 ) -> Phases:
+    """Each moment as one rank of a sharded strategy holds it, weighted as the trace weights it.
+
+    Every category is scaled by :meth:`Parallelism.weight` of its moment's phase, as
+    :func:`memguard.estimation.peak.analyse` scales each traced allocation: model state by the
+    share a rank keeps, and the optimizer step's temporaries by the optimizer state's share,
+    because ZeRO steps the rank's own 1/N partition (DeepSpeed ``stage_1_and_2.py``, ``step``:
+    ``self.optimizer.step()`` over ``single_partition_of_fp32_groups``; ``stage3.py``,
+    ``_optimizer_step`` over ``fp32_partitioned_groups_flat``; torch FSDP's optimizer sees only
+    the local ``FlatParameter`` shards). Full sharding then adds what
+    :meth:`Parallelism.phase_extras` holds gathered in that phase (the root unit, one or two
+    blocks, one block's unsharded gradients), so the peak moment is chosen after sharding, as in
+    the trace: under ZeRO-1 the step over a 1/N partition is no longer the peak.
+    """
+    elem = spec.precision.param_dtype.itemsize
+    extras = (parallel.phase_extras(module, bytes_per_element=elem, device=spec.device)
+              if parallel.fully_sharded else None)
+    out: Phases = {}
+    for name, cats in phases.items():
+        phase = PHASE_OF[name]
+        moment = {cat: int(v * parallel.weight(cat, phase)) for cat, v in cats.items()}
+        for cat, extra in (extras(phase) if extras is not None else {}).items():
+            moment[cat] = moment.get(cat, 0) + extra
+        out[name] = moment
+    return out
 
 
 def _backward_phases(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[bool],
@@ -195,7 +241,8 @@ def _dequantize_bytes(module: Any, arch: Architecture, spec: TrainingSpec, ctx: 
     return forward, dequantize_temporary(layers, ctx.c)
 
 
-def _autocast_weight_bytes(inv: Inventory, ctx: Ctx, idle: frozenset[int]) -> int:
+def _autocast_weight_bytes(inv: Inventory, ctx: Ctx, idle: frozenset[int], grad: list[bool], *,
+                           ckpt: bool = False) -> int:
     """16-bit copies of the matmul weights that autocast makes in the forward pass.
 
     ``torch.autocast`` casts each ``F.linear``/``matmul`` weight to 16 bits once per forward
@@ -203,10 +250,20 @@ def _autocast_weight_bytes(inv: Inventory, ctx: Ctx, idle: frozenset[int]) -> in
     so mixed precision holds a 16-bit copy of every weight matrix until backward reaches it.
     Embedding tables are not cast (``embedding`` is not an autocast op), except a tied output
     head, which is a linear layer. Frozen weights of ``idle`` blocks are cast but not kept.
+
+    Autocast caches only the casts of leaves that require grad (``cached_cast`` in
+    ``aten/src/ATen/autocast_mode.cpp``: ``arg.requires_grad() && arg.is_leaf()``); a frozen
+    weight's copy (LoRA's base model) lives only while a matmul saves it for the input's gradient.
+    Under gradient checkpointing nothing in a block's forward is saved, so of the blocks' weights
+    only the cached copies of trainable ones are held (a frozen head outside the blocks still saves
+    its copy).
     """
     if not ctx.autocast:
         return 0
     unused = sum(inv.numel[i] for i in idle if inv.matmul[i])
+    if ckpt:
+        blocks = {i for blk in (*inv.enc_blocks, *inv.dec_blocks) for i in blk} - idle
+        unused += sum(inv.numel[i] for i in blocks if inv.matmul[i] and not grad[i])
     return (inv.matmul_numel - unused) * ctx.c
 
 
