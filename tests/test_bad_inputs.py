@@ -136,7 +136,7 @@ SUBPROCESS_CASES = {
                             "gpus=2,147,483,647 GPUs is more than any cluster holds: memguard takes at most 1,048,576"),
     "plan --world-size 2**31-1": (["plan", "{inputs}/tiny.json", "--seq-len", "8", "--gpu", "T4", "--confirm", "0",
                                    "--method", "formula", "--strategy", "ddp", "--world-size", str(MAX_COUNT)],
-                                  "world_size=2,147,483,647 GPUs is more than any cluster holds"),
+                                  "--world-size 2,147,483,647 GPUs is more than any cluster holds"),
 }
 if Path("/proc/kmsg").exists():
     # A regular file of size 0 whose read waits for the kernel to log: it blocked forever. Where it may
@@ -281,8 +281,8 @@ CONFIGS = {
                               "architectures names 'Trainer', which is not a model class (transformers.Trainer is "
                               "not a torch.nn.Module)"),
     "architectures a function": ({"architectures": ["set_seed"]}, "architectures names 'set_seed'"),
-    "LoRA rank above the width": ({}, "lora_rank=33 is above the hidden size of"),
-    "LoRA rank 2**31-1": ({}, "lora_rank=2,147,483,647 is above the hidden size of"),
+    "LoRA rank above the width": ({}, "--lora-rank 33 is above the hidden size of"),
+    "LoRA rank 2**31-1": ({}, "--lora-rank 2,147,483,647 is above the hidden size of"),
 }
 LORA_RANKS = {"LoRA rank above the width": "33", "LoRA rank 2**31-1": str(MAX_COUNT)}
 
