@@ -136,6 +136,21 @@ def _main(argv: Sequence[str] | None) -> int:
     out = Output(json_mode=args.json, quiet=quiet, progress_shown=not quiet and is_terminal(sys.stderr))
     try:
         with quiet_libraries(quiet=args.quiet, models=args.command != "gpus"):
+            _model_from_config(parser, args, sys.argv[1:] if argv is None else argv)
             return args.run(args, out)
     except MemguardError as exc:
         return fail(str(exc))
+
+
+def _model_from_config(parser: Any, args: Any, argv: Sequence[str]) -> None:
+    """``--config FILE`` read into ``args`` (:mod:`memguard.cli._config`); MODEL is needed without it."""
+    if "model" not in vars(args):
+        return
+    if getattr(args, "config", None):
+        from memguard.cli._config import apply_config
+
+        command = parser._subparsers._group_actions[0].choices[args.command]
+        apply_config(args, command, argv)
+    if args.model is None:
+        raise MemguardError(f"{args.command}: MODEL is needed (a preset, a config.json, package.module:factory), "
+                            "or --config FILE naming one")

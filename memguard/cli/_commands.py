@@ -125,10 +125,12 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
             "offload_params": args.offload_params, "lora_rank": args.lora_rank,
             "accumulate_grad_batches": args.accumulate_grad_batches}
     out.progress(f"planning {args.model} on {gpu.name} ...")
-    found = plan(args.model, gpu=gpu, seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size or 1,
+    extra = dict(getattr(args, "estimate_extra", {}))  # from --config (memguard.cli._config)
+    model = extra.pop("model", args.model)
+    found = plan(model, gpu=gpu, seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size or 1,
                  margin=args.margin, base=base, device=args.device, confirm=args.confirm, limit=args.top,
                  method_prune="trace" if args.method == "trace" else "formula",
-                 estimate_kwargs={"set_to_none": args.set_to_none, "trace_timeout": args.trace_timeout})
+                 estimate_kwargs={"set_to_none": args.set_to_none, "trace_timeout": args.trace_timeout, **extra})
     if out.json_mode:
         out.json([row.to_dict() for row in found.rows])
     else:

@@ -71,6 +71,7 @@ def _estimate_kwargs(args: argparse.Namespace, method: str | None = None) -> dic
         "accumulate_grad_batches": args.accumulate_grad_batches,
         "set_to_none": args.set_to_none,
         "trace_timeout": args.trace_timeout,
+        **getattr(args, "estimate_extra", {}),  # from --config (memguard.cli._config)
     }
 
 
@@ -89,9 +90,10 @@ def estimator(args: argparse.Namespace, method: str | None = None) -> EstimateAt
     An estimate at ``seq_len=None`` is also filed under the length ``None`` stood for.
     """
     kwargs = _estimate_kwargs(args, method)
+    model = kwargs.pop("model", args.model)
 
     def estimate_at(batch_size: int, seq_len: int | None) -> MemoryEstimate:
-        return memguard.estimate(args.model, batch_size, **{**kwargs, "seq_len": seq_len})
+        return memguard.estimate(model, batch_size, **{**kwargs, "seq_len": seq_len})
 
     return cached(estimate_at, aliases=lambda at, est: [(at[0], est.inputs.get("seq_len"))])
 
