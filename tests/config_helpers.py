@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -31,10 +31,16 @@ class TinyLM(pl.LightningModule):
 
 
 class TinyData(pl.LightningDataModule):
-    """Random token ids; ``setup`` builds them (so the peek must call it), ``drawn`` counts batches."""
+    """Random token ids; ``setup`` builds them (so the peek must call it), ``drawn`` counts loaders made.
+
+    ``built`` keeps every instance, for tests to see what happened to the one a config built.
+    """
+
+    built: ClassVar[list[TinyData]] = []
 
     def __init__(self, batch_size: int = 4, samples: int = 32) -> None:
         super().__init__()
+        TinyData.built.append(self)
         self.batch_size, self.samples = batch_size, samples
         self.tokens: torch.Tensor | None = None
         self.drawn = 0
