@@ -104,8 +104,30 @@ def read_logs(logdir: str | Path) -> tuple[list[Record], list[str]]:
                          "(pip install tensorboard)")
         else:
             for folder in events:
-                records += _from_events(folder, EventAccumulator)
+                for record in _from_events(folder, EventAccumulator):
+                    twin = _twin(record, records)
+                    if twin is None:
+                        records.append(record)
+                    else:
+                        notes.append(f"{folder}: the measurement of {twin.source} (step {twin.step}), also "
+                                     "logged to TensorBoard; counted once")
     return records, notes
+
+
+def _twin(record: Record, found: list[Record]) -> Record | None:
+    """The CSV record of the same run, logged by a second logger: same folder tree, step and numbers.
+
+    Lightning gives each logger of a run its own ``version_N`` folder under the same
+    ``lightning_logs``; TensorBoard's float32 keeps 24 bits of each number.
+    """
+    for other in found:
+        if (Path(other.source).parent.parent == Path(record.source).parent and other.step == record.step
+                and other.bound == record.bound
+                and all(math.isclose(a, b, rel_tol=2**-23) for a, b in (
+                    (other.predicted_peak_bytes, record.predicted_peak_bytes),
+                    (other.actual_peak_bytes, record.actual_peak_bytes)))):
+            return other
+    return None
 
 
 def _record(source: Path, step: Any, values: dict[str, Any]) -> Record | None:

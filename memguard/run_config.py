@@ -477,6 +477,7 @@ def _lightning_optimizer(section: Any, module: Any, path: str, device: str) -> A
             return cls(params, **kwargs)
 
         factory.__name__ = cls.__name__.lower()
+        factory.memguard_name = _optimizer_name(cls, kwargs)  # type: ignore[attr-defined]
         return factory
     from memguard.estimation.from_run import optimizer_factory
 
@@ -488,7 +489,20 @@ def _lightning_optimizer(section: Any, module: Any, path: str, device: str) -> A
     optimizer = _first_optimizer(found)
     if optimizer is None:
         return "none"
-    return optimizer_factory(module, optimizer, device)
+    factory = optimizer_factory(module, optimizer, device)
+    factory.memguard_name = _optimizer_name(type(optimizer), optimizer.defaults)  # type: ignore[attr-defined]
+    return factory
+
+
+def _optimizer_name(cls: type, kwargs: Mapping[str, Any]) -> str | None:
+    """memguard's name for a built-in optimizer class and its arguments (for ``plan``), else ``None``.
+
+    The state each holds (``torch/optim/sgd.py``: a momentum buffer only when ``momentum != 0``).
+    """
+    name = cls.__name__
+    if name == "SGD":
+        return "sgd-momentum" if kwargs.get("momentum") else "sgd"
+    return {"AdamW": "adamw", "Adam": "adam", "Adafactor": "adafactor"}.get(name)
 
 
 def _first_optimizer(found: Any) -> Any:

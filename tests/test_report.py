@@ -86,32 +86,36 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Logs:
 
 def test_reads_every_log_a_callback_wrote(logs: Logs) -> None:
     records, notes = read_logs(logs.root)
-    assert notes == []
-    by_kind = {Path(r.source).name if Path(r.source).is_file() else "tensorboard": r for r in records}
-    assert set(by_kind) == {"metrics.csv", "tensorboard", "trainer_state.json"}, [r.source for r in records]
-    csv_, tb, hf = by_kind["metrics.csv"], by_kind["tensorboard"], by_kind["trainer_state.json"]
+    tensorboard = logs.root / "pl" / "lightning_logs" / "version_1"  # the run's second logger
+    csv_path = logs.root / "pl" / "lightning_logs" / "version_0" / "metrics.csv"
+    assert notes == [f"{tensorboard}: the measurement of {csv_path} (step 3), also logged to TensorBoard; "
+                     "counted once"]
+    by_file = {Path(r.source).name: r for r in records}
+    assert set(by_file) == {"metrics.csv", "trainer_state.json"}, [r.source for r in records]
+    csv_, hf = by_file["metrics.csv"], by_file["trainer_state.json"]
     pl, tf = logs.lightning, logs.transformers
+    assert csv_.step == 3
     assert csv_.predicted_peak_bytes == pl["memguard/predicted_peak_bytes"]
     assert csv_.actual_peak_bytes == pl["memguard/actual_peak_bytes"]
     assert csv_.predicted_total_bytes == pl["memguard/predicted_total_bytes"]
     assert csv_.error == pytest.approx(pl["memguard/error"], rel=1e-12)
     assert csv_.lower_bound == bool(pl["memguard/actual_is_lower_bound"])
     assert csv_.upper_bound == bool(pl["memguard/actual_is_upper_bound"])
-    # TensorBoard keeps float32: 24 significant bits
-    assert tb.predicted_peak_bytes == pytest.approx(pl["memguard/predicted_peak_bytes"], rel=2**-23)
-    assert tb.actual_peak_bytes == pytest.approx(pl["memguard/actual_peak_bytes"], rel=2**-23)
-    assert tb.step == csv_.step
     assert hf.predicted_peak_bytes == tf["memguard/predicted_peak_bytes"]
     assert hf.actual_peak_bytes == tf["memguard/actual_peak_bytes"]
     assert hf.error == pytest.approx(tf["memguard/error"], rel=1e-12)
     assert Path(hf.source).parent.name == "checkpoint-3"
+    (tb,), notes = read_logs(tensorboard)  # alone, the event file is read
+    assert notes == [] and tb.source == str(tensorboard) and tb.step == 3 and tb.bound == csv_.bound
+    # TensorBoard keeps float32: 24 significant bits
+    assert tb.predicted_peak_bytes == pytest.approx(pl["memguard/predicted_peak_bytes"], rel=2**-23)
+    assert tb.actual_peak_bytes == pytest.approx(pl["memguard/actual_peak_bytes"], rel=2**-23)
 
 
 def test_the_error_distribution(logs: Logs) -> None:
     records, _ = read_logs(logs.root)
-    errors = sorted(r.error for r in records)
-    summary = error_summary(records)
-    assert summary == {"count": 3, "median": errors[1], "worst_low": errors[0], "worst_high": errors[2]}
+    low, high = sorted(r.error for r in records)
+    assert error_summary(records) == {"count": 2, "median": (low + high) / 2, "worst_low": low, "worst_high": high}
 
 
 def test_the_command_prints_each_run_and_the_distribution(logs: Logs, capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,14 +130,15 @@ def test_the_command_prints_each_run_and_the_distribution(logs: Logs, capsys: py
     assert (f"predicted peak {format_bytes(int(pl['memguard/predicted_peak_bytes']))}, actual {actual}"
             f"{format_bytes(int(pl['memguard/actual_peak_bytes']))}, error {pl['memguard/error']:+.1%}") in csv_line
     assert any(line.startswith("hf/checkpoint-3/trainer_state.json step ") for line in lines)
-    assert lines[-1] == (f"error (actual / predicted - 1) over 3 run(s): median {summary['median']:+.1%}, "
+    assert lines[-1].startswith("note: ") and lines[-1].endswith("also logged to TensorBoard; counted once")
+    assert lines[-2] == (f"error (actual / predicted - 1) over 2 run(s): median {summary['median']:+.1%}, "
                          f"worst low {summary['worst_low']:+.1%}, worst high {summary['worst_high']:+.1%}")
 
 
 def test_json(logs: Logs, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(logs.root), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert len(data["runs"]) == 3 and data["errors"]["count"] == 3 and data["notes"] == []
+    assert len(data["runs"]) == 2 and data["errors"]["count"] == 2 and len(data["notes"]) == 1
     run = next(r for r in data["runs"] if r["source"].endswith("trainer_state.json"))
     assert run["actual_peak_bytes"] == logs.transformers["memguard/actual_peak_bytes"]
     assert math.isclose(run["error"], logs.transformers["memguard/error"], rel_tol=1e-12)

@@ -23,6 +23,7 @@ from memguard.cli._shared import (
     show_remedies,
     verb,
 )
+from memguard.errors import ConfigError
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.search import BatchSearch, max_batch_size
 from memguard.fit import Fit, usable_bytes
@@ -119,7 +120,7 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     from memguard.planning import plan
 
     gpu = resolve_gpu(args.gpu)
-    base = {"precision": args.precision, "optimizer": args.optimizer,
+    base = {"precision": args.precision, "optimizer": _optimizer_for_plan(args.optimizer),
             "gradient_checkpointing": bool(args.gradient_checkpointing), "strategy": args.strategy,
             "world_size": args.world_size, "offload_optimizer": args.offload_optimizer,
             "offload_params": args.offload_params, "lora_rank": args.lora_rank,
@@ -127,6 +128,10 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     out.progress(f"planning {args.model} on {gpu.name} ...")
     extra = dict(getattr(args, "estimate_extra", {}))  # from --config (memguard.cli._config)
     model = extra.pop("model", args.model)
+    if "step_fn" in extra:
+        raise ConfigError("plan searches hundreds of configurations through the formula, which a LightningModule's "
+                          "own training_step does not have (each would be a traced step); use 'memguard check "
+                          "--config' and its remedies, or plan the underlying model (a preset or config.json)")
     found = plan(model, gpu=gpu, seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size or 1,
                  margin=args.margin, base=base, device=args.device, confirm=args.confirm, limit=args.top,
                  method_prune="trace" if args.method == "trace" else "formula",
@@ -136,6 +141,17 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     else:
         out.text(found.table(top=args.top))
     return EXIT_OK if found.rows else EXIT_DOES_NOT_FIT
+
+
+def _optimizer_for_plan(optimizer: Any) -> Any:
+    """A name where ``--config`` built the optimizer (:mod:`memguard.run_config`): plan varies optimizers by name."""
+    if callable(optimizer) and not isinstance(optimizer, type):
+        name = getattr(optimizer, "memguard_name", None)
+        if name is None:
+            raise ConfigError(f"plan varies optimizers by name, and the file's {optimizer.__name__} has none in "
+                              "memguard; give the closest with --optimizer")
+        return name
+    return optimizer
 
 
 def cmd_gpus(args: argparse.Namespace, out: Output) -> int:
