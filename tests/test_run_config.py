@@ -187,7 +187,8 @@ def test_deepspeed_file_with_model_and_its_warning(capsys: pytest.CaptureFixture
 
 def test_a_file_without_a_model_needs_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["estimate", "--config", str(DATA / "deepspeed.json")]) == 2
-    assert capsys.readouterr().err == ("memguard: error: estimate: MODEL is needed (a preset, a config.json, "
-                                       "package.module:factory), or --config FILE naming one\n")
+    assert capsys.readouterr().err == ("memguard: error: the following arguments are required: MODEL (a preset, a "
+                                       "config.json, package.module:factory), or --config FILE naming one (see "
+                                       "'memguard estimate --help')\n")
     assert main(["estimate", "gpt2", "--config", "nope.yaml"]) == 2
     assert capsys.readouterr().err.startswith("memguard: error: --config nope.yaml: cannot read it")

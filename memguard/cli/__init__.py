@@ -152,5 +152,6 @@ def _model_from_config(parser: Any, args: Any, argv: Sequence[str]) -> None:
         command = parser._subparsers._group_actions[0].choices[args.command]
         apply_config(args, command, argv)
     if args.model is None:
-        raise MemguardError(f"{args.command}: MODEL is needed (a preset, a config.json, package.module:factory), "
-                            "or --config FILE naming one")
+        raise MemguardError("the following arguments are required: MODEL (a preset, a config.json, "
+                            "package.module:factory), or --config FILE naming one "
+                            f"(see '{PROG} {args.command} --help')")
