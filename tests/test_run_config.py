@@ -192,3 +192,49 @@ def test_a_file_without_a_model_needs_model(capsys: pytest.CaptureFixture[str]) 
                                        "'memguard estimate --help')\n")
     assert main(["estimate", "gpt2", "--config", "nope.yaml"]) == 2
     assert capsys.readouterr().err.startswith("memguard: error: --config nope.yaml: cannot read it")
+
+
+def test_lightning_yaml_optimizer_section_strategy_object_and_unknown_trainer_keys(tmp_path: Path) -> None:
+    (tmp_path / "fit.yaml").write_text("""
+trainer:
+  precision: 16
+  devices: auto
+  max_epoch: 3
+  strategy:
+    class_path: lightning.pytorch.strategies.DeepSpeedStrategy
+    init_args: {stage: 3, offload_optimizer: true, offload_parameters: true}
+model:
+  class_path: tests.config_helpers.TinyLM
+data:
+  class_path: tests.config_helpers.TinyData
+  init_args: {batch_size: 3}
+optimizer:
+  class_path: torch.optim.AdamW
+  init_args: {lr: 0.1}
+""")
+    with pytest.warns(UserWarning) as caught:
+        found = read_run_config(tmp_path / "fit.yaml")
+    messages = [str(w.message) for w in caught]
+    assert f"{tmp_path / 'fit.yaml'}: memguard does not read the trainer keys max_epoch; the estimate is made " \
+           "without them" in messages
+    assert f"{tmp_path / 'fit.yaml'}: trainer.devices 'auto' depends on the machine; the world size is " \
+           "--world-size (default 1)" in messages
+    optimizer = found["optimizer"]
+    assert optimizer.memguard_name == "adamw"
+    built = optimizer([torch.nn.Parameter(torch.zeros(2))])
+    assert type(built) is torch.optim.AdamW and built.defaults["lr"] == 0.1
+    assert {k: found[k] for k in ("precision", "strategy", "offload_optimizer", "offload_params", "batch_size")} == {
+        "precision": "16-mixed", "strategy": "deepspeed_stage_3", "offload_optimizer": True, "offload_params": True,
+        "batch_size": 3}
+    assert "world_size" not in found
+
+
+def test_max_batch_from_a_deepspeed_file_equals_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    code, got, _ = run_main(capsys, "max-batch", TINY, "--config", str(DATA / "deepspeed_zero3.json"),
+                            "--gpu", "600MiB", "--json", "--quiet")
+    code_flags, flags, _ = run_main(capsys, "max-batch", TINY, "--accumulate-grad-batches", "4", "--world-size", "4",
+                                    "--precision", "16-mixed", "--strategy", "deepspeed_stage_3",
+                                    "--offload-optimizer", "--offload-params", "--gpu", "600MiB", "--json")
+    assert code == code_flags == 0
+    assert got["max_batch_size"] == flags["max_batch_size"] == 2
+    assert got["trials"] == flags["trials"]

@@ -14,6 +14,11 @@ resolve the GPU, estimate, judge, render. Every subcommand takes ``--json`` for 
     memguard plot MODEL --seq-len N --gpu ... -o FILE.png
     memguard plan MODEL ... --gpu ...
     memguard gpus [--catalog]
+    memguard report LOGDIR
+
+Every command that takes MODEL also takes ``--config FILE``: the run's LightningCLI YAML,
+``TrainingArguments`` or DeepSpeed file (:mod:`memguard.run_config`, :mod:`memguard.cli._config`);
+flags given win over the file.
 
 ``MODEL`` is a preset name (``memguard.list_presets()``), a ``config.json`` path or model directory,
 or ``package.module:factory`` naming a callable that returns an ``nn.Module``. ``--gpu`` is read by
@@ -40,6 +45,8 @@ The package, one concern a module:
 - ``_shared``: what every subcommand needs (the GPU, the cached estimator, the remedies).
 - ``_commands``: ``estimate``, ``check``, ``max-batch``, ``plan``, ``gpus``.
 - ``_plot``: ``plot`` and ``plot --timeline``.
+- ``_config``: ``--config FILE`` read into the arguments.
+- ``_report``: ``report``, predicted vs actual from the callbacks' logs (:mod:`memguard.report`).
 """
 
 from __future__ import annotations

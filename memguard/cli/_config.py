@@ -15,6 +15,9 @@ from memguard.errors import ConfigError
 
 __all__ = ["apply_config", "given_flags"]
 
+_NOT_FLAGS = ("example_input", "step_fn", "training_loop")
+"""What a LightningCLI file gives that no flag holds: the first batch and the module's ``training_step``."""
+
 
 def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
     """The ``dest`` of every option written in ``argv`` (``--x v``, ``--x=v``, ``--no-x``, a unique prefix)."""
@@ -56,6 +59,7 @@ def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
             continue
         if key in vars(args):
             setattr(args, key, value)
-        else:
+        elif key in _NOT_FLAGS:
             extra[key] = value
+        # else a setting this command searches itself (max-batch: the batch size)
     args.estimate_extra = extra
