@@ -18,6 +18,7 @@ from memguard.cli._shared import (
     describe_gpu,
     estimate_once,
     estimator,
+    model_words,
     remedies,
     resolve_gpu,
     show_remedies,
@@ -57,7 +58,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     out.text(fit.describe())
     if fit.fits:
         return EXIT_OK
-    show_remedies(rows, args.model, args.gpu, out)
+    show_remedies(rows, model_words(args), args.gpu, out)
     if in_github_actions():
         inputs = est.inputs
         out.text(github_error(
@@ -103,7 +104,7 @@ def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
     out.text(describe_gpu(gpu))
     if not found.batch_size:
         out.text(f"NOTHING FITS: batch size 1 {fit.needs()}")
-        show_remedies(remedies(found.estimate, gpu, args.margin, out), args.model, args.gpu, out)
+        show_remedies(remedies(found.estimate, gpu, args.margin, out), model_words(args), args.gpu, out)
         return EXIT_DOES_NOT_FIT
     line = (f"max batch size: {found.batch_size} (needs {format_bytes(found.estimate.total_bytes)} of "
             f"{format_bytes(fit.usable_bytes)} usable, {fit.room()}")

@@ -15,7 +15,7 @@ from memguard.estimation.result import MemoryEstimate
 from memguard.units import format_bytes
 
 __all__ = ["EstimateAt", "describe_gpu", "describe_inputs", "estimate_once", "estimator", "first_sentence",
-           "remedies", "resolve_gpu", "show_remedies", "verb"]
+           "model_words", "remedies", "resolve_gpu", "show_remedies", "verb"]
 
 EstimateAt = Callable[[int, int | None], MemoryEstimate]
 """``estimate_at(batch_size, seq_len)``; ``seq_len=None`` is the model's maximum."""
@@ -115,6 +115,15 @@ def remedies(est: MemoryEstimate, gpu: memguard.DeviceMemory, margin: float, out
     except MemguardError as exc:
         out.progress(f"no remedies: {first_sentence(exc)}")
         return []
+
+
+def model_words(args: argparse.Namespace) -> str:
+    """MODEL and ``--config FILE`` as a command that reproduces this one takes them."""
+    built = "model" in getattr(args, "estimate_extra", {})  # a LightningCLI file's module: no MODEL for it
+    words = [] if built else [str(args.model)]
+    if getattr(args, "config", None):
+        words.append(f"--config {args.config}")
+    return " ".join(words)
 
 
 def show_remedies(rows: list[Any], model: str, gpu_arg: str, out: Output) -> None:
