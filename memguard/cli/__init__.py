@@ -14,6 +14,11 @@ resolve the GPU, estimate, judge, render. Every subcommand takes ``--json`` for 
     memguard plot MODEL --seq-len N --gpu ... -o FILE.png
     memguard plan MODEL ... --gpu ...
     memguard gpus [--catalog]
+    memguard report LOGDIR
+
+Every command that takes MODEL also takes ``--config FILE``: the run's LightningCLI YAML,
+``TrainingArguments`` or DeepSpeed file (:mod:`memguard.run_config`, :mod:`memguard.cli._config`);
+flags given win over the file.
 
 ``MODEL`` is a preset name (``memguard.list_presets()``), a ``config.json`` path or model directory,
 or ``package.module:factory`` naming a callable that returns an ``nn.Module``. ``--gpu`` is read by
@@ -44,6 +49,8 @@ The package, one concern a module:
 - ``_shared``: what every subcommand needs (the GPU, the cached estimator, the remedies).
 - ``_commands``: ``estimate``, ``check``, ``max-batch``, ``plan``, ``gpus``.
 - ``_plot``: ``plot`` and ``plot --timeline``.
+- ``_config``: ``--config FILE`` read into the arguments.
+- ``_report``: ``report``, predicted vs actual from the callbacks' logs (:mod:`memguard.report`).
 """
 
 from __future__ import annotations
@@ -150,6 +157,7 @@ def _main(argv: Sequence[str] | None) -> int:
     out = Output(json_mode=args.json, quiet=quiet, progress_shown=not quiet and is_terminal(sys.stderr))
     try:
         with quiet_libraries(quiet=args.quiet, models=args.command != "gpus"):
+            _model_from_config(parser, args, sys.argv[1:] if argv is None else argv)
             return args.run(args, out)
     except MemguardError as exc:
         return fail(str(exc))
@@ -163,3 +171,18 @@ def _factories_from_here(model: Any) -> None:
         here = os.getcwd()
         if here not in sys.path and "" not in sys.path:
             sys.path.insert(0, here)
+
+
+def _model_from_config(parser: Any, args: Any, argv: Sequence[str]) -> None:
+    """``--config FILE`` read into ``args`` (:mod:`memguard.cli._config`); MODEL is needed without it."""
+    if "model" not in vars(args):
+        return
+    if getattr(args, "config", None):
+        from memguard.cli._config import apply_config
+
+        command = parser._subparsers._group_actions[0].choices[args.command]
+        apply_config(args, command, argv)
+    if args.model is None:
+        raise MemguardError("the following arguments are required: MODEL (a preset, a config.json, "
+                            "package.module:factory), or --config FILE naming one "
+                            f"(see '{PROG} {args.command} --help')")

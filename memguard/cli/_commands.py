@@ -18,11 +18,13 @@ from memguard.cli._shared import (
     describe_gpu,
     estimate_once,
     estimator,
+    model_words,
     remedies,
     resolve_gpu,
     show_remedies,
     verb,
 )
+from memguard.errors import ConfigError
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.search import BatchSearch, max_batch_size
 from memguard.fit import Fit, usable_bytes
@@ -56,7 +58,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     out.text(fit.describe())
     if fit.fits:
         return EXIT_OK
-    show_remedies(rows, args.model, args.gpu, out)
+    show_remedies(rows, model_words(args), args.gpu, out)
     if in_github_actions():
         inputs = est.inputs
         out.text(github_error(
@@ -102,7 +104,7 @@ def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
     out.text(describe_gpu(gpu, args.gpu))
     if not found.batch_size:
         out.text(f"NOTHING FITS: batch size 1 {fit.needs()}")
-        show_remedies(remedies(found.estimate, gpu, args.margin, out), args.model, args.gpu, out)
+        show_remedies(remedies(found.estimate, gpu, args.margin, out), model_words(args), args.gpu, out)
         return EXIT_DOES_NOT_FIT
     line = (f"max batch size: {found.batch_size} (needs {format_bytes(found.estimate.total_bytes)} of "
             f"{format_bytes(fit.usable_bytes)} usable, {fit.room()}")
@@ -119,23 +121,40 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     from memguard.planning import plan
 
     gpu = resolve_gpu(args.gpu, args.precision)
-    base = {"precision": args.precision, "optimizer": args.optimizer,
+    base = {"precision": args.precision, "optimizer": _optimizer_for_plan(args.optimizer),
             "gradient_checkpointing": bool(args.gradient_checkpointing), "strategy": args.strategy,
             "world_size": args.world_size, "offload_optimizer": args.offload_optimizer,
             "offload_params": args.offload_params, "lora_rank": args.lora_rank,
             "accumulate_grad_batches": args.accumulate_grad_batches, "quantization": args.quantization,
             "double_quant": args.double_quant}
     out.progress(f"planning {args.model} on {gpu.name} ...")
-    found = plan(args.model, gpu=gpu, seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size or 1,
+    extra = dict(getattr(args, "estimate_extra", {}))  # from --config (memguard.cli._config)
+    model = extra.pop("model", args.model)
+    if "step_fn" in extra:
+        raise ConfigError("plan searches hundreds of configurations through the formula, which a LightningModule's "
+                          "own training_step does not have (each would be a traced step); use 'memguard check "
+                          "--config' and its remedies, or plan the underlying model (a preset or config.json)")
+    found = plan(model, gpu=gpu, seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size or 1,
                  margin=args.margin, base=base, device=args.device, confirm=args.confirm, limit=args.top,
                  method_prune="trace" if args.method == "trace" else "formula",
                  estimate_kwargs={"set_to_none": args.set_to_none, "trace_timeout": args.trace_timeout,
-                                  "moe_routing": args.moe_routing})
+                                  "moe_routing": args.moe_routing, **extra})
     if out.json_mode:
         out.json([row.to_dict() for row in found.rows])
     else:
         out.text(found.table(top=args.top))
     return EXIT_OK if found.rows else EXIT_DOES_NOT_FIT
+
+
+def _optimizer_for_plan(optimizer: Any) -> Any:
+    """A name where ``--config`` built the optimizer (:mod:`memguard.run_config`): plan varies optimizers by name."""
+    if callable(optimizer) and not isinstance(optimizer, type):
+        name = getattr(optimizer, "memguard_name", None)
+        if name is None:
+            raise ConfigError(f"plan varies optimizers by name, and the file's {optimizer.__name__} has none in "
+                              "memguard; give the closest with --optimizer")
+        return name
+    return optimizer
 
 
 def cmd_gpus(args: argparse.Namespace, out: Output) -> int:

@@ -147,6 +147,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"{PROG} {memguard.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_commands(commands, output=output, model=model, batch=batch, gpu=gpu)
+    _add_report(commands, output)
     return parser
 
 
@@ -161,9 +162,9 @@ def _output_options() -> Parser:
 def _model_options(methods: Any) -> Parser:
     """MODEL and how its step runs: what :func:`memguard.estimate` takes besides the batch size."""
     model = Parser(add_help=False)
-    model.add_argument("model", metavar="MODEL",
+    model.add_argument("model", metavar="MODEL", nargs="?", default=None,
                        help="a preset name (e.g. gpt2, llama-3-8b), a config.json path or model "
-                            "directory, or package.module:factory returning an nn.Module")
+                            "directory, or package.module:factory returning an nn.Module (or from --config)")
     model.add_argument("--seq-len", type=positive_int, metavar="N",
                        help="tokens per sample (default: the model's maximum, where it has one)")
     model.add_argument("--precision", default="32-true",
@@ -211,7 +212,26 @@ def _model_options(methods: Any) -> Parser:
     model.add_argument("--trace-timeout", type=seconds, default=TRACE_TIMEOUT, metavar="S",
                        help="seconds a trace may run before it gives up, and auto falls back to the formula "
                             "(default: %(default)g)")
+    _config_option(model)
     return model
+
+
+def _config_option(model: Parser) -> None:
+    """``--config FILE``: the run's LightningCLI YAML, TrainingArguments or DeepSpeed file (memguard.run_config)."""
+    model.add_argument("--config", metavar="FILE", default=None,
+                       help="read the run from its own file: a LightningCLI YAML, transformers TrainingArguments "
+                            "(JSON/YAML) or a DeepSpeed JSON; flags given here win over the file")
+
+
+def _add_report(commands: Any, output: Parser) -> None:
+    """``memguard report LOGDIR``: predicted against actual, from what the callbacks logged."""
+    from memguard.cli import _report
+
+    sub = commands.add_parser("report", parents=[output],
+                              help="predicted vs actual peak memory from the callbacks' logs (CSV, TensorBoard, "
+                                   "trainer_state.json)")
+    sub.add_argument("logdir", metavar="LOGDIR", help="a folder searched recursively for the logs")
+    sub.set_defaults(run=_report.cmd_report)
 
 
 def _gpu_options() -> Parser:

@@ -16,7 +16,7 @@ from memguard.estimation.result import MemoryEstimate
 from memguard.units import decimal_reading, format_bytes
 
 __all__ = ["EstimateAt", "describe_gpu", "describe_inputs", "estimate_once", "estimator", "first_sentence",
-           "remedies", "resolve_gpu", "show_remedies", "verb"]
+           "model_words", "remedies", "resolve_gpu", "show_remedies", "verb"]
 
 EstimateAt = Callable[[int, int | None], MemoryEstimate]
 """``estimate_at(batch_size, seq_len)``; ``seq_len=None`` is the model's maximum."""
@@ -92,6 +92,7 @@ def _estimate_kwargs(args: argparse.Namespace, method: str | None = None) -> dic
         "double_quant": args.double_quant,
         "skip_modules": args.skip_modules,
         "moe_routing": args.moe_routing,
+        **getattr(args, "estimate_extra", {}),  # from --config (memguard.cli._config)
     }
 
 
@@ -110,9 +111,10 @@ def estimator(args: argparse.Namespace, method: str | None = None) -> EstimateAt
     An estimate at ``seq_len=None`` is also filed under the length ``None`` stood for.
     """
     kwargs = _estimate_kwargs(args, method)
+    model = kwargs.pop("model", args.model)
 
     def estimate_at(batch_size: int, seq_len: int | None) -> MemoryEstimate:
-        return memguard.estimate(args.model, batch_size, **{**kwargs, "seq_len": seq_len})
+        return memguard.estimate(model, batch_size, **{**kwargs, "seq_len": seq_len})
 
     return cached(estimate_at, aliases=lambda at, est: [(at[0], est.inputs.get("seq_len"))])
 
@@ -134,6 +136,15 @@ def remedies(est: MemoryEstimate, gpu: memguard.DeviceMemory, margin: float, out
     except MemguardError as exc:
         out.progress(f"no remedies: {first_sentence(exc)}")
         return []
+
+
+def model_words(args: argparse.Namespace) -> str:
+    """MODEL and ``--config FILE`` as a command that reproduces this one takes them."""
+    built = "model" in getattr(args, "estimate_extra", {})  # a LightningCLI file's module: no MODEL for it
+    words = [] if built else [str(args.model)]
+    if getattr(args, "config", None):
+        words.append(f"--config {args.config}")
+    return " ".join(words)
 
 
 def show_remedies(rows: list[Any], model: str, gpu_arg: str, out: Output) -> None:
