@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memguard.errors import TraceError
+from memguard.estimation.kernels import corrected, uncounted
 from memguard.estimation.peak import Phase
 
 __all__ = ["CountingMode", "Ledger", "Record"]
@@ -147,6 +148,7 @@ class CountingMode(TorchDispatchMode):
         self.ledger = ledger
         self.fake_mode = fake_mode
         self.fallbacks: dict[str, int] = {}
+        self.uncounted: set[str] = set()  # buffers of real kernels the trace cannot size, in words
         self.timeout = timeout
         self.deadline = math.inf if timeout is None else time.monotonic() + timeout
         self.ops = 0
@@ -157,6 +159,11 @@ class CountingMode(TorchDispatchMode):
             out = func(*args, **kwargs)
         except (DataDependentOutputException, DynamicOutputShapeException):
             out = self._fallback(func, args, kwargs)
+        if isinstance(out, tuple):  # ops with buffers for backward return several tensors
+            out = corrected(func, args, out, self.ledger.device)
+            missing = uncounted(func, self.ledger.device)
+            if missing:
+                self.uncounted.add(missing)
         if isinstance(out, torch.Tensor):  # the common case, without a tree walk
             self.ledger.track(out)
             # Only ops that return tensors look at the clock: metadata queries (prim.device ...)
