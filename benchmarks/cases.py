@@ -299,7 +299,6 @@ CASES: tuple[Case, ...] = (
     Case("vit-base-bf16-mixed", "vit-base", 4, None, precision="bf16-mixed", note="autocast bf16"),
     Case("plain-transformer", _plain, 8, 128, example_input=token_batch, loss_fn=class_zero_loss,
          warmup_model=_plain_warmup, note="torch nn.TransformerEncoder classifier"),
-) + (
     Case("lstm", LSTMClassifier, 16, 256, example_input=token_batch, loss_fn=class_zero_loss,
          warmup_model=functools.partial(LSTMClassifier, layers=1, vocab=512),
          note="2-layer nn.LSTM (oneDNN's kernel and its workspace for backward)"),

@@ -12,12 +12,13 @@ from memguard.estimation.spec import TrainingSpec
 __all__ = ["batch_bytes", "embedding_bytes"]
 
 
-def batch_bytes(arch: Architecture, module: nn.Module, spec: TrainingSpec, b: int, s: int) -> int:
+def batch_bytes(arch: Architecture, module: nn.Module, spec: TrainingSpec, b: int, s: int,
+                dec: int | None = None) -> int:
     """Bytes of the batch: ``input_ids`` and ``labels`` (int64) or pixels and class labels.
 
     What :func:`memguard.estimation.inputs.make_batch` builds: token models get ``input_ids`` and,
-    with a language-model head, a ``labels`` copy; vision models get fp32 (or ``*-true`` dtype)
-    pixels and one int64 label per image.
+    with a language-model head, a ``labels`` copy (an encoder-decoder's of the decoder's ``dec``
+    tokens); vision models get fp32 (or ``*-true`` dtype) pixels and one int64 label per image.
     """
     if arch.image_tokens is not None:
         config = getattr(module, "config", None)
@@ -27,7 +28,8 @@ def batch_bytes(arch: Architecture, module: nn.Module, spec: TrainingSpec, b: in
         prec = spec.precision
         px = F32 if prec.autocast_dtype is not None else prec.param_dtype.itemsize
         return b * chans * hh * ww * px + b * I64
-    labels = b * s * I64 if arch.head in ("causal-lm", "masked-lm", "seq2seq") else b * I64
+    label_len = dec if (dec is not None and arch.decoder_layers) else s
+    labels = b * label_len * I64 if arch.head in ("causal-lm", "masked-lm", "seq2seq") else b * I64
     if arch.head in ("unknown", "base"):
         labels = 0
     return b * s * I64 + labels
