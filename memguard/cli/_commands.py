@@ -128,7 +128,8 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     found = plan(args.model, gpu=gpu, seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size or 1,
                  margin=args.margin, base=base, device=args.device, confirm=args.confirm, limit=args.top,
                  method_prune="trace" if args.method == "trace" else "formula",
-                 estimate_kwargs={"set_to_none": args.set_to_none, "trace_timeout": args.trace_timeout})
+                 estimate_kwargs={"set_to_none": args.set_to_none, "trace_timeout": args.trace_timeout,
+                                  "decoder_seq_len": args.decoder_seq_len})
     if out.json_mode:
         out.json([row.to_dict() for row in found.rows])
     else:

@@ -19,7 +19,7 @@ from memguard.estimation.formula.blocks import (
     fused_bias_bytes,
 )
 from memguard.estimation.formula.context import F32, Ctx, decoder_tokens, make_ctx, tokens
-from memguard.estimation.formula.embeddings import embedding_bytes
+from memguard.estimation.formula.embeddings import audio_stem_bytes, embedding_bytes
 from memguard.estimation.formula.head import encoder_output_bytes, final_bytes
 from memguard.estimation.formula.inventory import Inventory, inventory
 from memguard.estimation.models import ResolvedModel
@@ -188,7 +188,7 @@ def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool]) 
     one = _layers(ctx, seq, dec, cache)
     emb = enc_emb = 0
     if act.embeddings:
-        enc_emb = embedding_bytes(ctx, seq)
+        enc_emb = embedding_bytes(ctx, seq) + audio_stem_bytes(ctx, seq)
         emb = enc_emb + (embedding_bytes(ctx, dec) if arch.decoder_layers else 0)
     blocks, recompute = _blocks_saved(ctx, seq, dec, act, one, ckpt)
     saved = emb + blocks + final_bytes(ctx, dec)

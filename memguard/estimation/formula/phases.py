@@ -144,7 +144,9 @@ def _encoder_backward(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[bo
     blocks' gradients made, its activations freed), the encoder's activations are all alive. A
     tied embedding (T5, BART share one table among encoder, decoder and head) has no ``.grad`` yet:
     the head's contribution, the decoder embedding's dense gradient and their sum wait for the
-    encoder embedding's (autograd accumulates into a fresh tensor, ``accumulate_grad.h``)."""
+    encoder embedding's (autograd accumulates into a fresh tensor, ``accumulate_grad.h``). Whisper
+    ties its head to the decoder's table only: the three are alive as the decoder embedding's
+    backward runs, beside the encoder's activations."""
     dec_grads = sum(inv.size(i, elem) for blk in inv.dec_blocks for i in blk if grad[i])
     tied = ctx.arch.tied_embeddings
     return {**states, Category.ACTIVATIONS: batch + acts.encoder_saved,
