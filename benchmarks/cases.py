@@ -54,6 +54,7 @@ class Case:
         loss_fn: for plain models, ``(output, batch) -> scalar loss``.
         warmup_model: a tiny model of the same kind for the warm-up step; derived from the config
             for transformers models.
+        decoder_seq_len: an encoder-decoder's label tokens per sample (``None``: the model's default).
         note: what the case is meant to exercise.
     """
 
@@ -69,6 +70,7 @@ class Case:
     example_input: Callable[[int, int | None, torch.Generator | None], Any] | None = None
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     warmup_model: ModelSource | None = None
+    decoder_seq_len: int | None = None
     note: str = dataclasses.field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +84,8 @@ class Case:
                 value = dict(value)
             out[field.name] = value
         out.pop("note")
+        if out["decoder_seq_len"] is None:  # the specs of cached truths from before the field
+            out.pop("decoder_seq_len")
         return out
 
     @classmethod
@@ -258,6 +262,15 @@ def denoising_loss(output: Any, batch: Any = None) -> torch.Tensor:
     return F.mse_loss(output.sample.float(), target.float())
 
 
+WHISPER_WARMUP: dict[str, Any] = {
+    "model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"], "d_model": 384,
+    "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 6, "decoder_attention_heads": 6,
+    "encoder_ffn_dim": 1536, "decoder_ffn_dim": 1536, "num_mel_bins": 80, "max_source_positions": 1500,
+    "max_target_positions": 448, "vocab_size": 51865, "pad_token_id": 50257, "bos_token_id": 50257,
+    "eos_token_id": 50257, "decoder_start_token_id": 50258,
+}
+"""whisper-tiny with one block each side; its vocabulary stays (the special token ids are past 512)."""
+
 _WARMUP = {
     "num_hidden_layers": 1, "n_layer": 1, "num_layers": 1, "num_decoder_layers": 1, "n_layers": 1,
     "encoder_layers": 1, "decoder_layers": 1, "vocab_size": 512,
@@ -299,6 +312,10 @@ CASES: tuple[Case, ...] = (
     Case("vit-base-bf16-mixed", "vit-base", 4, None, precision="bf16-mixed", note="autocast bf16"),
     Case("plain-transformer", _plain, 8, 128, example_input=token_batch, loss_fn=class_zero_loss,
          warmup_model=_plain_warmup, note="torch nn.TransformerEncoder classifier"),
+    Case("bart-small-dec32", BART_SMALL, 4, 128, decoder_seq_len=32,
+         note="encoder-decoder with a decoder shorter than the encoder"),
+    Case("whisper-tiny", "whisper-tiny", 2, None, decoder_seq_len=64, warmup_model=WHISPER_WARMUP,
+         note="audio encoder-decoder: 3000 mel frames, 1500 positions, 64 label tokens"),
     Case("lstm", LSTMClassifier, 16, 256, example_input=token_batch, loss_fn=class_zero_loss,
          warmup_model=functools.partial(LSTMClassifier, layers=1, vocab=512),
          note="2-layer nn.LSTM (oneDNN's kernel and its workspace for backward)"),
@@ -401,7 +418,7 @@ def make_inputs(case: Case, module: nn.Module, generator: torch.Generator | None
         example = case.example_input(case.batch_size, case.seq_len, generator)
         return _as_inputs(_to_device(example, device))
     batch = make_batch(module, case.batch_size, case.seq_len, dtype=input_dtype(case),
-                       device="cpu", generator=generator)
+                       device="cpu", generator=generator, decoder_seq_len=case.decoder_seq_len)
     return (), _to_device(batch, device)
 
 
@@ -444,6 +461,8 @@ def estimate_kwargs(case: Case) -> dict[str, Any]:
         kwargs["seq_len"] = None
     if case.loss_fn is not None:
         kwargs["loss_fn"] = case.loss_fn
+    if case.decoder_seq_len is not None:
+        kwargs["decoder_seq_len"] = case.decoder_seq_len
     return kwargs
 
 

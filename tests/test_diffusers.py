@@ -33,6 +33,13 @@ class Refusing(dict):
         raise TypeError("frozen")
 
 
+class Registry(dict):
+    """A dict subclass whose constructor takes no items."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+
 def _refusing(items: dict[str, Any]) -> Refusing:
     out = Refusing()
     dict.update(out, items)
@@ -48,7 +55,11 @@ def test_containers_are_copied_without_their_mutating_methods() -> None:
     assert out["a"] is not inner and out.a is out["a"]  # its attributes are its items, copied once
     original = _refusing({"x": [1]})
     refusing = copier.value(original)
-    assert refusing == {"x": [1]}  # cannot be rebuilt from its items: a plain dict of copies
+    assert type(refusing) is Refusing and refusing == {"x": [1]} and refusing["x"] is not original["x"]
+    registry = Registry()
+    dict.update(registry, {"y": [2]})
+    rebuilt = copier.value(registry)
+    assert type(rebuilt) is dict and rebuilt == {"y": [2]}  # its constructor takes no items: a plain copy
     loop: list[Any] = [1]
     loop.append(loop)
     copied = copier.value(loop)
