@@ -11,8 +11,22 @@ Corrected:
       workspace (``torch/_meta_registrations.py``, ``mkldnn_rnn_layer``); the real one allocates the
       workspace of oneDNN's ``forward_training`` primitive (``aten/src/ATen/native/mkldnn/RNN.cpp``),
       which autograd saves for ``mkldnn_rnn_layer_backward``. Its size: :func:`mkldnn_lstm_workspace`.
+      It is the allocation, what a GPU's allocator would count. The CPU's resident memory grows
+      as pages are written: the forward writes about a third of it (the gates of every step and the
+      cell states; the hidden states go to the output tensor), the backward the rest beside a
+      scratchpad of its own (about 110 MiB transient for one 512-wide layer over 256 x 16 tokens,
+      measured from ``VmHWM``), so a CPU estimate of an LSTM is high by up to the unwritten share
+      (+26% on the ``lstm`` benchmark case, -61% without the workspace).
 
-Known but not corrected (the estimate names them, see :func:`uncounted`):
+Known but not corrected:
+    * Buffers a CPU kernel makes and frees inside one op (oneDNN's convolution and GEMM
+      scratchpads, MKL's packing buffers): no tensor holds them, so a trace on fake tensors cannot
+      see them. A depthwise 7 x 7 convolution's backward holds about 22 MiB so (ConvNeXt, -6%);
+      diffusers' ``AutoencoderKL`` and ``SD3Transformer2DModel`` are 2-4% low for such buffers,
+      while the trace equals the live tensors of a real step within 0.3%. Not yet pinned from the
+      kernels' source.
+
+Named in the estimate's notes (see :func:`uncounted`):
     * On a GPU, cuDNN's RNN reserve space (``_cudnn_rnn``'s ``reserve`` output, sized by
       ``cudnnGetRNNTempSpaceSizes`` inside the closed cuDNN library): the CUDA trace runs the CPU's
       kernel and counts its oneDNN workspace in its place, of the same order (gates and states of
