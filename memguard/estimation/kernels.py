@@ -19,12 +19,17 @@ Corrected:
       (+26% on the ``lstm`` benchmark case, -61% without the workspace).
 
 Known but not corrected:
-    * Buffers a CPU kernel makes and frees inside one op (oneDNN's convolution and GEMM
-      scratchpads, MKL's packing buffers): no tensor holds them, so a trace on fake tensors cannot
-      see them. A depthwise 7 x 7 convolution's backward holds about 22 MiB so (ConvNeXt, -6%);
-      diffusers' ``AutoencoderKL`` and ``SD3Transformer2DModel`` are 2-4% low for such buffers,
-      while the trace equals the live tensors of a real step within 0.3%. Not yet pinned from the
-      kernels' source.
+    * Buffers a CPU kernel makes and frees inside one op: no tensor holds them, so a trace on fake
+      tensors cannot see them. The largest are the convolutions' (``mkldnn_convolution``: ideep
+      reorders plain NCHW tensors to oneDNN's blocked layout and back). Measured per op from
+      ``VmHWM`` on the ``vae-small`` case (64-128 channels, 4 x 128 x 128): up to 31.8 MiB inside a
+      forward convolution (a blocked copy of its input and of its output, 16 MiB each) and 47.9 MiB
+      inside a backward (grad_output, input and grad_input); 2 MiB on ``sd3-small``. A depthwise
+      7 x 7 backward holds about 22 MiB (ConvNeXt, -6%). diffusers' ``AutoencoderKL`` is -2.3% for
+      them while the trace equals the live tensors of a real step within 0.3%. Not yet pinned from
+      the kernels' source (which layout oneDNN picks depends on the channels and the ISA).
+      ``sd3-small`` (-3.7%) has no such op over 2 MiB: its residue is outside the ops (the heap's
+      small blocks, below the 64 KiB mmap threshold), not yet explained.
 
 Named in the estimate's notes (see :func:`uncounted`):
     * On a GPU, cuDNN's RNN reserve space (``_cudnn_rnn``'s ``reserve`` output, sized by
