@@ -54,6 +54,7 @@ class Case:
         loss_fn: for plain models, ``(output, batch) -> scalar loss``.
         warmup_model: a tiny model of the same kind for the warm-up step; derived from the config
             for transformers models.
+        decoder_seq_len: an encoder-decoder's label tokens per sample (``None``: the model's default).
         note: what the case is meant to exercise.
     """
 
@@ -69,6 +70,7 @@ class Case:
     example_input: Callable[[int, int | None, torch.Generator | None], Any] | None = None
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     warmup_model: ModelSource | None = None
+    decoder_seq_len: int | None = None
     note: str = dataclasses.field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +84,8 @@ class Case:
                 value = dict(value)
             out[field.name] = value
         out.pop("note")
+        if out["decoder_seq_len"] is None:  # the specs of cached truths from before the field
+            out.pop("decoder_seq_len")
         return out
 
     @classmethod
@@ -212,6 +216,99 @@ def _experts(config: dict[str, Any], implementation: str) -> dict[str, Any]:
     return {**config, "experts_implementation": implementation}
 
 
+
+
+class LSTMClassifier(nn.Module):
+    """Token embedding -> stacked ``nn.LSTM`` -> linear head on the last step: the CPU's oneDNN
+    LSTM kernel, whose workspace autograd keeps for the backward."""
+
+    def __init__(self, vocab: int = 8000, width: int = 256, hidden: int = 512, layers: int = 2,
+                 classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.lstm = nn.LSTM(width, hidden, layers, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(tokens))  # (B, T, hidden)
+        return self.head(out[:, -1])  # (B, classes)
+
+
+# --------------------------------------------------------------------------- diffusers models
+
+
+def unet_small() -> nn.Module:
+    """A Stable-Diffusion-style ``UNet2DConditionModel``: 3 levels (64/128/256 channels), cross
+    attention to 256-wide text states at the two upper levels, latents 4 x 32 x 32 (13 M params)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(64, 128, 256), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32)
+
+
+def vae_small() -> nn.Module:
+    """An ``AutoencoderKL`` of Stable Diffusion's layout (3 levels, 64/128/128 channels, 4 latent
+    channels) on 128 x 128 images (4 M params)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(64, 128, 128), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=128)
+
+
+def sd3_small() -> nn.Module:
+    """An ``SD3Transformer2DModel`` (MMDiT: joint attention over image patches and text): 4 blocks,
+    256 wide (8 heads of 32), patch 2 on 4 x 32 x 32 latents (9 M params)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=32, num_attention_heads=8,
+        joint_attention_dim=256, caption_projection_dim=256, pooled_projection_dim=128, out_channels=4,
+        pos_embed_max_size=32)
+
+
+def unet_batch(batch_size: int, seq_len: int | None, generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Noisy latents ``(B, 4, 32, 32)``, timesteps and ``seq_len`` text states ``(B, T, 256)``."""
+    b = batch_size
+    return {"sample": torch.randn(b, 4, 32, 32, generator=generator),
+            "timestep": torch.randint(0, 1000, (b,), generator=generator),
+            "encoder_hidden_states": torch.randn(b, seq_len or 77, 256, generator=generator)}
+
+
+def image_batch(batch_size: int, seq_len: int | None, generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Images ``(B, 3, 128, 128)`` for the autoencoder."""
+    return {"sample": torch.randn(batch_size, 3, 128, 128, generator=generator)}
+
+
+def sd3_batch(batch_size: int, seq_len: int | None, generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Noisy latents, timesteps, ``seq_len`` text states ``(B, T, 256)`` and pooled text ``(B, 128)``."""
+    b = batch_size
+    return {"hidden_states": torch.randn(b, 4, 32, 32, generator=generator),
+            "timestep": torch.randint(0, 1000, (b,), generator=generator),
+            "encoder_hidden_states": torch.randn(b, seq_len or 77, 256, generator=generator),
+            "pooled_projections": torch.randn(b, 128, generator=generator)}
+
+
+def denoising_loss(output: Any, batch: Any = None) -> torch.Tensor:
+    """What diffusers' training scripts compute on ``output.sample``: ``F.mse_loss(pred.float(),
+    target.float())``, here against the batch's own first tensor (the same shape for these models)."""
+    target = next(iter(batch.values())) if isinstance(batch, dict) else batch
+    return F.mse_loss(output.sample.float(), target.float())
+
+
+WHISPER_WARMUP: dict[str, Any] = {
+    "model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"], "d_model": 384,
+    "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 6, "decoder_attention_heads": 6,
+    "encoder_ffn_dim": 1536, "decoder_ffn_dim": 1536, "num_mel_bins": 80, "max_source_positions": 1500,
+    "max_target_positions": 448, "vocab_size": 51865, "pad_token_id": 50257, "bos_token_id": 50257,
+    "eos_token_id": 50257, "decoder_start_token_id": 50258,
+}
+"""whisper-tiny with one block each side; its vocabulary stays (the special token ids are past 512)."""
+
 _WARMUP = {
     "num_hidden_layers": 1, "n_layer": 1, "num_layers": 1, "num_decoder_layers": 1, "n_layers": 1,
     "encoder_layers": 1, "decoder_layers": 1, "vocab_size": 512, "first_k_dense_replace": 0,
@@ -270,6 +367,19 @@ CASES: tuple[Case, ...] = (
     Case("olmoe-eager", _experts(OLMOE_SMALL, "eager"), 4, 256, note="OLMoE: 16 experts top-4, per-expert loop"),
     Case("deepseek-v3-moe", _experts(DEEPSEEK_V3_SMALL, "grouped_mm"), 4, 256,
          note="DeepSeek-V3 layout: a dense first layer, 8 routed experts in 2 groups and a shared expert"),
+    Case("bart-small-dec32", BART_SMALL, 4, 128, decoder_seq_len=32,
+         note="encoder-decoder with a decoder shorter than the encoder"),
+    Case("whisper-tiny", "whisper-tiny", 2, None, decoder_seq_len=64, warmup_model=WHISPER_WARMUP,
+         note="audio encoder-decoder: 3000 mel frames, 1500 positions, 64 label tokens"),
+    Case("lstm", LSTMClassifier, 16, 256, example_input=token_batch, loss_fn=class_zero_loss,
+         warmup_model=functools.partial(LSTMClassifier, layers=1, vocab=512),
+         note="2-layer nn.LSTM (oneDNN's kernel and its workspace for backward)"),
+    Case("unet-small", unet_small, 4, 77, example_input=unet_batch, loss_fn=denoising_loss,
+         note="diffusers UNet2DConditionModel, cross attention to 77 text states"),
+    Case("vae-small", vae_small, 4, None, example_input=image_batch, loss_fn=denoising_loss,
+         note="diffusers AutoencoderKL, reconstruction of 128x128 images"),
+    Case("sd3-small", sd3_small, 4, 77, example_input=sd3_batch, loss_fn=denoising_loss,
+         note="diffusers SD3Transformer2DModel (MMDiT), 256 patches + 77 text tokens"),
 )
 
 _BY_NAME = {c.name: c for c in CASES}
@@ -363,7 +473,7 @@ def make_inputs(case: Case, module: nn.Module, generator: torch.Generator | None
         example = case.example_input(case.batch_size, case.seq_len, generator)
         return _as_inputs(_to_device(example, device))
     batch = make_batch(module, case.batch_size, case.seq_len, dtype=input_dtype(case),
-                       device="cpu", generator=generator)
+                       device="cpu", generator=generator, decoder_seq_len=case.decoder_seq_len)
     return (), _to_device(batch, device)
 
 
@@ -406,6 +516,8 @@ def estimate_kwargs(case: Case) -> dict[str, Any]:
         kwargs["seq_len"] = None
     if case.loss_fn is not None:
         kwargs["loss_fn"] = case.loss_fn
+    if case.decoder_seq_len is not None:
+        kwargs["decoder_seq_len"] = case.decoder_seq_len
     return kwargs
 
 

@@ -138,7 +138,8 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
                  margin=args.margin, base=base, device=args.device, confirm=args.confirm, limit=args.top,
                  method_prune="trace" if args.method == "trace" else "formula",
                  estimate_kwargs={"set_to_none": args.set_to_none, "trace_timeout": args.trace_timeout,
-                                  "moe_routing": args.moe_routing, **extra})
+                                  "moe_routing": args.moe_routing, "decoder_seq_len": args.decoder_seq_len,
+                                  **extra})
     if out.json_mode:
         out.json([row.to_dict() for row in found.rows])
     else:

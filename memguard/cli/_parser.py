@@ -166,7 +166,11 @@ def _model_options(methods: Any) -> Parser:
                        help="a preset name (e.g. gpt2, llama-3-8b), a config.json path or model "
                             "directory, or package.module:factory returning an nn.Module (or from --config)")
     model.add_argument("--seq-len", type=positive_int, metavar="N",
-                       help="tokens per sample (default: the model's maximum, where it has one)")
+                       help="tokens per sample (default: the model's maximum, where it has one); an "
+                            "encoder-decoder's encoder tokens")
+    model.add_argument("--decoder-seq-len", type=positive_int, metavar="N",
+                       help="an encoder-decoder's decoder tokens per sample, the labels' length (default: "
+                            "--seq-len for T5 and BART; Whisper's max_target_positions, 448)")
     model.add_argument("--precision", default="32-true",
                        help="Lightning precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true "
                             "(default: %(default)s)")

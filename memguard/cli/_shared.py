@@ -75,6 +75,7 @@ def _describe_gpu(gpu: memguard.DeviceMemory) -> str:
 def _estimate_kwargs(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
     return {
         "seq_len": args.seq_len,
+        "decoder_seq_len": args.decoder_seq_len,
         "precision": args.precision,
         "optimizer": args.optimizer,
         "method": method or args.method or "auto",

@@ -186,22 +186,44 @@ class _Copier:
         return out
 
     def _container(self, value: Any) -> Any:
+        """A new container of ``value``'s type holding copies of its items; ``value`` is only read.
+
+        The built-in types are made empty and filled (registered first, so a container that holds
+        itself is copied with its cycle). A subclass's methods are the user's code and may refuse
+        to mutate (diffusers' ``FrozenDict`` config raises on ``update``, ``pop`` and ``setdefault``,
+        ``diffusers/configuration_utils.py``): it is constructed whole from the copied items, as
+        ``type(value)(items)`` (``defaultdict``: with its ``default_factory`` first), with the
+        instance attributes the constructor did not set copied over; a subclass that cannot be
+        built so becomes a plain container of its base type.
+        """
         if isinstance(value, tuple):
             items = [self.value(v) for v in value]
             return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-        out = copy.copy(value)  # same type (OrderedDict, defaultdict, a dict subclass ...), new object
-        self.memo[id(value)] = out  # before the items, for cycles
+        base = next(t for t in (collections.OrderedDict, collections.defaultdict, dict, list,
+                                collections.deque, set) if isinstance(value, t))
+        plain: Any = (collections.defaultdict(value.default_factory) if base is collections.defaultdict
+                      else collections.deque(maxlen=value.maxlen) if base is collections.deque
+                      else base())
+        self.memo[id(value)] = plain  # before the items, for cycles
         if isinstance(value, dict):
-            out.clear()
-            out.update({k: self.value(v) for k, v in value.items()})
-        elif isinstance(value, list):
-            out[:] = [self.value(v) for v in value]
-        elif isinstance(value, collections.deque):
-            out.clear()
-            out.extend(self.value(v) for v in value)
+            plain.update((k, self.value(v)) for k, v in value.items())
+        elif isinstance(value, (list, collections.deque)):
+            plain.extend(self.value(v) for v in value)
         else:
-            out.clear()
-            out.update(self.value(v) for v in value)
+            plain.update(self.value(v) for v in value)
+        if type(value) is base:
+            return plain
+        try:
+            out = (type(value)(value.default_factory, plain) if base is collections.defaultdict
+                   else type(value)(plain))
+            extra = {k: self.value(v) for k, v in getattr(value, "__dict__", {}).items()
+                     if k not in getattr(out, "__dict__", {})}
+            if extra:
+                vars(out).update(extra)  # the instance's dict, not the container's methods
+        except Exception as exc:  # a constructor with another signature
+            log.debug("copying a %s as a %s: it cannot be built from its items (%s)",
+                      type(value).__name__, base.__name__, exc)
+            return plain
         return out
 
 

@@ -18,6 +18,7 @@ gpt2      pre-LayerNorm, fused QKV projection, learned positions (GPT-2, GPT-Neo
 bert      post-LayerNorm, separate Q/K/V, learned positions (BERT, RoBERTa, DistilBERT)
 bart      post-LayerNorm encoder-decoder, learned positions (BART, mBART, Marian)
 t5        pre-RMSNorm encoder-decoder, relative position bias (T5, mT5)
+whisper   pre-LayerNorm audio encoder-decoder, conv stem over log-mel frames (Whisper)
 llama     pre-RMSNorm, rotary positions, gated MLP, grouped KV heads (Llama, Mistral, Qwen2)
 vit       pre-LayerNorm image encoder, patches + class token (ViT, DeiT)
 torch     ``torch.nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer`` stacks
@@ -48,6 +49,7 @@ _FAMILIES: dict[str, str] = {
     "gemma2": "llama", "phi3": "llama", "mixtral": "llama", "olmo": "llama", "granite": "llama",
     "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama",
     "vit": "vit", "deit": "vit", "dinov2": "vit",
+    "whisper": "whisper",
 }
 """transformers ``model_type`` -> block family."""
 
@@ -323,7 +325,7 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
     if family == "t5" and activation == "gelu" and gated:
         activation = "gelu_new"  # T5 v1.1 "gated-gelu" runs gelu_new
     enc_layers, dec_layers = n_layers, 0
-    if family in ("t5", "bart") or getattr(config, "is_encoder_decoder", False):
+    if family in ("t5", "bart", "whisper") or getattr(config, "is_encoder_decoder", False):
         dec = _get(config, "num_decoder_layers", "decoder_layers", default=n_layers)
         enc_layers, dec_layers = n_layers, int(dec)
     hidden_dropout = float(_get(config, "resid_pdrop", "hidden_dropout_prob", "dropout_rate",
@@ -358,7 +360,7 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
         hidden_dropout=hidden_dropout, attention_dropout=attention_dropout,
         activation_dropout=activation_dropout, embedding_dropout=embedding_dropout,
         attn_implementation=str(attn), tied_embeddings=bool(_tied(config, module)),
-        positions=positions, norm=norm, norm_first=family in ("gpt2", "t5", "llama", "vit"),
+        positions=positions, norm=norm, norm_first=family in ("gpt2", "t5", "llama", "vit", "whisper"),
         fused_qkv=family == "gpt2" and model_type == "gpt2",
         image_tokens=image_tokens,
         num_labels=int(getattr(config, "num_labels", 0) or 0) or None,

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from memguard.errors import ConfigError, MemguardError
 from memguard.estimation import sandbox
-from memguard.estimation.inputs import make_batch, max_positions, model_task
+from memguard.estimation.inputs import TaskKind, audio_positions, decoder_length, make_batch, max_positions, model_task
 from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing, load_model
 from memguard.estimation.overhead import device_overhead
 from memguard.estimation.parallel import Parallelism, Strategy, resolve_parallelism, wrapped_blocks
@@ -70,6 +70,7 @@ def estimate(
     double_quant: bool = False,
     skip_modules: list[str] | None = None,
     moe_routing: str | float = "balanced",
+    decoder_seq_len: int | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one steady-state training step.
 
@@ -83,7 +84,9 @@ def estimate(
         batch_size: samples per step. With ``example_input`` it overrides the example's first
             dimension; otherwise it defaults to 1.
         seq_len: tokens per sample for token models; defaults to the model's maximum where it has
-            one (GPT-2 1024, BERT 512).
+            one (GPT-2 1024, BERT 512). For an encoder-decoder, the encoder's tokens; Whisper's
+            encoder always sees 1500 positions (3000 mel frames through a stride-2 conv), which
+            it takes by default.
         example_input: one batch as ``forward`` takes it: a tensor, a tuple (positional
             arguments) or a dict (keyword arguments) of tensors. Needed for models that are not
             transformers models.
@@ -99,7 +102,8 @@ def estimate(
             even when computed on a CPU-only build of torch.
         method: ``"trace"``, ``"formula"``, ``"seed"``, or ``"auto"`` (trace, else formula).
         loss_fn: ``loss_fn(output, batch) -> scalar``; needed only when the output is neither a
-            scalar tensor nor has a ``.loss``.
+            scalar tensor nor has a ``.loss`` (a diffusers output's ``.sample`` gets diffusers'
+            training loss, ``F.mse_loss(sample.float(), target)``, see ``trace._denoising_loss``).
         training_loop: ``"pytorch"`` (forward, backward, step, ``zero_grad``) or ``"lightning"``
             (``zero_grad`` runs after the next forward, so last step's gradients live through it).
         step_fn: ``step_fn(batch) -> loss or output`` replaces ``model(...)`` in the trace, e.g.
@@ -118,6 +122,11 @@ def estimate(
             runs beside the gradients accumulated so far (in Lightning's loop, every one does).
         set_to_none: ``optimizer.zero_grad(set_to_none=...)``. ``False`` (torch's default before
             2.0) keeps zeroed gradients alive through every forward.
+        decoder_seq_len: an encoder-decoder's decoder tokens per sample, the labels' length (T5,
+            BART, Whisper). Default: ``seq_len`` for T5 and BART; for Whisper its decoder's
+            ``max_target_positions`` (448), the longest labels it takes — an upper bound for
+            transcripts padded to the longest of the batch. With ``example_input``, read from its
+            ``labels`` (or ``decoder_input_ids``).
         trace_timeout: seconds the trace may run before it stops with a :class:`TraceError`
             (``"auto"`` then falls back to the formula); ``None`` for no limit.
         quantization: ``"nf4"``, ``"fp4"`` (bitsandbytes 4-bit) or ``"int8"`` (LLM.int8) base
@@ -169,7 +178,7 @@ def estimate(
                                    offload_params=offload_params)
     spec = TrainingSpec.create(batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
                                precision=precision, gradient_checkpointing=gradient_checkpointing,
-                               device=device, moe_routing=moe_routing)
+                               device=device, moe_routing=moe_routing, decoder_seq_len=decoder_seq_len)
     asked_precision = spec.precision.name
     spec, master_weights = _deepspeed_precision(spec, parallel)
     if lora_rank is not None:
@@ -206,6 +215,7 @@ def estimate(
         "model": resolved.name,
         "batch_size": spec.batch_size,
         "seq_len": spec.seq_len,
+        "decoder_seq_len": spec.decoder_seq_len,
         "precision": asked_precision,
         "optimizer": spec.optimizer.name,
         "gradient_checkpointing": spec.gradient_checkpointing,
@@ -409,25 +419,41 @@ def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec, example_input: Any
     nothing.
     """
     module = resolved.module
+    task = model_task(module)
+    audio = audio_positions(resolved.config) if task is TaskKind.SEQ2SEQ else None
     if example_input is not None:
-        return _plan_example(spec, example_input, whole)
+        spec, build_example = _plan_example(spec, example_input, whole)
+        if audio is not None:  # the lengths of a Whisper batch are its encoder's and its labels'
+            spec = spec.replace(seq_len=audio)
+        return spec, build_example
     batch_size = spec.batch_size or 1
     seq_len = spec.seq_len
-    task = model_task(module)
-    if task.takes_pixels:
+    if audio is not None:
+        if seq_len not in (None, audio):
+            raise ConfigError(
+                f"seq_len={seq_len}: {resolved.name}'s encoder always sees {audio} positions ({2 * audio} mel "
+                "frames through its stride-2 conv); leave seq_len out and give the labels' length as decoder_seq_len")
+        seq_len = audio
+    elif task.takes_pixels:
         seq_len = None
     elif task.takes_tokens and seq_len is None:
         seq_len = max_positions(resolved.config)
         if seq_len is None:
             raise ConfigError(f"seq_len is needed for {resolved.name} (it has no fixed maximum length)")
-    spec = spec.replace(batch_size=batch_size, seq_len=seq_len)
+    dec_len = spec.decoder_seq_len
+    if task is TaskKind.SEQ2SEQ:
+        dec_len = decoder_length(resolved.config, seq_len, dec_len)
+    elif dec_len is not None:
+        raise ConfigError(f"decoder_seq_len={dec_len} is for encoder-decoder models; {resolved.name} has no decoder "
+                          "with cross-attention: leave it out")
+    spec = spec.replace(batch_size=batch_size, seq_len=seq_len, decoder_seq_len=dec_len)
     # Pixels come in the weights' dtype, or fp32 under autocast (which casts them itself).
     dtype = torch.float32 if spec.precision.autocast_dtype is not None else spec.precision.param_dtype
     # Check the inputs can be built now, so a bad seq_len fails before any tracing starts.
-    make_batch(module, batch_size, seq_len, device="meta")
+    make_batch(module, batch_size, seq_len, device="meta", decoder_seq_len=dec_len)
 
     def build() -> Inputs:
-        return (), make_batch(module, batch_size, seq_len, dtype=dtype)
+        return (), make_batch(module, batch_size, seq_len, dtype=dtype, decoder_seq_len=dec_len)
 
     return spec, build
 
@@ -446,9 +472,15 @@ def _plan_example(spec: TrainingSpec, example: Any, whole: bool) -> tuple[Traini
         raise ConfigError("the first tensor of example_input must have a batch dimension")
     given = tensors[0].shape[0]
     batch_size = spec.batch_size or given
-    seq_len = spec.seq_len
-    if seq_len is None and tensors[0].dim() in (2, 3):  # (batch, tokens) or (batch, tokens, features)
-        seq_len = tensors[0].shape[1]
+    seq_len, dec_len = spec.seq_len, spec.decoder_seq_len
+    named = example if isinstance(example, dict) else {}
+    lead = named.get("input_ids", tensors[0])
+    # (batch, tokens) or (batch, tokens, features); never Whisper's (batch, mel bins, frames)
+    if seq_len is None and "input_features" not in named and lead.dim() in (2, 3):
+        seq_len = lead.shape[1]
+    labels = named.get("labels", named.get("decoder_input_ids"))
+    if dec_len is None and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        dec_len = labels.shape[1]
 
     def resize(t: torch.Tensor) -> torch.Tensor:
         shape = (batch_size, *t.shape[1:]) if t.dim() > 0 and t.shape[0] == given else t.shape
@@ -472,6 +504,6 @@ def _plan_example(spec: TrainingSpec, example: Any, whole: bool) -> tuple[Traini
         raise ConfigError(
             f"example_input must be a tensor, a tuple or a dict of tensors, got {type(example).__name__}"
         )
-    return spec.replace(batch_size=batch_size, seq_len=seq_len), build
+    return spec.replace(batch_size=batch_size, seq_len=seq_len, decoder_seq_len=dec_len), build
 
 

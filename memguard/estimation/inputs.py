@@ -16,7 +16,7 @@ from torch import nn
 
 from memguard.errors import ConfigError
 
-__all__ = ["TaskKind", "make_batch", "max_positions", "model_task"]
+__all__ = ["TaskKind", "audio_positions", "decoder_length", "make_batch", "max_positions", "model_task"]
 
 
 class TaskKind(str, enum.Enum):
@@ -90,14 +90,17 @@ def model_task(module: nn.Module) -> TaskKind:
 
 def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+               generator: torch.Generator | None = None,
+               decoder_seq_len: int | None = None) -> dict[str, torch.Tensor]:
     """Inputs and labels that fit the head of a transformers model.
 
     Token models get ``input_ids`` (and ``labels``: one per token for language models, one per
-    sample for classifiers); encoder-decoders get ``labels`` of the same length, from which they
-    make their own decoder inputs; vision models get ``pixel_values`` of the configured image size
-    in ``dtype``. No attention mask is passed: with every token attended, transformers takes its
-    fast path (and would drop an all-ones mask anyway).
+    sample for classifiers); encoder-decoders get ``labels`` of ``decoder_seq_len`` tokens
+    (default: ``seq_len``), from which they make their own decoder inputs; an audio
+    encoder-decoder (Whisper) gets ``input_features`` of the frames its encoder takes
+    (:func:`audio_positions`) in ``dtype`` and labels of :func:`decoder_length`; vision models get
+    ``pixel_values`` of the configured image size in ``dtype``. No attention mask is passed: with
+    every token attended, transformers takes its fast path (and would drop an all-ones mask anyway).
 
     Raises:
         ConfigError: if the model is not a transformers model (give ``example_input`` instead), a
@@ -116,6 +119,9 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
         if task.labels_per_sample:
             batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
         return batch
+    if task is TaskKind.SEQ2SEQ and audio_positions(config) is not None:
+        return _audio_batch(config, b, decoder_length(config, seq_len, decoder_seq_len), dtype=dtype,
+                            device=device, generator=generator)
     if not task.takes_tokens:
         raise ConfigError(
             f"memguard cannot build inputs for {type(module).__name__}: pass example_input= "
@@ -132,11 +138,57 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     _check_elements(b, seq_len, what="token ids")
     ids = torch.randint(0, config.vocab_size, (b, seq_len), generator=generator, device=device)
     batch = {"input_ids": ids}
-    if task.labels_per_token:
+    if task is TaskKind.SEQ2SEQ and decoder_seq_len is not None and decoder_seq_len != seq_len:
+        _check_elements(b, decoder_seq_len, what="labels")
+        batch["labels"] = torch.randint(0, config.vocab_size, (b, decoder_seq_len), generator=generator,
+                                        device=device)
+    elif task.labels_per_token:
         batch["labels"] = ids.clone()
     elif task.labels_per_sample:
         batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
     return batch
+
+
+def audio_positions(config: Any) -> int | None:
+    """Positions of an audio encoder-decoder's encoder (Whisper: ``max_source_positions``, 1500),
+    else ``None``.
+
+    Whisper's encoder takes log-mel features ``(batch, num_mel_bins, frames)`` of exactly
+    ``max_source_positions * 2`` frames (3000: 30 s at 100 frames a second); its second conv has
+    stride 2, so its blocks see ``max_source_positions`` positions (``WhisperEncoder.forward``,
+    ``transformers/models/whisper/modeling_whisper.py``, which refuses any other length).
+    """
+    if getattr(config, "num_mel_bins", None) and getattr(config, "max_source_positions", None):
+        return int(config.max_source_positions)
+    return None
+
+
+def decoder_length(config: Any, seq_len: int | None, decoder_seq_len: int | None) -> int | None:
+    """The decoder's tokens per sample: ``decoder_seq_len`` when given; else for an audio model
+    (Whisper) its decoder's ``max_target_positions`` (448: the longest labels it takes, an upper
+    bound of a batch padded to its longest transcript), else ``seq_len`` (T5, BART).
+
+    Raises:
+        ConfigError: for labels longer than the decoder's positions.
+    """
+    limit = getattr(config, "max_target_positions", None) if audio_positions(config) is not None else None
+    if decoder_seq_len is None:
+        return int(limit) if limit else seq_len
+    if limit and decoder_seq_len > limit:
+        raise ConfigError(f"decoder_seq_len={decoder_seq_len} is longer than the decoder can take "
+                          f"(max_target_positions={limit})")
+    return decoder_seq_len
+
+
+def _audio_batch(config: Any, b: int, dec: int | None, *, dtype: torch.dtype, device: str | torch.device,
+                 generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """Whisper's batch: log-mel ``input_features`` ``(B, mels, 2 x positions)`` and ``labels``."""
+    frames = 2 * int(config.max_source_positions)  # the encoder's conv stem halves them
+    dec = dec or 1
+    _check_elements(b, config.num_mel_bins, frames, what="mel features")
+    features = torch.randn(b, config.num_mel_bins, frames, generator=generator, device=device).to(dtype)
+    labels = torch.randint(0, config.vocab_size, (b, dec), generator=generator, device=device)
+    return {"input_features": features, "labels": labels}
 
 
 def _check_elements(batch_size: int, *dims: int, what: str) -> None:

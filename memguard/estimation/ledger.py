@@ -30,6 +30,8 @@ from torch.utils._pytree import tree_flatten
 
 from memguard.errors import TraceError
 from memguard.estimation.fake_kernels import corrected
+from memguard.estimation.kernels import corrected as with_workspace
+from memguard.estimation.kernels import uncounted
 from memguard.estimation.peak import Phase
 from memguard.estimation.stand_ins import StandIns
 
@@ -154,6 +156,7 @@ class CountingMode(TorchDispatchMode):
         self.ledger = ledger
         self.fake_mode = fake_mode
         self.stand_ins = StandIns(fake_mode, routing)
+        self.uncounted: set[str] = set()  # buffers of real kernels the trace cannot size, in words
         self.timeout = timeout
         self.deadline = math.inf if timeout is None else time.monotonic() + timeout
         self.ops = 0
@@ -172,6 +175,11 @@ class CountingMode(TorchDispatchMode):
             self.stand_ins.after(func, args, kwargs, out)
         except (DataDependentOutputException, DynamicOutputShapeException):
             out = self.stand_ins.data_dependent(func, args, kwargs)
+        if isinstance(out, tuple):  # ops with buffers for backward return several tensors
+            out = with_workspace(func, args, out, self.ledger.device)
+            missing = uncounted(func, self.ledger.device)
+            if missing:
+                self.uncounted.add(missing)
         if isinstance(out, torch.Tensor):  # the common case, without a tree walk
             self.ledger.track(out)
             # Only ops that return tensors look at the clock: metadata queries (prim.device ...)

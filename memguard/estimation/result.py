@@ -268,7 +268,7 @@ class MemoryEstimate:
 _ONES = "ones"
 """How an unmodelled stand-in's values were made (``memguard.estimation.stand_ins.ONES``)."""
 
-_SHOWN_INPUTS = ("model", "batch_size", "seq_len", "precision", "optimizer", "device",
+_SHOWN_INPUTS = ("model", "batch_size", "seq_len", "decoder_seq_len", "precision", "optimizer", "device",
                  "gradient_checkpointing", "strategy", "world_size", "offload_optimizer", "offload_params")
 _DEFAULT_INPUTS = {"strategy": "single", "world_size": 1, "offload_optimizer": False, "offload_params": False}
 """Inputs left out of the table's header while they have these values."""

@@ -318,13 +318,15 @@ class TrainingSpec:
     Attributes:
         batch_size: samples per step on one device (``None`` only for an ``example_input`` whose
             batch size is unknown).
-        seq_len: tokens per sample for token models, or ``None``.
+        seq_len: tokens per sample for token models (an encoder-decoder's encoder tokens), or ``None``.
         optimizer: the :class:`OptimizerSpec`.
         precision: the :class:`Precision`.
         gradient_checkpointing: ``None`` to read from the model, else forced on or off.
         device: ``"cuda"`` or ``"cpu"``: where training will run.
         moe_routing: the capacity factor of the mixture-of-experts routing model: 1.0 balanced,
             ``math.inf`` every token on the same experts (:func:`memguard.estimation.stand_ins.resolve_routing`).
+        decoder_seq_len: an encoder-decoder's decoder tokens per sample (the labels' length);
+            ``None``: as many as ``seq_len``.
     """
 
     batch_size: int | None
@@ -334,11 +336,12 @@ class TrainingSpec:
     gradient_checkpointing: bool | None
     device: str
     moe_routing: float = 1.0
+    decoder_seq_len: int | None = None
 
     @classmethod
     def create(cls, *, batch_size: Any = None, seq_len: Any = None, optimizer: Any = "adamw",
                precision: Any = "32-true", gradient_checkpointing: bool | None = None,
-               device: Any = "cuda", moe_routing: Any = "balanced") -> TrainingSpec:
+               device: Any = "cuda", moe_routing: Any = "balanced", decoder_seq_len: Any = None) -> TrainingSpec:
         """Check and normalise every argument.
 
         Raises:
@@ -350,6 +353,7 @@ class TrainingSpec:
             raise ConfigError(f"gradient_checkpointing must be None, True or False, got {gradient_checkpointing!r}")
         batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
         seq_len = None if seq_len is None else positive_int("seq_len", seq_len)
+        decoder_seq_len = None if decoder_seq_len is None else positive_int("decoder_seq_len", decoder_seq_len)
         if batch_size is not None and seq_len is not None and batch_size * seq_len > MAX_INPUT_ELEMENTS:
             raise ConfigError(
                 f"batch_size={batch_size} x seq_len={seq_len} = {batch_size * seq_len:,} tokens: the "
@@ -363,6 +367,7 @@ class TrainingSpec:
             gradient_checkpointing=gradient_checkpointing,
             device=resolve_device(device),
             moe_routing=resolve_routing(moe_routing),
+            decoder_seq_len=decoder_seq_len,
         )
 
     def replace(self, **changes: Any) -> TrainingSpec:

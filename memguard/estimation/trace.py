@@ -96,15 +96,31 @@ def _loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor
         loss = output["loss"]
     elif getattr(output, "last_hidden_state", None) is not None:
         loss = output.last_hidden_state.float().mean()
+    elif isinstance(getattr(output, "sample", None), torch.Tensor):
+        loss = _denoising_loss(output.sample)
     else:
         raise ConfigError(
-            f"the model's output ({type(output).__name__}) is neither a scalar tensor nor has a .loss; "
+            f"the model's output ({type(output).__name__}) is neither a scalar tensor nor has a .loss "
+            "(or a diffusers .sample); "
             "pass loss_fn=lambda output, batch: ..."
         )
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ConfigError(f"the loss must be a scalar tensor, got {shape}; pass loss_fn= to reduce it")
     return loss
+
+
+def _denoising_loss(sample: torch.Tensor) -> torch.Tensor:
+    """The loss diffusers' training scripts put on a model's ``.sample`` (a UNet's or a diffusion
+    transformer's prediction, a VAE's reconstruction): ``F.mse_loss(model_pred.float(),
+    target.float(), reduction="mean")`` (``examples/text_to_image/train_text_to_image.py``).
+
+    The target (the noise, or the image) is data the trace does not have; it is zeros here, an
+    expanded scalar that holds no storage. The real target is the size of the sample, made before the
+    forward in the user's loop: under ``example_input`` pass it in the batch and ``loss_fn`` to count it.
+    """
+    pred = sample.float()
+    return torch.nn.functional.mse_loss(pred, torch.zeros((), dtype=pred.dtype).expand_as(pred))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +344,7 @@ def trace_breakdown(
     if invented.modelled:
         notes.append(f"{_routing_words(spec.moe_routing)}: the indices of topk x{invented.modelled.get('topk', 0)} "
                      "(the routers' choice of experts) made by the routing model")
+    notes.extend(f"not sized by the trace: {what}" for what in sorted(counting.uncounted))
     if precision.grad_scaler:
         notes.append("GradScaler's scalars are not traced (a few bytes)")
     log.debug("trace of %s: peak %d bytes", type(module).__name__, sum(report.breakdown.values()))

@@ -36,7 +36,7 @@ LORA_RANKS = (8, 16, 64)
 _NO_BF16 = re.compile(r"\b(t4|v100|p100|p40|k80)\b", re.I)
 """GPUs without bfloat16 arithmetic (before Ampere): bf16 precisions are not proposed there."""
 _EXTRA_KEYS = ("example_input", "loss_fn", "step_fn", "training_loop", "set_to_none", "trace_timeout",
-               "moe_routing")
+               "moe_routing", "decoder_seq_len")
 _BASE_KEYS = ("batch_size", "precision", "optimizer", "gradient_checkpointing", "strategy", "world_size",
               "offload_optimizer", "offload_params", "lora_rank", "accumulate_grad_batches", "quantization",
               "double_quant")

@@ -19,8 +19,8 @@ from memguard.estimation.formula.blocks import (
     checkpoint_input_bytes,
     fused_bias_bytes,
 )
-from memguard.estimation.formula.context import F32, Ctx, make_ctx, tokens
-from memguard.estimation.formula.embeddings import embedding_bytes
+from memguard.estimation.formula.context import F32, Ctx, decoder_tokens, make_ctx, tokens
+from memguard.estimation.formula.embeddings import audio_stem_bytes, embedding_bytes
 from memguard.estimation.formula.head import encoder_output_bytes, final_bytes
 from memguard.estimation.formula.inventory import Inventory, inventory
 from memguard.estimation.models import ResolvedModel
@@ -42,6 +42,9 @@ class Activations:
             checkpointing (0 without it).
         logits: elements of the logits (batch × tokens × vocab), 0 without an LM head.
         tokens: tokens per sequence of the blocks (the decoder's for an encoder-decoder model).
+        enc_tokens: an encoder-decoder's encoder tokens per sequence (else ``tokens``).
+        encoder_saved: an encoder-decoder's bytes saved on the encoder side (its embeddings and
+            blocks), still alive while backward runs through the encoder (0 for other models).
         embedding: bytes still alive at the end of backward (the embeddings' saved tensors).
         idle: parameter indices of blocks that save nothing (frozen, nothing trainable below).
         output_cache: bytes of the key/value cache held by the model's output alone (not saved
@@ -57,6 +60,8 @@ class Activations:
     embedding: int
     idle: frozenset[int] = frozenset()
     output_cache: int = 0
+    enc_tokens: int = 0
+    encoder_saved: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +148,9 @@ class _Layers:
     dec_frozen: int
 
 
-def _layers(ctx: Ctx, seq: int, cache: bool) -> _Layers:
+def _layers(ctx: Ctx, seq: int, dec: int, cache: bool) -> _Layers:
+    """One block of each kind: the encoder's over ``seq`` tokens, the decoder's over ``dec`` tokens
+    attending to the encoder's ``seq``."""
     arch = ctx.arch
     frozen_ctx = dataclasses.replace(ctx, frozen=True)
     enc_cache = cache and arch.decoder_layers == 0  # decoder-only models cache every block
@@ -151,20 +158,23 @@ def _layers(ctx: Ctx, seq: int, cache: bool) -> _Layers:
     enc_frozen = block_bytes(frozen_ctx, seq, cache=enc_cache)
     if not arch.decoder_layers:
         return _Layers(enc, enc_frozen, 0, 0)
-    return _Layers(enc, enc_frozen, block_bytes(ctx, seq, cache=cache, cross_seq=seq),
-                   block_bytes(frozen_ctx, seq, cache=cache, cross_seq=seq))
+    return _Layers(enc, enc_frozen, block_bytes(ctx, dec, cache=cache, cross_seq=seq),
+                   block_bytes(frozen_ctx, dec, cache=cache, cross_seq=seq))
 
 
-def _blocks_saved(ctx: Ctx, seq: int, act: Activity, one: _Layers, ckpt: bool) -> tuple[int, int]:
+def _blocks_saved(ctx: Ctx, seq: int, dec: int, act: Activity, one: _Layers,
+                  ckpt: bool) -> tuple[int, int]:
     """Bytes every block saves through the forward, and under checkpointing the largest block
-    recomputed in backward (0 without). A LoRA block is a frozen one plus its adapters'
-    :func:`~memguard.estimation.formula.adapters.adapter_bytes`; under checkpointing, it keeps
-    its input like any other (the adapters run inside the checkpointed forward)."""
+    recomputed in backward (0 without); encoder blocks see ``seq`` tokens, decoder blocks ``dec``. A LoRA
+    block is a frozen one plus its adapters' :func:`~memguard.estimation.formula.adapters.adapter_bytes`;
+    under checkpointing, it keeps its input like any other (the adapters run inside the checkpointed
+    forward)."""
     adapters = [adapter_bytes(ctx.b * seq, a, elem=ctx.c, autocast=ctx.autocast)
                 for a in act.adapted]
     if ckpt:
-        n = act.enc + act.enc_frozen + act.dec + act.dec_frozen
-        blocks = n * checkpoint_input_bytes(ctx, seq) + checkpoint_bias_bytes(ctx, seq)
+        blocks = ((act.enc + act.enc_frozen) * checkpoint_input_bytes(ctx, seq)
+                  + (act.dec + act.dec_frozen) * checkpoint_input_bytes(ctx, dec)
+                  + checkpoint_bias_bytes(ctx, seq, dec))
         recompute = max(one.enc if act.enc else 0,
                         one.enc_frozen + max(adapters, default=0) if act.enc_frozen else 0,
                         one.dec if act.dec else 0,
@@ -173,7 +183,7 @@ def _blocks_saved(ctx: Ctx, seq: int, act: Activity, one: _Layers, ckpt: bool) -
     blocks = (act.enc * one.enc + act.enc_frozen * one.enc_frozen + act.dec * one.dec
               + act.dec_frozen * one.dec_frozen + sum(adapters))
     if ctx.kernel == "fused":
-        blocks += fused_bias_bytes(ctx, seq, act.dec + act.dec_frozen)
+        blocks += fused_bias_bytes(ctx, seq, act.dec + act.dec_frozen, dec)
     return blocks, 0
 
 
@@ -187,16 +197,20 @@ def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool],
         ConfigError: when a token model has no ``seq_len``.
     """
     arch = ctx.arch
-    seq = tokens(arch, spec)
+    seq = tokens(arch, spec)  # the encoder's (or only) tokens
+    dec = decoder_tokens(arch, spec)  # the decoder's: the labels' length
     ckpt = bool(spec.gradient_checkpointing)
     cache = arch.use_cache and not ckpt
     act = block_activity(inv, arch, grad)
-    one = _layers(ctx, seq, cache)
+    one = _layers(ctx, seq, dec, cache)
     if lora is not None:
         one = _Layers(one.enc_frozen + lora, one.enc_frozen, one.dec_frozen + lora if one.dec else 0, one.dec_frozen)
-    emb = embedding_bytes(ctx, seq) * (2 if arch.decoder_layers else 1) if act.embeddings else 0
-    blocks, recompute = _blocks_saved(ctx, seq, act, one, ckpt)
-    saved = emb + blocks + final_bytes(ctx, seq)
+    emb = enc_emb = 0
+    if act.embeddings:
+        enc_emb = embedding_bytes(ctx, seq) + audio_stem_bytes(ctx, seq)
+        emb = enc_emb + (embedding_bytes(ctx, dec) if arch.decoder_layers else 0)
+    blocks, recompute = _blocks_saved(ctx, seq, dec, act, one, ckpt)
+    saved = emb + blocks + final_bytes(ctx, dec)
     if arch.decoder_layers:
         saved += encoder_output_bytes(ctx, seq)
     top = one.dec if act.dec else (one.enc if act.enc else 0)
@@ -206,13 +220,15 @@ def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool],
         top = (one.dec_frozen if act.dec_frozen else one.enc_frozen) + lora
         bottom = (one.enc_frozen if act.enc_frozen else one.dec_frozen) + lora
     if ckpt:
-        bottom = recompute + checkpoint_input_bytes(ctx, seq)
+        bottom = recompute + checkpoint_input_bytes(ctx, seq if act.enc else dec)
     lm = arch.head in ("causal-lm", "masked-lm", "seq2seq") and arch.vocab
-    logits = ctx.b * seq * arch.vocab if lm and arch.vocab else 0
+    logits = ctx.b * dec * arch.vocab if lm and arch.vocab else 0
     output_cache = 0
     if cache and ctx.fam.rotary and ctx.autocast and ctx.kernel != "math":
         # every layer's cached rotary K, fp32 under autocast: the kernel saves its 16-bit cast
-        output_cache = arch.layers * ctx.b * seq * arch.kv_heads * arch.head_dim * F32
+        output_cache = arch.layers * ctx.b * dec * arch.kv_heads * arch.head_dim * F32
     return Activations(saved=saved, top_block=top, bottom_block=bottom, recompute=recompute,
-                       logits=logits, tokens=seq, embedding=emb, idle=act.idle,
-                       output_cache=output_cache)
+                       logits=logits, tokens=dec, embedding=emb, idle=act.idle,
+                       output_cache=output_cache, enc_tokens=seq,
+                       encoder_saved=(enc_emb + act.enc * one.enc + act.enc_frozen * one.enc_frozen
+                                      if arch.decoder_layers and not ckpt else 0))

@@ -82,28 +82,32 @@ def checkpoint_input_bytes(ctx: Ctx, seq: int) -> int:
     return ctx.b * seq * ctx.arch.hidden * ctx.r
 
 
-def checkpoint_bias_bytes(ctx: Ctx, seq: int) -> int:
+def checkpoint_bias_bytes(ctx: Ctx, seq: int, dec: int | None = None) -> int:
     """A position bias under checkpointing (T5): the relative position bias (``S × S × heads``,
     fp32) that block 0 computes is an input of every later checkpointed block, so it stays alive,
-    once per stack, with the decoder's zero cross-attention bias."""
+    once per stack (the decoder's ``dec × dec``), with the decoder's zero cross-attention bias
+    (``dec × S``)."""
     a = ctx.arch
     if not ctx.fam.position_bias:
         return 0
-    bias = a.heads * seq * seq * F32
-    return bias * (3 if a.decoder_layers else 1)
+    dec = seq if dec is None else dec
+    pairs = seq * seq + (dec * dec + dec * seq if a.decoder_layers else 0)
+    return a.heads * pairs * F32
 
 
-def fused_bias_bytes(ctx: Ctx, seq: int, dec_blocks: int) -> int:
+def fused_bias_bytes(ctx: Ctx, seq: int, dec_blocks: int, dec: int | None = None) -> int:
     """A position bias with a fused attention kernel (T5): the additive masks made from the
     relative position bias (``1 × heads × S × S``), which the kernel saves for backward: the
     encoder's bias (one for all blocks), the decoder's causal ``torch.where`` of it in every
-    block, and the zero cross-attention bias (transformers ``create_position_bias_mask``). Not
-    checked on a GPU."""
+    block, and the zero cross-attention bias (transformers ``create_position_bias_mask``); the
+    encoder's are ``seq × seq``, the decoder's ``dec × dec``, the cross-attention's ``dec × seq``.
+    Not checked on a GPU."""
     a = ctx.arch
     if not ctx.fam.position_bias:
         return 0
-    bias = a.heads * seq * seq * ctx.r
-    return bias * (1 + dec_blocks + (1 if a.decoder_layers else 0))
+    dec = seq if dec is None else dec
+    pairs = seq * seq + dec_blocks * dec * dec + (dec * seq if a.decoder_layers else 0)
+    return a.heads * pairs * ctx.r
 
 
 def block_forward_bytes(ctx: Ctx, seq: int) -> int:

@@ -15,7 +15,7 @@ from memguard.estimation.arch import Architecture
 from memguard.estimation.formula.families import Family, family_of
 from memguard.estimation.spec import TrainingSpec
 
-__all__ = ["F32", "I64", "Ctx", "attention_kernel", "make_ctx", "tokens"]
+__all__ = ["F32", "I64", "Ctx", "attention_kernel", "decoder_tokens", "make_ctx", "tokens"]
 
 F32 = 4
 """Bytes of an fp32 element (statistics, upcast copies, optimizer steps)."""
@@ -126,3 +126,11 @@ def tokens(arch: Architecture, spec: TrainingSpec) -> int:
             f"the formula needs seq_len for {arch.model_type} (tokens per sample); pass seq_len="
         )
     return spec.seq_len
+
+
+def decoder_tokens(arch: Architecture, spec: TrainingSpec) -> int:
+    """Tokens per sample an encoder-decoder's decoder sees: ``spec.decoder_seq_len`` (the labels'
+    length), else the encoder's (:func:`tokens`); for other models, :func:`tokens`."""
+    if arch.decoder_layers and spec.decoder_seq_len is not None:
+        return spec.decoder_seq_len
+    return tokens(arch, spec)

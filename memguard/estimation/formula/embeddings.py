@@ -7,27 +7,34 @@ from torch import nn
 from memguard.estimation.arch import Architecture
 from memguard.estimation.formula.context import F32, I64, Ctx
 from memguard.estimation.formula.norms import layer_norm_bytes
+from memguard.estimation.inputs import audio_positions
 from memguard.estimation.spec import TrainingSpec
 
-__all__ = ["batch_bytes", "embedding_bytes"]
+__all__ = ["audio_stem_bytes", "batch_bytes", "embedding_bytes"]
 
 
-def batch_bytes(arch: Architecture, module: nn.Module, spec: TrainingSpec, b: int, s: int) -> int:
+def batch_bytes(arch: Architecture, module: nn.Module, spec: TrainingSpec, b: int, s: int,
+                dec: int | None = None) -> int:
     """Bytes of the batch: ``input_ids`` and ``labels`` (int64) or pixels and class labels.
 
     What :func:`memguard.estimation.inputs.make_batch` builds: token models get ``input_ids`` and,
-    with a language-model head, a ``labels`` copy; vision models get fp32 (or ``*-true`` dtype)
-    pixels and one int64 label per image.
+    with a language-model head, a ``labels`` copy (an encoder-decoder's of the decoder's ``dec``
+    tokens); vision models get fp32 (or ``*-true`` dtype) pixels and one int64 label per image.
     """
+    config = getattr(module, "config", None)
+    if audio_positions(config) is not None:  # log-mel features (B, mels, 2 x positions) and labels
+        prec = spec.precision
+        px = F32 if prec.autocast_dtype is not None else prec.param_dtype.itemsize
+        return b * config.num_mel_bins * 2 * s * px + b * (dec or s) * I64
     if arch.image_tokens is not None:
-        config = getattr(module, "config", None)
         size = getattr(config, "image_size", 224)
         hh, ww = (size, size) if isinstance(size, int) else tuple(size)
         chans = getattr(config, "num_channels", 3)
         prec = spec.precision
         px = F32 if prec.autocast_dtype is not None else prec.param_dtype.itemsize
         return b * chans * hh * ww * px + b * I64
-    labels = b * s * I64 if arch.head in ("causal-lm", "masked-lm", "seq2seq") else b * I64
+    label_len = dec if (dec is not None and arch.decoder_layers) else s
+    labels = b * label_len * I64 if arch.head in ("causal-lm", "masked-lm", "seq2seq") else b * I64
     if arch.head in ("unknown", "base"):
         labels = 0
     return b * s * I64 + labels
@@ -49,3 +56,14 @@ def embedding_bytes(ctx: Ctx, seq: int) -> int:
     if a.positions == "relative":
         total += seq * seq * I64
     return total
+
+
+def audio_stem_bytes(ctx: Ctx, positions: int) -> int:
+    """What Whisper's conv stem saves over ``2 x positions`` log-mel frames
+    (``WhisperEncoder.forward``: ``gelu(conv1(x))``, ``gelu(conv2(.))`` with stride 2): the first
+    conv's output (GELU's input), the first GELU's output (the second conv's input), the second
+    conv's output (the second GELU's input); the features themselves are the batch. 0 for other
+    families."""
+    if not ctx.fam.conv_stem:
+        return 0
+    return ctx.b * ctx.arch.hidden * (2 * positions * 2 + positions) * ctx.r

@@ -8,7 +8,7 @@ Each family of :mod:`memguard.estimation.arch` (``Architecture.family``) is one 
 
 The layouts are read from the transformers modelling code of each family
 (``modeling_gpt2.py``, ``modeling_bert.py``, ``modeling_distilbert.py``, ``modeling_bart.py``,
-``modeling_t5.py``, ``modeling_llama.py``, ``modeling_vit.py``) and from
+``modeling_t5.py``, ``modeling_llama.py``, ``modeling_vit.py``, ``modeling_whisper.py``) and from
 ``torch/nn/modules/transformer.py``.
 """
 
@@ -63,6 +63,8 @@ class Family:
             (transformers' ``ForCausalLMLoss``: ``logits.float()``).
         fp32_logits_bias: the head adds an fp32 bias, so the logits are fp32 (BART's
             ``final_logits_bias``).
+        conv_stem: the encoder's input passes two 1-D convolutions with GELU, the second of
+            stride 2, over log-mel frames (Whisper; :func:`memguard.estimation.formula.embeddings.audio_stem_bytes`).
         note: what the estimate notes for this family, or ``""``.
     """
 
@@ -89,6 +91,7 @@ class Family:
     encoder_final_norm: bool = False
     logits_upcast: bool = True
     fp32_logits_bias: bool = False
+    conv_stem: bool = False
     note: str = ""
 
 
@@ -104,6 +107,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # pre-RMSNorm keeping its input, relative position bias (T5Block, T5LayerNorm)
     Family("t5", "t5-rmsnorm", gated_readers=True, position_bias=True, final_dropout=True,
            tied_head_rescale=True, encoder_final_norm=True),
+    # pre-LayerNorm audio encoder-decoder: conv stem, final LayerNorm in both stacks, head tied to
+    # the decoder's embedding without bias (WhisperEncoderLayer, WhisperEncoder, WhisperDecoder)
+    Family("whisper", "layernorm", encoder_final_norm=True, conv_stem=True),
     # pre-RMSNorm, rotary Q/K, gated MLP, no dropout on the residual (LlamaDecoderLayer)
     Family("llama", "rmsnorm", gated_readers=True, rotary=True, sliding_window=True,
            residual_dropout=False, eager_fp32_softmax=True),

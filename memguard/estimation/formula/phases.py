@@ -100,7 +100,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     state = model_state(inv, spec, grad)
     notes = list(state.notes)
     acts = activations(inv, spec, ctx, grad, _lora_bytes(module, arch, ctx, spec))
-    batch = batch_bytes(arch, module, spec, ctx.b, acts.tokens)
+    batch = batch_bytes(arch, module, spec, ctx.b, acts.enc_tokens or acts.tokens, acts.tokens)
     states = state.held()
     # Lightning zeroes gradients after the forward: last step's are alive through it
     old_grads = state.gradients if training_loop == "lightning" else 0
@@ -108,7 +108,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
                                                         ckpt=bool(spec.gradient_checkpointing))
     loss_fwd = loss_forward_bytes(ctx, acts.logits)
     dequant_fwd, dequant_bwd = _dequantize_bytes(module, arch, spec, ctx, acts.tokens)
-    block_fwd = block_forward_bytes(ctx, acts.tokens) + dequant_fwd
+    block_fwd = max(block_forward_bytes(ctx, n) for n in (acts.tokens, acts.enc_tokens or acts.tokens)) + dequant_fwd
     kept = loss_saved_bytes(ctx, acts.logits) if loss_fwd - block_fwd >= 0 else 0
     phases: Phases = {
         "end of forward": {**states, Category.ACTIVATIONS: saved + kept + acts.output_cache,
@@ -167,9 +167,13 @@ def _backward_phases(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[boo
     grads = state.gradients
     lsm = loss_saved_bytes(ctx, acts.logits)  # log_softmax output, saved by the forward
     head_grad = _head_grad_bytes(inv, grad, elem)
-    block_bwd = block_backward_bytes(ctx, acts.tokens) + dequant
+    block_bwd = max(block_backward_bytes(ctx, n) for n in (acts.tokens, acts.enc_tokens or acts.tokens)) + dequant
     pre_grads = sum(inv.size(i, elem) for i in inv.pre if grad[i])
-    return {
+    phases: Phases = {}
+    if acts.encoder_saved:
+        phases["encoder's backward"] = _encoder_backward(inv, ctx, acts, grad, states, batch=batch,
+                                                         elem=elem, head_grad=head_grad, block_bwd=block_bwd)
+    return phases | {
         "start of backward": {**states, Category.ACTIVATIONS: saved + lsm,
                               Category.TEMPORARY: loss_backward_bytes(ctx, acts.logits) - lsm},
         "top block's backward": {**states, Category.ACTIVATIONS: saved + acts.recompute,
@@ -239,6 +243,23 @@ def _dequantize_bytes(module: Any, arch: Architecture, spec: TrainingSpec, ctx: 
     fused = "int8" not in kinds and ctx.b * tokens <= FUSED_MAX_ROWS
     forward = 0 if fused else dequantize_temporary(layers, spec.precision.param_dtype.itemsize)
     return forward, dequantize_temporary(layers, ctx.c)
+
+
+def _encoder_backward(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[bool],
+                      states: dict[Category, int], *, batch: int, elem: int, head_grad: int,
+                      block_bwd: int) -> dict[Category, int]:
+    """An encoder-decoder as backward enters the encoder's top block: the decoder is done (its
+    blocks' gradients made, its activations freed), the encoder's activations are all alive. A
+    tied embedding (T5, BART share one table among encoder, decoder and head) has no ``.grad`` yet:
+    the head's contribution, the decoder embedding's dense gradient and their sum wait for the
+    encoder embedding's (autograd accumulates into a fresh tensor, ``accumulate_grad.h``). Whisper
+    ties its head to the decoder's table only: the three are alive as the decoder embedding's
+    backward runs, beside the encoder's activations."""
+    dec_grads = sum(inv.size(i, elem) for blk in inv.dec_blocks for i in blk if grad[i])
+    tied = ctx.arch.tied_embeddings
+    return {**states, Category.ACTIVATIONS: batch + acts.encoder_saved,
+            Category.GRADIENTS: dec_grads + (0 if tied else head_grad),
+            Category.TEMPORARY: (3 * head_grad if tied else 0) + block_bwd}
 
 
 def _autocast_weight_bytes(inv: Inventory, ctx: Ctx, idle: frozenset[int], grad: list[bool], *,
