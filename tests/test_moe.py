@@ -221,7 +221,7 @@ class Indexing(nn.Module):
         self.body = nn.Linear(8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = int((self.body(x) > 0).sum().item() == 0)  # 0 on real data, 1 on a stand-in True
+        n = int((self.body(x) > 1e9).sum().item())  # 0 on real data, 1 on a stand-in of ones
         return self.heads[n](x).mean()
 
 
