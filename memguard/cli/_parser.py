@@ -281,7 +281,7 @@ def _add_commands(commands: Any, *, output: Parser, model: Parser, batch: Parser
     sub.add_argument("--top", type=positive_int, default=10, metavar="K",
                      help="rows per group (full fine-tuning, LoRA) (default: %(default)s)")
     sub.add_argument("--confirm", type=count, default=2, metavar="K",
-                     help="best rows per group confirmed with the trace (default: %(default)s)")
+                     help="best rows per group confirmed with the trace; 0: the formula alone (default: %(default)s)")
     sub.set_defaults(run=_commands.cmd_plan)
     sub = commands.add_parser("gpus", parents=[output], help="the GPUs this machine sees, and their memory")
     sub.add_argument("--catalog", action="store_true", help="also list the GPUs memguard knows by name")
