@@ -8,7 +8,6 @@ the module pins its mmap threshold (``mallopt``) as ``MALLOC_MMAP_THRESHOLD_=655
 from __future__ import annotations
 
 import csv
-import ctypes
 import dataclasses
 import functools
 import importlib
@@ -17,7 +16,6 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +35,7 @@ ASKED = 16
 MARGIN = 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cpu_setup() -> Iterator[None]:
-    """Make freed tensor buffers go back to the OS, so that RSS follows live tensors; one thread.
-
-    A tiny model gains nothing from more threads, and on a busy machine they wait for each other.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        pytest.skip("glibc is needed to measure CPU memory")
-    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-    # Memory the earlier tests of this process freed stays in malloc's arenas, where the fits below
-    # would reuse it without growing RSS: give it back first, so what they measure is their own.
-    libc.malloc_trim(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("pinned_cpu")
 
 
 @functools.cache

@@ -7,11 +7,10 @@ returns freed buffers to the OS: the module pins its mmap threshold (``mallopt``
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import pickle
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +30,7 @@ KEYS = {"memguard/predicted_peak_bytes", "memguard/actual_peak_bytes", "memguard
         "memguard/error", "memguard/actual_is_lower_bound"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cpu_setup() -> Iterator[None]:
-    """Make freed tensor buffers go back to the OS, so that RSS follows live tensors; one thread."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-    except OSError:
-        pytest.skip("glibc is needed to measure CPU memory")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("pinned_cpu")
 
 
 class Tokens(torch.utils.data.Dataset):

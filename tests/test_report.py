@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import math
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,17 +26,7 @@ from memguard.units import format_bytes
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cpu_setup() -> Iterator[None]:
-    """Freed buffers back to the OS (RSS follows live tensors), one thread, as in test_callback.py."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-    except OSError:
-        pytest.skip("glibc is needed to measure CPU memory")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("pinned_cpu")
 
 
 class Tokens(torch.utils.data.Dataset):
