@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from memguard._version import __version__
 from memguard.device.catalog import GPU_CATALOG, GpuSpec, list_gpus, lookup_gpu
 from memguard.errors import (
+    BatchTooLargeError,
     ConfigError,
     DeviceError,
     InsufficientMemoryError,
@@ -57,6 +58,7 @@ _LAZY = {
 
 __all__ = [
     "GPU_CATALOG",
+    "BatchTooLargeError",
     "Category",
     "ConfigError",
     "DeviceError",

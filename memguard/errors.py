@@ -17,6 +17,7 @@ DISTRIBUTION = "memguard-train"
 command are ``memguard``. The names ``memguard`` and ``ml-memguard`` there belong to other projects."""
 
 __all__ = [
+    "BatchTooLargeError",
     "ConfigError",
     "DeviceError",
     "InsufficientMemoryError",
@@ -71,6 +72,38 @@ class InsufficientMemoryError(MemguardError):
 
 def _rebuild_insufficient(message: str, estimate: Any, free_bytes: Any) -> InsufficientMemoryError:
     return InsufficientMemoryError(message, estimate=estimate, free_bytes=free_bytes)
+
+
+class BatchTooLargeError(ConfigError, InsufficientMemoryError):
+    """``action="reduce"``: the step does not fit, and the guard cannot change the batch size of the run.
+
+    The transformers ``Trainer`` builds its data loader before any callback event, and a Lightning
+    Fabric loop owns its own; the error names the batch size and accumulation to set instead. Both a
+    :class:`ConfigError` and an :class:`InsufficientMemoryError`, raised before the first step.
+
+    Attributes:
+        batch_size: the per-device batch size to train with.
+        gradient_accumulation_steps: the gradient accumulation that goes with it.
+        fitting_batch_size: the largest batch size that fits (``batch_size`` is at most it).
+        estimate: the estimate at the batch size asked for; ``free_bytes``: the memory compared with.
+    """
+
+    def __init__(self, message: str, *, batch_size: int, gradient_accumulation_steps: int, fitting_batch_size: int,
+                 estimate: MemoryEstimate | None = None, free_bytes: int | None = None) -> None:
+        InsufficientMemoryError.__init__(self, message, estimate=estimate, free_bytes=free_bytes)
+        self.batch_size = batch_size
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.fitting_batch_size = fitting_batch_size
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_too_large, (str(self), {"batch_size": self.batch_size,
+                                                 "fitting_batch_size": self.fitting_batch_size,
+                                                 "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                                                 "estimate": self.estimate, "free_bytes": self.free_bytes}))
+
+
+def _rebuild_too_large(message: str, fields: dict[str, Any]) -> BatchTooLargeError:
+    return BatchTooLargeError(message, **fields)
 
 
 def did_you_mean(choices: list[str]) -> str:

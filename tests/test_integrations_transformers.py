@@ -22,7 +22,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 import memguard
 from memguard import Category, ConfigError, InsufficientMemoryError
 from memguard.device.actual import mmap_threshold_pinned
-from memguard.integrations.transformers import BatchTooLargeError, MemGuardCallback, _optimizer, _precision
+from memguard.integrations.trainer_view import optimizer_for, precision_of
+from memguard.integrations.transformers import BatchTooLargeError, MemGuardCallback
 
 SAMPLES, SEQ, VOCAB, BATCH, EVAL_BATCH, STEPS = 64, 64, 1000, 8, 3, 4
 GENEROUS = "64GiB"
@@ -272,12 +273,12 @@ def arguments(tmp_path: Path, **kwargs: Any) -> TrainingArguments:
 
 def test_precision_follows_accelerate(tmp_path: Path) -> None:
     fp32, cpu, cuda = model(), torch.device("cpu"), torch.device("cuda", 0)
-    assert _precision(arguments(tmp_path), fp32, cpu) == "32-true"
-    assert _precision(arguments(tmp_path, bf16=True), fp32, cpu) == "bf16-mixed"
-    assert _precision(arguments(tmp_path, fp16=True), fp32, cuda) == "16-mixed"
-    assert _precision(arguments(tmp_path, fp16=True), fp32, cpu) == "32-true"  # no fp16 autocast on the CPU
-    assert _precision(arguments(tmp_path, bf16=True), model().to(torch.bfloat16), cpu) == "bf16-true"
-    assert _precision(arguments(tmp_path), model().to(torch.float16), cpu) == "16-true"
+    assert precision_of(arguments(tmp_path), fp32, cpu) == "32-true"
+    assert precision_of(arguments(tmp_path, bf16=True), fp32, cpu) == "bf16-mixed"
+    assert precision_of(arguments(tmp_path, fp16=True), fp32, cuda) == "16-mixed"
+    assert precision_of(arguments(tmp_path, fp16=True), fp32, cpu) == "32-true"  # no fp16 autocast on the CPU
+    assert precision_of(arguments(tmp_path, bf16=True), model().to(torch.bfloat16), cpu) == "bf16-true"
+    assert precision_of(arguments(tmp_path), model().to(torch.float16), cpu) == "16-true"
 
 
 def test_the_optimizer_is_the_real_one_or_memguards_name(pair: tuple[Run, Run, MemGuardCallback],
@@ -286,15 +287,15 @@ def test_the_optimizer_is_the_real_one_or_memguards_name(pair: tuple[Run, Run, M
     wrapped = trainer.optimizer  # accelerate's AcceleratedOptimizer, itself a torch Optimizer, around AdamW
     assert type(wrapped).__name__ == "AcceleratedOptimizer"
     net = trainer.model
-    factory = _optimizer(trainer.args, wrapped, net, "cpu")
+    factory = optimizer_for(trainer.args, wrapped, net, "cpu")
     rebuilt = factory([torch.zeros_like(p) for p in net.parameters() if p.requires_grad])
     assert type(rebuilt) is torch.optim.AdamW and rebuilt.defaults["fused"] is True  # adamw_torch_fused
     assert [len(g["params"]) for g in rebuilt.param_groups] == [len(g["params"]) for g in wrapped.param_groups]
-    assert _optimizer(arguments(tmp_path, optim="adamw_bnb_8bit"), wrapped, net, "cuda") == "adamw-8bit"
-    assert _optimizer(arguments(tmp_path, optim="adafactor"), None, net, "cpu") == "adafactor"
-    assert _optimizer(arguments(tmp_path, optim="sgd", optim_args="momentum=0.9"), None, net, "cpu") == "sgd-momentum"
+    assert optimizer_for(arguments(tmp_path, optim="adamw_bnb_8bit"), wrapped, net, "cuda") == "adamw-8bit"
+    assert optimizer_for(arguments(tmp_path, optim="adafactor"), None, net, "cpu") == "adafactor"
+    assert optimizer_for(arguments(tmp_path, optim="sgd", optim_args="momentum=0.9"), None, net, "cpu") == "sgd-momentum"
     with pytest.raises(ConfigError, match="'lion_32bit'"):
-        _optimizer(arguments(tmp_path, optim="lion_32bit"), None, net, "cpu")
+        optimizer_for(arguments(tmp_path, optim="lion_32bit"), None, net, "cpu")
 
 
 def test_a_hook_that_keeps_tensors_sees_only_the_real_forwards(tmp_path: Path) -> None:

@@ -35,9 +35,10 @@ that goes on is the unguarded run, bit for bit.
 
 When the step does not fit, ``"warn"`` warns with the estimate's table, ``"raise"`` raises
 :class:`~memguard.InsufficientMemoryError`, and ``"reduce"`` finds the largest batch size that
-fits and raises :class:`BatchTooLargeError` naming the ``per_device_train_batch_size`` and
+fits and raises :class:`~memguard.BatchTooLargeError` naming the ``per_device_train_batch_size`` and
 ``gradient_accumulation_steps`` to set (:func:`memguard.estimation.search.reduced_batch`), since a
-Trainer builds its data loader before any callback event (see the module's docs).
+Trainer builds its data loader before any callback event (see the module's docs). Under several
+processes the ranks agree as the Lightning callback's do (:mod:`memguard.guard`).
 
 After the first optimizer step (a warm-up) and ``measure_steps`` more, it appends one entry to
 ``state.log_history`` (as ``Trainer.log`` writes them, with ``epoch`` and ``step``):
@@ -62,81 +63,41 @@ Known limitations:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from memguard._cache import cached
-from memguard.device.actual import Measurement, MemoryProbe, read_and_compare, resident_bytes, training_tensors
-from memguard.device.available import available_to
-from memguard.errors import ConfigError, InsufficientMemoryError, MemguardError, MissingDependencyError
+from memguard.device.actual import Comparison, Measurement, training_tensors
+from memguard.errors import BatchTooLargeError, MissingDependencyError
 from memguard.estimation.estimator import estimate
 from memguard.estimation.from_run import batch_size_of
 from memguard.estimation.result import MemoryEstimate
-from memguard.estimation.search import max_batch_size, reduced_batch
 from memguard.estimation.trace import DEFAULT_TIMEOUT
-from memguard.fit import check_margin
-from memguard.integrations._trainer import _agree, _example, _loss, _not_estimated, _optimizer, _precision, _unwrap
-from memguard.lightning.decision import check_arguments
-from memguard.planning import guard_remedies, remedy_lines
-from memguard.units import format_bytes
+from memguard.fit import Fit
+from memguard.guard import Framework, GuardConfig, RunView, StepProbe, StepView, Verdict, act, assess
+from memguard.integrations.trainer_view import (
+    all_gather_rows,
+    example_batch,
+    optimizer_for,
+    precision_of,
+    reason_not_estimated,
+    trainer_loss,
+    unwrap_optimizer,
+)
+from memguard.planning import guard_remedies
 
 try:
     from transformers import TrainerCallback
 except ImportError as exc:  # transformers is a dependency of memguard, but an install may lack it
     raise MissingDependencyError("MemGuardCallback needs transformers: pip install transformers") from exc
 
-__all__ = ["BatchTooLargeError", "MemGuardCallback"]
+__all__ = ["BatchTooLargeError", "MemGuardCallback"]  # BatchTooLargeError lives in memguard.errors
 
 log = logging.getLogger(__name__)
-
-
-class BatchTooLargeError(ConfigError, InsufficientMemoryError):
-    """``action="reduce"``: the step does not fit, and a ``Trainer`` lets no callback change its batch size.
-
-    Both a :class:`~memguard.ConfigError` and an :class:`~memguard.InsufficientMemoryError`, raised
-    before the first forward.
-
-    Attributes:
-        batch_size: the ``per_device_train_batch_size`` to train with.
-        gradient_accumulation_steps: the ``gradient_accumulation_steps`` that goes with it.
-        fitting_batch_size: the largest batch size that fits (``batch_size`` is at most it).
-        estimate: the estimate at the batch size asked for; ``free_bytes``: the memory compared with.
-    """
-
-    def __init__(self, message: str, *, batch_size: int, gradient_accumulation_steps: int, fitting_batch_size: int,
-                 estimate: MemoryEstimate | None = None, free_bytes: int | None = None) -> None:
-        InsufficientMemoryError.__init__(self, message, estimate=estimate, free_bytes=free_bytes)
-        self.batch_size = batch_size
-        self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.fitting_batch_size = fitting_batch_size
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (str(self), {"batch_size": self.batch_size, "fitting_batch_size": self.fitting_batch_size,
-                                       "gradient_accumulation_steps": self.gradient_accumulation_steps,
-                                       "estimate": self.estimate, "free_bytes": self.free_bytes}))
-
-
-def _rebuild(message: str, fields: dict[str, Any]) -> BatchTooLargeError:
-    return BatchTooLargeError(message, **fields)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """This rank's estimate at the batch size asked for, and the largest that fits (``"reduce"``)."""
-
-    requested: int
-    accumulate: int
-    at_requested: MemoryEstimate
-    fits: bool
-    fitting_batch: int
-    available: int
-    where: str
 
 
 class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
@@ -169,11 +130,11 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
     def __init__(self, action: str = "warn", margin: float = 0.1, budget: int | str | None = None, *,
                  strict: bool = False, measure_steps: int = 2,
                  trace_timeout: float | None = DEFAULT_TIMEOUT, reset_peak: bool = False) -> None:
-        check_arguments(action, margin, budget, measure_steps, trace_timeout, reset_peak)
+        self.config = GuardConfig(action, margin, budget, strict, measure_steps, trace_timeout, reset_peak)
         self.action = action
-        self.margin = check_margin(margin)
+        self.margin = self.config.margin
         self.budget = budget
-        self.strict = bool(strict)
+        self.strict = self.config.strict
         self.measure_steps = measure_steps
         self.reset_peak = reset_peak
         self.trace_timeout = trace_timeout
@@ -190,10 +151,7 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         self._args: Any = None
         self._state: Any = None
         self._optimizer: Any = None
-        self._predicted: tuple[int, int] | None = None  # peak, total
-        self._probe: MemoryProbe | None = None
-        self._probe_step = 0
-        self._start_step = 0
+        self._probe: StepProbe | None = None
 
     # -- Trainer events -----------------------------------------------------------------------
 
@@ -203,8 +161,9 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         self._remove_hook()
         self._reset()
         self._args, self._state, self._optimizer = args, state, optimizer
-        self._start_step = state.global_step + 1
-        reason = _not_estimated(args, model)
+        self._probe = StepProbe(self.config, self._view(), lambda got: self._record(state, got))
+        self._probe.arm(state.global_step)
+        reason = reason_not_estimated(args, model)
         if reason is not None:
             self._warn(f"MemGuardCallback does not estimate this run: {reason}; training goes on unchecked")
             return
@@ -215,7 +174,7 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         if not (module.training and torch.is_grad_enabled()):
             return  # an evaluation before training (eval_on_start): wait for a training forward
         self._remove_hook()
-        self._decide(module, _example(args, kwargs))
+        self._decide(module, example_batch(args, kwargs))
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                     **kwargs: Any) -> None:
@@ -224,18 +183,14 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
             self._remove_hook()
             self._warn("MemGuardCallback saw no training forward of the model before the first optimizer step "
                        "(a training_step that does not call it?), so the step was not estimated")
-        if self._predicted is None:
-            return
-        if self._probe is None and not self.metrics and state.global_step >= self._start_step and model is not None:
-            self._safely(self._start_probe, state, model, optimizer)
-        elif self._probe is not None and state.global_step >= self._probe_step + self.measure_steps:
-            self._safely(self._measure, state)
+        if self._probe is not None and model is not None:
+            self._probe.after_step(state.global_step, lambda: self._where(model, optimizer))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Read now if training stopped before ``measure_steps`` steps were measured."""
         self._remove_hook()
         if self._probe is not None:
-            self._safely(self._measure, state)
+            self._probe.finish()
 
     def _remove_hook(self) -> None:
         if self._handle is not None:
@@ -244,159 +199,70 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
 
     # -- the decision -------------------------------------------------------------------------
 
+    def _view(self) -> RunView:
+        """The run in the guard core's terms (:class:`memguard.guard.RunView`); a Trainer's batch size never changes."""
+        args = self._args
+        device = torch.device(args.device)
+        return RunView(Framework.TRAINER, int(args.gradient_accumulation_steps), int(args.process_index),
+                       int(args.world_size), device, max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)),
+                       lambda row: all_gather_rows(row, device), lambda message, every_rank: self._warn(message),
+                       log.info)
+
     def _decide(self, model: torch.nn.Module, batch: Any) -> None:
         """Estimate on this process, agree with the other ranks, and act."""
-        device = torch.device(self._args.device)
-        plan: _Plan | None = None
-        failure: Exception | None = None
-        try:
-            plan = self._plan(model, batch, device)
-        except Exception as exc:
-            failure = exc
-        # Every rank takes part in the same collective, whatever happened to it.
-        rows = _agree([0, 0, 0] if plan is None else [1, int(plan.fits), plan.fitting_batch], device)
-        if plan is None:
-            if self.strict and failure is not None:
-                raise failure
-            self._warn(f"MemGuardCallback could not estimate the memory of a training step, so training goes on "
-                       f"unchecked: {type(failure).__name__}: {failure}")
+        view = self._view()
+        found = assess(self.config, view, lambda: self._step(model, batch, view.device), can_change_batch=False)
+        if found is None or found.plan is None or found.decision is None:
             return
-        failed = [rank for rank, row in enumerate(rows) if row[0] == 0]
-        if failed:
-            if self.strict:
-                raise MemguardError(f"MemGuardCallback could not estimate the memory of a training step on rank(s) "
-                                    f"{failed}")
-            self._warn(f"MemGuardCallback could not estimate a training step on rank(s) {failed}, so training goes "
-                       "on unchecked")
-            return
-        if plan.at_requested.uncertain:
-            self._warn(f"MemGuardCallback: the estimate rests on invented values, {plan.at_requested.stand_in_line()}")
-        self._act(plan, rows)
+        plan, decision = found.plan, found.decision
+        self.available_bytes = plan.at_requested.free_bytes
+        self.estimate = plan.at_requested.estimate
+        if decision.verdict is Verdict.STREAM:
+            self.fitting_batch_size = decision.largest
+        training = act(self.config, view, plan, decision, found.reports)
+        if training is not None and self._probe is not None:
+            self._probe.predicted = (training.estimate.peak_bytes, training.estimate.total_bytes)
 
-    def _plan(self, model: torch.nn.Module, batch: Any, device: torch.device) -> _Plan:
+    def _step(self, model: torch.nn.Module, batch: Any, device: torch.device) -> StepView:
+        """This process's step at ``batch``: the model's forward and loss, the run's optimizer and precision."""
         args = self._args
-        requested = batch_size_of(batch)
-        accumulate = int(args.gradient_accumulation_steps)
-        self.requested_batch_size = requested
-        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-        available, where = available_to(device, [*model.parameters(), *model.buffers()], self.budget,
-                                        processes=processes)
-        self.available_bytes = available
-        optimizer = _optimizer(self._args, self._optimizer, model, "cuda" if device.type == "cuda" else "cpu")
-        self._inputs = (model, batch, optimizer)
-        estimate_at = self._estimator(model, batch, requested, device, optimizer)
-        est = estimate_at(requested)
-        self.estimate = est
-        fits = est.fits(available, self.margin)
-        fitting = requested if fits else 0
-        if not fits and self.action == "reduce":
-            fitting = max_batch_size(estimate_at, available, margin=self.margin, limit=requested).batch_size
-        return _Plan(requested, accumulate, est, fits, fitting, available, where)
-
-    def _remedies(self, est: MemoryEstimate, available: int) -> list[Any] | None:
-        """What would make the step fit, or ``None`` (:func:`memguard.planning.guard_remedies`)."""
-        model, batch, optimizer = self._inputs
-        return guard_remedies(est, available, self.margin, model=model, optimizer=optimizer,
-                              estimate_kwargs={"example_input": batch, "loss_fn": _loss, "training_loop": "pytorch"})
-
-    def _estimator(self, model: torch.nn.Module, batch: Any, requested: int, device: torch.device,
-                   optimizer: Any) -> Callable[[int], MemoryEstimate]:
-        """The estimate of this run's step at a batch size, cached; a smaller batch than asked trains
-        with accumulation, whose later micro-batches run their forward beside the gradients."""
-        args = self._args
+        self.requested_batch_size = batch_size_of(batch)
         kind = "cuda" if device.type == "cuda" else "cpu"
-        precision = _precision(args, model, device)
-        accumulate = int(args.gradient_accumulation_steps)
+        optimizer = optimizer_for(args, self._optimizer, model, kind)
+        precision = precision_of(args, model, device)
         world = int(args.world_size)
 
-        def estimate_at(batch_size: int) -> MemoryEstimate:
+        def estimate_at(batch_size: int, accumulate: int) -> MemoryEstimate:
             return estimate(
                 model, batch_size=batch_size, example_input=batch, optimizer=optimizer, precision=precision,
-                device=kind, method="trace", loss_fn=_loss, training_loop="pytorch", set_to_none=True,
+                device=kind, method="trace", loss_fn=trainer_loss, training_loop="pytorch", set_to_none=True,
                 strategy="ddp" if world > 1 else "single", world_size=world, trace_timeout=self.trace_timeout,
-                accumulate_grad_batches=accumulate if batch_size >= requested else max(accumulate, 2))
+                accumulate_grad_batches=accumulate)
 
-        return cached(estimate_at)
+        def remedies(fit: Fit) -> list[Any] | None:
+            return guard_remedies(fit.estimate, fit.free_bytes, fit.margin, model=model, optimizer=optimizer,
+                                  estimate_kwargs={"example_input": batch, "loss_fn": trainer_loss,
+                                                   "training_loop": "pytorch"})
 
-    def _act(self, plan: _Plan, rows: list[list[int]]) -> None:
-        est = plan.at_requested
-        too_big = [rank for rank, row in enumerate(rows) if row[1] == 0]
-        on_ranks = f" on rank(s) {too_big}" if len(rows) > 1 else ""
-        summary = (f"{format_bytes(est.total_bytes)} predicted, {format_bytes(plan.available)} available "
-                   f"({plan.where}), margin {self.margin:.0%}")
-        asked = f"a training step at per_device_train_batch_size={plan.requested}"
-        if not too_big:
-            self._predicted = (est.peak_bytes, est.total_bytes)
-            log.info("MemGuardCallback: %s fits: %s", asked, summary)
-            return
-        if self.action == "warn":
-            self._predicted = (est.peak_bytes, est.total_bytes)
-            self._warn(f"MemGuardCallback: {asked} may not fit{on_ranks}: {summary}.\n{est.table()}")
-            return
-        largest = min(row[2] for row in rows)
-        if self.action == "raise" or largest == 0:
-            head = f"MemGuardCallback: {asked} does not fit{on_ranks}: {summary}"
-            none_fit = self.action == "reduce"
-            if none_fit:
-                head += "; not even a batch of 1 fits"
-            lines = [f"{head}.", *remedy_lines(self._remedies(est, plan.available)), est.table()]
-            raise InsufficientMemoryError("\n".join(lines), estimate=est, free_bytes=plan.available)
-        self.fitting_batch_size = largest
-        batch, accumulate = reduced_batch(plan.requested, plan.accumulate, largest)
-        effective, wanted = batch * accumulate, plan.requested * plan.accumulate
-        kept = (f"the same effective batch of {effective}" if effective == wanted else
-                f"an effective batch of {effective}, not {wanted}: no divisor of {wanted} lies between "
-                f"{largest / 2:g} and {largest}")
-        raise BatchTooLargeError(
-            f"MemGuardCallback: {asked} does not fit{on_ranks} ({summary}); the largest batch that fits is "
-            f"{largest}. action='reduce' cannot change the batch size of a transformers Trainer: it builds its "
-            "train data loader from per_device_train_batch_size when train() starts, before any callback event "
-            "(on_init_end comes after __init__ copies the batch size, on_train_begin after the loader, the "
-            f"step count and the scheduler are made). Set per_device_train_batch_size={batch} and "
-            f"gradient_accumulation_steps={accumulate} (was {plan.accumulate}; {kept} per device) in "
-            "TrainingArguments and train again.",
-            batch_size=batch, gradient_accumulation_steps=accumulate, fitting_batch_size=largest,
-            estimate=est, free_bytes=plan.available)
+        return StepView(batch, estimate_at, [*model.parameters(), *model.buffers()], remedies)
 
     # -- predicted vs actual ------------------------------------------------------------------
 
-    def _start_probe(self, state: Any, model: Any, optimizer: Any) -> None:
-        """Read (or reset) the peak counters of the device; the tensors resident now are credited."""
-        device = torch.device(self._args.device)
-        inner = _unwrap(optimizer if optimizer is not None else self._optimizer)
-        probe = MemoryProbe(device, reset=self.reset_peak)
-        if probe.start(resident_bytes(training_tensors(model, [inner] if inner is not None else []), device)):
-            self._probe, self._probe_step = probe, state.global_step
-        else:
-            self._predicted = None
-            log.info("MemGuardCallback cannot measure the memory of %s here; predicted vs actual is not logged",
-                     device)
+    def _where(self, model: Any, optimizer: Any) -> tuple[torch.device, Sequence[torch.Tensor]]:
+        """The device, and what training keeps there between steps (the optimizer inside accelerate's)."""
+        inner = unwrap_optimizer(optimizer if optimizer is not None else self._optimizer)
+        return torch.device(self._args.device), training_tensors(model, [inner] if inner is not None else [])
 
-    def _measure(self, state: Any) -> None:
-        probe, self._probe = self._probe, None
-        result = read_and_compare(probe, self._predicted, self.margin)
-        if result is None or result.measurement is None:
+    def _record(self, state: Any, result: Comparison) -> None:
+        """Append the comparison to ``log_history``, as ``Trainer.log`` writes its entries."""
+        if result.measurement is None:  # StepProbe records only what it measured
             return
         self.measurement, self.metrics = result.measurement, result.metrics
         entry: dict[str, Any] = {**result.metrics, "memguard/actual_is_lower_bound": result.measurement.lower_bound,
                                  "memguard/actual_is_upper_bound": result.measurement.upper_bound}
         if state.epoch is not None:
             entry["epoch"] = state.epoch
-        state.log_history.append({**entry, "step": state.global_step})  # as Trainer.log writes its entries
-        log.info("MemGuardCallback: %s", result.summary)
-        if result.warning:
-            self._warn(f"MemGuardCallback: {result.warning}")
-
-    def _safely(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run a measurement step; its failure is warned about and never stops training (unless strict)."""
-        try:
-            fn(*args)
-        except Exception as exc:
-            self._probe, self._predicted = None, None
-            if self.strict:
-                raise
-            self._warn(f"MemGuardCallback could not measure the memory of the first steps: "
-                       f"{type(exc).__name__}: {exc}")
+        state.log_history.append({**entry, "step": state.global_step})
 
     def _warn(self, message: str) -> None:
         """A warning on the main process; the other ranks log it."""
@@ -404,6 +270,3 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
             warnings.warn(message, stacklevel=3)
         else:
             log.warning(message)
-
-
-# -- what the Trainer says, in memguard's terms ----------------------------------------------

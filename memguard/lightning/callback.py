@@ -108,21 +108,20 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from memguard.device.actual import Measurement, MemoryProbe, read_and_compare, resident_bytes, training_tensors
-from memguard.errors import ConfigError, MemguardError
+from memguard.device.actual import Comparison, Measurement, training_tensors
+from memguard.errors import ConfigError
 from memguard.estimation._isolation import is_tracing
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.trace import DEFAULT_TIMEOUT
-from memguard.lightning import messages
+from memguard.guard import Framework, GuardConfig, RunView, StepProbe, StepView, act, assess
 from memguard.lightning import run as _pl
 from memguard.lightning.batch import reducible, set_batch
-from memguard.lightning.decision import Decision, RankReport, Verdict, check_arguments, decide
-from memguard.lightning.rank import RankPlan, plan_rank, remedies_for
+from memguard.lightning.rank import step_view
 
 __all__ = ["MemGuard"]
 
@@ -174,15 +173,15 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
     def __init__(self, action: str = "warn", margin: float = 0.1, budget: int | str | None = None, *,
                  batch_arg_name: str = "batch_size", strict: bool = False, measure_steps: int = 2,
                  trace_timeout: float | None = DEFAULT_TIMEOUT, reset_peak: bool = False) -> None:
-        check_arguments(action, margin, budget, measure_steps, trace_timeout, reset_peak)
+        self.config = GuardConfig(action, margin, budget, strict, measure_steps, trace_timeout, reset_peak)
         if not isinstance(batch_arg_name, str) or not batch_arg_name:
             raise ConfigError(f"batch_arg_name must be a non-empty string, got {batch_arg_name!r}")
         self.action = action
         self.trace_timeout = trace_timeout
-        self.margin = float(margin)
+        self.margin = self.config.margin
         self.budget = budget
         self.batch_arg_name = batch_arg_name
-        self.strict = bool(strict)
+        self.strict = self.config.strict
         self.measure_steps = measure_steps
         self.reset_peak = reset_peak
 
@@ -198,10 +197,8 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         self._predicted: tuple[int, int] | None = None  # peak, total
         self._reduced = False
         self._restored: dict[str, Any] = {}
-        self._probe: MemoryProbe | None = None
+        self._probe: StepProbe | None = None
         self._pending = False  # the decision waits for a batch
-        self._armed = False
-        self._start_step = 0
 
     @staticmethod
     def is_tracing() -> bool:
@@ -237,6 +234,25 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         if self._pending:
             self._decide(trainer, pl_module, lambda: batch, early=False)
 
+    def _view(self, trainer: Any, pl_module: Any, info: _pl.RunInfo | None = None) -> RunView:
+        """The run in the guard core's terms (:class:`memguard.guard.RunView`)."""
+
+        def warn(message: str, every_rank: bool) -> None:
+            self._warn(trainer, message, every_rank)
+
+        if info is None:
+            return RunView(Framework.LIGHTNING, warn=warn, info=lambda message: self._info(trainer, message))
+
+        def train_with(batch_size: int, accumulate: int) -> None:
+            set_batch(trainer, pl_module, self.batch_arg_name, batch_size, accumulate)
+            if info.handles_accumulation:
+                self._warn(trainer, f"{info.strategy} configures gradient accumulation when it sets up, so the "
+                                    f"accumulation of {accumulate} MemGuard chose may not apply")
+
+        return RunView(Framework.LIGHTNING, info.accumulate_grad_batches, info.rank, info.world_size, info.device,
+                       info.local_world_size, lambda row: _pl.agree(trainer, row), warn,
+                       lambda message: self._info(trainer, message), train_with)
+
     def _decide(self, trainer: Any, pl_module: Any, fetch: Callable[[], Any], *, early: bool) -> None:
         """Estimate at the batch ``fetch`` returns, agree with the other ranks, and act.
 
@@ -245,112 +261,50 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         """
         info = _pl.run_info(trainer)
         self.requested_accumulate_grad_batches = self.accumulate_grad_batches = info.accumulate_grad_batches
-        plan: RankPlan | None = None
-        failure: BaseException | None = None
-        try:
+        self._pending = False
+
+        def step() -> StepView | None:
             batch = fetch()
             if batch is None:  # the same kind of data on every rank, so every rank returns here
                 log.info("MemGuard: the train data is a stream; deciding at its first batch")
-                return
-            self._pending = False
+                return None
             if info.parallel is None:
                 self._warn(trainer, f"memguard does not know how {info.strategy} shards the model: the estimate is "
                                     "for one unsharded replica, an over-estimate")
-            plan = plan_rank(trainer, pl_module, info, batch, action=self.action, margin=self.margin,
-                             budget=self.budget, trace_timeout=self.trace_timeout)
-            self.available_bytes = plan.at_requested.free_bytes
-        except Exception as exc:
-            self._pending = False
-            failure = exc
-        # Every rank takes part in the same collective, whatever happened to it.
-        mine = plan.report() if plan is not None else RankReport(estimated=False)
-        reports = [RankReport.from_row(row) for row in _pl.agree(trainer, mine.to_row())]
-        if failure is not None:
-            if self.strict:
-                raise failure
-            self._warn(trainer, f"MemGuard could not estimate the memory of a training step, so training goes "
-                                f"on unchecked: {type(failure).__name__}: {failure}", every_rank=True)
-        if plan is None:
-            return
-        if plan.at_requested.estimate.uncertain:
-            self._warn(trainer, f"MemGuard: the estimate rests on invented values, "
-                                f"{plan.at_requested.estimate.stand_in_line()}")
-        decision = decide(self.action, plan.requested, info.accumulate_grad_batches, reports,
-                          can_change_batch=early)
-        self._apply(trainer, pl_module, info, plan, decision, reports)
+            return step_view(trainer, pl_module, info, batch, self.trace_timeout)
 
-    def _apply(self, trainer: Any, pl_module: Any, info: _pl.RunInfo, plan: RankPlan, decision: Decision,
-               reports: list[RankReport]) -> None:
-        """Act on the decision every rank reached."""
-        rank, verdict = info.rank, decision.verdict
+        view = self._view(trainer, pl_module, info)
+        found = assess(self.config, view, step, can_change_batch=early)
+        if found is None:
+            self._pending = True
+            return
+        plan = found.plan
+        if plan is None or found.decision is None:
+            return
+        self.available_bytes = plan.at_requested.free_bytes
         if self.action == "reduce":
             self.fitting_batch_size = plan.fitting_batch
-        if verdict == Verdict.UNCHECKED:
-            if self.strict:
-                raise MemguardError(f"MemGuard could not estimate the memory of a training step on rank(s) "
-                                    f"{list(decision.unchecked)}")
-            # the ranks must act alike, or DDP would wait for ranks that accumulate differently
-            self._warn(trainer, f"MemGuard could not estimate the memory of a training step on rank(s) "
-                                f"{list(decision.unchecked)}, so training goes on unchecked")
-            return
-        if verdict in (Verdict.RAISE, Verdict.NONE_FIT, Verdict.STREAM):
-            rows = [] if verdict == Verdict.STREAM else remedies_for(plan, pl_module, info.world_size)
-            raise messages.insufficient(plan, decision, reports, rank, rows)
-        if verdict in (Verdict.FITS, Verdict.WARN):
-            self.estimate = plan.at_requested.estimate
-            self._decided(plan.requested, self.estimate, plan.requested, info.accumulate_grad_batches)
-            if verdict == Verdict.FITS:
-                self._info(trainer, messages.fits(plan, reports, rank))
-            else:
-                self._warn(trainer, messages.warning(plan, decision, reports, rank,
-                                                     remedies_for(plan, pl_module, info.world_size)))
-            return
-        batch, acc = decision.batch_size, decision.accumulate
-        set_batch(trainer, pl_module, self.batch_arg_name, batch, acc)
-        self.estimate = plan.estimate_at(batch)
-        self._reduced = True
-        self._decided(plan.requested, self.estimate, batch, acc)
-        if info.handles_accumulation:
-            self._warn(trainer, f"{info.strategy} configures gradient accumulation when it sets up, so the "
-                                f"accumulation of {acc} MemGuard chose may not apply")
-        message = messages.reduced(plan, decision, reports, rank, info.accumulate_grad_batches, self.estimate)
-        if batch * acc != plan.requested * info.accumulate_grad_batches:
-            self._warn(trainer, message)
-        else:
-            self._info(trainer, message)
+        training = act(self.config, view, plan, found.decision, found.reports)
+        if training is not None:
+            self.estimate = training.estimate
+            self._reduced = training.reduced
+            self._decided(plan.requested, training.estimate, training.batch_size, training.accumulate)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Arm the measurement: it starts after the first optimizer step."""
-        self._probe = None
-        self._armed = True
-        self._start_step = trainer.global_step + 1
+        self._probe = StepProbe(self.config, self._view(trainer, pl_module), lambda got: self._record(trainer, got),
+                                self._predicted)
+        self._probe.arm(trainer.global_step)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Start measuring after the first optimizer step, and read after ``measure_steps`` more."""
-        if self._armed and self._probe is None and trainer.global_step >= self._start_step:
-            if self._predicted is None:  # nothing was predicted: nothing to compare with
-                self._armed = False
-                return
-            self._safely(trainer, self._start_probe, trainer, pl_module)
-        elif self._probe is not None and trainer.global_step >= self._start_step + self.measure_steps:
-            self._safely(trainer, self._measure, trainer)
+        if self._probe is not None:
+            self._probe.after_step(trainer.global_step, lambda: self._where(trainer, pl_module))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Read now if training stopped before ``measure_steps`` steps were measured."""
         if self._probe is not None:
-            self._safely(trainer, self._measure, trainer)
-        self._armed = False
-
-    def _safely(self, trainer: Any, fn: Callable[..., None], *args: Any) -> None:
-        """Run a measurement step; its failure is warned about, and never stops training (unless strict)."""
-        try:
-            fn(*args)
-        except Exception as exc:
-            self._probe, self._armed = None, False
-            if self.strict:
-                raise
-            self._warn(trainer, f"MemGuard could not measure the memory of the first steps: "
-                                f"{type(exc).__name__}: {exc}", every_rank=True)
+            self._probe.finish()
 
     def state_dict(self) -> dict[str, Any]:
         """The batch size and accumulation chosen, and what was predicted: flat, JSON-ready."""
@@ -376,6 +330,8 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
         self.batch_size = batch_size
         self.accumulate_grad_batches = accumulate
         self._predicted = (est.peak_bytes, est.total_bytes)
+        if self._probe is not None:  # decided at the first batch, after on_train_start
+            self._probe.predicted = self._predicted
 
     def _resume(self, trainer: Any, pl_module: Any) -> None:
         state = self._restored
@@ -398,28 +354,15 @@ class MemGuard(*_pl.callback_bases()):  # type: ignore[misc]
 
     # -- predicted vs actual ------------------------------------------------------------------
 
-    def _start_probe(self, trainer: Any, pl_module: Any) -> None:
-        """Read (or reset) the peak counters of the root device; the tensors resident now are credited."""
-        self._armed = False
-        self._start_step = trainer.global_step
-        device = torch.device(trainer.strategy.root_device)
-        probe = MemoryProbe(device, reset=self.reset_peak)
-        if probe.start(resident_bytes(training_tensors(pl_module, trainer.optimizers), device)):
-            self._probe = probe
-        else:
-            log.info("MemGuard cannot measure the memory of %s here; predicted vs actual is not logged", device)
+    @staticmethod
+    def _where(trainer: Any, pl_module: Any) -> tuple[torch.device, Sequence[torch.Tensor]]:
+        """The root device, and what training keeps there between steps."""
+        return torch.device(trainer.strategy.root_device), training_tensors(pl_module, trainer.optimizers)
 
-    def _measure(self, trainer: Any) -> None:
-        probe, self._probe = self._probe, None
-        result = read_and_compare(probe, self._predicted, self.margin)
-        if result is None:
-            return
+    def _record(self, trainer: Any, result: Comparison) -> None:
         self.measurement, self.metrics = result.measurement, result.metrics
         for logger in trainer.loggers:
             logger.log_metrics(result.metrics, step=trainer.global_step)
-        self._info(trainer, f"MemGuard: {result.summary}")
-        if result.warning:
-            self._warn(trainer, f"MemGuard: {result.warning}")
 
     # -- messages -----------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ __all__ = [
     "agree",
     "callback_bases",
     "package_of",
+    "parallelism",
     "peek_batch",
     "reset_train_data",
     "run_info",
@@ -121,8 +122,9 @@ class RunInfo:
         return self.parallel.value if self.parallel is not None else self.strategy
 
 
-def _parallelism(strategy: Any, world_size: int) -> tuple[Strategy | None, bool, bool, bool]:
-    """Lightning's strategy object in memguard's terms: name, offloads, and whether params are sharded.
+def parallelism(strategy: Any, world_size: int) -> tuple[Strategy | None, bool, bool, bool]:
+    """Lightning's strategy object (a Trainer's or a Fabric's) in memguard's terms: name, offloads, and
+    whether params are sharded.
 
     Read from ``FSDPStrategy.sharding_strategy`` and ``.cpu_offload``, and from
     ``DeepSpeedStrategy.config["zero_optimization"]`` (``stage``, ``offload_optimizer``,
@@ -161,7 +163,7 @@ def run_info(trainer: Any) -> RunInfo:
     """Read the strategy, precision, world size and accumulation of ``trainer``."""
     strategy = trainer.strategy
     world_size = int(trainer.world_size)
-    parallel, offload_optimizer, offload_params, sharded_module = _parallelism(strategy, world_size)
+    parallel, offload_optimizer, offload_params, sharded_module = parallelism(strategy, world_size)
     return RunInfo(
         device=torch.device(strategy.root_device),
         precision=str(trainer.precision),

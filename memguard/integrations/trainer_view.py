@@ -2,7 +2,7 @@
 
 Small functions over the Trainer's arguments, model and optimizer: whether memguard can estimate
 the run, the batch the model receives, its precision and optimizer in memguard's terms, the loss,
-and the agreement of ranks.
+and every rank's row of integers (the guard core's ``all_gather``, :mod:`memguard.guard.agreement`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import torch
 
 from memguard.errors import ConfigError
 from memguard.estimation.from_run import optimizer_factory
+
+__all__ = ["all_gather_rows", "example_batch", "optimizer_for", "precision_of", "reason_not_estimated",
+           "trainer_loss", "unwrap_optimizer"]
 
 _NAMED_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adafactor": "adafactor", "sgd": "sgd",
                      "adamw_bnb_8bit": "adamw-8bit", "adamw_8bit": "adamw-8bit", "paged_adamw_8bit": "adamw-8bit"}
@@ -31,7 +34,7 @@ _NOT_ESTIMATED = (
 )
 
 
-def _not_estimated(args: Any, model: Any) -> str | None:
+def reason_not_estimated(args: Any, model: Any) -> str | None:
     """Why this run is not estimated, or ``None`` when it is."""
     if not isinstance(model, torch.nn.Module):
         return f"the Trainer passed no model to on_train_begin (got {type(model).__name__})"
@@ -43,7 +46,7 @@ def _not_estimated(args: Any, model: Any) -> str | None:
     return None
 
 
-def _example(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def example_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The forward's inputs as one batch: its keyword arguments (batched tensors first: the Trainer
     adds a 0-dimensional ``num_items_in_batch`` after the collator's keys), else its positional ones."""
     if kwargs:
@@ -52,7 +55,7 @@ def _example(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return args[0] if len(args) == 1 else tuple(args)
 
 
-def _precision(args: Any, model: torch.nn.Module, device: torch.device) -> str:
+def precision_of(args: Any, model: torch.nn.Module, device: torch.device) -> str:
     """The precision of the run in Lightning's names, which :func:`memguard.estimate` takes.
 
     Weights already in 16 bits (``from_pretrained(dtype=torch.bfloat16)``) train in them: ``"*-true"``,
@@ -75,14 +78,14 @@ def _precision(args: Any, model: torch.nn.Module, device: torch.device) -> str:
     return "32-true"
 
 
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer | None:
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (itself an ``Optimizer``)."""
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
-def _optimizer(args: Any, optimizer: Any, model: torch.nn.Module, device: str) -> Any:
+def optimizer_for(args: Any, optimizer: Any, model: torch.nn.Module, device: str) -> Any:
     """What :func:`memguard.estimate` takes for the Trainer's optimizer.
 
     The real one whenever memguard can rebuild it over fake parameters: its class and param
@@ -94,7 +97,7 @@ def _optimizer(args: Any, optimizer: Any, model: torch.nn.Module, device: str) -
     named = _NAMED_OPTIMIZERS.get(name)
     if named in _STAND_IN_ONLY:
         return named
-    real = _unwrap(optimizer)
+    real = unwrap_optimizer(optimizer)
     if real is not None:
         return optimizer_factory(model, real, device)
     if named == "sgd" and "momentum" in str(getattr(args, "optim_args", "") or ""):
@@ -105,7 +108,7 @@ def _optimizer(args: Any, optimizer: Any, model: torch.nn.Module, device: str) -
     return named
 
 
-def _loss(output: Any, batch: Any) -> torch.Tensor:
+def trainer_loss(output: Any, batch: Any) -> torch.Tensor:
     """The loss as ``Trainer.compute_loss`` takes it (``outputs["loss"]`` or ``outputs[0]``); when the
     model returns none (``compute_loss_func`` or label smoothing make it from the logits), an fp32
     log-softmax over the logits, as large as theirs, stands in."""
@@ -123,7 +126,7 @@ def _loss(output: Any, batch: Any) -> torch.Tensor:
     return -torch.log_softmax(logits.float(), dim=-1).mean()
 
 
-def _agree(values: list[int], device: torch.device) -> list[list[int]]:
+def all_gather_rows(values: list[int], device: torch.device) -> list[list[int]]:
     """Every rank's ``values``, one row per rank (one row when no process group runs)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
