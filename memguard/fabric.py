@@ -9,8 +9,8 @@
 A Fabric loop is the user's own, so there are no hooks to wait in: the loop calls
 :func:`preflight` once, with the first batch, before its first step. It does what the Lightning
 callback :class:`memguard.MemGuard` does at that point, through the same core
-(:mod:`memguard.guard`): traces one step of ``model`` on fake tensors (``model(batch)``, or
-``step_fn(batch)``), with the real optimizer, Fabric's precision and strategy, compares it with
+(:mod:`memguard.guard`): traces one step of ``model`` on fake tensors (``step_fn(batch)``, or
+``model`` called on the batch as :func:`memguard.estimate` calls it), with the real optimizer, Fabric's precision and strategy, compares it with
 ``budget`` or the free memory of ``fabric.device`` keeping ``margin`` spare, agrees with the other
 ranks (``fabric.all_gather``), and warns or raises.
 
@@ -67,7 +67,8 @@ def preflight(fabric: Any, model: torch.nn.Module, optimizer: Any, batch: Any, *
         budget: the memory one rank may use instead of what its device has free: bytes, ``"12GiB"``
             or ``"80%"``.
         strict: raise when the estimate fails instead of warning.
-        step_fn: ``step_fn(batch) -> loss``: the loop's forward and loss; default ``model(batch)``.
+        step_fn: ``step_fn(batch) -> loss``: the loop's forward and loss; default: ``model`` called on
+            the batch (a tuple as positional, a dict as keyword arguments).
         loss_fn: ``loss_fn(output, batch) -> loss`` when ``model``'s output is not the loss.
         accumulate: micro-batches per optimizer step in the loop.
         trace_timeout: seconds one trace may take (``None``: no limit).

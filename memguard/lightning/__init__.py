@@ -1,3 +1,3 @@
-"""The Lightning callback :class:`~memguard.MemGuard`: thin hooks (:mod:`.callback`) over what it reads
-from a run (:mod:`.run`), one rank's estimate (:mod:`.rank`), a pure decision shared by every rank
-(:mod:`.decision`) and what it says (:mod:`.messages`)."""
+"""The Lightning callback :class:`~memguard.MemGuard`: thin hooks (:mod:`.callback`) that translate a
+Lightning run (:mod:`.run`, :mod:`.rank`, :mod:`.batch`) into the guard core (:mod:`memguard.guard`),
+which estimates, agrees across ranks, decides, measures and says what it found."""
