@@ -10,9 +10,10 @@ A Fabric loop is the user's own, so there are no hooks to wait in: the loop call
 :func:`preflight` once, with the first batch, before its first step. It does what the Lightning
 callback :class:`memguard.MemGuard` does at that point, through the same core
 (:mod:`memguard.guard`): traces one step of ``model`` on fake tensors (``step_fn(batch)``, or
-``model`` called on the batch as :func:`memguard.estimate` calls it), with the real optimizer, Fabric's precision and strategy, compares it with
-``budget`` or the free memory of ``fabric.device`` keeping ``margin`` spare, agrees with the other
-ranks (``fabric.all_gather``), and warns or raises.
+``model`` called on the batch as :func:`memguard.estimate` calls it), with the real optimizer,
+Fabric's precision and strategy, compares it with ``budget`` or the free memory of
+``fabric.device`` keeping ``margin`` spare, agrees with the other ranks (``fabric.all_gather``),
+and warns or raises.
 
 Known limitations:
     * ``action="reduce"`` cannot change the batch size: the loop builds its own data loader. It

@@ -37,7 +37,7 @@ def run() -> tuple[Fabric, Any, Any, tuple[torch.Tensor, torch.Tensor], memguard
 
 
 def test_a_step_that_fits_returns_the_decision_and_changes_nothing(run: Any) -> None:
-    fabric, model, optimizer, batch, direct = run
+    fabric, model, optimizer, batch, _ = run
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about

@@ -190,6 +190,7 @@ def test_an_uncertain_estimate_warns_and_the_verdict_still_holds() -> None:
     run = Run()
     assert run.check("warn", step=lambda: run.step(uncertain=True)) is not None
     [(text, every_rank)] = run.warned
+    assert not every_rank
     assert text.startswith("MemGuard: the estimate rests on invented values, uncertain: data-dependent nonzero")
     assert run.said[0].startswith("MemGuard: a training step at batch size 8 fits")
 
@@ -298,3 +299,37 @@ def test_a_probe_that_fails_warns_on_every_rank_and_stops() -> None:
     strict.arm(0)
     with pytest.raises(RuntimeError):
         strict.after_step(1, broken)
+
+
+# -- pins: the adapters only translate ------------------------------------------------------------------
+
+ADAPTERS = ["memguard/lightning", "memguard/integrations", "memguard/fabric.py"]
+CORE_ONLY = {"reduced_batch", "max_batch_size", "remedy_lines", "format_bytes", "read_and_compare", "MemoryProbe",
+             "cached", "available_to", "decide", "check_arguments"}
+
+
+def imported(paths: list[str]) -> dict[str, set[str]]:
+    """Every name each module under ``paths`` imports from memguard, by module."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    files = [f for p in paths for f in ((root / p).rglob("*.py") if (root / p).is_dir() else [root / p])]
+    found: dict[str, set[str]] = {}
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("memguard"):
+                found.setdefault(str(f.relative_to(root)), set()).update(a.name for a in node.names)
+    return found
+
+
+def test_the_decision_the_probe_and_the_messages_live_only_in_the_core() -> None:
+    shims = {"memguard/lightning/decision.py"}  # the old import path, re-exporting the core's names
+    leaks = {f: names & CORE_ONLY for f, names in imported(ADAPTERS).items() if names & CORE_ONLY and f not in shims}
+    assert leaks == {}
+
+
+def test_no_private_name_crosses_a_module_boundary_in_the_guards() -> None:
+    found = imported([*ADAPTERS, "memguard/guard"])
+    private = {f: {n for n in names if n.startswith("_")} for f, names in found.items()}
+    assert {f: n for f, n in private.items() if n} == {}

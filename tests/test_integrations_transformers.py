@@ -293,7 +293,8 @@ def test_the_optimizer_is_the_real_one_or_memguards_name(pair: tuple[Run, Run, M
     assert [len(g["params"]) for g in rebuilt.param_groups] == [len(g["params"]) for g in wrapped.param_groups]
     assert optimizer_for(arguments(tmp_path, optim="adamw_bnb_8bit"), wrapped, net, "cuda") == "adamw-8bit"
     assert optimizer_for(arguments(tmp_path, optim="adafactor"), None, net, "cpu") == "adafactor"
-    assert optimizer_for(arguments(tmp_path, optim="sgd", optim_args="momentum=0.9"), None, net, "cpu") == "sgd-momentum"
+    momentum = arguments(tmp_path, optim="sgd", optim_args="momentum=0.9")
+    assert optimizer_for(momentum, None, net, "cpu") == "sgd-momentum"
     with pytest.raises(ConfigError, match="'lion_32bit'"):
         optimizer_for(arguments(tmp_path, optim="lion_32bit"), None, net, "cpu")
 
