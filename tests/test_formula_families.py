@@ -265,3 +265,83 @@ def test_close_to_the_trace(name: str, device: str) -> None:
     formula = memguard.estimate(resolved.module, method="formula", **kwargs)
     assert traced.method == "trace" and formula.method == "formula"
     assert abs(formula.peak_bytes - traced.peak_bytes) / traced.peak_bytes < 0.05
+
+
+# --------------------------------------------------------------------------- families the formula refuses
+
+_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+_TEXT = {**_TOWER, "vocab_size": 100, "max_position_embeddings": 16}
+_IMAGE = {**_TOWER, "image_size": 32, "patch_size": 8}
+_SWIN = {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2],
+         "window_size": 4, "num_labels": 3}
+
+
+def _refused_builders() -> dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]]:
+    """One small model of each family the formula refuses, with what ``estimate`` needs to trace it:
+    the dual-tower models take both inputs and ``return_loss`` (their contrastive loss)."""
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipConfig,
+        SiglipModel,
+        SiglipTextConfig,
+        SiglipTextModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        SwinConfig,
+        SwinForImageClassification,
+        Swinv2Config,
+        Swinv2ForImageClassification,
+    )
+
+    pair = {"example_input": {"input_ids": torch.zeros(4, 16, dtype=torch.long),
+                              "pixel_values": torch.zeros(4, 3, 32, 32), "return_loss": True}}
+    return {
+        "clip": (lambda: CLIPModel(CLIPConfig(text_config=_TEXT, vision_config=_IMAGE, projection_dim=16)), pair),
+        "clip_text_model": (lambda: CLIPTextModel(CLIPTextConfig(**_TEXT)), {"seq_len": 16}),
+        "clip_vision_model": (lambda: CLIPVisionModel(CLIPVisionConfig(**_IMAGE)), {}),
+        "siglip": (lambda: SiglipModel(SiglipConfig(text_config=_TEXT, vision_config=_IMAGE)), pair),
+        "siglip_text_model": (lambda: SiglipTextModel(SiglipTextConfig(**_TEXT)), {"seq_len": 16}),
+        "siglip_vision_model": (lambda: SiglipVisionModel(SiglipVisionConfig(**_IMAGE)), {}),
+        "swin": (lambda: SwinForImageClassification(SwinConfig(**_SWIN)), {}),
+        "swinv2": (lambda: Swinv2ForImageClassification(Swinv2Config(**_SWIN)), {}),
+    }
+
+
+@pytest.mark.parametrize("model_type", ["clip", "clip_text_model", "clip_vision_model", "siglip",
+                                        "siglip_text_model", "siglip_vision_model", "swin", "swinv2"])
+def test_the_formula_refuses_what_it_does_not_model_and_auto_traces(model_type: str) -> None:
+    """CLIP and SigLIP (their towers alone too) and Swin are not a family's layout: the formula
+    refuses them by name and points to the trace (a Swin config's per-stage ``num_heads`` list
+    raised ``TypeError``; the CLIP and SigLIP towers were estimated as BERT and ViT blocks), and
+    ``auto`` gives the trace's answer."""
+    build, kwargs = _refused_builders()[model_type]
+    kwargs = {"batch_size": 4, "device": "cpu", **kwargs}
+    model = build()
+    assert model.config.model_type == model_type
+    with pytest.raises(UnsupportedModelError, match=rf"\({model_type}\); use method='trace'"):
+        memguard.estimate(model, method="formula", **kwargs)
+    auto = memguard.estimate(model, method="auto", **kwargs)
+    traced = memguard.estimate(model, method="trace", **kwargs)
+    assert auto.method == "trace"
+    assert auto.peak_bytes == traced.peak_bytes > 0
+
+
+def test_the_cli_says_the_formula_refuses_a_clip_tower_in_one_line_and_traces_it_by_default(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import CLIPVisionConfig
+
+    from memguard.cli import EXIT_OK, EXIT_USAGE, main
+
+    CLIPVisionConfig(**_IMAGE).save_pretrained(tmp_path)
+    argv = ["estimate", str(tmp_path), "--batch-size", "2", "--device", "cpu", "--quiet"]
+    assert main([*argv, "--method", "formula"]) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("memguard: error: ") and "(clip_vision_model); use method='trace'" in err
+    assert main([*argv, "--json"]) == EXIT_OK
+    assert '"method": "trace"' in capsys.readouterr().out

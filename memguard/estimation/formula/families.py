@@ -15,12 +15,12 @@ The layouts are read from the transformers modelling code of each family
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from memguard.errors import UnsupportedModelError
 from memguard.estimation.arch import Architecture
 
-__all__ = ["FAMILIES", "Family", "family_of"]
+__all__ = ["FAMILIES", "Family", "family_of", "model_type_of", "refuse_unmodelled"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +124,62 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 """Every family of :mod:`memguard.estimation.arch`, by name."""
 
 
-_NO_LAYOUT = {"deepseek_v2": "multi-head latent attention", "deepseek_v3": "multi-head latent attention"}
-"""Model types whose blocks the formula cannot lay out: DeepSeek's attention compresses K and V
-through low-rank projections with their own norms, and pads V to Q's head size for SDPA
-(``DeepseekV3Attention`` in ``modeling_deepseek_v3.py``)."""
+_NOT_MODELLED: dict[str, str] = {
+    # DeepSeek's attention compresses K and V through low-rank projections with their own norms, and
+    # pads V to Q's head size for SDPA (DeepseekV3Attention in modeling_deepseek_v3.py)
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3"), "multi-head latent attention"),
+    # CLIPModel.forward (modeling_clip.py): a text tower and a vision tower, each pooled and projected,
+    # and clip_loss, a cross-entropy over the batch's B x B similarity logits in both directions;
+    # ChineseCLIPModel (modeling_chinese_clip.py) pairs a BERT text tower with CLIP's vision tower
+    **dict.fromkeys(("clip", "chinese_clip"), "two towers (text and vision) and a contrastive loss over the batch"),
+    # SiglipModel.forward (modeling_siglip.py, Siglip2Model in modeling_siglip2.py): the two towers and a
+    # sigmoid loss over the batch's B x B pairs
+    **dict.fromkeys(("siglip", "siglip2"), "two towers (text and vision) and a sigmoid loss over the batch"),
+    # CLIPVisionTransformer (modeling_clip.py): a LayerNorm on the embeddings (pre_layrnorm), quick_gelu
+    # MLPs, the class token pooled through post_layernorm
+    **dict.fromkeys(("clip_vision_model", "chinese_clip_vision_model"),
+                    "CLIP's vision tower (pre_layrnorm, quick_gelu MLP, pooled class token)"),
+    # CLIPTextTransformer (modeling_clip.py): causal pre-LayerNorm blocks, final_layer_norm, the
+    # end-of-text token's hidden state pooled
+    "clip_text_model": "CLIP's text tower (causal pre-LayerNorm blocks, final_layer_norm, pooled end-of-text token)",
+    # SiglipVisionTransformer (modeling_siglip.py): no class token, post_layernorm over every patch and a
+    # multi-head attention pooling head (SiglipMultiheadAttentionPoolingHead, an nn.MultiheadAttention
+    # over a learned probe); Siglip2 adds resized position embeddings and a patch attention mask
+    **dict.fromkeys(("siglip_vision_model", "siglip2_vision_model"),
+                    "SigLIP's vision tower (no class token, attention-pooling head)"),
+    # SiglipTextTransformer (modeling_siglip.py): pre-LayerNorm blocks, final_layer_norm, a linear head
+    # on the last token
+    **dict.fromkeys(("siglip_text_model", "siglip2_text_model"),
+                    "SigLIP's text tower (final_layer_norm, head on the last token)"),
+    # SwinLayer (modeling_swin.py, modeling_swinv2.py): attention within shifted windows with a relative
+    # position bias per window (torch.roll, window_partition), heads per stage (num_heads a list), and
+    # SwinPatchMerging between stages, which quarters the tokens and doubles the width
+    **dict.fromkeys(("swin", "swinv2", "donut-swin", "maskformer-swin"),
+                    "windowed attention (shifted windows, patch merging between stages)"),
+}
+"""Model types whose blocks or loss the formula does not lay out, and what it would miss: estimated
+with the nearest family they would be off (a CLIP text tower is not BERT's post-LayerNorm block, a
+SigLIP image has no class token), so the formula refuses them and the trace estimates them."""
+
+
+def model_type_of(model: Any) -> str:
+    """The transformers ``model_type`` of a resolved model (its config's, else its module's), or ``""``."""
+    config = getattr(model, "config", None)
+    if config is None:
+        config = getattr(getattr(model, "module", None), "config", None)
+    return str(getattr(config, "model_type", "") or "")
+
+
+def refuse_unmodelled(model_type: str) -> None:
+    """Raise for a model type the formula does not model (:data:`_NOT_MODELLED`).
+
+    Raises:
+        UnsupportedModelError: naming the model type, what the formula does not model, and the trace.
+    """
+    if model_type in _NOT_MODELLED:
+        raise UnsupportedModelError(
+            f"the formula does not model {_NOT_MODELLED[model_type]} ({model_type}); use method='trace' "
+            "(method='auto' does)")
 
 
 def family_of(arch: Architecture) -> Family:
@@ -136,10 +188,7 @@ def family_of(arch: Architecture) -> Family:
     Raises:
         UnsupportedModelError: for a family without a layout here.
     """
-    if arch.model_type in _NO_LAYOUT:
-        raise UnsupportedModelError(
-            f"the formula has no layout for {_NO_LAYOUT[arch.model_type]} ({arch.model_type}); "
-            "use method='trace' (method='auto' does)")
+    refuse_unmodelled(arch.model_type)
     try:
         return FAMILIES[arch.family]
     except KeyError:
