@@ -282,10 +282,6 @@ def _refused_builders() -> dict[str, tuple[Callable[[], nn.Module], dict[str, An
     from transformers import (
         CLIPConfig,
         CLIPModel,
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPVisionConfig,
-        CLIPVisionModel,
         SiglipConfig,
         SiglipModel,
         SiglipTextConfig,
@@ -302,8 +298,6 @@ def _refused_builders() -> dict[str, tuple[Callable[[], nn.Module], dict[str, An
                               "pixel_values": torch.zeros(4, 3, 32, 32), "return_loss": True}}
     return {
         "clip": (lambda: CLIPModel(CLIPConfig(text_config=_TEXT, vision_config=_IMAGE, projection_dim=16)), pair),
-        "clip_text_model": (lambda: CLIPTextModel(CLIPTextConfig(**_TEXT)), {"seq_len": 16}),
-        "clip_vision_model": (lambda: CLIPVisionModel(CLIPVisionConfig(**_IMAGE)), {}),
         "siglip": (lambda: SiglipModel(SiglipConfig(text_config=_TEXT, vision_config=_IMAGE)), pair),
         "siglip_text_model": (lambda: SiglipTextModel(SiglipTextConfig(**_TEXT)), {"seq_len": 16}),
         "siglip_vision_model": (lambda: SiglipVisionModel(SiglipVisionConfig(**_IMAGE)), {}),
@@ -312,13 +306,13 @@ def _refused_builders() -> dict[str, tuple[Callable[[], nn.Module], dict[str, An
     }
 
 
-@pytest.mark.parametrize("model_type", ["clip", "clip_text_model", "clip_vision_model", "siglip",
-                                        "siglip_text_model", "siglip_vision_model", "swin", "swinv2"])
+@pytest.mark.parametrize("model_type", ["clip", "siglip", "siglip_text_model", "siglip_vision_model", "swin",
+                                        "swinv2"])
 def test_the_formula_refuses_what_it_does_not_model_and_auto_traces(model_type: str) -> None:
-    """CLIP and SigLIP (their towers alone too) and Swin are not a family's layout: the formula
-    refuses them by name and points to the trace (a Swin config's per-stage ``num_heads`` list
-    raised ``TypeError``; the CLIP and SigLIP towers were estimated as BERT and ViT blocks), and
-    ``auto`` gives the trace's answer."""
+    """CLIP's and SigLIP's dual models (two towers and a loss over the batch), SigLIP's towers alone
+    and Swin are not a family's layout: the formula refuses them by name and points to the trace (a
+    Swin config's per-stage ``num_heads`` list raised ``TypeError``; SigLIP's towers were estimated
+    as BERT and ViT blocks), and ``auto`` gives the trace's answer."""
     build, kwargs = _refused_builders()[model_type]
     kwargs = {"batch_size": 4, "device": "cpu", **kwargs}
     model = build()
@@ -331,17 +325,60 @@ def test_the_formula_refuses_what_it_does_not_model_and_auto_traces(model_type: 
     assert auto.peak_bytes == traced.peak_bytes > 0
 
 
-def test_the_cli_says_the_formula_refuses_a_clip_tower_in_one_line_and_traces_it_by_default(
+def test_the_cli_says_the_formula_refuses_a_siglip_tower_in_one_line_and_traces_it_by_default(
         tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    from transformers import CLIPVisionConfig
+    from transformers import SiglipVisionConfig
 
     from memguard.cli import EXIT_OK, EXIT_USAGE, main
 
-    CLIPVisionConfig(**_IMAGE).save_pretrained(tmp_path)
+    SiglipVisionConfig(**_IMAGE).save_pretrained(tmp_path)
     argv = ["estimate", str(tmp_path), "--batch-size", "2", "--device", "cpu", "--quiet"]
     assert main([*argv, "--method", "formula"]) == EXIT_USAGE
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("memguard: error: ") and "(clip_vision_model); use method='trace'" in err
+    assert err.startswith("memguard: error: ") and "(siglip_vision_model); use method='trace'" in err
     assert main([*argv, "--json"]) == EXIT_OK
     assert '"method": "trace"' in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- CLIP's towers
+
+
+def _clip_tower(kind: str) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+    width = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2}
+    with torch.device("meta"):
+        if kind == "vision":
+            return CLIPVisionModel(CLIPVisionConfig(**width, image_size=64, patch_size=8))
+        return CLIPTextModel(CLIPTextConfig(**width, vocab_size=VOCAB, max_position_embeddings=128))
+
+
+@pytest.mark.parametrize("device, precision", [("cpu", "32-true"), ("cuda", "bf16-mixed")])
+@pytest.mark.parametrize("kind", ["vision", "text"])
+def test_clip_towers_are_close_to_the_trace(kind: str, device: str, precision: str) -> None:
+    """CLIP's vision tower (a LayerNorm on the embeddings, no norm over the sequence after the blocks)
+    and its text tower (pre-LayerNorm blocks under a causal mask, a final LayerNorm) with their
+    quick_gelu MLPs, whose backward holds three MLP-wide gradients at once, within 5% of the trace."""
+    kwargs: dict[str, Any] = {"batch_size": 8, "seq_len": None if kind == "vision" else 128, "device": device,
+                              "precision": precision}
+    model = _clip_tower(kind)
+    traced = memguard.estimate(model, method="trace", **kwargs)
+    formula = memguard.estimate(model, method="formula", **kwargs)
+    assert formula.method == "formula"
+    assert abs(formula.peak_bytes - traced.peak_bytes) / traced.peak_bytes < 0.05, (formula.peak_bytes,
+                                                                                    traced.peak_bytes)
+
+
+def test_clip_tower_blocks() -> None:
+    """A CLIP block is ViT's: LayerNorm, the Q/K/V input, Q, K, V, the kernel's output and its
+    two heads' log-sum-exp; LayerNorm, the MLP's input, and quick_gelu's ``x * sigmoid(1.702 x)``: its input,
+    the sigmoid's output and the product the second linear keeps (GELU keeps one tensor fewer)."""
+    for kind in ("vision", "text"):
+        resolved = load_model(_clip_tower(kind))
+        arch = inspect_architecture(resolved.module, resolved.config)
+        assert arch.activation == "quick_gelu" and arch.ffn == 256
+        ctx = make_ctx(arch, TrainingSpec.create(batch_size=B, seq_len=S, device="cuda"))
+        ffn = ROWS * 256 * 4
+        core = RESID + ROWS * 2 * 4  # two heads' log-sum-exp
+        assert block_bytes(ctx, S, cache=False) == LAYER_NORM + RESID + 3 * RESID + core + LAYER_NORM + RESID + 3 * ffn

@@ -13,7 +13,8 @@ module per concern:
   section 4), by component: ``attention`` (linear inputs, scores/softmax/dropout mask, or a fused
   kernel's output and log-sum-exp), ``mlp`` (activations and dropout masks), ``norms`` (inputs
   and statistics); laid out per family by the table in ``families`` (gpt2, bert/roberta/
-  distilbert, bart, t5, llama/mistral/qwen2, vit, plain ``nn.TransformerEncoder``) for the
+  distilbert, bart, t5, llama/mistral/qwen2, vit, CLIP's text and vision towers, plain
+  ``nn.TransformerEncoder``) for the
   attention kernel that will run (``context``);
 * ``embeddings`` and ``head``: the batch, what the embeddings save, and what sits between the last
   block and the logits; ``loss``: the loss's copies of the logits, which are often the largest

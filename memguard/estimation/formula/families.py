@@ -9,7 +9,10 @@ Each family of :mod:`memguard.estimation.arch` (``Architecture.family``) is one 
 The layouts are read from the transformers modelling code of each family
 (``modeling_gpt2.py``, ``modeling_bert.py``, ``modeling_distilbert.py``, ``modeling_bart.py``,
 ``modeling_t5.py``, ``modeling_llama.py``, ``modeling_vit.py``, ``modeling_whisper.py``) and from
-``torch/nn/modules/transformer.py``.
+``torch/nn/modules/transformer.py``. A model type laid out unlike the family it is read as (CLIP's
+towers, ``modeling_clip.py``) has its own entry in :data:`BY_MODEL_TYPE`; one the formula does not
+model (CLIP's and SigLIP's dual models, SigLIP's towers, Swin) is refused by
+:func:`refuse_unmodelled`, naming what it misses, and left to the trace.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, Literal
 from memguard.errors import UnsupportedModelError
 from memguard.estimation.arch import Architecture
 
-__all__ = ["FAMILIES", "Family", "family_of", "model_type_of", "refuse_unmodelled"]
+__all__ = ["BY_MODEL_TYPE", "FAMILIES", "Family", "family_of", "model_type_of", "refuse_unmodelled"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,11 +140,7 @@ _NOT_MODELLED: dict[str, str] = {
     **dict.fromkeys(("siglip", "siglip2"), "two towers (text and vision) and a sigmoid loss over the batch"),
     # CLIPVisionTransformer (modeling_clip.py): a LayerNorm on the embeddings (pre_layrnorm), quick_gelu
     # MLPs, the class token pooled through post_layernorm
-    **dict.fromkeys(("clip_vision_model", "chinese_clip_vision_model"),
-                    "CLIP's vision tower (pre_layrnorm, quick_gelu MLP, pooled class token)"),
-    # CLIPTextTransformer (modeling_clip.py): causal pre-LayerNorm blocks, final_layer_norm, the
-    # end-of-text token's hidden state pooled
-    "clip_text_model": "CLIP's text tower (causal pre-LayerNorm blocks, final_layer_norm, pooled end-of-text token)",
+    "chinese_clip_vision_model": "Chinese CLIP's vision tower",
     # SiglipVisionTransformer (modeling_siglip.py): no class token, post_layernorm over every patch and a
     # multi-head attention pooling head (SiglipMultiheadAttentionPoolingHead, an nn.MultiheadAttention
     # over a learned probe); Siglip2 adds resized position embeddings and a patch attention mask
@@ -160,6 +159,19 @@ _NOT_MODELLED: dict[str, str] = {
 """Model types whose blocks or loss the formula does not lay out, and what it would miss: estimated
 with the nearest family they would be off (a CLIP text tower is not BERT's post-LayerNorm block, a
 SigLIP image has no class token), so the formula refuses them and the trace estimates them."""
+
+
+BY_MODEL_TYPE: dict[str, Family] = {f.name: f for f in (
+    # CLIPVisionTransformer (modeling_clip.py): ViT's pre-LayerNorm blocks (CLIPEncoderLayer) behind a
+    # LayerNorm on the embeddings (pre_layrnorm); post_layernorm normalises the pooled class token only,
+    # which a loss on last_hidden_state does not read
+    Family("clip_vision_model", "layernorm", kv_cache=False, embedding_norm=True, final_norm=False,
+           head_input="none"),
+    # CLIPTextTransformer (modeling_clip.py): the same blocks under a causal mask (SDPA's is_causal, no mask
+    # tensor), final_layer_norm over every token; the pooled end-of-text token is a gather of its output
+    Family("clip_text_model", "layernorm", kv_cache=False, head_input="none"),
+)}
+"""Model types laid out unlike the rest of the family :mod:`memguard.estimation.arch` gives them."""
 
 
 def model_type_of(model: Any) -> str:
@@ -189,6 +201,8 @@ def family_of(arch: Architecture) -> Family:
         UnsupportedModelError: for a family without a layout here.
     """
     refuse_unmodelled(arch.model_type)
+    if arch.model_type in BY_MODEL_TYPE:
+        return BY_MODEL_TYPE[arch.model_type]
     try:
         return FAMILIES[arch.family]
     except KeyError:
