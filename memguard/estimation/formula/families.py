@@ -138,18 +138,17 @@ _NOT_MODELLED: dict[str, str] = {
     # SiglipModel.forward (modeling_siglip.py, Siglip2Model in modeling_siglip2.py): the two towers and a
     # sigmoid loss over the batch's B x B pairs
     **dict.fromkeys(("siglip", "siglip2"), "two towers (text and vision) and a sigmoid loss over the batch"),
-    # CLIPVisionTransformer (modeling_clip.py): a LayerNorm on the embeddings (pre_layrnorm), quick_gelu
-    # MLPs, the class token pooled through post_layernorm
+    # ChineseCLIPVisionTransformer (modeling_chinese_clip.py): CLIP's vision tower, not checked against the trace
     "chinese_clip_vision_model": "Chinese CLIP's vision tower",
-    # SiglipVisionTransformer (modeling_siglip.py): no class token, post_layernorm over every patch and a
-    # multi-head attention pooling head (SiglipMultiheadAttentionPoolingHead, an nn.MultiheadAttention
-    # over a learned probe); Siglip2 adds resized position embeddings and a patch attention mask
-    **dict.fromkeys(("siglip_vision_model", "siglip2_vision_model"),
-                    "SigLIP's vision tower (no class token, attention-pooling head)"),
-    # SiglipTextTransformer (modeling_siglip.py): pre-LayerNorm blocks, final_layer_norm, a linear head
-    # on the last token
-    **dict.fromkeys(("siglip_text_model", "siglip2_text_model"),
-                    "SigLIP's text tower (final_layer_norm, head on the last token)"),
+    # SiglipVisionTransformer (modeling_siglip.py): patches without a class token (arch counts one), and the
+    # forward of the attention-pooling head (SiglipMultiheadAttentionPoolingHead, an nn.MultiheadAttention
+    # whose packed K/V projection of every patch is alive with the saved activations at the end of forward)
+    "siglip_vision_model": "SigLIP's vision tower (no class token, attention-pooling head)",
+    # Siglip2VisionEmbeddings (modeling_siglip2.py): patches of any resolution (NaFlex), position embeddings
+    # resized per image and a patch attention mask
+    "siglip2_vision_model": "SigLIP 2's vision tower (variable resolution, a patch attention mask)",
+    # Siglip2TextTransformer (modeling_siglip2.py): SigLIP's text tower, not checked against the trace
+    "siglip2_text_model": "SigLIP 2's text tower",
     # SwinLayer (modeling_swin.py, modeling_swinv2.py): attention within shifted windows with a relative
     # position bias per window (torch.roll, window_partition), heads per stage (num_heads a list), and
     # SwinPatchMerging between stages, which quarters the tokens and doubles the width
@@ -157,8 +156,8 @@ _NOT_MODELLED: dict[str, str] = {
                     "windowed attention (shifted windows, patch merging between stages)"),
 }
 """Model types whose blocks or loss the formula does not lay out, and what it would miss: estimated
-with the nearest family they would be off (a CLIP text tower is not BERT's post-LayerNorm block, a
-SigLIP image has no class token), so the formula refuses them and the trace estimates them."""
+with the nearest family they would be off (a SigLIP image has no class token, a Swin stage windows its
+attention and has its own width), so the formula refuses them and the trace estimates them."""
 
 
 BY_MODEL_TYPE: dict[str, Family] = {f.name: f for f in (
@@ -170,6 +169,9 @@ BY_MODEL_TYPE: dict[str, Family] = {f.name: f for f in (
     # CLIPTextTransformer (modeling_clip.py): the same blocks under a causal mask (SDPA's is_causal, no mask
     # tensor), final_layer_norm over every token; the pooled end-of-text token is a gather of its output
     Family("clip_text_model", "layernorm", kv_cache=False, head_input="none"),
+    # SiglipTextTransformer (modeling_siglip.py): the same blocks without a mask, final_layer_norm over
+    # every token; the linear head reads the last token for pooler_output
+    Family("siglip_text_model", "layernorm", kv_cache=False, head_input="none"),
 )}
 """Model types laid out unlike the rest of the family :mod:`memguard.estimation.arch` gives them."""
 
