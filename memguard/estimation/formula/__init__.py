@@ -33,7 +33,10 @@ rounding) is added by :mod:`memguard.estimation.overhead`.
 
 Known limitations:
     * Block layouts are written out for the families of :mod:`memguard.estimation.arch`; other
-      transformers models are estimated with the nearest family, and the notes say so.
+      transformers models are estimated with the nearest family, and the notes say so, except the
+      model types known to differ from it and not written out (CLIP's and SigLIP's dual models,
+      SigLIP's vision tower, Swin), which are refused for the trace
+      (:func:`~memguard.estimation.formula.families.refuse_unmodelled`).
     * Activations of a frozen block that sits above a trainable one are counted as if it were
       trainable (it keeps slightly less: no linear inputs).
     * The model's output (logits included) is taken to be dropped before ``backward``, as in
