@@ -26,10 +26,25 @@ Known but not corrected:
       forward convolution (a blocked copy of its input and of its output, 16 MiB each) and 47.9 MiB
       inside a backward (grad_output, input and grad_input); 2 MiB on ``sd3-small``. A depthwise
       7 x 7 backward holds about 22 MiB (ConvNeXt, -6%). diffusers' ``AutoencoderKL`` is -2.3% for
-      them while the trace equals the live tensors of a real step within 0.3%. Not yet pinned from
-      the kernels' source (which layout oneDNN picks depends on the channels and the ISA).
+      them while the trace equals the live tensors of a real step within 0.3%. The reorders are
+      ``mkldnn_convolution``'s (``aten/src/ATen/native/mkldnn/Conv.cpp``, the note above it: for a
+      contiguous NCHW tensor "input reorder: NCHW(user) -> Blocked(internal) ... output reorder:
+      Blocked(internal) -> NCHW(user)"; the output is ``mkldnn_to_dense`` of ideep's blocked ``y``;
+      ``mkldnn_convolution_backward_input`` and ``_weights`` reorder ``grad_output`` and the input
+      again, each in its own call). ``ONEDNN_VERBOSE=1`` on an AVX2 host shows the blocked layout
+      (``aBcd8b``, ``jit:avx2``) and four reorders into it and two out of it per convolution and step;
+      AVX-512 hosts block by 16, and channels-last tensors are viewed, not reordered. Measured with
+      ``VmHWM`` on one 64 -> 64 3 x 3 convolution over 4 x 64 x 128 x 128 fp32 (16 MiB) on that AVX2
+      host: the forward holds 16 MiB beside its output in NCHW, none in channels-last; the backward
+      34-66 MiB beside ``grad_input`` in either (the reorders and the backward-weights scratchpad,
+      whose size oneDNN's ``jit:avx2`` kernel sets). Not corrected: they live inside one op, and the
+      trace records only what ops return; a correction needs the ledger to hold a transient at an op.
       ``sd3-small`` (-3.7%) has no such op over 2 MiB: its residue is outside the ops (the heap's
-      small blocks, below the 64 KiB mmap threshold), not yet explained.
+      small blocks, below the 64 KiB mmap threshold), not yet explained; the forward of its CPU
+      attention (``_scaled_dot_product_flash_attention_cpu``) keeps one block of
+      ``qSplitSize x (kvSplitSize + headSize + 2)`` floats per thread (``cpu_flash_attention`` in
+      ``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp``: 64 x (333 + 32 + 2) over 333 tokens of
+      32-wide heads, 94 KiB a thread), too little to explain it.
 
 Named in the estimate's notes (see :func:`uncounted`):
     * On a GPU, cuDNN's RNN reserve space (``_cudnn_rnn``'s ``reserve`` output, sized by

@@ -13,7 +13,8 @@ module per concern:
   section 4), by component: ``attention`` (linear inputs, scores/softmax/dropout mask, or a fused
   kernel's output and log-sum-exp), ``mlp`` (activations and dropout masks), ``norms`` (inputs
   and statistics); laid out per family by the table in ``families`` (gpt2, bert/roberta/
-  distilbert, bart, t5, llama/mistral/qwen2, vit, plain ``nn.TransformerEncoder``) for the
+  distilbert, bart, t5, llama/mistral/qwen2, vit, CLIP's text and vision towers, plain
+  ``nn.TransformerEncoder``) for the
   attention kernel that will run (``context``);
 * ``embeddings`` and ``head``: the batch, what the embeddings save, and what sits between the last
   block and the logits; ``loss``: the loss's copies of the logits, which are often the largest
@@ -32,7 +33,10 @@ rounding) is added by :mod:`memguard.estimation.overhead`.
 
 Known limitations:
     * Block layouts are written out for the families of :mod:`memguard.estimation.arch`; other
-      transformers models are estimated with the nearest family, and the notes say so.
+      transformers models are estimated with the nearest family, and the notes say so, except the
+      model types known to differ from it and not written out (CLIP's and SigLIP's dual models,
+      SigLIP's vision tower, Swin), which are refused for the trace
+      (:func:`~memguard.estimation.formula.families.refuse_unmodelled`).
     * Activations of a frozen block that sits above a trainable one are counted as if it were
       trainable (it keeps slightly less: no linear inputs).
     * The model's output (logits included) is taken to be dropped before ``backward``, as in

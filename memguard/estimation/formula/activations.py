@@ -21,6 +21,7 @@ from memguard.estimation.formula.blocks import (
 )
 from memguard.estimation.formula.context import F32, Ctx, decoder_tokens, make_ctx, tokens
 from memguard.estimation.formula.embeddings import audio_stem_bytes, embedding_bytes
+from memguard.estimation.formula.families import model_type_of, refuse_unmodelled
 from memguard.estimation.formula.head import encoder_output_bytes, final_bytes
 from memguard.estimation.formula.inventory import Inventory, inventory
 from memguard.estimation.models import ResolvedModel
@@ -132,6 +133,7 @@ def activation_bytes(model: ResolvedModel, spec: TrainingSpec) -> Activations:
         UnsupportedModelError: when the model is not a transformer the formula can read.
         ConfigError: when a token model has no ``seq_len``.
     """
+    refuse_unmodelled(model_type_of(model))
     arch = inspect_architecture(model.module, model.config, name=model.name,
                                 needs="the formula")
     inv = inventory(model.module, arch)
@@ -187,11 +189,10 @@ def _blocks_saved(ctx: Ctx, seq: int, dec: int, act: Activity, one: _Layers,
     return blocks, 0
 
 
-def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool],
-                lora: int | None = None) -> Activations:
+def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool]) -> Activations:
     """Activation bytes of one step (see :class:`Activations`); ``grad[i]`` is parameter ``i``'s
-    ``requires_grad``; ``lora``: when the trainable blocks train LoRA adapters only, what their
-    adapters save beyond the frozen block's tensors (:func:`memguard.estimation.formula.lora.lora_block_bytes`).
+    ``requires_grad``. A block that trains LoRA adapters only is a frozen block plus what its adapters
+    save (:func:`~memguard.estimation.formula.adapters.adapter_bytes`).
 
     Raises:
         ConfigError: when a token model has no ``seq_len``.
@@ -203,8 +204,6 @@ def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool],
     cache = arch.use_cache and not ckpt
     act = block_activity(inv, arch, grad)
     one = _layers(ctx, seq, dec, cache)
-    if lora is not None:
-        one = _Layers(one.enc_frozen + lora, one.enc_frozen, one.dec_frozen + lora if one.dec else 0, one.dec_frozen)
     emb = enc_emb = 0
     if act.embeddings:
         enc_emb = embedding_bytes(ctx, seq) + audio_stem_bytes(ctx, seq)

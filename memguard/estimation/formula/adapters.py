@@ -13,7 +13,18 @@ dropout (``nn.Identity``), so what the adapter path saves is:
 * nothing for ``* scaling`` (a Python float).
 
 The base layer, frozen, keeps no input (autograd saves ``self`` of ``mm`` only for the weight's
-gradient): the block is counted as a frozen block (``Ctx.frozen``) plus :func:`adapter_bytes`.
+gradient): the block is counted as a frozen block (``Ctx.frozen``) plus :func:`adapter_bytes`. A
+bitsandbytes base layer keeps only its stored weight (:mod:`memguard.estimation.quantization`). The
+attention's output, which an adapted output projection reads, is saved by the fused attention kernel
+already.
+
+Only blocks whose trainable parameters are all LoRA weights are counted so
+(:func:`memguard.estimation.formula.activations.block_activity`); a block that trains anything else
+is counted as a trainable block.
+
+Known limitation: LLM.int8's ``MatMul8bitLt`` keeps its input for backward even under a frozen
+weight (``ctx.tensors = (CAt, subA, A)``, ``bitsandbytes/autograd/_functions.py``); the formula does
+not count it, and is low on int8 bases (about 5% on a small Llama in bf16-true).
 """
 
 from __future__ import annotations

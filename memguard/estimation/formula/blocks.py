@@ -130,7 +130,10 @@ def block_backward_bytes(ctx: Ctx, seq: int) -> int:
     gradient of the bias. An fp32 Python GELU (:func:`memguard.estimation.formula.mlp.fp32_gelu`)
     holds three fp32 MLP-width gradients at once in the backward of its last product (of the
     output, of 0.5·x before its cast, of 1 + tanh), by when the second linear has freed its
-    16-bit input."""
+    16-bit input. So does CLIP's ``quick_gelu``, ``x * torch.sigmoid(1.702 * x)``
+    (``QuickGELUActivation`` in ``transformers/activations.py``), in the matmul dtype: the product's
+    backward makes the gradients of ``x`` and of the sigmoid's output, ``sigmoid_backward`` that of
+    its input, beside the incoming one."""
     a = ctx.arch
     rows = ctx.b * seq
     grad_bias = 0
@@ -138,6 +141,8 @@ def block_backward_bytes(ctx: Ctx, seq: int) -> int:
         # the fused kernel's gradient of T5's learned bias, batch-wide before it is summed
         grad_bias = ctx.b * a.heads * seq * seq * ctx.r
     mlp = 3 * F32 - ctx.c if fp32_gelu(ctx, a.activation) else ctx.c
+    if a.activation.lower() == "quick_gelu":
+        mlp = 2 * ctx.c  # three gradients at once, by when the second linear has freed its input
     ffn = rows * a.ffn * mlp
     if a.moe is not None and a.moe.layers:
         ffn = max(ffn if a.moe.layers < a.layers else 0, moe_temporary_bytes(ctx, rows, a.moe, ctx.routing))

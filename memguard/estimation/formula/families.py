@@ -9,18 +9,21 @@ Each family of :mod:`memguard.estimation.arch` (``Architecture.family``) is one 
 The layouts are read from the transformers modelling code of each family
 (``modeling_gpt2.py``, ``modeling_bert.py``, ``modeling_distilbert.py``, ``modeling_bart.py``,
 ``modeling_t5.py``, ``modeling_llama.py``, ``modeling_vit.py``, ``modeling_whisper.py``) and from
-``torch/nn/modules/transformer.py``.
+``torch/nn/modules/transformer.py``. A model type laid out unlike the family it is read as (CLIP's
+towers, ``modeling_clip.py``) has its own entry in :data:`BY_MODEL_TYPE`; one the formula does not
+model (CLIP's and SigLIP's dual models, SigLIP's towers, Swin) is refused by
+:func:`refuse_unmodelled`, naming what it misses, and left to the trace.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from memguard.errors import UnsupportedModelError
 from memguard.estimation.arch import Architecture
 
-__all__ = ["FAMILIES", "Family", "family_of"]
+__all__ = ["BY_MODEL_TYPE", "FAMILIES", "Family", "family_of", "model_type_of", "refuse_unmodelled"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +127,73 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 """Every family of :mod:`memguard.estimation.arch`, by name."""
 
 
-_NO_LAYOUT = {"deepseek_v2": "multi-head latent attention", "deepseek_v3": "multi-head latent attention"}
-"""Model types whose blocks the formula cannot lay out: DeepSeek's attention compresses K and V
-through low-rank projections with their own norms, and pads V to Q's head size for SDPA
-(``DeepseekV3Attention`` in ``modeling_deepseek_v3.py``)."""
+_NOT_MODELLED: dict[str, str] = {
+    # DeepSeek's attention compresses K and V through low-rank projections with their own norms, and
+    # pads V to Q's head size for SDPA (DeepseekV3Attention in modeling_deepseek_v3.py)
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3"), "multi-head latent attention"),
+    # CLIPModel.forward (modeling_clip.py): a text tower and a vision tower, each pooled and projected,
+    # and clip_loss, a cross-entropy over the batch's B x B similarity logits in both directions;
+    # ChineseCLIPModel (modeling_chinese_clip.py) pairs a BERT text tower with CLIP's vision tower
+    **dict.fromkeys(("clip", "chinese_clip"), "two towers (text and vision) and a contrastive loss over the batch"),
+    # SiglipModel.forward (modeling_siglip.py, Siglip2Model in modeling_siglip2.py): the two towers and a
+    # sigmoid loss over the batch's B x B pairs
+    **dict.fromkeys(("siglip", "siglip2"), "two towers (text and vision) and a sigmoid loss over the batch"),
+    # ChineseCLIPVisionTransformer (modeling_chinese_clip.py): CLIP's vision tower, not checked against the trace
+    "chinese_clip_vision_model": "Chinese CLIP's vision tower",
+    # SiglipVisionTransformer (modeling_siglip.py): patches without a class token (arch counts one), and the
+    # forward of the attention-pooling head (SiglipMultiheadAttentionPoolingHead, an nn.MultiheadAttention
+    # whose packed K/V projection of every patch is alive with the saved activations at the end of forward)
+    "siglip_vision_model": "SigLIP's vision tower (no class token, attention-pooling head)",
+    # Siglip2VisionEmbeddings (modeling_siglip2.py): patches of any resolution (NaFlex), position embeddings
+    # resized per image and a patch attention mask
+    "siglip2_vision_model": "SigLIP 2's vision tower (variable resolution, a patch attention mask)",
+    # Siglip2TextTransformer (modeling_siglip2.py): SigLIP's text tower, not checked against the trace
+    "siglip2_text_model": "SigLIP 2's text tower",
+    # SwinLayer (modeling_swin.py, modeling_swinv2.py): attention within shifted windows with a relative
+    # position bias per window (torch.roll, window_partition), heads per stage (num_heads a list), and
+    # SwinPatchMerging between stages, which quarters the tokens and doubles the width
+    **dict.fromkeys(("swin", "swinv2", "donut-swin", "maskformer-swin"),
+                    "windowed attention (shifted windows, patch merging between stages)"),
+}
+"""Model types whose blocks or loss the formula does not lay out, and what it would miss: estimated
+with the nearest family they would be off (a SigLIP image has no class token, a Swin stage windows its
+attention and has its own width), so the formula refuses them and the trace estimates them."""
+
+
+BY_MODEL_TYPE: dict[str, Family] = {f.name: f for f in (
+    # CLIPVisionTransformer (modeling_clip.py): ViT's pre-LayerNorm blocks (CLIPEncoderLayer) behind a
+    # LayerNorm on the embeddings (pre_layrnorm); post_layernorm normalises the pooled class token only,
+    # which a loss on last_hidden_state does not read
+    Family("clip_vision_model", "layernorm", kv_cache=False, embedding_norm=True, final_norm=False,
+           head_input="none"),
+    # CLIPTextTransformer (modeling_clip.py): the same blocks under a causal mask (SDPA's is_causal, no mask
+    # tensor), final_layer_norm over every token; the pooled end-of-text token is a gather of its output
+    Family("clip_text_model", "layernorm", kv_cache=False, head_input="none"),
+    # SiglipTextTransformer (modeling_siglip.py): the same blocks without a mask, final_layer_norm over
+    # every token; the linear head reads the last token for pooler_output
+    Family("siglip_text_model", "layernorm", kv_cache=False, head_input="none"),
+)}
+"""Model types laid out unlike the rest of the family :mod:`memguard.estimation.arch` gives them."""
+
+
+def model_type_of(model: Any) -> str:
+    """The transformers ``model_type`` of a resolved model (its config's, else its module's), or ``""``."""
+    config = getattr(model, "config", None)
+    if config is None:
+        config = getattr(getattr(model, "module", None), "config", None)
+    return str(getattr(config, "model_type", "") or "")
+
+
+def refuse_unmodelled(model_type: str) -> None:
+    """Raise for a model type the formula does not model (:data:`_NOT_MODELLED`).
+
+    Raises:
+        UnsupportedModelError: naming the model type, what the formula does not model, and the trace.
+    """
+    if model_type in _NOT_MODELLED:
+        raise UnsupportedModelError(
+            f"the formula does not model {_NOT_MODELLED[model_type]} ({model_type}); use method='trace' "
+            "(method='auto' does)")
 
 
 def family_of(arch: Architecture) -> Family:
@@ -136,10 +202,9 @@ def family_of(arch: Architecture) -> Family:
     Raises:
         UnsupportedModelError: for a family without a layout here.
     """
-    if arch.model_type in _NO_LAYOUT:
-        raise UnsupportedModelError(
-            f"the formula has no layout for {_NO_LAYOUT[arch.model_type]} ({arch.model_type}); "
-            "use method='trace' (method='auto' does)")
+    refuse_unmodelled(arch.model_type)
+    if arch.model_type in BY_MODEL_TYPE:
+        return BY_MODEL_TYPE[arch.model_type]
     try:
         return FAMILIES[arch.family]
     except KeyError:

@@ -20,6 +20,7 @@ from memguard.estimation.formula.activations import Activations, activations
 from memguard.estimation.formula.blocks import block_backward_bytes, block_forward_bytes
 from memguard.estimation.formula.context import Ctx, make_ctx
 from memguard.estimation.formula.embeddings import batch_bytes
+from memguard.estimation.formula.families import model_type_of, refuse_unmodelled
 from memguard.estimation.formula.inventory import Inventory, inventory
 from memguard.estimation.formula.loss import (
     loss_backward_bytes,
@@ -93,13 +94,14 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
         raise ConfigError(f"unknown training_loop {training_loop!r}; expected 'pytorch' or "
                           "'lightning'")
     module = model.module
+    refuse_unmodelled(model_type_of(model))
     arch = inspect_architecture(module, model.config, name=model.name, needs="the formula")
     ctx = make_ctx(arch, spec)
     inv = inventory(module, arch)
     grad = inv.requires_grad()
     state = model_state(inv, spec, grad)
     notes = list(state.notes)
-    acts = activations(inv, spec, ctx, grad, _lora_bytes(module, arch, ctx, spec))
+    acts = activations(inv, spec, ctx, grad)
     batch = batch_bytes(arch, module, spec, ctx.b, acts.enc_tokens or acts.tokens, acts.tokens)
     states = state.held()
     # Lightning zeroes gradients after the forward: last step's are alive through it
@@ -107,7 +109,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     saved = acts.saved + batch + _autocast_weight_bytes(inv, ctx, acts.idle, grad,
                                                         ckpt=bool(spec.gradient_checkpointing))
     loss_fwd = loss_forward_bytes(ctx, acts.logits)
-    dequant_fwd, dequant_bwd = _dequantize_bytes(module, arch, spec, ctx, acts.tokens)
+    dequant_fwd, dequant_bwd = _dequantize_bytes(module, spec, ctx, acts.tokens)
     block_fwd = max(block_forward_bytes(ctx, n) for n in (acts.tokens, acts.enc_tokens or acts.tokens)) + dequant_fwd
     kept = loss_saved_bytes(ctx, acts.logits) if loss_fwd - block_fwd >= 0 else 0
     phases: Phases = {
@@ -189,43 +191,29 @@ def _backward_phases(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[boo
     }
 
 
-_STRUCTURE: weakref.WeakKeyDictionary[Any, tuple[int, Any, list[Any]]] = weakref.WeakKeyDictionary()
-"""module -> (structure generation, its first block when it has one stack of them, its quantized layers)."""
+_QUANTIZED: weakref.WeakKeyDictionary[Any, tuple[int, list[Any]]] = weakref.WeakKeyDictionary()
+"""module -> (structure generation, its quantized layers)."""
 
 
-def _structure(module: Any, arch: Architecture) -> tuple[Any, list[Any]]:
-    """The first block (``None`` for encoder-decoders) and the quantized layers, read once per structure."""
-    from memguard.estimation.arch import block_stacks, structure_generation
+def _quantized_layers(module: Any) -> list[Any]:
+    """The module's quantized layers, read once per structure."""
+    from memguard.estimation.arch import structure_generation
     from memguard.estimation.quantization import quantized_layers
 
     generation = structure_generation()
     try:
-        cached = _STRUCTURE.get(module)
+        cached = _QUANTIZED.get(module)
     except TypeError:
         cached = None
     if cached is not None and cached[0] == generation:
-        return cached[1], cached[2]
-    enc, dec = block_stacks(module, arch=arch, guess=False)
-    first = enc[0] if enc and not dec else None
-    found = (generation, first, quantized_layers(module))
+        return cached[1]
+    found = (generation, quantized_layers(module))
     with contextlib.suppress(TypeError):
-        _STRUCTURE[module] = found
-    return found[1], found[2]
+        _QUANTIZED[module] = found
+    return found[1]
 
 
-def _lora_bytes(module: Any, arch: Architecture, ctx: Ctx, spec: TrainingSpec) -> int | None:
-    """What the first block's LoRA adapters save (see :mod:`memguard.estimation.formula.lora`), or ``None``
-    (encoder-decoders: counted as trainable blocks)."""
-    from memguard.estimation.formula.context import tokens
-    from memguard.estimation.formula.lora import lora_block_bytes
-
-    first, _ = _structure(module, arch)
-    if first is None:
-        return None
-    return lora_block_bytes(module, first, ctx, ctx.b * tokens(arch, spec))
-
-
-def _dequantize_bytes(module: Any, arch: Architecture, spec: TrainingSpec, ctx: Ctx,
+def _dequantize_bytes(module: Any, spec: TrainingSpec, ctx: Ctx,
                       tokens: int) -> tuple[int, int]:
     """A quantized base's largest dequantized weight, in forward and in backward.
 
@@ -236,7 +224,7 @@ def _dequantize_bytes(module: Any, arch: Architecture, spec: TrainingSpec, ctx: 
     """
     from memguard.estimation.quantization import FUSED_MAX_ROWS, dequantize_temporary
 
-    _, layers = _structure(module, arch)
+    layers = _quantized_layers(module)
     if not layers:
         return 0, 0
     kinds = {m.quantization.kind for m in layers}
