@@ -75,7 +75,7 @@ def test_every_row_fits_when_estimated_again_from_its_settings(llama: Plan, smal
 
 def test_rows_are_sorted_by_the_stated_cost(llama: Plan, small: Plan) -> None:
     terms = {"recompute", "micro-batches", "precision", "optimizer", "gpus", "communication", "offload", "lora rank",
-             "quantized base"}
+             "quantized base", "lora", "new strategy"}
     for p in (llama, small):
         assert [r.group for r in p.rows] == sorted((r.group for r in p.rows), key=[FULL, LORA, QLORA].index)
         for group in (FULL, LORA, QLORA):

@@ -175,8 +175,9 @@ def _model_options(methods: Any) -> Parser:
                        help="Lightning precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true "
                             "(default: %(default)s)")
     model.add_argument("--optimizer", default="adamw",
-                       help="adamw, adam, adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum, adafactor "
-                            "or none (default: %(default)s)")
+                       help="adamw (torch's default: foreach on CUDA), adamw-fused (fused=True, the transformers "
+                            "Trainer's adamw_torch_fused), adamw-foreach, adam, adamw-8bit, paged-adamw, "
+                            "paged-adamw-8bit, sgd, sgd-momentum, adafactor or none (default: %(default)s)")
     model.add_argument("--method", choices=methods, default=None,
                        help="how to estimate: trace the step on fake tensors, or use a formula "
                             "(default: auto, which traces and falls back to the formula)")
@@ -280,8 +281,9 @@ def _add_commands(commands: Any, *, output: Parser, model: Parser, batch: Parser
                      help="GPUs the run may use (default: --world-size)")
     sub.add_argument("--top", type=positive_int, default=10, metavar="K",
                      help="rows per group (full fine-tuning, LoRA) (default: %(default)s)")
-    sub.add_argument("--confirm", type=count, default=2, metavar="K",
-                     help="best rows per group confirmed with the trace; 0: the formula alone (default: %(default)s)")
+    sub.add_argument("--confirm", type=count, default=None, metavar="K",
+                     help="best rows per group confirmed with the trace; 0: the formula alone (default: every "
+                          "row shown)")
     sub.set_defaults(run=_commands.cmd_plan)
     sub = commands.add_parser("gpus", parents=[output], help="the GPUs this machine sees, and their memory")
     sub.add_argument("--catalog", action="store_true", help="also list the GPUs memguard knows by name")
