@@ -22,7 +22,7 @@ from memguard.estimation.spec import positive_int, resolve_optimizer, resolve_pr
 from memguard.fit import check_margin
 from memguard.planning.costs import COST_MODEL, _cost
 from memguard.planning.rows import _OPT_NAMES, FULL, LORA, QLORA, Plan, PlanRow, _Knobs
-from memguard.planning.search import _rows, _searched, _Setup
+from memguard.planning.search import _memo_key, _rows, _searched, _Setup
 
 __all__ = ["GUARD_ESTIMATES", "guard_remedies", "plan", "remedies"]
 
@@ -94,9 +94,10 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
     setup.progress = progress
     search, groups = _searched(setup, None)
     base_knobs = search.ctx.base
-    if search.method == "formula" and setup.confirm:
-        search.estimate(base_knobs, "trace")  # the number `memguard check` gives
-    mine = search.cache.get((base_knobs, "trace")) or search.cache[(base_knobs, search.method)]
+    pruned = search.cache[(_memo_key(base_knobs), search.method)]
+    if search.method == "formula" and (setup.confirm or (search.candidate(pruned) and not search.fits(pruned))):
+        search.estimate(base_knobs, "trace")  # the number `memguard check` gives; a near miss's judge
+    mine = search.cache.get((_memo_key(base_knobs), "trace")) or pruned
     if search.fits(mine) and groups:  # the trace may fit what the formula did not: it leads then
         mine_group = QLORA if base_knobs.quantization else LORA if base_knobs.lora_rank else FULL
         groups[0] = [(mine_group, base_knobs, mine),

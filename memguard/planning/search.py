@@ -178,7 +178,7 @@ class _Search:
         miss is not dropped on its word, :meth:`confirm` traces it)."""
         if est is None:
             return False
-        near = est.method == "formula" and self.setup.confirm > 0 and est.total_bytes <= self.usable * (1 + NEAR)
+        near = est.method == "formula" and est.total_bytes <= self.usable * (1 + NEAR)
         return self.fits(est) or near
 
     def sizes(self, state: _Knobs) -> list[int]:
@@ -244,7 +244,8 @@ class _Search:
         way to the next smaller micro-batch of its state that the formula puts near enough, at its
         own cost (``ranked`` only), and is named in a note; one that a row already kept makes
         needless (fewer changes, no more cost) is skipped untraced. Past ``n`` traced rows, a
-        formula's estimate that fits is kept as it is, and a near miss is dropped.
+        formula's estimate that fits is kept as it is, and a near miss is still traced (issue 17:
+        the trace, not the formula, rejects it).
         """
         ctx, out, done, order = self.ctx, [], 0, 0
         queue: list[tuple[float, int, int, _Found]] = []
@@ -256,7 +257,7 @@ class _Search:
             cost = _cost(k, ctx)
             if any(a != k and _no_more_intrusive(a, k, ctx.base) and _cost(a, ctx) <= cost for _, a, _ in out):
                 continue
-            if est.method == "trace" or done >= n:
+            if est.method == "trace" or (done >= n and self.fits(est)):
                 if self.fits(est):
                     out.append((group, k, est))
                 continue
@@ -314,13 +315,13 @@ def _searched(setup: _Setup, asked: MemoryEstimate | None) -> tuple[_Search, lis
     search = _Search(setup, ctx)
     search.module(base.lora_rank)  # its trainable count, which the costs read before any estimate
     if asked is not None:
-        search.cache[(base, asked.method)] = asked
+        search.cache[(_memo_key(base), asked.method)] = asked
     if search.estimate(base, search.method, strict=search.method == "trace") is None:
         search.failed.clear()
         search.estimate(base, "trace", strict=True)
         setup.notes.append(f"the formula cannot estimate {setup.name}: the trace searched instead")
         search.method = "trace"
-    search.seq_len = search.cache[(base, search.method)].inputs.get("seq_len")
+    search.seq_len = search.cache[(_memo_key(base), search.method)].inputs.get("seq_len")
     search.ctx = dataclasses.replace(ctx, tokens_per_sample=search.seq_len or COSTS["micro_batch_tokens"])
     keep = 2 * setup.limit + 2  # candidates beyond the rows shown: the trace may drop some
     return search, [search.search(group, states, ranks, keep) for group, states, ranks in _groups(search)]
