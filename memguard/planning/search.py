@@ -48,6 +48,11 @@ sharded strategy serves offload (ZeRO-Offload, ZeRO-Infinity, FSDP's ``CPUOffloa
 parameters and gradients) or DeepSpeed's mixed precision (a 16-bit module, fp32 master weights)."""
 NEAR = 0.1
 """A configuration the formula rejects by less than this share of the usable memory is traced."""
+NEAR_TRACES = 2
+"""Near misses traced per group beyond its rows: a model the formula puts low everywhere near the limit
+would otherwise have every near miss traced, only to be rejected. A near miss is not traced either
+when every configuration traced so far is at least as far above the formula as it needs to fail
+(the smallest ratio of trace to formula seen): a skip costs a row, never a wrong one."""
 _LEVEL = {"single": 0, "ddp": 1, "deepspeed_stage_1": 2, _DS2: 2, "fsdp_shard_grad_op": 2, "fsdp": 3,
           "fsdp_hybrid": 3, _DS3: 3}
 """How much of the model state a strategy shards: a lower level is a smaller change."""
@@ -116,6 +121,7 @@ class _Search:
         self.cache: dict[tuple[_Knobs, str], MemoryEstimate | None] = {}
         self.count, self.notes, self.method = 0, [], setup.method
         self.traced = self.asked = 0  # traces run; configurations asked for (memo hits included)
+        self.ratios: list[float] = []  # the trace's bytes over the formula's, for each configuration both made
         self.failed: dict[str, list[Any]] = {}  # message -> [count, first configuration]
         self.progress = setup.progress
 
@@ -156,6 +162,10 @@ class _Search:
                 seen = self.failed.setdefault(f"{exc} ({method})", [0, ", ".join(k.changes(self.ctx.base))])
                 seen[0] += 1
                 self.cache[key] = None
+            other = self.cache.get((key[0], "formula" if method == "trace" else "trace"))
+            if self.cache[key] is not None and other is not None:
+                traced, formula = (self.cache[key], other) if method == "trace" else (other, self.cache[key])
+                self.ratios.append(traced.total_bytes / max(formula.total_bytes, 1))
         return self.cache[key]
 
     def say(self, what: str) -> None:
@@ -247,7 +257,7 @@ class _Search:
         formula's estimate that fits is kept as it is, and a near miss is still traced (issue 17:
         the trace, not the formula, rejects it).
         """
-        ctx, out, done, order = self.ctx, [], 0, 0
+        ctx, out, done, order, near, skipped = self.ctx, [], 0, 0, 0, 0
         queue: list[tuple[float, int, int, _Found]] = []
         for f in found:
             heapq.heappush(queue, (_cost(f[1], ctx) if ranked else 0.0, f[2].total_bytes if ranked else 0, order, f))
@@ -261,6 +271,12 @@ class _Search:
                 if self.fits(est):
                     out.append((group, k, est))
                 continue
+            if not self.fits(est):  # a near miss: traced unless the traces so far say it cannot fit
+                if near >= limit + NEAR_TRACES or (len(self.ratios) >= 2
+                                                   and est.total_bytes * min(self.ratios) > self.usable):
+                    skipped += 1
+                    continue
+                near += 1
             traced = self.estimate(k, "trace")
             if traced is None:  # the trace cannot: the formula's word, when it fits
                 if self.fits(est):
@@ -280,6 +296,10 @@ class _Search:
                 if again is not None and self.candidate(again):
                     heapq.heappush(queue, (_cost(nxt, ctx), again.total_bytes, order, (group, nxt, again)))
                     order += 1
+        if skipped:
+            self.notes.append(f"{skipped} configuration{'s' * (skipped > 1)} the formula puts within {NEAR:.0%} above "
+                              "the limit not traced: the traces so far put every one of them above it, or "
+                              f"{limit + NEAR_TRACES} such near misses were traced already")
         return sorted(out, key=lambda f: (_cost(f[1], ctx), f[2].total_bytes)) if ranked else out
 
     def row(self, group: str, k: _Knobs, est: MemoryEstimate) -> PlanRow:
