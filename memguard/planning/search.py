@@ -49,10 +49,11 @@ parameters and gradients) or DeepSpeed's mixed precision (a 16-bit module, fp32 
 NEAR = 0.1
 """A configuration the formula rejects by less than this share of the usable memory is traced."""
 NEAR_TRACES = 2
-"""Near misses traced per group beyond its rows: a model the formula puts low everywhere near the limit
+"""Near misses traced per group beyond its ``confirm`` rows: a model the formula puts low everywhere near the limit
 would otherwise have every near miss traced, only to be rejected. A near miss is not traced either
-when every configuration traced so far is at least as far above the formula as it needs to fail
-(the smallest ratio of trace to formula seen): a skip costs a row, never a wrong one."""
+when the configurations traced so far (of its structure, :func:`_structure`, where there are) are
+all at least as far above the formula as it needs to fail (the smallest ratio of trace to formula
+seen): a heuristic, but a skip costs a row, never a wrong one."""
 _LEVEL = {"single": 0, "ddp": 1, "deepspeed_stage_1": 2, _DS2: 2, "fsdp_shard_grad_op": 2, "fsdp": 3,
           "fsdp_hybrid": 3, _DS3: 3}
 """How much of the model state a strategy shards: a lower level is a smaller change."""
@@ -81,6 +82,12 @@ class _Setup:
     max_estimates: int
     notes: list[str]
     progress: Callable[[str], None] | None = None
+
+
+def _structure(k: _Knobs) -> tuple[Any, ...]:
+    """What shapes a step's activations and the formula's error on them: all but the optimizer and batch."""
+    return (k.precision, k.checkpointing, k.strategy, k.world_size, k.offload_optimizer, k.offload_params,
+            k.lora_rank, k.quantization, k.accumulate > 1)
 
 
 def _memo_key(k: _Knobs) -> _Knobs:
@@ -121,7 +128,8 @@ class _Search:
         self.cache: dict[tuple[_Knobs, str], MemoryEstimate | None] = {}
         self.count, self.notes, self.method = 0, [], setup.method
         self.traced = self.asked = 0  # traces run; configurations asked for (memo hits included)
-        self.ratios: list[float] = []  # the trace's bytes over the formula's, for each configuration both made
+        # the trace's bytes over the formula's, for each configuration both made, by its structure
+        self.ratios: dict[tuple[Any, ...], list[float]] = {}
         self.failed: dict[str, list[Any]] = {}  # message -> [count, first configuration]
         self.progress = setup.progress
 
@@ -165,8 +173,15 @@ class _Search:
             other = self.cache.get((key[0], "formula" if method == "trace" else "trace"))
             if self.cache[key] is not None and other is not None:
                 traced, formula = (self.cache[key], other) if method == "trace" else (other, self.cache[key])
-                self.ratios.append(traced.total_bytes / max(formula.total_bytes, 1))
+                self.ratios.setdefault(_structure(k), []).append(traced.total_bytes / max(formula.total_bytes, 1))
         return self.cache[key]
+
+    def below(self, k: _Knobs, est: MemoryEstimate) -> bool:
+        """Whether the traces so far say the trace of ``k`` cannot fit where the formula's ``est``
+        does not: ``est`` times the smallest ratio of trace to formula seen, on ``k``'s structure
+        where one was traced, else on any (two at least), is still above the usable memory."""
+        seen = self.ratios.get(_structure(k)) or [r for rs in self.ratios.values() for r in rs]
+        return len(seen) >= (1 if _structure(k) in self.ratios else 2) and est.total_bytes * min(seen) > self.usable
 
     def say(self, what: str) -> None:
         """A progress line (``setup.progress``), with the work so far."""
@@ -272,8 +287,7 @@ class _Search:
                     out.append((group, k, est))
                 continue
             if not self.fits(est):  # a near miss: traced unless the traces so far say it cannot fit
-                if near >= limit + NEAR_TRACES or (len(self.ratios) >= 2
-                                                   and est.total_bytes * min(self.ratios) > self.usable):
+                if near >= n + NEAR_TRACES or self.below(k, est):
                     skipped += 1
                     continue
                 near += 1
@@ -299,7 +313,7 @@ class _Search:
         if skipped:
             self.notes.append(f"{skipped} configuration{'s' * (skipped > 1)} the formula puts within {NEAR:.0%} above "
                               "the limit not traced: the traces so far put every one of them above it, or "
-                              f"{limit + NEAR_TRACES} such near misses were traced already")
+                              f"{n + NEAR_TRACES} such near misses were traced already")
         return sorted(out, key=lambda f: (_cost(f[1], ctx), f[2].total_bytes)) if ranked else out
 
     def row(self, group: str, k: _Knobs, est: MemoryEstimate) -> PlanRow:
