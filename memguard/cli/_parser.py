@@ -278,7 +278,8 @@ def _add_commands(commands: Any, *, output: Parser, model: Parser, batch: Parser
     sub = commands.add_parser("plan", parents=[model, batch, gpu, output],
                               help="what would make a step fit the GPU, cheapest first, with the flags for check")
     sub.add_argument("--gpus", type=positive_int, default=None, metavar="N",
-                     help="GPUs the run may use (default: --world-size)")
+                     help="GPUs you own: strategies are searched on 1 to N of them, the effective batch split "
+                          "among them (default: --world-size)")
     sub.add_argument("--top", type=positive_int, default=10, metavar="K",
                      help="rows per group (full fine-tuning, LoRA) (default: %(default)s)")
     sub.add_argument("--confirm", type=count, default=None, metavar="K",
