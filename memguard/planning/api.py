@@ -55,8 +55,10 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
         gpu: a :class:`DeviceMemory`, what :func:`memguard.device_memory` takes (``"A100-80GB"``,
             ``"24GiB"``, ``"cuda:0"``) or ``"auto"``, or the free bytes as an ``int``.
         seq_len: tokens per sample (default: the model's maximum).
-        gpus: the most data-parallel GPUs (default: ``base``'s world size). World sizes that do not
-            divide the effective batch are skipped: they would change it.
+        gpus: the GPUs you own (default: ``base``'s world size): strategies are searched on 1 to
+            ``gpus`` of them, each taking its share of the effective batch, and rows on different
+            counts are listed side by side. World sizes that do not divide the effective batch are
+            skipped: they would change it.
         batch_size: the per-device micro-batch the user runs (``memguard check --batch-size``).
             The effective batch, ``batch_size x accumulate_grad_batches x world_size``, is what
             every row keeps: with more GPUs each one takes fewer samples. No row uses a larger
