@@ -187,9 +187,6 @@ def _paged_adamw(params: Iterable[torch.nn.Parameter], **_: Any) -> torch.optim.
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("adamw", _builtin("AdamW", lr=1e-3), 2),
-    "adamw-fused": OptimizerSpec("adamw-fused", _builtin("AdamW", lr=1e-3, fused=True), 2, implementation="fused"),
-    "adamw-foreach": OptimizerSpec("adamw-foreach", _builtin("AdamW", lr=1e-3, foreach=True), 2,
-                                   implementation="foreach"),
     "adam": OptimizerSpec("adam", _builtin("Adam", lr=1e-3), 2),
     "sgd": OptimizerSpec("sgd", _builtin("SGD", lr=1e-3), 0),
     "sgd-momentum": OptimizerSpec("sgd-momentum", _builtin("SGD", lr=1e-3, momentum=0.9), 1),
@@ -197,6 +194,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw-8bit": OptimizerSpec("adamw-8bit", _adamw8bit, 0, quantized=True),
     "paged-adamw": OptimizerSpec("paged-adamw", _paged_adamw, 2, paged=True),
     "paged-adamw-8bit": OptimizerSpec("paged-adamw-8bit", _adamw8bit, 0, quantized=True, paged=True),
+    "adamw-fused": OptimizerSpec("adamw-fused", _builtin("AdamW", lr=1e-3, fused=True), 2, implementation="fused"),
+    "adamw-foreach": OptimizerSpec("adamw-foreach", _builtin("AdamW", lr=1e-3, foreach=True), 2,
+                                   implementation="foreach"),
     "none": OptimizerSpec("none", None, 0),
 }
 _KNOWN_CLASSES = {"AdamW": 2, "Adam": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adagrad": 1,
