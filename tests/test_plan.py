@@ -75,7 +75,7 @@ def test_every_row_fits_when_estimated_again_from_its_settings(llama: Plan, smal
 
 def test_rows_are_sorted_by_the_stated_cost(llama: Plan, small: Plan) -> None:
     terms = {"recompute", "micro-batches", "precision", "optimizer", "gpus", "communication", "offload", "lora rank",
-             "quantized base"}
+             "quantized base", "lora", "new strategy"}
     for p in (llama, small):
         assert [r.group for r in p.rows] == sorted((r.group for r in p.rows), key=[FULL, LORA, QLORA].index)
         for group in (FULL, LORA, QLORA):
@@ -264,3 +264,87 @@ def test_a_run_the_formula_rejects_by_a_little_is_traced_and_kept() -> None:
              confirm=0, lora_ranks=(), device="cpu", optimizers=["adamw"], precision="bf16-mixed")
     assert p.fits_as_is and p.rows[0].changes == [] and p.rows[0].method == "trace"
     assert p.rows[0].total_bytes == traced
+
+
+def _tiny_llama() -> object:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
+
+
+@pytest.mark.parametrize("method", ["trace", "formula"])
+def test_every_accumulation_from_two_on_estimates_alike(method: str) -> None:
+    """What the plan's memo relies on (``search._memo_key``): ``accumulate`` 2 and 5 give the same bytes."""
+    config = _tiny_llama()
+    kwargs = {"batch_size": 2, "seq_len": 32, "precision": "bf16-mixed", "method": method, "device": "cpu"}
+    one, two, five = (memguard.estimate(config, accumulate_grad_batches=a, **kwargs) for a in (1, 2, 5))
+    assert two.total_bytes == five.total_bytes and two.breakdown == five.breakdown
+    assert one.total_bytes != two.total_bytes  # the gradients live through the second forward
+
+
+def test_every_row_shown_is_traced_and_fits_again() -> None:
+    """The default plan traces every row it shows; estimated again from its settings, each gives the
+    same bytes and fits."""
+    config = _tiny_llama()
+    free = 40 * 2**20
+    p = plan(config, seq_len=64, gpu=free, batch_size=8, device="cpu", limit=3, lora_ranks=(8,),
+             optimizers=["adamw", "adamw-fused"])
+    assert p.rows and all(r.method == "trace" for r in p.rows)
+    assert p.traced >= len(p.rows) and p.configurations >= p.traced
+    for row in p.rows:
+        again = memguard.estimate(config, method="trace", **row.settings)
+        assert again.total_bytes == row.total_bytes and again.fits(free, p.margin)
+    assert p.searched().startswith(f"searched {p.configurations} configurations in ")
+
+
+def test_fused_adamw_is_an_optimizer_with_no_step_temporaries() -> None:
+    """``fused=True`` (torch._fused_adamw_) updates in place; foreach holds one more copy of the
+    trainable parameters in the step (``_multi_tensor_adam``'s ``torch._foreach_sqrt``)."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(n_layer=2, n_embd=512, n_head=4, vocab_size=8192, n_positions=64)  # the step peaks
+    est = {(o, m): memguard.estimate(config, 1, 8, optimizer=o, method=m)
+           for o, m in (("adamw", "trace"), ("adamw-fused", "trace"), ("adamw", "formula"),
+                        ("adamw-foreach", "formula"), ("adamw-fused", "formula"))}
+    assert est[("adamw-foreach", "formula")].total_bytes == est[("adamw", "formula")].total_bytes  # CUDA's default
+    for m in ("trace", "formula"):
+        assert est[("adamw-fused", m)].total_bytes < est[("adamw", m)].total_bytes
+        assert est[("adamw-fused", m)].inputs["optimizer"] == "adamw-fused"
+    fused, formula = est[("adamw-fused", "trace")].total_bytes, est[("adamw-fused", "formula")].total_bytes
+    assert abs(formula - fused) <= 0.02 * fused
+    cpu = [memguard.estimate(config, 1, 8, optimizer=o, method="trace", device="cpu").total_bytes
+           for o in ("adamw", "adamw-foreach")]
+    assert cpu[1] > cpu[0]  # foreach on the CPU too: its full-size list
+
+
+def test_new_strategies_and_lora_are_charged() -> None:
+    from memguard.planning.costs import _Context, _cost_terms
+    from memguard.planning.rows import _Knobs
+
+    base = _Knobs("bf16-mixed", "adamw", False, "single", 1, False, False, None)
+    ctx = _Context(base, 4, 1024, 10**9, {None: 10**9, 16: 10**7})
+    ds = _Knobs("bf16-mixed", "adamw", False, "deepspeed_stage_2", 1, False, False, None)
+    assert _cost_terms(ds, ctx) == {"new strategy": COSTS["new_strategy"]}
+    lora = _Knobs("bf16-mixed", "adamw", False, "single", 1, False, False, 16)
+    assert _cost_terms(lora, ctx)["lora"] == COSTS["lora"]
+    fused = _Knobs("bf16-mixed", "adamw-fused", False, "single", 1, False, False, None)
+    assert _cost_terms(fused, ctx) == {}  # the same update, made in one kernel: free
+    ddp = _Knobs("bf16-mixed", "adamw", False, "ddp", 2, False, False, None)
+    assert "new strategy" not in _cost_terms(ddp, ctx)
+
+
+def test_two_owned_gpus_list_lora_with_ddp_on_both() -> None:
+    """``gpus=2`` is two GPUs you own: a LoRA run split over both is its own row, not made needless
+    by the one-GPU row."""
+    config = _tiny_llama()
+    p = plan(config, seq_len=64, gpu=40 * 2**20, gpus=2, batch_size=8, device="cpu", limit=10, lora_ranks=(8,),
+             confirm=0, optimizers=["adamw"], precision="32-true")
+    lora_ddp = [r for r in p.group(LORA) if r.settings["world_size"] == 2 and r.settings["strategy"] == "ddp"]
+    assert lora_ddp and all(r.settings["batch_size"] * r.settings["accumulate_grad_batches"] == 4 for r in lora_ddp)
+
+
+def test_no_bf16_on_a_t4_by_the_catalog() -> None:
+    p = plan("gpt2", seq_len=128, gpu="T4", batch_size=8, confirm=0, lora_ranks=(), optimizers=["adamw"])
+    assert p.rows and not any(r.settings["precision"].startswith("bf16") for r in p.rows)
+    assert any("compute capability below 8.0" in n for n in p.notes)

@@ -139,11 +139,14 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
                  method_prune="trace" if args.method == "trace" else "formula",
                  estimate_kwargs={"set_to_none": args.set_to_none, "trace_timeout": args.trace_timeout,
                                   "moe_routing": args.moe_routing, "decoder_seq_len": args.decoder_seq_len,
-                                  **extra})
+                                  **extra},
+                 progress=out.progress if out.progress_shown else None)
     if out.json_mode:
         out.json([row.to_dict() for row in found.rows])
     else:
         out.text(found.table(top=args.top))
+    if not args.quiet:  # on a terminal or in a CI log alike: how long the search took
+        out.note(f"{found.searched()}")
     return EXIT_OK if found.rows else EXIT_DOES_NOT_FIT
 
 

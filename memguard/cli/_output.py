@@ -61,6 +61,11 @@ class Output:
             write(sys.stderr, text + "\n")
             sys.stderr.flush()
 
+    def note(self, text: str) -> None:
+        """A line on stderr whether or not it is a terminal (``--quiet`` is the caller's to check)."""
+        write(sys.stderr, f"{PROG}: {text}\n")
+        sys.stderr.flush()
+
 
 def write(stream: Any, text: str) -> None:
     """Write ``text`` to ``stream``; what its encoding cannot hold is written as ``\\x..``/``\\udc..`` escapes.

@@ -175,8 +175,9 @@ def _model_options(methods: Any) -> Parser:
                        help="Lightning precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true "
                             "(default: %(default)s)")
     model.add_argument("--optimizer", default="adamw",
-                       help="adamw, adam, adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum, adafactor "
-                            "or none (default: %(default)s)")
+                       help="adamw (torch's default: foreach on CUDA), adamw-fused (fused=True, the transformers "
+                            "Trainer's adamw_torch_fused), adamw-foreach, adam, adamw-8bit, paged-adamw, "
+                            "paged-adamw-8bit, sgd, sgd-momentum, adafactor or none (default: %(default)s)")
     model.add_argument("--method", choices=methods, default=None,
                        help="how to estimate: trace the step on fake tensors, or use a formula "
                             "(default: auto, which traces and falls back to the formula)")
@@ -277,11 +278,13 @@ def _add_commands(commands: Any, *, output: Parser, model: Parser, batch: Parser
     sub = commands.add_parser("plan", parents=[model, batch, gpu, output],
                               help="what would make a step fit the GPU, cheapest first, with the flags for check")
     sub.add_argument("--gpus", type=positive_int, default=None, metavar="N",
-                     help="GPUs the run may use (default: --world-size)")
+                     help="GPUs you own: strategies are searched on 1 to N of them, the effective batch split "
+                          "among them (default: --world-size)")
     sub.add_argument("--top", type=positive_int, default=10, metavar="K",
                      help="rows per group (full fine-tuning, LoRA) (default: %(default)s)")
-    sub.add_argument("--confirm", type=count, default=2, metavar="K",
-                     help="best rows per group confirmed with the trace; 0: the formula alone (default: %(default)s)")
+    sub.add_argument("--confirm", type=count, default=None, metavar="K",
+                     help="best rows per group confirmed with the trace; 0: the formula alone (default: every "
+                          "row shown)")
     sub.set_defaults(run=_commands.cmd_plan)
     sub = commands.add_parser("gpus", parents=[output], help="the GPUs this machine sees, and their memory")
     sub.add_argument("--catalog", action="store_true", help="also list the GPUs memguard knows by name")

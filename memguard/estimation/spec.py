@@ -86,6 +86,12 @@ class OptimizerSpec:
         quantized: 8-bit block-wise state (bitsandbytes), see :class:`AdamW8bitStandIn`.
         paged: bitsandbytes' paged optimizer: state of large parameters in CUDA managed memory
             (see :data:`PAGED_MIN_NUMEL`), fp32 for the 32-bit one (:class:`PagedAdamWStandIn`).
+        implementation: ``"fused"`` (``fused=True``: one kernel updates every tensor in place,
+            ``torch/optim/adam.py`` ``_fused_adam``, ``torch._fused_adamw_``; the transformers
+            Trainer's default ``optim="adamw_torch_fused"``), ``"foreach"`` (``foreach=True`` on
+            every device, ``_multi_tensor_adam``) or ``None``: torch's default, ``foreach`` on CUDA
+            and the single-tensor loop on the CPU (``torch/optim/optimizer.py``,
+            ``_default_to_fused_or_foreach``).
     """
 
     name: str
@@ -94,6 +100,7 @@ class OptimizerSpec:
     factored: bool = False
     quantized: bool = False
     paged: bool = False
+    implementation: str | None = None
 
 
 def _builtin(cls_name: str, **kwargs: Any) -> OptimizerFactory:
@@ -187,6 +194,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw-8bit": OptimizerSpec("adamw-8bit", _adamw8bit, 0, quantized=True),
     "paged-adamw": OptimizerSpec("paged-adamw", _paged_adamw, 2, paged=True),
     "paged-adamw-8bit": OptimizerSpec("paged-adamw-8bit", _adamw8bit, 0, quantized=True, paged=True),
+    "adamw-fused": OptimizerSpec("adamw-fused", _builtin("AdamW", lr=1e-3, fused=True), 2, implementation="fused"),
+    "adamw-foreach": OptimizerSpec("adamw-foreach", _builtin("AdamW", lr=1e-3, foreach=True), 2,
+                                   implementation="foreach"),
     "none": OptimizerSpec("none", None, 0),
 }
 _KNOWN_CLASSES = {"AdamW": 2, "Adam": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adagrad": 1,
@@ -203,7 +213,8 @@ def resolve_optimizer(optimizer: str | type | OptimizerFactory | OptimizerSpec |
         key = optimizer.strip().lower().replace("_", "-")
         key = {"sgd-nesterov": "sgd-momentum", "momentum": "sgd-momentum", "adam-w": "adamw",
                "adamw8bit": "adamw-8bit", "adamw-bnb-8bit": "adamw-8bit", "pagedadamw": "paged-adamw",
-               "pagedadamw8bit": "paged-adamw-8bit", "paged-adamw-32bit": "paged-adamw"}.get(key, key)
+               "pagedadamw8bit": "paged-adamw-8bit", "paged-adamw-32bit": "paged-adamw",
+               "adamw-torch-fused": "adamw-fused", "adamw-torch": "adamw"}.get(key, key)
         if key not in OPTIMIZERS:
             raise ConfigError(
                 f"unknown optimizer {optimizer!r}; expected one of {', '.join(OPTIMIZERS)}, "
@@ -242,6 +253,8 @@ def make_optimizer(spec: OptimizerSpec, params: list[torch.nn.Parameter],
     if spec.factory is None or not params:
         return None
     bitsandbytes = spec.quantized or spec.paged
+    if spec.implementation is not None:  # fused=True or foreach=True already: torch refuses both at once
+        return spec.factory(params)
     if foreach is not None and spec.name in OPTIMIZERS and not bitsandbytes and spec.name != "adafactor":
         return spec.factory(params, foreach=foreach)  # type: ignore[call-arg]
     return spec.factory(params)

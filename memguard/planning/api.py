@@ -6,10 +6,11 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from memguard.device import DeviceMemory, parse_gpu, resolve_budget
+from memguard.device.catalog import bf16_problem
 from memguard.errors import ConfigError, MemguardError
 from memguard.estimation.estimator import DEFAULT_QLORA_RANK
 from memguard.estimation.models import ResolvedModel, add_lora, load_model, lora_rank_limit
@@ -19,9 +20,9 @@ from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.spec import OPTIMIZERS as NAMED_OPTIMIZERS
 from memguard.estimation.spec import positive_int, resolve_optimizer, resolve_precision
 from memguard.fit import check_margin
-from memguard.planning.costs import COST_MODEL
+from memguard.planning.costs import COST_MODEL, _cost
 from memguard.planning.rows import _OPT_NAMES, FULL, LORA, QLORA, Plan, PlanRow, _Knobs
-from memguard.planning.search import _best, _rows, _searched, _Setup
+from memguard.planning.search import _memo_key, _rows, _searched, _Setup
 
 __all__ = ["GUARD_ESTIMATES", "guard_remedies", "plan", "remedies"]
 
@@ -31,10 +32,8 @@ GUARD_ESTIMATES = 16
 """Estimates a guard spends on what would fit: a user's module is searched with traces, seconds each."""
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
-OPTIMIZERS = ("adamw", "adamw-8bit", "adafactor", "sgd")
+OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit", "adafactor", "sgd")
 LORA_RANKS = (8, 16, 64)
-_NO_BF16 = re.compile(r"\b(t4|v100|p100|p40|k80)\b", re.I)
-"""GPUs without bfloat16 arithmetic (before Ampere): bf16 precisions are not proposed there."""
 _EXTRA_KEYS = ("example_input", "loss_fn", "step_fn", "training_loop", "set_to_none", "trace_timeout",
                "moe_routing", "decoder_seq_len")
 _BASE_KEYS = ("batch_size", "precision", "optimizer", "gradient_checkpointing", "strategy", "world_size",
@@ -45,9 +44,10 @@ _BASE_KEYS = ("batch_size", "precision", "optimizer", "gradient_checkpointing", 
 def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = None, gpus: int | None = None,
          batch_size: int | None = None, margin: float = 0.1, precision: str | Sequence[str] | None = None,
          optimizers: Sequence[str] | None = None, base: Mapping[str, Any] | None = None,
-         lora_ranks: Sequence[int] = LORA_RANKS, method_prune: str = "formula", confirm: int = 2,
+         lora_ranks: Sequence[int] = LORA_RANKS, method_prune: str = "formula", confirm: int | None = None,
          limit: int = 10, device: str = "cuda", max_estimates: int = 3000,
-         estimate_kwargs: Mapping[str, Any] | None = None) -> Plan:
+         estimate_kwargs: Mapping[str, Any] | None = None,
+         progress: Callable[[str], None] | None = None) -> Plan:
     """The configurations of a training run that fit a GPU, cheapest first by :data:`COST_MODEL`.
 
     Args:
@@ -55,8 +55,10 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
         gpu: a :class:`DeviceMemory`, what :func:`memguard.device_memory` takes (``"A100-80GB"``,
             ``"24GiB"``, ``"cuda:0"``) or ``"auto"``, or the free bytes as an ``int``.
         seq_len: tokens per sample (default: the model's maximum).
-        gpus: the most data-parallel GPUs (default: ``base``'s world size). World sizes that do not
-            divide the effective batch are skipped: they would change it.
+        gpus: the GPUs you own (default: ``base``'s world size): strategies are searched on 1 to
+            ``gpus`` of them, each taking its share of the effective batch, and rows on different
+            counts are listed side by side. World sizes that do not divide the effective batch are
+            skipped: they would change it.
         batch_size: the per-device micro-batch the user runs (``memguard check --batch-size``).
             The effective batch, ``batch_size x accumulate_grad_batches x world_size``, is what
             every row keeps: with more GPUs each one takes fewer samples. No row uses a larger
@@ -72,11 +74,16 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
             ``batch_size``); rows say what they change from it and are charged for that.
         lora_ranks: the ranks of the LoRA group, when ``base`` is not LoRA already.
         method_prune: ``"formula"`` (the trace when the formula cannot estimate the model) or ``"trace"``.
-        confirm: rows of each group confirmed with the trace; one it finds too large is dropped.
+        confirm: rows of each group confirmed with the trace (``None``, the default: every row
+            shown); one it finds too large gives way to the next candidate, and a configuration the
+            formula rejects by less than 10% of the usable memory is a candidate the trace decides.
+            ``0``: the formula alone.
         limit: rows kept per group; max_estimates: a bound on the search's estimates.
         device: ``"cuda"`` or ``"cpu"``, as in :func:`memguard.estimate`.
         estimate_kwargs: passed to every estimate: ``example_input``, ``loss_fn``, ``step_fn``,
             ``training_loop``, ``set_to_none``, ``trace_timeout``.
+        progress: called with a line of progress now and then (each trace, every 25 formula
+            estimates); the library itself never prints.
 
     Raises:
         ConfigError: for a bad argument, naming it.
@@ -84,13 +91,15 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
     start = time.perf_counter()
     setup = _setup(model, None, gpu=gpu, seq_len=seq_len, gpus=gpus, batch_size=batch_size, margin=margin,
                    precision=precision, optimizers=optimizers, base=base, lora_ranks=lora_ranks,
-                   method_prune=method_prune, confirm=confirm, limit=limit, device=device,
-                   max_estimates=max_estimates, estimate_kwargs=estimate_kwargs)
+                   method_prune=method_prune, confirm=limit if confirm is None else confirm, limit=limit,
+                   device=device, max_estimates=max_estimates, estimate_kwargs=estimate_kwargs)
+    setup.progress = progress
     search, groups = _searched(setup, None)
     base_knobs = search.ctx.base
-    if search.method == "formula" and setup.confirm:
-        search.estimate(base_knobs, "trace")  # the number `memguard check` gives
-    mine = search.cache.get((base_knobs, "trace")) or search.cache[(base_knobs, search.method)]
+    pruned = search.cache[(_memo_key(base_knobs), search.method)]
+    if search.method == "formula" and (setup.confirm or (search.candidate(pruned) and not search.fits(pruned))):
+        search.estimate(base_knobs, "trace")  # the number `memguard check` gives; a near miss's judge
+    mine = search.cache.get((_memo_key(base_knobs), "trace")) or pruned
     if search.fits(mine) and groups:  # the trace may fit what the formula did not: it leads then
         mine_group = QLORA if base_knobs.quantization else LORA if base_knobs.lora_rank else FULL
         groups[0] = [(mine_group, base_knobs, mine),
@@ -102,7 +111,7 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
              "flags": base_knobs.flags(base_knobs, search.seq_len, setup.device, setup.margin)}
     return Plan(rows, COST_MODEL, asked, search.fits(mine), setup.name, setup.gpu, setup.margin, search.usable,
                 search.ctx.effective, search.all_notes(), search.count,
-                round(time.perf_counter() - start, 3))
+                round(time.perf_counter() - start, 3), search.traced, len({k for k, _ in search.cache}))
 
 
 def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, margin: float = 0.1, *,
@@ -154,10 +163,11 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
                    estimate_kwargs={**{k: inputs[k] for k in ("training_loop", "set_to_none", "moe_routing")
                                        if k in inputs}, **(estimate_kwargs or {})})
     search, groups = _searched(setup, estimate)
-    found = [[f for f in _best(g, search.ctx, setup.limit) if f[1] != search.ctx.base] for g in groups]
+    ctx = search.ctx
+    found = [sorted((f for f in g if f[1] != ctx.base), key=lambda f: (_cost(f[1], ctx), f[2].total_bytes))
+             for g in groups]
     turns = [f for tier in itertools.zip_longest(*found) for f in tier if f is not None]
-    if search.method == "formula":
-        turns = search.confirm(turns, setup.confirm)
+    turns = search.confirm(turns, setup.confirm, top, ranked=False)
     return [search.row(*f) for f in turns[:top]]
 
 
@@ -180,9 +190,10 @@ def _setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len: Any
         raise ConfigError(f"gpus={gpus} is fewer than the run's world_size={knobs.world_size}; pass gpus >= it")
     memory, notes = _resolve_gpu(gpu), []
     precisions = _choices("precision", precision, PRECISIONS, knobs.precision, lambda p: resolve_precision(p).name)
-    if precision is None and _NO_BF16.search(memory.name.replace("-", " ")):
+    if precision is None and bf16_problem(memory.name, "bf16-mixed"):  # the catalog's compute capability < 8.0
         precisions = tuple(p for p in precisions if not p.startswith("bf16") or p == knobs.precision)
-        notes.append(f"{memory.name} has no bfloat16 arithmetic: no bf16 precision is proposed")
+        notes.append(f"{memory.name} has no bfloat16 arithmetic (compute capability below 8.0): no bf16 "
+                     "precision is proposed")
     optimizers = _choices("optimizers", optimizers, OPTIMIZERS, knobs.optimizer, _optimizer_name)
     ranks = () if knobs.lora_rank else tuple(sorted({positive_int("lora_ranks", r) for r in lora_ranks}, reverse=True))
     limit, max_estimates = positive_int("limit", limit), positive_int("max_estimates", max_estimates)

@@ -22,7 +22,7 @@ COSTS: dict[str, Any] = {
     "precision_speed": {"32-true": 1.0, "64-true": 4.0},
     "optimizer_quality": {"adamw-8bit": 0.05, "adafactor": 0.1, "sgd-momentum": 0.3, "sgd": 0.5},
     "pcie_bytes_per_s": 25e9, "host_bytes_per_s": 50e9, "host_step_bytes_per_param": 32, "gpu_flops": 125e12,
-    "lora_rank": 0.02, "quantized_base": 0.5,
+    "lora_rank": 0.02, "quantized_base": 0.5, "new_strategy": 0.1, "lora": 0.1,
 }
 """The cost model's constants, in units where 1.0 is about one more step time (absent names: 0).
 
@@ -35,8 +35,17 @@ COSTS: dict[str, Any] = {
   2020); ``precision_speed``: fp32 matmuls run at about half the bf16 rate (TF32).
 * ``optimizer_quality``: a judgement of the distance from AdamW in fine-tuning (8-bit AdamW
   matches it closely, Dettmers et al. 2022; SGD lags on transformers).
-* ``gpu``: GPUs beyond yours, per multiple of yours (1 -> 2 GPUs 1.0, 2 -> 4 1.0), linear in the count;
-  ``sharded_communication``: fsdp / deepspeed_stage_3 move 1.5x DDP's bytes (ZeRO paper).
+* ``gpu``: GPUs beyond the run's own, among those you own (``gpus``), per multiple of the run's
+  (1 -> 2 GPUs 1.0, 2 -> 4 1.0), linear in the count: GPUs another job cannot use meanwhile. The
+  batch they split is not charged again (each GPU runs fewer micro-batches: a saving the
+  micro-batch term shows); ``sharded_communication``: fsdp / deepspeed_stage_3 move 1.5x DDP's
+  bytes (ZeRO paper).
+* ``new_strategy``: adopting DeepSpeed or FSDP where the run uses neither: a dependency, its
+  configuration, a sharded checkpoint format (Lightning's ``DeepSpeedStrategy``/``FSDPStrategy``
+  save one file per rank) and the debugging of a new engine; a judgement, charged once.
+* ``lora``: training LoRA adapters instead of every weight: LoRA learns less than full
+  fine-tuning on code and maths (Biderman et al. 2024, "LoRA Learns Less and Forgets Less"), and
+  QLoRA matches 16-bit LoRA (Dettmers et al. 2023); a judgement, charged once from full training.
 * offload: ``(PCIe bytes / pcie_bytes_per_s + host step) / compute``: the host step touches
   ``host_step_bytes_per_param`` per trainable parameter (fp32 weight, gradient, two moments, read
   and written) at ``host_bytes_per_s``; compute is ``6 N`` FLOPs per token (4 N for LoRA: frozen
@@ -55,12 +64,12 @@ COST_MODEL = (
     "about one more step time): gradient checkpointing +0.33 (recomputes the forward); a micro-batches of T "
     "tokens per GPU +(a-1)*256/(T+256); precision numerics bf16-mixed 0.02, 16-mixed 0.03, bf16-true 0.15, "
     "speed 32-true +1.0; optimizer quality 8-bit AdamW 0.05, Adafactor 0.10, SGD 0.50; GPUs beyond yours +1.0 "
-    "per multiple of yours (1 -> 2 GPUs +1.0, 1 -> 4 +3.0), +0.05 for fsdp/deepspeed_stage_3 traffic; offload "
+    "per multiple of yours (1 -> 2 GPUs +1.0, 1 -> 4 +3.0), +0.05 for fsdp/deepspeed_stage_3 traffic; adopting "
+    "DeepSpeed or FSDP +0.10 (a new engine, config and checkpoint format); offload "
     "(PCIe bytes at 25 GB/s + host optimizer step, 32 B/param at 50 GB/s) / compute (6 N FLOPs/token at 125 "
-    "TFLOPS); LoRA +0.02 per halving of the rank below 64; a 4-bit or 8-bit base (QLoRA) +0.5 (dequantizing every "
-    "weight). Not charged: the work of adopting DeepSpeed or FSDP, "
-    "host memory. Ranked by cost, then headroom; full fine-tuning, LoRA and QLoRA apart (they train different "
-    "things, or over a different base)."
+    "TFLOPS); LoRA instead of full fine-tuning +0.10 (it learns less), +0.02 per halving of the rank below 64; a "
+    "4-bit or 8-bit base (QLoRA) +0.5 (dequantizing every weight). Not charged: host memory. Ranked by cost, then "
+    "headroom; full fine-tuning, LoRA and QLoRA apart (they train different things, or over a different base)."
 )
 
 
@@ -96,9 +105,17 @@ def _cost_terms(k: _Knobs, ctx: _Context) -> dict[str, float]:
                                                         and base.strategy not in full_shard),
         "offload": _offload_cost(k, ctx),
         "lora rank": max(0.0, rank),
+        "lora": c["lora"] * (k.lora_rank is not None and base.lora_rank is None),
+        "new strategy": c["new_strategy"] * (_engine(k.strategy) is not None
+                                             and _engine(k.strategy) != _engine(base.strategy)),
         "quantized base": c["quantized_base"] * (k.quantization is not None and base.quantization is None),
     }
     return {name: round(v, 4) for name, v in terms.items() if v > 0}
+
+
+def _engine(strategy: str) -> str | None:
+    """``"deepspeed"`` or ``"fsdp"`` for a strategy of those engines; ``None`` for single and DDP."""
+    return next((e for e in ("deepspeed", "fsdp") if strategy.startswith(e)), None)
 
 
 def _more(table: str, mine: str, base: str) -> float:

@@ -21,7 +21,8 @@ __all__ = ["FULL", "LORA", "QLORA", "Plan", "PlanRow"]
 FULL, LORA, QLORA = "full fine-tuning", "LoRA", "QLoRA"
 _DS2, _DS3 = "deepspeed_stage_2", "deepspeed_stage_3"
 """DeepSpeed's ZeRO stages 2 and 3 by their strategy names (Rajbhandari et al. 2020)."""
-_OPT_NAMES = {"adamw": "AdamW", "adam": "Adam", "adamw-8bit": "8-bit AdamW", "adafactor": "Adafactor",
+_OPT_NAMES = {"adamw": "AdamW", "adamw-fused": "fused AdamW", "adamw-foreach": "foreach AdamW", "adam": "Adam",
+              "adamw-8bit": "8-bit AdamW", "adafactor": "Adafactor",
               "sgd": "SGD", "sgd-momentum": "SGD with momentum", "paged-adamw": "paged AdamW",
               "paged-adamw-8bit": "paged 8-bit AdamW"}
 _QUANT_NAMES = {"nf4-dq": "QLoRA base: NF4 with double quantization", "nf4": "NF4 base", "fp4": "FP4 base",
@@ -156,6 +157,8 @@ class Plan:
         fits_as_is: whether the asked configuration fits.
         effective_batch: samples per optimizer step over all GPUs, kept by every row.
         notes: what was skipped or could not be estimated; estimates, seconds: the search's work.
+        traced: how many of the estimates were traces; configurations: how many configurations
+            were estimated (an accumulation of 2 or more counted once: they estimate alike).
     """
 
     rows: list[PlanRow]
@@ -170,6 +173,8 @@ class Plan:
     notes: list[str]
     estimates: int
     seconds: float
+    traced: int = 0
+    configurations: int = 0
 
     def group(self, name: str) -> list[PlanRow]:
         return [r for r in self.rows if r.group == name]
@@ -208,7 +213,12 @@ class Plan:
                           f"{', '.join(r.changes) or 'as asked'}{host}", f"{'':>5}flags: {' '.join(r.flags)}"]
         lines += ["", "nothing searched fits this GPU"] * (not self.rows)
         lines += ["", self.cost_model, *(f"note: {n}" for n in self.notes)]
-        return "\n".join([*lines, f"searched with {self.estimates} estimates in {self.seconds:.1f} s"])
+        return "\n".join([*lines, self.searched()])
+
+    def searched(self) -> str:
+        """The closing line: ``searched N configurations in T s`` and the estimates behind it."""
+        return (f"searched {self.configurations} configurations in {self.seconds:.1f} s ({self.estimates} "
+                f"estimates, {self.traced} traced)")
 
     def __str__(self) -> str:
         return self.table()

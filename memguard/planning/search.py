@@ -5,13 +5,28 @@ offload) is a *state* (:func:`_states`); :meth:`_Search.fit` finds its largest m
 the divisors of the per-device effective batch, so the effective batch is kept exactly;
 :meth:`_Search.search` visits states by the least they can cost and stops once they cost more than
 the fits kept; :func:`_best` drops a fit that another with a subset of its changes beats.
+
+Two passes, so that only what can be shown is traced. The first prunes with the formula
+(milliseconds an estimate) and keeps, per state, the largest micro-batch the formula puts within
+:data:`NEAR` of the limit (the formula may err high by a little: such a near miss is a candidate,
+not a reject). The second (:meth:`_Search.confirm`) walks each group's candidates cheapest first
+and traces them one by one until the group's rows are found: a candidate the trace finds too large
+gives way to the next smaller micro-batch of its state, at its own cost. A row shown is traced
+(unless ``confirm`` says fewer), and no near miss cheaper than the last row shown is left
+untraced.
+
+What one estimate says about another is reused where the estimator's code makes it exact:
+every micro-batch after the second of an optimizer step runs as the second does (the trace runs
+``min(accumulate, 2)`` micro-batches; the formula only asks ``accumulate > 1``), so estimates are
+remembered by their knobs with the accumulation counted as 1 or "more" (:func:`_memo_key`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from memguard.device import DeviceMemory
@@ -33,6 +48,12 @@ sharded strategy serves offload (ZeRO-Offload, ZeRO-Infinity, FSDP's ``CPUOffloa
 parameters and gradients) or DeepSpeed's mixed precision (a 16-bit module, fp32 master weights)."""
 NEAR = 0.1
 """A configuration the formula rejects by less than this share of the usable memory is traced."""
+NEAR_TRACES = 2
+"""Near misses traced per group beyond its ``confirm`` rows: a model the formula puts low everywhere near the limit
+would otherwise have every near miss traced, only to be rejected. A near miss is not traced either
+when the configurations traced so far (of its structure, :func:`_structure`, where there are) are
+all at least as far above the formula as it needs to fail (the smallest ratio of trace to formula
+seen): a heuristic, but a skip costs a row, never a wrong one."""
 _LEVEL = {"single": 0, "ddp": 1, "deepspeed_stage_1": 2, _DS2: 2, "fsdp_shard_grad_op": 2, "fsdp": 3,
           "fsdp_hybrid": 3, _DS3: 3}
 """How much of the model state a strategy shards: a lower level is a smaller change."""
@@ -60,6 +81,24 @@ class _Setup:
     extra: dict[str, Any]
     max_estimates: int
     notes: list[str]
+    progress: Callable[[str], None] | None = None
+
+
+def _structure(k: _Knobs) -> tuple[Any, ...]:
+    """What shapes a step's activations and the formula's error on them: all but the optimizer and batch."""
+    return (k.precision, k.checkpointing, k.strategy, k.world_size, k.offload_optimizer, k.offload_params,
+            k.lora_rank, k.quantization, k.accumulate > 1)
+
+
+def _memo_key(k: _Knobs) -> _Knobs:
+    """``k`` with its accumulation counted as 1 or "more": what the estimators see of it.
+
+    The trace runs ``min(accumulate, 2)`` micro-batches (``trace_breakdown``: the second stands
+    for all the others, each running beside the gradients so far), and the formula's loop differs
+    only by ``accumulate > 1`` (``estimator._by_method``), so ``batch 2 x accumulate 4`` and
+    ``batch 2 x accumulate 2`` have the same estimate, to the byte (``tests/test_plan.py``).
+    """
+    return dataclasses.replace(k, accumulate=min(k.accumulate, 2))
 
 
 def _no_more_intrusive(a: _Knobs, c: _Knobs, base: _Knobs) -> bool:
@@ -70,9 +109,9 @@ def _no_more_intrusive(a: _Knobs, c: _Knobs, base: _Knobs) -> bool:
     if a.strategy not in (base.strategy, c.strategy) and _LEVEL[a.strategy] >= _LEVEL.get(c.strategy, 0):
         return False
     rank_ok = a.lora_rank == c.lora_rank or (a.lora_rank or 0) >= (c.lora_rank or 0) > 0
-    # Offload costs less over more GPUs: offloading rows compare on the same count only.
-    world_ok = a.world_size == c.world_size or (a.world_size < c.world_size
-                                                and not (a.offload_optimizer or a.offload_params))
+    # The GPUs you own (``gpus``) are each their own answer: a run split over two of them is
+    # faster, not more intrusive, and offload costs less over more GPUs; rows compare on one count.
+    world_ok = a.world_size == c.world_size
     return rank_ok and world_ok and a.accumulate <= c.accumulate
 
 
@@ -88,7 +127,11 @@ class _Search:
         self.usable = int(setup.gpu.free_bytes * (1 - setup.margin))
         self.cache: dict[tuple[_Knobs, str], MemoryEstimate | None] = {}
         self.count, self.notes, self.method = 0, [], setup.method
+        self.traced = self.asked = 0  # traces run; configurations asked for (memo hits included)
+        # the trace's bytes over the formula's, for each configuration both made, by its structure
+        self.ratios: dict[tuple[Any, ...], list[float]] = {}
         self.failed: dict[str, list[Any]] = {}  # message -> [count, first configuration]
+        self.progress = setup.progress
 
     def module(self, rank: int | None, quantization: str | None = None) -> Any:
         """The module with LoRA adapters of ``rank`` (``None``: as given) over a base quantized as
@@ -107,21 +150,43 @@ class _Search:
 
     def estimate(self, k: _Knobs, method: str, *, strict: bool = False) -> MemoryEstimate | None:
         """The estimate of ``k``; ``None`` when the estimator cannot make it (the reason noted once)."""
-        if (k, method) not in self.cache:
+        key = (_memo_key(k), method)
+        self.asked += 1
+        if key not in self.cache:
             self.count += 1
+            if method == "trace":
+                self.traced += 1
+                self.say(f"tracing {', '.join(k.changes(self.ctx.base)) or 'as asked'} ...")
+            elif self.progress is not None and self.count % 25 == 0:
+                self.say("pruning with the formula ...")
             # the module already has its adapters and its quantized base
             kwargs = {**k.kwargs(), "lora_rank": None, "quantization": None, "double_quant": False}
             try:
-                self.cache[(k, method)] = _estimate(self.module(k.lora_rank, k.quantization), seq_len=self.seq_len,
-                                                    device=self.setup.device, method=method, **kwargs,
-                                                    **self.setup.extra)
+                self.cache[key] = _estimate(self.module(k.lora_rank, k.quantization), seq_len=self.seq_len,
+                                            device=self.setup.device, method=method, **kwargs, **self.setup.extra)
             except MemguardError as exc:
                 if strict:
                     raise
                 seen = self.failed.setdefault(f"{exc} ({method})", [0, ", ".join(k.changes(self.ctx.base))])
                 seen[0] += 1
-                self.cache[(k, method)] = None
-        return self.cache[(k, method)]
+                self.cache[key] = None
+            other = self.cache.get((key[0], "formula" if method == "trace" else "trace"))
+            if self.cache[key] is not None and other is not None:
+                traced, formula = (self.cache[key], other) if method == "trace" else (other, self.cache[key])
+                self.ratios.setdefault(_structure(k), []).append(traced.total_bytes / max(formula.total_bytes, 1))
+        return self.cache[key]
+
+    def below(self, k: _Knobs, est: MemoryEstimate) -> bool:
+        """Whether the traces so far say the trace of ``k`` cannot fit where the formula's ``est``
+        does not: ``est`` times the smallest ratio of trace to formula seen, on ``k``'s structure
+        where one was traced, else on any (two at least), is still above the usable memory."""
+        seen = self.ratios.get(_structure(k)) or [r for rs in self.ratios.values() for r in rs]
+        return len(seen) >= (1 if _structure(k) in self.ratios else 2) and est.total_bytes * min(seen) > self.usable
+
+    def say(self, what: str) -> None:
+        """A progress line (``setup.progress``), with the work so far."""
+        if self.progress is not None:
+            self.progress(f"  {self.count} estimates ({self.traced} traced): {what}")
 
     def all_notes(self) -> list[str]:
         """The setup's notes, the search's, and one per reason estimates failed."""
@@ -132,25 +197,32 @@ class _Search:
     def fits(self, est: MemoryEstimate | None) -> bool:
         return est is not None and est.fits(self.setup.gpu.free_bytes, self.setup.margin)
 
-    def second_look(self, k: _Knobs, est: MemoryEstimate | None) -> MemoryEstimate | None:
-        """The trace's estimate of ``k`` where the formula's does not fit by less than
-        :data:`NEAR` of the usable memory (the formula may err high; the row is not dropped
-        on its word), else ``est``."""
-        if est is None or est.method == "trace" or self.fits(est) or est.total_bytes > self.usable * (1 + NEAR):
-            return est
-        traced = self.estimate(k, "trace")
-        return traced if traced is not None and self.fits(traced) else est
+    def candidate(self, est: MemoryEstimate | None) -> bool:
+        """Whether ``est`` fits, or is the formula's and misses by less than :data:`NEAR` of the
+        usable memory while the trace may still be asked (the formula may err high; such a near
+        miss is not dropped on its word, :meth:`confirm` traces it)."""
+        if est is None:
+            return False
+        near = est.method == "formula" and est.total_bytes <= self.usable * (1 + NEAR)
+        return self.fits(est) or near
+
+    def sizes(self, state: _Knobs) -> list[int]:
+        """The micro-batches of ``state``: divisors of the per-device batch, at most the user's."""
+        per_device = self.ctx.effective // state.world_size
+        return [d for d in _divisors(per_device) if d <= self.ctx.base.batch_size]
+
+    def at(self, state: _Knobs, batch: int) -> _Knobs:
+        return dataclasses.replace(state, batch_size=batch, accumulate=self.ctx.effective // state.world_size // batch)
 
     def fit(self, state: _Knobs) -> tuple[_Knobs, MemoryEstimate] | None:
-        """The largest micro-batch that fits: a divisor of the per-device batch, at most the user's."""
-        per_device = self.ctx.effective // state.world_size
-        sizes = [d for d in _divisors(per_device) if d <= self.ctx.base.batch_size]
+        """The largest micro-batch that is a :meth:`candidate`."""
+        sizes = self.sizes(state)
         tried: dict[int, tuple[_Knobs, MemoryEstimate] | None] = {}
 
         def at(i: int) -> bool:
-            k = dataclasses.replace(state, batch_size=sizes[i], accumulate=per_device // sizes[i])
-            est = self.second_look(k, self.estimate(k, self.method))
-            tried[i] = (k, est) if est is not None and self.fits(est) else None
+            k = self.at(state, sizes[i])
+            est = self.estimate(k, self.method)
+            tried[i] = (k, est) if est is not None and self.candidate(est) else None
             return tried[i] is not None
 
         if not at(0):
@@ -178,7 +250,8 @@ class _Search:
                 break
             for rank in ranks:
                 probe = dataclasses.replace(state, lora_rank=rank, accumulate=_least(state, self.ctx))
-                if any(_no_more_intrusive(k, probe, base) for _, k, _ in found):
+                # a near miss (not yet traced) makes nothing needless: the trace may drop it
+                if any(self.fits(e) and _no_more_intrusive(k, probe, base) for _, k, e in found):
                     break
                 hit = self.fit(dataclasses.replace(state, lora_rank=rank))
                 if hit:
@@ -188,22 +261,60 @@ class _Search:
                     break
         return found
 
-    def confirm(self, found: Sequence[_Found], n: int) -> list[_Found]:
-        """Trace the first ``n`` (at most ``n + 2`` tries); a row the trace finds too large is dropped."""
-        out: list[_Found] = []
-        done = tries = 0
-        for group, k, est in found:
-            if done < n and tries < n + 2 and est.method != "trace":
-                tries += 1
-                traced = self.estimate(k, "trace")
-                if traced is not None and not self.fits(traced):
-                    self.notes.append(f"{', '.join(k.changes(self.ctx.base))}: the formula's "
-                                      f"{format_bytes(est.total_bytes)} fits, the trace's "
-                                      f"{format_bytes(traced.total_bytes)} does not; dropped")
+    def confirm(self, found: Sequence[_Found], n: int, limit: int, *, ranked: bool = True) -> list[_Found]:
+        """Up to ``limit`` of ``found`` that fit, the first ``n`` of them by the trace.
+
+        ``found`` is walked cheapest first (``ranked``; else in its own order, as the remedies
+        interleave their groups) and traced one by one: a candidate the trace finds too large gives
+        way to the next smaller micro-batch of its state that the formula puts near enough, at its
+        own cost (``ranked`` only), and is named in a note; one that a row already kept makes
+        needless (fewer changes, no more cost) is skipped untraced. Past ``n`` traced rows, a
+        formula's estimate that fits is kept as it is, and a near miss is still traced (issue 17:
+        the trace, not the formula, rejects it).
+        """
+        ctx, out, done, order, near, skipped = self.ctx, [], 0, 0, 0, 0
+        queue: list[tuple[float, int, int, _Found]] = []
+        for f in found:
+            heapq.heappush(queue, (_cost(f[1], ctx) if ranked else 0.0, f[2].total_bytes if ranked else 0, order, f))
+            order += 1
+        while queue and len(out) < limit:
+            *_, (group, k, est) = heapq.heappop(queue)
+            cost = _cost(k, ctx)
+            if any(a != k and _no_more_intrusive(a, k, ctx.base) and _cost(a, ctx) <= cost for _, a, _ in out):
+                continue
+            if est.method == "trace" or (done >= n and self.fits(est)):
+                if self.fits(est):
+                    out.append((group, k, est))
+                continue
+            if not self.fits(est):  # a near miss: traced unless the traces so far say it cannot fit
+                if near >= n + NEAR_TRACES or self.below(k, est):
+                    skipped += 1
                     continue
-                est, done = (traced, done + 1) if traced is not None else (est, done)
-            out.append((group, k, est))
-        return out
+                near += 1
+            traced = self.estimate(k, "trace")
+            if traced is None:  # the trace cannot: the formula's word, when it fits
+                if self.fits(est):
+                    out.append((group, k, est))
+                continue
+            if self.fits(traced):
+                out.append((group, k, traced))
+                done += 1
+                continue
+            self.notes.append(f"{', '.join(k.changes(ctx.base)) or 'as asked'}: the formula's "
+                              f"{format_bytes(est.total_bytes)}, the trace's {format_bytes(traced.total_bytes)} "
+                              "does not fit; dropped")
+            smaller = [b for b in self.sizes(k) if b < k.batch_size] if ranked else []
+            if smaller:
+                nxt = self.at(k, smaller[-1])
+                again = self.estimate(nxt, "formula")
+                if again is not None and self.candidate(again):
+                    heapq.heappush(queue, (_cost(nxt, ctx), again.total_bytes, order, (group, nxt, again)))
+                    order += 1
+        if skipped:
+            self.notes.append(f"{skipped} configuration{'s' * (skipped > 1)} the formula puts within {NEAR:.0%} above "
+                              "the limit not traced: the traces so far put every one of them above it, or "
+                              f"{n + NEAR_TRACES} such near misses were traced already")
+        return sorted(out, key=lambda f: (_cost(f[1], ctx), f[2].total_bytes)) if ranked else out
 
     def row(self, group: str, k: _Knobs, est: MemoryEstimate) -> PlanRow:
         terms, seq, device = _cost_terms(k, self.ctx), self.seq_len, self.setup.device
@@ -221,12 +332,10 @@ def _best(found: Sequence[_Found], ctx: _Context, limit: int) -> list[_Found]:
 
 
 def _rows(search: _Search, groups: Sequence[Sequence[_Found]]) -> list[PlanRow]:
-    """Each group's rows: its undominated fits, the first confirmed with the trace, the cheapest kept."""
+    """Each group's rows: its undominated candidates walked cheapest first, traced until ``limit`` fit."""
     rows = []
     for found in groups:
-        found = _best(found, search.ctx, len(found))
-        if search.method == "formula":
-            found = search.confirm(found, search.setup.confirm)
+        found = search.confirm(found, search.setup.confirm, search.setup.limit)
         rows += [search.row(*f) for f in _best(found, search.ctx, search.setup.limit)]
     return rows
 
@@ -240,15 +349,15 @@ def _searched(setup: _Setup, asked: MemoryEstimate | None) -> tuple[_Search, lis
     search = _Search(setup, ctx)
     search.module(base.lora_rank)  # its trainable count, which the costs read before any estimate
     if asked is not None:
-        search.cache[(base, asked.method)] = asked
+        search.cache[(_memo_key(base), asked.method)] = asked
     if search.estimate(base, search.method, strict=search.method == "trace") is None:
         search.failed.clear()
         search.estimate(base, "trace", strict=True)
         setup.notes.append(f"the formula cannot estimate {setup.name}: the trace searched instead")
         search.method = "trace"
-    search.seq_len = search.cache[(base, search.method)].inputs.get("seq_len")
+    search.seq_len = search.cache[(_memo_key(base), search.method)].inputs.get("seq_len")
     search.ctx = dataclasses.replace(ctx, tokens_per_sample=search.seq_len or COSTS["micro_batch_tokens"])
-    keep = setup.limit + setup.confirm + 2
+    keep = 2 * setup.limit + 2  # candidates beyond the rows shown: the trace may drop some
     return search, [search.search(group, states, ranks, keep) for group, states, ranks in _groups(search)]
 
 

@@ -21,7 +21,7 @@ from memguard.estimation.spec import PAGED_MIN_NUMEL, AdamW8bitStandIn, Training
 __all__ = ["ModelState", "gradient_bytes", "model_state", "optimizer_state_bytes",
            "optimizer_step_bytes", "paged_state_bytes", "parameter_bytes"]
 
-_ADAM_LIKE = ("adam", "adamw", "nadam", "radam", "adamax", "adadelta")
+_ADAM_LIKE = ("adam", "adamw", "adamw-fused", "adamw-foreach", "nadam", "radam", "adamax", "adadelta")
 """Optimizers whose state holds a step counter per parameter besides their full-size tensors."""
 
 
@@ -178,14 +178,19 @@ def _optimizer_step(sizes: list[int], spec: TrainingSpec) -> int:
     parameter. ``torch.optim.Adafactor`` takes its single-tensor loop on every device unless
     ``foreach=True`` is passed (``torch/optim/_adafactor.py``, ``adafactor``: ``if foreach:``),
     where ``row_var @ col_var`` is one temporary of the largest matrix. SGD, with or without
-    momentum, updates in place.
+    momentum, updates in place. ``fused=True`` (``adamw-fused``: ``_fused_adam`` calls
+    ``torch._fused_adamw_``, one kernel that reads and writes parameters, gradients and both
+    moments in place) makes no temporary; ``foreach=True`` (``adamw-foreach``) is the CUDA list
+    on every device.
     """
     opt = spec.optimizer
     if opt.factory is None or not sizes or opt.name in ("sgd", "sgd-momentum") or opt.quantized or opt.paged:
         return 0  # SGD in place; bitsandbytes' fused kernels update block by block in place
+    if opt.implementation == "fused":
+        return 0
     if opt.factored:
         return max(sizes)
-    if spec.device == "cuda":
+    if spec.device == "cuda" or opt.implementation == "foreach":
         return sum(sizes)
     adam = opt.state_tensors is None or opt.state_tensors >= 2 or opt.name in _ADAM_LIKE
     return (2 if adam else 1) * max(sizes)
