@@ -12,7 +12,7 @@ from memguard.errors import ConfigError
 __all__ = ["device_memory", "parse_budget", "parse_gpu", "resolve_budget"]
 
 
-def device_memory(device: DeviceLike = None, *, readers: Readers | None = None) -> DeviceMemory:
+def device_memory(device: DeviceLike | None = None, *, readers: Readers | None = None) -> DeviceMemory:
     """The memory of the device a training run will use, or of one it is planned for.
 
     >>> import memguard
@@ -41,7 +41,7 @@ def device_memory(device: DeviceLike = None, *, readers: Readers | None = None) 
         warnings.warn(f"device_memory({device}) reads the int as a CUDA index; everywhere else in memguard an int "
                       f"is a number of bytes. Write device_memory('cuda:{device}')", FutureWarning, stacklevel=2)
         return DeviceSpec.cuda(device).read(readers)
-    return DeviceSpec.parse(device).read(readers)
+    return (DeviceSpec.training() if device is None else DeviceSpec.parse(device)).read(readers)
 
 
 def parse_budget(value: int | float | str) -> int | float:
@@ -73,12 +73,13 @@ def parse_budget(value: int | float | str) -> int | float:
         return float(spec.share or 0)
     if spec.kind is SpecKind.CATALOG:
         return spec.read().total_bytes
-    raise ConfigError(f"budget {value!r} is the device {spec}, not an amount of memory; give a size such as "
-                      f"'{str(value).strip()}GiB' if digits were meant as one (a size needs its unit), or a "
-                      "share such as '80%'")
+    digits = isinstance(value, str) and value.strip().isdigit()
+    what = f"bare digits are the CUDA index cuda:{spec.index}" if digits else f"the device {spec}"
+    raise ConfigError(f"budget {value!r} is not an amount of memory ({what}); expected bytes, a size with its "
+                      "unit such as '12GiB', a catalog GPU such as 'A100-80GB' or a share such as '80%'")
 
 
-def resolve_budget(value: int | float | str, device: DeviceLike = None, *,
+def resolve_budget(value: int | float | str, device: DeviceLike | None = None, *,
                    readers: Readers | None = None) -> DeviceMemory:
     """A memory budget as a :class:`DeviceMemory` with ``source="budget"`` (or ``"catalog"``).
 

@@ -9,7 +9,7 @@ of a timeout into one ``Timeout``).
 =========================================  ==================================  ============================
 What you write                             What it is                          :attr:`DeviceMemory.source`
 =========================================  ==================================  ============================
-``None`` (Python only)                     the training device (see below)     ``nvml``/``torch``/``host``
+``None`` (``device_memory()``)            the training device (see below)     ``nvml``/``torch``/``host``
 ``"auto"``, ``"cuda"``                     the current CUDA device             ``nvml`` (``torch``)
 ``"cuda:1"``, ``"1"``, ``torch.device``    CUDA device 1; bare digits are an   ``nvml`` (``torch``)
                                            index, never a size
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMS", "DeviceLike", "DeviceSpec", "SpecKind", "memory_of"]
 
-DeviceLike = Union[None, str, int, float, "torch.device", "DeviceSpec"]
+DeviceLike = Union[str, int, float, "torch.device", "DeviceSpec"]
 """What :meth:`DeviceSpec.parse` accepts."""
 
 FORMS = ("auto, a CUDA index (0, cuda:1), a catalog name such as A100-40GB, a size such as 24GiB (binary) "
@@ -142,7 +142,7 @@ class DeviceSpec:
         return cls(SpecKind.BUDGET, nbytes=parse_bytes(nbytes))
 
     @classmethod
-    def share_of(cls, share: float, of: DeviceLike = None) -> DeviceSpec:
+    def share_of(cls, share: float, of: DeviceLike | None = None) -> DeviceSpec:
         """``share`` (in ``(0, 1]``) of ``of``'s total memory; ``of=None`` is the training device."""
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
             raise ConfigError(f"a share of a device must be in (0, 1], got {share!r}; e.g. 0.8 for 80%")
@@ -160,11 +160,9 @@ class DeviceSpec:
             ConfigError: naming the value and listing :data:`FORMS`: an unknown or ambiguous GPU
                 name, a size that cannot be read or is zero, a number without a unit, ``cuda:x``.
         """
-        if value is None:
-            return cls.training()
         if isinstance(value, DeviceSpec):
             return value
-        if isinstance(value, bool):
+        if isinstance(value, bool) or value is None:
             raise ConfigError(f"cannot read {value!r} as a device; expected {FORMS}")
         if isinstance(value, (int, float)):
             return cls(SpecKind.BUDGET, nbytes=parse_bytes(value))
@@ -222,7 +220,7 @@ class DeviceSpec:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def read(self, readers: Readers | None = None, *, training: DeviceLike = None) -> DeviceMemory:
+    def read(self, readers: Readers | None = None, *, training: DeviceLike | None = None) -> DeviceMemory:
         """The memory this spec stands for.
 
         Args:
@@ -260,13 +258,13 @@ class DeviceSpec:
                                 total_bytes=n, free_bytes=n, used_bytes=0, source="budget")
         return self._read_share(readers, training)
 
-    def free_bytes(self, readers: Readers | None = None, *, training: DeviceLike = None) -> int:
+    def free_bytes(self, readers: Readers | None = None, *, training: DeviceLike | None = None) -> int:
         """What :meth:`read` says is free; a budget of 0 bytes is 0 (a full device), not an error."""
         if self.kind is SpecKind.BUDGET:
             return int(self.nbytes or 0)
         return self.read(readers, training=training).free_bytes
 
-    def _read_share(self, readers: Readers | None, training: DeviceLike) -> DeviceMemory:
+    def _read_share(self, readers: Readers | None, training: DeviceLike | None) -> DeviceMemory:
         base = (self.of or DeviceSpec.training()).read(readers, training=training)
         share = float(self.share or 0)
         n = int(base.total_bytes * share)
@@ -279,7 +277,7 @@ class DeviceSpec:
 
 
 def memory_of(value: DeviceMemory | DeviceLike, readers: Readers | None = None, *,
-              training: DeviceLike = None) -> DeviceMemory:
+              training: DeviceLike | None = None) -> DeviceMemory:
     """A :class:`DeviceMemory` as it is, anything else parsed and read: the entry points' one call."""
     if isinstance(value, DeviceMemory):
         return value
