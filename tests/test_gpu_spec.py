@@ -21,7 +21,7 @@ A100 = DeviceMemory(name="NVIDIA A100-SXM4-40GB", index=0, uuid="GPU-0", total_b
 
 @pytest.fixture
 def cuda() -> list[object]:
-    """cuda:0 is a 40 GiB GPU with 30 GiB free; any other index cannot be read. Returns the indices NVML is asked for."""
+    """The indices NVML is asked for (``read``: cuda:0 is a 40 GiB GPU with 30 GiB free, no other index)."""
     return []
 
 

@@ -60,7 +60,7 @@ def describe_gpu(gpu: memguard.DeviceMemory, spec: str | None = None) -> str:
     (:attr:`memguard.device.DeviceSpec.note`: SI, 10^9 bytes, and the catalog cards sold at that size)."""
     line = _describe_gpu(gpu)
     note = DeviceSpec.parse(spec).note if spec is not None and gpu.source == "budget" else None
-    return f"{line}\n  {note}" if note else line
+    return "\n  ".join([line, *note.splitlines()]) if note else line
 
 
 def _describe_gpu(gpu: memguard.DeviceMemory) -> str:

@@ -190,9 +190,9 @@ class DeviceSpec:
     def note(self) -> str | None:
         """How a size in decimal units (``"24GB"``) is read, and the catalog cards sold at that size; else ``None``.
 
-        ``"24GB is read as 24,000,000,000 bytes (SI: 1 GB = 10^9 bytes), 22.35 GiB; write 24GiB for 24 x 2^30
-        bytes (binary, as nvidia-smi counts); a card sold as 24 GB has 22.49-24.00 GiB (A10, A10G, L4,
-        RTX-3090, RTX-4090): name it instead"``.
+        Two lines for ``"24GB"``: ``24GB is read as 24,000,000,000 bytes (SI: 1 GB = 10^9 bytes), 22.35 GiB;
+        write 24GiB for 24 x 2^30 bytes (binary, as nvidia-smi counts);`` and ``a card sold as 24 GB has
+        22.49-24.00 GiB as nvidia-smi counts (A10, A10G, L4, RTX-3090, RTX-4090): name the card instead``.
         """
         if self.kind is not SpecKind.BUDGET or self.text is None:
             return None
@@ -204,8 +204,8 @@ class DeviceSpec:
             return reading
         low, high = format_bytes(min(s.total_bytes for s in sold)), format_bytes(max(s.total_bytes for s in sold))
         span = low if low == high else f"{low.split()[0]}-{high}"
-        return (f"{reading}; a card sold as {sold[0].nominal_gb} GB has {span} "
-                f"({', '.join(s.name for s in sold)}): name it instead")
+        return (f"{reading};\na card sold as {sold[0].nominal_gb} GB has {span} as nvidia-smi counts "
+                f"({', '.join(s.name for s in sold)}): name the card instead")
 
     def __str__(self) -> str:
         if self.text is not None:
