@@ -71,7 +71,7 @@ def _describe_gpu(gpu: memguard.DeviceMemory) -> str:
     if gpu.source == "budget":
         plain = gpu.name.startswith("budget of")  # a size; "80% of NVIDIA ..." for a share
         return f"GPU: {gpu.name} (free = total)" if plain else f"GPU: {gpu.name}, {size} (budget: free = total)"
-    where = f"{gpu.device} " if gpu.device else ""
+    where = f"{gpu.device} " if gpu.device and gpu.device != gpu.name else ""  # "cpu", not "cpu cpu"
     return f"GPU: {where}{gpu.name}, {format_bytes(gpu.free_bytes)} free of {size} ({gpu.source})"
 
 
