@@ -65,9 +65,9 @@ _cache_key = pytest.StashKey["Cached[MemoryEstimate]"]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("memguard", "memory checks of GPU tests (memguard)")
     group.addoption("--memguard-gpu", default=None, metavar="GPU",
-                    help="the GPU tests marked memguard must fit: auto (this machine's CUDA device, "
-                         "the default), a CUDA index, a catalog name such as A100-40GB, or a size "
-                         "such as 24GiB")
+                    help="the GPU tests marked memguard must fit, as memguard --gpu reads it: auto (this "
+                         "machine's CUDA device, the default), a CUDA index (0, cuda:1), a catalog name such "
+                         "as A100-40GB, a size such as 24GiB, a share such as 80%% of the CUDA device, or cpu")
     group.addoption("--memguard-check-only", action="store_true", default=False,
                     help="check every test marked memguard, then skip those that fit instead of "
                          "running them (for runners without the GPU)")
