@@ -461,8 +461,8 @@ def test_a_size_in_decimal_units_says_how_it_is_read(capsys):
     at = lines.index("GPU: budget of 22.35 GiB (free = total)")
     assert lines[at + 1] == ("  24GB is read as 24,000,000,000 bytes (SI: 1 GB = 10^9 bytes), 22.35 GiB; write 24GiB "
                              "for 24 x 2^30 bytes (binary, as nvidia-smi counts);")
-    assert lines[at + 2] == ("  a card sold as 24 GB has 22.49-24.00 GiB as nvidia-smi counts (A10, A10G, L4, RTX-3090, "
-                             "RTX-4090): name the card instead")  # the catalog's "24 GB" cards, each above 22.35 GiB
+    assert lines[at + 2] == ("  a card sold as 24 GB has 22.49-24.00 GiB as nvidia-smi counts (A10, A10G, L4, "
+                             "RTX-3090, RTX-4090): name the card instead")  # each "24 GB" card above 22.35 GiB
     assert lines[at + 3].startswith("FITS: ")
     code, out, _ = run(capsys, "check", TINY, "--seq-len", "32", "--method", "formula", "--gpu", "24GiB")
     assert code == EXIT_OK and "GPU: budget of 24.00 GiB (free = total)\nFITS" in out and "SI" not in out
