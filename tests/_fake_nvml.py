@@ -187,8 +187,7 @@ def gpus_seen(*gpus: Any, asked: list[Any] | None = None, **kwargs: Any) -> Any:
     library is missing and no driver file exists: the machine has no GPU. ``asked`` collects the indices
     NVML is asked for (``None``: all). ``kwargs`` set other readers (``host=...``).
     """
-    from memguard.device import Readers
-    from memguard.device._nvml import NvmlDevice, NvmlUnavailable
+    from memguard.device.readers import NvmlDevice, NvmlUnavailable, Readers
     from memguard.errors import DeviceError
 
     seen = [NvmlDevice(index=i, name=g.name, uuid=g.uuid or f"GPU-{i}", total_bytes=g.total_bytes,

@@ -168,7 +168,7 @@ def test_memory_of_keeps_a_device_memory():
 
 def test_cli_gpu_cpu_is_the_host(capsys):
     from memguard.cli import main
-    from memguard.device._host import HostMemory
+    from memguard.device.readers import HostMemory
 
     host = HostMemory(total_bytes=32 * GIB, available_bytes=20 * GIB, mem_total_bytes=32 * GIB,
                       mem_available_bytes=20 * GIB)

@@ -37,20 +37,16 @@ from memguard.device import _host, _nvml
 from memguard.device.memory import DeviceMemory
 from memguard.errors import DeviceError
 
-__all__ = [
-    "DRIVER_FILES",
-    "SYSTEM",
-    "Readers",
-    "TorchCuda",
-    "TorchUnavailable",
-    "from_nvml",
-    "list_devices",
-    "process_memory",
-    "read_cuda",
-    "read_host",
-    "read_training_device",
-    "why_no_gpu",
-]
+HostMemory = _host.HostMemory
+"""What :attr:`Readers.host` returns (:class:`memguard.device._host.HostMemory`)."""
+NvmlDevice = _nvml.NvmlDevice
+"""What :attr:`Readers.nvml` returns a list of (:class:`memguard.device._nvml.NvmlDevice`)."""
+NvmlUnavailable = _nvml.NvmlUnavailable
+"""What :attr:`Readers.nvml` raises when NVML cannot answer (:class:`memguard.device._nvml.NvmlUnavailable`)."""
+
+__all__ = ["DRIVER_FILES", "SYSTEM", "HostMemory", "NvmlDevice", "NvmlUnavailable", "Readers", "TorchCuda",
+           "TorchUnavailable", "list_devices", "process_memory", "read_cuda", "read_host",
+           "read_training_device", "why_no_gpu"]
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +164,7 @@ def _or_system(readers: Readers | None) -> Readers:
     return SYSTEM if readers is None else readers
 
 
-def from_nvml(d: _nvml.NvmlDevice) -> DeviceMemory:
+def _from_nvml(d: _nvml.NvmlDevice) -> DeviceMemory:
     """An NVML device as a :class:`DeviceMemory` (``source="nvml"``)."""
     return DeviceMemory(name=d.name, index=d.index, uuid=d.uuid, total_bytes=d.total_bytes,
                         free_bytes=d.free_bytes, used_bytes=d.used_bytes, source="nvml")
@@ -195,7 +191,7 @@ def read_cuda(index: int | None, readers: Readers | None = None) -> DeviceMemory
     except _nvml.NvmlUnavailable as exc:
         nvml_reason = exc.reason
     else:
-        return from_nvml(found)
+        return _from_nvml(found)
     try:
         count = r.torch.count()
     except TorchUnavailable as exc:
@@ -227,7 +223,7 @@ def read_training_device(readers: Readers | None = None) -> DeviceMemory:
     else:
         current = r.torch.current_index()
         if current < len(gpus):
-            return from_nvml(gpus[current])
+            return _from_nvml(gpus[current])
         if not gpus:
             log.debug("device=None stands for the host: NVML answers and sees no CUDA device")
             return read_host(r)
@@ -280,7 +276,7 @@ def list_devices(*, readers: Readers | None = None) -> list[DeviceMemory]:
     except _nvml.NvmlUnavailable as exc:
         nvml_reason = exc.reason
     else:
-        return [from_nvml(d) for d in found]
+        return [_from_nvml(d) for d in found]
     try:
         count = r.torch.count()
     except TorchUnavailable as exc:
