@@ -119,16 +119,19 @@ class DeviceSpec:
 
     @classmethod
     def training(cls) -> DeviceSpec:
+        """The training device (what ``device_memory()`` reads): see the module docs."""
         return cls(SpecKind.TRAINING)
 
     @classmethod
     def cuda(cls, index: int | None = None) -> DeviceSpec:
+        """CUDA device ``index`` as this process numbers it; ``None`` is the current device."""
         if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
             raise ConfigError(f"a CUDA device index must be an int >= 0, got {index!r}")
         return cls(SpecKind.CUDA, index=index)
 
     @classmethod
     def host(cls) -> DeviceSpec:
+        """Host memory, capped by the container's memory cgroup."""
         return cls(SpecKind.HOST)
 
     @classmethod
