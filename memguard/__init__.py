@@ -30,7 +30,15 @@ from memguard.estimation.result import Category, MemoryEstimate
 from memguard.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
-    from memguard.device import DeviceMemory, device_memory, list_devices, parse_budget, parse_gpu, resolve_budget
+    from memguard.device import (
+        DeviceMemory,
+        DeviceSpec,
+        device_memory,
+        list_devices,
+        parse_budget,
+        parse_gpu,
+        resolve_budget,
+    )
     from memguard.estimation._isolation import is_tracing
     from memguard.estimation.estimator import estimate
     from memguard.estimation.models import list_presets
@@ -41,6 +49,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "MemGuard": "memguard.lightning.callback",
     "DeviceMemory": "memguard.device",
+    "DeviceSpec": "memguard.device",
     "device_memory": "memguard.device",
     "list_devices": "memguard.device",
     "resolve_budget": "memguard.device",
@@ -63,6 +72,7 @@ __all__ = [
     "ConfigError",
     "DeviceError",
     "DeviceMemory",
+    "DeviceSpec",
     "Fit",
     "GpuSpec",
     "InsufficientMemoryError",

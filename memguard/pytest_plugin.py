@@ -19,9 +19,13 @@ that step and compares it with the GPU's free memory:
 The marker takes what :func:`memguard.estimate` takes (``model`` first, positionally or by name)
 plus ``margin`` (default 0.1) and ``on_oom``: ``"skip"`` (default) or ``"fail"``. With no GPU
 visible and no ``--memguard-gpu``, marked tests are skipped: a GPU test cannot run there anyway.
-``--memguard-gpu`` is read by :func:`memguard.device.parse_gpu`, as the ``memguard`` command reads
-``--gpu`` (bare digits are a CUDA index; a size needs its unit), and the verdict is
-:class:`memguard.fit.Fit`'s.
+``--memguard-gpu`` is read as a :class:`memguard.device.DeviceSpec`, as the ``memguard`` command reads
+``--gpu`` (bare digits are a CUDA index; a size needs its unit; a bare share is of the CUDA device), and the
+verdict is :class:`memguard.fit.Fit`'s. A bf16 marker against a card without bf16 (T4, V100) fails, as
+``memguard check`` refuses it.
+
+Where memory is read from is :data:`READERS` in the config's stash (default: this machine), which a
+test suite of memguard's own sets from a plugin's ``pytest_configure(tryfirst=True)``.
 
 Against a live GPU the free memory is read before each test (through NVML), adding back what this
 process's CUDA caching allocator holds but does not use, since the next test can reuse it.
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     from memguard.estimation.result import MemoryEstimate
     from memguard.fit import Fit
 
-__all__ = ["memguard_estimate"]
+__all__ = ["READERS", "memguard_estimate"]
 
 _ON_OOM = ("skip", "fail")
 _OWN = ("margin", "on_oom")
@@ -52,16 +56,18 @@ _MARKER = ("memguard(model, batch_size=None, seq_len=None, *, precision='32-true
            "(--memguard-gpu).")
 
 _estimate_key = pytest.StashKey["MemoryEstimate"]()
-_gpu_key = pytest.StashKey["DeviceMemory | None"]()
+_gpu_key = pytest.StashKey["tuple[DeviceSpec, DeviceMemory]"]()
+READERS = pytest.StashKey["Readers"]()
+"""Where the plugin reads device memory (:class:`memguard.device.Readers`); absent: this machine."""
 _cache_key = pytest.StashKey["Cached[MemoryEstimate]"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("memguard", "memory checks of GPU tests (memguard)")
     group.addoption("--memguard-gpu", default=None, metavar="GPU",
-                    help="the GPU tests marked memguard must fit: auto (this machine's CUDA device, "
-                         "the default), a CUDA index, a catalog name such as A100-40GB, or a size "
-                         "such as 24GiB")
+                    help="the GPU tests marked memguard must fit, as memguard --gpu reads it: auto (this "
+                         "machine's CUDA device, the default), a CUDA index (0, cuda:1), a catalog name such "
+                         "as A100-40GB, a size such as 24GiB, a share such as 80%% of the CUDA device, or cpu")
     group.addoption("--memguard-check-only", action="store_true", default=False,
                     help="check every test marked memguard, then skip those that fit instead of "
                          "running them (for runners without the GPU)")
@@ -71,11 +77,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", _MARKER)
     option = config.getoption("memguard_gpu", None)
     if option is not None and option.strip().lower() != "auto":  # auto: this machine's GPU, read before each test
-        from memguard.device import parse_gpu
-        from memguard.errors import MemguardError
+        from memguard.device import FORMS, DeviceSpec
+        from memguard.errors import ConfigError, MemguardError
 
         try:
-            config.stash[_gpu_key] = parse_gpu(option)
+            if not option.strip():
+                raise ConfigError(f"cannot read {option!r} as a GPU; expected {FORMS}")
+            spec = DeviceSpec.parse(option)
+            config.stash[_gpu_key] = (spec, spec.read(config.stash.get(READERS, None), training=DeviceSpec.cuda()))
         except MemguardError as exc:
             raise pytest.UsageError(f"--memguard-gpu {option}: {exc}") from None
 
@@ -91,6 +100,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
     kwargs, margin, on_oom = _read_marker(marker)
     gpu = _gpu_for_test(item.config)
+    _refuse_bf16(gpu, kwargs.get("precision"))
     try:
         fit = Fit(_estimate(item.config, kwargs), gpu.free_bytes, margin, gpu.name)
     except MemguardError as exc:
@@ -155,19 +165,29 @@ def _read_marker(marker: pytest.Mark) -> tuple[dict[str, Any], float, str]:
 def _gpu_for_test(config: pytest.Config) -> DeviceMemory:
     """The GPU the test must fit; a fixed one from ``--memguard-gpu``, else this machine's, read now."""
     fixed = config.stash.get(_gpu_key, None)
-    if fixed is not None and fixed.source in ("catalog", "budget"):
-        return fixed
-    from memguard import device
+    if fixed is not None and not fixed[1].device:  # a catalog GPU, a size, a share: read once
+        return fixed[1]
+    from memguard.device import DeviceSpec
     from memguard.errors import DeviceError
 
     try:
-        gpu = device.device_memory("cuda" if fixed is None else fixed.index)
+        gpu = (DeviceSpec.cuda() if fixed is None else fixed[0]).read(config.stash.get(READERS, None))
     except DeviceError as exc:
         if fixed is not None:
             pytest.fail(f"memguard: {exc}", pytrace=False)
         pytest.skip("memguard: no GPU visible, and this test trains on one; to check it against a GPU "
                     "here, run pytest --memguard-gpu A100-40GB (a catalog name) or --memguard-gpu 24GiB")
     return _with_cached_blocks(gpu)
+
+
+def _refuse_bf16(gpu: DeviceMemory, precision: Any) -> None:
+    """Fail a bf16 test on a card without bf16 (:func:`memguard.device.catalog.bf16_problem`), as ``check`` does."""
+    from memguard.device.catalog import bf16_problem
+
+    problem = bf16_problem(gpu.name, precision)
+    if problem is not None:
+        pytest.fail(f"memguard: precision={precision!r} on {gpu.name}: {problem.split('. Use --precision')[0]}; "
+                    "mark the test with precision='16-mixed' or '32-true' for this card", pytrace=False)
 
 
 def _with_cached_blocks(gpu: DeviceMemory) -> DeviceMemory:

@@ -157,3 +157,54 @@ class FakeNvml:
 def uuid(n: int, kind: str = "GPU") -> str:
     """A UUID in NVML's format, distinct for each ``n``."""
     return f"{kind}-{n:08x}-1111-2222-3333-{n:012x}"
+
+
+# -- readers for memguard.device: what a machine sees, injected (memguard.device.Readers) ----------
+
+
+class NoTorchCuda:
+    """torch's CUDA view on a machine without a GPU, whatever machine the tests run on."""
+
+    def count(self) -> int:
+        from memguard.device import TorchUnavailable
+
+        raise TorchUnavailable("torch.cuda.is_available() is False: no CUDA (test)")
+
+    def memory(self, index: int) -> Any:
+        raise AssertionError("torch is not asked for the memory of a device it does not see")
+
+    def current_index(self) -> int:
+        return 0
+
+    def uuids(self) -> list[str] | None:
+        return None
+
+
+def gpus_seen(*gpus: Any, asked: list[Any] | None = None, **kwargs: Any) -> Any:
+    """:class:`memguard.device.Readers` that see exactly these GPUs through NVML, and a torch without CUDA.
+
+    Each GPU is a :class:`memguard.device.DeviceMemory` (its ``index`` is its position). Without any, NVML's
+    library is missing and no driver file exists: the machine has no GPU. ``asked`` collects the indices
+    NVML is asked for (``None``: all). ``kwargs`` set other readers (``host=...``).
+    """
+    from memguard.device.readers import NvmlDevice, NvmlUnavailable, Readers
+    from memguard.errors import DeviceError
+
+    seen = [NvmlDevice(index=i, name=g.name, uuid=g.uuid or f"GPU-{i}", total_bytes=g.total_bytes,
+                       free_bytes=g.free_bytes, used_bytes=g.used_bytes, nvml_index=i) for i, g in enumerate(gpus)]
+
+    def devices(index: int | None = None, *, cuda_uuids: Any = None) -> list[Any]:
+        if asked is not None:
+            asked.append(index)
+        if not seen:
+            raise NvmlUnavailable("nvmlInit failed: the NVML library (libnvidia-ml.so) was not found (test)",
+                                  "library")
+        if index is None:
+            return list(seen)
+        if 0 <= index < len(seen):
+            return [seen[index]]
+        raise DeviceError(f"there is no cuda:{index}; this process sees {len(seen)} CUDA device(s)")
+
+    kwargs.setdefault("driver_files", ())
+    kwargs.setdefault("env", {})
+    return Readers(nvml=devices, torch=NoTorchCuda(), **kwargs)

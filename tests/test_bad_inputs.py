@@ -412,8 +412,9 @@ def test_memory_estimate_fits_reads_sizes():
     est = MemoryEstimate("formula", {Category.ACTIVATIONS: 9 * GIB})
     assert est.fits("12GiB") and est.fits(12 * GIB) and est.fits("10GiB")  # 9 GiB <= 0.9 x 10 GiB
     assert not est.fits("9.5GiB") and est.fits("9.5GiB", margin=0)
-    for bad, says in ((True, "cannot read True"), ("80%", "percentage"), (-1, "negative"),
-                      (math.inf, "finite"), ("lots", "cannot read 'lots'"), (None, "cannot read None")):
+    assert est.fits("A100-40GB") and est.fits("T4") and est.fits("80% of A100-40GB")  # the one grammar
+    for bad, says in ((True, "cannot read True"), ("150%", "between 0% and 100%"), (-1, "negative"),
+                      (math.inf, "finite"), ("lots", "unknown GPU 'lots'"), (None, "cannot read None")):
         with pytest.raises(ConfigError, match=says):
             est.fits(bad)
     for margin in ("0.1", True, math.nan, 1, -0.1):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from memguard.device import device_memory
+from memguard.device import DeviceSpec, device_memory
 from memguard.device.catalog import (
     GPU_CATALOG,
     GpuSpec,
@@ -106,6 +106,9 @@ def test_every_entry_is_consistent(spec: GpuSpec):
 ])
 def test_forgiving_names(name, expected):
     assert lookup_gpu(name).name == expected
+    if name.isdigit():  # in the device grammar bare digits are a CUDA index (--gpu 4090 is cuda:4090)
+        assert DeviceSpec.parse(name) == DeviceSpec.cuda(int(name))
+        return
     assert device_memory(name).total_bytes == EXPECTED[expected]
 
 

@@ -13,14 +13,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import memguard
-from memguard import Category, DeviceError, DeviceMemory
-from memguard import device as device_module
+from memguard import Category, DeviceMemory
 from memguard.cli import EXIT_DOES_NOT_FIT, EXIT_OK, EXIT_USAGE, main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _fake_nvml import gpus_seen
 
 GOLDEN = Path(__file__).parent / "golden"
 TINY = "test_cli:tiny_gpt2"
@@ -41,8 +44,8 @@ def not_a_module() -> str:
     return "I am not a module"
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+def run(capsys: pytest.CaptureFixture[str], *argv: str, readers: Any = None) -> tuple[int, str, str]:
+    code = main(list(argv), readers=readers)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -64,29 +67,19 @@ def as_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This machine has no GPU, whatever machine the tests run on."""
-    real = device_module.device_memory
+def no_gpu() -> Any:
+    """Readers of a machine without a GPU, whatever machine the tests run on (``main(readers=...)``)."""
+    return gpus_seen()
 
-    def device_memory(device=None):
-        if device == "cuda" or isinstance(device, int):
-            raise DeviceError("cannot read the memory of cuda:0. NVML: no driver. torch: no CUDA")
-        return real(device)
 
-    monkeypatch.setattr(device_module, "device_memory", device_memory)
-    monkeypatch.setattr(device_module, "list_devices", lambda: [])
+A100_40 = DeviceMemory(name="NVIDIA A100-SXM4-40GB", index=0, uuid="GPU-0", total_bytes=40 * GIB,
+                       free_bytes=30 * GIB, used_bytes=10 * GIB, source="nvml")
 
 
 @pytest.fixture
-def one_gpu(monkeypatch: pytest.MonkeyPatch) -> DeviceMemory:
-    """An A100 40GB at cuda:0 with 30 GiB free, as NVML would report it."""
-    gpu = DeviceMemory(name="NVIDIA A100-SXM4-40GB", index=0, uuid="GPU-0", total_bytes=40 * GIB,
-                       free_bytes=30 * GIB, used_bytes=10 * GIB, source="nvml")
-    real = device_module.device_memory
-    monkeypatch.setattr(device_module, "device_memory",
-                        lambda device=None: gpu if device in ("cuda", 0, "cuda:0") else real(device))
-    monkeypatch.setattr(device_module, "list_devices", lambda: [gpu])
-    return gpu
+def one_gpu() -> Any:
+    """Readers that see an A100 40GB at cuda:0 with 30 GiB free, as NVML would report it."""
+    return gpus_seen(A100_40)
 
 
 # -- golden output ----------------------------------------------------------------------------
@@ -173,11 +166,11 @@ def test_check_github_actions_annotation(capsys, monkeypatch):
 
 
 def test_check_against_this_machines_gpu(capsys, one_gpu):
-    code, out, _ = run(capsys, "check", *TINY_ARGS, "-q")  # --gpu auto
+    code, out, _ = run(capsys, "check", *TINY_ARGS, "-q", readers=one_gpu)  # --gpu auto
     assert code == EXIT_OK
     assert "GPU: cuda:0 NVIDIA A100-SXM4-40GB, 30.00 GiB free of 40.00 GiB (nvml)" in out.splitlines()
-    code, out, _ = run(capsys, "check", *TINY_ARGS, "--gpu", "0", "--json")
-    assert json.loads(out)["device"]["free_bytes"] == one_gpu.free_bytes
+    code, out, _ = run(capsys, "check", *TINY_ARGS, "--gpu", "0", "--json", readers=one_gpu)
+    assert json.loads(out)["device"]["free_bytes"] == A100_40.free_bytes
 
 
 # -- estimate ---------------------------------------------------------------------------------
@@ -336,11 +329,11 @@ def test_gpus_when_nvml_sees_no_device(capsys, fake_nvml, monkeypatch):
 
 
 def test_gpus_lists_devices_and_the_catalog(capsys, one_gpu):
-    code, out, _ = run(capsys, "gpus", "--catalog")
+    code, out, _ = run(capsys, "gpus", "--catalog", readers=one_gpu)
     assert code == EXIT_OK
     assert out.splitlines()[0] == "cuda:0: NVIDIA A100-SXM4-40GB, 30.00 GiB free of 40.00 GiB (nvml)"
     assert "  A100-80GB" in out
-    data = json.loads(run(capsys, "gpus", "--json", "--catalog")[1])
+    data = json.loads(run(capsys, "gpus", "--json", "--catalog", readers=one_gpu)[1])
     assert data["devices"][0]["free_bytes"] == 30 * GIB
     assert {"name": "T4", "vendor": "NVIDIA", "total_bytes": memguard.lookup_gpu("T4").total_bytes} in data["catalog"]
 
@@ -387,7 +380,7 @@ BAD = {
 @pytest.mark.parametrize("argv, expected", list(BAD.values()), ids=list(BAD))
 def test_bad_input_is_one_line_and_exit_2(capsys, no_gpu, argv, expected):
     quiet = ["--quiet"] if argv and argv[0] in ("estimate", "check", "max-batch", "plot", "gpus") else []
-    code, out, err = run(capsys, *argv, *quiet)
+    code, out, err = run(capsys, *argv, *quiet, readers=no_gpu)
     assert code == EXIT_USAGE
     assert out == ""
     assert err.endswith("\n") and err.count("\n") == 1, err
@@ -454,7 +447,7 @@ def a_linear_layer() -> torch.nn.Module:
      "takes: memguard.estimate(model, example_input=...) (one batch as forward takes it"),
 ])
 def test_errors_speak_the_commands_words(capsys, no_gpu, argv, expected):
-    code, out, err = run(capsys, *argv)
+    code, out, err = run(capsys, *argv, readers=no_gpu)
     assert (code, out) == (EXIT_USAGE, "")
     assert err.count("\n") == 1 and err.startswith("memguard: error: ")
     assert expected in err
@@ -467,7 +460,10 @@ def test_a_size_in_decimal_units_says_how_it_is_read(capsys):
     lines = out.splitlines()
     at = lines.index("GPU: budget of 22.35 GiB (free = total)")
     assert lines[at + 1] == ("  24GB is read as 24,000,000,000 bytes (SI: 1 GB = 10^9 bytes), 22.35 GiB; write 24GiB "
-                             "for 24 x 2^30 bytes (binary, as nvidia-smi counts)")
+                             "for 24 x 2^30 bytes (binary, as nvidia-smi counts);")
+    assert lines[at + 2] == ("  a card sold as 24 GB has 22.49-24.00 GiB as nvidia-smi counts (A10, A10G, L4, "
+                             "RTX-3090, RTX-4090): name the card instead")  # each "24 GB" card above 22.35 GiB
+    assert lines[at + 3].startswith("FITS: ")
     code, out, _ = run(capsys, "check", TINY, "--seq-len", "32", "--method", "formula", "--gpu", "24GiB")
     assert code == EXIT_OK and "GPU: budget of 24.00 GiB (free = total)\nFITS" in out and "SI" not in out
 

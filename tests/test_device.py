@@ -6,6 +6,7 @@ The host is read for real and from cgroup files laid out in a temporary director
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -21,9 +22,9 @@ import pynvml
 import pytest
 import torch
 
-from memguard import device as device_module
 from memguard.device import (
     DeviceMemory,
+    Readers,
     _host,
     _nvml,
     device_memory,
@@ -37,7 +38,7 @@ from memguard.device.catalog import lookup_gpu
 from memguard.errors import ConfigError, DeviceError, MemguardError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _fake_nvml import MIB, FakeGpu, FakeMig, FakeNvml, uuid
+from _fake_nvml import MIB, FakeGpu, FakeMig, FakeNvml, gpus_seen, uuid
 
 GIB = 2**30
 A100 = "NVIDIA A100-SXM4-80GB"
@@ -51,11 +52,15 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     monkeypatch.delenv("MEMGUARD_NVML_TIMEOUT", raising=False)
-    # No NVIDIA driver files, whatever machine the tests run on (a test may add one).
-    monkeypatch.setattr(device_module, "DRIVER_FILES", (str(tmp_path / "no-driver" / "version"),))
     _nvml.shutdown()
     yield monkeypatch
     _nvml.shutdown()
+
+
+@pytest.fixture
+def no_driver(tmp_path) -> Readers:
+    """This machine's readers, but no NVIDIA driver files, whatever machine the tests run on."""
+    return Readers(driver_files=(str(tmp_path / "no-driver" / "version"),))
 
 
 @pytest.fixture
@@ -254,9 +259,8 @@ def test_device_memory_cpu_uses_cgroup(tmp_path, monkeypatch):
     proc, root = make_host(tmp_path, cgroup="0::/job\n")
     write(root, cgroup__controllers="memory")
     write(root / "job", memory__max=8 * GIB, memory__current=5 * GIB)
-    monkeypatch.setattr(_host, "host_memory",
-                        functools.partial(_host.host_memory, proc_root=proc, cgroup_root=root))
-    mem = device_memory("cpu")
+    readers = Readers(host=functools.partial(_host.host_memory, proc_root=proc, cgroup_root=root))
+    mem = device_memory("cpu", readers=readers)
     assert (mem.total_bytes, mem.free_bytes, mem.used_bytes) == (8 * GIB, 3 * GIB, 5 * GIB)
 
 
@@ -269,9 +273,11 @@ def test_nvml_reads_each_device(nvml):
     assert d0 == DeviceMemory(name=A100, index=0, uuid=uuid(1), total_bytes=80 * GIB,
                               free_bytes=70 * GIB, used_bytes=10 * GIB, source="nvml")
     assert d0.device == "cuda:0"
-    for spelling in ("cuda:1", 1, torch.device("cuda", 1), " CUDA:1 "):
+    for spelling in ("cuda:1", "1", torch.device("cuda", 1), " CUDA:1 "):
         d1 = device_memory(spelling)
         assert (d1.index, d1.uuid, d1.free_bytes) == (1, uuid(2), 50 * GIB)
+    with pytest.warns(FutureWarning, match=r"device_memory\(1\) reads the int as a CUDA index; everywhere else"):
+        assert device_memory(1) == d1  # the old reading of an int, until it is bytes here too
     assert device_memory(torch.device("cuda")).index == 0
     assert [d.uuid for d in list_devices()] == [uuid(1), uuid(2)]
 
@@ -282,7 +288,7 @@ def test_none_is_the_gpu_when_there_is_one(nvml):
     assert device_memory().index == 0
 
 
-def test_none_is_the_host_without_gpu(nvml, no_torch_gpu):
+def test_none_is_the_host_without_gpu(nvml, no_torch_gpu):  # NVML answers and sees no GPU
     nvml([])
     assert device_memory().source == "host"
     assert list_devices() == []
@@ -294,7 +300,7 @@ def test_nvml_initialised_once_and_shut_down(nvml):
     fake = nvml(two_gpus())
     device_memory("cuda")
     list_devices()
-    device_memory(1)
+    device_memory("cuda:1")
     assert fake.init_calls == 1
     assert fake.initialized == 1
     _nvml.shutdown()
@@ -449,7 +455,7 @@ def test_init_failure_falls_back_to_torch(nvml, torch_gpu, error, says):
 
 
 @pytest.mark.parametrize(("error", "says"), INIT_ERRORS)
-def test_init_failure_without_torch_gpu_is_a_device_error(nvml, no_torch_gpu, error, says):
+def test_init_failure_without_torch_gpu_is_a_device_error(nvml, no_torch_gpu, no_driver, error, says):
     nvml(two_gpus(), init_error=error())
     with pytest.raises(DeviceError, match=re.escape(says)) as info:
         device_memory("cuda:1")
@@ -458,7 +464,7 @@ def test_init_failure_without_torch_gpu_is_a_device_error(nvml, no_torch_gpu, er
     assert list_devices() == []
     assert says in why_no_gpu()
     if error is pynvml.NVMLError_LibraryNotFound:  # no driver library, no driver files: no GPU can be here
-        assert device_memory().source == "host"
+        assert device_memory(readers=no_driver).source == "host"
         return
     # The driver's library is installed, so a GPU is there: never its host RAM in its place.
     with pytest.raises(DeviceError, match=r"NVIDIA driver's NVML library is installed.*" + re.escape(says)):
@@ -469,12 +475,12 @@ def test_init_failure_without_torch_gpu_is_a_device_error(nvml, no_torch_gpu, er
 
 @pytest.mark.parametrize(("visible", "meant"), [("0", True), ("GPU-1234", True), ("1,0", True),
                                                 ("", False), ("-1", False), ("NoDevFiles", False)])
-def test_none_is_not_the_host_when_cuda_visible_devices_names_a_gpu(nvml, no_torch_gpu, monkeypatch,
+def test_none_is_not_the_host_when_cuda_visible_devices_names_a_gpu(nvml, no_torch_gpu, monkeypatch, no_driver,
                                                                      visible, meant):
     nvml([], init_error=pynvml.NVMLError_LibraryNotFound())
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     if not meant:
-        assert device_memory().source == "host"
+        assert device_memory(readers=no_driver).source == "host"
         return
     with pytest.raises(DeviceError, match=re.escape(f"CUDA_VISIBLE_DEVICES={visible!r} names a GPU")) as info:
         device_memory()
@@ -488,12 +494,11 @@ def test_none_is_not_the_host_when_the_nvidia_driver_is_loaded(nvml, no_torch_gp
     nvml([], init_error=pynvml.NVMLError_LibraryNotFound())
     version = tmp_path / "version"
     version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15\n")
-    monkeypatch.setattr(device_module, "DRIVER_FILES", (str(version),))
     with pytest.raises(DeviceError, match=re.escape(f"the NVIDIA driver is loaded ({version} exists)")):
-        device_memory()
+        device_memory(readers=Readers(driver_files=(str(version),)))
 
 
-def test_broken_pynvml_import_is_a_device_error(clean_env, no_torch_gpu, tmp_path):
+def test_broken_pynvml_import_is_a_device_error(clean_env, no_torch_gpu, no_driver, tmp_path):
     (tmp_path / "pynvml.py").write_text("raise RuntimeError('half-installed bindings')\n")
     clean_env.syspath_prepend(str(tmp_path))
     clean_env.delitem(sys.modules, "pynvml")
@@ -501,7 +506,7 @@ def test_broken_pynvml_import_is_a_device_error(clean_env, no_torch_gpu, tmp_pat
         device_memory("cuda")
     assert list_devices() == []
     assert "half-installed bindings" in why_no_gpu()
-    assert device_memory().source == "host"  # no driver here, no GPU named: the host is the device
+    assert device_memory(readers=no_driver).source == "host"  # no driver here, no GPU named: the host is the device
 
 
 class HungInitNvml(FakeNvml):
@@ -622,7 +627,7 @@ def test_torch_uuids_unknown_to_nvml_fall_back_to_the_environment(nvml, monkeypa
 def test_torch_fallback_checks_the_index(nvml, torch_gpu):
     nvml([], init_error=pynvml.NVMLError_DriverNotLoaded())
     with pytest.raises(DeviceError, match="no cuda:3; torch sees 1"):
-        device_memory(3)
+        device_memory("cuda:3")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -657,15 +662,18 @@ def test_budgets():
     assert device_memory("24GB").total_bytes == 24 * 10**9
     assert device_memory("512 MiB").free_bytes == 512 * MIB
     assert resolve_budget(1000).total_bytes == 1000
-    assert resolve_budget("4096").total_bytes == 4096
+    assert resolve_budget("4096B").total_bytes == 4096
+    with pytest.raises(ConfigError, match=r"budget '4096' is not an amount of memory \(bare digits are the CUDA "
+                                          r"index cuda:4096\)"):
+        resolve_budget("4096")  # bare digits are an index in every reader; a size needs its unit
     share = resolve_budget("80%", "A100-80GB")
     assert share.total_bytes == int(81920 * MIB * 0.8)
     assert share.name == "80% of A100-80GB" and share.source == "budget"
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    ("12GiB", 12 * GIB), (4096, 4096), ("4096", 4096), (1.5e9, 1_500_000_000), ("80%", 0.8), ("100%", 1.0),
-    (" 12.5 %", 0.125), ("1e-3%", 1e-5),
+    ("12GiB", 12 * GIB), (4096, 4096), ("4096B", 4096), ("A100-80GB", 80 * GIB), (1.5e9, 1_500_000_000),
+    ("80%", 0.8), ("100%", 1.0), (" 12.5 %", 0.125), ("1e-3%", 1e-5),
 ])
 def test_parse_budget(value, expected):
     assert parse_budget(value) == expected
@@ -673,10 +681,11 @@ def test_parse_budget(value, expected):
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    (0, "no memory at all"), ("0", "no memory at all"), ("0GiB", "no memory at all"), ("0%", "no memory at all"),
-    (0.4, "no memory at all"), ("1e400GiB", "larger than any memory"), ("1e400", "larger than any memory"),
+    (0, "no memory at all"), ("0", "bare digits are the CUDA index cuda:0"), ("0GiB", "no memory at all"),
+    ("0%", "no memory at all"),
+    (0.4, "no memory at all"), ("1e400GiB", "larger than any memory"), ("1e400", "number without a unit"),
     (2**63, "larger than any memory"), ("150%", "between 0% and 100%"), (True, "cannot read True"),
-    (None, "cannot read None"), ("lots", "cannot read 'lots'"), (-1, "must not be negative"),
+    (None, "cannot read None"), ("lots", "unknown GPU 'lots'"), ("cpu", "the device cpu"), (-1, "must not be negative"),
 ])
 def test_bad_budgets_are_config_errors(value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -697,12 +706,13 @@ def test_percentage_of_the_gpu(nvml):
     assert resolve_budget("25%", "cuda:1").uuid == uuid(2)
 
 
-def test_percentage_of_the_host_without_gpu(nvml, no_torch_gpu, tmp_path, monkeypatch):
+def test_percentage_of_the_host_without_gpu(nvml, no_torch_gpu, tmp_path, no_driver):
     nvml([], init_error=pynvml.NVMLError_LibraryNotFound())
     proc, root = make_host(tmp_path, cgroup="0::/\n")
-    monkeypatch.setattr(_host, "host_memory",
-                        functools.partial(_host.host_memory, proc_root=proc, cgroup_root=root))
-    assert device_memory("50%").total_bytes == 8 * GIB
+    readers = dataclasses.replace(
+        no_driver, host=functools.partial(_host.host_memory, proc_root=proc, cgroup_root=root))
+    assert device_memory("50%", readers=readers).total_bytes == 8 * GIB
+    assert device_memory("50% of cpu", readers=readers).total_bytes == 8 * GIB
 
 
 def test_catalog_device():
@@ -710,20 +720,22 @@ def test_catalog_device():
     assert mem == DeviceMemory(name="A100-80GB", index=None, uuid=None, total_bytes=81920 * MIB,
                                free_bytes=81920 * MIB, used_bytes=0, source="catalog")
     assert device_memory("NVIDIA H100 80GB HBM3").total_bytes == 81559 * MIB
-    assert device_memory("3090").name == "RTX-3090"
+    assert device_memory("RTX 3090").name == "RTX-3090"
+    with pytest.raises(DeviceError, match="'3090' is read as the CUDA index cuda:3090"):
+        device_memory("3090", readers=gpus_seen())  # bare digits are an index, as on the command line
     assert mem.device is None and device_memory("cpu").device == "cpu"
 
 
 @pytest.mark.parametrize(("device", "message"), [
     ("A100", "ambiguous.*A100-40GB.*A100-80GB"),
-    ("B300", r"cannot read 'B300' as a device.* Did you mean 'B200' or 'RTX-3090'\? GPU names the catalog knows: T4"),
+    ("B300", r"unknown GPU 'B300'. Did you mean 'B200' or 'RTX-3090'\? Expected auto, .* catalog knows: T4"),
     ("12 parsecs", "cannot read '12 parsecs'"),
-    ("1024", "'1024B'"),
+    ("1.5", "'1.5B'"),
     ("cuda:x", "'cuda' or 'cuda:N'"),
     ("150%", "between 0% and 100%"),
     (-1, ">= 0"),
     (True, "cannot read True"),
-    (2.5, "cannot read 2.5"),
+    ([2], "cannot read \\[2\\]"),
     (torch.device("meta"), "not device"),
 ])
 def test_bad_devices_are_config_errors(device, message):

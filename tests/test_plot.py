@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
-import memguard
 from memguard import Category, ConfigError, MemoryEstimate, MissingDependencyError, plot
 from memguard.cli import EXIT_OK, main
 
@@ -176,22 +176,16 @@ def test_memguard_plot_timeline_draws_the_traced_step(tmp_path, capsys):
     assert "--method formula makes no timeline" in capsys.readouterr().err
 
 
-def test_memguard_plot_timeline_needs_no_gpu(tmp_path, capsys, monkeypatch):
+def test_memguard_plot_timeline_needs_no_gpu(tmp_path, capsys):
     """The README's `memguard plot MODEL --timeline -o f.png` on a machine without a GPU (--gpu auto)."""
-    from memguard import device as device_module
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _fake_nvml import gpus_seen
 
-    real = device_module.device_memory
-
-    def device_memory(device=None):
-        if device == "cuda" or isinstance(device, int):
-            raise memguard.DeviceError("cannot read the memory of cuda:0. NVML: no driver. torch: no CUDA")
-        return real(device)
-
-    monkeypatch.setattr(device_module, "device_memory", device_memory)
     config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 128, "n_positions": 64}
     (tmp_path / "config.json").write_text(json.dumps(config))
     target = tmp_path / "timeline.png"
-    code = main(["plot", str(tmp_path), "--seq-len", "32", "--batch-size", "2", "--timeline", "-o", str(target)])
+    code = main(["plot", str(tmp_path), "--seq-len", "32", "--batch-size", "2", "--timeline", "-o", str(target)],
+                readers=gpus_seen())
     captured = capsys.readouterr()
     assert code == EXIT_OK, captured.err
     assert target.read_bytes().startswith(PNG_MAGIC)

@@ -8,14 +8,19 @@ of a known size; one runs the real trace of a tiny GPT-2.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import memguard
 import memguard.estimation.estimator  # the plugin imports it (and torch); see below
-from memguard import Category, DeviceError, DeviceMemory, MemoryEstimate
-from memguard import device as device_module
+from memguard import Category, DeviceMemory, MemoryEstimate
+from memguard.pytest_plugin import READERS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _fake_nvml import gpus_seen
 
 # The plugin imports the estimator, and so torch, on the first marked test. Modules first imported
 # inside an in-process run are dropped after it, and torch cannot be imported twice in a process:
@@ -41,28 +46,33 @@ def fake_estimate(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     return calls
 
 
+class Machine:
+    """A plugin for the inner session that puts the test's readers in the config's stash, before memguard's."""
+
+    def __init__(self, readers: Any) -> None:
+        self.readers = readers
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_configure(self, config: pytest.Config) -> None:
+        config.stash[READERS] = self.readers
+
+
 @pytest.fixture
-def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = device_module.device_memory
-
-    def device_memory(device=None):
-        if device == "cuda" or isinstance(device, int):
-            raise DeviceError("cannot read the memory of cuda:0. NVML: no driver")
-        return real(device)
-
-    monkeypatch.setattr(device_module, "device_memory", device_memory)
+def no_gpu() -> Machine:
+    """A machine without a GPU, whatever machine the tests run on."""
+    return Machine(gpus_seen())
 
 
 @pytest.fixture
-def gpu_with_3gib_free(monkeypatch: pytest.MonkeyPatch) -> None:
-    gpu = DeviceMemory(name="NVIDIA L4", index=0, uuid="GPU-0", total_bytes=22 * GIB, free_bytes=3 * GIB,
-                       used_bytes=19 * GIB, source="nvml")
-    monkeypatch.setattr(device_module, "device_memory", lambda device=None: gpu)
+def gpu_with_3gib_free() -> Machine:
+    return Machine(gpus_seen(DeviceMemory(name="NVIDIA L4", index=0, uuid="GPU-0", total_bytes=22 * GIB,
+                                          free_bytes=3 * GIB, used_bytes=19 * GIB, source="nvml")))
 
 
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+def run(pytester: pytest.Pytester, *args: str, machine: Machine | None = None) -> pytest.RunResult:
     """An in-process pytest run, without the plugins that would re-import themselves each time."""
-    return pytester.runpytest("-p", "no:hypothesispytest", "-p", "no:cacheprovider", *args)
+    plugins = [] if machine is None else [machine]
+    return pytester.runpytest("-p", "no:hypothesispytest", "-p", "no:cacheprovider", *args, plugins=plugins)
 
 
 MARKED = """
@@ -116,7 +126,7 @@ def test_margin_of_the_marker_is_used(pytester, fake_estimate):
 
 def test_without_a_gpu_marked_tests_are_skipped(pytester, fake_estimate, no_gpu):
     marked(pytester)
-    result = run(pytester, "-rs")
+    result = run(pytester, "-rs", machine=no_gpu)
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["*memguard: no GPU visible, and this test trains on one*--memguard-gpu A100-40GB*"])
     assert fake_estimate == []  # nothing estimated for a test that cannot run
@@ -124,12 +134,12 @@ def test_without_a_gpu_marked_tests_are_skipped(pytester, fake_estimate, no_gpu)
 
 def test_against_this_machines_gpu(pytester, fake_estimate, gpu_with_3gib_free):
     marked(pytester)
-    result = run(pytester, "-rs")  # --memguard-gpu auto
+    result = run(pytester, "-rs", machine=gpu_with_3gib_free)  # --memguard-gpu auto
     result.assert_outcomes(passed=2)  # 2 GiB <= 0.9 * 3 GiB
-    result = run(pytester, "--memguard-gpu", "auto", "-rs")
+    result = run(pytester, "--memguard-gpu", "auto", "-rs", machine=gpu_with_3gib_free)
     result.assert_outcomes(passed=2)
     marked(pytester, ", margin=0.5")
-    result = run(pytester, "-rs")
+    result = run(pytester, "-rs", machine=gpu_with_3gib_free)
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["*does not fit NVIDIA L4: needs 2.00 GiB, has 1.50 GiB usable*"])
 
@@ -187,7 +197,7 @@ def test_estimate_errors_are_one_line(pytester, no_gpu):
         @pytest.mark.memguard("no-such-model", batch_size=1, seq_len=8)
         def test_x(): pass
     """)
-    result = run(pytester, "--memguard-gpu", "80GiB")
+    result = run(pytester, "--memguard-gpu", "80GiB", machine=no_gpu)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*memguard: unknown model 'no-such-model'*"])
 
@@ -201,12 +211,14 @@ def test_bad_gpu_option_is_a_usage_error(pytester):
 
 
 def test_gpu_option_reads_as_the_cli_gpu(pytester, fake_estimate, gpu_with_3gib_free):
-    """memguard.device.parse_gpu reads both: bare digits are a CUDA index, a size needs its unit."""
+    """DeviceSpec reads both: bare digits are a CUDA index, a size needs its unit."""
     marked(pytester)
-    result = run(pytester, "--memguard-gpu", "0", "--memguard-check-only", "-rs")
+    result = run(pytester, "--memguard-gpu", "0", "--memguard-check-only", "-rs", machine=gpu_with_3gib_free)
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["*fits NVIDIA L4: needs 2.00 GiB, has 2.70 GiB usable (3.00 GiB free less a 10% "
                                  "margin)"])
+    result = run(pytester, "--memguard-gpu", "50%", "--memguard-check-only", "-rs", machine=gpu_with_3gib_free)
+    result.stdout.fnmatch_lines(["*fits 50% of NVIDIA L4: needs 2.00 GiB, has 9.90 GiB usable (11.00 GiB free less*"])
     pytester.makepyfile("def test_x(): pass")
     result = run(pytester, "--memguard-gpu", "1.5e9")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -219,12 +231,23 @@ def test_gpu_option_reads_as_the_cli_gpu(pytester, fake_estimate, gpu_with_3gib_
     ("0%", "budget '0%' is no memory at all"),
     ("1e400GiB", "memory size '1e400GiB' is larger than any memory"),
 ])
-def test_zero_and_endless_budgets_are_usage_errors(pytester, option, message):
+def test_zero_and_endless_budgets_are_usage_errors(pytester, option, message):  # no device is read for them
     pytester.makepyfile("def test_x(): pass")
     result = run(pytester, "--memguard-gpu", option)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*--memguard-gpu {option}: {message}*"])
     assert "Traceback" not in result.stderr.str()
+
+
+def test_bf16_on_a_card_without_bf16_fails_as_check_refuses_it(pytester, fake_estimate):
+    marked(pytester, ', precision="bf16-mixed"')
+    result = run(pytester, "--memguard-gpu", "T4", "-rs")
+    result.assert_outcomes(passed=1, errors=1)  # failed in setup, as on_oom="fail" does
+    result.stdout.fnmatch_lines(["*memguard: precision='bf16-mixed' on T4: T4 has no bfloat16 support (compute "
+                                 "capability 7.5; bf16 needs 8.0, Ampere or newer)*mark the test with "
+                                 "precision='16-mixed' or '32-true' for this card"])
+    assert fake_estimate == []  # refused before it is estimated
+    run(pytester, "--memguard-gpu", "A100-40GB").assert_outcomes(passed=2)
 
 
 def test_fixture_needs_the_marker(pytester):

@@ -22,7 +22,7 @@ flags given win over the file.
 
 ``MODEL`` is a preset name (``memguard.list_presets()``), a ``config.json`` path or model directory,
 or ``package.module:factory`` naming a callable that returns an ``nn.Module``. ``--gpu`` is read by
-:func:`memguard.device.parse_gpu` (bare digits are a CUDA index; a size needs its unit) and the
+:class:`memguard.device.DeviceSpec` (bare digits are a CUDA index; a size needs its unit) and the
 verdict is :class:`memguard.fit.Fit`'s, as in the pytest plugin and the Lightning callback.
 
 Exit status: 0 success (``check``: it fits), 1 it does not fit (``check``; ``max-batch`` when not
@@ -60,7 +60,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memguard.cli._output import (
     EXIT_BROKEN_PIPE,
@@ -81,13 +81,18 @@ from memguard.cli._parser import UsageError as _UsageError
 from memguard.cli._parser import build_parser as _build_parser
 from memguard.errors import MemguardError
 
+if TYPE_CHECKING:
+    from memguard.device.readers import Readers
+
 __all__ = ["EXIT_DOES_NOT_FIT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, readers: Readers | None = None) -> int:
     """Run the ``memguard`` command and return its exit status.
 
     Args:
         argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+        readers: where GPU and host memory are read (:class:`memguard.device.Readers`; default: this
+            machine), for tests and embedders.
 
     Returns:
         0 success, 1 does not fit, 2 bad usage or input, 3 internal error, 130 interrupted, 141 stdout
@@ -95,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     with _watch_ctrl_c() as interrupted:
         try:
-            code = _main(argv)
+            code = _main(argv, readers)
         except KeyboardInterrupt:  # anywhere: importing torch, parsing, tracing, writing
             interrupted.append(True)
         except BrokenPipeError:  # the reader of stdout went away (`memguard ... | head`): nothing to say to it
@@ -141,7 +146,7 @@ def _watch_ctrl_c() -> Iterator[list[bool]]:
                 signal.signal(signal.SIGINT, previous)
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: Sequence[str] | None, readers: Readers | None = None) -> int:
     try:
         parser = _build_parser()
     except MemguardError as exc:
@@ -153,6 +158,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     _factories_from_here(getattr(args, "model", None))
+    args.readers = readers
     quiet = args.quiet or args.json
     out = Output(json_mode=args.json, quiet=quiet, progress_shown=not quiet and is_terminal(sys.stderr))
     try:

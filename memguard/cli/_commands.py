@@ -11,7 +11,6 @@ import argparse
 from typing import Any
 
 import memguard
-from memguard import device as _device
 from memguard.cli._output import EXIT_DOES_NOT_FIT, EXIT_OK, Output, github_error, in_github_actions
 from memguard.cli._shared import (
     EstimateAt,
@@ -24,6 +23,7 @@ from memguard.cli._shared import (
     show_remedies,
     verb,
 )
+from memguard.device.readers import list_devices, why_no_gpu
 from memguard.errors import ConfigError
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.search import BatchSearch, max_batch_size
@@ -43,7 +43,7 @@ def cmd_estimate(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_check(args: argparse.Namespace, out: Output) -> int:
-    gpu = resolve_gpu(args.gpu, args.precision)
+    gpu = resolve_gpu(args.gpu, args.precision, getattr(args, "readers", None))
     est = estimate_once(args, out)
     fit = Fit(est, gpu.free_bytes, args.margin, gpu.name)
     rows = [] if fit.fits else remedies(est, gpu, args.margin, out)
@@ -85,7 +85,7 @@ def search(args: argparse.Namespace, gpu: memguard.DeviceMemory, estimate_at: Es
 
 
 def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
-    gpu = resolve_gpu(args.gpu, args.precision)
+    gpu = resolve_gpu(args.gpu, args.precision, getattr(args, "readers", None))
     found = search(args, gpu, estimator(args), out, args.method or "auto")
     fit = Fit(found.estimate, gpu.free_bytes, args.margin, gpu.name)
     if out.json_mode:
@@ -120,7 +120,7 @@ def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
 def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     from memguard.planning import plan
 
-    gpu = resolve_gpu(args.gpu, args.precision)
+    gpu = resolve_gpu(args.gpu, args.precision, getattr(args, "readers", None))
     base = {"precision": args.precision, "optimizer": _optimizer_for_plan(args.optimizer),
             "gradient_checkpointing": bool(args.gradient_checkpointing), "strategy": args.strategy,
             "world_size": args.world_size, "offload_optimizer": args.offload_optimizer,
@@ -162,8 +162,8 @@ def _optimizer_for_plan(optimizer: Any) -> Any:
 
 
 def cmd_gpus(args: argparse.Namespace, out: Output) -> int:
-    devices = _device.list_devices()
-    reason = "" if devices else _device.why_no_gpu()
+    devices = list_devices(readers=getattr(args, "readers", None))
+    reason = "" if devices else why_no_gpu(readers=getattr(args, "readers", None))
     if out.json_mode:
         data: dict[str, Any] = {"devices": [d.to_dict() for d in devices]}
         if not devices:

@@ -242,9 +242,10 @@ def _add_report(commands: Any, output: Parser) -> None:
 def _gpu_options() -> Parser:
     gpu = Parser(add_help=False)
     gpu.add_argument("--gpu", default="auto",
-                     help="the GPU to fit: auto (this machine's current CUDA device), a CUDA index, "
-                          "a catalog name such as A100-40GB (see 'memguard gpus --catalog') or a "
-                          "size such as 24GiB (default: %(default)s)")
+                     help="the GPU to fit: auto (this machine's current CUDA device), a CUDA index (0, "
+                          "cuda:1), a catalog name such as A100-40GB (see 'memguard gpus --catalog'), a "
+                          "size such as 24GiB (binary) or 24GB (decimal, 10^9), a share such as 80%% (of the "
+                          "CUDA device; '50%% of cpu'), or cpu (default: %(default)s)")
     gpu.add_argument("--margin", type=margin, default=0.1,
                      help="share of the GPU's free memory to keep spare, 0.1 or 10%% (default: 0.1)")
     return gpu

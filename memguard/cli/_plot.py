@@ -15,6 +15,7 @@ from memguard import plot as _plot
 from memguard.cli._commands import search
 from memguard.cli._output import EXIT_OK, Output
 from memguard.cli._shared import EstimateAt, describe_inputs, estimate_once, estimator, first_sentence, resolve_gpu
+from memguard.device.readers import Readers
 from memguard.errors import ConfigError, DeviceError, MemguardError
 from memguard.estimation.result import MemoryEstimate
 from memguard.fit import usable_bytes
@@ -24,9 +25,11 @@ __all__ = ["cmd_plot"]
 
 
 def cmd_plot(args: argparse.Namespace, out: Output) -> int:
+    readers = getattr(args, "readers", None)
     if args.timeline:
-        return _plot_timeline(args, out, _timeline_gpu(args.gpu, args.precision), _plot.check_output(args.output))
-    gpu = resolve_gpu(args.gpu, args.precision)
+        gpu_or_none = _timeline_gpu(args.gpu, args.precision, readers)
+        return _plot_timeline(args, out, gpu_or_none, _plot.check_output(args.output))
+    gpu = resolve_gpu(args.gpu, args.precision, readers)
     path = _plot.check_output(args.output)
     method, estimate_at = _plot_estimator(args, out)
     found = search(args, gpu, estimate_at, out, method)
@@ -74,12 +77,12 @@ def _plot_estimator(args: argparse.Namespace, out: Output) -> tuple[str, Estimat
     return "formula", formula
 
 
-def _timeline_gpu(text: str, precision: str | None) -> memguard.DeviceMemory | None:
+def _timeline_gpu(text: str, precision: str | None, readers: Readers | None) -> memguard.DeviceMemory | None:
     """The GPU whose usable memory the timeline marks, or ``None``: a timeline needs no GPU, so
     ``--gpu auto`` (the default) on a machine without a readable one draws the step without the line.
     A GPU named on purpose (a catalog name, a size, an index) must still be read."""
     try:
-        return resolve_gpu(text, precision)
+        return resolve_gpu(text, precision, readers)
     except DeviceError:
         if text.strip().lower() != "auto":
             raise

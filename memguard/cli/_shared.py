@@ -7,13 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import memguard
-from memguard import device as _device
 from memguard._cache import cached
 from memguard.cli._output import Output
 from memguard.device.catalog import bf16_problem
+from memguard.device.readers import Readers
+from memguard.device.spec import DeviceSpec
 from memguard.errors import ConfigError, DeviceError, MemguardError
 from memguard.estimation.result import MemoryEstimate
-from memguard.units import decimal_reading, format_bytes
+from memguard.units import format_bytes
 
 __all__ = ["EstimateAt", "describe_gpu", "describe_inputs", "estimate_once", "estimator", "first_sentence",
            "model_words", "remedies", "resolve_gpu", "show_remedies", "verb"]
@@ -22,15 +23,16 @@ EstimateAt = Callable[[int, int | None], MemoryEstimate]
 """``estimate_at(batch_size, seq_len)``; ``seq_len=None`` is the model's maximum."""
 
 
-def resolve_gpu(text: str, precision: str | None = None) -> memguard.DeviceMemory:
-    """``--gpu``, read by :func:`memguard.device.parse_gpu`; a CUDA device that cannot be read gets the CLI's advice.
+def resolve_gpu(text: str, precision: str | None = None, readers: Readers | None = None) -> memguard.DeviceMemory:
+    """``--gpu``, read as :class:`memguard.device.DeviceSpec` (a bare share is of the CUDA device); a CUDA
+    device that cannot be read gets the CLI's advice.
 
     With ``precision`` (``--precision``), a bf16 precision on a GPU without bf16 (T4, V100: catalog's
     :func:`~memguard.device.catalog.bf16_problem`) is refused: the estimate would assume kernels
     that do not run there.
     """
     try:
-        gpu = _device.parse_gpu(text)
+        gpu = DeviceSpec.parse(text).read(readers, training=DeviceSpec.cuda())
     except DeviceError as exc:
         raise DeviceError(
             f"--gpu {text.strip()}: no CUDA device can be read on this machine ({_without_advice(exc)}); "
@@ -54,10 +56,11 @@ def first_sentence(exc: Exception) -> str:
 
 
 def describe_gpu(gpu: memguard.DeviceMemory, spec: str | None = None) -> str:
-    """The ``GPU:`` line; for a size in decimal units (``--gpu 24GB``) a second line says how it is read."""
+    """The ``GPU:`` line; for a size in decimal units (``--gpu 24GB``) a second line says how it is read
+    (:attr:`memguard.device.DeviceSpec.note`: SI, 10^9 bytes, and the catalog cards sold at that size)."""
     line = _describe_gpu(gpu)
-    note = decimal_reading(spec) if spec is not None and gpu.source == "budget" else None
-    return f"{line}\n  {note}" if note else line
+    note = DeviceSpec.parse(spec).note if spec is not None and gpu.source == "budget" else None
+    return "\n  ".join([line, *note.splitlines()]) if note else line
 
 
 def _describe_gpu(gpu: memguard.DeviceMemory) -> str:
@@ -68,7 +71,7 @@ def _describe_gpu(gpu: memguard.DeviceMemory) -> str:
     if gpu.source == "budget":
         plain = gpu.name.startswith("budget of")  # a size; "80% of NVIDIA ..." for a share
         return f"GPU: {gpu.name} (free = total)" if plain else f"GPU: {gpu.name}, {size} (budget: free = total)"
-    where = f"{gpu.device} " if gpu.device else ""
+    where = f"{gpu.device} " if gpu.device and gpu.device != gpu.name else ""  # "cpu", not "cpu cpu"
     return f"GPU: {where}{gpu.name}, {format_bytes(gpu.free_bytes)} free of {size} ({gpu.source})"
 
 

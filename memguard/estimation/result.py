@@ -13,8 +13,9 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
+from memguard.device.spec import DeviceSpec
 from memguard.fit import Fit
-from memguard.units import format_bytes, parse_bytes
+from memguard.units import format_bytes
 
 __all__ = ["Category", "MemoryEstimate", "PeakTensors"]
 
@@ -160,17 +161,18 @@ class MemoryEstimate:
         ``fits(free, 0.1)`` is true when ``total_bytes <= 0.9 * free``.
 
         Args:
-            free_bytes: the memory available: bytes (``int``), or a size as
-                :func:`~memguard.parse_bytes` reads it (``"12GiB"``, ``"24GB"``), so
-                ``est.fits("12GiB")`` means what it says. A percentage has no device to refer
-                to here: pass ``memguard.resolve_budget("80%", device).free_bytes``.
+            free_bytes: the memory available, in any form :class:`memguard.device.DeviceSpec` reads:
+                bytes (``int``), a size (``"12GiB"``, ``"24GB"``), a catalog GPU (``"A100-80GB"``),
+                a live device (``"cuda:0"``: what it has free) or a share of the estimate's device
+                (``"80%"``).
             margin: the share of ``free_bytes`` to keep spare, a number in ``[0, 1)``.
 
         Raises:
-            ConfigError: for a size :func:`~memguard.parse_bytes` cannot read (a bool, a negative
-                or infinite number, a percentage) or a margin outside ``[0, 1)``.
+            ConfigError: for a value the grammar cannot read (a bool, a negative or infinite
+                number, an unknown name) or a margin outside ``[0, 1)``.
+            DeviceError: a live device named cannot be read.
         """
-        return Fit(self, parse_bytes(free_bytes), margin).fits
+        return Fit(self, DeviceSpec.parse(free_bytes).free_bytes(training=self.inputs.get("device")), margin).fits
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: method, peak and total bytes, breakdown, inputs and notes."""

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from memguard.device import DeviceMemory, parse_gpu, resolve_budget
+from memguard.device import DeviceMemory, DeviceSpec, memory_of
 from memguard.device.catalog import bf16_problem
 from memguard.errors import ConfigError, MemguardError
 from memguard.estimation.estimator import DEFAULT_QLORA_RANK
@@ -141,7 +141,7 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
         ConfigError: when the model cannot be built again and ``model`` is not given, or the
             optimizer is not a name memguard knows and ``base`` does not give it; for a bad argument.
     """
-    gpu = free_bytes if isinstance(free_bytes, DeviceMemory) else resolve_budget(free_bytes)
+    gpu = memory_of(free_bytes, training=estimate.inputs.get("device"))  # a share is of the estimate's device
     top = positive_int("top", top)
     if estimate.fits(gpu.free_bytes, margin):
         return []
@@ -188,7 +188,7 @@ def _setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len: Any
     gpus = knobs.world_size if gpus is None else world_size_of("gpus", gpus)
     if gpus < knobs.world_size:
         raise ConfigError(f"gpus={gpus} is fewer than the run's world_size={knobs.world_size}; pass gpus >= it")
-    memory, notes = _resolve_gpu(gpu), []
+    memory, notes = memory_of(gpu, training=DeviceSpec.cuda()), []  # a share is of the CUDA device
     precisions = _choices("precision", precision, PRECISIONS, knobs.precision, lambda p: resolve_precision(p).name)
     if precision is None and bf16_problem(memory.name, "bf16-mixed"):  # the catalog's compute capability < 8.0
         precisions = tuple(p for p in precisions if not p.startswith("bf16") or p == knobs.precision)
@@ -261,17 +261,6 @@ def _base_knobs(base: Any, batch_size: Any, precision: Any) -> _Knobs:
                   positive_int("batch_size", batch_size if batch_size is not None else given.get("batch_size") or 1),
                   positive_int("accumulate_grad_batches", given.get("accumulate_grad_batches") or 1),
                   None if quant is None else quant.kind + "-dq" * quant.double_quant)
-
-
-def _resolve_gpu(gpu: Any) -> DeviceMemory:
-    if isinstance(gpu, DeviceMemory):
-        return gpu
-    if isinstance(gpu, bool) or not isinstance(gpu, (str, int)):
-        raise ConfigError(f"gpu must be a DeviceMemory, a GPU name or size (e.g. 'A100-80GB', '24GiB') or free "
-                          f"bytes as an int, got {gpu!r}")
-    if isinstance(gpu, int):
-        return resolve_budget(gpu)
-    return parse_gpu(gpu)
 
 
 def guard_remedies(estimate: MemoryEstimate, free_bytes: int, margin: float, *, model: Any, optimizer: Any,
