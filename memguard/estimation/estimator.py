@@ -236,7 +236,17 @@ def estimate(
     }
     return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes), host_bytes=host,
                           context_bytes=context, at_peak=found.at_peak, timeline=found.timeline,
-                          stand_ins=found.stand_ins)
+                          stand_ins=found.stand_ins, band=_band(found, spec))
+
+
+def _band(found: _Found, spec: TrainingSpec) -> dict[str, int]:
+    """The estimate's band: what the trace saw but cannot size; the formula sees no kernel, so only the
+    cuBLAS workspace of autograd's thread (:meth:`memguard.estimation.cuda_rules.Workspaces.band`)."""
+    if found.method == "trace" or spec.device != "cuda" or found.method == "seed":
+        return found.band
+    from memguard.estimation.cuda_rules import Workspaces
+
+    return Workspaces().band()
 
 
 DEFAULT_QLORA_RANK = 8
@@ -290,6 +300,7 @@ class _Found:
     at_peak: tuple[PeakTensors, ...] = ()
     timeline: tuple[tuple[int, str, int], ...] = ()
     stand_ins: dict[str, str] = dataclasses.field(default_factory=dict)
+    band: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism,
@@ -328,7 +339,7 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
             warm_up()
         traced = sandbox.run(trace, timeout=trace_timeout) if user_code else trace()
         return _Found("trace", traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline,
-                      traced.stand_ins)
+                      traced.stand_ins, traced.band)
     except ConfigError:
         raise  # a bad argument is no reason to try another method
     except MemguardError as exc:
