@@ -368,6 +368,171 @@ ROWS: tuple[Row, ...] = (
 )
 
 
+# --------------------------------------------------------------------------- rows of 2023 and later (issue 17)
+#
+# Sources none of the rows above use, each with every setting it states and the statistic its script
+# prints. Models are written out as transformers configs of the same shapes as the source's own
+# implementation (timm, torchvision, LitGPT), whose differences each row names.
+
+
+def _vit(hidden: int, layers: int, heads: int, mlp: int, patch: int, labels: int) -> Any:
+    import transformers
+
+    return transformers.ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                  intermediate_size=mlp, patch_size=patch, image_size=224, num_labels=labels,
+                                  layer_norm_eps=1e-6, architectures=["ViTForImageClassification"])
+
+
+def _llama(hidden: int, layers: int, heads: int, kv: int, mlp: int, vocab: int, *, tied: bool = False,
+           theta: float = 10000.0, positions: int = 4096) -> Any:
+    import transformers
+
+    return transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                    num_key_value_heads=kv, intermediate_size=mlp, vocab_size=vocab,
+                                    tie_word_embeddings=tied, rope_theta=theta, max_position_embeddings=positions,
+                                    architectures=["LlamaForCausalLM"])
+
+
+def _build(model: Callable[[], Any] | str, **kwargs: Any) -> Callable[[], tuple[Any, dict[str, Any]]]:
+    def build() -> tuple[Any, dict[str, Any]]:
+        return (model if isinstance(model, str) else model()), dict(kwargs)
+    return build
+
+
+def _vith() -> Any:
+    """timm's ``vit_huge_patch14_224.orig_in21k`` with a 45-class head (resisc45): 32 blocks of width
+    1280, 16 heads, MLP 5120, patch 14, class token; 630M parameters."""
+    return _vit(1280, 32, 16, 5120, 14, 45)
+
+
+def _vitl() -> Any:
+    """torchvision's ``vit_l_16`` with ``heads.head`` replaced by a 10-class linear layer (CIFAR-10)."""
+    return _vit(1024, 24, 16, 4096, 16, 10)
+
+
+_AO = ("torchao, torchao/optim/README.md, 'Benchmarks' (ViT-H on resisc45: PyTorch 2.4, BF16 AMP, compiled "
+       "model, batch size 8, 4070Ti SUPER)")
+_AO_URL = "https://github.com/pytorch/ao/blob/072500abcfbdec15a429eb53160c63fb92534b85/torchao/optim/README.md"
+_AOP = ("torchao, torchao/prototype/low_bit_optim/README.md (2024), 'Benchmarks' (ViT-H, BF16 AMP, 2 epochs, "
+        "batch size 8, 4070Ti SUPER)")
+_AOP_URL = ("https://github.com/pytorch/ao/blob/03cf0adec63fdbae2fd6d2aa7688b52ee8c64004/"
+            "torchao/prototype/low_bit_optim/README.md")
+_AO_DIFF = ("benchmarks/benchmark_low_bit_adam.py prints torch.cuda.max_memory_allocated() / 1e9 after the run "
+            "(evaluation at batch 8 under no_grad included, below the training peak); timm's ViT (fused qkv, "
+            "F.sdpa) modelled by transformers' ViT of the same shapes; AdamW fused=True (no foreach temporaries), "
+            "modelled by memguard's foreach AdamW; bitsandbytes/torchao 8-bit AdamW by memguard's 8-bit stand-in")
+
+
+def _ao_row(key: str, source: str, url: str, optim_words: str, optimizer: str, quoted: str, compiled: bool) -> Row:
+    settings = {"model": "timm vit_huge_patch14_224.orig_in21k, 45 classes (630M)", "batch": "8",
+                "seq": "224x224 image (RandomResizedCrop)", "precision": "bf16 AMP (bf16-mixed)",
+                "optimizer": optim_words, "grad_ckpt": "no",
+                "strategy": f"single GPU, plain PyTorch{', model.compile(fullgraph=True)' if compiled else ''}",
+                "lora": "no"}
+    diff = _AO_DIFF + ("; torch.compile fuses elementwise ops, which memguard traces eager" if compiled else "")
+    return Row(key, source, url, "RTX 4070 Ti SUPER 16 GB", settings, "max_memory_allocated",
+               f"{quoted} GB", float(quoted), 10**9,
+               _build(_vith, batch_size=8, precision="bf16-mixed", optimizer=optimizer), differences=diff)
+
+
+_RB = ("Raschka, 'Optimizing Memory Usage for Training LLMs and Vision Transformers in PyTorch' (July 2023), "
+       "code and logs: rasbt/pytorch-memory-optim logs.md")
+_RB_URL = "https://github.com/rasbt/pytorch-memory-optim/blob/2d1ae1e747fe72c7bb74a2a464fe79baa23f174b/logs.md"
+_RB_DIFF = ("the scripts print torch.cuda.max_memory_reserved() / 1e9 after one epoch (evaluation included); "
+            "torch 2.1.0.dev20230623+cu118, Lightning 2.1.0.dev0, A100 (the article); torchvision's ViT "
+            "(nn.MultiheadAttention, need_weights=False, which takes SDPA) modelled by transformers' ViT")
+
+
+def _rb_row(key: str, script: str, batch: int, precision: str, quoted: str, *, accumulate: int = 1,
+            loop: str = "Fabric") -> Row:
+    settings = {"model": "torchvision vit_l_16 (IMAGENET1K_V1), 10-class head", "batch":
+                f"{batch}" + (f" x {accumulate} accumulation" if accumulate > 1 else ""),
+                "seq": "224x224 image (CIFAR-10 resized)", "precision": precision,
+                "optimizer": "torch.optim.Adam(lr=5e-5)", "grad_ckpt": "no", "strategy": f"single GPU, {loop}",
+                "lora": "no"}
+    return Row(key, _RB, _RB_URL, "A100 (article)", settings, "max_memory_reserved",
+               f"{script}: Memory used: {quoted} GB", float(quoted), 10**9,
+               _build(_vitl, batch_size=batch, precision=precision, optimizer="adam",
+                      accumulate_grad_batches=accumulate), differences=_RB_DIFF)
+
+
+_LH = ("LitGPT config_hub/finetune/README.md (2024), 'Config files' table: bfloat16, Alpaca2k, max seq length 512, "
+       "1xA10G")
+_LH_URL = ("https://github.com/Lightning-AI/litgpt/blob/03ffc5515b251fb7e3a461efd0e3c163e45b6b3b/"
+           "config_hub/finetune/README.md")
+_LH_DIFF = ("'Peak memory' is LitGPT's torch.cuda.max_memory_allocated() / 1e9; the peak is taken at the longest "
+            "micro-batch, assumed to reach max_seq_length 512; LitGPT's own GPT (fused QKV linear, LoRA dropout "
+            "0.05) modelled by transformers' Llama/Mistral with peft LoRA on q_proj and v_proj")
+
+
+def _lh_row(key: str, config: str, model: Callable[[], Any] | str, micro: int, quoted: str,
+            lora: int | None) -> Row:
+    settings = {"model": f"{config} (LitGPT checkpoint)", "batch": f"{micro} (micro-batch)",
+                "seq": "512 (max_seq_length)", "precision": "bf16-true", "optimizer": "AdamW",
+                "grad_ckpt": "no", "strategy": "single GPU, LitGPT finetune (Fabric)",
+                "lora": f"r={lora} on query and value (config_hub yaml)" if lora else "no (full)"}
+    kwargs: dict[str, Any] = {"batch_size": micro, "seq_len": 512, "precision": "bf16-true", "optimizer": "adamw"}
+    if lora:
+        kwargs["lora_rank"] = lora
+    return Row(key, _LH, _LH_URL, "A10G 24 GB", settings, "max_memory_allocated", f"Peak memory {quoted} GB",
+               float(quoted), 10**9, _build(model, **kwargs), differences=_LH_DIFF)
+
+
+def _tinyllama() -> Any:
+    """TinyLlama 1.1B (``TinyLlama-1.1B-intermediate-step-1431k-3T``)."""
+    return _llama(2048, 22, 32, 4, 5632, 32000, positions=2048)
+
+
+def _llama32_3b() -> Any:
+    """``meta-llama/Llama-3.2-3B``: tied embeddings, 128256-token vocabulary, GQA 24/8."""
+    return _llama(3072, 28, 24, 8, 8192, 128256, tied=True, theta=500000.0, positions=131072)
+
+
+_PM = ("PEFT method_comparison/MetaMathQA results (June 2025): Llama-3.2-3B, bfloat16 weights, batch 4, "
+       "max_seq_length 768, AdamW, NVIDIA L40S")
+_PM_DIFF = ("'accelerator_memory_max' is the largest torch.cuda.memory_reserved() read after an optimizer step, less "
+            "the memory at start (before the model loads), over 5000 steps (method_comparison/MetaMathQA/run.py); "
+            "the cache is emptied every 10 steps, so it is the reserved peak of the longest batch, assumed 4 x 768; "
+            "peft keeps the adapters in fp32 (autocast_adapter_dtype=True); transformers 4.52, torch 2.7.1")
+
+
+def _pm_row(key: str, path: str, commit: str, rank: int, value: int) -> Row:
+    settings = {"model": "meta-llama/Llama-3.2-3B (LlamaForCausalLM)", "batch": "4", "seq": "768 (max_seq_length)",
+                "precision": "bf16 weights, no AMP (bf16-true)", "optimizer": "torch AdamW(lr=1e-4, wd=0.1)",
+                "grad_ckpt": "no", "strategy": "single GPU, plain PyTorch", "lora": f"r={rank} on q_proj, v_proj"}
+    return Row(key, _PM, f"https://github.com/huggingface/peft/blob/{commit}/{path}", "L40S 48 GB", settings,
+               "max_memory_reserved", f'"accelerator_memory_max": {value}', value, 1,
+               _build(_llama32_3b, batch_size=4, seq_len=768, precision="bf16-true", optimizer="adamw",
+                      lora_rank=rank), differences=_PM_DIFF)
+
+
+NEW_ROWS: tuple[Row, ...] = (
+    _ao_row("ao-vith-adamw", _AO, _AO_URL, "torch AdamW(fused=True)", "adamw", "12.23", True),
+    _ao_row("ao-vith-bnb8", _AO, _AO_URL, "bitsandbytes AdamW8bit", "adamw-8bit", "8.32", True),
+    _ao_row("ao-vith-ao8", _AO, _AO_URL, "torchao AdamW8bit (block 256)", "adamw-8bit", "8.33", True),
+    _ao_row("aop-vith-adamw", _AOP, _AOP_URL, "torch AdamW(fused=True)", "adamw", "12.94", False),
+    _ao_row("aop-vith-bnb8", _AOP, _AOP_URL, "bitsandbytes AdamW8bit", "adamw-8bit", "8.31", False),
+    _ao_row("aop-vith-ao8", _AOP, _AOP_URL, "torchao AdamW8bit (block 2048)", "adamw-8bit", "8.31", False),
+    _rb_row("rb-01-fp32", "01_pytorch-vit.py", 64, "32-true", "26.79", loop="plain PyTorch"),
+    _rb_row("rb-01-2-fabric", "01-2_pytorch-fabric.py", 64, "32-true", "26.84"),
+    _rb_row("rb-02-16-mixed", "02_mixed-precision.py", 64, "16-mixed", "18.21"),
+    _rb_row("rb-03-bf16-true", "03_bfloat16.py", 64, "bf16-true", "13.82"),
+    _rb_row("rb-04-b16", "04_lower-batchsize.py", 16, "bf16-true", "5.69"),
+    _rb_row("rb-05-accum", "05_gradient-accum.py", 4, "bf16-true", "3.91", accumulate=4),
+    _lh_row("lh-tinyllama-full", "tiny-llama/full.yaml", _tinyllama, 4, "14.10", None),
+    _lh_row("lh-llama2-7b-lora", "llama-2-7b/lora.yaml", "llama-2-7b", 2, "19.77", 32),
+    _lh_row("lh-llama3-8b-lora", "llama-3-8b/lora.yaml", "llama-3-8b", 1, "19.73", 32),
+    _lh_row("lh-mistral-7b-lora", "mistral-7b/lora.yaml", "mistral-7b", 2, "20.66", 32),
+    _pm_row("pm-lora-r32", "method_comparison/MetaMathQA/results/lora--llama-3.2-3B-rank32.json",
+            "0a179c1e8659ab4f7df0369b9b03943cfe470ff1", 32, 22273851392),
+    _pm_row("pm-lora-r64", "method_comparison/MetaMathQA/results/lora--llama-3.2-3B-rank64.json",
+            "18e07f189c06cbc6472e4e3ec180358319de8175", 64, 22540189696),
+)
+"""Rows of 2023 and later from sources the rows above do not use (``--set new``)."""
+
+ALL_ROWS: tuple[Row, ...] = ROWS + NEW_ROWS
+
+
 # --------------------------------------------------------------------------- estimates
 
 
@@ -393,6 +558,11 @@ def predict(row: Row, method: str) -> dict[str, Any]:
     predicted = getattr(est, QUANTITY[row.measured], None)
     out["predicted_bytes"] = predicted
     out["error"] = _error(predicted, row.measured_bytes)
+    # The band's workspaces go through the caching allocator: the upper end of every statistic adds them.
+    band = dict(getattr(est, "band", {}))
+    out["band"] = band
+    out["upper_predicted_bytes"] = None if predicted is None else predicted + sum(band.values())
+    out["upper_error"] = _error(out["upper_predicted_bytes"], row.measured_bytes)
     if row.secondary is not None:
         kind, _, value = row.secondary
         out["secondary_predicted_bytes"] = getattr(est, QUANTITY[kind], None)
@@ -488,8 +658,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", help="comma-separated row keys (default: all)")
     parser.add_argument("--methods", default=",".join(METHODS), help="trace,formula")
     parser.add_argument("--json", type=Path, help="write the rows with predictions to this file")
+    parser.add_argument("--set", choices=("old", "new", "all"), default="all",
+                        help="old: the rows before issue 17; new: 2023+ rows of other sources; all (default)")
+    parser.add_argument("--plot", type=Path, help="draw the error distribution of the rows run to this PNG")
     args = parser.parse_args(argv)
-    rows = ROWS if not args.rows else tuple(r for r in ROWS if r.key in args.rows.split(","))
+    pool = {"old": ROWS, "new": NEW_ROWS, "all": ALL_ROWS}[args.set]
+    rows = pool if not args.rows else tuple(r for r in ALL_ROWS if r.key in args.rows.split(","))
     methods = [m for m in args.methods.split(",") if m]
     start = time.perf_counter()
     records = evaluate(rows, methods)

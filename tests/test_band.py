@@ -1,0 +1,82 @@
+"""The stated band: workspaces the trace sees but cannot size, the upper end, and the fit decided on it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import memguard
+from memguard.estimation.cuda_rules import (
+    CUBLAS_WORKSPACE_BYTES,
+    CUDNN_WGRAD_SPLITS,
+    ConvCall,
+    attention_backward_bytes,
+    conv_workspace_bytes,
+)
+from memguard.estimation.result import Category, MemoryEstimate
+from memguard.fit import Fit
+
+CUBLAS = "cublas: workspace of autograd's backward thread (8-32 MiB by GPU)"
+
+
+class _PatchNet(nn.Module):
+    """A ViT-like patch embedding (kernel = stride = 4) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 32, kernel_size=4, stride=4)
+        self.head = nn.Linear(32 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.patch(x).flatten(1))
+
+
+def test_conv_workspace_rule_numbers() -> None:
+    call = ConvCall(input=(8, 3, 32, 32), weight=(32, 3, 4, 4), output=(8, 32, 8, 8), element_size=2,
+                    grad_input=False, grad_weight=True)
+    im2col = 3 * 4 * 4 * 8 * 64 * 2  # C_in x kernel x N x output positions x bytes
+    assert conv_workspace_bytes(call) == {
+        "forward": im2col, "weight gradient": max(im2col, min(CUDNN_WGRAD_SPLITS, 8 * 64) * 32 * 3 * 4 * 4 * 4)}
+    assert conv_workspace_bytes(ConvCall((1, 3, 4, 4), (32, 3, 4, 4), (1, 32, 1, 1), 4, True, True)) == {
+        "forward": 192, "data gradient": 192, "weight gradient": 1 * 1536 * 4}
+    assert attention_backward_bytes((2, 4, 128, 64), (2, 4, 128, 64), (2, 4, 128, 64)) == 3 * 4 * 2 * 4 * 128 * 64
+
+
+def test_trace_states_the_conv_and_cublas_workspaces_in_the_band() -> None:
+    example = torch.randn(8, 3, 32, 32)
+
+    def loss(out: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return out.float().pow(2).mean()
+
+    est = memguard.estimate(_PatchNet(), example_input=example, loss_fn=loss, device="cuda", method="trace",
+                            precision="32-true")
+    (conv_item,) = [k for k in est.band if k.startswith("cudnn: convolution workspace (1 calls")]
+    wgrad = min(CUDNN_WGRAD_SPLITS, 8 * 64) * (32 * 3 * 4 * 4) * 4
+    assert est.band[conv_item] == wgrad
+    assert est.band[CUBLAS] == CUBLAS_WORKSPACE_BYTES
+    assert est.upper_bytes == est.total_bytes + wgrad + CUBLAS_WORKSPACE_BYTES
+    assert "upper (band)" in est.table() and "upper" in repr(est)
+    # The point estimate is what it was: the band is never in total_bytes.
+    assert est.total_bytes == sum(est.breakdown.values())
+    cpu = memguard.estimate(_PatchNet(), example_input=example, loss_fn=loss, device="cpu", method="trace")
+    assert cpu.band == {} and cpu.upper_bytes == cpu.total_bytes
+
+
+def test_formula_band_is_the_cublas_workspace_only() -> None:
+    est = memguard.estimate("gpt2", batch_size=1, seq_len=64, device="cuda", method="formula")
+    assert est.band == {CUBLAS: CUBLAS_WORKSPACE_BYTES}
+
+
+def test_fit_decides_on_the_upper_end_and_round_trips() -> None:
+    est = MemoryEstimate("trace", {Category.PARAMETERS: 900}, band={"cudnn: x": 200})
+    assert est.upper_bytes == 1100
+    assert not Fit(est, 1000, margin=0.0).fits  # the total (900) fits, the upper end does not
+    assert Fit(est, 1100, margin=0.0).fits
+    assert Fit(est, 1100, margin=0.0).spare_bytes == 0
+    assert "(900 B + 200 B uncertain)" in Fit(est, 1000, margin=0.0).describe()
+    assert not est.fits(1000, margin=0.0)
+    back = MemoryEstimate.from_dict(est.to_dict())
+    assert back.band == {"cudnn: x": 200} and back.upper_bytes == 1100
+    assert est.to_dict()["upper_bytes"] == 1100
+    assert Fit(MemoryEstimate("trace", {Category.PARAMETERS: 900}), 1000, margin=0.0).describe().startswith(
+        "FITS: needs 900 B of")
