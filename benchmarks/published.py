@@ -483,6 +483,17 @@ def _tinyllama() -> Any:
     return _llama(2048, 22, 32, 4, 5632, 32000, positions=2048)
 
 
+def _stablelm_3b() -> Any:
+    """``stabilityai/stablelm-base-alpha-3b``: GPT-NeoX, 16 blocks of width 4096, 32 heads, MLP 16384,
+    rotary on a quarter of each head, parallel residual, untied head."""
+    import transformers
+
+    return transformers.GPTNeoXConfig(hidden_size=4096, num_hidden_layers=16, num_attention_heads=32,
+                                      intermediate_size=16384, vocab_size=50688, rotary_pct=0.25,
+                                      max_position_embeddings=4096, use_parallel_residual=True,
+                                      tie_word_embeddings=False, architectures=["GPTNeoXForCausalLM"])
+
+
 def _llama32_3b() -> Any:
     """``meta-llama/Llama-3.2-3B``: tied embeddings, 128256-token vocabulary, GQA 24/8."""
     return _llama(3072, 28, 24, 8, 8192, 128256, tied=True, theta=500000.0, positions=131072)
@@ -499,11 +510,144 @@ _PM_DIFF = ("'accelerator_memory_max' is the largest torch.cuda.memory_reserved(
 def _pm_row(key: str, path: str, commit: str, rank: int, value: int) -> Row:
     settings = {"model": "meta-llama/Llama-3.2-3B (LlamaForCausalLM)", "batch": "4", "seq": "768 (max_seq_length)",
                 "precision": "bf16 weights, no AMP (bf16-true)", "optimizer": "torch AdamW(lr=1e-4, wd=0.1)",
-                "grad_ckpt": "no", "strategy": "single GPU, plain PyTorch", "lora": f"r={rank} on q_proj, v_proj"}
+                "grad_ckpt": "no", "strategy": "single GPU, plain PyTorch",
+                "lora": f"r={rank} on q_proj, v_proj" if rank else "no (full fine-tuning)"}
+    field = "accelerator_memory_max" if "rank64" in path else "cuda_memory_max"
+    lora = {"lora_rank": rank} if rank else {}
     return Row(key, _PM, f"https://github.com/huggingface/peft/blob/{commit}/{path}", "L40S 48 GB", settings,
-               "max_memory_reserved", f'"accelerator_memory_max": {value}', value, 1,
-               _build(_llama32_3b, batch_size=4, seq_len=768, precision="bf16-true", optimizer="adamw",
-                      lora_rank=rank), differences=_PM_DIFF)
+               "max_memory_reserved", f'"{field}": {value}', value, 1,
+               _build(_llama32_3b, batch_size=4, seq_len=768, precision="bf16-true", optimizer="adamw", **lora),
+               differences=_PM_DIFF)
+
+
+def _lh_qlora_row(key: str, config: str, preset: Callable[[], Any] | str, micro: int, quoted: str) -> Row:
+    row = _lh_row(key, config, preset, micro, quoted, 32)
+    settings = {**row.settings, "lora": "r=32 on query and value, base bnb.nf4 (config_hub qlora.yaml)"}
+    build = _build(preset, batch_size=micro, seq_len=512, precision="bf16-true", optimizer="adamw", lora_rank=32,
+                   quantization="nf4", skip_modules=[])
+    return dataclasses.replace(row, settings=settings, estimate=build,
+                               differences=row.differences + "; --quantize bnb.nf4 through Lightning's "
+                               "BitsandbytesPrecision, every nn.Linear quantized (the LM head included)")
+
+
+def _scratch_gpt(vocab: int, attention: str, norms: str) -> Any:
+    """The GPT-2-small-sized model of "Build a Large Language Model (From Scratch)", chapter 5 bonus
+    ``10_llm-training-speed``: 12 blocks of width 768, 12 heads, context 1024, no QKV bias, dropout
+    0.1, an untied output head. ``attention="sdpa"``: one fused QKV linear into
+    ``F.scaled_dot_product_attention(is_causal=True)``; ``"scratch"``: the book's attention (scores,
+    a causal mask made on the fly, softmax, dropout on the weights). ``norms="native"``:
+    ``nn.LayerNorm`` and ``nn.GELU("tanh")``; ``"scratch"``: the book's LayerNorm (mean, variance)
+    and tanh GELU written out."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    dim, heads, context, drop = 768, 12, 1024, 0.1
+
+    class LayerNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale, self.shift = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mean = x.mean(dim=-1, keepdim=True)
+            var = x.var(dim=-1, keepdim=True, unbiased=False)
+            return self.scale * ((x - mean) / torch.sqrt(var + 1e-5)) + self.shift
+
+    class GELU(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 0.5 * x * (1 + torch.tanh((2.0 / torch.pi) ** 0.5 * (x + 0.044715 * x.pow(3))))
+
+    def norm() -> nn.Module:
+        return nn.LayerNorm(dim) if norms == "native" else LayerNorm()
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.proj = nn.Linear(dim, dim)
+            self.drop = nn.Dropout(drop)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+            if attention == "sdpa":
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop if self.training else 0.0,
+                                                     is_causal=True)
+            else:
+                scores = q @ k.transpose(2, 3)
+                mask = torch.triu(torch.ones(n, n, device=x.device, dtype=torch.bool), diagonal=1)
+                scores = scores.masked_fill(mask, float("-inf"))
+                out = self.drop(torch.softmax(scores / (dim // heads) ** 0.5, dim=-1)) @ v
+            return self.proj(out.transpose(1, 2).reshape(b, n, dim))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1, self.att, self.norm2 = norm(), Attention(), norm()
+            self.ff = nn.Sequential(nn.Linear(dim, 4 * dim),
+                                    nn.GELU(approximate="tanh") if norms == "native" else GELU(),
+                                    nn.Linear(4 * dim, dim))
+            self.drop = nn.Dropout(drop)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.drop(self.att(self.norm1(x)))
+            return x + self.drop(self.ff(self.norm2(x)))
+
+    class GPT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok_emb, self.pos_emb = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
+            self.drop = nn.Dropout(drop)
+            self.blocks = nn.Sequential(*(Block() for _ in range(12)))
+            self.final_norm = norm()
+            self.out_head = nn.Linear(dim, vocab, bias=False)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            pos = self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+            return self.out_head(self.final_norm(self.blocks(self.drop(self.tok_emb(idx) + pos))))
+
+    with torch.device("meta"):
+        return GPT()
+
+
+def _scratch_loss(logits: Any, batch: Any) -> Any:
+    """``calc_loss_batch``: cross-entropy of the flattened logits against the (shifted) token ids."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.flatten(0, 1), batch[0].flatten())
+
+
+def _scratch(vocab: int, attention: str, norms: str, batch: int, precision: str,
+             ) -> Callable[[], tuple[Any, dict[str, Any]]]:
+    def build() -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        tokens = torch.zeros(batch, 1024, dtype=torch.long)
+        return _scratch_gpt(vocab, attention, norms), {"example_input": (tokens,), "loss_fn": _scratch_loss,
+                                                      "precision": precision, "optimizer": "adamw"}
+    return build
+
+
+_LS = ("Raschka, LLMs-from-scratch, ch05/10_llm-training-speed/README.md (2025), 'Single GPU speed comparisons' "
+       "(A100, PyTorch 2.6.0+cu124)")
+_LS_URL = ("https://github.com/rasbt/LLMs-from-scratch/blob/06361583d01a650412400ce01cf2be9efaec3b99/"
+           "ch05/10_llm-training-speed/README.md")
+_LS_DIFF = ("'Reserved memory' is torch.cuda.memory_reserved() / 1024**3 printed after an epoch (training steps, "
+            "evaluation and generation under no_grad; the cache is never emptied, so it is the reserved peak); "
+            "the model is written out in this script after the repository's code")
+
+
+def _ls_row(key: str, step: str, vocab: int, attention: str, norms: str, batch: int, precision: str,
+            quoted: str, compiled: bool = False) -> Row:
+    settings = {"model": f"GPT-124M of the book (vocab {vocab}, untied head), attention {attention}, "
+                         f"LayerNorm/GELU {norms}", "batch": str(batch), "seq": "1024",
+                "precision": "fp32 (TF32 matmuls)" if precision == "32-true" else "model.to(bfloat16) (bf16-true)",
+                "optimizer": "AdamW(lr=5e-4, weight_decay=0.1)", "grad_ckpt": "no",
+                "strategy": f"single GPU, plain PyTorch{', torch.compile' if compiled else ''}", "lora": "no"}
+    diff = _LS_DIFF + ("; torch.compile fuses elementwise ops, which memguard traces eager" if compiled else "")
+    return Row(key, _LS, _LS_URL, "A100", settings, "max_memory_reserved", f"{step}: Reserved memory: {quoted} GB",
+               float(quoted), 2**30, _scratch(vocab, attention, norms, batch, precision), differences=diff)
 
 
 NEW_ROWS: tuple[Row, ...] = (
@@ -525,6 +669,20 @@ NEW_ROWS: tuple[Row, ...] = (
     _lh_row("lh-mistral-7b-lora", "mistral-7b/lora.yaml", "mistral-7b", 2, "20.66", 32),
     _pm_row("pm-lora-r32", "method_comparison/MetaMathQA/results/lora--llama-3.2-3B-rank32.json",
             "0a179c1e8659ab4f7df0369b9b03943cfe470ff1", 32, 22273851392),
+    _pm_row("pm-full",
+            "method_comparison/MetaMathQA/results/full-finetuning--llama-3.2-3B-lr_0.00001.json",
+            "0a179c1e8659ab4f7df0369b9b03943cfe470ff1", 0, 37241225216),
+    _lh_row("lh-stablelm-3b-lora", "stablelm-base-alpha-3b/lora.yaml", _stablelm_3b, 1, "8.58", 32),
+    _lh_qlora_row("lh-stablelm-3b-qlora", "stablelm-base-alpha-3b/qlora.yaml", _stablelm_3b, 1, "5.24"),
+    _lh_qlora_row("lh-llama2-7b-qlora", "llama-2-7b/qlora.yaml", "llama-2-7b", 2, "13.68"),
+    _lh_qlora_row("lh-llama3-8b-qlora", "llama-3-8b/qlora.yaml", "llama-3-8b", 2, "17.41"),
+    _lh_qlora_row("lh-mistral-7b-qlora", "mistral-7b/qlora.yaml", "mistral-7b", 2, "14.29"),
+    _ls_row("ls-1-fp32", "1. causal mask on the fly", 50257, "scratch", "scratch", 8, "32-true", "26.2422"),
+    _ls_row("ls-5-bf16", "5. bfloat16", 50257, "scratch", "scratch", 8, "bf16-true", "13.7871"),
+    _ls_row("ls-6-native", "6. PyTorch LayerNorm, GELU", 50257, "scratch", "native", 8, "bf16-true", "11.5645"),
+    _ls_row("ls-7-sdpa", "7. FlashAttention", 50257, "sdpa", "native", 8, "bf16-true", "5.9004"),
+    _ls_row("ls-9-vocab", "9. vocab 50304", 50304, "sdpa", "native", 8, "bf16-true", "5.8906", compiled=True),
+    _ls_row("ls-10-b32", "10. batch 32", 50304, "sdpa", "native", 32, "bf16-true", "22.5078", compiled=True),
     _pm_row("pm-lora-r64", "method_comparison/MetaMathQA/results/lora--llama-3.2-3B-rank64.json",
             "18e07f189c06cbc6472e4e3ec180358319de8175", 64, 22540189696),
 )
@@ -611,19 +769,19 @@ def table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> str:
     """The comparison table: one line per row, predictions in GiB, errors in %."""
     headers = ["row", "GPU", "measured", "GiB"]
     for m in methods:
-        headers += [f"{m} GiB", f"{m} err", f"{m} 2nd"]
+        headers += [f"{m} GiB", f"{m} err", f"{m} upper err", f"{m} 2nd"]
     lines = []
     for r in records:
         line = [r["key"], r["gpu"].split(" (")[0][:24], r["measured"], f"{r['measured_bytes'] / 2**30:.2f}"]
         for m in methods:
             p = r["predictions"].get(m)
             if r["incomplete"]:
-                line += ["settings incomplete", "", ""]
+                line += ["settings incomplete", "", "", ""]
             elif p is None or "predicted_bytes" not in p:
-                line += ["failed", "", ""]
+                line += ["failed", "", "", ""]
             else:
                 second = p.get("error_with_source_context", p.get("secondary_error"))
-                line += [_gib(p["predicted_bytes"]), _pct(p["error"]), _pct(second)]
+                line += [_gib(p["predicted_bytes"]), _pct(p["error"]), _pct(p.get("upper_error")), _pct(second)]
         lines.append(line)
     return render_table(headers, lines)
 
@@ -633,11 +791,12 @@ def _errors(records: Sequence[dict[str, Any]], method: str) -> dict[str, dict[st
     out: dict[str, dict[str, float]] = {}
     for r in records:
         p = r["predictions"].get(method, {})
-        pairs = [(r["measured"], p.get("error")), ("nvml_used, source context", p.get("error_with_source_context"))]
+        pairs = [(r["measured"], p.get("error")), (f"{r['measured']}, upper end", p.get("upper_error")),
+                 ("nvml_used, source context", p.get("error_with_source_context"))]
         if r["secondary"]:
             pairs.append((r["secondary"][0], p.get("secondary_error")))
         for quantity, err in pairs:
-            if err is not None:
+            if isinstance(err, float):  # a method that failed has its exception's name under "error"
                 out.setdefault(quantity, {})[r["key"]] = err
     return out
 

@@ -106,5 +106,5 @@ class Fit:
         return f"{format_bytes(upper)} ({format_bytes(total)} + {format_bytes(upper - total)} uncertain)"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fits": self.fits, "needed_bytes": self.needed_bytes, "free_bytes": self.free_bytes, "margin": self.margin,
-                "usable_bytes": self.usable_bytes, "spare_bytes": self.spare_bytes, "where": self.where}
+        return {"fits": self.fits, "needed_bytes": self.needed_bytes, "free_bytes": self.free_bytes,
+                "margin": self.margin, "usable_bytes": self.usable_bytes, "spare_bytes": self.spare_bytes, "where": self.where}

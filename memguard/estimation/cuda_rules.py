@@ -39,7 +39,7 @@ import dataclasses
 import math
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memguard.errors import TraceError
 from memguard.estimation.sdpa import DEFAULT_COMPUTE_CAPABILITY, sdpa_backend
+from memguard.units import format_bytes
 
 __all__ = ["CUBLAS_WORKSPACE_BYTES", "DEFAULT_COMPUTE_CAPABILITY", "ConvCall", "Workspaces",
            "attention_backward_bytes", "conv_workspace_bytes", "cuda_autocast_policy", "device_autocast",
@@ -152,11 +153,11 @@ adds the backward thread's, at the larger size since the target GPU's generation
 CUDNN_WGRAD_SPLITS = 640
 """The most fp32 partial weight gradients memguard assumes a cuDNN weight-gradient kernel keeps
 (split-K over the batch x output positions). cuDNN does not document its engines' workspaces; this
-figure is an assumption sized on the one published case where a convolution's workspace shows:
-torchao's ViT-H/14 runs with 8-bit AdamW peak about 1.9 GB above their model states, alike at
-batch 4 and 8 (``benchmarks/published.py``, rows ``ao-*``), which 640 partial copies of the 1280 x 3
-x 14 x 14 patch-embedding weight in fp32 match (1.93 GB). Use it as the band's size, never as a
-prediction."""
+figure is an assumption, sized on published runs where a workspace shows at the end of backward:
+Raschka's ViT-L/16 at batch 16 and 4 (``benchmarks/published.py``, rows ``rb-04-b16`` and
+``rb-05-accum``) reserve 1.0 and 0.7 GiB more than memguard's peak, which falls in the middle of
+backward, while at batch 64 the activations hide it; 640 fp32 copies of the 1024 x 3 x 16 x 16
+patch-embedding weight are 1.9 GiB. An upper end for the band, never a prediction."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,19 +238,35 @@ class Workspaces:
     attention: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
         default_factory=list)
 
-    def band(self, *, backward: bool = True) -> dict[str, int]:
-        """The band's items for this step, ``{what: bytes}``. Workspaces live while their kernel runs,
-        so each kind adds its largest, not the sum. ``backward``: whether the step runs a backward (the
-        cuBLAS workspace of autograd's thread)."""
+    def band(self, timeline: Sequence[tuple[int, str, int]] = (), *, backward: bool = True) -> dict[str, int]:
+        """The band's items for this step, ``{what: bytes above the point estimate}``.
+
+        Workspaces live while their kernel runs, so each kind adds its largest, not the sum, and adds
+        it on top of the peak, except one placed in time: the weight gradient of the forward's first
+        convolution (a patch embedding, a stem) is computed by the last op of backward, when the
+        activations are gone; with ``timeline`` (the trace's ``(event, phase, live bytes)``) it adds
+        only what it exceeds the peak by, from the live bytes at the end of backward.
+        ``backward``: whether the step runs one (the cuBLAS workspace of autograd's thread).
+        """
         out: dict[str, int] = {}
         if self.convs:
+            peak = max((live for _, _, live in timeline), default=0)
+            ends = [live for _, phase, live in timeline if phase in ("backward", "block-backward")]
+            first, rest = self.convs[0], self.convs[1:]
             passes: dict[str, int] = {}
-            for call in self.convs:
+            for call in rest:
                 for what, n in conv_workspace_bytes(call).items():
                     passes[what] = max(passes.get(what, 0), n)
-            worst = max(passes, key=passes.__getitem__)
-            out[f"cudnn: convolution workspace ({len(self.convs)} calls; largest: {worst}; size per GPU and "
-                "cuDNN version)"] = passes[worst]
+            first_passes = conv_workspace_bytes(first)
+            wgrad = first_passes.pop("weight gradient", 0)
+            for what, n in first_passes.items():
+                passes[what] = max(passes.get(what, 0), n)
+            above_peak = max(passes.values(), default=0)
+            if wgrad:
+                placed = ends[-1] + wgrad - peak if ends else wgrad
+                above_peak = max(above_peak, placed)
+            out[f"cudnn: convolution workspaces ({len(self.convs)} calls; the first one's weight gradient up to "
+                f"{format_bytes(wgrad)} at the end of backward; size per GPU and cuDNN version)"] = max(0, above_peak)
         if self.attention:
             backends = sorted({a[0] for a in self.attention})
             out[f"attention backward workspace ({', '.join(backends)}; {len(self.attention)} calls)"] = max(

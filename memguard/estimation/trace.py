@@ -352,7 +352,7 @@ def trace_breakdown(
     log.debug("trace of %s: peak %d bytes", type(module).__name__, sum(report.breakdown.values()))
     stand_ins = {op: _routing_words(spec.moe_routing) for op in invented.modelled}
     stand_ins.update({op: ONES for op in invented.invented})
-    band = workspaces.band() if spec.device == "cuda" else {}
+    band = workspaces.band(report.timeline) if spec.device == "cuda" else {}
     return TraceResult(report.breakdown, notes, slack, report.at_peak, report.timeline, stand_ins, band)
 
 
