@@ -107,4 +107,5 @@ class Fit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"fits": self.fits, "needed_bytes": self.needed_bytes, "free_bytes": self.free_bytes,
-                "margin": self.margin, "usable_bytes": self.usable_bytes, "spare_bytes": self.spare_bytes, "where": self.where}
+                "margin": self.margin, "usable_bytes": self.usable_bytes, "spare_bytes": self.spare_bytes,
+                "where": self.where}
