@@ -9,6 +9,9 @@ Usage (from the repository root)::
     python benchmarks/published.py --set new --json benchmarks/results/published_new.json
     python benchmarks/published_plot.py benchmarks/results/published_new.json \\
         --png benchmarks/results/published_errors.png
+
+Several files (runs of ``--rows``) are merged, a later one's row replacing an earlier one's
+(``--merged FILE`` writes the result).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def errors(records: Sequence[dict[str, Any]], method: str) -> list[tuple[str, fl
     out = []
     for r in records:
         p = r["predictions"].get(method, {})
-        if p.get("error") is not None:
+        if isinstance(p.get("error"), float):  # a failed method has its exception's name there
             out.append((r["key"], p["error"], p.get("upper_error", p["error"])))
     return out
 
@@ -85,12 +88,19 @@ def plot(rows: Sequence[tuple[str, float, float]], path: Path, title: str) -> No
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", type=Path, help="what published.py --json wrote")
+    parser.add_argument("json", type=Path, nargs="+",
+                        help="what published.py --json wrote; a row in a later file replaces the same row before")
     parser.add_argument("--method", default="trace")
     parser.add_argument("--png", type=Path, help="write the plot here")
+    parser.add_argument("--merged", type=Path, help="write the rows of all files, merged, to this JSON file")
     args = parser.parse_args(argv)
-    data = json.loads(args.json.read_text())
-    rows = errors(data["rows"], args.method)
+    records: dict[str, dict[str, Any]] = {}
+    for path in args.json:
+        for r in json.loads(path.read_text())["rows"]:
+            records[r["key"]] = r
+    if args.merged:
+        args.merged.write_text(json.dumps({"rows": list(records.values())}, indent=1) + "\n")
+    rows = errors(list(records.values()), args.method)
     print(markdown(rows))
     if args.png:
         plot(rows, args.png, f"memguard ({args.method}) against {len(rows)} published GPU runs")

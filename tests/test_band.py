@@ -98,3 +98,38 @@ def test_fit_decides_on_the_upper_end_and_round_trips() -> None:
     assert est.to_dict()["upper_bytes"] == 1100
     assert Fit(MemoryEstimate("trace", {Category.PARAMETERS: 900}), 1000, margin=0.0).describe().startswith(
         "FITS: needs 900 B of")
+
+
+def test_published_rows_of_2023_and_later_and_their_error_table(tmp_path) -> None:
+    """30+ rows from 6+ sources the older rows do not use, each complete; the plot script's table and
+    margin on a small file of records."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import published, published_plot
+
+    old_sources = {r.url for r in published.ROWS}
+    new = published.NEW_ROWS
+    assert len(new) >= 30 and len({r.source for r in new}) >= 6
+    assert not {r.url for r in new} & old_sources
+    assert all(r.measured in published.QUANTITY and r.estimate and not r.incomplete for r in new)
+    assert all(set(r.settings) >= {"model", "batch", "seq", "precision", "optimizer", "grad_ckpt", "strategy", "lora"}
+               for r in new)
+    assert len({r.key for r in published.ALL_ROWS}) == len(published.ALL_ROWS)
+
+    records = [{"key": "a", "predictions": {"trace": {"error": -0.05, "upper_error": 0.01}}},
+               {"key": "b", "predictions": {"trace": {"error": 0.02, "upper_error": 0.03}}},
+               {"key": "c", "predictions": {"trace": {"error": "UnsupportedModelError"}}}]
+    rows = published_plot.errors(records, "trace")
+    assert rows == [("a", -0.05, 0.01), ("b", 0.02, 0.03)]
+    assert published_plot.margin([e for _, e, _ in rows]) == 0.05
+    assert published_plot.margin([u for _, _, u in rows]) == 0.0
+    table = published_plot.markdown(rows)
+    assert "| a | -5.0% | +1.0% |" in table and "| margin that covers every row | 5.0% | 0.0% |" in table
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"rows": records[:2]}))
+    png = tmp_path / "e.png"
+    assert published_plot.main([str(path), "--png", str(png)]) == 0
+    assert png.stat().st_size > 1000
