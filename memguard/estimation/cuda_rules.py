@@ -187,7 +187,9 @@ def conv_workspace_bytes(call: ConvCall) -> dict[str, int]:
     is False (``getValidAlgorithms`` over ``cudnnGetConvolution*Algorithm_v7`` in
     ``aten/src/ATen/native/cudnn/Conv_v7.cpp``; the heuristic engine configs of ``get_plans_from_find`` /
     ``generate_and_filter_plans`` in ``Conv_v8.cpp``), and, when True, times them (``cudnnFind*``) within
-    a workspace limit of the largest block the caching allocator can hand out. Either way it then
+    a workspace limit of the largest block the caching allocator can hand out without a ``cudaMalloc``
+    (``getMaxWorkspaceSize`` in ``Conv_v7.cpp``, over ``CUDACachingAllocator::cacheInfo``: the
+    largest unused cached block). Either way it then
     allocates the chosen algorithm's workspace through the caching allocator, so the workspace shows in
     ``max_memory_allocated``, and when that allocation raises an out-of-memory error it takes the next
     algorithm (``try_plans`` in ``Conv_v8.cpp``, the ``OutOfMemoryError`` catch in ``Conv_v7.cpp``'s
