@@ -148,7 +148,10 @@ file) and one handle per thread and device (``DeviceThreadHandlePool``, ``thread
 PoolWindow``); autograd runs CUDA backward ops on its own device thread
 (``torch/csrc/autograd/engine.cpp``, one thread per device), whose handle takes a second
 workspace. The point estimate counts one workspace (``overhead.CUDA_WORKSPACE_BYTES``); the band
-adds the backward thread's, at the larger size since the target GPU's generation is not known here."""
+adds the backward thread's, at the larger size since the target GPU's generation is not known here.
+cuBLASLt's workspace is taken as the cuBLAS one it shares (``TORCH_CUBLASLT_UNIFIED_WORKSPACE``, as
+``overhead.CUDA_WORKSPACE_BYTES`` says); a build that gives cuBLASLt its own per handle and stream
+would add ``TORCH_CUBLASLT_WORKSPACE_SIZE`` per pair, which this band does not state."""
 
 CUDNN_WGRAD_SPLITS = 640
 """The most fp32 partial weight gradients memguard assumes a cuDNN weight-gradient kernel keeps
