@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
@@ -133,3 +135,17 @@ def test_published_rows_of_2023_and_later_and_their_error_table(tmp_path) -> Non
     png = tmp_path / "e.png"
     assert published_plot.main([str(path), "--png", str(png)]) == 0
     assert png.stat().st_size > 1000
+
+
+def test_check_json_and_text_state_the_band(capsys) -> None:
+    from memguard.cli import EXIT_OK, main
+
+    assert main(["check", "gpt2", "--batch-size", "1", "--seq-len", "32", "--method", "formula", "--gpu", "T4",
+                 "--json"]) == EXIT_OK
+
+    data = json.loads(capsys.readouterr().out)
+    assert data["band"] == {CUBLAS: CUBLAS_WORKSPACE_BYTES}
+    assert data["upper_bytes"] == data["needed_bytes"] == data["total_bytes"] + CUBLAS_WORKSPACE_BYTES
+    assert main(["estimate", "gpt2", "--batch-size", "1", "--seq-len", "32", "--method", "formula"]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "upper (band)" in text and "cublas: workspace of autograd's backward thread" in text

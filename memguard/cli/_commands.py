@@ -49,8 +49,8 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     rows = [] if fit.fits else remedies(est, gpu, args.margin, out)
     if out.json_mode:
         out.json({**est.to_dict(), "device": gpu.to_dict(), "margin": args.margin, "usable_bytes": fit.usable_bytes,
-                  "fits": fit.fits, "verdict": "fits" if fit.fits else "does not fit",
-                  "remedies": [r.to_dict() for r in rows]})
+                  "needed_bytes": fit.needed_bytes, "fits": fit.fits,
+                  "verdict": "fits" if fit.fits else "does not fit", "remedies": [r.to_dict() for r in rows]})
         return EXIT_OK if fit.fits else EXIT_DOES_NOT_FIT
     out.text(est.table())
     out.text()
@@ -78,7 +78,8 @@ def search(args: argparse.Namespace, gpu: memguard.DeviceMemory, estimate_at: Es
     def at(batch_size: int) -> MemoryEstimate:
         est = estimate_at(batch_size, args.seq_len)
         fit = Fit(est, gpu.free_bytes, args.margin)
-        out.progress(f"  batch {batch_size}: {format_bytes(fit.needed_bytes)}, {'fits' if fit.fits else 'does not fit'}")
+        verdict = "fits" if fit.fits else "does not fit"
+        out.progress(f"  batch {batch_size}: {format_bytes(fit.needed_bytes)}, {verdict}")
         return est
 
     return max_batch_size(at, gpu.free_bytes, margin=args.margin, limit=args.limit)
