@@ -149,3 +149,20 @@ def test_check_json_and_text_state_the_band(capsys) -> None:
     assert main(["estimate", "gpt2", "--batch-size", "1", "--seq-len", "32", "--method", "formula"]) == EXIT_OK
     text = capsys.readouterr().out
     assert "upper (band)" in text and "cublas: workspace of autograd's backward thread" in text
+
+
+def test_data_dependent_stand_ins_are_listed_in_the_band_unsized() -> None:
+    class Picky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.lin(x)
+            return y[torch.nonzero(y > 0, as_tuple=True)].sum()
+
+    est = memguard.estimate(Picky(), example_input=torch.randn(4, 8), device="cpu", method="trace")
+    assert est.uncertain
+    (item,) = est.band
+    assert item.startswith("data-dependent") and "nonzero" in item and est.band[item] == 0
+    assert est.upper_bytes == est.total_bytes

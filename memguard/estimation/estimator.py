@@ -241,12 +241,19 @@ def estimate(
 
 def _band(found: _Found, spec: TrainingSpec) -> dict[str, int]:
     """The estimate's band: what the trace saw but cannot size; the formula sees no kernel, so only the
-    cuBLAS workspace of autograd's thread (:meth:`memguard.estimation.cuda_rules.Workspaces.band`)."""
-    if found.method == "trace" or spec.device != "cuda" or found.method == "seed":
-        return found.band
+    cuBLAS workspace of autograd's thread (:meth:`memguard.estimation.cuda_rules.Workspaces.band`).
+    Data-dependent ops that ran on stand-in ones are listed at 0 bytes: their size is not known, and
+    :attr:`MemoryEstimate.uncertain` says so."""
     from memguard.estimation.cuda_rules import Workspaces
+    from memguard.estimation.stand_ins import ONES
 
-    return Workspaces().band()
+    band = dict(found.band)
+    if found.method == "formula" and spec.device == "cuda":
+        band = Workspaces().band()
+    guessed = sorted(op for op, how in found.stand_ins.items() if how == ONES)
+    if guessed:
+        band[f"data-dependent {', '.join(guessed)} on stand-in values (size not known)"] = 0
+    return band
 
 
 DEFAULT_QLORA_RANK = 8
