@@ -153,7 +153,8 @@ def test_check_verdict_agrees_with_memory_estimate_fits(capsys):
     free = int(est.upper_bytes / 0.9) + 1
     assert est.fits(free) and not est.fits(est.upper_bytes) and not est.fits(int(est.total_bytes / 0.9) + 1)
     assert run(capsys, "check", *TINY_ARGS, "--gpu", f"{free}B", "-q")[0] == EXIT_OK
-    assert run(capsys, "check", *TINY_ARGS, "--gpu", f"{est.upper_bytes}B", "-q")[0] == EXIT_DOES_NOT_FIT
+    # (a budget the upper end misses by well over 10%: near misses would be traced for remedies, slowly)
+    assert run(capsys, "check", *TINY_ARGS, "--gpu", f"{est.total_bytes}B", "-q")[0] == EXIT_DOES_NOT_FIT
     assert run(capsys, "check", *TINY_ARGS, "--gpu", f"{est.upper_bytes}B", "--margin", "0", "-q")[0] == EXIT_OK
 
 
