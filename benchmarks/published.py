@@ -368,6 +368,344 @@ ROWS: tuple[Row, ...] = (
 )
 
 
+# --------------------------------------------------------------------------- rows of 2023 and later (issue 17)
+#
+# Sources none of the rows above use, each with every setting it states and the statistic its script
+# prints. Models are written out as transformers configs of the same shapes as the source's own
+# implementation (timm, torchvision, LitGPT), whose differences each row names.
+
+
+def _vit(hidden: int, layers: int, heads: int, mlp: int, patch: int, labels: int) -> Any:
+    import transformers
+
+    return transformers.ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                  intermediate_size=mlp, patch_size=patch, image_size=224, num_labels=labels,
+                                  layer_norm_eps=1e-6, architectures=["ViTForImageClassification"])
+
+
+def _llama(hidden: int, layers: int, heads: int, kv: int, mlp: int, vocab: int, *, tied: bool = False,
+           theta: float = 10000.0, positions: int = 4096) -> Any:
+    import transformers
+
+    return transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                    num_key_value_heads=kv, intermediate_size=mlp, vocab_size=vocab,
+                                    tie_word_embeddings=tied, rope_theta=theta, max_position_embeddings=positions,
+                                    architectures=["LlamaForCausalLM"])
+
+
+def _build(model: Callable[[], Any] | str, **kwargs: Any) -> Callable[[], tuple[Any, dict[str, Any]]]:
+    def build() -> tuple[Any, dict[str, Any]]:
+        kw = dict(kwargs)
+        if kw.get("optimizer") == "adamw-fused":
+            kw["optimizer"] = _fused_adamw()
+        return (model if isinstance(model, str) else model()), kw
+    return build
+
+
+def _fused_adamw() -> Any:
+    """``torch.optim.AdamW(fused=True)``: one kernel per group, none of ``foreach``'s temporaries."""
+    import torch
+
+    from memguard.estimation.spec import OptimizerSpec
+
+    return OptimizerSpec("adamw-fused", lambda params, **_: torch.optim.AdamW(params, fused=True), 2)
+
+
+def _vith() -> Any:
+    """timm's ``vit_huge_patch14_224.orig_in21k`` with a 45-class head (resisc45): 32 blocks of width
+    1280, 16 heads, MLP 5120, patch 14, class token; 630M parameters."""
+    return _vit(1280, 32, 16, 5120, 14, 45)
+
+
+def _vitl() -> Any:
+    """torchvision's ``vit_l_16`` with ``heads.head`` replaced by a 10-class linear layer (CIFAR-10)."""
+    return _vit(1024, 24, 16, 4096, 16, 10)
+
+
+_AO = ("torchao, torchao/optim/README.md, 'Benchmarks' (ViT-H on resisc45: PyTorch 2.4, BF16 AMP, compiled "
+       "model, batch size 8, 4070Ti SUPER)")
+_AO_URL = "https://github.com/pytorch/ao/blob/072500abcfbdec15a429eb53160c63fb92534b85/torchao/optim/README.md"
+_AOP = ("torchao, torchao/prototype/low_bit_optim/README.md (2024), 'Benchmarks' (ViT-H, BF16 AMP, 2 epochs, "
+        "batch size 8, 4070Ti SUPER)")
+_AOP_URL = ("https://github.com/pytorch/ao/blob/03cf0adec63fdbae2fd6d2aa7688b52ee8c64004/"
+            "torchao/prototype/low_bit_optim/README.md")
+_AO_DIFF = ("benchmarks/benchmark_low_bit_adam.py prints torch.cuda.max_memory_allocated() / 1e9 after the run "
+            "(evaluation at batch 8 under no_grad included, below the training peak); timm's ViT (fused qkv, "
+            "F.sdpa) modelled by transformers' ViT of the same shapes; bitsandbytes/torchao 8-bit AdamW by "
+            "memguard's 8-bit stand-in")
+
+
+def _ao_row(key: str, source: str, url: str, optim_words: str, optimizer: str, quoted: str, compiled: bool) -> Row:
+    settings = {"model": "timm vit_huge_patch14_224.orig_in21k, 45 classes (630M)", "batch": "8",
+                "seq": "224x224 image (RandomResizedCrop)", "precision": "bf16 AMP (bf16-mixed)",
+                "optimizer": optim_words, "grad_ckpt": "no",
+                "strategy": f"single GPU, plain PyTorch{', model.compile(fullgraph=True)' if compiled else ''}",
+                "lora": "no"}
+    diff = _AO_DIFF + ("; torch.compile fuses elementwise ops, which memguard traces eager" if compiled else "")
+    return Row(key, source, url, "RTX 4070 Ti SUPER 16 GB", settings, "max_memory_allocated",
+               f"{quoted} GB", float(quoted), 10**9,
+               _build(_vith, batch_size=8, precision="bf16-mixed", optimizer=optimizer), differences=diff)
+
+
+_RB = ("Raschka, 'Optimizing Memory Usage for Training LLMs and Vision Transformers in PyTorch' (July 2023), "
+       "code and logs: rasbt/pytorch-memory-optim logs.md")
+_RB_URL = "https://github.com/rasbt/pytorch-memory-optim/blob/2d1ae1e747fe72c7bb74a2a464fe79baa23f174b/logs.md"
+_RB_DIFF = ("the scripts print torch.cuda.max_memory_reserved() / 1e9 after one epoch (evaluation included); "
+            "torch 2.1.0.dev20230623+cu118, Lightning 2.1.0.dev0, A100 (the article); torchvision's ViT "
+            "(nn.MultiheadAttention, need_weights=False, which takes SDPA) modelled by transformers' ViT")
+
+
+def _rb_row(key: str, script: str, batch: int, precision: str, quoted: str, *, accumulate: int = 1,
+            loop: str = "Fabric") -> Row:
+    settings = {"model": "torchvision vit_l_16 (IMAGENET1K_V1), 10-class head", "batch":
+                f"{batch}" + (f" x {accumulate} accumulation" if accumulate > 1 else ""),
+                "seq": "224x224 image (CIFAR-10 resized)", "precision": precision,
+                "optimizer": "torch.optim.Adam(lr=5e-5)", "grad_ckpt": "no", "strategy": f"single GPU, {loop}",
+                "lora": "no"}
+    return Row(key, _RB, _RB_URL, "A100 (article)", settings, "max_memory_reserved",
+               f"{script}: Memory used: {quoted} GB", float(quoted), 10**9,
+               _build(_vitl, batch_size=batch, precision=precision, optimizer="adam",
+                      accumulate_grad_batches=accumulate), differences=_RB_DIFF)
+
+
+_LH = ("LitGPT config_hub/finetune/README.md (2024), 'Config files' table: bfloat16, Alpaca2k, max seq length 512, "
+       "1xA10G")
+_LH_URL = ("https://github.com/Lightning-AI/litgpt/blob/03ffc5515b251fb7e3a461efd0e3c163e45b6b3b/"
+           "config_hub/finetune/README.md")
+_LH_DIFF = ("'Peak memory' is LitGPT's torch.cuda.max_memory_allocated() / 1e9; the peak is taken at the longest "
+            "micro-batch, assumed to reach max_seq_length 512; LitGPT's own GPT (fused QKV linear, LoRA dropout "
+            "0.05) modelled by transformers' Llama/Mistral with peft LoRA on q_proj and v_proj")
+
+
+def _lh_row(key: str, config: str, model: Callable[[], Any] | str, micro: int, quoted: str,
+            lora: int | None) -> Row:
+    settings = {"model": f"{config} (LitGPT checkpoint)", "batch": f"{micro} (micro-batch)",
+                "seq": "512 (max_seq_length)", "precision": "bf16-true", "optimizer": "AdamW",
+                "grad_ckpt": "no", "strategy": "single GPU, LitGPT finetune (Fabric)",
+                "lora": f"r={lora} on query and value (config_hub yaml)" if lora else "no (full)"}
+    kwargs: dict[str, Any] = {"batch_size": micro, "seq_len": 512, "precision": "bf16-true", "optimizer": "adamw"}
+    if lora:
+        kwargs["lora_rank"] = lora
+    return Row(key, _LH, _LH_URL, "A10G 24 GB", settings, "max_memory_allocated", f"Peak memory {quoted} GB",
+               float(quoted), 10**9, _build(model, **kwargs), differences=_LH_DIFF)
+
+
+def _tinyllama() -> Any:
+    """TinyLlama 1.1B (``TinyLlama-1.1B-intermediate-step-1431k-3T``)."""
+    return _llama(2048, 22, 32, 4, 5632, 32000, positions=2048)
+
+
+def _stablelm_3b() -> Any:
+    """``stabilityai/stablelm-base-alpha-3b``: GPT-NeoX, 16 blocks of width 4096, 32 heads, MLP 16384,
+    rotary on a quarter of each head, parallel residual, untied head."""
+    import transformers
+
+    return transformers.GPTNeoXConfig(hidden_size=4096, num_hidden_layers=16, num_attention_heads=32,
+                                      intermediate_size=16384, vocab_size=50688, rotary_pct=0.25,
+                                      max_position_embeddings=4096, use_parallel_residual=True,
+                                      tie_word_embeddings=False, architectures=["GPTNeoXForCausalLM"])
+
+
+def _llama32_3b() -> Any:
+    """``meta-llama/Llama-3.2-3B``: tied embeddings, 128256-token vocabulary, GQA 24/8."""
+    return _llama(3072, 28, 24, 8, 8192, 128256, tied=True, theta=500000.0, positions=131072)
+
+
+_PM = ("PEFT method_comparison/MetaMathQA results (June 2025): Llama-3.2-3B, bfloat16 weights, batch 4, "
+       "max_seq_length 768, AdamW, NVIDIA L40S")
+_PM_DIFF = ("'accelerator_memory_max' is the largest torch.cuda.memory_reserved() read after an optimizer step, less "
+            "the memory at start (before the model loads), over 5000 steps (method_comparison/MetaMathQA/run.py); "
+            "the cache is emptied every 10 steps, so it is the reserved peak of the longest batch, assumed 4 x 768; "
+            "peft keeps the adapters in fp32 (autocast_adapter_dtype=True); transformers 4.52, torch 2.7.1")
+
+
+def _pm_row(key: str, path: str, commit: str, rank: int, value: int) -> Row:
+    settings = {"model": "meta-llama/Llama-3.2-3B (LlamaForCausalLM)", "batch": "4", "seq": "768 (max_seq_length)",
+                "precision": "bf16 weights, no AMP (bf16-true)", "optimizer": "torch AdamW(lr=1e-4, wd=0.1)",
+                "grad_ckpt": "no", "strategy": "single GPU, plain PyTorch",
+                "lora": f"r={rank} on q_proj, v_proj" if rank else "no (full fine-tuning)"}
+    field = "accelerator_memory_max" if "rank64" in path else "cuda_memory_max"
+    lora = {"lora_rank": rank} if rank else {}
+    return Row(key, _PM, f"https://github.com/huggingface/peft/blob/{commit}/{path}", "L40S 48 GB", settings,
+               "max_memory_reserved", f'"{field}": {value}', value, 1,
+               _build(_llama32_3b, batch_size=4, seq_len=768, precision="bf16-true", optimizer="adamw", **lora),
+               differences=_PM_DIFF)
+
+
+def _lh_qlora_row(key: str, config: str, preset: Callable[[], Any] | str, micro: int, quoted: str) -> Row:
+    row = _lh_row(key, config, preset, micro, quoted, 32)
+    settings = {**row.settings, "lora": "r=32 on query and value, base bnb.nf4 (config_hub qlora.yaml)"}
+    build = _build(preset, batch_size=micro, seq_len=512, precision="bf16-true", optimizer="adamw", lora_rank=32,
+                   quantization="nf4", skip_modules=[])
+    return dataclasses.replace(row, settings=settings, estimate=build,
+                               differences=row.differences + "; --quantize bnb.nf4 through Lightning's "
+                               "BitsandbytesPrecision, every nn.Linear quantized (the LM head included)")
+
+
+def _scratch_gpt(vocab: int, attention: str, norms: str) -> Any:
+    """The GPT-2-small-sized model of "Build a Large Language Model (From Scratch)", chapter 5 bonus
+    ``10_llm-training-speed``: 12 blocks of width 768, 12 heads, context 1024, no QKV bias, dropout
+    0.1, an untied output head. ``attention="sdpa"``: one fused QKV linear into
+    ``F.scaled_dot_product_attention(is_causal=True)``; ``"scratch"``: the book's attention (scores,
+    a causal mask made on the fly, softmax, dropout on the weights). ``norms="native"``:
+    ``nn.LayerNorm`` and ``nn.GELU("tanh")``; ``"scratch"``: the book's LayerNorm (mean, variance)
+    and tanh GELU written out."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    dim, heads, context, drop = 768, 12, 1024, 0.1
+
+    class LayerNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale, self.shift = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mean = x.mean(dim=-1, keepdim=True)
+            var = x.var(dim=-1, keepdim=True, unbiased=False)
+            return self.scale * ((x - mean) / torch.sqrt(var + 1e-5)) + self.shift
+
+    class GELU(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 0.5 * x * (1 + torch.tanh((2.0 / torch.pi) ** 0.5 * (x + 0.044715 * x.pow(3))))
+
+    def norm() -> nn.Module:
+        return nn.LayerNorm(dim) if norms == "native" else LayerNorm()
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.proj = nn.Linear(dim, dim)
+            self.drop = nn.Dropout(drop)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+            if attention == "sdpa":
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop if self.training else 0.0,
+                                                     is_causal=True)
+            else:
+                scores = q @ k.transpose(2, 3)
+                mask = torch.triu(torch.ones(n, n, device=x.device, dtype=torch.bool), diagonal=1)
+                scores = scores.masked_fill(mask, float("-inf"))
+                out = self.drop(torch.softmax(scores / (dim // heads) ** 0.5, dim=-1)) @ v
+            return self.proj(out.transpose(1, 2).reshape(b, n, dim))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1, self.att, self.norm2 = norm(), Attention(), norm()
+            self.ff = nn.Sequential(nn.Linear(dim, 4 * dim),
+                                    nn.GELU(approximate="tanh") if norms == "native" else GELU(),
+                                    nn.Linear(4 * dim, dim))
+            self.drop = nn.Dropout(drop)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.drop(self.att(self.norm1(x)))
+            return x + self.drop(self.ff(self.norm2(x)))
+
+    class GPT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok_emb, self.pos_emb = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
+            self.drop = nn.Dropout(drop)
+            self.blocks = nn.Sequential(*(Block() for _ in range(12)))
+            self.final_norm = norm()
+            self.out_head = nn.Linear(dim, vocab, bias=False)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            pos = self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+            return self.out_head(self.final_norm(self.blocks(self.drop(self.tok_emb(idx) + pos))))
+
+    with torch.device("meta"):
+        return GPT()
+
+
+def _scratch_loss(logits: Any, batch: Any) -> Any:
+    """``calc_loss_batch``: cross-entropy of the flattened logits against the (shifted) token ids."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.flatten(0, 1), batch[0].flatten())
+
+
+def _scratch(vocab: int, attention: str, norms: str, batch: int, precision: str, fused: bool,
+             ) -> Callable[[], tuple[Any, dict[str, Any]]]:
+    def build() -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        tokens = torch.zeros(batch, 1024, dtype=torch.long)
+        return _scratch_gpt(vocab, attention, norms), {"example_input": (tokens,), "loss_fn": _scratch_loss,
+                                                      "precision": precision,
+                                                      "optimizer": _fused_adamw() if fused else "adamw"}
+    return build
+
+
+_LS = ("Raschka, LLMs-from-scratch, ch05/10_llm-training-speed/README.md (2025), 'Single GPU speed comparisons' "
+       "(A100, PyTorch 2.6.0+cu124)")
+_LS_URL = ("https://github.com/rasbt/LLMs-from-scratch/blob/06361583d01a650412400ce01cf2be9efaec3b99/"
+           "ch05/10_llm-training-speed/README.md")
+_LS_DIFF = ("'Reserved memory' is torch.cuda.memory_reserved() / 1024**3 printed after an epoch (training steps, "
+            "evaluation and generation under no_grad; the cache is never emptied, so it is the reserved peak); "
+            "the model is written out in this script after the repository's code")
+
+
+def _ls_row(key: str, step: str, vocab: int, attention: str, norms: str, batch: int, precision: str,
+            quoted: str, compiled: bool = False, fused: bool = True) -> Row:
+    """One row of the notes; steps 3 on use ``AdamW(fused=True)``, step 1 the default (``foreach``)."""
+    settings = {"model": f"GPT-124M of the book (vocab {vocab}, untied head), attention {attention}, "
+                         f"LayerNorm/GELU {norms}", "batch": str(batch), "seq": "1024",
+                "precision": "fp32 (TF32 matmuls)" if precision == "32-true" else "model.to(bfloat16) (bf16-true)",
+                "optimizer": f"AdamW(lr=5e-4, weight_decay=0.1{', fused=True' if fused else ''})", "grad_ckpt": "no",
+                "strategy": f"single GPU, plain PyTorch{', torch.compile' if compiled else ''}", "lora": "no"}
+    diff = _LS_DIFF + ("; torch.compile fuses elementwise ops, which memguard traces eager" if compiled else "")
+    return Row(key, _LS, _LS_URL, "A100", settings, "max_memory_reserved", f"{step}: Reserved memory: {quoted} GB",
+               float(quoted), 2**30, _scratch(vocab, attention, norms, batch, precision, fused), differences=diff)
+
+
+NEW_ROWS: tuple[Row, ...] = (
+    _ao_row("ao-vith-adamw", _AO, _AO_URL, "torch AdamW(fused=True)", "adamw-fused", "12.23", True),
+    _ao_row("ao-vith-bnb8", _AO, _AO_URL, "bitsandbytes AdamW8bit", "adamw-8bit", "8.32", True),
+    _ao_row("ao-vith-ao8", _AO, _AO_URL, "torchao AdamW8bit (block 256)", "adamw-8bit", "8.33", True),
+    _ao_row("aop-vith-adamw", _AOP, _AOP_URL, "torch AdamW(fused=True)", "adamw-fused", "12.94", False),
+    _ao_row("aop-vith-bnb8", _AOP, _AOP_URL, "bitsandbytes AdamW8bit", "adamw-8bit", "8.31", False),
+    _ao_row("aop-vith-ao8", _AOP, _AOP_URL, "torchao AdamW8bit (block 2048)", "adamw-8bit", "8.31", False),
+    _rb_row("rb-01-fp32", "01_pytorch-vit.py", 64, "32-true", "26.79", loop="plain PyTorch"),
+    _rb_row("rb-01-2-fabric", "01-2_pytorch-fabric.py", 64, "32-true", "26.84"),
+    _rb_row("rb-02-16-mixed", "02_mixed-precision.py", 64, "16-mixed", "18.21"),
+    _rb_row("rb-03-bf16-true", "03_bfloat16.py", 64, "bf16-true", "13.82"),
+    _rb_row("rb-04-b16", "04_lower-batchsize.py", 16, "bf16-true", "5.69"),
+    _rb_row("rb-05-accum", "05_gradient-accum.py", 4, "bf16-true", "3.91", accumulate=4),
+    _lh_row("lh-tinyllama-full", "tiny-llama/full.yaml", _tinyllama, 4, "14.10", None),
+    _lh_row("lh-llama2-7b-lora", "llama-2-7b/lora.yaml", "llama-2-7b", 2, "19.77", 32),
+    _lh_row("lh-llama3-8b-lora", "llama-3-8b/lora.yaml", "llama-3-8b", 1, "19.73", 32),
+    _lh_row("lh-mistral-7b-lora", "mistral-7b/lora.yaml", "mistral-7b", 2, "20.66", 32),
+    _pm_row("pm-lora-r32", "method_comparison/MetaMathQA/results/lora--llama-3.2-3B-rank32.json",
+            "0a179c1e8659ab4f7df0369b9b03943cfe470ff1", 32, 22273851392),
+    _pm_row("pm-full",
+            "method_comparison/MetaMathQA/results/full-finetuning--llama-3.2-3B-lr_0.00001.json",
+            "0a179c1e8659ab4f7df0369b9b03943cfe470ff1", 0, 37241225216),
+    _lh_row("lh-stablelm-3b-lora", "stablelm-base-alpha-3b/lora.yaml", _stablelm_3b, 1, "8.58", 32),
+    _lh_qlora_row("lh-stablelm-3b-qlora", "stablelm-base-alpha-3b/qlora.yaml", _stablelm_3b, 1, "5.24"),
+    _lh_qlora_row("lh-llama2-7b-qlora", "llama-2-7b/qlora.yaml", "llama-2-7b", 2, "13.68"),
+    _lh_qlora_row("lh-llama3-8b-qlora", "llama-3-8b/qlora.yaml", "llama-3-8b", 2, "17.41"),
+    _lh_qlora_row("lh-mistral-7b-qlora", "mistral-7b/qlora.yaml", "mistral-7b", 2, "14.29"),
+    _ls_row("ls-1-fp32", "1. causal mask on the fly", 50257, "scratch", "scratch", 8, "32-true", "26.2422",
+            fused=False),
+    _ls_row("ls-5-bf16", "5. bfloat16", 50257, "scratch", "scratch", 8, "bf16-true", "13.7871"),
+    _ls_row("ls-6-native", "6. PyTorch LayerNorm, GELU", 50257, "scratch", "native", 8, "bf16-true", "11.5645"),
+    _ls_row("ls-7-sdpa", "7. FlashAttention", 50257, "sdpa", "native", 8, "bf16-true", "5.9004"),
+    _ls_row("ls-9-vocab", "9. vocab 50304", 50304, "sdpa", "native", 8, "bf16-true", "5.8906", compiled=True),
+    _ls_row("ls-10-b32", "10. batch 32", 50304, "sdpa", "native", 32, "bf16-true", "22.5078", compiled=True),
+    _pm_row("pm-lora-r64", "method_comparison/MetaMathQA/results/lora--llama-3.2-3B-rank64.json",
+            "18e07f189c06cbc6472e4e3ec180358319de8175", 64, 22540189696),
+)
+"""Rows of 2023 and later from sources the rows above do not use (``--set new``)."""
+
+ALL_ROWS: tuple[Row, ...] = ROWS + NEW_ROWS
+
+
 # --------------------------------------------------------------------------- estimates
 
 
@@ -393,6 +731,11 @@ def predict(row: Row, method: str) -> dict[str, Any]:
     predicted = getattr(est, QUANTITY[row.measured], None)
     out["predicted_bytes"] = predicted
     out["error"] = _error(predicted, row.measured_bytes)
+    # The band's workspaces go through the caching allocator: the upper end of every statistic adds them.
+    band = dict(getattr(est, "band", {}))
+    out["band"] = band
+    out["upper_predicted_bytes"] = None if predicted is None else predicted + sum(band.values())
+    out["upper_error"] = _error(out["upper_predicted_bytes"], row.measured_bytes)
     if row.secondary is not None:
         kind, _, value = row.secondary
         out["secondary_predicted_bytes"] = getattr(est, QUANTITY[kind], None)
@@ -441,19 +784,19 @@ def table(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> str:
     """The comparison table: one line per row, predictions in GiB, errors in %."""
     headers = ["row", "GPU", "measured", "GiB"]
     for m in methods:
-        headers += [f"{m} GiB", f"{m} err", f"{m} 2nd"]
+        headers += [f"{m} GiB", f"{m} err", f"{m} upper err", f"{m} 2nd"]
     lines = []
     for r in records:
         line = [r["key"], r["gpu"].split(" (")[0][:24], r["measured"], f"{r['measured_bytes'] / 2**30:.2f}"]
         for m in methods:
             p = r["predictions"].get(m)
             if r["incomplete"]:
-                line += ["settings incomplete", "", ""]
+                line += ["settings incomplete", "", "", ""]
             elif p is None or "predicted_bytes" not in p:
-                line += ["failed", "", ""]
+                line += ["failed", "", "", ""]
             else:
                 second = p.get("error_with_source_context", p.get("secondary_error"))
-                line += [_gib(p["predicted_bytes"]), _pct(p["error"]), _pct(second)]
+                line += [_gib(p["predicted_bytes"]), _pct(p["error"]), _pct(p.get("upper_error")), _pct(second)]
         lines.append(line)
     return render_table(headers, lines)
 
@@ -463,11 +806,12 @@ def _errors(records: Sequence[dict[str, Any]], method: str) -> dict[str, dict[st
     out: dict[str, dict[str, float]] = {}
     for r in records:
         p = r["predictions"].get(method, {})
-        pairs = [(r["measured"], p.get("error")), ("nvml_used, source context", p.get("error_with_source_context"))]
+        pairs = [(r["measured"], p.get("error")), (f"{r['measured']}, upper end", p.get("upper_error")),
+                 ("nvml_used, source context", p.get("error_with_source_context"))]
         if r["secondary"]:
             pairs.append((r["secondary"][0], p.get("secondary_error")))
         for quantity, err in pairs:
-            if err is not None:
+            if isinstance(err, float):  # a method that failed has its exception's name under "error"
                 out.setdefault(quantity, {})[r["key"]] = err
     return out
 
@@ -488,8 +832,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", help="comma-separated row keys (default: all)")
     parser.add_argument("--methods", default=",".join(METHODS), help="trace,formula")
     parser.add_argument("--json", type=Path, help="write the rows with predictions to this file")
+    parser.add_argument("--set", choices=("old", "new", "all"), default="all",
+                        help="old: the rows before issue 17; new: 2023+ rows of other sources; all (default)")
+    parser.add_argument("--plot", type=Path, help="draw the error distribution of the rows run to this PNG")
     args = parser.parse_args(argv)
-    rows = ROWS if not args.rows else tuple(r for r in ROWS if r.key in args.rows.split(","))
+    pool = {"old": ROWS, "new": NEW_ROWS, "all": ALL_ROWS}[args.set]
+    rows = pool if not args.rows else tuple(r for r in ALL_ROWS if r.key in args.rows.split(","))
     methods = [m for m in args.methods.split(",") if m]
     start = time.perf_counter()
     records = evaluate(rows, methods)

@@ -49,8 +49,8 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     rows = [] if fit.fits else remedies(est, gpu, args.margin, out)
     if out.json_mode:
         out.json({**est.to_dict(), "device": gpu.to_dict(), "margin": args.margin, "usable_bytes": fit.usable_bytes,
-                  "fits": fit.fits, "verdict": "fits" if fit.fits else "does not fit",
-                  "remedies": [r.to_dict() for r in rows]})
+                  "needed_bytes": fit.needed_bytes, "fits": fit.fits,
+                  "verdict": "fits" if fit.fits else "does not fit", "remedies": [r.to_dict() for r in rows]})
         return EXIT_OK if fit.fits else EXIT_DOES_NOT_FIT
     out.text(est.table())
     out.text()
@@ -77,8 +77,9 @@ def search(args: argparse.Namespace, gpu: memguard.DeviceMemory, estimate_at: Es
 
     def at(batch_size: int) -> MemoryEstimate:
         est = estimate_at(batch_size, args.seq_len)
-        verdict = "fits" if Fit(est, gpu.free_bytes, args.margin).fits else "does not fit"
-        out.progress(f"  batch {batch_size}: {format_bytes(est.total_bytes)}, {verdict}")
+        fit = Fit(est, gpu.free_bytes, args.margin)
+        verdict = "fits" if fit.fits else "does not fit"
+        out.progress(f"  batch {batch_size}: {format_bytes(fit.needed_bytes)}, {verdict}")
         return est
 
     return max_batch_size(at, gpu.free_bytes, margin=args.margin, limit=args.limit)
@@ -96,7 +97,7 @@ def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
             "margin": args.margin,
             "usable_bytes": fit.usable_bytes,
             "estimate": found.estimate.to_dict(),
-            "trials": [{"batch_size": b, "total_bytes": t} for b, t in found.trials],
+            "trials": [{"batch_size": b, "needed_bytes": t} for b, t in found.trials],
         })
         return EXIT_OK if found.batch_size else EXIT_DOES_NOT_FIT
     out.text(found.estimate.table())
@@ -106,7 +107,7 @@ def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
         out.text(f"NOTHING FITS: batch size 1 {fit.needs()}")
         show_remedies(remedies(found.estimate, gpu, args.margin, out), model_words(args), args.gpu, out)
         return EXIT_DOES_NOT_FIT
-    line = (f"max batch size: {found.batch_size} (needs {format_bytes(found.estimate.total_bytes)} of "
+    line = (f"max batch size: {found.batch_size} (needs {format_bytes(fit.needed_bytes)} of "
             f"{format_bytes(fit.usable_bytes)} usable, {fit.room()}")
     above = dict(found.trials).get(found.batch_size + 1)
     if above is not None:

@@ -20,8 +20,14 @@ forward and the loss. For ``device="cuda"``:
   flash backward's own fp32 buffers are allocated too.
 * **Dropout** takes the fused ``native_dropout`` kernel (a 1-byte mask).
 
-Known limitations: another library's ``AutocastCUDA`` kernels (torchvision's) are not emulated.
-The memory-efficient and cuDNN backward kernels' own workspaces are unknown and not counted. The
+* **Workspaces whose size the trace cannot know** are recorded while the step is traced
+  (:class:`Workspaces`, yielded by :func:`device_kernels`) and stated as the estimate's band
+  (:attr:`MemoryEstimate.band <memguard.estimation.result.MemoryEstimate.band>`), never in the point
+  estimate: cuDNN convolution workspaces (:func:`conv_workspace_bytes`), the memory-efficient and
+  cuDNN attention backward accumulators (:func:`attention_backward_bytes`) and the cuBLAS workspace
+  of the autograd thread's handle (:data:`CUBLAS_WORKSPACE_BYTES`).
+
+Known limitations: another library's ``AutocastCUDA`` kernels (torchvision's) are not emulated. The
 math fallback's dropout keeps the CPU's noise tensor. CPU autocast must be idle in other threads
 during a CUDA trace (the registration is process-wide).
 """
@@ -29,9 +35,11 @@ during a CUDA trace (the registration is process-wide).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -41,9 +49,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memguard.errors import TraceError
 from memguard.estimation.sdpa import DEFAULT_COMPUTE_CAPABILITY, sdpa_backend
+from memguard.units import format_bytes
 
-__all__ = ["DEFAULT_COMPUTE_CAPABILITY", "cuda_autocast_policy", "device_autocast", "device_kernels",
-           "sdpa_backend"]
+__all__ = ["CUBLAS_WORKSPACE_BYTES", "DEFAULT_COMPUTE_CAPABILITY", "ConvCall", "Workspaces",
+           "attention_backward_bytes", "conv_workspace_bytes", "cuda_autocast_policy", "device_autocast",
+           "device_kernels", "sdpa_backend"]
 
 
 _CUDA_AUTOCAST: dict[str, tuple[str, ...]] = {
@@ -114,14 +124,161 @@ def device_autocast(device: str, dtype: torch.dtype | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def device_kernels(device: str, *, compute_capability: tuple[int, int] = DEFAULT_COMPUTE_CAPABILITY,
-                   ) -> Iterator[None]:
+                   ) -> Iterator[Workspaces]:
     """Take the kernels ``device`` takes where the CPU's differ in memory (nothing for ``"cpu"``);
-    ``compute_capability`` is the GPU generation the SDPA backend choice assumes."""
+    ``compute_capability`` is the GPU generation the SDPA backend choice assumes. Yields the
+    :class:`Workspaces` record of the kernels whose workspaces the trace cannot size (empty on the CPU)."""
+    seen = Workspaces()
     if device != "cuda":
-        yield
+        yield seen
         return
-    with _cuda_autocast_policy(), _cuda_kernels(compute_capability):
-        yield
+    with _cuda_autocast_policy(), _cuda_kernels(compute_capability, seen):
+        yield seen
+
+
+# =========================================================================== workspaces (the band)
+
+
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+"""One cuBLAS workspace at its largest default size: ``CUBLAS_WORKSPACE_CONFIG`` unset gives
+``:4096:8`` (4096 KiB x 8 = 32 MiB) on compute capability 9.x/10.x and ``:4096:2:16:8`` (8 MiB +
+128 KiB) before (``getChosenWorkspaceSize`` in ``aten/src/ATen/cuda/CublasHandlePool.cpp``). PyTorch
+keeps one workspace per ``(handle, stream)`` pair (``cublas_handle_stream_to_workspace()``, same
+file) and one handle per thread and device (``DeviceThreadHandlePool``, ``thread_local
+PoolWindow``); autograd runs CUDA backward ops on its own device thread
+(``torch/csrc/autograd/engine.cpp``, one thread per device), whose handle takes a second
+workspace. The point estimate counts one workspace (``overhead.CUDA_WORKSPACE_BYTES``); the band
+adds the backward thread's, at the larger size since the target GPU's generation is not known here.
+cuBLASLt's workspace is taken as the cuBLAS one it shares (``TORCH_CUBLASLT_UNIFIED_WORKSPACE``, as
+``overhead.CUDA_WORKSPACE_BYTES`` says); a build that gives cuBLASLt its own per handle and stream
+would add ``TORCH_CUBLASLT_WORKSPACE_SIZE`` per pair, which this band does not state."""
+
+CUDNN_WGRAD_SPLITS = 640
+"""The most fp32 partial weight gradients memguard assumes a cuDNN weight-gradient kernel keeps
+(split-K over the batch x output positions). cuDNN does not document its engines' workspaces; this
+figure is an assumption, sized on published runs where a workspace shows at the end of backward:
+Raschka's ViT-L/16 at batch 16 and 4 (``benchmarks/published.py``, rows ``rb-04-b16`` and
+``rb-05-accum``) reserve 1.0 and 0.7 GiB more than memguard's peak, which falls in the middle of
+backward, while at batch 64 the activations hide it; 640 fp32 copies of the 1024 x 3 x 16 x 16
+patch-embedding weight are 1.9 GiB. An upper end for the band, never a prediction."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvCall:
+    """One traced convolution: what its workspace depends on.
+
+    Attributes:
+        input: the input's shape; weight: the weight's shape; output: the output's shape.
+        element_size: bytes per element of the computation (the input's dtype after autocast).
+        grad_input: whether backward computes the input's gradient (data gradient).
+        grad_weight: whether backward computes the weight's gradient.
+    """
+
+    input: tuple[int, ...]
+    weight: tuple[int, ...]
+    output: tuple[int, ...]
+    element_size: int
+    grad_input: bool
+    grad_weight: bool
+
+
+def conv_workspace_bytes(call: ConvCall) -> dict[str, int]:
+    """The largest workspace each pass of ``call`` may take, by pass (``forward``, ``data gradient``,
+    ``weight gradient``), as an upper end, not a prediction.
+
+    PyTorch asks cuDNN for algorithms ranked by its heuristics when ``torch.backends.cudnn.benchmark``
+    is False (``getValidAlgorithms`` over ``cudnnGetConvolution*Algorithm_v7`` in
+    ``aten/src/ATen/native/cudnn/Conv_v7.cpp``; the heuristic engine configs of ``get_plans_from_find`` /
+    ``generate_and_filter_plans`` in ``Conv_v8.cpp``), and, when True, times them (``cudnnFind*``) within
+    a workspace limit of the largest block the caching allocator can hand out without a ``cudaMalloc``
+    (``getMaxWorkspaceSize`` in ``Conv_v7.cpp``, over ``CUDACachingAllocator::cacheInfo``: the
+    largest unused cached block). Either way it then
+    allocates the chosen algorithm's workspace through the caching allocator, so the workspace shows in
+    ``max_memory_allocated``, and when that allocation raises an out-of-memory error it takes the next
+    algorithm (``try_plans`` in ``Conv_v8.cpp``, the ``OutOfMemoryError`` catch in ``Conv_v7.cpp``'s
+    algorithm loop), down to ``IMPLICIT_GEMM``, which needs none. The size of each algorithm's
+    workspace is cuDNN's, per GPU and version, so memguard takes:
+
+    * forward and data gradient: the ``GEMM`` algorithm's explicit im2col matrix
+      (cuDNN API reference, ``CUDNN_CONVOLUTION_FWD_ALGO_GEMM``: "explicitly forms the matrix required
+      to hold the input tensor data"), ``C_in/groups x prod(kernel) x N x prod(output)`` elements;
+    * weight gradient: :data:`CUDNN_WGRAD_SPLITS` fp32 partial copies of the weight, no more than one
+      per output position of the batch, or the im2col matrix if larger.
+    """
+    n, spatial = call.output[0], math.prod(call.output[2:])
+    kernel = math.prod(call.weight[1:])
+    im2col = kernel * n * spatial * call.element_size
+    out = {"forward": im2col}
+    if call.grad_input:
+        out["data gradient"] = im2col
+    if call.grad_weight:
+        splits = min(CUDNN_WGRAD_SPLITS, n * spatial)
+        out["weight gradient"] = max(im2col, splits * math.prod(call.weight) * 4)
+    return out
+
+
+def attention_backward_bytes(q: tuple[int, ...], k: tuple[int, ...], v: tuple[int, ...]) -> int:
+    """The fp32 accumulators the memory-efficient attention backward may allocate besides its outputs:
+    ``grad_q`` (and ``grad_k``/``grad_v``) in fp32 when the kernel accumulates over several blocks
+    (``kNeedsAccumGradQ``/``K``/``V`` and the ``workspace`` sized from them in
+    ``aten/src/ATen/native/transformers/cuda/attention_backward.cu``); whether it does depends on
+    the kernel chosen for the GPU and head size, so the band takes all three. cuDNN's attention
+    backward (``_cudnn_attention_backward``) takes a workspace cuDNN sizes per GPU; memguard takes the
+    same bound."""
+    return 4 * (math.prod(q) + math.prod(k) + math.prod(v))
+
+
+@dataclasses.dataclass
+class Workspaces:
+    """The kernels of a traced step whose workspaces only the target GPU and its libraries size.
+
+    Attributes:
+        convs: the convolutions (:class:`ConvCall`), in order.
+        attention: ``(backend, q shape, k shape, v shape)`` of each fused attention whose backward
+            allocates workspaces memguard cannot size (``"efficient"``, ``"cudnn"``) and that needs a
+            gradient.
+    """
+
+    convs: list[ConvCall] = dataclasses.field(default_factory=list)
+    attention: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
+        default_factory=list)
+
+    def band(self, timeline: Sequence[tuple[int, str, int]] = (), *, backward: bool = True) -> dict[str, int]:
+        """The band's items for this step, ``{what: bytes above the point estimate}``.
+
+        Workspaces live while their kernel runs, so each kind adds its largest, not the sum, and adds
+        it on top of the peak, except one placed in time: the weight gradient of the forward's first
+        convolution (a patch embedding, a stem) is computed by the last op of backward, when the
+        activations are gone; with ``timeline`` (the trace's ``(event, phase, live bytes)``) it adds
+        only what it exceeds the peak by, from the live bytes at the end of backward.
+        ``backward``: whether the step runs one (the cuBLAS workspace of autograd's thread).
+        """
+        out: dict[str, int] = {}
+        if self.convs:
+            peak = max((live for _, _, live in timeline), default=0)
+            ends = [live for _, phase, live in timeline if phase in ("backward", "block-backward")]
+            first, rest = self.convs[0], self.convs[1:]
+            passes: dict[str, int] = {}
+            for call in rest:
+                for what, n in conv_workspace_bytes(call).items():
+                    passes[what] = max(passes.get(what, 0), n)
+            first_passes = conv_workspace_bytes(first)
+            wgrad = first_passes.pop("weight gradient", 0)
+            for what, n in first_passes.items():
+                passes[what] = max(passes.get(what, 0), n)
+            above_peak = max(passes.values(), default=0)
+            if wgrad:
+                placed = ends[-1] + wgrad - peak if ends else wgrad
+                above_peak = max(above_peak, placed)
+            out[f"cudnn: convolution workspaces ({len(self.convs)} calls; the first one's weight gradient up to "
+                f"{format_bytes(wgrad)} at the end of backward; size per GPU and cuDNN version)"] = max(0, above_peak)
+        if self.attention:
+            backends = sorted({a[0] for a in self.attention})
+            out[f"attention backward workspace ({', '.join(backends)}; {len(self.attention)} calls)"] = max(
+                attention_backward_bytes(q, k, v) for _, q, k, v in self.attention)
+        if backward:
+            out["cublas: workspace of autograd's backward thread (8-32 MiB by GPU)"] = CUBLAS_WORKSPACE_BYTES
+        return out
 
 
 # =========================================================================== CUDA autocast policy
@@ -277,7 +434,7 @@ def _set_opt_dtype(op: torch._ops.OpOverload, name: str, schema: Any, args: tupl
 
 
 @contextlib.contextmanager
-def _cuda_kernels(capability: tuple[int, int]) -> Iterator[None]:
+def _cuda_kernels(capability: tuple[int, int], seen: Workspaces) -> Iterator[None]:
     """Swap ``F.scaled_dot_product_attention`` for :func:`_cuda_sdpa` and ``F.dropout`` for the fused
     ``native_dropout`` that ``aten::dropout`` takes on CUDA (a 1-byte mask; the CPU's multiplies by a
     noise tensor of the input's dtype; in-place dropout is never fused: ``is_fused_kernel_acceptable``
@@ -285,13 +442,25 @@ def _cuda_kernels(capability: tuple[int, int]) -> Iterator[None]:
     ``TorchFunctionMode``: checkpointed layers recompute their forward inside backward."""
     functional = torch.nn.functional
     sdpa, dropout = functional.scaled_dot_product_attention, functional.dropout
+    convs = {name: getattr(functional, name) for name in ("conv1d", "conv2d", "conv3d")}
 
     def fused_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                    is_causal: bool = False, scale: float | None = None,
                    enable_gqa: bool = False) -> torch.Tensor:
         return _cuda_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                          capability)
+                          capability, seen)
+
+    def recorded(conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def run(input: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = conv(input, weight, *args, **kwargs)
+            if out.device.type != "meta":
+                grad = torch.is_grad_enabled()
+                seen.convs.append(ConvCall(tuple(input.shape), tuple(weight.shape), tuple(out.shape),
+                                           out.element_size(), grad and input.requires_grad,
+                                           grad and weight.requires_grad))
+            return out
+        return run
 
     def native_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True,
                        inplace: bool = False) -> torch.Tensor:
@@ -300,15 +469,19 @@ def _cuda_kernels(capability: tuple[int, int]) -> Iterator[None]:
         return torch.native_dropout(input, p, True)[0]
 
     functional.scaled_dot_product_attention, functional.dropout = fused_sdpa, native_dropout
+    for name, conv in convs.items():
+        setattr(functional, name, recorded(conv))
     try:
         yield
     finally:
         functional.scaled_dot_product_attention, functional.dropout = sdpa, dropout
+        for name, conv in convs.items():
+            setattr(functional, name, conv)
 
 
 def _cuda_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
-               capability: tuple[int, int]) -> torch.Tensor:
+               capability: tuple[int, int], seen: Workspaces | None = None) -> torch.Tensor:
     """``scaled_dot_product_attention`` as CUDA runs it (``aten/src/ATen/native/transformers/
     attention.cpp``): CUDA autocast casts all inputs to 16 bits (``lower_precision_fp``), the
     backend is :func:`sdpa_backend`'s, a boolean mask becomes an additive one of the query's
@@ -327,6 +500,8 @@ def _cuda_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
             mask = (additive.masked_fill_(mask.logical_not(), float("-inf"))
                     if mask.dtype == torch.bool else mask.to(q.dtype))
         lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if lse and seen is not None and backend in ("efficient", "cudnn"):
+            seen.attention.append((backend, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
         if backend == "efficient":
             if k.shape[1] != q.shape[1]:  # grouped-query: the op's meta kernels take equal heads
                 k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))

@@ -236,7 +236,24 @@ def estimate(
     }
     return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes), host_bytes=host,
                           context_bytes=context, at_peak=found.at_peak, timeline=found.timeline,
-                          stand_ins=found.stand_ins)
+                          stand_ins=found.stand_ins, band=_band(found, spec))
+
+
+def _band(found: _Found, spec: TrainingSpec) -> dict[str, int]:
+    """The estimate's band: what the trace saw but cannot size; the formula sees no kernel, so only the
+    cuBLAS workspace of autograd's thread (:meth:`memguard.estimation.cuda_rules.Workspaces.band`).
+    Data-dependent ops that ran on stand-in ones are listed at 0 bytes: their size is not known, and
+    :attr:`MemoryEstimate.uncertain` says so."""
+    from memguard.estimation.cuda_rules import Workspaces
+    from memguard.estimation.stand_ins import ONES
+
+    band = dict(found.band)
+    if found.method == "formula" and spec.device == "cuda":
+        band = Workspaces().band()
+    guessed = sorted(op for op, how in found.stand_ins.items() if how == ONES)
+    if guessed:
+        band[f"data-dependent {', '.join(guessed)} on stand-in values (size not known)"] = 0
+    return band
 
 
 DEFAULT_QLORA_RANK = 8
@@ -290,6 +307,7 @@ class _Found:
     at_peak: tuple[PeakTensors, ...] = ()
     timeline: tuple[tuple[int, str, int], ...] = ()
     stand_ins: dict[str, str] = dataclasses.field(default_factory=dict)
+    band: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism,
@@ -328,7 +346,7 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
             warm_up()
         traced = sandbox.run(trace, timeout=trace_timeout) if user_code else trace()
         return _Found("trace", traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline,
-                      traced.stand_ins)
+                      traced.stand_ins, traced.band)
     except ConfigError:
         raise  # a bad argument is no reason to try another method
     except MemguardError as exc:

@@ -95,6 +95,11 @@ class MemoryEstimate:
             how: a documented model (``"MoE routing: balanced"``, see
             :mod:`memguard.estimation.stand_ins`), or ``"ones"`` where nothing models them, which
             makes the estimate :attr:`uncertain`.
+        band: what this step may need beyond :attr:`total_bytes` that memguard cannot size exactly,
+            by item (``"cudnn: conv workspaces (3 calls)"`` -> bytes): kernel workspaces whose size
+            depends on the target GPU and library version, data-dependent sizes, ops the trace
+            cannot see (:mod:`memguard.estimation.cuda_rules`). :attr:`upper_bytes` adds them; the fit
+            decision (:mod:`memguard.fit`) compares that upper end.
     """
 
     method: str
@@ -106,6 +111,7 @@ class MemoryEstimate:
     at_peak: tuple[PeakTensors, ...] = ()
     timeline: tuple[tuple[int, str, int], ...] = ()
     stand_ins: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    band: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         full = {c: 0 for c in _ORDER}
@@ -120,6 +126,10 @@ class MemoryEstimate:
         object.__setattr__(self, "at_peak", tuple(self.at_peak))
         object.__setattr__(self, "timeline", tuple(tuple(p) for p in self.timeline))
         object.__setattr__(self, "stand_ins", {str(k): str(v) for k, v in self.stand_ins.items()})
+        for what, n in self.band.items():
+            if int(n) != n or n < 0:
+                raise ValueError(f"band[{what!r}] must be a non-negative integer, got {n!r}")
+        object.__setattr__(self, "band", {str(k): int(v) for k, v in self.band.items()})
         if not 0 <= self.context_bytes <= full[Category.OVERHEAD]:
             raise ValueError(f"context_bytes must be within the overhead, got {self.context_bytes!r}")
 
@@ -135,6 +145,13 @@ class MemoryEstimate:
         """What must be free on the device, what ``nvidia-smi`` shows: :attr:`reserved_bytes` plus
         the CUDA context. :meth:`fits` compares it."""
         return sum(self.breakdown.values())
+
+    @property
+    def upper_bytes(self) -> int:
+        """The upper end of the stated band: :attr:`total_bytes` plus every uncertain item of
+        :attr:`band`. Equal to :attr:`total_bytes` when nothing is uncertain; what :class:`~memguard.fit.Fit`
+        compares with the usable memory."""
+        return self.total_bytes + sum(self.band.values())
 
     @property
     def reserved_bytes(self) -> int:
@@ -190,6 +207,8 @@ class MemoryEstimate:
             "timeline": [list(p) for p in self.timeline],
             "stand_ins": dict(self.stand_ins),
             "uncertain": self.uncertain,
+            "band": dict(self.band),
+            "upper_bytes": self.upper_bytes,
         }
 
     @classmethod
@@ -201,7 +220,7 @@ class MemoryEstimate:
                    at_peak=tuple(PeakTensors(g["where"], Category(g["category"]), int(g["bytes"]), int(g["count"]),
                                              tuple(g["shape"]), g["dtype"]) for g in data.get("at_peak", ())),
                    timeline=tuple((int(e), str(p), int(n)) for e, p, n in data.get("timeline", ())),
-                   stand_ins=dict(data.get("stand_ins", {})))
+                   stand_ins=dict(data.get("stand_ins", {})), band=dict(data.get("band", {})))
 
     def table(self, top: int = 0) -> str:
         """The breakdown as a text table, one row per category, with shares of the total, and the
@@ -227,6 +246,10 @@ class MemoryEstimate:
         else:
             lines.append(f"{'peak (tensors)':<{width}}  {format_bytes(self.peak_bytes):>12}")
             lines.append(f"{'total':<{width}}  {format_bytes(self.total_bytes):>12}")
+        if self.band:
+            lines.append(f"{'upper (band)':<{width}}  {format_bytes(self.upper_bytes):>12}  "
+                         f"total + {format_bytes(self.upper_bytes - self.total_bytes)} uncertain:")
+            lines.extend(f"  + {format_bytes(n):>12}  {what}" for what, n in self.band.items())
         if self.host_bytes:
             lines.append(f"{'host (offload)':<{width}}  {format_bytes(self.host_bytes):>12}")
         if top and self.at_peak:
@@ -264,6 +287,7 @@ class MemoryEstimate:
                                                          (len(self.timeline), "timeline points")) if n)
         return (f"<MemoryEstimate {self.method}: peak {format_bytes(self.peak_bytes)}, reserved "
                 f"{format_bytes(self.reserved_bytes)}, total {format_bytes(self.total_bytes)}"
+                f"{f', upper {format_bytes(self.upper_bytes)}' if self.band else ''}"
                 f"{'; ' + shown if shown else ''}{detail}>")
 
 

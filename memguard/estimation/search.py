@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from memguard.errors import ConfigError
 from memguard.estimation.result import MemoryEstimate
-from memguard.fit import usable_bytes
+from memguard.fit import Fit, usable_bytes
 
 __all__ = ["BatchSearch", "max_batch_size", "reduced_batch"]
 
@@ -31,7 +31,8 @@ class BatchSearch:
     Attributes:
         batch_size: the largest batch size that fits, or 0 when even 1 does not.
         estimate: the estimate at ``batch_size`` (at 1 when nothing fits).
-        trials: every batch size estimated, with its total bytes, in order.
+        trials: every batch size estimated, with the bytes the fit decision compares
+            (:attr:`memguard.fit.Fit.needed_bytes`: the upper end of the estimate's band), in order.
         capped: true when the search stopped at ``limit`` while still fitting.
     """
 
@@ -60,12 +61,15 @@ def max_batch_size(estimate_at: Callable[[int], MemoryEstimate], free_bytes: int
     cache: dict[int, MemoryEstimate] = {}
     trials: list[tuple[int, int]] = []
 
+    needed: dict[int, int] = {}
+
     def total(b: int) -> int:
         if b not in cache:
             cache[b] = estimate_at(b)
-            trials.append((b, cache[b].total_bytes))
-            log.info("batch size %d: %d bytes (budget %d)", b, cache[b].total_bytes, int(budget))
-        return cache[b].total_bytes
+            needed[b] = Fit(cache[b], free_bytes, margin).needed_bytes  # the one place that says what is compared
+            trials.append((b, needed[b]))
+            log.info("batch size %d: %d bytes (budget %d)", b, needed[b], int(budget))
+        return needed[b]
 
     if total(1) > budget:
         return BatchSearch(0, cache[1], tuple(trials))

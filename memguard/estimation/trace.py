@@ -145,6 +145,8 @@ class TraceResult:
     at_peak: tuple[PeakTensors, ...]
     timeline: tuple[tuple[int, str, int], ...]
     stand_ins: dict[str, str] = dataclasses.field(default_factory=dict)
+    band: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Workspaces the trace saw but cannot size (:meth:`memguard.estimation.cuda_rules.Workspaces.band`)."""
 
 
 def _prepare(module: nn.Module, checkpointing: bool) -> None:
@@ -269,7 +271,7 @@ def trace_breakdown(
                 block.register_full_backward_pre_hook(
                     lambda *_: ledger.set_phase(Phase.BLOCK_BACKWARD) if ledger.phase is Phase.BACKWARD else None)
             stack.enter_context(counting)
-            stack.enter_context(device_kernels(spec.device))
+            workspaces = stack.enter_context(device_kernels(spec.device))
             for t in fakes.values():
                 ledger.track(t)
             named = [(_owner(n, module), p) for n, p in module.named_parameters()]
@@ -350,7 +352,8 @@ def trace_breakdown(
     log.debug("trace of %s: peak %d bytes", type(module).__name__, sum(report.breakdown.values()))
     stand_ins = {op: _routing_words(spec.moe_routing) for op in invented.modelled}
     stand_ins.update({op: ONES for op in invented.invented})
-    return TraceResult(report.breakdown, notes, slack, report.at_peak, report.timeline, stand_ins)
+    band = workspaces.band(report.timeline) if spec.device == "cuda" else {}
+    return TraceResult(report.breakdown, notes, slack, report.at_peak, report.timeline, stand_ins, band)
 
 
 def _routing_words(capacity: float) -> str:
