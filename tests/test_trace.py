@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import memguard
 from memguard import Category
-from memguard.estimation.peak import Phase
+from memguard.estimation.trace import Phase
 
 MiB4 = 4 * 2**20  # one 1024x1024 fp32 matrix
 

@@ -481,7 +481,7 @@ def ledger_events(records: Iterable[Any]) -> list[tuple[int, int]]:
     """Events for :func:`replay` from ledger records (``nbytes``, ``alloc`` and ``free`` clocks).
 
     Each record's index is its key; a record whose ``free`` is ``None`` stays live to the end.
-    Written for ``memguard.estimation.ledger.Ledger.records``, whose clocks are unique.
+    Written for ``memguard.estimation.trace.ledger.Ledger.records``, whose clocks are unique.
     """
     timeline: list[tuple[int, int, int]] = []
     for i, r in enumerate(records):

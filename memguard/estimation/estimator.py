@@ -103,7 +103,7 @@ def estimate(
         method: ``"trace"``, ``"formula"``, ``"seed"``, or ``"auto"`` (trace, else formula).
         loss_fn: ``loss_fn(output, batch) -> scalar``; needed only when the output is neither a
             scalar tensor nor has a ``.loss`` (a diffusers output's ``.sample`` gets diffusers'
-            training loss, ``F.mse_loss(sample.float(), target)``, see ``trace._denoising_loss``).
+            training loss, ``F.mse_loss(sample.float(), target)``, see ``trace.record.denoising_loss``).
         training_loop: ``"pytorch"`` (forward, backward, step, ``zero_grad``) or ``"lightning"``
             (``zero_grad`` runs after the next forward, so last step's gradients live through it).
         step_fn: ``step_fn(batch) -> loss or output`` replaces ``model(...)`` in the trace, e.g.
@@ -151,7 +151,7 @@ def estimate(
     counts, steps or draws stays in the child, and the child is killed after ``trace_timeout``
     seconds; :func:`memguard.is_tracing` is true there, for code with effects outside the process
     (files) to skip. Where fork is not available, the trace runs in process, with every module
-    holding a private copy of its state (:mod:`memguard.estimation._isolation`). A model memguard
+    holding a private copy of its state (:mod:`memguard.estimation.trace.isolation`). A model memguard
     builds from a preset or config is nobody else's, and is traced in process.
 
     Returns:

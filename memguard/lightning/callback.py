@@ -115,9 +115,8 @@ import torch
 
 from memguard.device.actual import Measurement, MemoryProbe, read_and_compare, resident_bytes, training_tensors
 from memguard.errors import ConfigError, MemguardError
-from memguard.estimation._isolation import is_tracing
 from memguard.estimation.result import MemoryEstimate
-from memguard.estimation.trace import DEFAULT_TIMEOUT
+from memguard.estimation.trace import DEFAULT_TIMEOUT, is_tracing
 from memguard.lightning import messages
 from memguard.lightning import run as _pl
 from memguard.lightning.batch import reducible, set_batch

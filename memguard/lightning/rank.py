@@ -102,7 +102,7 @@ def _estimator(trainer: Any, pl_module: Any, info: _pl.RunInfo, batch: Any, requ
     checkpointing = _checkpointing(pl_module)
     parallel = info.parallel or ("ddp" if info.world_size > 1 else "single")
 
-    def step(b: Any) -> Any:  # runs on the module's private state (memguard.estimation._isolation)
+    def step(b: Any) -> Any:  # runs on the module's private state (memguard.estimation.trace.isolation)
         return pl_module.training_step(b, 0)
 
     kwargs = {"example_input": batch, "step_fn": step, "optimizer": optimizer, "training_loop": "lightning",
