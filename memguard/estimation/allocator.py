@@ -165,8 +165,8 @@ class _Pool:
 class _Simulator:
     """``DeviceCachingAllocator`` for one device and one stream; sizes and addresses in bytes.
 
-    (A little over 250 lines: one method per function of ``CUDACachingAllocator.cpp`` it follows,
-    kept together so each can be read against its C++ original.)
+    One method per function of ``CUDACachingAllocator.cpp`` it follows, under the same name, so
+    that each can be read against its C++ original.
     """
 
     def __init__(self, config: AllocatorConfig, capacity: int | None) -> None:

@@ -76,13 +76,8 @@ def trace_breakdown(
     Args:
         module: the user's module; its weights are neither copied nor touched.
         spec: batch, precision, optimizer, device and checkpointing.
-        make_inputs: returns ``(args, kwargs)`` for one forward call; called in the fake mode.
-        loss_fn: ``loss_fn(output, batch) -> scalar`` when the output has no loss.
-        training_loop: ``"pytorch"`` zeroes gradients after the step; ``"lightning"`` after the
-            next forward (Lightning's closure), so last step's gradients live through it.
-        step_fn: called with the one positional input instead of ``module(...)`` (e.g. a
-            LightningModule's ``training_step``); its result is a loss, a dict with ``"loss"``, or
-            an output for ``loss_fn``.
+        make_inputs, loss_fn, training_loop, step_fn, steps, accumulate, set_to_none: how the
+            user's loop runs the step, as :class:`~.record.Loop` documents them.
         weight: share of each allocation, by category and :class:`~.ledger.Phase`, that the device
             holds — how sharding enters (see :meth:`memguard.estimation.parallel.Parallelism.weight`);
             the peak is then the peak of the weighted timeline. ``None`` counts everything whole.
@@ -90,15 +85,9 @@ def trace_breakdown(
             the first block, ``BLOCK_BACKWARD`` from it on): how a sharded strategy's gathered
             units enter (see :meth:`memguard.estimation.parallel.Parallelism.phase_extras`).
         blocks: the repeated blocks; their backward marks the ``BLOCK_BACKWARD`` phase.
-        steps: forward-backward-step rounds to trace after the state is made.
-        accumulate: micro-batches per optimizer step (gradient accumulation); from the second on,
-            each forward runs beside the gradients accumulated so far.
-        set_to_none: ``zero_grad(set_to_none=...)``; ``False`` (the default before torch 2.0)
-            keeps zeroed gradients alive through every forward.
-        timeout: seconds the trace may run (``None``: no limit); past them it stops with a
-            :class:`TraceError`. A data-dependent loop (``while h.abs().max() > eps``) sees stand-in
-            values that never converge. Checked between ops: a loop that runs no tensor op is not
-            stopped.
+        timeout: seconds the trace may run (``None``: no limit), checked between ops; past them it
+            stops with a :class:`TraceError`. A data-dependent loop (``while h.abs().max() > eps``)
+            sees stand-in values that never converge (a loop that runs no tensor op is not stopped).
 
     Returns:
         A :class:`TraceResult`.

@@ -64,10 +64,14 @@ class Loop:
         loss_fn: ``loss_fn(output, batch) -> scalar`` when the output has no loss.
         training_loop: ``"pytorch"`` zeroes gradients after the step; ``"lightning"`` after the
             next forward (Lightning's closure), so last step's gradients live through it.
-        step_fn: called with the one positional input instead of ``module(...)``.
-        steps: forward-backward-step rounds after the optimizer's state is made.
-        accumulate: micro-batches per optimizer step.
-        set_to_none: ``zero_grad(set_to_none=...)``.
+        step_fn: called with the one positional input instead of ``module(...)`` (e.g. a
+            LightningModule's ``training_step``); its result is a loss, a dict with ``"loss"``, or
+            an output for ``loss_fn``.
+        steps: forward-backward-step rounds to trace after the optimizer's state is made.
+        accumulate: micro-batches per optimizer step (gradient accumulation); from the second on,
+            each forward runs beside the gradients accumulated so far.
+        set_to_none: ``zero_grad(set_to_none=...)``; ``False`` (the default before torch 2.0)
+            keeps zeroed gradients alive through every forward.
     """
 
     make_inputs: Callable[[], Inputs]
