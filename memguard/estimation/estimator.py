@@ -31,7 +31,14 @@ from memguard.estimation.quantization import (
 )
 from memguard.estimation.result import Category, MemoryEstimate, PeakTensors
 from memguard.estimation.spec import TrainingSpec, positive_int, resolve_precision
-from memguard.estimation.trace import DEFAULT_TIMEOUT, TraceResult, check_timeout, trace_breakdown, warm_up
+from memguard.estimation.trace import (
+    DEFAULT_TIMEOUT,
+    Inputs,
+    TraceResult,
+    check_timeout,
+    trace_breakdown,
+    warm_up,
+)
 
 __all__ = ["METHODS", "Inputs", "estimate"]
 
@@ -39,9 +46,6 @@ log = logging.getLogger(__name__)
 
 METHODS = ("auto", "trace", "formula", "seed")
 LOOPS = ("pytorch", "lightning")
-
-Inputs = tuple[tuple[Any, ...], dict[str, Any]]
-"""Positional and keyword arguments of one forward call."""
 
 
 def estimate(

@@ -45,11 +45,12 @@ Known limitations:
 from memguard.estimation.trace.isolation import is_tracing, preserved_rng
 from memguard.estimation.trace.ledger import Phase
 from memguard.estimation.trace.pipeline import TraceResult, trace_breakdown
-from memguard.estimation.trace.record import DEFAULT_TIMEOUT, check_timeout
+from memguard.estimation.trace.record import DEFAULT_TIMEOUT, Inputs, check_timeout
 from memguard.estimation.trace.warm_up import warm_up
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "Inputs",
     "Phase",
     "TraceResult",
     "check_timeout",
