@@ -85,6 +85,8 @@ def rounded(nbytes: int, device: str) -> int:
 
 @dataclasses.dataclass
 class Record:
+    """One storage: its size, and the ledger's clock at its allocation and (``None`` while alive) free."""
+
     nbytes: int  # as the device's allocator rounds it
     alloc: int
     free: int | None = None
