@@ -109,7 +109,7 @@ def estimate(
         method: ``"trace"``, ``"formula"``, ``"seed"``, or ``"auto"`` (trace, else formula).
         loss_fn: ``loss_fn(output, batch) -> scalar``; needed only when the output is neither a
             scalar tensor nor has a ``.loss`` (a diffusers output's ``.sample`` gets diffusers'
-            training loss, ``F.mse_loss(sample.float(), target)``, see ``trace.record.denoising_loss``).
+            training loss, ``F.mse_loss(sample.float(), target)``, see :mod:`memguard.estimation.trace.record`).
         training_loop: ``"pytorch"`` (forward, backward, step, ``zero_grad``) or ``"lightning"``
             (``zero_grad`` runs after the next forward, so last step's gradients live through it).
         step_fn: ``step_fn(batch) -> loss or output`` replaces ``model(...)`` in the trace, e.g.

@@ -93,9 +93,10 @@ class Recording:
         grads: every ``.grad`` a trainable parameter had.
         opt_state: every tensor of the optimizer's state.
         activations: what a forward made and still held at its end (activations, with the batch).
-        last_input: the last leaf of the latest batch. A loop's variable holds it until the next
-            batch is made (and, after the last one, to the end of the step), as in the loop this
-            recording follows; it is alive, and so unfreed, while the step is analysed.
+        last_input: the last leaf of the latest batch, held until the next batch's leaves exist
+            (after the last batch, until the recording ends), as a training loop's variable holds
+            its batch: alive, and so unfreed, while the step is analysed. This is the lifetime the
+            trace has always given that leaf; estimates depend on it.
     """
 
     ledger: Ledger
@@ -191,7 +192,7 @@ class _Step:
         del leaves
         with device_autocast(self.spec.device, self.spec.precision.autocast_dtype):
             output = loop.step_fn(args[0]) if loop.step_fn is not None else self.module(*args, **kwargs)
-            loss = loss_of(output, kwargs or args, loop.loss_fn)
+            loss = _loss_of(output, kwargs or args, loop.loss_fn)
         end = ledger.clock
         recording.activations.update(i for i, r in ledger.live_at(end) if r.alloc > start)
         del output
@@ -219,7 +220,7 @@ class _Step:
         self.ledger.set_phase(Phase.OTHER)
 
 
-def loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> torch.Tensor:
+def _loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> torch.Tensor:
     """The scalar loss of a forward's ``output``: ``loss_fn``'s, the output itself, its ``.loss``
     (or ``["loss"]``), the mean of a ``last_hidden_state``, or diffusers' loss on a ``.sample``."""
     if loss_fn is not None:
@@ -233,7 +234,7 @@ def loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor]
     elif getattr(output, "last_hidden_state", None) is not None:
         loss = output.last_hidden_state.float().mean()
     elif isinstance(getattr(output, "sample", None), torch.Tensor):
-        loss = denoising_loss(output.sample)
+        loss = _denoising_loss(output.sample)
     else:
         raise ConfigError(
             f"the model's output ({type(output).__name__}) is neither a scalar tensor nor has a .loss "
@@ -246,7 +247,7 @@ def loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor]
     return loss
 
 
-def denoising_loss(sample: torch.Tensor) -> torch.Tensor:
+def _denoising_loss(sample: torch.Tensor) -> torch.Tensor:
     """The loss diffusers' training scripts put on a model's ``.sample`` (a UNet's or a diffusion
     transformer's prediction, a VAE's reconstruction): ``F.mse_loss(model_pred.float(),
     target.float(), reduction="mean")`` (``examples/text_to_image/train_text_to_image.py``).
