@@ -36,7 +36,7 @@ SETTINGS = ["", "expandable_segments:True", "max_split_size_mb:128", "roundup_po
 def traced_events(model: str, batch_size: int, seq_len: int, precision: str, optimizer: str) -> list[Any]:
     """The ledger records of memguard's CUDA trace of one steady-state step."""
     import memguard
-    import memguard.estimation.trace as trace
+    import memguard.estimation.trace.pipeline as trace
 
     ledgers: list[Any] = []
     original = trace.Ledger

@@ -39,9 +39,9 @@ if TYPE_CHECKING:
         parse_gpu,
         resolve_budget,
     )
-    from memguard.estimation._isolation import is_tracing
     from memguard.estimation.estimator import estimate
     from memguard.estimation.models import list_presets
+    from memguard.estimation.trace import is_tracing
     from memguard.fit import Fit
     from memguard.lightning.callback import MemGuard
     from memguard.planning import Plan, PlanRow, plan, remedies
@@ -56,7 +56,7 @@ _LAZY = {
     "parse_budget": "memguard.device",
     "parse_gpu": "memguard.device",
     "estimate": "memguard.estimation.estimator",
-    "is_tracing": "memguard.estimation._isolation",
+    "is_tracing": "memguard.estimation.trace",
     "list_presets": "memguard.estimation.models",
     "plan": "memguard.planning",
     "remedies": "memguard.planning",

@@ -13,8 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import memguard
-from memguard.estimation._isolation import _Copier
-from memguard.estimation.ledger import _rounded
+from memguard.estimation.trace.isolation import Copier
+from memguard.estimation.trace.ledger import rounded
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.configuration_utils import FrozenDict  # noqa: E402
@@ -47,7 +47,7 @@ def _refusing(items: dict[str, Any]) -> Refusing:
 
 
 def test_containers_are_copied_without_their_mutating_methods() -> None:
-    copier = _Copier(lambda t: torch.empty_like(t), {})  # its memo is by id: keep every original alive
+    copier = Copier(lambda t: torch.empty_like(t), {})  # its memo is by id: keep every original alive
     inner = [1, 2]
     frozen = FrozenDict(a=inner, b=3)
     out = copier.value(frozen)
@@ -137,7 +137,7 @@ class _LiveBytes(TorchDispatchMode):
         storage = t.untyped_storage()
         if storage in self.seen:
             return
-        n = _rounded(storage.nbytes(), "cpu")
+        n = rounded(storage.nbytes(), "cpu")
         self.seen[storage] = n
         self.live += n
         weakref.finalize(storage, self._free, n)

@@ -9,7 +9,7 @@ from torch import nn
 import memguard
 from memguard import Category, ConfigError
 from memguard.estimation.parallel import Parallelism, Strategy, resolve_parallelism, wrapped_blocks
-from memguard.estimation.peak import Phase
+from memguard.estimation.trace import Phase
 
 P, G, OPT = Category.PARAMETERS, Category.GRADIENTS, Category.OPTIMIZER_STATE
 

@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import memguard
 from memguard import Category
-from memguard.estimation.peak import Phase
+from memguard.estimation.trace import Phase
 
 MiB4 = 4 * 2**20  # one 1024x1024 fp32 matrix
 
@@ -238,3 +238,59 @@ def test_full_sharding_marks_the_blocks_backward() -> None:
     assert order[order.index("backward") + 1] == Phase.BLOCK_BACKWARD.value  # the head's, then the blocks'
     single = memguard.estimate(model, 2, 64, method="trace")
     assert "block-backward" not in {p for _, p, _ in single.timeline}  # marked only where it matters
+
+
+# -- the pipeline: record -> classify -> analyse -----------------------------------------------------
+
+
+def test_the_stages_record_classify_and_analyse_a_step_as_trace_breakdown_does() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memguard.estimation.spec import TrainingSpec
+    from memguard.estimation.trace import trace_breakdown
+    from memguard.estimation.trace.analyse import analyse
+    from memguard.estimation.trace.classify import classify
+    from memguard.estimation.trace.ledger import CountingMode, Ledger
+    from memguard.estimation.trace.record import Loop, recorded
+
+    model = nn.Linear(1024, 1024, bias=False)
+    before = model.weight.detach().clone()
+    spec = TrainingSpec.create(batch_size=64, optimizer="sgd-momentum", device="cpu")
+    loop = Loop(lambda: ((torch.empty(64, 1024),), {}), loss_fn=lambda out, batch: out.sum())
+    counting = CountingMode(Ledger("cpu"), FakeTensorMode(allow_non_fake_inputs=True))
+    with recorded(model, spec, loop, counting) as recording:
+        kinds = classify(recording)
+        cats = {(r.shape, kinds[i]) for i, r in enumerate(recording.ledger.records) if r.free is None}
+        report = analyse(recording.ledger.records, recording.ledger.marks, kinds)
+    weight, x = (1024, 1024), (64, 1024)
+    # Alive at the end: the weight, its momentum buffer and the last batch (gradients set to None).
+    assert cats == {(weight, Category.PARAMETERS), (weight, Category.OPTIMIZER_STATE), (x, Category.ACTIVATIONS)}
+    assert [str(p) for _, p in recording.ledger.marks][:4] == ["other", "optimizer", "other", "forward"]
+    assert report.breakdown[Category.PARAMETERS] == report.breakdown[Category.GRADIENTS] == _cpu(MiB4)
+    assert report.breakdown[Category.OPTIMIZER_STATE] == _cpu(MiB4)
+    assert torch.equal(model.weight, before) and model.weight.grad is None  # the user's module, untouched
+    whole = trace_breakdown(model, spec, loop.make_inputs, loss_fn=loop.loss_fn)
+    assert (whole.breakdown, whole.at_peak, whole.timeline) == (report.breakdown, report.at_peak, report.timeline)
+
+
+def test_the_trace_is_short_functions_without_private_imports() -> None:
+    """Pins the house rules of the trace, ``estimate()`` and the architecture reader: no function over
+    60 lines (docstring excluded), no docstring that apologises for a length, no private memguard name
+    imported."""
+    import ast
+    from pathlib import Path
+
+    package = Path(memguard.__file__).parent / "estimation"
+    files = [*sorted((package / "trace").glob("*.py")), package / "estimator.py", package / "arch.py"]
+    assert len(files) == 10
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("memguard"):
+                private = [p for p in (*node.module.split("."), *(a.name for a in node.names)) if p.startswith("_")]
+                assert not private, f"{path.name}:{node.lineno} imports {private}"
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node) or ""
+                doc_lines = node.body[0].end_lineno - node.body[0].lineno + 1 if doc else 0
+                assert node.end_lineno - node.lineno + 1 - doc_lines <= 60, f"{path.name}: {node.name} is too long"
+                assert "(Long" not in doc, f"{path.name}: {node.name}"

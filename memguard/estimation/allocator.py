@@ -165,8 +165,8 @@ class _Pool:
 class _Simulator:
     """``DeviceCachingAllocator`` for one device and one stream; sizes and addresses in bytes.
 
-    (A little over 250 lines: one method per function of ``CUDACachingAllocator.cpp`` it follows,
-    kept together so each can be read against its C++ original.)
+    One method per function of ``CUDACachingAllocator.cpp`` it follows, under the same name, so
+    that each can be read against its C++ original.
     """
 
     def __init__(self, config: AllocatorConfig, capacity: int | None) -> None:
@@ -481,7 +481,7 @@ def ledger_events(records: Iterable[Any]) -> list[tuple[int, int]]:
     """Events for :func:`replay` from ledger records (``nbytes``, ``alloc`` and ``free`` clocks).
 
     Each record's index is its key; a record whose ``free`` is ``None`` stays live to the end.
-    Written for ``memguard.estimation.ledger.Ledger.records``, whose clocks are unique.
+    Written for ``memguard.estimation.trace.ledger.Ledger.records``, whose clocks are unique.
     """
     timeline: list[tuple[int, int, int]] = []
     for i, r in enumerate(records):

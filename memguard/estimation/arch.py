@@ -298,7 +298,9 @@ def _head_kind(module: nn.Module, config: Any) -> str:
 def _from_config(config: Any, module: nn.Module) -> Architecture | None:
     """The architecture a transformers config describes (``None`` without widths and layers).
 
-    (Long: one line per field, each read under the several names the families give it.)
+    Each field is read under the several names the families give it (:func:`_get`); the MLP's
+    activation and the dropouts, which families also name and apply differently, come from
+    :func:`_activation` and :func:`_dropouts`.
     """
     model_type = str(getattr(config, "model_type", "") or "")
     family = _FAMILIES.get(model_type)
@@ -317,30 +319,12 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
     ffn = _get(config, "intermediate_size", "n_inner", "d_ff", "hidden_dim", "encoder_ffn_dim",
                "ffn_dim")
     ffn = int(ffn) if ffn else 4 * hidden
-    activation = str(_get(config, "hidden_act", "activation_function", "feed_forward_proj",
-                          "activation", default="gelu"))
-    gated = family == "llama" or activation.startswith("gated-") or activation in _GATED_FF
-    if activation.startswith("gated-"):
-        activation = activation[len("gated-"):]
-    if family == "t5" and activation == "gelu" and gated:
-        activation = "gelu_new"  # T5 v1.1 "gated-gelu" runs gelu_new
+    activation, gated = _activation(config, family)
     enc_layers, dec_layers = n_layers, 0
     if family in ("t5", "bart", "whisper") or getattr(config, "is_encoder_decoder", False):
         dec = _get(config, "num_decoder_layers", "decoder_layers", default=n_layers)
         enc_layers, dec_layers = n_layers, int(dec)
-    hidden_dropout = float(_get(config, "resid_pdrop", "hidden_dropout_prob", "dropout_rate",
-                                "dropout", "hidden_dropout", default=0.0))
-    attention_dropout = float(_get(config, "attn_pdrop", "attention_probs_dropout_prob",
-                                   "attention_dropout", default=hidden_dropout
-                                   if family == "t5" else 0.0))
-    if family == "t5":
-        attention_dropout = hidden_dropout  # T5 uses dropout_rate on attention weights too
-    activation_dropout = float(_get(config, "activation_dropout", default=0.0))
-    if family == "t5":
-        activation_dropout = hidden_dropout  # T5's DenseReluDense dropout after the activation
-    embedding_dropout = float(_get(config, "embd_pdrop", default=hidden_dropout))
-    if family == "llama":
-        hidden_dropout, embedding_dropout = 0.0, 0.0
+    hidden_dropout, attention_dropout, activation_dropout, embedding_dropout = _dropouts(config, family)
     vocab = _get(config, "vocab_size")
     image_tokens = None
     if family == "vit" or (hasattr(config, "image_size") and hasattr(config, "patch_size")):
@@ -371,6 +355,36 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
         moe=_moe(config, n_layers),
         qk_norm=model_type in _QK_NORM,
     )
+
+
+def _activation(config: Any, family: str) -> tuple[str, bool]:
+    """The MLP's activation and whether the MLP is gated (Llama's always; T5 v1.1's ``gated-gelu``)."""
+    activation = str(_get(config, "hidden_act", "activation_function", "feed_forward_proj",
+                          "activation", default="gelu"))
+    gated = family == "llama" or activation.startswith("gated-") or activation in _GATED_FF
+    if activation.startswith("gated-"):
+        activation = activation[len("gated-"):]
+    if family == "t5" and activation == "gelu" and gated:
+        activation = "gelu_new"  # T5 v1.1 "gated-gelu" runs gelu_new
+    return activation, gated
+
+
+def _dropouts(config: Any, family: str) -> tuple[float, float, float, float]:
+    """The hidden, attention, activation and embedding dropout probabilities."""
+    hidden_dropout = float(_get(config, "resid_pdrop", "hidden_dropout_prob", "dropout_rate",
+                                "dropout", "hidden_dropout", default=0.0))
+    attention_dropout = float(_get(config, "attn_pdrop", "attention_probs_dropout_prob",
+                                   "attention_dropout", default=hidden_dropout
+                                   if family == "t5" else 0.0))
+    if family == "t5":
+        attention_dropout = hidden_dropout  # T5 uses dropout_rate on attention weights too
+    activation_dropout = float(_get(config, "activation_dropout", default=0.0))
+    if family == "t5":
+        activation_dropout = hidden_dropout  # T5's DenseReluDense dropout after the activation
+    embedding_dropout = float(_get(config, "embd_pdrop", default=hidden_dropout))
+    if family == "llama":
+        hidden_dropout, embedding_dropout = 0.0, 0.0
+    return hidden_dropout, attention_dropout, activation_dropout, embedding_dropout
 
 
 def _guess_family(config: Any) -> str:

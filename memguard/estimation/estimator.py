@@ -31,7 +31,14 @@ from memguard.estimation.quantization import (
 )
 from memguard.estimation.result import Category, MemoryEstimate, PeakTensors
 from memguard.estimation.spec import TrainingSpec, positive_int, resolve_precision
-from memguard.estimation.trace import DEFAULT_TIMEOUT, TraceResult, check_timeout, trace_breakdown, warm_up
+from memguard.estimation.trace import (
+    DEFAULT_TIMEOUT,
+    Inputs,
+    TraceResult,
+    check_timeout,
+    trace_breakdown,
+    warm_up,
+)
 
 __all__ = ["METHODS", "Inputs", "estimate"]
 
@@ -39,9 +46,6 @@ log = logging.getLogger(__name__)
 
 METHODS = ("auto", "trace", "formula", "seed")
 LOOPS = ("pytorch", "lightning")
-
-Inputs = tuple[tuple[Any, ...], dict[str, Any]]
-"""Positional and keyword arguments of one forward call."""
 
 
 def estimate(
@@ -74,8 +78,10 @@ def estimate(
 ) -> MemoryEstimate:
     """Estimate the peak memory of one steady-state training step.
 
-    (Long for its twenty documented arguments, each checked before any work starts; the work itself
-    is :func:`_by_method` and :func:`_distribute`.)
+    A pipeline: the arguments are checked before any work starts (:func:`_checked_loop`,
+    :mod:`.spec`, :mod:`.parallel`), the model is built or read (:func:`_resolved_model`) and its
+    inputs planned (:func:`_plan_inputs`), one method runs (:func:`_by_method`), and the device's
+    share and costs are added (:func:`_per_device`).
 
     Args:
         model: an ``nn.Module`` (real weights on any device, or built on the meta device), a
@@ -103,7 +109,7 @@ def estimate(
         method: ``"trace"``, ``"formula"``, ``"seed"``, or ``"auto"`` (trace, else formula).
         loss_fn: ``loss_fn(output, batch) -> scalar``; needed only when the output is neither a
             scalar tensor nor has a ``.loss`` (a diffusers output's ``.sample`` gets diffusers'
-            training loss, ``F.mse_loss(sample.float(), target)``, see ``trace._denoising_loss``).
+            training loss, ``F.mse_loss(sample.float(), target)``, see :mod:`memguard.estimation.trace.record`).
         training_loop: ``"pytorch"`` (forward, backward, step, ``zero_grad``) or ``"lightning"``
             (``zero_grad`` runs after the next forward, so last step's gradients live through it).
         step_fn: ``step_fn(batch) -> loss or output`` replaces ``model(...)`` in the trace, e.g.
@@ -151,7 +157,7 @@ def estimate(
     counts, steps or draws stays in the child, and the child is killed after ``trace_timeout``
     seconds; :func:`memguard.is_tracing` is true there, for code with effects outside the process
     (files) to skip. Where fork is not available, the trace runs in process, with every module
-    holding a private copy of its state (:mod:`memguard.estimation._isolation`). A model memguard
+    holding a private copy of its state (:mod:`memguard.estimation.trace.isolation`). A model memguard
     builds from a preset or config is nobody else's, and is traced in process.
 
     Returns:
@@ -161,19 +167,8 @@ def estimate(
         ConfigError: for a bad argument, naming it.
         MemguardError: when no method can estimate this model.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if training_loop not in LOOPS:
-        raise ConfigError(f"unknown training_loop {training_loop!r}; expected one of {', '.join(LOOPS)}")
-    accumulate_grad_batches = positive_int("accumulate_grad_batches", accumulate_grad_batches)
-    if not isinstance(set_to_none, bool):
-        raise ConfigError(f"set_to_none must be True or False, got {set_to_none!r}")
-    trace_timeout = check_timeout(trace_timeout)
-    for name, fn in (("loss_fn", loss_fn), ("step_fn", step_fn)):
-        if fn is not None and not callable(fn):
-            raise ConfigError(f"{name} must be callable, got {fn!r}")
-    if step_fn is not None and example_input is None:
-        raise ConfigError("step_fn needs example_input: the batch it is called with")
+    accumulate_grad_batches, trace_timeout = _checked_loop(
+        method, training_loop, accumulate_grad_batches, set_to_none, trace_timeout, loss_fn, step_fn, example_input)
     parallel = resolve_parallelism(strategy, world_size, offload_optimizer=offload_optimizer,
                                    offload_params=offload_params)
     spec = TrainingSpec.create(batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
@@ -181,6 +176,48 @@ def estimate(
                                device=device, moe_routing=moe_routing, decoder_seq_len=decoder_seq_len)
     asked_precision = spec.precision.name
     spec, master_weights = _deepspeed_precision(spec, parallel)
+    resolved, quant, lora_rank, quant_notes = _resolved_model(model, lora_rank, quantization, double_quant,
+                                                              skip_modules)
+    spec, make_inputs = _plan_inputs(resolved, spec, example_input, whole=step_fn is not None)
+    if spec.gradient_checkpointing is None:
+        spec = spec.replace(gradient_checkpointing=is_checkpointing(resolved.module))
+
+    found = _by_method(method, resolved, spec, parallel, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
+                       step_fn=step_fn, trace_timeout=trace_timeout, accumulate=accumulate_grad_batches,
+                       set_to_none=set_to_none)
+    breakdown, host, context, notes = _per_device(found, resolved, spec, parallel, master_weights=master_weights)
+    inputs = _shown_inputs(resolved, spec, parallel, quant, precision=asked_precision, method=method,
+                           training_loop=training_loop, lora_rank=lora_rank, accumulate=accumulate_grad_batches,
+                           set_to_none=set_to_none, moe_routing=moe_routing)
+    return MemoryEstimate(method=found.method, breakdown=breakdown, inputs=inputs, notes=(*quant_notes, *notes),
+                          host_bytes=host, context_bytes=context, at_peak=found.at_peak, timeline=found.timeline,
+                          stand_ins=found.stand_ins, band=_band(found, spec))
+
+
+def _checked_loop(method: str, training_loop: str, accumulate: Any, set_to_none: Any, trace_timeout: Any,
+                  loss_fn: Any, step_fn: Any, example_input: Any) -> tuple[int, float | None]:
+    """Check the method and the loop's arguments; the accumulation and the trace's timeout, normalised."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if training_loop not in LOOPS:
+        raise ConfigError(f"unknown training_loop {training_loop!r}; expected one of {', '.join(LOOPS)}")
+    accumulate = positive_int("accumulate_grad_batches", accumulate)
+    if not isinstance(set_to_none, bool):
+        raise ConfigError(f"set_to_none must be True or False, got {set_to_none!r}")
+    timeout = check_timeout(trace_timeout)
+    for name, fn in (("loss_fn", loss_fn), ("step_fn", step_fn)):
+        if fn is not None and not callable(fn):
+            raise ConfigError(f"{name} must be callable, got {fn!r}")
+    if step_fn is not None and example_input is None:
+        raise ConfigError("step_fn needs example_input: the batch it is called with")
+    return accumulate, timeout
+
+
+def _resolved_model(model: Any, lora_rank: int | None, quantization: str | None, double_quant: bool,
+                    skip_modules: list[str] | None,
+                    ) -> tuple[ResolvedModel, Quantization | None, int | None, list[str]]:
+    """The model to estimate, with LoRA adapters and quantized linear layers as asked; its
+    quantization, LoRA rank (QLoRA's default over a quantized base memguard builds) and notes."""
     if lora_rank is not None:
         lora_rank = positive_int("lora_rank", lora_rank)
     quant = resolve_quantization(quantization, double_quant, skip_modules)
@@ -193,30 +230,36 @@ def estimate(
     quant_notes: list[str] = []
     if quant is not None:
         resolved, quant_notes = _quantize(resolved, quant)
-    spec, make_inputs = _plan_inputs(resolved, spec, example_input, whole=step_fn is not None)
-    if spec.gradient_checkpointing is None:
-        spec = spec.replace(gradient_checkpointing=is_checkpointing(resolved.module))
+    return resolved, quant, lora_rank, quant_notes
 
-    found = _by_method(method, resolved, spec, parallel, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
-                       step_fn=step_fn, trace_timeout=trace_timeout, accumulate=accumulate_grad_batches,
-                       set_to_none=set_to_none)
-    used, breakdown, notes = found.method, dict(found.breakdown), [*quant_notes, *found.notes]
-    notes.extend(_paged_notes(resolved, spec))
+
+def _per_device(found: _Found, resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism, *,
+                master_weights: bool) -> tuple[dict[Category, int], int, int, list[str]]:
+    """What one device holds: the method's breakdown with the strategy's share and buffers
+    (:func:`_distribute`) and the device's overhead; the host bytes, the CUDA context and notes."""
+    breakdown, notes = dict(found.breakdown), [*found.notes, *_paged_notes(resolved, spec)]
     host = 0
-    if used != "seed" and parallel.strategy is not Strategy.SINGLE:
-        breakdown, host, more = _distribute(breakdown, parallel, resolved, spec,
-                                            master_weights=master_weights)
+    if found.method != "seed" and parallel.strategy is not Strategy.SINGLE:
+        breakdown, host, more = _distribute(breakdown, parallel, resolved, spec, master_weights=master_weights)
         notes.extend(more)
     peak = sum(v for k, v in breakdown.items() if k != Category.OVERHEAD)
     context = 0
-    if used != "seed":
+    if found.method != "seed":
         breakdown[Category.OVERHEAD], context = device_overhead(spec.device, peak, found.slack)
-    inputs = {
+    return breakdown, host, context, notes
+
+
+def _shown_inputs(resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism, quant: Quantization | None,
+                  *, precision: str, method: str, training_loop: str, lora_rank: int | None, accumulate: int,
+                  set_to_none: bool, moe_routing: str | float) -> dict[str, Any]:
+    """What was estimated, as the result's :attr:`~memguard.MemoryEstimate.inputs` show it (``precision``
+    as asked, before DeepSpeed's)."""
+    return {
         "model": resolved.name,
         "batch_size": spec.batch_size,
         "seq_len": spec.seq_len,
         "decoder_seq_len": spec.decoder_seq_len,
-        "precision": asked_precision,
+        "precision": precision,
         "optimizer": spec.optimizer.name,
         "gradient_checkpointing": spec.gradient_checkpointing,
         "device": spec.device,
@@ -227,16 +270,13 @@ def estimate(
         "offload_optimizer": parallel.offload_optimizer,
         "offload_params": parallel.offload_params,
         "lora_rank": lora_rank,
-        "accumulate_grad_batches": accumulate_grad_batches,
+        "accumulate_grad_batches": accumulate,
         "set_to_none": set_to_none,
         "quantization": None if quant is None else quant.kind,
         "double_quant": bool(quant and quant.double_quant),
         "skip_modules": None if quant is None or quant.skip_modules is None else list(quant.skip_modules),
         "moe_routing": moe_routing,
     }
-    return MemoryEstimate(method=used, breakdown=breakdown, inputs=inputs, notes=tuple(notes), host_bytes=host,
-                          context_bytes=context, at_peak=found.at_peak, timeline=found.timeline,
-                          stand_ins=found.stand_ins, band=_band(found, spec))
 
 
 def _band(found: _Found, spec: TrainingSpec) -> dict[str, int]:

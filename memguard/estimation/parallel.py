@@ -34,9 +34,9 @@ from torch import nn
 
 from memguard.errors import ConfigError
 from memguard.estimation.arch import block_stacks
-from memguard.estimation.peak import Phase
 from memguard.estimation.result import Category
 from memguard.estimation.spec import positive_int, strict_bool
+from memguard.estimation.trace import Phase
 
 __all__ = ["STRATEGIES", "Parallelism", "Strategy", "resolve_parallelism", "wrapped_blocks"]
 

@@ -4,7 +4,7 @@ The trace runs the user's own ``forward`` and ``training_step``, and the guard's
 user's ``train_dataloader``. Whatever that code does — step a scheduler, change a param group's
 learning rate, append to a list a hook closes over, fill a ``functools.lru_cache``, draw from any
 random generator, compile with ``torch.compile``, call a data loader once more — must not reach
-the run being guarded. Copying the user's objects (:mod:`memguard.estimation._isolation`) can
+the run being guarded. Copying the user's objects (:mod:`memguard.estimation.trace.isolation`) can
 only ever cover the patterns it enumerates; a separate process covers them all by construction.
 
 :func:`run` forks. The child gets a copy-on-write image of the whole process (the module, the
@@ -31,7 +31,7 @@ forked subprocess"), which fails the trace, not the run.
 
 Where ``os.fork`` is missing (Windows) or unsafe with system frameworks (macOS), or when the
 environment sets ``MEMGUARD_IN_PROCESS=1``, the function runs in the calling process, under the
-in-process isolation of :mod:`memguard.estimation._isolation`; a warning says so once.
+in-process isolation of :mod:`memguard.estimation.trace.isolation`; a warning says so once.
 
 Cost, measured on this project's 2-core machine (``benchmarks/isolation.py``): a fork, an empty run
 and the reaping take 24 ms from a process of 234 MiB, 95 ms with 1 GiB more resident, 470 ms with

@@ -115,9 +115,8 @@ import torch
 
 from memguard.device.actual import Comparison, Measurement, training_tensors
 from memguard.errors import ConfigError
-from memguard.estimation._isolation import is_tracing
 from memguard.estimation.result import MemoryEstimate
-from memguard.estimation.trace import DEFAULT_TIMEOUT
+from memguard.estimation.trace import DEFAULT_TIMEOUT, is_tracing
 from memguard.guard import Framework, GuardConfig, RunView, StepProbe, StepView, act, assess
 from memguard.lightning import run as _pl
 from memguard.lightning.batch import reducible, set_batch

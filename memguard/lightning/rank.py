@@ -47,7 +47,7 @@ def step_view(trainer: Any, pl_module: Any, info: RunInfo, batch: Any, trace_tim
     recomputes = checkpointing(pl_module)
     parallel = info.parallel or ("ddp" if info.world_size > 1 else "single")
 
-    def step(b: Any) -> Any:  # runs on the module's private state (memguard.estimation._isolation)
+    def step(b: Any) -> Any:  # runs on the module's private state (memguard.estimation.trace.isolation)
         return pl_module.training_step(b, 0)
 
     kwargs = {"example_input": batch, "step_fn": step, "training_loop": "lightning", "trace_timeout": trace_timeout}

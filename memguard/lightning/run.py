@@ -20,9 +20,8 @@ from torch.utils._pytree import tree_map_only
 
 from memguard.errors import DISTRIBUTION, MissingDependencyError
 from memguard.estimation import sandbox
-from memguard.estimation._isolation import preserved_rng
 from memguard.estimation.parallel import Strategy
-from memguard.estimation.trace import DEFAULT_TIMEOUT
+from memguard.estimation.trace import DEFAULT_TIMEOUT, preserved_rng
 
 __all__ = [
     "RunInfo",

@@ -30,9 +30,9 @@ from memguard.estimation.formula.loss import (
 from memguard.estimation.formula.model_state import ModelState, model_state
 from memguard.estimation.models import ResolvedModel
 from memguard.estimation.parallel import Parallelism
-from memguard.estimation.peak import Phase
 from memguard.estimation.result import Category
 from memguard.estimation.spec import TrainingSpec
+from memguard.estimation.trace import Phase
 
 __all__ = ["PHASE_OF", "TRAINING_LOOPS", "formula_breakdown", "shard_phases", "step_phases"]
 
@@ -129,7 +129,7 @@ PHASE_OF = {"end of forward": Phase.FORWARD, "start of backward": Phase.BACKWARD
             "top block's backward": Phase.BLOCK_BACKWARD,
             "bottom block's backward": Phase.BLOCK_BACKWARD,
             "end of backward": Phase.BLOCK_BACKWARD, "optimizer step": Phase.OPTIMIZER}
-"""The trace's :class:`~memguard.estimation.peak.Phase` each moment of the formula falls in."""
+"""The trace's :class:`~memguard.estimation.trace.Phase` each moment of the formula falls in."""
 
 
 def shard_phases(phases: Phases, parallel: Parallelism, module: nn.Module, spec: TrainingSpec,
@@ -137,7 +137,7 @@ def shard_phases(phases: Phases, parallel: Parallelism, module: nn.Module, spec:
     """Each moment as one rank of a sharded strategy holds it, weighted as the trace weights it.
 
     Every category is scaled by :meth:`Parallelism.weight` of its moment's phase, as
-    :func:`memguard.estimation.peak.analyse` scales each traced allocation: model state by the
+    :func:`memguard.estimation.trace.analyse.analyse` scales each traced allocation: model state by the
     share a rank keeps, and the optimizer step's temporaries by the optimizer state's share,
     because ZeRO steps the rank's own 1/N partition (DeepSpeed ``stage_1_and_2.py``, ``step``:
     ``self.optimizer.step()`` over ``single_partition_of_fp32_groups``; ``stage3.py``,

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["is_tracing", "isolated", "preserved_rng"]
+__all__ = ["Copier", "is_tracing", "isolated", "preserved_rng"]
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class _TrainerView:
         return getattr(self._trainer, name)
 
 
-class _Copier:
+class Copier:
     """Structural copies of values, sharing no mutable state with the originals."""
 
     def __init__(self, stand_in: Callable[[torch.Tensor], torch.Tensor], memo: dict[int, Any],
@@ -240,7 +240,7 @@ def isolated(root: nn.Module, stand_ins: dict[int, torch.Tensor],
     """
     from memguard.estimation.sandbox import in_child
 
-    copier = _Copier(stand_in, dict(stand_ins), share=in_child())
+    copier = Copier(stand_in, dict(stand_ins), share=in_child())
     for m in root.modules():
         copier.value(m)
     swapped: list[tuple[nn.Module, dict[str, Any]]] = []

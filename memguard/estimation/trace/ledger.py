@@ -2,16 +2,20 @@
 dispatch mode that fills it.
 
 Under ``FakeTensorMode`` nothing is allocated; :class:`CountingMode` sees every op's outputs and
-records each new storage (its size as the device's allocator rounds it, the phase of the step, the
-module whose forward made it, shape and dtype); a ``weakref.finalize`` on the storage records its
-free. Data-dependent ops run on the values :mod:`memguard.estimation.stand_ins` invents and records;
-ops whose fake kernels refuse what the real ones run take :mod:`memguard.estimation.fake_kernels`;
-the mode stops the trace past its time budget.
+records each new storage (its size as the device's allocator rounds it, the :class:`Phase` of the
+step, the module whose forward made it, shape and dtype); a ``weakref.finalize`` on the storage
+records its free. Data-dependent ops run on the values :mod:`memguard.estimation.stand_ins` invents
+and records; ops whose fake kernels refuse what the real ones run take
+:mod:`memguard.estimation.fake_kernels`; the mode stops the trace past its time budget.
+
+Each record carries the :class:`Phase` of the step it was made in; the timeline, the result and
+its JSON keep the phase's plain string (``"forward"``...).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import time
 import weakref
@@ -32,10 +36,28 @@ from memguard.errors import TraceError
 from memguard.estimation.fake_kernels import corrected
 from memguard.estimation.kernels import corrected as with_workspace
 from memguard.estimation.kernels import uncounted
-from memguard.estimation.peak import Phase
 from memguard.estimation.stand_ins import StandIns
 
-__all__ = ["CountingMode", "Ledger", "Record"]
+__all__ = ["CountingMode", "Ledger", "Phase", "Record", "rounded"]
+
+
+class Phase(str, enum.Enum):
+    """The part of a training step the trace is in when something is allocated.
+
+    ``BACKWARD`` is the backward before the first repeated block (the loss and the head);
+    ``BLOCK_BACKWARD`` starts when the first block's backward does (a sharded strategy holds more
+    gathered there, see :meth:`memguard.estimation.parallel.Parallelism.phase_extras`).
+    ``str(Phase.FORWARD) == "forward"``, the string the timeline and JSON keep.
+    """
+
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    BLOCK_BACKWARD = "block-backward"
+    OPTIMIZER = "optimizer"
+    OTHER = "other"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 _CUDA_BLOCK = 512
@@ -47,7 +69,7 @@ _CPU_ALIGN = 64
 _CLOCK_EVERY = 256
 """Ops between two looks at the clock (a look costs about as much as an op)."""
 
-def _rounded(nbytes: int, device: str) -> int:
+def rounded(nbytes: int, device: str) -> int:
     """Bytes one allocation of ``nbytes`` costs on ``device``.
 
     CUDA: 512-byte blocks. CPU (the RSS the truth measures): torch aligns CPU buffers to 64 bytes;
@@ -63,6 +85,8 @@ def _rounded(nbytes: int, device: str) -> int:
 
 @dataclasses.dataclass
 class Record:
+    """One storage: its size, and the ledger's clock at its allocation and (``None`` while alive) free."""
+
     nbytes: int  # as the device's allocator rounds it
     alloc: int
     free: int | None = None
@@ -98,7 +122,7 @@ class Ledger:
         nbytes = storage.nbytes()
         self.clock += 1
         index = len(self.records)
-        self.records.append(Record(_rounded(nbytes, self.device) if nbytes else 0, self.clock,
+        self.records.append(Record(rounded(nbytes, self.device) if nbytes else 0, self.clock,
                                     phase=self.phase, requested=nbytes,
                                     where=self.modules[-1] if self.modules else "",
                                     shape=tuple(t.shape), dtype=str(t.dtype)))

@@ -1,48 +1,32 @@
-"""What a traced step's ledger says at its peak: bytes by category, the tensors alive, a timeline.
+"""Analyse: what a recorded step's ledger says at its peak, and what the CUDA allocator reserves.
 
-The trace (:mod:`memguard.estimation.trace`) records every storage allocated and freed, in order, with the
-phase of the step, the module whose forward made it, its shape and dtype. From those records this
-module finds the peak of live bytes (each allocation weighted by the share a rank holds, plus a
-sharded strategy's gathered units, see :meth:`memguard.estimation.parallel.Parallelism.weight`), and reports
-what PyTorch's memory snapshot viewer shows, without a GPU:
+The recording (:mod:`.record`) holds every storage allocated and freed, in order, with the phase
+of the step, the module whose forward made it, its shape and dtype; :mod:`.classify` gave each its
+:class:`~memguard.Category`. From those this module finds the peak of live bytes (each allocation
+weighted by the share a rank holds, plus a sharded strategy's gathered units, see
+:meth:`memguard.estimation.parallel.Parallelism.weight`), and reports what PyTorch's memory snapshot
+viewer shows, without a GPU:
 
 * :func:`analyse` -> :class:`PeakReport`: bytes per :class:`~memguard.Category` at the peak, the
-  tensors alive then grouped by module and category (largest first), and the live bytes after each
-  event (the timeline, whose maximum is the peak).
-
-Each record carries the :class:`Phase` of the step it was made in; the timeline, the result and
-its JSON keep the phase's plain string (``"forward"``...).
+  tensors alive then grouped by module and category (largest first: the attribution), and the live
+  bytes after each event (the timeline, whose maximum is the peak);
+* :func:`allocator_slack`: on CUDA, what the caching allocator reserves beyond that peak, from
+  replaying the step's allocations and frees (:func:`memguard.estimation.allocator.replay`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from memguard.estimation.allocator import ledger_events, replay
+from memguard.estimation.allocator_config import AllocatorConfig
 from memguard.estimation.result import Category, PeakTensors
+from memguard.estimation.trace.ledger import Phase, Record
 
-__all__ = ["PeakReport", "Phase", "analyse"]
+__all__ = ["TIMELINE_POINTS", "PeakReport", "allocator_slack", "analyse"]
 
-
-class Phase(str, enum.Enum):
-    """The part of a training step the trace is in when something is allocated.
-
-    ``BACKWARD`` is the backward before the first repeated block (the loss and the head);
-    ``BLOCK_BACKWARD`` starts when the first block's backward does (a sharded strategy holds more
-    gathered there, see :meth:`memguard.estimation.parallel.Parallelism.phase_extras`).
-    ``str(Phase.FORWARD) == "forward"``, the string the timeline and JSON keep.
-    """
-
-    FORWARD = "forward"
-    BACKWARD = "backward"
-    BLOCK_BACKWARD = "block-backward"
-    OPTIMIZER = "optimizer"
-    OTHER = "other"
-
-    def __str__(self) -> str:
-        return self.value
 
 TIMELINE_POINTS = 2000
 """Points kept in a timeline: the live bytes after each event, thinned evenly, the peak always kept."""
@@ -132,3 +116,18 @@ def _thin(timeline: list[tuple[int, str, int]]) -> tuple[tuple[int, str, int], .
     step = len(timeline) / (TIMELINE_POINTS - 2)
     keep = {int(k * step) for k in range(TIMELINE_POINTS - 2)} | {0, len(timeline) - 1, top}
     return tuple(timeline[k] for k in sorted(keep))
+
+
+def allocator_slack(records: Sequence[Record], kinds: dict[int, Category],
+                    weight: Callable[[Category, Phase], float] | None = None) -> int:
+    """``max_memory_reserved() - max_memory_allocated()`` of the step under the CUDA caching allocator.
+
+    The step's allocations and frees are replayed in order, at their requested sizes (the share a
+    rank holds, under sharding), with the allocator settings of ``PYTORCH_CUDA_ALLOC_CONF``.
+    """
+    def share(i: int, r: Record) -> int:
+        return r.requested if weight is None else int(r.requested * weight(kinds[i], r.phase))
+
+    shares = [dataclasses.replace(r, nbytes=share(i, r)) for i, r in enumerate(records)]
+    stats = replay(ledger_events(shares), AllocatorConfig.from_env())
+    return max(0, stats.peak_reserved - stats.peak_allocated)

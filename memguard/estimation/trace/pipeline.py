@@ -1,0 +1,160 @@
+"""The trace as one call: record -> classify -> analyse, and what the trace says in words.
+
+:func:`trace_breakdown` records a steady-state step (:func:`.record.recorded`), gives each storage
+its category (:func:`.classify.classify`), finds the peak, what is alive then and the timeline
+(:func:`.analyse.analyse`) and, on CUDA, the caching allocator's slack
+(:func:`.analyse.allocator_slack`); the notes say what the trace invented or could not size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from memguard.errors import ConfigError, TraceError
+from memguard.estimation.result import Category, PeakTensors
+from memguard.estimation.spec import TrainingSpec
+from memguard.estimation.stand_ins import ONES, ROUTINGS, routing_name
+from memguard.estimation.trace.analyse import allocator_slack, analyse
+from memguard.estimation.trace.classify import classify
+from memguard.estimation.trace.ledger import CountingMode, Ledger, Phase
+from memguard.estimation.trace.record import DEFAULT_TIMEOUT, Inputs, Loop, recorded
+
+__all__ = ["TraceResult", "trace_breakdown"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceResult:
+    """What a trace found.
+
+    Attributes:
+        breakdown: bytes per category at the peak.
+        notes: anything approximated, in words.
+        slack: on CUDA, what the caching allocator reserves beyond its allocated peak, from
+            replaying the step's allocations and frees in order (:func:`memguard.estimation.allocator.replay`).
+        at_peak: tensors alive at the peak, by module and category (:func:`.analyse.analyse`).
+        timeline: live bytes through the step.
+        stand_ins: data-dependent ops whose values the trace invented, and how: the routing model
+            (``"topk"``), or ``"ones"`` (:data:`memguard.estimation.stand_ins.ONES`) where nothing
+            models them.
+        band: workspaces the trace saw but cannot size
+            (:meth:`memguard.estimation.cuda_rules.Workspaces.band`).
+    """
+
+    breakdown: dict[Category, int]
+    notes: list[str]
+    slack: int
+    at_peak: tuple[PeakTensors, ...]
+    timeline: tuple[tuple[int, str, int], ...]
+    stand_ins: dict[str, str] = dataclasses.field(default_factory=dict)
+    band: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def trace_breakdown(
+    module: nn.Module,
+    spec: TrainingSpec,
+    make_inputs: Callable[[], Inputs],
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    training_loop: str = "pytorch",
+    step_fn: Callable[[Any], Any] | None = None,
+    weight: Callable[[Category, Phase], float] | None = None,
+    extras: Callable[[Phase], dict[Category, int]] | None = None,
+    blocks: Iterable[nn.Module] = (),
+    steps: int = 1,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    accumulate: int = 1,
+    set_to_none: bool = True,
+) -> TraceResult:
+    """Trace a steady-state training step of ``module`` on fake tensors and break down the peak.
+
+    Args:
+        module: the user's module; its weights are neither copied nor touched.
+        spec: batch, precision, optimizer, device and checkpointing.
+        make_inputs, loss_fn, training_loop, step_fn, steps, accumulate, set_to_none: how the
+            user's loop runs the step, as :class:`~.record.Loop` documents them.
+        weight: share of each allocation, by category and :class:`~.ledger.Phase`, that the device
+            holds — how sharding enters (see :meth:`memguard.estimation.parallel.Parallelism.weight`);
+            the peak is then the peak of the weighted timeline. ``None`` counts everything whole.
+        extras: bytes the device holds beyond the traced tensors, by phase (``BACKWARD`` is before
+            the first block, ``BLOCK_BACKWARD`` from it on): how a sharded strategy's gathered
+            units enter (see :meth:`memguard.estimation.parallel.Parallelism.phase_extras`).
+        blocks: the repeated blocks; their backward marks the ``BLOCK_BACKWARD`` phase.
+        timeout: seconds the trace may run (``None``: no limit), checked between ops; past them it
+            stops with a :class:`TraceError`. A data-dependent loop (``while h.abs().max() > eps``)
+            sees stand-in values that never converge (a loop that runs no tensor op is not stopped).
+
+    Returns:
+        A :class:`TraceResult`.
+
+    Raises:
+        TraceError: when the model's code cannot run on fake tensors.
+        ConfigError: for a loss that is not a scalar.
+    """
+    loop = Loop(make_inputs, loss_fn, training_loop, step_fn, steps, accumulate, set_to_none)
+    counting = CountingMode(Ledger(spec.device), FakeTensorMode(allow_non_fake_inputs=True), timeout,
+                            spec.moe_routing)
+    try:
+        with recorded(module, spec, loop, counting, blocks) as recording:
+            records = recording.ledger.records
+            kinds = classify(recording)
+            report = analyse(records, recording.ledger.marks, kinds, weight, extras)
+            slack = allocator_slack(records, kinds, weight) if spec.device == "cuda" else 0
+            workspaces = recording.workspaces
+            band = workspaces.band(report.timeline) if spec.device == "cuda" and workspaces is not None else {}
+    except (ConfigError, TraceError):
+        raise
+    except Exception as exc:
+        raise TraceError(
+            f"could not trace a training step of {type(module).__name__}: {type(exc).__name__}: {exc}"
+            + _stand_in_cause(counting)
+        ) from exc
+    log.debug("trace of %s: peak %d bytes", type(module).__name__, sum(report.breakdown.values()))
+    return TraceResult(report.breakdown, _notes(counting, spec), slack, report.at_peak, report.timeline,
+                       _stand_ins(counting, spec), band)
+
+
+def _notes(counting: CountingMode, spec: TrainingSpec) -> list[str]:
+    """What the trace invented, modelled or could not size, and what it does not trace, in words."""
+    notes: list[str] = []
+    invented = counting.stand_ins
+    if invented.invented:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(invented.invented.items()))
+        notes.append(f"data-dependent ops ran on stand-in values of ones: {ops}")
+    if invented.modelled:
+        notes.append(f"{_routing_words(spec.moe_routing)}: the indices of topk x{invented.modelled.get('topk', 0)} "
+                     "(the routers' choice of experts) made by the routing model")
+    notes.extend(f"not sized by the trace: {what}" for what in sorted(counting.uncounted))
+    if spec.precision.grad_scaler:
+        notes.append("GradScaler's scalars are not traced (a few bytes)")
+    return notes
+
+
+def _stand_ins(counting: CountingMode, spec: TrainingSpec) -> dict[str, str]:
+    """Each data-dependent op whose values the trace invented, and how (:attr:`TraceResult.stand_ins`)."""
+    stand_ins = {op: _routing_words(spec.moe_routing) for op in counting.stand_ins.modelled}
+    stand_ins.update({op: ONES for op in counting.stand_ins.invented})
+    return stand_ins
+
+
+def _routing_words(capacity: float) -> str:
+    """The routing model in words: ``"MoE routing: balanced"`` ..."""
+    name = routing_name(capacity)
+    return f"MoE routing: {name if name in ROUTINGS else f'capacity factor {name}'}"
+
+
+def _stand_in_cause(counting: CountingMode) -> str:
+    """What a failed trace adds when values it invented may have caused the failure."""
+    if not counting.fallbacks:
+        return ""
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(counting.fallbacks.items()))
+    return (f"; before it, data-dependent ops ran on stand-in values of ones ({ops}), which may be the cause: "
+            "a value or size the model computes from its data was invented by the trace")
