@@ -531,6 +531,49 @@ def test_the_parser_default_timeout_is_the_trace_default():
     assert cli._TRACE_TIMEOUT == DEFAULT_TIMEOUT
 
 
+def test_the_parser_methods_and_counts_are_the_estimators():
+    from memguard.cli import _parser
+    from memguard.estimation import estimator, spec
+
+    assert (_parser.METHODS, _parser.MAX_COUNT) == (estimator.METHODS, spec.MAX_COUNT)
+
+
+_STARTUP = """
+import contextlib, io, sys
+from memguard.cli import main
+
+def loaded(names):
+    return sorted(n for n in names if n in sys.modules)
+
+heavy = ("torch", "transformers", "numpy")
+for argv in (["--version"], ["--help"], ["estimate", "--help"], ["estimate", "gpt2", "--batch-size", "0"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(argv)
+    print(" ".join(argv), loaded(heavy))
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    code = main(["estimate", "gpt2", "--method", "formula", "--batch-size", "8", "--seq-len", "1024", "--json"])
+print("formula", code, "peak_bytes" in out.getvalue(),
+      loaded(("lightning", "pytorch_lightning", "peft", "matplotlib", "deepspeed", "bitsandbytes")))
+"""
+
+
+def test_formula_and_help_import_only_what_they_need():
+    """``--help``, ``--version`` and a usage error import no torch; a formula estimate of a preset none of
+    Lightning, peft, matplotlib, DeepSpeed, bitsandbytes (issue 19: each import is seconds of a CLI call).
+    In a fresh interpreter, as the console script runs."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(memguard.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _STARTUP], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "--version []",
+        "--help []",
+        "estimate --help []",
+        "estimate gpt2 --batch-size 0 []",
+        "formula 0 True []",
+    ]
+
+
 def test_check_lists_only_remedies_that_fit_with_their_flags(capsys):
     code, out, _ = run(capsys, "check", TINY, "--batch-size", "64", "--seq-len", "128", "--method", "formula",
                        "--gpu", "640MiB", "--json")

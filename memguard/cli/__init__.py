@@ -36,8 +36,9 @@ name's lone surrogates, PEP 383) are written escaped, whatever the streams' enco
 
 Progress lines ("tracing gpt2: batch 8, seq 1024 ...") are written only when stderr is a terminal,
 so a CI log or a script that reads stderr sees warnings and errors alone. torch and the estimator
-are imported inside :func:`main`, so a Ctrl-C while torch loads is handled like any other; only
-Python's own start and the import of this package (the first ~0.1 s) come before :func:`main`.
+are imported inside :func:`main`, once the command line is read (``--help``, ``--version`` and a
+usage error import neither), so a Ctrl-C while torch loads is handled like any other; only Python's
+own start and the import of this package (the first ~0.1 s) come before :func:`main`.
 
 With ``--strategy`` and ``--world-size`` the estimate is per device (:mod:`memguard.estimation.parallel`).
 
@@ -79,6 +80,7 @@ from memguard.cli._output import (
 from memguard.cli._parser import TRACE_TIMEOUT as _TRACE_TIMEOUT  # noqa: F401  (the old name; tests read it)
 from memguard.cli._parser import UsageError as _UsageError
 from memguard.cli._parser import build_parser as _build_parser
+from memguard.cli._parser import import_estimator as _import_estimator
 from memguard.errors import MemguardError
 
 if TYPE_CHECKING:
@@ -157,6 +159,10 @@ def _main(argv: Sequence[str] | None, readers: Readers | None = None) -> int:
         return fail(str(exc))
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else EXIT_OK
+    try:
+        _import_estimator()  # torch and the estimator: only now, so --help and --version answer at once
+    except MemguardError as exc:
+        return fail(str(exc))
     _factories_from_here(getattr(args, "model", None))
     args.readers = readers
     quiet = args.quiet or args.json

@@ -1,7 +1,8 @@
 """The ``memguard`` command line: argparse with one-line errors, value checks, and the subcommands.
 
-Building the parser imports the estimator (and so torch): ``--method`` lists its methods. That
-happens inside :func:`memguard.cli.main`, where a Ctrl-C or a broken install is one line on stderr.
+Building the parser imports neither torch nor the estimator, so ``--help``, ``--version`` and a
+usage error answer at once; :func:`memguard.cli.main` imports the estimator (:func:`import_estimator`)
+once the command line is read, where a Ctrl-C or a broken install is one line on stderr.
 """
 
 from __future__ import annotations
@@ -15,10 +16,16 @@ from memguard.cli._output import PROG
 from memguard.errors import ConfigError, MemguardError
 from memguard.fit import check_margin
 
-__all__ = ["TRACE_TIMEOUT", "Parser", "UsageError", "build_parser"]
+__all__ = ["METHODS", "TRACE_TIMEOUT", "Parser", "UsageError", "build_parser", "import_estimator"]
 
 TRACE_TIMEOUT = 120.0
 """memguard.estimation.trace.DEFAULT_TIMEOUT, without importing torch to build the parser."""
+
+METHODS = ("auto", "trace", "formula", "seed")
+"""memguard.estimation.estimator.METHODS, without importing torch to build the parser."""
+
+MAX_COUNT = 2**31 - 1
+"""memguard.estimation.spec.MAX_COUNT, without importing torch to read a count."""
 
 
 EXIT_STATUS = ("exit status: 0 success (check: it fits); 1 it does not fit (check, max-batch, plan); 2 bad usage "
@@ -43,8 +50,6 @@ class Parser(argparse.ArgumentParser):
 
 def positive_int(text: str) -> int:
     """A whole number from 1 to :data:`~memguard.estimation.spec.MAX_COUNT`."""
-    from memguard.estimation.spec import MAX_COUNT
-
     try:
         value = int(text)
     except ValueError:
@@ -132,12 +137,8 @@ def import_estimator() -> Any:
 
 
 def build_parser() -> Parser:
-    """The ``memguard`` parser; each subcommand's ``run`` default is its function.
-
-    Raises:
-        MemguardError: the estimator cannot be imported (see :func:`import_estimator`).
-    """
-    output, model = _output_options(), _model_options(import_estimator().METHODS)
+    """The ``memguard`` parser; each subcommand's ``run`` default is its function."""
+    output, model = _output_options(), _model_options(METHODS)
     batch = Parser(add_help=False)
     batch.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                        help="samples per step on one device (default: 1)")
