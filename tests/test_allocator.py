@@ -406,6 +406,7 @@ def _gpt2_step_events(batch: int, seq: int) -> list[tuple[int, int]]:
     return events
 
 
+@pytest.mark.slow
 def test_replay_of_a_gpt2_training_step() -> None:
     events = _gpt2_step_events(batch=16, seq=128)
     live = peak = rounded = peak_rounded = 0

@@ -77,6 +77,7 @@ def test_vit_sequence_is_patches_plus_class_token() -> None:
     assert a.vocab is None and a.head == "image-cls" and a.num_labels == 1000
 
 
+@pytest.mark.slow
 def test_distilbert_and_bart_from_configs() -> None:
     from transformers import BartConfig, DistilBertConfig
 
@@ -161,6 +162,7 @@ def test_blocks_without_an_architecture_are_the_largest_list() -> None:
     assert transformer_blocks(nn.Sequential(nn.Linear(3, 3))) == []
 
 
+@pytest.mark.slow
 def test_blocks_the_architecture_does_not_lay_out_are_a_guess() -> None:
     from transformers import AlbertConfig
 

@@ -172,6 +172,7 @@ def subprocess_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]
         return dict(zip(SUBPROCESS_CASES, pool.map(run, SUBPROCESS_CASES), strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(SUBPROCESS_CASES))
 def test_bad_input_in_a_subprocess_is_one_line_and_exit_2(subprocess_runs, case):
     run = subprocess_runs[case]
@@ -199,6 +200,7 @@ def _wait_for_torch(proc: subprocess.Popen, timeout: float = WALL_LIMIT) -> None
     raise AssertionError("the process never loaded torch")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc/<pid>/maps")
 def test_early_ctrl_c_exits_130_without_traceback():
     proc, t0 = _start(["estimate", "gpt2", "--seq-len", "64", "--json"])
@@ -212,6 +214,7 @@ def test_early_ctrl_c_exits_130_without_traceback():
     assert time.monotonic() - t0 < WALL_LIMIT
 
 
+@pytest.mark.slow
 def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path):
     """PEP 383: the name's byte 0xff reaches Python as the lone surrogate U+DCFF, which a strict UTF-8
     stdout refuses: the table's ``model=`` line ended in a UnicodeEncodeError traceback."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -44,6 +45,7 @@ def test_conv_workspace_rule_numbers() -> None:
     assert attention_backward_bytes((2, 4, 128, 64), (2, 4, 128, 64), (2, 4, 128, 64)) == 3 * 4 * 2 * 4 * 128 * 64
 
 
+@pytest.mark.slow
 def test_trace_states_the_conv_and_cublas_workspaces_in_the_band() -> None:
     example = torch.randn(8, 3, 32, 32)
 

@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is n
 from benchmarks import accuracy, cases, truth
 from benchmarks._common import render_table
 
+pytestmark = pytest.mark.slow
+
 
 def test_case_names_are_unique_and_cover_the_kinds() -> None:
     names = [c.name for c in cases.CASES]

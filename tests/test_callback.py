@@ -35,7 +35,7 @@ ASKED = 16
 MARGIN = 0.1
 
 
-pytestmark = pytest.mark.usefixtures("pinned_cpu")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pinned_cpu")]
 
 
 @functools.cache

@@ -30,6 +30,8 @@ import memguard
 from memguard import MemGuard
 from memguard.estimation.search import reduced_batch
 
+pytestmark = pytest.mark.slow
+
 SAMPLES = 32
 SHORT, LONG = 32, 128
 ASKED = 8

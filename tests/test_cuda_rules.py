@@ -172,6 +172,7 @@ def oracle() -> dict[str, dict[str, list[str]]]:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "bert-eager", "bert-eager-fp16", "bert-sdpa", "vit", "llama"])
 def test_forward_dtypes_match_the_real_autocast_cuda_kernels(oracle: dict, name: str) -> None:
     """Op for op, the forward (loss included) on fake CPU tensors under the CUDA rules produces the
@@ -185,6 +186,7 @@ def test_forward_dtypes_match_the_real_autocast_cuda_kernels(oracle: dict, name:
     assert any(op.startswith("sdpa(") or op.startswith("_softmax") for op in cuda)
 
 
+@pytest.mark.slow
 def test_plain_cpu_autocast_differs_from_cuda(oracle: dict) -> None:
     """The comparison above can fail: GPT-2's gelu_new calls torch.pow, which CUDA's autocast runs
     in fp32 and the CPU's leaves in bf16."""
@@ -449,6 +451,7 @@ def _vit() -> tuple[nn.Module, dict[str, int]]:
     return ViTForImageClassification(config), {"batch_size": 8}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [_gpt2, _gpt2_long, _bert_eager, _llama, _vit],
                          ids=["gpt2", "gpt2-long", "bert-eager", "llama", "vit"])
 def test_formula_agrees_with_the_trace_on_cuda_in_bf16_mixed(build: Any) -> None:

@@ -19,6 +19,8 @@ from memguard.estimation.trace.ledger import rounded
 diffusers = pytest.importorskip("diffusers")
 from diffusers.configuration_utils import FrozenDict  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 class Refusing(dict):
     """A dict whose mutating methods raise, as diffusers' ``FrozenDict`` does for ``update``."""

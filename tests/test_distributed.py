@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is n
 
 from benchmarks import _ranks, distributed
 
+pytestmark = pytest.mark.slow
+
 TINY: dict[str, Any] = {**distributed.GPT2_SMALL, "n_layer": 2, "n_embd": 128, "vocab_size": 4000,
                         "n_positions": 128}
 TRACE_TOLERANCE = 0.05

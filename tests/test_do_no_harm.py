@@ -42,6 +42,8 @@ from torchmetrics.classification import BinaryAccuracy
 import memguard
 from memguard import MemGuard
 
+pytestmark = pytest.mark.slow
+
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 GENEROUS = "64GiB"
 MARGIN = 0.1

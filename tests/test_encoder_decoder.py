@@ -49,6 +49,7 @@ def _meta(name: str) -> nn.Module:
         return BUILDERS[name]()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder_seq_len", [8, 40])
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_formula_follows_the_trace_at_either_decoder_length(name: str, decoder_seq_len: int) -> None:
@@ -63,6 +64,7 @@ def test_formula_follows_the_trace_at_either_decoder_length(name: str, decoder_s
     assert abs(formula.peak_bytes - traced.peak_bytes) / traced.peak_bytes < 0.05
 
 
+@pytest.mark.slow
 def test_the_decoder_length_changes_the_estimate_both_ways() -> None:
     module = _meta("t5")
     peaks = [memguard.estimate(module, batch_size=2, seq_len=64, decoder_seq_len=d, device="cpu",
@@ -85,6 +87,7 @@ def test_batches_have_two_lengths() -> None:
     assert tuple(short["labels"].shape) == (1, 7)
 
 
+@pytest.mark.slow
 def test_whisper_lengths_come_from_the_config_never_from_the_mel_axis() -> None:
     module = _meta("whisper")
     batch = {"input_features": torch.zeros(2, 80, 2 * POSITIONS), "labels": torch.zeros(2, 12, dtype=torch.long)}

@@ -60,6 +60,7 @@ def test_malformed_config_file(tmp_path) -> None:
         memguard.estimate(str(bad), 1, 16)
 
 
+@pytest.mark.slow
 def test_config_path_and_config_object_match_the_preset(tmp_path) -> None:
     config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=256)
     config.architectures = ["GPT2LMHeadModel"]
@@ -90,6 +91,7 @@ def test_to_dict_is_json_and_round_trips(tiny_gpt2) -> None:
     assert memguard.MemoryEstimate.from_dict(data) == est
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(batch=st.integers(1, 6), seq=st.integers(8, 96))
 def test_trace_grows_with_batch_and_sequence(tiny_gpt2, batch: int, seq: int) -> None:
@@ -122,6 +124,7 @@ def _model_state(est: memguard.MemoryEstimate) -> tuple[int, int, int]:
     return b[Category.PARAMETERS], b[Category.GRADIENTS], b[Category.OPTIMIZER_STATE]
 
 
+@pytest.mark.slow
 def test_accumulation_and_set_to_none_keep_gradients_alive_through_the_forward(tiny_gpt2: GPT2LMHeadModel) -> None:
     base = memguard.estimate(tiny_gpt2, 4, 128, method="trace", device="cpu")
     acc = memguard.estimate(tiny_gpt2, 4, 128, method="trace", device="cpu", accumulate_grad_batches=4)
@@ -143,6 +146,7 @@ def test_accumulation_and_set_to_none_keep_gradients_alive_through_the_forward(t
         memguard.estimate(tiny_gpt2, 4, 128, set_to_none="no")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["trace", "formula"])
 def test_deepspeed_mixed_precision_keeps_a_16_bit_module_and_fp32_master_weights(
         tiny_gpt2: GPT2LMHeadModel, method: str) -> None:
@@ -181,6 +185,7 @@ def test_offloaded_optimizer_state_is_the_optimizers_own(tiny_gpt2: GPT2LMHeadMo
 # -- what the caching allocator reserves --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reserved_is_a_replay_of_the_traced_step(tiny_gpt2: GPT2LMHeadModel, monkeypatch: pytest.MonkeyPatch) -> None:
     from memguard.estimation.overhead import CUDA_CONTEXT_BYTES, CUDA_WORKSPACE_BYTES
 

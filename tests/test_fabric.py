@@ -15,6 +15,8 @@ from memguard import BatchTooLargeError, ConfigError, InsufficientMemoryError
 from memguard.fabric import preflight
 from memguard.guard import Verdict
 
+pytestmark = pytest.mark.slow
+
 BATCH, FEATURES, HIDDEN = 256, 32, 1024  # activations (about 9 KiB a sample) outweigh the model state
 
 

@@ -252,6 +252,7 @@ def _class_zero_loss(output: torch.Tensor, batch: object = None) -> torch.Tensor
     return nn.functional.cross_entropy(output, torch.zeros(output.shape[0], dtype=torch.long, device=output.device))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_close_to_the_trace(name: str, device: str) -> None:
@@ -303,6 +304,7 @@ def _refused_builders() -> dict[str, tuple[Callable[[], nn.Module], dict[str, An
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["clip", "siglip", "siglip_vision_model", "swin", "swinv2"])
 def test_the_formula_refuses_what_it_does_not_model_and_auto_traces(model_type: str) -> None:
     """CLIP's and SigLIP's dual models (two towers and a loss over the batch), SigLIP's vision tower
@@ -321,6 +323,7 @@ def test_the_formula_refuses_what_it_does_not_model_and_auto_traces(model_type: 
     assert auto.peak_bytes == traced.peak_bytes > 0
 
 
+@pytest.mark.slow
 def test_the_cli_says_the_formula_refuses_a_siglip_tower_in_one_line_and_traces_it_by_default(
         tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import SiglipVisionConfig
@@ -360,6 +363,7 @@ def _tower(kind: str) -> nn.Module:
         return SiglipTextModel(SiglipTextConfig(**text))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device, precision", [("cpu", "32-true"), ("cuda", "bf16-mixed")])
 @pytest.mark.parametrize("kind", ["clip-vision", "clip-text", "siglip-text"])
 def test_clip_and_siglip_towers_are_close_to_the_trace(kind: str, device: str, precision: str) -> None:
@@ -389,3 +393,16 @@ def test_clip_tower_blocks() -> None:
         ffn = ROWS * 256 * 4
         core = RESID + ROWS * 2 * 4  # two heads' log-sum-exp
         assert block_bytes(ctx, S, cache=False) == LAYER_NORM + RESID + 3 * RESID + core + LAYER_NORM + RESID + 3 * ffn
+
+
+def test_swin_from_a_config_json_is_traced_and_refused_by_the_seed_formula_by_name(tmp_path) -> None:
+    """Swin gives its heads per stage (``num_heads=[1, 2]``): a config.json of it loads (it was refused
+    as a bad size), the seed formula says it cannot read one repeated block (it was a TypeError), and
+    ``auto`` traces it."""
+    from transformers import SwinConfig
+
+    SwinConfig(embed_dim=32, depths=[1, 1], num_heads=[1, 2], image_size=64, window_size=4).save_pretrained(tmp_path)
+    est = memguard.estimate(str(tmp_path / "config.json"), batch_size=2)
+    assert est.method == "trace" and est.total_bytes > 0
+    with pytest.raises(UnsupportedModelError, match="method='trace'"):
+        memguard.estimate(str(tmp_path / "config.json"), batch_size=2, method="seed")

@@ -20,6 +20,8 @@ import pytest
 import memguard
 from benchmarks.formula_vs_trace import BASE, CELLS, SIZES
 
+pytestmark = pytest.mark.slow
+
 RESULT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "formula_vs_trace.json"
 ROWS = {(r["size"], r["cell"]): r for r in json.loads(RESULT.read_text())["rows"]}
 TINY = ("tiny-64", "tiny-128", "tiny-256")

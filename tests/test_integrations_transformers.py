@@ -31,7 +31,7 @@ KEYS = {"memguard/predicted_peak_bytes", "memguard/actual_peak_bytes", "memguard
         "memguard/error", "memguard/actual_is_lower_bound"}
 
 
-pytestmark = pytest.mark.usefixtures("pinned_cpu")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pinned_cpu")]
 
 
 class Tokens(torch.utils.data.Dataset):

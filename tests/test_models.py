@@ -193,6 +193,7 @@ print(hwm() - before, trainable, ",".join(devices))
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
 def test_lora_adapters_of_a_meta_model_are_built_on_meta(tmp_path) -> None:
     """peft built each adapter on the CPU before moving it to the base layer's meta device: rank 4096 on

@@ -91,6 +91,7 @@ def test_bad_routing_is_a_config_error_naming_it(bad: object) -> None:
 # -- the trace ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_grouped_mm_experts_trace_outside_bf16(precision: str) -> None:
     """torch's meta kernel of _grouped_mm demands bf16; the CPU and CUDA kernels take fp32."""
@@ -103,6 +104,7 @@ def test_grouped_mm_experts_trace_outside_bf16(precision: str) -> None:
     assert experts_bytes(est) >= 2 * pairs * (2 * 64 + 4 * 128) * 4
 
 
+@pytest.mark.slow
 def test_eager_experts_loop_runs_every_expert_on_the_routing_model() -> None:
     """The loop's `if expert_idx == num_experts: continue` sees the routing, not a stand-in True."""
     grouped, eager = traced("grouped_mm"), traced("eager")
@@ -114,6 +116,7 @@ def test_eager_experts_loop_runs_every_expert_on_the_routing_model() -> None:
     assert experts_bytes(eager) >= experts_bytes(grouped) + 2 * pairs * 64 * 4
 
 
+@pytest.mark.slow
 def test_worst_routing_raises_the_eager_loops_peak_but_not_grouped_mms() -> None:
     """Routing moves only the loop's per-expert temporaries (every expert's pairs are saved either
     way): with wide experts and many tokens the peak is in a block's backward, where they count."""
@@ -135,6 +138,7 @@ def test_worst_routing_raises_the_eager_loops_peak_but_not_grouped_mms() -> None
 # -- the formula ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("build", "implementation", "precision"), [
     (mixtral, "grouped_mm", "32-true"), (mixtral, "eager", "bf16-true"),
     (qwen2_moe, "grouped_mm", "bf16-mixed"), (qwen2_moe, "eager", "32-true"),
@@ -161,6 +165,7 @@ def test_formula_counts_the_experts_not_one_dense_mlp() -> None:
     assert extra >= 2 * 4 * 64 * (2 * (2 * 64 + 4 * 128) - 4 * 128) * 4
 
 
+@pytest.mark.slow
 def test_formula_refuses_latent_attention_and_auto_traces() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -238,6 +243,7 @@ def tiny_mixtral_eager() -> nn.Module:
     return mixtral("eager")
 
 
+@pytest.mark.slow
 def test_cli_shows_the_stand_ins_in_one_line_and_in_json(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["estimate", "test_moe:tiny_mixtral_eager", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
             "--method", "trace"]

@@ -11,6 +11,8 @@ import pytest
 
 from memguard.errors import DISTRIBUTION, MissingDependencyError, require
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib")
 

@@ -54,6 +54,7 @@ def test_trace_shards_each_allocation() -> None:
     assert offload.host_bytes == (mib4 + 2 * mib4 + 4) // 4
 
 
+@pytest.mark.slow
 def test_llama_fsdp_fits_where_single_device_does_not() -> None:
     single = memguard.estimate("llama-2-7b", 1, 1024, precision="bf16-true", method="trace")
     fsdp = memguard.estimate("llama-2-7b", 1, 1024, precision="bf16-true", method="trace",
@@ -202,6 +203,7 @@ def test_lightning_names_are_understood() -> None:
     assert resolve_parallelism("fsdp_hybrid", 16).shard_size == 8
 
 
+@pytest.mark.slow
 def test_lora_freezes_the_base_and_trains_adapters_only() -> None:
     pytest.importorskip("peft")
     full = memguard.estimate("gpt2", 2, 128, device="cpu", method="trace")
@@ -240,6 +242,7 @@ def test_8bit_adamw_keeps_one_byte_moments_and_block_absmax() -> None:
     assert est.breakdown[Category.TEMPORARY] < 4096  # the update runs in place
 
 
+@pytest.mark.slow
 def test_8bit_adamw_formula_matches_the_trace_on_llama() -> None:
     trace = memguard.estimate("llama-2-7b", 1, 256, precision="bf16-true", optimizer="adamw-8bit")
     formula = memguard.estimate("llama-2-7b", 1, 256, precision="bf16-true", optimizer="adamw-8bit",

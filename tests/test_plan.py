@@ -17,6 +17,8 @@ from memguard import cli
 from memguard.planning import COSTS, FULL, LORA, Plan, plan, remedies
 from memguard.planning.rows import QLORA
 
+pytestmark = pytest.mark.slow
+
 A100 = memguard.device_memory("A100-80GB")
 
 

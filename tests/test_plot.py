@@ -81,6 +81,7 @@ def test_sweep_rejects_bad_arguments(axis, values, match):
         plot.sweep(fake_estimate, axis, values)
 
 
+@pytest.mark.slow
 def test_render_writes_a_png_with_two_panels(tmp_path):
     by_batch = plot.sweep(lambda b: fake_estimate(b, 256), "batch_size", plot.batch_sizes_for(12))
     by_seq = plot.sweep(lambda s: fake_estimate(12, s), "seq_len", plot.seq_lens_for(256))
@@ -117,6 +118,7 @@ def test_check_output(tmp_path):
         plot.check_output(tmp_path / "nope" / "a.png")
 
 
+@pytest.mark.slow
 def test_memguard_plot_writes_the_file(tmp_path, capsys):
     """End to end on a tiny GPT-2 given as a model directory, against a 1 GiB budget on the CPU."""
     config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 128,
@@ -176,6 +178,7 @@ def test_memguard_plot_timeline_draws_the_traced_step(tmp_path, capsys):
     assert "--method formula makes no timeline" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_memguard_plot_timeline_needs_no_gpu(tmp_path, capsys):
     """The README's `memguard plot MODEL --timeline -o f.png` on a machine without a GPU (--gpu auto)."""
     sys.path.insert(0, str(Path(__file__).parent))

@@ -264,6 +264,7 @@ def test_marker_is_registered(pytester):
     result.stdout.fnmatch_lines(["*--memguard-gpu=GPU*", "*--memguard-check-only*"])
 
 
+@pytest.mark.slow
 def test_real_estimate_of_a_tiny_model(pytester):
     """No fake: the trace of a 2-layer GPT-2 on the CPU, 1 MiB vs 80 GiB."""
     # Trace once out here: modules first imported inside an in-process run are dropped after it,

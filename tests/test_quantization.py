@@ -92,6 +92,7 @@ def test_parameters_of_a_qlora_llama_are_counted_byte_exactly():
     assert est.inputs["lora_rank"] == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization, double_quant", [("nf4", False), ("nf4", True)])
 def test_trace_and_formula_agree_within_5_percent_on_a_qlora_llama(quantization, double_quant):
     cfg = small_llama()
@@ -104,6 +105,7 @@ def test_trace_and_formula_agree_within_5_percent_on_a_qlora_llama(quantization,
     assert formula.breakdown[Category.PARAMETERS] == pytest.approx(traced.breakdown[Category.PARAMETERS], rel=0.01)
 
 
+@pytest.mark.slow
 def test_quantized_base_saves_memory_and_keeps_the_activations():
     cfg = small_llama()
     kwargs = dict(batch_size=2, seq_len=256, precision="bf16-true", lora_rank=8, method="trace", device="cuda")
@@ -216,6 +218,7 @@ def test_bad_quantization_arguments_are_config_errors(kwargs, message):
 # -- plan -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_plan_offers_qlora_for_llama_2_7b_on_a_24gb_card():
     from memguard.planning import plan
 

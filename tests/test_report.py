@@ -26,7 +26,7 @@ from memguard.units import format_bytes
 ROOT = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("pinned_cpu")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pinned_cpu")]
 
 
 class Tokens(torch.utils.data.Dataset):

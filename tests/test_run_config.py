@@ -24,7 +24,7 @@ from memguard.estimation.from_run import optimizer_factory
 from memguard.run_config import config_kind, read_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.filterwarnings("ignore:.*optim adamw_torch_fused:UserWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*optim adamw_torch_fused:UserWarning")]
 DATA = Path("tests/data/config")  # as a user writes it, from the project root
 TINY = str(DATA / "tiny-gpt2")
 FILE_ESTIMATE = ("method", "peak_bytes", "total_bytes", "breakdown", "host_bytes", "reserved_bytes", "inputs")

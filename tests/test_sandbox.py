@@ -16,7 +16,7 @@ import torch
 from memguard.errors import ConfigError, MemguardError, TraceError
 from memguard.estimation import sandbox
 
-pytestmark = pytest.mark.skipif(not sandbox.forks(), reason="the sandbox forks on Linux only")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sandbox.forks(), reason="the sandbox forks on Linux only")]
 
 STATE: dict[str, Any] = {"calls": 0}
 

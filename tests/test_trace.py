@@ -69,6 +69,7 @@ def test_frozen_parameters_get_no_gradient_or_state() -> None:
     assert est.breakdown[Category.OPTIMIZER_STATE] == 2 * 4096 + 512  # bias moments and step only
 
 
+@pytest.mark.slow
 def test_the_users_module_is_left_as_it_was() -> None:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500, n_positions=64))
@@ -83,6 +84,7 @@ def test_the_users_module_is_left_as_it_was() -> None:
         assert torch.equal(param, before[name]), name
 
 
+@pytest.mark.slow
 def test_meta_module_traces_like_the_real_one() -> None:
     config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500, n_positions=64)
     real = GPT2LMHeadModel(config)
@@ -93,6 +95,7 @@ def test_meta_module_traces_like_the_real_one() -> None:
     assert a.breakdown == b.breakdown
 
 
+@pytest.mark.slow
 def test_gpt2_preset_parameters_and_adam_state_are_exact() -> None:
     est = memguard.estimate("gpt2", batch_size=1, seq_len=64, device="cuda", method="trace")
     n = 124_439_808  # GPT-2 small; lm_head is tied to wte and counted once
@@ -101,6 +104,7 @@ def test_gpt2_preset_parameters_and_adam_state_are_exact() -> None:
     assert 2 * n * 4 <= est.breakdown[Category.OPTIMIZER_STATE] < 2 * n * 4 * 1.001
 
 
+@pytest.mark.slow
 def test_bf16_true_halves_parameter_bytes() -> None:
     full = memguard.estimate("gpt2", 1, 64, device="cuda", method="trace", precision="32-true")
     half = memguard.estimate("gpt2", 1, 64, device="cuda", method="trace", precision="bf16-true")
@@ -108,6 +112,7 @@ def test_bf16_true_halves_parameter_bytes() -> None:
     assert 0.4999 < ratio <= 0.5001
 
 
+@pytest.mark.slow
 def test_cuda_mode_takes_fused_attention_where_the_cpu_falls_back_to_math() -> None:
     # GPT-2 trains with attention dropout: on the CPU, SDPA then takes the math path and keeps
     # B*H*S*S scores; on a GPU, flash attention keeps none of them.
@@ -118,6 +123,7 @@ def test_cuda_mode_takes_fused_attention_where_the_cpu_falls_back_to_math() -> N
     assert cpu.peak_bytes - cuda.peak_bytes > layers * scores
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_keeps_fewer_activations() -> None:
     plain = memguard.estimate("gpt2", 4, 256, device="cuda", method="trace", optimizer="sgd")
     ckpt = memguard.estimate("gpt2", 4, 256, device="cuda", method="trace", optimizer="sgd",
@@ -126,6 +132,7 @@ def test_gradient_checkpointing_keeps_fewer_activations() -> None:
     assert ckpt.inputs["gradient_checkpointing"] is True
 
 
+@pytest.mark.slow
 def test_lightning_loop_keeps_last_steps_gradients_through_the_forward() -> None:
     pytorch = memguard.estimate("gpt2", 2, 128, device="cuda", method="trace", optimizer="sgd")
     lightning = memguard.estimate("gpt2", 2, 128, device="cuda", method="trace", optimizer="sgd",
@@ -134,6 +141,7 @@ def test_lightning_loop_keeps_last_steps_gradients_through_the_forward() -> None
     assert lightning.breakdown[Category.GRADIENTS] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["bert-base-uncased", "t5-small", "vit-base"])
 def test_other_architectures_trace(preset: str) -> None:
     est = memguard.estimate(preset, 2, 64, device="cuda", method="trace")
@@ -142,6 +150,7 @@ def test_other_architectures_trace(preset: str) -> None:
     assert est.notes == ()
 
 
+@pytest.mark.slow
 def test_plain_pytorch_transformer_with_data_dependent_op() -> None:
     class Classifier(nn.Module):
         def __init__(self) -> None:
@@ -202,6 +211,7 @@ def test_the_tensors_alive_at_the_peak_add_up_to_it_and_name_their_module() -> N
     assert sum(g.nbytes for g in est.at_peak if g.category == Category.ACTIVATIONS) >= x
 
 
+@pytest.mark.slow
 def test_the_timeline_peaks_at_the_peak_and_walks_the_phases() -> None:
     config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=128)
     with torch.device("meta"):
@@ -229,6 +239,7 @@ def test_only_the_trace_knows_where_the_peak_is() -> None:
     assert est.at_peak == () and est.timeline == ()
 
 
+@pytest.mark.slow
 def test_full_sharding_marks_the_blocks_backward() -> None:
     config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=128)
     with torch.device("meta"):

@@ -296,7 +296,8 @@ def _head_kind(module: nn.Module, config: Any) -> str:
 
 
 def _from_config(config: Any, module: nn.Module) -> Architecture | None:
-    """The architecture a transformers config describes (``None`` without widths and layers).
+    """The architecture a transformers config describes (``None`` without widths and layers, or
+    with sizes per stage, as hierarchical models such as Swin give them: not one repeated block).
 
     Each field is read under the several names the families give it (:func:`_get`); the MLP's
     activation and the dropouts, which families also name and apply differently, come from
@@ -309,7 +310,7 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
                  "encoder_attention_heads")
     n_layers = _get(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers",
                     "encoder_layers")
-    if not (hidden and heads and n_layers):
+    if not (hidden and heads and n_layers) or any(isinstance(v, (list, tuple)) for v in (hidden, heads, n_layers)):
         return None
     hidden, heads, n_layers = int(hidden), int(heads), int(n_layers)
     if family is None:

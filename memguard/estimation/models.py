@@ -221,8 +221,10 @@ def check_config_sizes(data: Mapping[str, Any], origin: str) -> None:
     """Check the counts and sizes of a config (widths, depths, heads, vocabulary ...), before anything is built.
 
     Each key of :data:`_SIZE_KEYS` present, here or in a nested sub-config, must be ``None`` or a
-    whole number from 1 to :data:`memguard.estimation.spec.MAX_COUNT` (``image_size`` and
-    ``patch_size`` may be pairs). transformers checks few of them: ``n_positions: -5`` fails deep
+    whole number from 1 to :data:`memguard.estimation.spec.MAX_COUNT`, or a list of them: pairs
+    (``image_size``, ``patch_size``) and per-stage sizes of hierarchical models (Swin's
+    ``num_heads``, ``SwinConfig`` in transformers/models/swin/configuration_swin.py).
+    transformers checks few of them: ``n_positions: -5`` fails deep
     inside torch, ``n_layer: -1`` builds a model with no blocks, ``num_attention_heads: 0`` divides by
     zero. Each depth key is at most :data:`MAX_LAYERS`, and the parameters the sizes describe (a lower
     bound, :func:`_parameters_at_least`) at most :data:`MAX_PARAMETERS`: building more would not end.
@@ -238,12 +240,12 @@ def check_config_sizes(data: Mapping[str, Any], origin: str) -> None:
             continue
         if key not in _SIZE_KEYS or value is None:
             continue
-        pair = key in ("image_size", "patch_size") and isinstance(value, (list, tuple))
-        for v in value if pair else [value]:
+        several = isinstance(value, (list, tuple)) and len(value) > 0
+        for v in value if several else [value]:
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_COUNT:
                 raise ConfigError(f"model config {origin!r}: {key} must be a whole number from 1 to "
                                   f"{MAX_COUNT:,}, got {value!r}")
-        if key in _DEPTH_KEYS and value > MAX_LAYERS:
+        if key in _DEPTH_KEYS and not several and value > MAX_LAYERS:
             raise ConfigError(f"model config {origin!r}: {key}={value:,} layers is more than memguard builds (at "
                               f"most {MAX_LAYERS:,}; the deepest published transformer has 1,000); give the "
                               "model's real depth")
