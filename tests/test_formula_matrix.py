@@ -81,7 +81,7 @@ def test_check_with_the_formula_and_lora_that_does_not_fit_suggests_instead_of_c
     config.save_pretrained(tmp_path)
     done = subprocess.run([sys.executable, "-m", "memguard", "check", str(tmp_path / "config.json"),
                            "--method", "formula", "--lora-rank", "4", "--batch-size", "8", "--seq-len", "64",
-                           "--precision", "bf16-mixed", "--gpu", "640MiB"],
+                           "--precision", "bf16-mixed", "--gpu", "672MiB"],  # the band: 640 MiB leaves nothing
                           capture_output=True, text=True, timeout=600)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 1, (done.stdout, done.stderr)
