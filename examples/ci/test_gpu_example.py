@@ -3,7 +3,7 @@
 The plugin comes with memguard (the ``pytest11`` entry point); nothing to enable. Run:
 
     pytest examples/ci/test_gpu_example.py -rs                         # against this machine's GPU
-    pytest examples/ci/test_gpu_example.py -rs --memguard-gpu T4       # against a catalog GPU
+    pytest examples/ci/test_gpu_example.py -rs --memguard-gpu L4       # against a catalog GPU (bf16: not a T4)
     pytest examples/ci/test_gpu_example.py -rs --memguard-gpu A100-40GB --memguard-check-only
                                                    # on a runner without a GPU: the checks only
 
