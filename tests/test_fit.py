@@ -89,3 +89,17 @@ def test_cached_passes_unhashable_arguments_through_and_keeps_no_failure() -> No
         with pytest.raises(ConfigError):
             at(fail=True)
     assert len(calls) == 5 and len(at) == 1
+
+
+def test_usable_memory_is_worked_out_in_fit_py_only() -> None:
+    """``free * (1 - margin)`` is written once (``memguard.fit.usable_bytes``); a second copy, as
+    ``planning/search.py`` once had, fails here."""
+    import re
+    from pathlib import Path
+
+    import memguard
+
+    package = Path(memguard.__file__).parent
+    copies = [str(p.relative_to(package)) for p in package.rglob("*.py")
+              if p.name != "fit.py" and re.search(r"\(\s*1(\.0)?\s*-\s*[\w.]*margin\s*\)", p.read_text())]
+    assert copies == []

@@ -35,6 +35,7 @@ from memguard.estimation.estimator import estimate as _estimate
 from memguard.estimation.models import add_lora, load_model
 from memguard.estimation.quantization import Quantization, quantize_model
 from memguard.estimation.result import MemoryEstimate
+from memguard.fit import usable_bytes
 from memguard.planning.costs import COSTS, _Context, _cost, _cost_terms, _divisors, _least, _lower_bound
 from memguard.planning.rows import _DS2, _DS3, FULL, LORA, QLORA, PlanRow, _Knobs, quantization_args
 from memguard.units import format_bytes
@@ -124,7 +125,7 @@ class _Search:
 
     def __init__(self, setup: _Setup, ctx: _Context) -> None:
         self.setup, self.ctx, self.seq_len = setup, ctx, setup.seq_len
-        self.usable = int(setup.gpu.free_bytes * (1 - setup.margin))
+        self.usable = usable_bytes(setup.gpu.free_bytes, setup.margin)  # fit.py's arithmetic, not a copy
         self.cache: dict[tuple[_Knobs, str], MemoryEstimate | None] = {}
         self.count, self.notes, self.method = 0, [], setup.method
         self.traced = self.asked = 0  # traces run; configurations asked for (memo hits included)
