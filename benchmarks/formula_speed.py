@@ -173,7 +173,7 @@ def time_calls(only: str | None, reps: int) -> None:
     print(render_table(("call (--method formula)", "wall s", "user+sys s", "load", "exit"), rows))
 
 
-def _cases() -> list[tuple[str, list[str]]]:
+def snapshot_cases() -> list[tuple[str, list[str]]]:
     """(file name, words) of every snapshot: estimate and check of each preset, LoRA and nf4 variants."""
     from memguard import list_presets
 
@@ -201,13 +201,15 @@ def _run_in_process(words: list[str]) -> tuple[str, str, int]:
     return out.getvalue(), err.getvalue(), code
 
 
-def snapshot(folder: Path, compare: bool) -> int:
-    """Write (or compare against) ``folder/<case>.json``: the exit status, stderr and the ``--json`` output."""
+def snapshot(folder: Path, compare: bool, only: str | None = None) -> int:
+    """Write (or compare against) ``folder/<case>.json``: the exit status, stderr and the ``--json`` output;
+    with ``only``, of the cases whose file name contains it. Returns 1 when an output differs, else 0."""
     folder.mkdir(parents=True, exist_ok=True)
     differ = 0
+    cases = [(name, words) for name, words in snapshot_cases() if not only or only in name]
     with tempfile.TemporaryDirectory() as tmp:
         moe = _moe_config(Path(tmp))
-        for name, words in _cases():
+        for name, words in cases:
             text, err, code = _run_in_process([*_words(words, moe), "--json"])
             got = f"exit {code}\n{err}{text}".replace(moe, "mixtral-8x7b.json")
             path = folder / f"{name}.json"
@@ -216,13 +218,13 @@ def snapshot(folder: Path, compare: bool) -> int:
             elif not path.exists() or path.read_text() != got:
                 differ += 1
                 print(f"DIFFERS: {name} ({' '.join(words)})")
-    print(f"{len(_cases())} outputs {'compared' if compare else 'written'} in {folder}; {differ} differ")
+    print(f"{len(cases)} outputs {'compared' if compare else 'written'} in {folder}; {differ} differ")
     return 1 if differ else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help="time only the calls whose words contain this")
+    parser.add_argument("--only", help="only the calls whose words (snapshot: file names) contain this")
     parser.add_argument("--reps", type=int, default=1, help="runs of each call (the best is shown)")
     parser.add_argument("--breakdown", action="store_true",
                         help="CPU seconds of each call by phase (imports, first call, warm call)")
@@ -230,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compare", type=Path, help="compare this checkout's outputs with a --snapshot folder")
     args = parser.parse_args(argv)
     if args.snapshot or args.compare:
-        return snapshot(args.snapshot or args.compare, compare=args.compare is not None)
+        return snapshot(args.snapshot or args.compare, compare=args.compare is not None, only=args.only)
     if args.breakdown:
         breakdown(args.only)
     else:

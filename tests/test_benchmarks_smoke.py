@@ -153,3 +153,21 @@ def test_running_a_benchmark_leaves_the_tracked_results_alone(tmp_path) -> None:
     assert ignored.returncode == 0  # git ignores it
     assert truth.cache_path("cpu") == SCRATCH / "truth_cpu.json"
     assert truth.cache_path("cpu", update_results=True) == RESULTS / "truth_cpu.json"
+
+
+def test_formula_snapshot_covers_every_preset_and_finds_a_changed_output(tmp_path, capsys) -> None:
+    """``formula_speed.py --snapshot/--compare``: estimate and check of every preset (and a mixture of
+    experts), and a compare that fails on one changed byte."""
+    import memguard
+    from benchmarks import formula_speed
+
+    names = {name for name, _ in formula_speed.snapshot_cases()}
+    for preset in [*memguard.list_presets(), "mixtral"]:
+        assert {f"estimate-{preset}", f"check-{preset}"} <= names
+    assert formula_speed.snapshot(tmp_path, compare=False, only="estimate-gpt2-bf16") == 0
+    written = (tmp_path / "estimate-gpt2-bf16.json").read_text()
+    assert written.startswith("exit 0\n{") and '"method": "formula"' in written
+    assert formula_speed.snapshot(tmp_path, compare=True, only="estimate-gpt2-bf16") == 0
+    (tmp_path / "estimate-gpt2-bf16.json").write_text(written.replace('"method"', '"method" '))
+    assert formula_speed.snapshot(tmp_path, compare=True, only="estimate-gpt2-bf16") == 1
+    assert "DIFFERS: estimate-gpt2-bf16" in capsys.readouterr().out
