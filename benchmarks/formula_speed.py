@@ -14,7 +14,7 @@ same bytes. A speed change to the formula's path must keep them.
 
 Usage (from the repository root)::
 
-    python benchmarks/formula_speed.py                 # per-call times (~3 min on 2 busy cores)
+    python benchmarks/formula_speed.py                 # per-call times (~5 min on 2 busy cores)
     python benchmarks/formula_speed.py --only gpt2     # the commands whose words contain 'gpt2'
     python benchmarks/formula_speed.py --breakdown     # CPU seconds by phase: imports, 1st call, warm call
     python benchmarks/formula_speed.py --snapshot /tmp/before
