@@ -731,10 +731,14 @@ def predict(row: Row, method: str) -> dict[str, Any]:
     predicted = getattr(est, QUANTITY[row.measured], None)
     out["predicted_bytes"] = predicted
     out["error"] = _error(predicted, row.measured_bytes)
-    # The band's workspaces go through the caching allocator: the upper end of every statistic adds them.
+    # The band's workspaces go through the caching allocator: the upper end of every statistic adds them;
+    # NCCL's buffers do not (cuda_rules.nccl_buffer_bytes): only NVML's "used" sees them.
+    from memguard.estimation.cuda_rules import NCCL_BAND_ITEM
+
     band = dict(getattr(est, "band", {}))
     out["band"] = band
-    out["upper_predicted_bytes"] = None if predicted is None else predicted + sum(band.values())
+    seen = {k: v for k, v in band.items() if row.measured == "nvml_used" or not k.startswith(NCCL_BAND_ITEM)}
+    out["upper_predicted_bytes"] = None if predicted is None else predicted + sum(seen.values())
     out["upper_error"] = _error(out["upper_predicted_bytes"], row.measured_bytes)
     if row.secondary is not None:
         kind, _, value = row.secondary
