@@ -303,9 +303,11 @@ NCCL_LL128_MAX_NTHREADS * NCCL_STEPS * sizeof(uint64_t)`` (120 x 640 x 8 x 8 = 4
 ``NCCL_LL128_BUFFSIZE``) for LL128 (constants of ``src/include/device.h``). 9,633,792 bytes in all."""
 
 NCCL_CHANNELS = 32
-"""Channels of a communicator: NCCL's ``MAXCHANNELS`` (32), what it opens between NVLink-connected
-GPUs of the A100/H100 generation (fewer over PCIe, where it needs less bandwidth); "the memory usage is
-linearly tied to the number of channels" (NCCL maintainer, NVIDIA/nccl issue #986)."""
+"""Channels of a communicator: NCCL's ``MAXCHANNELS`` (32, ``src/include/device.h``), the most it opens
+for a collective and what it opens between NVLink/NVSwitch-connected GPUs (NVIDIA/nccl issue #1685 logs
+channels 00 to 31 between two H100s); fewer over PCIe, where it needs less bandwidth. "The memory usage
+is linearly tied to the number of channels" (NCCL maintainer, NVIDIA/nccl issue #986), so this is the
+upper end."""
 
 NCCL_CONNECTIONS = 2
 """Connections per channel a rank holds buffers for: a ring's two, to the previous and the next rank,
