@@ -429,6 +429,10 @@ _AOP = ("torchao, torchao/prototype/low_bit_optim/README.md (2024), 'Benchmarks'
         "batch size 8, 4070Ti SUPER)")
 _AOP_URL = ("https://github.com/pytorch/ao/blob/03cf0adec63fdbae2fd6d2aa7688b52ee8c64004/"
             "torchao/prototype/low_bit_optim/README.md")
+_AOP_RUN = ("the prototype README's table was written by pytorch/ao commit 56d46a286 (2024-07-07, #481), whose "
+            "benchmarks/benchmark_low_bit_adam.py mapped 'Adam' to torch.optim.Adam (foreach on CUDA), "
+            "'Adam8bitBnb' to bnb.optim.Adam8bit and 'Adam8bitAo' to torchao's Adam8bit; fused AdamW came with "
+            "commit 1b1e94c5b (2024-08-06), after it; ")
 _AO_DIFF = ("benchmarks/benchmark_low_bit_adam.py prints torch.cuda.max_memory_allocated() / 1e9 after the run "
             "(evaluation at batch 8 under no_grad included, below the training peak); timm's ViT (fused qkv, "
             "F.sdpa) modelled by transformers' ViT of the same shapes; bitsandbytes/torchao 8-bit AdamW by "
@@ -441,7 +445,8 @@ def _ao_row(key: str, source: str, url: str, optim_words: str, optimizer: str, q
                 "optimizer": optim_words, "grad_ckpt": "no",
                 "strategy": f"single GPU, plain PyTorch{', model.compile(fullgraph=True)' if compiled else ''}",
                 "lora": "no"}
-    diff = _AO_DIFF + ("; torch.compile fuses elementwise ops, which memguard traces eager" if compiled else "")
+    diff = (_AO_DIFF + "; torch.compile fuses elementwise ops, which memguard traces eager" if compiled
+            else _AOP_RUN + _AO_DIFF)
     return Row(key, source, url, "RTX 4070 Ti SUPER 16 GB", settings, "max_memory_allocated",
                f"{quoted} GB", float(quoted), 10**9,
                _build(_vith, batch_size=8, precision="bf16-mixed", optimizer=optimizer), differences=diff)
@@ -477,13 +482,23 @@ _LH_DIFF = ("'Peak memory' is LitGPT's torch.cuda.max_memory_allocated() / 1e9; 
             "0.05) modelled by transformers' Llama/Mistral with peft LoRA on q_proj and v_proj")
 
 
+_LH_GLOBAL_BATCH = {"tiny-llama/full.yaml": 32}
+"""``train.global_batch_size`` of each config at the table's commit where it is not 8 (every LoRA and QLoRA
+config of these rows has 8); on one device LitGPT accumulates ``global_batch_size // micro_batch_size``
+micro-batches per optimizer step (``TrainArgs.gradient_accumulation_iters`` in ``litgpt/args.py``; the
+``is_accumulating`` loop of ``litgpt/finetune/full.py`` and ``lora.py``), so the gradients of the trainable
+parameters live through every micro-batch after the first."""
+
+
 def _lh_row(key: str, config: str, model: Callable[[], Any] | str, micro: int, quoted: str,
             lora: int | None) -> Row:
-    settings = {"model": f"{config} (LitGPT checkpoint)", "batch": f"{micro} (micro-batch)",
+    accumulate = _LH_GLOBAL_BATCH.get(config, 8) // micro
+    settings = {"model": f"{config} (LitGPT checkpoint)", "batch": f"{micro} (micro-batch) x {accumulate} accumulation",
                 "seq": "512 (max_seq_length)", "precision": "bf16-true", "optimizer": "AdamW",
                 "grad_ckpt": "no", "strategy": "single GPU, LitGPT finetune (Fabric)",
                 "lora": f"r={lora} on query and value (config_hub yaml)" if lora else "no (full)"}
-    kwargs: dict[str, Any] = {"batch_size": micro, "seq_len": 512, "precision": "bf16-true", "optimizer": "adamw"}
+    kwargs: dict[str, Any] = {"batch_size": micro, "seq_len": 512, "precision": "bf16-true", "optimizer": "adamw",
+                              "accumulate_grad_batches": accumulate}
     if lora:
         kwargs["lora_rank"] = lora
     return Row(key, _LH, _LH_URL, "A10G 24 GB", settings, "max_memory_allocated", f"Peak memory {quoted} GB",
@@ -534,9 +549,10 @@ def _pm_row(key: str, path: str, commit: str, rank: int, value: int) -> Row:
 
 def _lh_qlora_row(key: str, config: str, preset: Callable[[], Any] | str, micro: int, quoted: str) -> Row:
     row = _lh_row(key, config, preset, micro, quoted, 32)
-    settings = {**row.settings, "lora": "r=32 on query and value, base bnb.nf4 (config_hub qlora.yaml)"}
+    settings = {**row.settings, "lora": "r=32 on query and value, base bnb.nf4 (config_hub qlora.yaml)",
+                "optimizer": "bitsandbytes PagedAdamW (instantiate_bnb_optimizer)"}
     build = _build(preset, batch_size=micro, seq_len=512, precision="bf16-true", optimizer="adamw", lora_rank=32,
-                   quantization="nf4", skip_modules=[])
+                   quantization="nf4", skip_modules=[], accumulate_grad_batches=8 // micro)
     return dataclasses.replace(row, settings=settings, estimate=build,
                                differences=row.differences + "; --quantize bnb.nf4 through Lightning's "
                                "BitsandbytesPrecision, every nn.Linear quantized (the LM head included)")
@@ -668,9 +684,10 @@ NEW_ROWS: tuple[Row, ...] = (
     _ao_row("ao-vith-adamw", _AO, _AO_URL, "torch AdamW(fused=True)", "adamw-fused", "12.23", True),
     _ao_row("ao-vith-bnb8", _AO, _AO_URL, "bitsandbytes AdamW8bit", "adamw-8bit", "8.32", True),
     _ao_row("ao-vith-ao8", _AO, _AO_URL, "torchao AdamW8bit (block 256)", "adamw-8bit", "8.33", True),
-    _ao_row("aop-vith-adamw", _AOP, _AOP_URL, "torch AdamW(fused=True)", "adamw-fused", "12.94", False),
-    _ao_row("aop-vith-bnb8", _AOP, _AOP_URL, "bitsandbytes AdamW8bit", "adamw-8bit", "8.31", False),
-    _ao_row("aop-vith-ao8", _AOP, _AOP_URL, "torchao AdamW8bit (block 2048)", "adamw-8bit", "8.31", False),
+    _ao_row("aop-vith-adamw", _AOP, _AOP_URL, "torch.optim.Adam (foreach, CUDA's default; weight_decay 0)", "adam",
+            "12.94", False),
+    _ao_row("aop-vith-bnb8", _AOP, _AOP_URL, "bitsandbytes Adam8bit", "adamw-8bit", "8.31", False),
+    _ao_row("aop-vith-ao8", _AOP, _AOP_URL, "torchao Adam8bit (block 2048)", "adamw-8bit", "8.31", False),
     _rb_row("rb-01-fp32", "01_pytorch-vit.py", 64, "32-true", "26.79", loop="plain PyTorch"),
     _rb_row("rb-01-2-fabric", "01-2_pytorch-fabric.py", 64, "32-true", "26.84"),
     _rb_row("rb-02-16-mixed", "02_mixed-precision.py", 64, "16-mixed", "18.21"),
@@ -731,10 +748,14 @@ def predict(row: Row, method: str) -> dict[str, Any]:
     predicted = getattr(est, QUANTITY[row.measured], None)
     out["predicted_bytes"] = predicted
     out["error"] = _error(predicted, row.measured_bytes)
-    # The band's workspaces go through the caching allocator: the upper end of every statistic adds them.
+    # The band's workspaces go through the caching allocator: the upper end of every statistic adds them;
+    # NCCL's buffers do not (cuda_rules.nccl_buffer_bytes): only NVML's "used" sees them.
+    from memguard.estimation.cuda_rules import NCCL_BAND_ITEM
+
     band = dict(getattr(est, "band", {}))
     out["band"] = band
-    out["upper_predicted_bytes"] = None if predicted is None else predicted + sum(band.values())
+    seen = {k: v for k, v in band.items() if row.measured == "nvml_used" or not k.startswith(NCCL_BAND_ITEM)}
+    out["upper_predicted_bytes"] = None if predicted is None else predicted + sum(seen.values())
     out["upper_error"] = _error(out["upper_predicted_bytes"], row.measured_bytes)
     if row.secondary is not None:
         kind, _, value = row.secondary

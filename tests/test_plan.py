@@ -350,3 +350,34 @@ def test_no_bf16_on_a_t4_by_the_catalog() -> None:
     p = plan("gpt2", seq_len=128, gpu="T4", batch_size=8, confirm=0, lora_ranks=(), optimizers=["adamw"])
     assert p.rows and not any(r.settings["precision"].startswith("bf16") for r in p.rows)
     assert any("compute capability below 8.0" in n for n in p.notes)
+
+
+def test_search_heuristics_weigh_what_fit_py_decides_on() -> None:
+    """``candidate`` (a formula's near miss) and ``below`` (the traces say it cannot fit) compare the upper
+    end of the band, as :class:`memguard.fit.Fit` does, not the point total: an estimate whose total is
+    near the limit but whose band takes it further is no near miss, and one whose total fits but whose
+    upper end does not is below."""
+    from memguard.estimation.cuda_rules import CUBLAS_WORKSPACE_BYTES
+    from memguard.fit import Fit
+    from memguard.planning.api import _setup
+    from memguard.planning.costs import _Context
+    from memguard.planning.search import NEAR, _Search, _structure
+
+    config = _tiny_llama()
+    est = memguard.estimate(config, batch_size=2, seq_len=32, method="formula", device="cuda")
+    assert est.upper_bytes - est.total_bytes == CUBLAS_WORKSPACE_BYTES
+
+    def search(free: int) -> _Search:
+        setup = _setup(config, None, gpu=free, seq_len=32, gpus=None, batch_size=2, margin=0.0, precision=None,
+                       optimizers=None, base=None, lora_ranks=(), method_prune="formula", confirm=0, limit=1,
+                       device="cuda", max_estimates=10, estimate_kwargs=None)
+        n = sum(p.numel() for p in setup.modules[None].parameters())
+        return _Search(setup, _Context(setup.base, 2, 32, n, {None: n}))
+
+    near = search(int((est.total_bytes + est.upper_bytes) / 2 / (1 + NEAR)))  # total within NEAR, upper not
+    assert est.total_bytes <= near.usable * (1 + NEAR) < est.upper_bytes
+    assert near.needed(est) == Fit(est, near.usable, 0.0).needed_bytes == est.upper_bytes
+    assert not near.candidate(est)
+    between = search((est.total_bytes + est.upper_bytes) // 2)  # the total fits, the upper end does not
+    between.ratios[_structure(between.setup.base)] = [1.0]
+    assert not between.fits(est) and between.below(between.setup.base, est)

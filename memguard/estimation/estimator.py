@@ -191,7 +191,7 @@ def estimate(
                            set_to_none=set_to_none, moe_routing=moe_routing)
     return MemoryEstimate(method=found.method, breakdown=breakdown, inputs=inputs, notes=(*quant_notes, *notes),
                           host_bytes=host, context_bytes=context, at_peak=found.at_peak, timeline=found.timeline,
-                          stand_ins=found.stand_ins, band=_band(found, spec))
+                          stand_ins=found.stand_ins, band=_band(found, spec, parallel))
 
 
 def _checked_loop(method: str, training_loop: str, accumulate: Any, set_to_none: Any, trace_timeout: Any,
@@ -279,17 +279,22 @@ def _shown_inputs(resolved: ResolvedModel, spec: TrainingSpec, parallel: Paralle
     }
 
 
-def _band(found: _Found, spec: TrainingSpec) -> dict[str, int]:
+def _band(found: _Found, spec: TrainingSpec, parallel: Parallelism) -> dict[str, int]:
     """The estimate's band: what the trace saw but cannot size; the formula sees no kernel, so only the
     cuBLAS workspace of autograd's thread (:meth:`memguard.estimation.cuda_rules.Workspaces.band`).
-    Data-dependent ops that ran on stand-in ones are listed at 0 bytes: their size is not known, and
-    :attr:`MemoryEstimate.uncertain` says so."""
-    from memguard.estimation.cuda_rules import Workspaces
+    On a GPU with more than one rank, NCCL's buffers
+    (:func:`~memguard.estimation.cuda_rules.communication_band`; two communicators under hybrid
+    sharding across nodes). Data-dependent ops that ran on stand-in ones are listed at 0 bytes: their
+    size is not known, and :attr:`MemoryEstimate.uncertain` says so."""
+    from memguard.estimation.cuda_rules import Workspaces, communication_band
     from memguard.estimation.stand_ins import ONES
 
     band = dict(found.band)
     if found.method == "formula" and spec.device == "cuda":
         band = Workspaces().band()
+    if spec.device == "cuda" and found.method != "seed":
+        across_nodes = parallel.strategy is Strategy.FSDP_HYBRID and parallel.world_size > parallel.shard_size
+        band.update(communication_band(parallel.world_size, 2 if across_nodes else 1))
     guessed = sorted(op for op, how in found.stand_ins.items() if how == ONES)
     if guessed:
         band[f"data-dependent {', '.join(guessed)} on stand-in values (size not known)"] = 0

@@ -35,7 +35,7 @@ from memguard.estimation.estimator import estimate as _estimate
 from memguard.estimation.models import add_lora, load_model
 from memguard.estimation.quantization import Quantization, quantize_model
 from memguard.estimation.result import MemoryEstimate
-from memguard.fit import usable_bytes
+from memguard.fit import Fit, usable_bytes
 from memguard.planning.costs import COSTS, _Context, _cost, _cost_terms, _divisors, _least, _lower_bound
 from memguard.planning.rows import _DS2, _DS3, FULL, LORA, QLORA, PlanRow, _Knobs, quantization_args
 from memguard.units import format_bytes
@@ -174,15 +174,21 @@ class _Search:
             other = self.cache.get((key[0], "formula" if method == "trace" else "trace"))
             if self.cache[key] is not None and other is not None:
                 traced, formula = (self.cache[key], other) if method == "trace" else (other, self.cache[key])
-                self.ratios.setdefault(_structure(k), []).append(traced.total_bytes / max(formula.total_bytes, 1))
+                self.ratios.setdefault(_structure(k), []).append(self.needed(traced) / max(self.needed(formula), 1))
         return self.cache[key]
 
     def below(self, k: _Knobs, est: MemoryEstimate) -> bool:
         """Whether the traces so far say the trace of ``k`` cannot fit where the formula's ``est``
         does not: ``est`` times the smallest ratio of trace to formula seen, on ``k``'s structure
-        where one was traced, else on any (two at least), is still above the usable memory."""
+        where one was traced, else on any (two at least), is still above the usable memory. The ratios
+        and ``est`` are taken on :meth:`needed`, the quantity the fit is decided on."""
         seen = self.ratios.get(_structure(k)) or [r for rs in self.ratios.values() for r in rs]
-        return len(seen) >= (1 if _structure(k) in self.ratios else 2) and est.total_bytes * min(seen) > self.usable
+        return len(seen) >= (1 if _structure(k) in self.ratios else 2) and self.needed(est) * min(seen) > self.usable
+
+    def needed(self, est: MemoryEstimate) -> int:
+        """What the fit decision compares for ``est``: :attr:`memguard.fit.Fit.needed_bytes` (the upper end
+        of its band), so that the search's heuristics and :meth:`fits` weigh the same bytes."""
+        return Fit(est, self.setup.gpu.free_bytes, self.setup.margin).needed_bytes
 
     def say(self, what: str) -> None:
         """A progress line (``setup.progress``), with the work so far."""
@@ -204,7 +210,7 @@ class _Search:
         miss is not dropped on its word, :meth:`confirm` traces it)."""
         if est is None:
             return False
-        near = est.method == "formula" and est.total_bytes <= self.usable * (1 + NEAR)
+        near = est.method == "formula" and self.needed(est) <= self.usable * (1 + NEAR)
         return self.fits(est) or near
 
     def sizes(self, state: _Knobs) -> list[int]:
