@@ -33,9 +33,11 @@ formula reads them off the module. :func:`detect_quantization` reads a model tha
 bitsandbytes layers, or a config with a ``quantization_config``.
 
 Known limitations:
-    * The formula's int8 blocks (the inputs ``MatMul8bitLt`` keeps, the cast copies) are within about
-      ±14% of the trace on a small Llama with LoRA (high in bf16-true, low in bf16-mixed); 4-bit
-      blocks within 1% under checkpointing.
+    * The formula counts what ``MatMul8bitLt`` keeps (its input) and that its output is in the
+      input's dtype (an int8 block's MLP runs in fp32 under bf16-mixed), see
+      :meth:`memguard.estimation.formula.context.Ctx.linear_inputs`. On LoRA-r8 Llamas (512 x 4,
+      1024 x 4, 2048 x 2 with GQA; batch 4 x 512, CUDA rules) it is -1.7% to +5.7% of the trace
+      for int8 and +1.0% to +6.0% for NF4, highest on the GQA model without checkpointing.
     * bitsandbytes before the 0.4x refactor of ``MatMul4Bit`` kept its input for backward
       (``ctx.tensors = (A, B)``); memguard models 0.50, which does not. Runs on older versions keep
       about one more activation per quantized layer without an adapter reading the same tensor.

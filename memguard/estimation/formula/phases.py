@@ -9,6 +9,7 @@ temporaries differ from moment to moment.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from typing import Any
 
@@ -96,7 +97,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     module = model.module
     refuse_unmodelled(model_type_of(model))
     arch = inspect_architecture(module, model.config, name=model.name, needs="the formula")
-    ctx = make_ctx(arch, spec)
+    ctx = _with_quantized_base(make_ctx(arch, spec), module)
     inv = inventory(module, arch)
     grad = inv.requires_grad()
     state = model_state(inv, spec, grad)
@@ -211,6 +212,15 @@ def _quantized_layers(module: Any) -> list[Any]:
     with contextlib.suppress(TypeError):
         _QUANTIZED[module] = found
     return found[1]
+
+
+def _with_quantized_base(ctx: Ctx, module: Any) -> Ctx:
+    """``ctx`` with :attr:`~memguard.estimation.formula.context.Ctx.kept_inputs` set when the base's
+    linear layers are LLM.int8's, whose ``MatMul8bitLt`` keeps its input under a frozen weight."""
+    layers = _quantized_layers(module)
+    if any(m.quantization.kind == "int8" for m in layers):
+        return dataclasses.replace(ctx, kept_inputs=True)
+    return ctx
 
 
 def _dequantize_bytes(module: Any, spec: TrainingSpec, ctx: Ctx,
