@@ -126,10 +126,14 @@ def test_an_int8_base_keeps_its_inputs_and_computes_its_mlp_in_the_inputs_dtype(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
-def test_trace_and_formula_agree_within_5_percent_on_an_int8_llama(precision):
+@pytest.mark.parametrize(("quantization", "precision"), [
+    ("int8", "bf16-true"), ("int8", "bf16-mixed"),
+    ("nf4", "bf16-mixed"),  # 512 rows, up to FUSED_MAX_ROWS: the fused kernel returns fp32 under autocast
+])
+def test_trace_and_formula_agree_within_5_percent_on_qlora_in_16_bits(quantization, precision):
     cfg = small_llama()
-    kwargs = dict(batch_size=2, seq_len=256, precision=precision, lora_rank=8, quantization="int8", device="cuda")
+    kwargs = dict(batch_size=2, seq_len=256, precision=precision, lora_rank=8, quantization=quantization,
+                  device="cuda")
     traced = memguard.estimate(cfg, method="trace", **kwargs)
     formula = memguard.estimate(cfg, method="formula", **kwargs)
     assert traced.method == "trace" and formula.method == "formula"

@@ -42,6 +42,8 @@ class Ctx:
         routing: the capacity factor of the MoE routing model (``TrainingSpec.moe_routing``).
         kept_inputs: the base's linear layers are LLM.int8 ones (``MatMul8bitLt``), which keep
             their input for backward even under a frozen weight, uncast (see :meth:`linear_inputs`).
+        uncast: the base's quantized linear layers return their input's dtype, which autocast does
+            not change (see :attr:`mlp_elem`).
     """
 
     b: int
@@ -55,6 +57,7 @@ class Ctx:
     frozen: bool = False
     routing: float = 1.0
     kept_inputs: bool = False
+    uncast: bool = False
 
     def mask(self, elem: int) -> int:
         """Bytes per element of a dropout mask over a tensor of ``elem``-byte elements.
@@ -84,11 +87,13 @@ class Ctx:
 
     @property
     def mlp_elem(self) -> int:
-        """Bytes per element of the MLP's linear outputs: :attr:`c`, but in a frozen block of LLM.int8
-        layers the input's dtype (:attr:`r`): ``MatMul8bitLt`` returns ``output.to(A.dtype)``, and
-        autocast does not cast inside a custom ``autograd.Function``, so under mixed precision the
-        MLP between two int8 layers runs in fp32 (``bitsandbytes/autograd/_functions.py``)."""
-        return self.r if self.frozen and self.kept_inputs else self.c
+        """Bytes per element of the MLP's linear outputs: :attr:`c`, but in a frozen block of
+        quantized layers that return their input's dtype (:attr:`uncast`) the input's (:attr:`r`):
+        LLM.int8's ``MatMul8bitLt`` returns ``output.to(A.dtype)``, a custom ``autograd.Function``
+        autocast does not enter (``bitsandbytes/autograd/_functions.py``), and so does the 4-bit
+        stand-in's fused kernel (:class:`memguard.estimation.quantization.QuantizedLinear`, up to
+        ``FUSED_MAX_ROWS`` rows); under mixed precision the MLP between them runs in fp32."""
+        return self.r if self.frozen and self.uncast else self.c
 
     @property
     def math_elem(self) -> int:
