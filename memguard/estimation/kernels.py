@@ -46,12 +46,15 @@ Transient inside an op (held while the op runs, freed before it returns; :func:`
 Known but not corrected:
     * Other buffers a CPU kernel makes and frees inside one op (GEMM packing buffers in MKL,
       which the truth's ``MKL_DISABLE_FAST_MM=1`` frees at once; a depthwise 7 x 7 backward's
-      scratch). ``sd3-small`` (-3.7%) has no such op over 2 MiB: its residue is outside the ops
-      (the heap's small blocks, below the 64 KiB mmap threshold), not yet explained; the forward of its CPU
-      attention (``_scaled_dot_product_flash_attention_cpu``) keeps one block of
-      ``qSplitSize x (kvSplitSize + headSize + 2)`` floats per thread (``cpu_flash_attention`` in
-      ``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp``: 64 x (333 + 32 + 2) over 333 tokens of
-      32-wide heads, 94 KiB a thread), too little to explain it.
+      scratch). ``sd3-small`` (-3.7% against ``benchmarks/truth.py``) has no op holding over 2 MiB
+      inside it (per op from ``VmHWM``), and the trace equals the live tensors of a real step at its
+      peak (217.1 MiB counted tensor by tensor, the trace 218.2): the rest is the truth's. Its
+      warm-up step runs at batch 1, and the first measured step at batch 4 leaves 7.9 MiB resident
+      that no tensor holds, once (8.2 MiB after the second step): one-time state of the libraries
+      for the new matrix shapes, not training memory. Warmed up at batch 4, that residue is 0.5 MiB
+      and the peak reads 218.4-219.2 MiB, the trace within 0.5%. (The forward of its CPU attention,
+      ``cpu_flash_attention`` in ``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp``, keeps
+      ``qSplitSize x (kvSplitSize + headSize + 2)`` floats per thread, 94 KiB: not it either.)
 
 Named in the estimate's notes (see :func:`uncounted`):
     * On a GPU, cuDNN's RNN reserve space (``_cudnn_rnn``'s ``reserve`` output, sized by
