@@ -230,8 +230,11 @@ def _conv_transient(func: Any, args: tuple[Any, ...], out: Any) -> int:
         bias = None
     if transposed or x.dim() not in (4, 5):
         return 0
-    backend = torch._C._select_conv_backend(x, w, bias, stride, padding, dilation, transposed, output_padding,
-                                            groups, bias_sizes)
+    try:
+        backend = torch._C._select_conv_backend(x, w, bias, stride, padding, dilation, transposed,
+                                                output_padding, groups, bias_sizes)
+    except (RuntimeError, TypeError):  # arguments it cannot read (symbolic sizes): count nothing
+        return 0
     if backend != torch._C._ConvBackend.Mkldnn:
         return 0
     if forward:
