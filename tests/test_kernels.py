@@ -112,6 +112,7 @@ def _measured_conv(n: int, c: int, hw: int, o: int, k: int, channels_last: bool)
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow  # a subprocess each
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize(("c", "o", "k", "channels_last"), [
     (64, 64, 3, False),   # NCHW: blocked copies of x and y in the forward, of dy and x in the backward
