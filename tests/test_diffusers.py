@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import memguard
+from memguard.estimation.kernels import transient
 from memguard.estimation.trace.isolation import Copier
 from memguard.estimation.trace.ledger import rounded
 
@@ -128,7 +129,9 @@ MODELS = {
 
 
 class _LiveBytes(TorchDispatchMode):
-    """The high-water mark of tensor storages a real step holds, rounded as the trace rounds them."""
+    """The high-water mark of tensor storages a real step holds, rounded as the trace rounds them,
+    with what a CPU kernel holds inside an op beside them (:func:`memguard.estimation.kernels.transient`,
+    the oneDNN convolutions' copies; measured in ``tests/test_kernels.py``), which no tensor shows."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -153,6 +156,8 @@ class _LiveBytes(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.add(t)
+        held = transient(func, args, out, "cpu")
+        self.peak = max(self.peak, self.live + (rounded(held, "cpu") if held else 0))
         return out
 
 

@@ -69,3 +69,103 @@ def test_on_cuda_the_estimate_names_the_reserve_space_it_cannot_size() -> None:
     est = memguard.estimate(_lstm(16, 32, 1), example_input=torch.randn(2, 8, 16),
                             loss_fn=lambda out, b: out[0].sum(), optimizer="sgd", device="cuda", method="trace")
     assert any("cuDNN's RNN reserve space" in n for n in est.notes)
+
+
+# -- oneDNN convolutions: what the real kernel holds inside the op --------------------------------
+
+_CONV_PROBE = r"""
+import json, sys, torch
+def hwm_over_rss():
+    s = dict(l.split(":", 1) for l in open("/proc/self/status"))
+    return (int(s["VmHWM"].split()[0]) - int(s["VmRSS"].split()[0])) * 1024
+n, c, hw, o, k, cl = map(int, sys.argv[1:])
+fmt = torch.channels_last if cl else torch.contiguous_format
+x = torch.randn(n, c, hw, hw).to(memory_format=fmt).requires_grad_()
+w = torch.randn(o, c, k, k).to(memory_format=fmt).requires_grad_()
+out = {}
+for _ in range(2):  # the second round: lazy initialisation done
+    open("/proc/self/clear_refs", "w").write("5")
+    y = torch.ops.aten.convolution(x, w, None, [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], 1)
+    out["forward"] = hwm_over_rss()
+    dy = torch.randn(y.shape)  # contiguous NCHW, as a loss's gradient comes
+    open("/proc/self/clear_refs", "w").write("5")
+    grads = torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], 1,
+                                                [True, True, False])
+    out["backward"] = hwm_over_rss()
+    del y, dy, grads
+print(json.dumps(out))
+"""
+
+
+def _measured_conv(n: int, c: int, hw: int, o: int, k: int, channels_last: bool) -> dict[str, int]:
+    """VmHWM - VmRSS after one real convolution forward and backward (bytes held inside the op), in
+    a process with the truth's allocator settings (every buffer of 64 KiB or more its own mapping)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # torch's backend choice depends on it
+    done = subprocess.run([sys.executable, "-c", _CONV_PROBE, *map(str, (n, c, hw, o, k, int(channels_last)))],
+                          env=env, capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout)
+
+
+@pytest.mark.slow  # a subprocess each
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize(("c", "o", "k", "channels_last"), [
+    (64, 64, 3, False),   # NCHW: blocked copies of x and y in the forward, of dy and x in the backward
+    (128, 64, 1, False),  # a 1 x 1 shortcut: the input twice the output
+    (64, 64, 3, True),    # channels-last: viewed, only dy (NCHW) is copied to channels-last
+])
+def test_conv_transient_is_what_the_real_kernel_holds(c, o, k, channels_last) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memguard.estimation.kernels import transient
+
+    n, hw = 4, 64  # 4 x 64 x 64 x 64 fp32: 4 MiB
+    measured = _measured_conv(n, c, hw, o, k, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    conv, conv_backward = torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default
+    with FakeTensorMode():  # fake CPU tensors, as the trace has them
+        x = torch.empty(n, c, hw, hw).to(memory_format=fmt)
+        w = torch.empty(o, c, k, k).to(memory_format=fmt)
+        args = (x, w, None, [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], 1)
+        y = conv(*args)
+        dy = torch.empty(n, o, hw, hw)
+        forward = transient(conv, args, y, "cpu")
+        backward = transient(conv_backward, (dy, x, w, None, *args[3:], [True, True, False]), None, "cpu")
+    mib = 2**20
+    # The rule leaves out the kernels' scratchpads (a few hundred KiB at most here), and counts a
+    # copy's pages before the kernel has written them all.
+    assert 0.95 * forward - mib / 4 <= measured["forward"] <= forward + mib / 2
+    assert 0.95 * backward - mib / 4 <= measured["backward"] <= backward + mib / 2
+    if not channels_last:
+        assert forward == n * max(c, o) * hw * hw * 4 + w.numel() * 4  # the larger blocked copy, and the weights'
+    else:
+        assert forward == 0 and backward == n * o * hw * hw * 4 + w.numel() * 4  # the copy of dy
+
+
+def _two_convs() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(8, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1))
+
+
+def test_the_cpu_trace_holds_the_conv_copies_inside_the_op_and_cuda_does_not() -> None:
+    from memguard.estimation.kernels import mkldnn_conv_transient
+
+    batch = torch.randn(4, 8, 64, 64)
+    kwargs = dict(example_input=batch, loss_fn=lambda out, b: out.sum(), optimizer="sgd", method="trace")
+    cpu = memguard.estimate(_two_convs(), device="cpu", **kwargs)
+    inside = [p for p in cpu.at_peak if p.where == "(inside an op)"]
+    with torch.device("meta"):
+        x, w, dy = torch.empty(4, 64, 64, 64), torch.empty(64, 64, 3, 3), torch.empty(4, 64, 64, 64)
+    second = mkldnn_conv_transient(x, w, grad_output=dy, output_mask=(True, True, True))
+    assert second == 2 * 4 * 64 * 64 * 64 * 4  # dy and x blocked beside grad_input, while the weights compute
+    # The peak is the second convolution's backward: its copies beside its grad_input, and a dense
+    # copy of its grad_output (the gradient of .sum() is an expanded scalar, not contiguous).
+    held = second + 4 * 64 * 64 * 64 * 4
+    assert [(p.category, p.nbytes) for p in inside] == [(Category.TEMPORARY, -(-(held + 64) // 4096) * 4096)]
+    cuda = memguard.estimate(_two_convs(), device="cuda", **kwargs)
+    assert not [p for p in cuda.at_peak if p.where == "(inside an op)"]

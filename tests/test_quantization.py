@@ -105,6 +105,41 @@ def test_trace_and_formula_agree_within_5_percent_on_a_qlora_llama(quantization,
     assert formula.breakdown[Category.PARAMETERS] == pytest.approx(traced.breakdown[Category.PARAMETERS], rel=0.01)
 
 
+def test_an_int8_base_keeps_its_inputs_and_computes_its_mlp_in_the_inputs_dtype():
+    # MatMul8bitLt keeps its input A for backward under a frozen weight (ctx.tensors = (CAt, subA, A))
+    # and returns output.to(A.dtype); a 4-bit base keeps neither. Per block, over 2 x 256 rows:
+    cfg = small_llama()
+    rows, h, f, n = 2 * 256, 512, 1376, 4
+    extra = {}
+    for precision in ("bf16-true", "bf16-mixed"):
+        kwargs = dict(batch_size=2, seq_len=256, precision=precision, lora_rank=8, method="formula")
+        int8 = memguard.estimate(cfg, quantization="int8", **kwargs)
+        nf4 = memguard.estimate(cfg, quantization="nf4", **kwargs)
+        extra[precision] = int8.breakdown[Category.ACTIVATIONS] - nf4.breakdown[Category.ACTIVATIONS]
+    # bf16-true: down_proj's input and the MLP norm's output, in bf16 (the attention norm's output
+    # is the tensor the q and v adapters keep already)
+    assert extra["bf16-true"] == n * rows * (f + h) * 2
+    # bf16-mixed: both norms' fp32 outputs (the adapters keep their own bf16 casts) and down_proj's
+    # fp32 input; the MLP runs in fp32 in both (on 512 rows the 4-bit base's fused kernel returns
+    # fp32 too, Ctx.uncast)
+    assert extra["bf16-mixed"] == n * rows * (2 * h * 4 + f * 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("quantization", "precision"), [
+    ("int8", "bf16-true"), ("int8", "bf16-mixed"),
+    ("nf4", "bf16-mixed"),  # 512 rows, up to FUSED_MAX_ROWS: the fused kernel returns fp32 under autocast
+])
+def test_trace_and_formula_agree_within_5_percent_on_qlora_in_16_bits(quantization, precision):
+    cfg = small_llama()
+    kwargs = dict(batch_size=2, seq_len=256, precision=precision, lora_rank=8, quantization=quantization,
+                  device="cuda")
+    traced = memguard.estimate(cfg, method="trace", **kwargs)
+    formula = memguard.estimate(cfg, method="formula", **kwargs)
+    assert traced.method == "trace" and formula.method == "formula"
+    assert formula.peak_bytes == pytest.approx(traced.peak_bytes, rel=0.05)
+
+
 @pytest.mark.slow
 def test_quantized_base_saves_memory_and_keeps_the_activations():
     cfg = small_llama()

@@ -18,33 +18,43 @@ Corrected:
       measured from ``VmHWM``), so a CPU estimate of an LSTM is high by up to the unwritten share
       (+26% on the ``lstm`` benchmark case, -61% without the workspace).
 
+Transient inside an op (held while the op runs, freed before it returns; :func:`transient`):
+    * ``aten::convolution`` and ``aten::convolution_backward`` on the CPU's oneDNN backend (what
+      ``torch._C._select_conv_backend``, PyTorch's own choice in ``aten/src/ATen/native/Convolution.cpp``,
+      calls ``Mkldnn``: fp32 convolutions, and bf16 ones on hosts with AVX-512 bf16). The meta kernel
+      knows only the outputs; the real kernel (``aten/src/ATen/native/mkldnn/Conv.cpp``) works on
+      internal copies, per its Note [MKLDNN Convolution Memory Formats]: for a contiguous NCHW tensor
+      "input reorder: NCHW(user) -> Blocked(internal) ... output reorder: Blocked(internal) ->
+      NCHW(user)", a channels-last tensor is viewed, not reordered. :func:`mkldnn_conv_transient`
+      writes the sequence of ``mkldnn_convolution`` and ``mkldnn_convolution_backward`` (its
+      ``_backward_input`` then ``_backward_weights``, each ``compute`` reordering ``grad_output``
+      and the input again and freeing its copies when it returns, each result converted to dense
+      by ``mkldnn_to_dense`` beside its blocked original) as phases, and counts the largest phase
+      beyond the op's outputs. Blocked layouts pad the channels to oneDNN's block (8 floats on
+      AVX2, 16 on AVX-512: ``aBcd8b`` / ``aBcd16b`` in ``ONEDNN_VERBOSE``); an input or
+      ``grad_output`` that is not contiguous in the backend's memory format is first copied
+      (``.contiguous(memory_format)`` in ``mkldnn_convolution_backward`` and ``_convolution``).
+      Measured on ``vae-small`` (AVX2, 2 threads, 4 x 64-128 channels x 128 x 128 fp32), per op
+      from ``VmHWM``: a forward 64 -> 64 3 x 3 holds 16.0 MiB beyond its output (rule: 16.0), a
+      128 -> 64 1 x 1 31.8 (32.0), a backward 64 -> 64 31.8 (32.0), 128 -> 64 1 x 1 47.8 (48.0),
+      a channels-last 128 -> 128 33.5 (its ``grad_output`` copy, 32.0). Not modelled: the
+      kernels' scratchpads (up to 0.5 MiB on these), and oneDNN's choice of another kernel for
+      some shapes (a strided backward on AVX2 runs ``brgconv_strided``, which held 32.2 MiB where
+      the rule says 20.3). On ``device="cuda"`` the convolutions' cuDNN workspaces are the band's
+      (:mod:`memguard.estimation.cuda_rules`), not this rule's.
+
 Known but not corrected:
-    * Buffers a CPU kernel makes and frees inside one op: no tensor holds them, so a trace on fake
-      tensors cannot see them. The largest are the convolutions' (``mkldnn_convolution``: ideep
-      reorders plain NCHW tensors to oneDNN's blocked layout and back). Measured per op from
-      ``VmHWM`` on the ``vae-small`` case (64-128 channels, 4 x 128 x 128): up to 31.8 MiB inside a
-      forward convolution (a blocked copy of its input and of its output, 16 MiB each) and 47.9 MiB
-      inside a backward (grad_output, input and grad_input); 2 MiB on ``sd3-small``. A depthwise
-      7 x 7 backward holds about 22 MiB (ConvNeXt, -6%). diffusers' ``AutoencoderKL`` is -2.3% for
-      them while the trace equals the live tensors of a real step within 0.3%. The reorders are
-      ``mkldnn_convolution``'s (``aten/src/ATen/native/mkldnn/Conv.cpp``, the note above it: for a
-      contiguous NCHW tensor "input reorder: NCHW(user) -> Blocked(internal) ... output reorder:
-      Blocked(internal) -> NCHW(user)"; the output is ``mkldnn_to_dense`` of ideep's blocked ``y``;
-      ``mkldnn_convolution_backward_input`` and ``_weights`` reorder ``grad_output`` and the input
-      again, each in its own call). ``ONEDNN_VERBOSE=1`` on an AVX2 host shows the blocked layout
-      (``aBcd8b``, ``jit:avx2``) and four reorders into it and two out of it per convolution and step;
-      AVX-512 hosts block by 16, and channels-last tensors are viewed, not reordered. Measured with
-      ``VmHWM`` on one 64 -> 64 3 x 3 convolution over 4 x 64 x 128 x 128 fp32 (16 MiB) on that AVX2
-      host: the forward holds 16 MiB beside its output in NCHW, none in channels-last; the backward
-      34-66 MiB beside ``grad_input`` in either (the reorders and the backward-weights scratchpad,
-      whose size oneDNN's ``jit:avx2`` kernel sets). Not corrected: they live inside one op, and the
-      trace records only what ops return; a correction needs the ledger to hold a transient at an op.
-      ``sd3-small`` (-3.7%) has no such op over 2 MiB: its residue is outside the ops (the heap's
-      small blocks, below the 64 KiB mmap threshold), not yet explained; the forward of its CPU
-      attention (``_scaled_dot_product_flash_attention_cpu``) keeps one block of
-      ``qSplitSize x (kvSplitSize + headSize + 2)`` floats per thread (``cpu_flash_attention`` in
-      ``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp``: 64 x (333 + 32 + 2) over 333 tokens of
-      32-wide heads, 94 KiB a thread), too little to explain it.
+    * Other buffers a CPU kernel makes and frees inside one op (GEMM packing buffers in MKL,
+      which the truth's ``MKL_DISABLE_FAST_MM=1`` frees at once; a depthwise 7 x 7 backward's
+      scratch). ``sd3-small`` (-3.7% against ``benchmarks/truth.py``) has no op holding over 2 MiB
+      inside it (per op from ``VmHWM``), and the trace equals the live tensors of a real step at its
+      peak (217.1 MiB counted tensor by tensor, the trace 218.2): the rest is the truth's. Its
+      warm-up step runs at batch 1, and the first measured step at batch 4 leaves 7.9 MiB resident
+      that no tensor holds, once (8.2 MiB after the second step): one-time state of the libraries
+      for the new matrix shapes, not training memory. Warmed up at batch 4, that residue is 0.5 MiB
+      and the peak reads 218.4-219.2 MiB, the trace within 0.5%. (The forward of its CPU attention,
+      ``cpu_flash_attention`` in ``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp``, keeps
+      ``qSplitSize x (kvSplitSize + headSize + 2)`` floats per thread, 94 KiB: not it either.)
 
 Named in the estimate's notes (see :func:`uncounted`):
     * On a GPU, cuDNN's RNN reserve space (``_cudnn_rnn``'s ``reserve`` output, sized by
@@ -55,11 +65,12 @@ Named in the estimate's notes (see :func:`uncounted`):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-__all__ = ["corrected", "mkldnn_lstm_workspace", "uncounted"]
+__all__ = ["corrected", "mkldnn_conv_transient", "mkldnn_lstm_workspace", "transient", "uncounted"]
 
 _PAGE = 4096
 """oneDNN aligns every part of an RNN workspace to a page (``rnn_utils::set_offsets``)."""
@@ -140,6 +151,107 @@ def corrected(func: Any, args: tuple[Any, ...], out: Any, device: str) -> Any:
     del device  # the same corrections for both: the CUDA trace runs the CPU's kernels
     fix = _CORRECTIONS.get(func)
     return out if fix is None else fix(args, out)
+
+
+def _channel_block() -> int:
+    """oneDNN's channel block for fp32 activations on this host: 16 floats with AVX-512, else 8
+    (one vector register: ``simd_w`` of ``jit_avx2_conv_kernel_f32`` / ``jit_avx512_common_conv``)."""
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """``suggest_memory_format() == ChannelsLast`` (or ``ChannelsLast3d``) for a 4-D (5-D) tensor."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return fmt is not None and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
+
+
+def _dense(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _blocked(t: torch.Tensor | tuple[int, ...], elem: int, block: int) -> int:
+    """Bytes of an activation in oneDNN's blocked layout: channels (dim 1) padded to ``block``."""
+    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else t
+    return math.prod((shape[0], _up(shape[1], block), *shape[2:])) * elem
+
+
+def mkldnn_conv_transient(input: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                          grad_output: torch.Tensor | None = None, output_mask: tuple[bool, ...] = (),
+                          block: int | None = None) -> int:
+    """Bytes a CPU oneDNN convolution holds inside the op beyond its outputs (see the module docstring).
+
+    The forward (``out`` given) runs ``ideep::convolution_forward::compute`` on a blocked copy of
+    the input into a blocked result ``y``, then ``mkldnn_to_dense(y)``: the phases are
+    ``x_b + w_b + y_b`` and ``y_b + out``. The backward (``grad_output`` given) runs
+    ``mkldnn_convolution_backward_input`` (``dy_b + w_b + dx_b``, then ``dx_b + grad_input``) and
+    ``_backward_weights`` beside ``grad_input`` (``dy_b + x_b + dw_b``, then ``dw_b + grad_weight``).
+    In channels-last the activations are viewed (no copies). A tensor not contiguous in the backend's
+    format is first copied, the copy held through the op. Result: the largest phase minus the outputs.
+    """
+    block = block or _channel_block()
+    elem = input.element_size()
+    cl = _channels_last(input) or _channels_last(weight)
+    fmt = ({4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim(), torch.contiguous_format)
+           if cl else torch.contiguous_format)
+
+    def copy(t: torch.Tensor) -> int:  # .contiguous(memory_format) of a tensor not already so
+        return 0 if t.is_contiguous(memory_format=fmt) else _dense(t)
+
+    def internal(t: torch.Tensor) -> int:  # a blocked copy, or a view of a channels-last tensor
+        return 0 if cl else _blocked(t, elem, block)
+
+    w_b = _blocked(tuple(weight.shape), elem, block) if not cl else _dense(weight)
+    if grad_output is None and out is not None:
+        held = copy(input)
+        phases = (internal(input) + w_b + internal(out), internal(out) + _dense(out))
+        return max(0, held + max(phases) - _dense(out))
+    if grad_output is None:
+        return 0
+    held = copy(input) + copy(grad_output)
+    grad_in = _dense(input) if output_mask[0] else 0
+    dw = _dense(weight) if (output_mask[1] or output_mask[2]) else 0
+    phases = [0]
+    if grad_in:
+        phases += [internal(grad_output) + w_b + internal(input), internal(input) + grad_in]
+    if dw:
+        phases += [grad_in + internal(grad_output) + internal(input) + w_b, grad_in + w_b + dw]
+    return max(0, held + max(phases) - grad_in - dw)
+
+
+def _conv_transient(func: Any, args: tuple[Any, ...], out: Any) -> int:
+    """:func:`mkldnn_conv_transient` of a ``convolution`` or ``convolution_backward`` call that
+    PyTorch sends to its oneDNN backend (``torch._C._select_conv_backend``), else 0."""
+    forward = func is torch.ops.aten.convolution.default
+    if forward:
+        x, w, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+        dy, bias_sizes, mask = None, None, ()
+    else:
+        dy, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask = args[:11]
+        bias = None
+    if transposed or x.dim() not in (4, 5):
+        return 0
+    try:
+        backend = torch._C._select_conv_backend(x, w, bias, stride, padding, dilation, transposed,
+                                                output_padding, groups, bias_sizes)
+    except (RuntimeError, TypeError):  # arguments it cannot read (symbolic sizes): count nothing
+        return 0
+    if backend != torch._C._ConvBackend.Mkldnn:
+        return 0
+    if forward:
+        return mkldnn_conv_transient(x, w, out=out)
+    return mkldnn_conv_transient(x, w, grad_output=dy, output_mask=tuple(mask))
+
+
+_TRANSIENTS = {torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default}
+
+
+def transient(func: Any, args: tuple[Any, ...], out: Any, device: str) -> int:
+    """Bytes the real kernel of ``func(*args)`` holds while it runs beyond ``out``, freed before it
+    returns (see the module docstring), or 0. CPU only: on CUDA the convolutions' workspaces are
+    the band's (:meth:`memguard.estimation.cuda_rules.Workspaces.band`)."""
+    if device != "cpu" or func not in _TRANSIENTS:
+        return 0
+    return _conv_transient(func, args, out)
 
 
 def uncounted(func: Any, device: str) -> str | None:

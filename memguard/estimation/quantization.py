@@ -33,9 +33,14 @@ formula reads them off the module. :func:`detect_quantization` reads a model tha
 bitsandbytes layers, or a config with a ``quantization_config``.
 
 Known limitations:
-    * The formula's int8 blocks (the inputs ``MatMul8bitLt`` keeps, the cast copies) are within about
-      ±14% of the trace on a small Llama with LoRA (high in bf16-true, low in bf16-mixed); 4-bit
-      blocks within 1% under checkpointing.
+    * The formula counts what ``MatMul8bitLt`` keeps (its input) and that its output is in the
+      input's dtype (an int8 block's MLP runs in fp32 under bf16-mixed), see
+      :meth:`memguard.estimation.formula.context.Ctx.linear_inputs`. On LoRA-r8 Llamas with the
+      CUDA rules (batch 4 x 512 with and without checkpointing, and 1 x 256; NF4 with double
+      quantization and int8; bf16-true and bf16-mixed) it is within -2.7% to +4.0% of the trace on
+      512 x 4 and 1024 x 4 layers, and up to +9.6% high on 2048 x 2 layers with GQA (int8 under
+      bf16-mixed: the formula's top-block moment keeps the head's autocast weight copy, which the
+      trace has freed by then).
     * bitsandbytes before the 0.4x refactor of ``MatMul4Bit`` kept its input for backward
       (``ctx.tensors = (A, B)``); memguard models 0.50, which does not. Runs on older versions keep
       about one more activation per quantized layer without an adapter reading the same tensor.

@@ -171,7 +171,7 @@ def _blocks_saved(ctx: Ctx, seq: int, dec: int, act: Activity, one: _Layers,
     block is a frozen one plus its adapters' :func:`~memguard.estimation.formula.adapters.adapter_bytes`;
     under checkpointing, it keeps its input like any other (the adapters run inside the checkpointed
     forward)."""
-    adapters = [adapter_bytes(ctx.b * seq, a, elem=ctx.c, autocast=ctx.autocast)
+    adapters = [adapter_bytes(ctx.b * seq, a, elem=ctx.c, autocast=ctx.autocast, inputs_kept=ctx.kept_inputs)
                 for a in act.adapted]
     if ckpt:
         blocks = ((act.enc + act.enc_frozen) * checkpoint_input_bytes(ctx, seq)
@@ -215,7 +215,8 @@ def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool]) 
     top = one.dec if act.dec else (one.enc if act.enc else 0)
     bottom = one.enc if act.enc else one.dec if act.dec else 0
     if act.adapted and not (act.enc or act.dec):  # LoRA: frozen blocks with adapters
-        lora = adapter_bytes(ctx.b * seq, act.adapted[0], elem=ctx.c, autocast=ctx.autocast)
+        lora = adapter_bytes(ctx.b * seq, act.adapted[0], elem=ctx.c, autocast=ctx.autocast,
+                             inputs_kept=ctx.kept_inputs)
         top = (one.dec_frozen if act.dec_frozen else one.enc_frozen) + lora
         bottom = (one.enc_frozen if act.enc_frozen else one.dec_frozen) + lora
     if ckpt:

@@ -22,9 +22,9 @@ Only blocks whose trainable parameters are all LoRA weights are counted so
 (:func:`memguard.estimation.formula.activations.block_activity`); a block that trains anything else
 is counted as a trainable block.
 
-Known limitation: LLM.int8's ``MatMul8bitLt`` keeps its input for backward even under a frozen
-weight (``ctx.tensors = (CAt, subA, A)``, ``bitsandbytes/autograd/_functions.py``); the formula does
-not count it, and is low on int8 bases (about 5% on a small Llama in bf16-true).
+LLM.int8's ``MatMul8bitLt`` keeps its input for backward even under a frozen weight
+(``ctx.tensors = (CAt, subA, A)``, ``bitsandbytes/autograd/_functions.py``): counted with the
+block (:meth:`memguard.estimation.formula.context.Ctx.linear_inputs`).
 """
 
 from __future__ import annotations
@@ -50,13 +50,18 @@ def lora_weights(module: nn.Module, index: dict[int, int]) -> dict[int, tuple[in
 
 
 def adapter_bytes(rows: int, shapes: tuple[tuple[int, int], ...], *, elem: int,
-                  autocast: bool) -> int:
+                  autocast: bool, inputs_kept: bool = False) -> int:
     """Bytes the adapters of one block save over ``rows`` tokens: ``shapes`` holds ``(in, r)`` of
     each trainable ``lora_A``; ``elem`` is the matmul dtype's element size.
 
     Without autocast the inputs of adapters with the same width are taken to be one tensor (the
     norm's output read by Q and V, peft's default targets); adapters on every linear layer of a
-    block (``target_modules="all-linear"``) are then counted a little low.
+    block (``target_modules="all-linear"``) are then counted a little low. ``inputs_kept``: the base
+    layers keep their inputs themselves (LLM.int8, :attr:`~memguard.estimation.formula.context.Ctx.kept_inputs`),
+    counted with the block; without autocast the adapters read those same tensors.
     """
-    widths = [w for w, _ in shapes] if autocast else sorted({w for w, _ in shapes})
+    if inputs_kept and not autocast:
+        widths: list[int] = []
+    else:
+        widths = [w for w, _ in shapes] if autocast else sorted({w for w, _ in shapes})
     return rows * (sum(widths) + sum(r for _, r in shapes)) * elem

@@ -40,6 +40,10 @@ class Ctx:
         frozen: counting a frozen block that passes gradients down: its linear layers keep no
             inputs (a frozen weight needs no gradient), only what input gradients need.
         routing: the capacity factor of the MoE routing model (``TrainingSpec.moe_routing``).
+        kept_inputs: the base's linear layers are LLM.int8 ones (``MatMul8bitLt``), which keep
+            their input for backward even under a frozen weight, uncast (see :meth:`linear_inputs`).
+        uncast: the base's quantized linear layers return their input's dtype, which autocast does
+            not change (see :attr:`mlp_elem`).
     """
 
     b: int
@@ -52,6 +56,8 @@ class Ctx:
     fam: Family
     frozen: bool = False
     routing: float = 1.0
+    kept_inputs: bool = False
+    uncast: bool = False
 
     def mask(self, elem: int) -> int:
         """Bytes per element of a dropout mask over a tensor of ``elem``-byte elements.
@@ -68,13 +74,26 @@ class Ctx:
         Without autocast the one tensor is saved by all of them. Under autocast every ``F.linear``
         casts its fp32 input to 16 bits itself and saves its own cast copy (autocast caches casts
         of leaf weights only), so Q, K and V projections keep three copies. A frozen linear layer
-        keeps none.
+        keeps none, unless it is LLM.int8's (:attr:`kept_inputs`): bitsandbytes' ``MatMul8bitLt``
+        saves its input ``A`` whenever the input needs a gradient (``if any(ctx.needs_input_grad[:2]):
+        ctx.tensors = (CAt, subA, A)``, ``bitsandbytes/autograd/_functions.py``), in the dtype it
+        came in (a custom ``autograd.Function``: autocast does not cast it), one tensor for all readers.
         """
         if self.frozen:
-            return 0
+            return rows * width * self.r if self.kept_inputs else 0
         if self.autocast:
             return consumers * rows * width * self.c
         return rows * width * self.r
+
+    @property
+    def mlp_elem(self) -> int:
+        """Bytes per element of the MLP's linear outputs: :attr:`c`, but in a frozen block of
+        quantized layers that return their input's dtype (:attr:`uncast`) the input's (:attr:`r`):
+        LLM.int8's ``MatMul8bitLt`` returns ``output.to(A.dtype)``, a custom ``autograd.Function``
+        autocast does not enter (``bitsandbytes/autograd/_functions.py``), and so does the 4-bit
+        stand-in's fused kernel (:class:`memguard.estimation.quantization.QuantizedLinear`, up to
+        ``FUSED_MAX_ROWS`` rows); under mixed precision the MLP between them runs in fp32."""
+        return self.r if self.frozen and self.uncast else self.c
 
     @property
     def math_elem(self) -> int:

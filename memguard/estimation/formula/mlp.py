@@ -48,11 +48,12 @@ def mlp_bytes(ctx: Ctx, rows: int, ffn: int, gated: bool, activation: str,
     the fp32 tanh and 1 + tanh and the 16-bit 0.5·x; its fp32 output is cast again by the second
     linear.
     """
-    unit = rows * ffn * ctx.c
+    unit = rows * ffn * ctx.mlp_elem
     own, output_saved = _act_tensors(activation)
     own_bytes = rows * ffn * (3 * F32 + ctx.c) if fp32_gelu(ctx, activation) else own * unit
     extra = rows * ffn * ctx.mask(ctx.c) if act_dropout > 0 else 0
-    second = 0 if ctx.frozen else 1  # the second linear's input, unless its weight is frozen
+    # the second linear's input, unless its weight is frozen (LLM.int8 keeps it: Ctx.linear_inputs)
+    second = 0 if ctx.frozen and not ctx.kept_inputs else 1
     if gated:
         # act's output (saved by the product unless act saves it), the up projection, and the
         # product (or, with dropout after it, the dropped product) saved by the down projection

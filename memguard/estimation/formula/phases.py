@@ -9,6 +9,7 @@ temporaries differ from moment to moment.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from typing import Any
 
@@ -18,7 +19,7 @@ from memguard.errors import ConfigError
 from memguard.estimation.arch import Architecture, inspect_architecture
 from memguard.estimation.formula.activations import Activations, activations
 from memguard.estimation.formula.blocks import block_backward_bytes, block_forward_bytes
-from memguard.estimation.formula.context import Ctx, make_ctx
+from memguard.estimation.formula.context import Ctx, make_ctx, tokens
 from memguard.estimation.formula.embeddings import batch_bytes
 from memguard.estimation.formula.families import model_type_of, refuse_unmodelled
 from memguard.estimation.formula.inventory import Inventory, inventory
@@ -96,7 +97,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     module = model.module
     refuse_unmodelled(model_type_of(model))
     arch = inspect_architecture(module, model.config, name=model.name, needs="the formula")
-    ctx = make_ctx(arch, spec)
+    ctx = _with_quantized_base(make_ctx(arch, spec), module, spec)
     inv = inventory(module, arch)
     grad = inv.requires_grad()
     state = model_state(inv, spec, grad)
@@ -213,6 +214,21 @@ def _quantized_layers(module: Any) -> list[Any]:
     return found[1]
 
 
+def _with_quantized_base(ctx: Ctx, module: Any, spec: TrainingSpec) -> Ctx:
+    """``ctx`` with :attr:`~memguard.estimation.formula.context.Ctx.kept_inputs` set when the base's
+    linear layers are LLM.int8's, whose ``MatMul8bitLt`` keeps its input under a frozen weight, and
+    :attr:`~memguard.estimation.formula.context.Ctx.uncast` when they return their input's dtype
+    (int8; 4-bit on the fused kernel's rows, :data:`~memguard.estimation.quantization.FUSED_MAX_ROWS`)."""
+    from memguard.estimation.quantization import FUSED_MAX_ROWS
+
+    layers = _quantized_layers(module)
+    if not layers:
+        return ctx
+    int8 = any(m.quantization.kind == "int8" for m in layers)
+    fused = ctx.b * tokens(ctx.arch, spec) <= FUSED_MAX_ROWS
+    return dataclasses.replace(ctx, kept_inputs=int8, uncast=int8 or fused)
+
+
 def _dequantize_bytes(module: Any, spec: TrainingSpec, ctx: Ctx,
                       tokens: int) -> tuple[int, int]:
     """A quantized base's largest dequantized weight, in forward and in backward.
@@ -227,8 +243,14 @@ def _dequantize_bytes(module: Any, spec: TrainingSpec, ctx: Ctx,
     layers = _quantized_layers(module)
     if not layers:
         return 0, 0
-    kinds = {m.quantization.kind for m in layers}
-    fused = "int8" not in kinds and ctx.b * tokens <= FUSED_MAX_ROWS
+    if any(m.quantization.kind == "int8" for m in layers):
+        # MatMul8bitLt's forward dequantizes no weight: it casts its input to fp16 and quantizes it
+        # row-wise (int8, one fp32 scale a row); its backward makes a copy of the weight
+        # in the input's dtype (CB.to(dtype_A)), fp32 under mixed precision (Ctx.uncast)
+        rows = ctx.b * tokens
+        forward = max(rows * m.in_features * (2 + 1) + rows * 4 for m in layers)
+        return forward, dequantize_temporary(layers, ctx.r)
+    fused = ctx.b * tokens <= FUSED_MAX_ROWS
     forward = 0 if fused else dequantize_temporary(layers, spec.precision.param_dtype.itemsize)
     return forward, dequantize_temporary(layers, ctx.c)
 

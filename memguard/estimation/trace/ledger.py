@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten
 from memguard.errors import TraceError
 from memguard.estimation.fake_kernels import corrected
 from memguard.estimation.kernels import corrected as with_workspace
-from memguard.estimation.kernels import uncounted
+from memguard.estimation.kernels import transient, uncounted
 from memguard.estimation.stand_ins import StandIns
 
 __all__ = ["CountingMode", "Ledger", "Phase", "Record", "rounded"]
@@ -129,6 +129,14 @@ class Ledger:
         self.by_storage[storage] = index
         weakref.finalize(storage, self._free, index)
 
+    def hold(self, nbytes: int) -> None:
+        """A buffer a real kernel allocates and frees inside the op just recorded (beside its
+        outputs; :func:`memguard.estimation.kernels.transient`): allocated and freed at once."""
+        self.clock += 1
+        self.records.append(Record(rounded(nbytes, self.device), self.clock, self.clock + 1, phase=self.phase,
+                                   requested=nbytes, where=self.modules[-1] if self.modules else "(inside an op)"))
+        self.clock += 1
+
     def index_of(self, t: torch.Tensor) -> int | None:
         return self.by_storage.get(t.untyped_storage())
 
@@ -219,4 +227,7 @@ class CountingMode(TorchDispatchMode):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     self.ledger.track(t)
+        held = transient(func, args, out, self.ledger.device)
+        if held:
+            self.ledger.hold(held)
         return out
