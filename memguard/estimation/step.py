@@ -68,7 +68,8 @@ class Step:
     Normalised: ``precision`` by Lightning's canonical name, ``optimizer`` a memguard name (or the
     class or factory given), ``device`` ``"cuda"`` or ``"cpu"``, ``strategy`` a
     :class:`~memguard.estimation.parallel.Strategy` (a Lightning name's offload turned into the
-    flags), ``training_loop`` a :class:`TrainingLoop`, ``quantization`` its kind, ``skip_modules`` a tuple; ``moe_routing`` stays as given (checked).
+    flags), ``training_loop`` a :class:`TrainingLoop`, ``quantization`` its kind, ``skip_modules``
+    a tuple; ``moe_routing`` stays as given (checked).
 
     Attributes:
         batch_size, seq_len, decoder_seq_len: samples per device and tokens per sample (``None``:
