@@ -66,7 +66,7 @@ class Step:
     raises for it. Pass it as ``memguard.estimate(model, step=step)``.
 
     Normalised: ``precision`` by Lightning's canonical name, ``optimizer`` a memguard name (or the
-    class or factory given), ``device`` ``"cuda"`` or ``"cpu"``, ``strategy`` a
+    class or factory given), ``device`` a :class:`~memguard.estimation.spec.DeviceKind`, ``strategy`` a
     :class:`~memguard.estimation.parallel.Strategy` (a Lightning name's offload turned into the
     flags), ``training_loop`` a :class:`TrainingLoop`, ``quantization`` its kind, ``skip_modules``
     a tuple; ``moe_routing`` stays as given (checked).
@@ -169,6 +169,7 @@ class Step:
         class or factory by its name (:class:`OptimizerSpec`'s), ``skip_modules`` a list."""
         data = {name: getattr(self, name) for name in KNOBS}
         data["optimizer"] = resolve_optimizer(self.optimizer).name
+        data["device"] = self.device.value
         data["training_loop"] = self.training_loop.value
         data["strategy"] = self.strategy.value
         data["skip_modules"] = None if self.skip_modules is None else list(self.skip_modules)
