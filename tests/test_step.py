@@ -183,3 +183,12 @@ def test_no_private_planning_name_crosses_a_module() -> None:
                 for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.ImportFrom)
                 and (node.module or "").startswith("memguard") for alias in node.names if alias.name.startswith("_")]
     assert crossing == []
+
+
+def test_the_tables_header_leaves_out_knobs_at_steps_defaults() -> None:
+    """``MemoryEstimate.table()`` shows knobs (it cannot import Step: no torch there); its defaults are the Step's."""
+    from memguard.estimation import result
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Step)}
+    assert set(result._SHOWN_INPUTS) <= {"model", *KNOBS}
+    assert {k: defaults[k] for k in result._DEFAULT_INPUTS} == result._DEFAULT_INPUTS
