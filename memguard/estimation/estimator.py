@@ -40,7 +40,6 @@ __all__ = ["METHODS", "Inputs", "Step", "estimate"]
 log = logging.getLogger(__name__)
 
 
-
 def estimate(
     model: Any,
     batch_size: int | None = None,
@@ -73,9 +72,9 @@ def estimate(
     """Estimate the peak memory of one steady-state training step.
 
     A pipeline: the arguments are checked before any work starts (the knobs once, as a
-    :class:`Step`; the rest by :func:`_checked_loop`), the model is built or read (:func:`_resolved_model`) and its
-    inputs planned (:func:`_plan_inputs`), one method runs (:func:`_by_method`), and the device's
-    share and costs are added (:func:`_per_device`).
+    :class:`Step`; the rest by :func:`_checked_loop`), the model is built or read
+    (:func:`_resolved_model`) and its inputs planned (:func:`_plan_inputs`), one method runs
+    (:func:`_by_method`), and the device's share and costs are added (:func:`_per_device`).
 
     Args:
         model: an ``nn.Module`` (real weights on any device, or built on the meta device), a
