@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     )
     from memguard.estimation.estimator import estimate
     from memguard.estimation.models import list_presets
+    from memguard.estimation.step import Step
     from memguard.estimation.trace import is_tracing
     from memguard.fit import Fit
     from memguard.lightning.callback import MemGuard
@@ -63,6 +64,7 @@ _LAZY = {
     "Plan": "memguard.planning",
     "PlanRow": "memguard.planning",
     "Fit": "memguard.fit",
+    "Step": "memguard.estimation.step",
 }
 
 __all__ = [
@@ -82,6 +84,7 @@ __all__ = [
     "MissingDependencyError",
     "Plan",
     "PlanRow",
+    "Step",
     "TraceError",
     "UnsupportedModelError",
     "__version__",

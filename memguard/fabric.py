@@ -36,12 +36,11 @@ from typing import Any
 import torch
 
 from memguard.errors import ConfigError, MemguardError, require
-from memguard.estimation.estimator import estimate
 from memguard.estimation.from_run import optimizer_factory
-from memguard.estimation.result import MemoryEstimate
+from memguard.estimation.step import Step
 from memguard.estimation.trace import DEFAULT_TIMEOUT
 from memguard.fit import Fit
-from memguard.guard import Decision, Framework, GuardConfig, RunView, StepView, act, alone, assess
+from memguard.guard import Decision, Framework, GuardConfig, RunView, StepView, act, alone, assess, traced
 from memguard.lightning.run import parallelism
 from memguard.planning import guard_remedies
 
@@ -144,11 +143,10 @@ def _step(fabric: Any, model: torch.nn.Module, optimizer: Any, batch: Any, step_
         kwargs["loss_fn"] = loss_fn
     precision = str(getattr(fabric.strategy.precision, "precision", "32-true"))
 
-    def estimate_at(batch_size: int, accumulate: int) -> MemoryEstimate:
-        return estimate(module, batch_size=batch_size, optimizer=rebuilt or "none", precision=precision,
-                        device=device, method="trace", strategy=parallel or ("ddp" if world > 1 else "single"),
-                        world_size=world, offload_optimizer=offload_optimizer, offload_params=offload_params,
-                        accumulate_grad_batches=accumulate, **kwargs)
+    run = Step(optimizer=rebuilt or "none", precision=precision, device=device, training_loop="pytorch",
+               strategy=parallel or ("ddp" if world > 1 else "single"), world_size=world,
+               offload_optimizer=offload_optimizer, offload_params=offload_params)
+    estimate_at = traced(module, run, **kwargs)
 
     def remedies(fit: Fit) -> list[Any] | None:
         return guard_remedies(fit.estimate, fit.free_bytes, fit.margin, model=module, gpus=world,

@@ -241,7 +241,7 @@ def test_resume_keeps_batch_and_accumulation_without_estimating(reduced: Reduced
     def no_estimate(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("estimated again on resume")
 
-    monkeypatch.setattr("memguard.lightning.rank.estimate", no_estimate)
+    monkeypatch.setattr("memguard.estimation.estimator.estimate", no_estimate)
     module = module_class(reduced.package)()
     assert module.hparams.batch_size == ASKED
     guard = MemGuard(action="reduce", budget=reduced.budget, margin=MARGIN, strict=True)

@@ -277,7 +277,7 @@ def _tiny_llama() -> object:
 
 @pytest.mark.parametrize("method", ["trace", "formula"])
 def test_every_accumulation_from_two_on_estimates_alike(method: str) -> None:
-    """What the plan's memo relies on (``search._memo_key``): ``accumulate`` 2 and 5 give the same bytes."""
+    """What the plan's memo relies on (``search.memo_key``): ``accumulate`` 2 and 5 give the same bytes."""
     config = _tiny_llama()
     kwargs = {"batch_size": 2, "seq_len": 32, "precision": "bf16-mixed", "method": method, "device": "cpu"}
     one, two, five = (memguard.estimate(config, accumulate_grad_batches=a, **kwargs) for a in (1, 2, 5))
@@ -321,19 +321,19 @@ def test_fused_adamw_is_an_optimizer_with_no_step_temporaries() -> None:
 
 
 def test_new_strategies_and_lora_are_charged() -> None:
-    from memguard.planning.costs import _Context, _cost_terms
-    from memguard.planning.rows import _Knobs
+    from memguard.planning.costs import CostContext, cost_terms
+    from memguard.planning.rows import Knobs
 
-    base = _Knobs("bf16-mixed", "adamw", False, "single", 1, False, False, None)
-    ctx = _Context(base, 4, 1024, 10**9, {None: 10**9, 16: 10**7})
-    ds = _Knobs("bf16-mixed", "adamw", False, "deepspeed_stage_2", 1, False, False, None)
-    assert _cost_terms(ds, ctx) == {"new strategy": COSTS["new_strategy"]}
-    lora = _Knobs("bf16-mixed", "adamw", False, "single", 1, False, False, 16)
-    assert _cost_terms(lora, ctx)["lora"] == COSTS["lora"]
-    fused = _Knobs("bf16-mixed", "adamw-fused", False, "single", 1, False, False, None)
-    assert _cost_terms(fused, ctx) == {}  # the same update, made in one kernel: free
-    ddp = _Knobs("bf16-mixed", "adamw", False, "ddp", 2, False, False, None)
-    assert "new strategy" not in _cost_terms(ddp, ctx)
+    base = Knobs("bf16-mixed", "adamw", False, "single", 1, False, False, None)
+    ctx = CostContext(base, 4, 1024, 10**9, {None: 10**9, 16: 10**7})
+    ds = Knobs("bf16-mixed", "adamw", False, "deepspeed_stage_2", 1, False, False, None)
+    assert cost_terms(ds, ctx) == {"new strategy": COSTS["new_strategy"]}
+    lora = Knobs("bf16-mixed", "adamw", False, "single", 1, False, False, 16)
+    assert cost_terms(lora, ctx)["lora"] == COSTS["lora"]
+    fused = Knobs("bf16-mixed", "adamw-fused", False, "single", 1, False, False, None)
+    assert cost_terms(fused, ctx) == {}  # the same update, made in one kernel: free
+    ddp = Knobs("bf16-mixed", "adamw", False, "ddp", 2, False, False, None)
+    assert "new strategy" not in cost_terms(ddp, ctx)
 
 
 def test_two_owned_gpus_list_lora_with_ddp_on_both() -> None:

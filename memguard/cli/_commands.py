@@ -120,14 +120,12 @@ def cmd_max_batch(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     from memguard.planning import plan
+    from memguard.planning.rows import SEARCHED_KNOBS
 
     gpu = resolve_gpu(args.gpu, args.precision, getattr(args, "readers", None))
-    base = {"precision": args.precision, "optimizer": _optimizer_for_plan(args.optimizer),
-            "gradient_checkpointing": bool(args.gradient_checkpointing), "strategy": args.strategy,
-            "world_size": args.world_size, "offload_optimizer": args.offload_optimizer,
-            "offload_params": args.offload_params, "lora_rank": args.lora_rank,
-            "accumulate_grad_batches": args.accumulate_grad_batches, "quantization": args.quantization,
-            "double_quant": args.double_quant}
+    base = {**{name: getattr(args, name) for name in SEARCHED_KNOBS if name != "batch_size"},
+            "optimizer": _optimizer_for_plan(args.optimizer),
+            "gradient_checkpointing": bool(args.gradient_checkpointing)}
     out.progress(f"planning {args.model} on {gpu.name} ...")
     extra = dict(getattr(args, "estimate_extra", {}))  # from --config (memguard.cli._config)
     model = extra.pop("model", args.model)

@@ -76,26 +76,15 @@ def _describe_gpu(gpu: memguard.DeviceMemory) -> str:
 
 
 def _estimate_kwargs(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
+    """:func:`memguard.estimate`'s keyword arguments from the flags: every knob of a
+    :class:`~memguard.estimation.step.Step` that has a flag (the batch size is passed apart), the method
+    and the trace's timeout, and what ``--config`` read."""
+    from memguard.estimation.step import KNOBS  # needs torch: only once the command line is read
+
     return {
-        "seq_len": args.seq_len,
-        "decoder_seq_len": args.decoder_seq_len,
-        "precision": args.precision,
-        "optimizer": args.optimizer,
+        **{name: getattr(args, name) for name in KNOBS if name != "batch_size" and hasattr(args, name)},
         "method": method or args.method or "auto",
-        "device": args.device,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "strategy": args.strategy,
-        "world_size": args.world_size,
-        "offload_optimizer": args.offload_optimizer,
-        "offload_params": args.offload_params,
-        "lora_rank": args.lora_rank,
-        "accumulate_grad_batches": args.accumulate_grad_batches,
-        "set_to_none": args.set_to_none,
         "trace_timeout": args.trace_timeout,
-        "quantization": args.quantization,
-        "double_quant": args.double_quant,
-        "skip_modules": args.skip_modules,
-        "moe_routing": args.moe_routing,
         **getattr(args, "estimate_extra", {}),  # from --config (memguard.cli._config)
     }
 

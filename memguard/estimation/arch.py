@@ -35,6 +35,7 @@ from typing import Any
 from torch import nn
 
 from memguard.errors import UnsupportedModelError
+from memguard.estimation.inputs import Head
 
 __all__ = ["Architecture", "MoE", "block_stacks", "find_architecture", "inspect_architecture", "structure_generation",
            "transformer_blocks"]
@@ -96,8 +97,9 @@ class Architecture:
         num_labels: classes of a classification head, else ``None``.
         sliding_window: attention window of a sliding-window model, else ``None``.
         use_cache: the config returns a key/value cache from a training forward.
-        head: what the output head computes, from the class name: ``causal-lm``, ``masked-lm``,
-            ``seq2seq``, ``seq-cls``, ``image-cls``, ``base`` (no head) or ``unknown``.
+        head: what the output head computes (a :class:`~memguard.estimation.inputs.Head`), from the
+            class name: ``causal-lm``, ``masked-lm``, ``seq2seq``, ``seq-cls``, ``image-cls``, ``base``
+            (no head) or ``unknown``.
         moe: the mixture of experts in place of the MLP, or ``None`` for a dense model.
         qk_norm: an RMSNorm on the queries and on the keys after their projections (OLMoE's
             ``q_norm``/``k_norm`` over the projection, Qwen3's over each head: the same bytes).
@@ -130,9 +132,13 @@ class Architecture:
     num_labels: int | None = None
     sliding_window: int | None = None
     use_cache: bool = False
-    head: str = "unknown"
+    head: Head = Head.UNKNOWN
     moe: MoE | None = None
     qk_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.head, Head):  # a name: the enum's value
+            object.__setattr__(self, "head", Head(self.head))
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -289,7 +295,7 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-def _head_kind(module: nn.Module, config: Any) -> str:
+def _head_kind(module: nn.Module, config: Any) -> Head:
     from memguard.estimation.inputs import model_task
 
     return model_task(module).head
@@ -444,11 +450,11 @@ def _from_torch_layers(module: nn.Module) -> Architecture | None:
     tied = bool(embeddings and head_linear is not None
                 and any(head_linear.weight is e.weight for e in embeddings))
     if head_linear is not None and vocab and head_linear.out_features == vocab:
-        head = "causal-lm"
+        head = Head.CAUSAL_LM
     elif head_linear is not None and head_linear.out_features != hidden:
-        head = "seq-cls"
+        head = Head.SEQ_CLS
     else:
-        head = "unknown"
+        head = Head.UNKNOWN
     return Architecture(
         family="torch", model_type=type(module).__name__, layers=len(enc) + len(dec),
         encoder_layers=len(enc), decoder_layers=len(dec), hidden=hidden, heads=heads,
@@ -458,7 +464,7 @@ def _from_torch_layers(module: nn.Module) -> Architecture | None:
         activation_dropout=float(first.dropout.p), embedding_dropout=0.0,
         attn_implementation="sdpa", tied_embeddings=tied, positions="none",
         norm="layernorm", norm_first=bool(getattr(first, "norm_first", False)), fused_qkv=True,
-        num_labels=head_linear.out_features if head == "seq-cls" and head_linear else None,
+        num_labels=head_linear.out_features if head is Head.SEQ_CLS and head_linear else None,
         use_cache=False, head=head,
     )
 

@@ -21,16 +21,11 @@ from memguard.estimation import sandbox
 from memguard.estimation.inputs import TaskKind, audio_positions, decoder_length, make_batch, max_positions, model_task
 from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing, load_model
 from memguard.estimation.overhead import device_overhead
-from memguard.estimation.parallel import Parallelism, Strategy, resolve_parallelism, wrapped_blocks
-from memguard.estimation.quantization import (
-    Quantization,
-    detect_quantization,
-    quantize_model,
-    quantized_layers,
-    resolve_quantization,
-)
+from memguard.estimation.parallel import Parallelism, Strategy, wrapped_blocks
+from memguard.estimation.quantization import Quantization, detect_quantization, quantize_model, quantized_layers
 from memguard.estimation.result import Category, MemoryEstimate, PeakTensors
-from memguard.estimation.spec import TrainingSpec, positive_int, resolve_precision
+from memguard.estimation.spec import TrainingSpec, resolve_precision
+from memguard.estimation.step import KNOBS, METHODS, Step
 from memguard.estimation.trace import (
     DEFAULT_TIMEOUT,
     Inputs,
@@ -40,12 +35,9 @@ from memguard.estimation.trace import (
     warm_up,
 )
 
-__all__ = ["METHODS", "Inputs", "estimate"]
+__all__ = ["METHODS", "Inputs", "Step", "estimate"]
 
 log = logging.getLogger(__name__)
-
-METHODS = ("auto", "trace", "formula", "seed")
-LOOPS = ("pytorch", "lightning")
 
 
 def estimate(
@@ -75,13 +67,14 @@ def estimate(
     skip_modules: list[str] | None = None,
     moe_routing: str | float = "balanced",
     decoder_seq_len: int | None = None,
+    step: Step | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one steady-state training step.
 
-    A pipeline: the arguments are checked before any work starts (:func:`_checked_loop`,
-    :mod:`.spec`, :mod:`.parallel`), the model is built or read (:func:`_resolved_model`) and its
-    inputs planned (:func:`_plan_inputs`), one method runs (:func:`_by_method`), and the device's
-    share and costs are added (:func:`_per_device`).
+    A pipeline: the arguments are checked before any work starts (the knobs once, as a
+    :class:`Step`; the rest by :func:`_checked_loop`), the model is built or read
+    (:func:`_resolved_model`) and its inputs planned (:func:`_plan_inputs`), one method runs
+    (:func:`_by_method`), and the device's share and costs are added (:func:`_per_device`).
 
     Args:
         model: an ``nn.Module`` (real weights on any device, or built on the meta device), a
@@ -150,6 +143,8 @@ def estimate(
             ``top_k`` experts), or a capacity factor >= 1 (each expert takes at most that many
             times its balanced share, as in Switch Transformer). See
             :mod:`memguard.estimation.stand_ins`.
+        step: the knobs above as one :class:`Step` (``estimate(model, step=Step(batch_size=8, ...))``);
+            keyword arguments not left at their defaults replace its values.
 
     The trace runs ``model``'s own ``forward`` (or ``step_fn``) on fake tensors. For a module,
     factory, ``step_fn`` or ``loss_fn`` of the user's, it runs in a forked child process that sends
@@ -167,62 +162,63 @@ def estimate(
         ConfigError: for a bad argument, naming it.
         MemguardError: when no method can estimate this model.
     """
-    accumulate_grad_batches, trace_timeout = _checked_loop(
-        method, training_loop, accumulate_grad_batches, set_to_none, trace_timeout, loss_fn, step_fn, example_input)
-    parallel = resolve_parallelism(strategy, world_size, offload_optimizer=offload_optimizer,
-                                   offload_params=offload_params)
-    spec = TrainingSpec.create(batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
-                               precision=precision, gradient_checkpointing=gradient_checkpointing,
-                               device=device, moe_routing=moe_routing, decoder_seq_len=decoder_seq_len)
-    asked_precision = spec.precision.name
-    spec, master_weights = _deepspeed_precision(spec, parallel)
-    resolved, quant, lora_rank, quant_notes = _resolved_model(model, lora_rank, quantization, double_quant,
-                                                              skip_modules)
+    knobs = {name: value for name, value in locals().items() if name in KNOBS}
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    step = _step_of(step, knobs)
+    trace_timeout = _checked_loop(trace_timeout, loss_fn, step_fn, example_input)
+    parallel = step.layout
+    spec, master_weights = _deepspeed_precision(step.spec, parallel)
+    resolved, quant, lora_rank, quant_notes = _resolved_model(model, step)
     spec, make_inputs = _plan_inputs(resolved, spec, example_input, whole=step_fn is not None)
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=is_checkpointing(resolved.module))
 
-    found = _by_method(method, resolved, spec, parallel, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
-                       step_fn=step_fn, trace_timeout=trace_timeout, accumulate=accumulate_grad_batches,
-                       set_to_none=set_to_none)
+    found = _by_method(method, resolved, spec, parallel, make_inputs, loss_fn=loss_fn, training_loop=step.training_loop,
+                       step_fn=step_fn, trace_timeout=trace_timeout, accumulate=step.accumulate_grad_batches,
+                       set_to_none=step.set_to_none)
     breakdown, host, context, notes = _per_device(found, resolved, spec, parallel, master_weights=master_weights)
-    inputs = _shown_inputs(resolved, spec, parallel, quant, precision=asked_precision, method=method,
-                           training_loop=training_loop, lora_rank=lora_rank, accumulate=accumulate_grad_batches,
-                           set_to_none=set_to_none, moe_routing=moe_routing)
+    settled = {"batch_size": spec.batch_size, "seq_len": spec.seq_len, "decoder_seq_len": spec.decoder_seq_len,
+               "gradient_checkpointing": spec.gradient_checkpointing, "lora_rank": lora_rank,
+               **({} if quant is None else quant.to_dict())}
+    inputs = step.inputs(resolved.name, method, **settled)
     return MemoryEstimate(method=found.method, breakdown=breakdown, inputs=inputs, notes=(*quant_notes, *notes),
                           host_bytes=host, context_bytes=context, at_peak=found.at_peak, timeline=found.timeline,
                           stand_ins=found.stand_ins, band=_band(found, spec, parallel))
 
 
-def _checked_loop(method: str, training_loop: str, accumulate: Any, set_to_none: Any, trace_timeout: Any,
-                  loss_fn: Any, step_fn: Any, example_input: Any) -> tuple[int, float | None]:
-    """Check the method and the loop's arguments; the accumulation and the trace's timeout, normalised."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if training_loop not in LOOPS:
-        raise ConfigError(f"unknown training_loop {training_loop!r}; expected one of {', '.join(LOOPS)}")
-    accumulate = positive_int("accumulate_grad_batches", accumulate)
-    if not isinstance(set_to_none, bool):
-        raise ConfigError(f"set_to_none must be True or False, got {set_to_none!r}")
+_STEP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Step)}
+
+
+def _step_of(step: Step | None, knobs: dict[str, Any]) -> Step:
+    """The :class:`Step` of :func:`estimate`'s keyword arguments, or ``step`` with those of them not
+    left at their defaults in place of its own."""
+    if step is None:
+        return Step(**knobs)
+    if not isinstance(step, Step):
+        raise ConfigError(f"step must be a memguard.Step, got {type(step).__name__} {step!r}")
+    given = {k: v for k, v in knobs.items()
+             if not (v is _STEP_DEFAULTS[k] or (type(v) is type(_STEP_DEFAULTS[k]) and v == _STEP_DEFAULTS[k]))}
+    return step.replace(**given) if given else step
+
+
+def _checked_loop(trace_timeout: Any, loss_fn: Any, step_fn: Any, example_input: Any) -> float | None:
+    """Check what the loop runs beside the :class:`Step`; the trace's timeout, normalised."""
     timeout = check_timeout(trace_timeout)
     for name, fn in (("loss_fn", loss_fn), ("step_fn", step_fn)):
         if fn is not None and not callable(fn):
             raise ConfigError(f"{name} must be callable, got {fn!r}")
     if step_fn is not None and example_input is None:
         raise ConfigError("step_fn needs example_input: the batch it is called with")
-    return accumulate, timeout
+    return timeout
 
 
-def _resolved_model(model: Any, lora_rank: int | None, quantization: str | None, double_quant: bool,
-                    skip_modules: list[str] | None,
-                    ) -> tuple[ResolvedModel, Quantization | None, int | None, list[str]]:
-    """The model to estimate, with LoRA adapters and quantized linear layers as asked; its
+def _resolved_model(model: Any, step: Step) -> tuple[ResolvedModel, Quantization | None, int | None, list[str]]:
+    """The model to estimate, with LoRA adapters and quantized linear layers as ``step`` asks; its
     quantization, LoRA rank (QLoRA's default over a quantized base memguard builds) and notes."""
-    if lora_rank is not None:
-        lora_rank = positive_int("lora_rank", lora_rank)
-    quant = resolve_quantization(quantization, double_quant, skip_modules)
+    lora_rank = step.lora_rank
     resolved = load_model(model)
-    quant = quant or detect_quantization(resolved.module, resolved.config)
+    quant = step.quant or detect_quantization(resolved.module, resolved.config)
     if quant is not None and lora_rank is None and resolved.built_here:
         lora_rank = DEFAULT_QLORA_RANK
     if lora_rank is not None:
@@ -247,36 +243,6 @@ def _per_device(found: _Found, resolved: ResolvedModel, spec: TrainingSpec, para
     if found.method != "seed":
         breakdown[Category.OVERHEAD], context = device_overhead(spec.device, peak, found.slack)
     return breakdown, host, context, notes
-
-
-def _shown_inputs(resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism, quant: Quantization | None,
-                  *, precision: str, method: str, training_loop: str, lora_rank: int | None, accumulate: int,
-                  set_to_none: bool, moe_routing: str | float) -> dict[str, Any]:
-    """What was estimated, as the result's :attr:`~memguard.MemoryEstimate.inputs` show it (``precision``
-    as asked, before DeepSpeed's)."""
-    return {
-        "model": resolved.name,
-        "batch_size": spec.batch_size,
-        "seq_len": spec.seq_len,
-        "decoder_seq_len": spec.decoder_seq_len,
-        "precision": precision,
-        "optimizer": spec.optimizer.name,
-        "gradient_checkpointing": spec.gradient_checkpointing,
-        "device": spec.device,
-        "method": method,
-        "training_loop": training_loop,
-        "strategy": parallel.strategy.value,
-        "world_size": parallel.world_size,
-        "offload_optimizer": parallel.offload_optimizer,
-        "offload_params": parallel.offload_params,
-        "lora_rank": lora_rank,
-        "accumulate_grad_batches": accumulate,
-        "set_to_none": set_to_none,
-        "quantization": None if quant is None else quant.kind,
-        "double_quant": bool(quant and quant.double_quant),
-        "skip_modules": None if quant is None or quant.skip_modules is None else list(quant.skip_modules),
-        "moe_routing": moe_routing,
-    }
 
 
 def _band(found: _Found, spec: TrainingSpec, parallel: Parallelism) -> dict[str, int]:

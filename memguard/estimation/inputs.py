@@ -16,7 +16,36 @@ from torch import nn
 
 from memguard.errors import ConfigError
 
-__all__ = ["TaskKind", "audio_positions", "decoder_length", "make_batch", "max_positions", "model_task"]
+__all__ = ["Head", "TaskKind", "audio_positions", "decoder_length", "make_batch", "max_positions", "model_task"]
+
+
+class Head(str, enum.Enum):
+    """What a model's output head computes: :attr:`memguard.estimation.arch.Architecture.head`, read
+    from the class (:attr:`TaskKind.head`) or, for plain torch, from its last linear layer.
+
+    ``str(Head.CAUSAL_LM) == "causal-lm"``.
+    """
+
+    CAUSAL_LM = "causal-lm"
+    MASKED_LM = "masked-lm"
+    SEQ2SEQ = "seq2seq"
+    SEQ_CLS = "seq-cls"
+    IMAGE_CLS = "image-cls"
+    BASE = "base"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def labels_per_token(self) -> bool:
+        """Its loss takes a label per token, over the vocabulary (language models, encoder-decoders)."""
+        return self in (Head.CAUSAL_LM, Head.MASKED_LM, Head.SEQ2SEQ)
+
+    @property
+    def headless(self) -> bool:
+        """No head the formula knows: a base model, or one it cannot tell (no labels, no loss of its own)."""
+        return self in (Head.BASE, Head.UNKNOWN)
 
 
 class TaskKind(str, enum.Enum):
@@ -58,9 +87,9 @@ class TaskKind(str, enum.Enum):
         return self in (TaskKind.SEQ_CLS, TaskKind.IMAGE_CLS)
 
     @property
-    def head(self) -> str:
-        """As :attr:`memguard.estimation.arch.Architecture.head` names it: ``"base"`` without a head."""
-        return "base" if self in (TaskKind.TOKEN_BASE, TaskKind.IMAGE_BASE) else self.value
+    def head(self) -> Head:
+        """As :attr:`memguard.estimation.arch.Architecture.head` names it: :attr:`Head.BASE` without a head."""
+        return Head.BASE if self in (TaskKind.TOKEN_BASE, TaskKind.IMAGE_BASE) else Head(self.value)
 
 
 def model_task(module: nn.Module) -> TaskKind:

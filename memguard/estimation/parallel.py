@@ -100,6 +100,21 @@ class Strategy(str, enum.Enum):
     def is_deepspeed(self) -> bool:
         return self in (Strategy.DEEPSPEED_STAGE_1, Strategy.DEEPSPEED_STAGE_2, Strategy.DEEPSPEED_STAGE_3)
 
+    @property
+    def engine(self) -> str | None:
+        """``"deepspeed"`` or ``"fsdp"``: the engine a run adopts for this strategy; ``None`` for one
+        device and DDP (torch's own)."""
+        return "deepspeed" if self.is_deepspeed else "fsdp" if self.is_fsdp else None
+
+    @property
+    def sharding_level(self) -> int:
+        """How much of the model state a rank shards, as a rank of intrusiveness: 0 one device, 1 DDP
+        (replicated), 2 optimizer state and/or gradients (ZeRO 1 and 2, ``fsdp_shard_grad_op``), 3
+        everything (ZeRO 3, FSDP's full and hybrid sharding). A lower level is a smaller change."""
+        if self.fully_sharded:
+            return 3
+        return 2 if self.sharded else int(self is Strategy.DDP)
+
     @classmethod
     def parse(cls, name: str | None) -> Strategy:
         """The strategy ``name`` means: ours or Lightning's (case, ``-``/``_`` and spaces ignored);

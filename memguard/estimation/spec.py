@@ -8,6 +8,7 @@ accepted set.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -17,8 +18,8 @@ import torch
 from memguard.errors import ConfigError
 from memguard.estimation.stand_ins import resolve_routing
 
-__all__ = ["MAX_COUNT", "MAX_INPUT_ELEMENTS", "OPTIMIZERS", "PAGED_MIN_NUMEL", "PRECISIONS", "AdamW8bitStandIn",
-           "PagedAdamWStandIn", "Precision",
+__all__ = ["DEVICES", "MAX_COUNT", "MAX_INPUT_ELEMENTS", "OPTIMIZERS", "PAGED_MIN_NUMEL", "PRECISIONS",
+           "AdamW8bitStandIn", "DeviceKind", "PagedAdamWStandIn", "Precision",
            "TrainingSpec", "make_optimizer", "positive_int", "resolve_optimizer", "resolve_precision", "strict_bool"]
 
 
@@ -305,13 +306,23 @@ def strict_bool(name: str, value: Any) -> bool:
     raise ConfigError(f"{name} must be True or False, got {value!r}")
 
 
-DEVICES = ("cuda", "cpu")
+class DeviceKind(str, enum.Enum):
+    """Where training runs, as the estimators tell devices apart: ``str(DeviceKind.CUDA) == "cuda"``."""
+
+    CUDA = "cuda"
+    CPU = "cpu"
+
+    def __str__(self) -> str:
+        return self.value
 
 
-def resolve_device(device: str | torch.device | None) -> str:
-    """``"cuda"``, ``"cuda:1"``, ``torch.device("cpu")`` -> ``"cuda"`` or ``"cpu"``."""
+DEVICES = tuple(kind.value for kind in DeviceKind)
+
+
+def resolve_device(device: str | torch.device | None) -> DeviceKind:
+    """``"cuda"``, ``"cuda:1"``, ``torch.device("cpu")`` -> :attr:`DeviceKind.CUDA` or :attr:`DeviceKind.CPU`."""
     if device is None:
-        return "cuda"
+        return DeviceKind.CUDA
     if not isinstance(device, (str, torch.device)):
         raise ConfigError(f"device must be 'cuda' (or 'cuda:N'), 'cpu' or a torch.device, got "
                           f"{type(device).__name__} {device!r}")
@@ -320,7 +331,7 @@ def resolve_device(device: str | torch.device | None) -> str:
         kind = "cuda"
     if kind not in DEVICES:
         raise ConfigError(f"unknown device {device!r}; expected 'cuda' (or 'cuda:N') or 'cpu'")
-    return kind
+    return DeviceKind(kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,7 +345,7 @@ class TrainingSpec:
         optimizer: the :class:`OptimizerSpec`.
         precision: the :class:`Precision`.
         gradient_checkpointing: ``None`` to read from the model, else forced on or off.
-        device: ``"cuda"`` or ``"cpu"``: where training will run.
+        device: :class:`DeviceKind`: where training will run.
         moe_routing: the capacity factor of the mixture-of-experts routing model: 1.0 balanced,
             ``math.inf`` every token on the same experts (:func:`memguard.estimation.stand_ins.resolve_routing`).
         decoder_seq_len: an encoder-decoder's decoder tokens per sample (the labels' length);
@@ -346,7 +357,7 @@ class TrainingSpec:
     optimizer: OptimizerSpec
     precision: Precision
     gradient_checkpointing: bool | None
-    device: str
+    device: DeviceKind
     moe_routing: float = 1.0
     decoder_seq_len: int | None = None
 

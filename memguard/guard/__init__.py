@@ -21,7 +21,7 @@ from memguard.guard.check import Assessment, Training, act, assess
 from memguard.guard.config import ACTIONS, GuardConfig, check_arguments
 from memguard.guard.decision import Decision, RankReport, Verdict, decide
 from memguard.guard.probe import StepProbe
-from memguard.guard.rank import RankPlan, estimator, plan_rank
+from memguard.guard.rank import RankPlan, estimator, plan_rank, traced
 from memguard.guard.view import AllGather, Framework, RunView, StepView, alone
 
 __all__ = [
@@ -47,4 +47,5 @@ __all__ = [
     "estimator",
     "messages",
     "plan_rank",
+    "traced",
 ]

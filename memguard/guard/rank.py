@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memguard._cache import cached
 from memguard.device.available import available_to
@@ -20,7 +20,10 @@ from memguard.guard.config import GuardConfig
 from memguard.guard.decision import RankReport
 from memguard.guard.view import RunView, StepView
 
-__all__ = ["RankPlan", "estimator", "plan_rank"]
+if TYPE_CHECKING:
+    from memguard.estimation.step import Step
+
+__all__ = ["RankPlan", "estimator", "plan_rank", "traced"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,20 @@ class RankPlan:
     def remedies(self) -> list[Any] | None:
         """What would make the step fit at the requested batch size, or ``None``."""
         return self.step.remedies(self.at_requested)
+
+
+def traced(module: Any, step: Step, **kwargs: Any) -> Callable[[int, int], MemoryEstimate]:
+    """``estimate_at(batch_size, accumulate)`` of a guard's :class:`StepView`: ``module``'s step as
+    ``step`` (the run's precision, optimizer, layout and loop, read by the adapter), traced at another
+    batch size and accumulation; ``kwargs`` are the rest of :func:`memguard.estimate`'s arguments
+    (``example_input``, ``step_fn``/``loss_fn``, ``trace_timeout``)."""
+    from memguard.estimation.estimator import estimate  # torch: only once a step is estimated
+
+    def estimate_at(batch_size: int, accumulate: int) -> MemoryEstimate:
+        at = step.replace(batch_size=batch_size, accumulate_grad_batches=accumulate)
+        return estimate(module, method="trace", step=at, **kwargs)
+
+    return estimate_at
 
 
 def estimator(estimate: Callable[[int, int], MemoryEstimate], requested: int,

@@ -73,12 +73,12 @@ import torch
 
 from memguard.device.actual import Comparison, Measurement, training_tensors
 from memguard.errors import BatchTooLargeError, MissingDependencyError
-from memguard.estimation.estimator import estimate
 from memguard.estimation.from_run import batch_size_of
 from memguard.estimation.result import MemoryEstimate
+from memguard.estimation.step import Step
 from memguard.estimation.trace import DEFAULT_TIMEOUT
 from memguard.fit import Fit
-from memguard.guard import Framework, GuardConfig, RunView, StepProbe, StepView, Verdict, act, assess
+from memguard.guard import Framework, GuardConfig, RunView, StepProbe, StepView, Verdict, act, assess, traced
 from memguard.integrations.trainer_view import (
     all_gather_rows,
     example_batch,
@@ -232,12 +232,9 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         precision = precision_of(args, model, device)
         world = int(args.world_size)
 
-        def estimate_at(batch_size: int, accumulate: int) -> MemoryEstimate:
-            return estimate(
-                model, batch_size=batch_size, example_input=batch, optimizer=optimizer, precision=precision,
-                device=kind, method="trace", loss_fn=trainer_loss, training_loop="pytorch", set_to_none=True,
-                strategy="ddp" if world > 1 else "single", world_size=world, trace_timeout=self.trace_timeout,
-                accumulate_grad_batches=accumulate)
+        run = Step(optimizer=optimizer, precision=precision, device=kind, training_loop="pytorch", set_to_none=True,
+                   strategy="ddp" if world > 1 else "single", world_size=world)
+        estimate_at = traced(model, run, example_input=batch, loss_fn=trainer_loss, trace_timeout=self.trace_timeout)
 
         def remedies(fit: Fit) -> list[Any] | None:
             return guard_remedies(fit.estimate, fit.free_bytes, fit.margin, model=model, optimizer=optimizer,

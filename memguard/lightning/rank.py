@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from memguard.errors import MemguardError
-from memguard.estimation.estimator import estimate
 from memguard.estimation.from_run import optimizer_factory
 from memguard.estimation.result import MemoryEstimate
+from memguard.estimation.step import Step
 from memguard.fit import Fit
-from memguard.guard import StepView
+from memguard.guard import StepView, traced
 from memguard.lightning.run import RunInfo
 from memguard.planning import guard_remedies
 
@@ -52,11 +52,13 @@ def step_view(trainer: Any, pl_module: Any, info: RunInfo, batch: Any, trace_tim
 
     kwargs = {"example_input": batch, "step_fn": step, "training_loop": "lightning", "trace_timeout": trace_timeout}
 
+    run = Step(precision=info.precision, optimizer=optimizer, device=device, training_loop="lightning",
+               strategy=parallel, world_size=info.world_size, offload_optimizer=info.offload_optimizer,
+               offload_params=info.offload_params)
+    traced_at = traced(pl_module, run, **kwargs)
+
     def estimate_at(batch_size: int, accumulate: int) -> MemoryEstimate:
-        est = estimate(pl_module, batch_size=batch_size, precision=info.precision, device=device, method="trace",
-                       strategy=parallel, world_size=info.world_size, offload_optimizer=info.offload_optimizer,
-                       offload_params=info.offload_params, accumulate_grad_batches=accumulate, optimizer=optimizer,
-                       **kwargs)
+        est = traced_at(batch_size, accumulate)
         return dataclasses.replace(est, inputs={**est.inputs, "gradient_checkpointing": recomputes})
 
     def remedies(fit: Fit) -> list[Any] | None:

@@ -14,15 +14,15 @@ from memguard.device.catalog import bf16_problem
 from memguard.errors import ConfigError, MemguardError
 from memguard.estimation.estimator import DEFAULT_QLORA_RANK
 from memguard.estimation.models import ResolvedModel, add_lora, load_model, lora_rank_limit
-from memguard.estimation.parallel import resolve_parallelism, world_size_of
-from memguard.estimation.quantization import resolve_quantization
+from memguard.estimation.parallel import world_size_of
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.spec import OPTIMIZERS as NAMED_OPTIMIZERS
 from memguard.estimation.spec import positive_int, resolve_optimizer, resolve_precision
+from memguard.estimation.step import Step
 from memguard.fit import check_margin
-from memguard.planning.costs import COST_MODEL, _cost
-from memguard.planning.rows import _OPT_NAMES, FULL, LORA, QLORA, Plan, PlanRow, _Knobs
-from memguard.planning.search import _memo_key, _rows, _searched, _Setup
+from memguard.planning.costs import COST_MODEL, cost_of
+from memguard.planning.rows import FULL, LORA, OPTIMIZER_NAMES, QLORA, SEARCHED_KNOBS, Knobs, Plan, PlanRow
+from memguard.planning.search import Setup, memo_key, plan_rows, run_search
 
 __all__ = ["GUARD_ESTIMATES", "guard_remedies", "plan", "remedies"]
 
@@ -36,9 +36,7 @@ OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit", "adafactor", "sgd")
 LORA_RANKS = (8, 16, 64)
 _EXTRA_KEYS = ("example_input", "loss_fn", "step_fn", "training_loop", "set_to_none", "trace_timeout",
                "moe_routing", "decoder_seq_len")
-_BASE_KEYS = ("batch_size", "precision", "optimizer", "gradient_checkpointing", "strategy", "world_size",
-              "offload_optimizer", "offload_params", "lora_rank", "accumulate_grad_batches", "quantization",
-              "double_quant")
+_BASE_KEYS = SEARCHED_KNOBS
 
 
 def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = None, gpus: int | None = None,
@@ -94,17 +92,17 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
                    method_prune=method_prune, confirm=limit if confirm is None else confirm, limit=limit,
                    device=device, max_estimates=max_estimates, estimate_kwargs=estimate_kwargs)
     setup.progress = progress
-    search, groups = _searched(setup, None)
+    search, groups = run_search(setup, None)
     base_knobs = search.ctx.base
-    pruned = search.cache[(_memo_key(base_knobs), search.method)]
+    pruned = search.cache[(memo_key(base_knobs), search.method)]
     if search.method == "formula" and (setup.confirm or (search.candidate(pruned) and not search.fits(pruned))):
         search.estimate(base_knobs, "trace")  # the number `memguard check` gives; a near miss's judge
-    mine = search.cache.get((_memo_key(base_knobs), "trace")) or pruned
+    mine = search.cache.get((memo_key(base_knobs), "trace")) or pruned
     if search.fits(mine) and groups:  # the trace may fit what the formula did not: it leads then
         mine_group = QLORA if base_knobs.quantization else LORA if base_knobs.lora_rank else FULL
         groups[0] = [(mine_group, base_knobs, mine),
                      *(f for f in groups[0] if f[1] != base_knobs)]
-    rows = _rows(search, groups)
+    rows = plan_rows(search, groups)
     asked = {"settings": {**base_knobs.kwargs(), "seq_len": search.seq_len, "device": setup.device},
              "total_bytes": mine.total_bytes, "headroom_bytes": search.usable - mine.total_bytes,
              "method": mine.method, "fits": search.fits(mine),
@@ -162,9 +160,9 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
                    limit=top + 2, device=inputs.get("device", "cuda"), max_estimates=max_estimates,
                    estimate_kwargs={**{k: inputs[k] for k in ("training_loop", "set_to_none", "moe_routing")
                                        if k in inputs}, **(estimate_kwargs or {})})
-    search, groups = _searched(setup, estimate)
+    search, groups = run_search(setup, estimate)
     ctx = search.ctx
-    found = [sorted((f for f in g if f[1] != ctx.base), key=lambda f: (_cost(f[1], ctx), f[2].total_bytes))
+    found = [sorted((f for f in g if f[1] != ctx.base), key=lambda f: (cost_of(f[1], ctx), f[2].total_bytes))
              for g in groups]
     turns = [f for tier in itertools.zip_longest(*found) for f in tier if f is not None]
     turns = search.confirm(turns, setup.confirm, top, ranked=False)
@@ -173,7 +171,7 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
 
 def _setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len: Any, gpus: Any, batch_size: Any,
            margin: Any, precision: Any, optimizers: Any, base: Any, lora_ranks: Any, method_prune: Any,
-           confirm: Any, limit: Any, device: Any, max_estimates: Any, estimate_kwargs: Any) -> _Setup:
+           confirm: Any, limit: Any, device: Any, max_estimates: Any, estimate_kwargs: Any) -> Setup:
     """Check every argument of :func:`plan`, and build the model."""
     check_margin(margin)
     if method_prune not in ("formula", "trace"):
@@ -208,7 +206,7 @@ def _setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len: Any
     if rank_limit is not None and any(r > rank_limit for r in ranks):
         notes.append(f"LoRA ranks above the hidden size of {resolved.name} ({rank_limit}) are not planned")
         ranks = tuple(r for r in ranks if r <= rank_limit)
-    return _Setup(model, {None: resolved.module}, resolved.name, knobs, memory, float(margin), gpus, precisions,
+    return Setup(model, {None: resolved.module}, resolved.name, knobs, memory, float(margin), gpus, precisions,
                   optimizers, ranks, method_prune, confirm, limit, device, seq_len, extra,
                   max_estimates, notes)
 
@@ -216,7 +214,7 @@ def _setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len: Any
 def _optimizer_name(optimizer: Any) -> Any:
     """A name (canonical) or a ``torch.optim.Optimizer`` class (as is); anything else is a ConfigError."""
     if not isinstance(optimizer, (str, type)):
-        raise ConfigError(f"plan takes optimizers by name ({', '.join(_OPT_NAMES)}) or as a torch.optim.Optimizer "
+        raise ConfigError(f"plan takes optimizers by name ({', '.join(OPTIMIZER_NAMES)}) or as a torch.optim.Optimizer "
                           f"class, got {optimizer!r}")
     spec = resolve_optimizer(optimizer)
     return spec.name if isinstance(optimizer, str) else optimizer
@@ -232,7 +230,7 @@ def _choices(what: str, given: Any, default: Sequence[str], mine: str, canon: An
     return tuple(dict.fromkeys(canon(v) for v in values))
 
 
-def _base_knobs(base: Any, batch_size: Any, precision: Any) -> _Knobs:
+def _base_knobs(base: Any, batch_size: Any, precision: Any) -> Knobs:
     """The user's settings, every value checked; ``precision`` (one name) stands for an absent one."""
     if base is not None and not isinstance(base, Mapping):
         raise ConfigError(f"base must be a dict of estimate settings, got {type(base).__name__}")
@@ -244,23 +242,21 @@ def _base_knobs(base: Any, batch_size: Any, precision: Any) -> _Knobs:
         raise ConfigError(f"batch_size={batch_size!r} and base['batch_size']={given['batch_size']!r} disagree")
     if isinstance(precision, str):
         given.setdefault("precision", precision)
-    world = positive_int("world_size", given.get("world_size") or 1)
-    layout = resolve_parallelism(given.get("strategy") or ("ddp" if world > 1 else "single"), world,
-                                 offload_optimizer=given.get("offload_optimizer", False),
-                                 offload_params=given.get("offload_params", False))
     ckpt, rank = given.get("gradient_checkpointing") or False, given.get("lora_rank")
     if not isinstance(ckpt, bool):
         raise ConfigError(f"base['gradient_checkpointing'] must be True or False, got {ckpt!r}")
-    quant = resolve_quantization(given.get("quantization"), given.get("double_quant") or False)
-    if quant is not None and rank is None:
-        rank = DEFAULT_QLORA_RANK  # what estimate() trains over a quantized base
-    return _Knobs(resolve_precision(given.get("precision") or "32-true").name,
-                  _optimizer_name(given.get("optimizer") or "adamw"), ckpt, layout.strategy, layout.world_size,
-                  layout.offload_optimizer, layout.offload_params,
-                  None if rank is None else positive_int("lora_rank", rank),
-                  positive_int("batch_size", batch_size if batch_size is not None else given.get("batch_size") or 1),
-                  positive_int("accumulate_grad_batches", given.get("accumulate_grad_batches") or 1),
-                  None if quant is None else quant.kind + "-dq" * quant.double_quant)
+    world = positive_int("world_size", given.get("world_size") or 1)
+    optimizer = _optimizer_name(given.get("optimizer") or "adamw")
+    step = Step(precision=given.get("precision") or "32-true", optimizer=optimizer, gradient_checkpointing=ckpt,
+                strategy=given.get("strategy") or ("ddp" if world > 1 else "single"), world_size=world,
+                offload_optimizer=given.get("offload_optimizer", False),
+                offload_params=given.get("offload_params", False), lora_rank=rank,
+                batch_size=batch_size if batch_size is not None else given.get("batch_size") or 1,
+                accumulate_grad_batches=given.get("accumulate_grad_batches") or 1,
+                quantization=given.get("quantization"), double_quant=given.get("double_quant") or False)
+    if step.quantization is not None and step.lora_rank is None:
+        step = step.replace(lora_rank=DEFAULT_QLORA_RANK)  # what estimate() trains over a quantized base
+    return Knobs.from_step(step)
 
 
 def guard_remedies(estimate: MemoryEstimate, free_bytes: int, margin: float, *, model: Any, optimizer: Any,

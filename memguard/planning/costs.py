@@ -1,7 +1,7 @@
 """The cost model that ranks what fits: :data:`COSTS`, stated in words as :data:`COST_MODEL`.
 
-Each configuration is charged against the user's settings (:class:`_Context`), term by term
-(:func:`_cost_terms`); :func:`_lower_bound` is the least a search state can cost, which lets the
+Each configuration is charged against the user's settings (:class:`CostContext`), term by term
+(:func:`cost_terms`); :func:`lower_bound` is the least a search state can cost, which lets the
 search stop early.
 """
 
@@ -12,9 +12,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from memguard.planning.rows import _DS3, _half, _Knobs
+from memguard.planning.rows import Knobs
 
-__all__ = ["COSTS", "COST_MODEL"]
+__all__ = ["COSTS", "COST_MODEL", "CostContext", "cost_of", "cost_terms", "divisors", "fewest_micro_batches",
+           "lower_bound"]
 
 COSTS: dict[str, Any] = {
     "recompute": 0.33, "micro_batch_tokens": 256, "gpu": 1.0, "sharded_communication": 0.05,
@@ -74,25 +75,24 @@ COST_MODEL = (
 
 
 @dataclasses.dataclass(frozen=True)
-class _Context:
+class CostContext:
     """What the cost model needs to know about the run: the user's knobs, the model's size."""
 
-    base: _Knobs
+    base: Knobs
     effective: int
     tokens_per_sample: int
     params: int
     trainable: Mapping[int | None, int]
 
 
-def _cost_terms(k: _Knobs, ctx: _Context) -> dict[str, float]:
+def cost_terms(k: Knobs, ctx: CostContext) -> dict[str, float]:
     """What the cost model (:data:`COSTS`) charges for ``k`` against ``ctx.base``, zero terms left out."""
     base, c = ctx.base, COSTS
 
-    def micro(knobs: _Knobs) -> float:
+    def micro(knobs: Knobs) -> float:
         tokens = ctx.effective // knobs.world_size * ctx.tokens_per_sample
         return (knobs.accumulate - 1) * c["micro_batch_tokens"] / (tokens + c["micro_batch_tokens"])
 
-    full_shard = (_DS3, "fsdp", "fsdp_hybrid")
     rank = c["lora_rank"] * math.log2(64 / k.lora_rank) if k.lora_rank and k.lora_rank != base.lora_rank else 0
     terms = {
         "recompute": c["recompute"] * (k.checkpointing and not base.checkpointing),
@@ -101,21 +101,16 @@ def _cost_terms(k: _Knobs, ctx: _Context) -> dict[str, float]:
         + _more("precision_speed", k.precision, base.precision),
         "optimizer": _more("optimizer_quality", k.optimizer, base.optimizer),
         "gpus": max(0.0, c["gpu"] * (k.world_size - base.world_size) / base.world_size),
-        "communication": c["sharded_communication"] * (k.world_size > 1 and k.strategy in full_shard
-                                                        and base.strategy not in full_shard),
+        "communication": c["sharded_communication"] * (k.world_size > 1 and k.strategy.fully_sharded
+                                                        and not base.strategy.fully_sharded),
         "offload": _offload_cost(k, ctx),
         "lora rank": max(0.0, rank),
         "lora": c["lora"] * (k.lora_rank is not None and base.lora_rank is None),
-        "new strategy": c["new_strategy"] * (_engine(k.strategy) is not None
-                                             and _engine(k.strategy) != _engine(base.strategy)),
+        "new strategy": c["new_strategy"] * (k.strategy.engine is not None
+                                             and k.strategy.engine != base.strategy.engine),
         "quantized base": c["quantized_base"] * (k.quantization is not None and base.quantization is None),
     }
     return {name: round(v, 4) for name, v in terms.items() if v > 0}
-
-
-def _engine(strategy: str) -> str | None:
-    """``"deepspeed"`` or ``"fsdp"`` for a strategy of those engines; ``None`` for single and DDP."""
-    return next((e for e in ("deepspeed", "fsdp") if strategy.startswith(e)), None)
 
 
 def _more(table: str, mine: str, base: str) -> float:
@@ -123,19 +118,19 @@ def _more(table: str, mine: str, base: str) -> float:
     return max(0.0, COSTS[table].get(mine, 0.0) - COSTS[table].get(base, 0.0))
 
 
-def _offload_cost(k: _Knobs, ctx: _Context) -> float:
+def _offload_cost(k: Knobs, ctx: CostContext) -> float:
     """Offload's PCIe traffic and host optimizer step over the step's compute (see :data:`COSTS`).
 
     ZeRO-Offload (Ren et al. 2021) sends each rank's gradient shard to the host and gets its updated
     parameters back once per optimizer step; parameter offload (ZeRO-Infinity, FSDP's ``CPUOffload``)
     brings the parameter shard over for every forward, recomputed forward and backward of every
-    micro-batch. Elements are 16-bit under a 16-bit module (:func:`_half`), else fp32.
+    micro-batch. Elements are 16-bit under a 16-bit module (:attr:`Knobs.half_module`), else fp32.
     """
     base, c, n = ctx.base, COSTS, k.world_size
     same = (k.offload_optimizer, k.offload_params, n) == (base.offload_optimizer, base.offload_params, base.world_size)
     if not (k.offload_optimizer or k.offload_params) or same:
         return 0.0
-    trainable, element = ctx.trainable[k.lora_rank], 2 if _half(k) else 4
+    trainable, element = ctx.trainable[k.lora_rank], 2 if k.half_module else 4
     tokens = ctx.effective // n * ctx.tokens_per_sample
     compute = (4 if k.lora_rank else 6) * ctx.params * tokens / c["gpu_flops"]
     seconds = k.offload_optimizer * trainable / n * (2 * element / c["pcie_bytes_per_s"]
@@ -145,21 +140,23 @@ def _offload_cost(k: _Knobs, ctx: _Context) -> float:
     return seconds / compute
 
 
-def _cost(k: _Knobs, ctx: _Context) -> float:
-    return round(sum(_cost_terms(k, ctx).values()), 4)
+def cost_of(k: Knobs, ctx: CostContext) -> float:
+    """The cost of ``k``: the sum of :func:`cost_terms`, rounded as rows show it."""
+    return round(sum(cost_terms(k, ctx).values()), 4)
 
 
-def _lower_bound(state: _Knobs, ctx: _Context) -> float:
+def lower_bound(state: Knobs, ctx: CostContext) -> float:
     """The least ``state`` can cost: with the fewest micro-batches (no term falls as they grow)."""
-    return _cost(dataclasses.replace(state, accumulate=_least(state, ctx)), ctx)
+    return cost_of(dataclasses.replace(state, accumulate=fewest_micro_batches(state, ctx)), ctx)
 
 
-def _least(state: _Knobs, ctx: _Context) -> int:
+def fewest_micro_batches(state: Knobs, ctx: CostContext) -> int:
     """The fewest micro-batches ``state`` can run: with the user's micro-batch, or all on each GPU."""
     per_device = ctx.effective // state.world_size
-    return per_device // max(d for d in _divisors(per_device) if d <= ctx.base.batch_size)
+    return per_device // max(d for d in divisors(per_device) if d <= ctx.base.batch_size)
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n``, ascending: the micro-batches that keep a per-device batch of ``n``."""
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))

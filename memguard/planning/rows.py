@@ -1,6 +1,6 @@
 """The knobs of a training run and what :func:`~memguard.planning.plan` returns: rows and their table.
 
-A :class:`_Knobs` is one configuration of what the user controls, with what it changes from the
+A :class:`Knobs` is one configuration of what the user controls, with what it changes from the
 user's in words and the ``memguard check`` flags that reproduce it; a :class:`PlanRow` is one that
 fits, a :class:`Plan` all of them with the ask and draws its own table (integer bytes inside, units
 only through :func:`memguard.units.format_bytes`).
@@ -14,30 +14,38 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from memguard.device import DeviceMemory
+from memguard.estimation.parallel import Strategy
+from memguard.estimation.step import KNOBS, Step
 from memguard.units import format_bytes
 
-__all__ = ["FULL", "LORA", "QLORA", "Plan", "PlanRow"]
+__all__ = ["FIXED_KNOBS", "FULL", "LORA", "OPTIMIZER_NAMES", "QLORA", "SEARCHED_KNOBS", "Knobs", "Plan", "PlanRow",
+           "quantization_args", "remedy_lines"]
 
 FULL, LORA, QLORA = "full fine-tuning", "LoRA", "QLoRA"
-_DS2, _DS3 = "deepspeed_stage_2", "deepspeed_stage_3"
-"""DeepSpeed's ZeRO stages 2 and 3 by their strategy names (Rajbhandari et al. 2020)."""
-_OPT_NAMES = {"adamw": "AdamW", "adamw-fused": "fused AdamW", "adamw-foreach": "foreach AdamW", "adam": "Adam",
+FIXED_KNOBS = ("seq_len", "decoder_seq_len", "device", "training_loop", "set_to_none", "skip_modules", "moe_routing")
+"""The knobs of a :class:`~memguard.estimation.step.Step` that a plan keeps as the user has them."""
+SEARCHED_KNOBS = tuple(k for k in KNOBS if k not in FIXED_KNOBS)
+"""The others: what a plan varies, by :func:`memguard.estimate`'s names (the keys of :meth:`Knobs.kwargs`)."""
+OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw-fused": "fused AdamW", "adamw-foreach": "foreach AdamW", "adam": "Adam",
               "adamw-8bit": "8-bit AdamW", "adafactor": "Adafactor",
               "sgd": "SGD", "sgd-momentum": "SGD with momentum", "paged-adamw": "paged AdamW",
               "paged-adamw-8bit": "paged 8-bit AdamW"}
 _QUANT_NAMES = {"nf4-dq": "QLoRA base: NF4 with double quantization", "nf4": "NF4 base", "fp4": "FP4 base",
                 "fp4-dq": "FP4 base with double quantization", "int8": "int8 base (LLM.int8)"}
-"""A :attr:`_Knobs.quantization` in words; ``-dq``: double quantization."""
+"""A :attr:`Knobs.quantization` in words; ``-dq``: double quantization."""
 
 
 @dataclasses.dataclass(frozen=True)
-class _Knobs:
-    """One configuration of what the user controls."""
+class Knobs:
+    """One configuration of what the user controls: the searched part of a
+    :class:`~memguard.estimation.step.Step` (:data:`SEARCHED_KNOBS`), hashable, by the planner's names.
+
+    ``strategy`` is a :class:`~memguard.estimation.parallel.Strategy` (a name is read as one)."""
 
     precision: str
     optimizer: str
     checkpointing: bool
-    strategy: str
+    strategy: Strategy
     world_size: int
     offload_optimizer: bool
     offload_params: bool
@@ -47,22 +55,40 @@ class _Knobs:
     quantization: str | None = None
     """The base's bitsandbytes storage: ``"nf4"``, ``"fp4"``, ``"int8"``, ``-dq`` for double quantization."""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.strategy, Strategy):
+            object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
+
+    @classmethod
+    def from_step(cls, step: Step) -> Knobs:
+        """The searched knobs of ``step``."""
+        quantization = None if step.quantization is None else step.quantization + "-dq" * step.double_quant
+        return cls(step.precision, step.optimizer, bool(step.gradient_checkpointing), step.strategy, step.world_size,
+                   step.offload_optimizer, step.offload_params, step.lora_rank, step.batch_size or 1,
+                   step.accumulate_grad_batches, quantization)
+
+    @property
+    def half_module(self) -> bool:
+        """Whether the module's weights are 16-bit: a 16-bit precision, or DeepSpeed's mixed precision."""
+        return self.precision in ("bf16-true", "16-true") or (self.strategy.is_deepspeed and "mixed" in self.precision)
+
     def kwargs(self) -> dict[str, Any]:
+        """:func:`memguard.estimate`'s keyword arguments for these knobs (:data:`SEARCHED_KNOBS`, in order)."""
         kind, dq = quantization_args(self.quantization)
         return {"batch_size": self.batch_size, "precision": self.precision, "optimizer": self.optimizer,
-                "gradient_checkpointing": self.checkpointing, "strategy": self.strategy,
+                "gradient_checkpointing": self.checkpointing, "strategy": self.strategy.value,
                 "world_size": self.world_size, "offload_optimizer": self.offload_optimizer,
                 "offload_params": self.offload_params, "lora_rank": self.lora_rank,
                 "accumulate_grad_batches": self.accumulate, "quantization": kind, "double_quant": dq}
 
-    def changes(self, base: _Knobs) -> list[str]:
+    def changes(self, base: Knobs) -> list[str]:
         """What differs from ``base``, in words."""
         out = [f"LoRA rank {self.lora_rank}"] if self.lora_rank != base.lora_rank else []
         if self.quantization != base.quantization:
             out.append(_QUANT_NAMES.get(self.quantization or "", "16-bit base"))
         if (self.strategy, self.world_size) != (base.strategy, base.world_size):
             many = self.world_size > 1
-            how = " (16-bit module, fp32 master weights)" if "mixed" in self.precision and _half(self) else ""
+            how = " (16-bit module, fp32 master weights)" if "mixed" in self.precision and self.half_module else ""
             out.append(f"{self.strategy} {'over' if many else 'on'} {self.world_size} GPU{'s' * many}{how}")
         out += ["optimizer offload"] * (self.offload_optimizer > base.offload_optimizer)
         out += ["parameter offload"] * (self.offload_params > base.offload_params)
@@ -74,7 +100,7 @@ class _Knobs:
             out.append(f"batch {self.batch_size} x accumulate {self.accumulate}{' per GPU' * (self.world_size > 1)}")
         return out
 
-    def flags(self, base: _Knobs, seq_len: int | None, device: str, margin: float) -> list[str]:
+    def flags(self, base: Knobs, seq_len: int | None, device: str, margin: float) -> list[str]:
         """The arguments after ``memguard check MODEL --gpu G`` that reproduce this configuration."""
         out = ["--batch-size", str(self.batch_size)]
         out += ["--accumulate-grad-batches", str(self.accumulate)] * (self.accumulate != 1)
@@ -83,7 +109,7 @@ class _Knobs:
         out += ["--precision", self.precision, "--optimizer", optimizer]
         if self.checkpointing or base.checkpointing:
             out.append("--gradient-checkpointing" if self.checkpointing else "--no-gradient-checkpointing")
-        out += ["--strategy", self.strategy] * (self.strategy != "single")
+        out += ["--strategy", self.strategy.value] * (self.strategy is not Strategy.SINGLE)
         out += ["--world-size", str(self.world_size)] * (self.world_size != 1)
         out += ["--offload-optimizer"] * self.offload_optimizer + ["--offload-params"] * self.offload_params
         out += ["--lora-rank", str(self.lora_rank)] * bool(self.lora_rank)
@@ -99,11 +125,6 @@ def quantization_args(label: str | None) -> tuple[str | None, bool]:
         return None, False
     kind, _, dq = label.partition("-")
     return kind, dq == "dq"
-
-
-def _half(k: _Knobs) -> bool:
-    """Whether the module's weights are 16-bit: a 16-bit precision, or DeepSpeed's mixed precision."""
-    return k.precision in ("bf16-true", "16-true") or (k.strategy.startswith("deepspeed") and "mixed" in k.precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +248,7 @@ class Plan:
 def _opt_name(optimizer: Any, display: bool = True) -> str:
     """An optimizer's name: ours in words (``display``) or as given, a class's ``__name__``."""
     if isinstance(optimizer, str):
-        return _OPT_NAMES.get(optimizer, optimizer) if display else optimizer
+        return OPTIMIZER_NAMES.get(optimizer, optimizer) if display else optimizer
     return optimizer.__name__
 
 

@@ -18,7 +18,7 @@ untraced.
 What one estimate says about another is reused where the estimator's code makes it exact:
 every micro-batch after the second of an optimizer step runs as the second does (the trace runs
 ``min(accumulate, 2)`` micro-batches; the formula only asks ``accumulate > 1``), so estimates are
-remembered by their knobs with the accumulation counted as 1 or "more" (:func:`_memo_key`).
+remembered by their knobs with the accumulation counted as 1 or "more" (:func:`memo_key`).
 """
 
 from __future__ import annotations
@@ -33,17 +33,20 @@ from memguard.device import DeviceMemory
 from memguard.errors import MemguardError
 from memguard.estimation.estimator import estimate as _estimate
 from memguard.estimation.models import add_lora, load_model
+from memguard.estimation.parallel import Strategy
 from memguard.estimation.quantization import Quantization, quantize_model
 from memguard.estimation.result import MemoryEstimate
 from memguard.fit import Fit, usable_bytes
-from memguard.planning.costs import COSTS, _Context, _cost, _cost_terms, _divisors, _least, _lower_bound
-from memguard.planning.rows import _DS2, _DS3, FULL, LORA, QLORA, PlanRow, _Knobs, quantization_args
+from memguard.planning.costs import COSTS, CostContext, cost_of, cost_terms, divisors, fewest_micro_batches, lower_bound
+from memguard.planning.rows import FULL, LORA, QLORA, Knobs, PlanRow, quantization_args
 from memguard.units import format_bytes
 
-_SINGLE = (("single", False, False), (_DS2, False, False), (_DS2, True, False), (_DS3, True, False),
-           (_DS3, True, True), ("fsdp", True, True))
-_MULTI = (("ddp", False, False), ("fsdp", False, False), ("fsdp", True, True), (_DS2, False, False),
-          (_DS2, True, False), (_DS3, False, False), (_DS3, True, False), (_DS3, True, True))
+_S = Strategy
+_SINGLE = ((_S.SINGLE, False, False), (_S.DEEPSPEED_STAGE_2, False, False), (_S.DEEPSPEED_STAGE_2, True, False),
+           (_S.DEEPSPEED_STAGE_3, True, False), (_S.DEEPSPEED_STAGE_3, True, True), (_S.FSDP, True, True))
+_MULTI = ((_S.DDP, False, False), (_S.FSDP, False, False), (_S.FSDP, True, True), (_S.DEEPSPEED_STAGE_2, False, False),
+          (_S.DEEPSPEED_STAGE_2, True, False), (_S.DEEPSPEED_STAGE_3, False, False),
+          (_S.DEEPSPEED_STAGE_3, True, False), (_S.DEEPSPEED_STAGE_3, True, True))
 """(strategy, offload optimizer, offload parameters) searched on one GPU and on several. On one, a
 sharded strategy serves offload (ZeRO-Offload, ZeRO-Infinity, FSDP's ``CPUOffload``, which offloads
 parameters and gradients) or DeepSpeed's mixed precision (a 16-bit module, fp32 master weights)."""
@@ -55,19 +58,14 @@ would otherwise have every near miss traced, only to be rejected. A near miss is
 when the configurations traced so far (of its structure, :func:`_structure`, where there are) are
 all at least as far above the formula as it needs to fail (the smallest ratio of trace to formula
 seen): a heuristic, but a skip costs a row, never a wrong one."""
-_LEVEL = {"single": 0, "ddp": 1, "deepspeed_stage_1": 2, _DS2: 2, "fsdp_shard_grad_op": 2, "fsdp": 3,
-          "fsdp_hybrid": 3, _DS3: 3}
-"""How much of the model state a strategy shards: a lower level is a smaller change."""
-
-
 @dataclasses.dataclass
-class _Setup:
+class Setup:
     """Everything one search needs, checked."""
 
     model: Any
     modules: dict[int | None, Any]
     name: str
-    base: _Knobs
+    base: Knobs
     gpu: DeviceMemory
     margin: float
     gpus: int
@@ -85,13 +83,13 @@ class _Setup:
     progress: Callable[[str], None] | None = None
 
 
-def _structure(k: _Knobs) -> tuple[Any, ...]:
+def _structure(k: Knobs) -> tuple[Any, ...]:
     """What shapes a step's activations and the formula's error on them: all but the optimizer and batch."""
     return (k.precision, k.checkpointing, k.strategy, k.world_size, k.offload_optimizer, k.offload_params,
             k.lora_rank, k.quantization, k.accumulate > 1)
 
 
-def _memo_key(k: _Knobs) -> _Knobs:
+def memo_key(k: Knobs) -> Knobs:
     """``k`` with its accumulation counted as 1 or "more": what the estimators see of it.
 
     The trace runs ``min(accumulate, 2)`` micro-batches (``trace_breakdown``: the second stands
@@ -102,12 +100,12 @@ def _memo_key(k: _Knobs) -> _Knobs:
     return dataclasses.replace(k, accumulate=min(k.accumulate, 2))
 
 
-def _no_more_intrusive(a: _Knobs, c: _Knobs, base: _Knobs) -> bool:
+def _no_more_intrusive(a: Knobs, c: Knobs, base: Knobs) -> bool:
     """Whether ``a`` changes nothing ``c`` leaves as ``base`` has it, nor more in degree (so it costs no more)."""
     same = ("precision", "optimizer", "checkpointing", "offload_optimizer", "offload_params", "quantization")
     if any(getattr(a, f) not in (getattr(base, f), getattr(c, f)) for f in same):
         return False
-    if a.strategy not in (base.strategy, c.strategy) and _LEVEL[a.strategy] >= _LEVEL.get(c.strategy, 0):
+    if a.strategy not in (base.strategy, c.strategy) and a.strategy.sharding_level >= c.strategy.sharding_level:
         return False
     rank_ok = a.lora_rank == c.lora_rank or (a.lora_rank or 0) >= (c.lora_rank or 0) > 0
     # The GPUs you own (``gpus``) are each their own answer: a run split over two of them is
@@ -116,17 +114,17 @@ def _no_more_intrusive(a: _Knobs, c: _Knobs, base: _Knobs) -> bool:
     return rank_ok and world_ok and a.accumulate <= c.accumulate
 
 
-_Found = tuple[str, _Knobs, MemoryEstimate]
+_Found = tuple[str, Knobs, MemoryEstimate]
 """A configuration that fits: its group, knobs and estimate."""
 
 
 class _Search:
     """Estimates the configurations of one run, remembered, and finds what fits."""
 
-    def __init__(self, setup: _Setup, ctx: _Context) -> None:
+    def __init__(self, setup: Setup, ctx: CostContext) -> None:
         self.setup, self.ctx, self.seq_len = setup, ctx, setup.seq_len
         self.usable = usable_bytes(setup.gpu.free_bytes, setup.margin)  # fit.py's arithmetic, not a copy
-        self.cache: dict[tuple[_Knobs, str], MemoryEstimate | None] = {}
+        self.cache: dict[tuple[Knobs, str], MemoryEstimate | None] = {}
         self.count, self.notes, self.method = 0, [], setup.method
         self.traced = self.asked = 0  # traces run; configurations asked for (memo hits included)
         # the trace's bytes over the formula's, for each configuration both made, by its structure
@@ -136,7 +134,7 @@ class _Search:
 
     def module(self, rank: int | None, quantization: str | None = None) -> Any:
         """The module with LoRA adapters of ``rank`` (``None``: as given) over a base quantized as
-        ``quantization`` (a :attr:`_Knobs.quantization`), built on first use."""
+        ``quantization`` (a :attr:`Knobs.quantization`), built on first use."""
         key: Any = rank if quantization is None else (rank, quantization)
         if key not in self.setup.modules:
             if quantization is None:
@@ -149,9 +147,9 @@ class _Search:
             self.ctx.trainable.setdefault(rank, sum(p.numel() for p in module.parameters() if p.requires_grad))
         return self.setup.modules[key]
 
-    def estimate(self, k: _Knobs, method: str, *, strict: bool = False) -> MemoryEstimate | None:
+    def estimate(self, k: Knobs, method: str, *, strict: bool = False) -> MemoryEstimate | None:
         """The estimate of ``k``; ``None`` when the estimator cannot make it (the reason noted once)."""
-        key = (_memo_key(k), method)
+        key = (memo_key(k), method)
         self.asked += 1
         if key not in self.cache:
             self.count += 1
@@ -177,7 +175,7 @@ class _Search:
                 self.ratios.setdefault(_structure(k), []).append(self.needed(traced) / max(self.needed(formula), 1))
         return self.cache[key]
 
-    def below(self, k: _Knobs, est: MemoryEstimate) -> bool:
+    def below(self, k: Knobs, est: MemoryEstimate) -> bool:
         """Whether the traces so far say the trace of ``k`` cannot fit where the formula's ``est``
         does not: ``est`` times the smallest ratio of trace to formula seen, on ``k``'s structure
         where one was traced, else on any (two at least), is still above the usable memory. The ratios
@@ -213,18 +211,18 @@ class _Search:
         near = est.method == "formula" and self.needed(est) <= self.usable * (1 + NEAR)
         return self.fits(est) or near
 
-    def sizes(self, state: _Knobs) -> list[int]:
+    def sizes(self, state: Knobs) -> list[int]:
         """The micro-batches of ``state``: divisors of the per-device batch, at most the user's."""
         per_device = self.ctx.effective // state.world_size
-        return [d for d in _divisors(per_device) if d <= self.ctx.base.batch_size]
+        return [d for d in divisors(per_device) if d <= self.ctx.base.batch_size]
 
-    def at(self, state: _Knobs, batch: int) -> _Knobs:
+    def at(self, state: Knobs, batch: int) -> Knobs:
         return dataclasses.replace(state, batch_size=batch, accumulate=self.ctx.effective // state.world_size // batch)
 
-    def fit(self, state: _Knobs) -> tuple[_Knobs, MemoryEstimate] | None:
+    def fit(self, state: Knobs) -> tuple[Knobs, MemoryEstimate] | None:
         """The largest micro-batch that is a :meth:`candidate`."""
         sizes = self.sizes(state)
-        tried: dict[int, tuple[_Knobs, MemoryEstimate] | None] = {}
+        tried: dict[int, tuple[Knobs, MemoryEstimate] | None] = {}
 
         def at(i: int) -> bool:
             k = self.at(state, sizes[i])
@@ -242,7 +240,7 @@ class _Search:
             lo, hi = (mid, hi) if at(mid) else (lo, mid)
         return tried[lo]
 
-    def search(self, group: str, states: Sequence[_Knobs], ranks: Sequence[int | None], keep: int) -> list[_Found]:
+    def search(self, group: str, states: Sequence[Knobs], ranks: Sequence[int | None], keep: int) -> list[_Found]:
         """The best fit of each state (trying ``ranks`` in turn) that may be among the ``keep`` cheapest.
 
         ``states`` come cheapest first by the least they can cost; the search stops at the first that
@@ -253,10 +251,10 @@ class _Search:
             if self.count >= self.setup.max_estimates:
                 self.notes.append(f"the search stopped at max_estimates={self.setup.max_estimates}")
                 break
-            if _lower_bound(state, self.ctx) > bound:
+            if lower_bound(state, self.ctx) > bound:
                 break
             for rank in ranks:
-                probe = dataclasses.replace(state, lora_rank=rank, accumulate=_least(state, self.ctx))
+                probe = dataclasses.replace(state, lora_rank=rank, accumulate=fewest_micro_batches(state, self.ctx))
                 # a near miss (not yet traced) makes nothing needless: the trace may drop it
                 if any(self.fits(e) and _no_more_intrusive(k, probe, base) for _, k, e in found):
                     break
@@ -264,7 +262,7 @@ class _Search:
                 if hit:
                     found.append((group, *hit))
                     kept = _best(found, self.ctx, keep)
-                    bound = _cost(kept[-1][1], self.ctx) if len(kept) >= keep else math.inf
+                    bound = cost_of(kept[-1][1], self.ctx) if len(kept) >= keep else math.inf
                     break
         return found
 
@@ -282,12 +280,12 @@ class _Search:
         ctx, out, done, order, near, skipped = self.ctx, [], 0, 0, 0, 0
         queue: list[tuple[float, int, int, _Found]] = []
         for f in found:
-            heapq.heappush(queue, (_cost(f[1], ctx) if ranked else 0.0, f[2].total_bytes if ranked else 0, order, f))
+            heapq.heappush(queue, (cost_of(f[1], ctx) if ranked else 0.0, f[2].total_bytes if ranked else 0, order, f))
             order += 1
         while queue and len(out) < limit:
             *_, (group, k, est) = heapq.heappop(queue)
-            cost = _cost(k, ctx)
-            if any(a != k and _no_more_intrusive(a, k, ctx.base) and _cost(a, ctx) <= cost for _, a, _ in out):
+            cost = cost_of(k, ctx)
+            if any(a != k and _no_more_intrusive(a, k, ctx.base) and cost_of(a, ctx) <= cost for _, a, _ in out):
                 continue
             if est.method == "trace" or (done >= n and self.fits(est)):
                 if self.fits(est):
@@ -315,30 +313,30 @@ class _Search:
                 nxt = self.at(k, smaller[-1])
                 again = self.estimate(nxt, "formula")
                 if again is not None and self.candidate(again):
-                    heapq.heappush(queue, (_cost(nxt, ctx), again.total_bytes, order, (group, nxt, again)))
+                    heapq.heappush(queue, (cost_of(nxt, ctx), again.total_bytes, order, (group, nxt, again)))
                     order += 1
         if skipped:
             self.notes.append(f"{skipped} configuration{'s' * (skipped > 1)} the formula puts within {NEAR:.0%} above "
                               "the limit not traced: the traces so far put every one of them above it, or "
                               f"{n + NEAR_TRACES} such near misses were traced already")
-        return sorted(out, key=lambda f: (_cost(f[1], ctx), f[2].total_bytes)) if ranked else out
+        return sorted(out, key=lambda f: (cost_of(f[1], ctx), f[2].total_bytes)) if ranked else out
 
-    def row(self, group: str, k: _Knobs, est: MemoryEstimate) -> PlanRow:
-        terms, seq, device = _cost_terms(k, self.ctx), self.seq_len, self.setup.device
+    def row(self, group: str, k: Knobs, est: MemoryEstimate) -> PlanRow:
+        terms, seq, device = cost_terms(k, self.ctx), self.seq_len, self.setup.device
         return PlanRow(group, k.changes(self.ctx.base), {**k.kwargs(), "seq_len": seq, "device": device},
-                       est.total_bytes, self.usable - est.total_bytes, _cost(k, self.ctx), terms,
+                       est.total_bytes, self.usable - est.total_bytes, cost_of(k, self.ctx), terms,
                        est.method, k.flags(self.ctx.base, seq, device, self.setup.margin), est.host_bytes)
 
 
-def _best(found: Sequence[_Found], ctx: _Context, limit: int) -> list[_Found]:
+def _best(found: Sequence[_Found], ctx: CostContext, limit: int) -> list[_Found]:
     """The ``limit`` cheapest (then smallest) that no fit with a subset of their changes beats."""
-    cost = {k: _cost(k, ctx) for _, k, _ in found}
+    cost = {k: cost_of(k, ctx) for _, k, _ in found}
     kept = [f for f in found if not any(a != f[1] and _no_more_intrusive(a, f[1], ctx.base) and cost[a] <= cost[f[1]]
                                         for _, a, _ in found)]
     return sorted(kept, key=lambda f: (cost[f[1]], f[2].total_bytes))[:limit]
 
 
-def _rows(search: _Search, groups: Sequence[Sequence[_Found]]) -> list[PlanRow]:
+def plan_rows(search: _Search, groups: Sequence[Sequence[_Found]]) -> list[PlanRow]:
     """Each group's rows: its undominated candidates walked cheapest first, traced until ``limit`` fit."""
     rows = []
     for found in groups:
@@ -347,28 +345,28 @@ def _rows(search: _Search, groups: Sequence[Sequence[_Found]]) -> list[PlanRow]:
     return rows
 
 
-def _searched(setup: _Setup, asked: MemoryEstimate | None) -> tuple[_Search, list[list[_Found]]]:
+def run_search(setup: Setup, asked: MemoryEstimate | None) -> tuple[_Search, list[list[_Found]]]:
     """Estimate the asked run (the trace when the formula cannot), then search each group."""
     base, module = setup.base, setup.modules[None]
     effective = base.batch_size * base.accumulate * base.world_size
-    ctx = _Context(base, effective, 1, sum(p.numel() for p in module.parameters()),
+    ctx = CostContext(base, effective, 1, sum(p.numel() for p in module.parameters()),
                    {None: sum(p.numel() for p in module.parameters() if p.requires_grad)})
     search = _Search(setup, ctx)
     search.module(base.lora_rank)  # its trainable count, which the costs read before any estimate
     if asked is not None:
-        search.cache[(_memo_key(base), asked.method)] = asked
+        search.cache[(memo_key(base), asked.method)] = asked
     if search.estimate(base, search.method, strict=search.method == "trace") is None:
         search.failed.clear()
         search.estimate(base, "trace", strict=True)
         setup.notes.append(f"the formula cannot estimate {setup.name}: the trace searched instead")
         search.method = "trace"
-    search.seq_len = search.cache[(_memo_key(base), search.method)].inputs.get("seq_len")
+    search.seq_len = search.cache[(memo_key(base), search.method)].inputs.get("seq_len")
     search.ctx = dataclasses.replace(ctx, tokens_per_sample=search.seq_len or COSTS["micro_batch_tokens"])
     keep = 2 * setup.limit + 2  # candidates beyond the rows shown: the trace may drop some
     return search, [search.search(group, states, ranks, keep) for group, states, ranks in _groups(search)]
 
 
-def _groups(search: _Search) -> list[tuple[str, list[_Knobs], tuple[int | None, ...]]]:
+def _groups(search: _Search) -> list[tuple[str, list[Knobs], tuple[int | None, ...]]]:
     """Each group's name, states (fewest changes first) and LoRA ranks to try in turn."""
     setup, ctx, base = search.setup, search.ctx, search.ctx.base
     layouts = [(s, 1, oo, op) for s, oo, op in _SINGLE]
@@ -416,16 +414,16 @@ def _qlora_precisions(precisions: Sequence[str]) -> tuple[str, ...]:
     return true16[:1] or tuple(precisions)
 
 
-def _states(base: _Knobs, layouts: Sequence[tuple[str, int, bool, bool]], precisions: Sequence[str],
-            optimizers: Sequence[str], checkpointing: Sequence[bool], rank: int | None, ctx: _Context,
-            quantization: str | None = None) -> list[_Knobs]:
+def _states(base: Knobs, layouts: Sequence[tuple[str, int, bool, bool]], precisions: Sequence[str],
+            optimizers: Sequence[str], checkpointing: Sequence[bool], rank: int | None, ctx: CostContext,
+            quantization: str | None = None) -> list[Knobs]:
     """Every combination, cheapest first by the least it can cost, then fewest changes; offloaded state
     only with DeepSpeed's or FSDP's CPU Adam (no other optimizer is offloaded); a quantized base on one
     GPU or under DDP only (sharding bitsandbytes' packed weights needs FSDP's ``quant_storage`` setup,
     not modelled)."""
-    states = [_Knobs(p, o, ck, s, w, oo, op, rank, quantization=quantization)
+    states = [Knobs(p, o, ck, s, w, oo, op, rank, quantization=quantization)
               for s, w, oo, op in layouts for p in precisions for o in optimizers for ck in checkpointing
               if (not oo or o in ("adamw", "adam") or (base.offload_optimizer and o == base.optimizer))
               and not (quantization and (s not in ("single", "ddp") or oo or op))]
 
-    return sorted(states, key=lambda s: (_lower_bound(s, ctx), len(s.changes(base))))
+    return sorted(states, key=lambda s: (lower_bound(s, ctx), len(s.changes(base))))

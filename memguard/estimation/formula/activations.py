@@ -221,7 +221,7 @@ def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool]) 
         bottom = (one.enc_frozen if act.enc_frozen else one.dec_frozen) + lora
     if ckpt:
         bottom = recompute + checkpoint_input_bytes(ctx, seq if act.enc else dec)
-    lm = arch.head in ("causal-lm", "masked-lm", "seq2seq") and arch.vocab
+    lm = arch.head.labels_per_token and arch.vocab
     logits = ctx.b * dec * arch.vocab if lm and arch.vocab else 0
     output_cache = 0
     if cache and ctx.fam.rotary and ctx.autocast and ctx.kernel != "math":

@@ -34,8 +34,8 @@ def batch_bytes(arch: Architecture, module: nn.Module, spec: TrainingSpec, b: in
         px = F32 if prec.autocast_dtype is not None else prec.param_dtype.itemsize
         return b * chans * hh * ww * px + b * I64
     label_len = dec if (dec is not None and arch.decoder_layers) else s
-    labels = b * label_len * I64 if arch.head in ("causal-lm", "masked-lm", "seq2seq") else b * I64
-    if arch.head in ("unknown", "base"):
+    labels = b * label_len * I64 if arch.head.labels_per_token else b * I64
+    if arch.head.headless:
         labels = 0
     return b * s * I64 + labels
 

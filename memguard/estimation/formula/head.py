@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from memguard.estimation.formula.context import F32, Ctx
 from memguard.estimation.formula.norms import norm_bytes
+from memguard.estimation.inputs import Head
 
 __all__ = ["encoder_output_bytes", "final_bytes"]
 
@@ -28,7 +29,7 @@ def final_bytes(ctx: Ctx, seq: int) -> int:
     elif fam.head_input == "class-token":
         # the classifier reads the class token of the final LayerNorm's output
         total += ctx.b * a.hidden * ctx.c if ctx.autocast else resid * ctx.r
-    if fam.mlm_transform and a.head == "masked-lm":
+    if fam.mlm_transform and a.head is Head.MASKED_LM:
         total += _mlm_transform_bytes(ctx, rows)
     return total
 

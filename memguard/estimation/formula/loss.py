@@ -6,6 +6,7 @@ transformers' loss functions and the autocast op lists of :mod:`memguard.estimat
 from __future__ import annotations
 
 from memguard.estimation.formula.context import F32, Ctx
+from memguard.estimation.inputs import Head
 
 __all__ = ["loss_backward_bytes", "loss_forward_bytes", "loss_saved_bytes"]
 
@@ -13,7 +14,7 @@ __all__ = ["loss_backward_bytes", "loss_forward_bytes", "loss_saved_bytes"]
 def _upcast_by_head(ctx: Ctx) -> bool:
     """The head upcasts its logits to fp32 itself: a causal-LM head of a family whose loss calls
     ``logits.float()`` (transformers' ``ForCausalLMLoss``)."""
-    return ctx.arch.head == "causal-lm" and ctx.fam.logits_upcast
+    return ctx.arch.head is Head.CAUSAL_LM and ctx.fam.logits_upcast
 
 
 def _loss_elem(ctx: Ctx) -> int:
