@@ -2,7 +2,7 @@
 
 Most tests run ``main()`` in this process on a tiny GPT-2 (``test_cli:tiny_gpt2``, built on the
 meta device) so a trace takes a fraction of a second. Golden files live in ``tests/golden``;
-regenerate them with ``MEMGUARD_UPDATE_GOLDEN=1 pytest tests/test_cli.py`` after a deliberate
+regenerate them with ``MEMGUARD_UPDATE_GOLDEN=1 pytest tests/cli/test_cli.py`` after a deliberate
 change of the estimates or of the output format, and review the diff.
 """
 
@@ -22,10 +22,10 @@ import memguard
 from memguard import Category, DeviceMemory
 from memguard.cli import EXIT_DOES_NOT_FIT, EXIT_OK, EXIT_USAGE, main
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _fake_nvml import gpus_seen
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 TINY = "test_cli:tiny_gpt2"
 TINY_ARGS = [TINY, "--batch-size", "2", "--seq-len", "32", "--method", "trace"]
 GIB = 2**30
@@ -296,7 +296,7 @@ def fake_nvml(monkeypatch: pytest.MonkeyPatch):
     """Install a fake pynvml (tests/_fake_nvml.py) and a torch without CUDA."""
     from memguard.device import _nvml
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from _fake_nvml import FakeNvml
 
     def install(gpus, **kwargs):
@@ -422,7 +422,7 @@ def test_help_and_version_exit_0(capsys):
 
 @pytest.mark.slow
 def test_python_m_memguard_is_the_same_command():
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-m", "memguard", "estimate", "nope"], capture_output=True,
                           text=True, env=env, timeout=120)
     assert done.returncode == EXIT_USAGE
@@ -507,7 +507,7 @@ def test_console_script_finds_a_factory_in_the_current_folder(tmp_path):
     if not script.exists():
         pytest.skip(f"no console script next to {sys.executable} (memguard is not installed in this environment)")
     (tmp_path / "my_model.py").write_text(FACTORY_HERE)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}  # this checkout's memguard, not the current folder
     done = subprocess.run([str(script), "check", "my_model:build", "--seq-len", "16", "--method", "formula",
                            "--gpu", "T4"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

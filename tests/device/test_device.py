@@ -37,7 +37,7 @@ from memguard.device import actual as _actual
 from memguard.device.catalog import lookup_gpu
 from memguard.errors import ConfigError, DeviceError, MemguardError
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _fake_nvml import MIB, FakeGpu, FakeMig, FakeNvml, gpus_seen, uuid
 
 GIB = 2**30
