@@ -77,7 +77,6 @@ from memguard.cli._output import (
     is_terminal,
     quiet_libraries,
 )
-from memguard.cli._parser import TRACE_TIMEOUT as _TRACE_TIMEOUT  # noqa: F401  (the old name; tests read it)
 from memguard.cli._parser import UsageError as _UsageError
 from memguard.cli._parser import build_parser as _build_parser
 from memguard.cli._parser import import_estimator as _import_estimator

@@ -291,57 +291,6 @@ def test_max_batch_nothing_fits_exits_1(capsys):
 # -- gpus -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_nvml(monkeypatch: pytest.MonkeyPatch):
-    """Install a fake pynvml (tests/_fake_nvml.py) and a torch without CUDA."""
-    from memguard.device import _nvml
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from _fake_nvml import FakeNvml
-
-    def install(gpus, **kwargs):
-        fake = FakeNvml(gpus, **kwargs)
-        monkeypatch.setitem(sys.modules, "pynvml", fake.module)
-        _nvml.shutdown()
-        return fake
-
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    yield install
-    _nvml.shutdown()
-
-
-@pytest.mark.parametrize(("error", "says"), [
-    ("NVMLError_LibraryNotFound", "the NVML library (libnvidia-ml.so) was not found"),
-    ("NVMLError_DriverNotLoaded", "the NVIDIA kernel driver is not loaded"),
-    ("NVMLError_Unknown", "nvmlInit failed: NVMLError_Unknown"),
-])
-def test_gpus_says_why_nvml_failed(capsys, fake_nvml, error, says):
-    import pynvml
-
-    fake_nvml([], init_error=getattr(pynvml, error)())
-    code, out, err = run(capsys, "gpus")
-    assert (code, err) == (EXIT_OK, "")
-    assert out.count("\n") == 1
-    assert out.startswith("no GPU visible to this process (NVML: nvmlInit failed: ")
-    assert says in out
-    assert "torch: torch.cuda.is_available() is False" in out
-    assert out.rstrip().endswith("plan against a catalog GPU (--gpu A100-80GB) or a size (--gpu 24GiB)")
-    code, out, _ = run(capsys, "gpus", "--json")
-    data = json.loads(out)
-    assert data["devices"] == [] and says in data["reason"]
-
-
-def test_gpus_when_nvml_sees_no_device(capsys, fake_nvml, monkeypatch):
-    fake_nvml([])
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
-    code, out, _ = run(capsys, "gpus")
-    assert code == EXIT_OK
-    assert out.startswith("no GPU visible to this process (NVML works and sees no CUDA device with "
-                          "CUDA_VISIBLE_DEVICES='-1'; torch: ")
-
-
 def test_gpus_lists_devices_and_the_catalog(capsys, one_gpu):
     code, out, _ = run(capsys, "gpus", "--catalog", readers=one_gpu)
     assert code == EXIT_OK
@@ -540,10 +489,10 @@ def test_training_loop_flags_reach_the_estimate(capsys):
 
 
 def test_the_parser_default_timeout_is_the_trace_default():
-    from memguard import cli
+    from memguard.cli._parser import TRACE_TIMEOUT
     from memguard.estimation.trace import DEFAULT_TIMEOUT
 
-    assert cli._TRACE_TIMEOUT == DEFAULT_TIMEOUT
+    assert TRACE_TIMEOUT == DEFAULT_TIMEOUT
 
 
 def test_the_parser_methods_and_counts_are_the_estimators():
