@@ -198,8 +198,7 @@ import torch
 torch.set_num_threads(1)
 import test_callback as t
 from memguard import MemGuard
-package, root = sys.argv[2], Path(sys.argv[3])
-budget = t.budget_for(4)
+package, root, budget = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])  # budget_for(4), traced by the parent
 torch.manual_seed(1)
 module = t.module_class(package)()
 torch.manual_seed(1)
@@ -214,11 +213,12 @@ def test_reduce_stays_under_the_budget_as_measured(package: str, tmp_path: Path)
     """Measured in a fresh process: memory that earlier tests freed stays in this process's malloc
     arenas, where a fit would reuse it without growing RSS (the measurement would read low)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed buffers go back to the OS
-    done = subprocess.run([sys.executable, "-c", _MEASURED_FIT, str(Path(__file__).parent), package, str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    done = subprocess.run([sys.executable, "-c", _MEASURED_FIT, str(Path(__file__).parent), package, str(tmp_path),
+                           str(budget_for(4))], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     metrics, budget = result["metrics"], result["budget"]
+    assert budget == budget_for(4)
     predicted, actual = metrics["memguard/predicted_peak_bytes"], metrics["memguard/actual_peak_bytes"]
     assert metrics["memguard/actual_is_lower_bound"] == 0.0  # the threshold is pinned: a true peak
     assert predicted <= budget * (1 - MARGIN)
