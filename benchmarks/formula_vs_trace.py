@@ -74,7 +74,7 @@ SIZES: dict[str, tuple[Callable[[], Any], int, int]] = {
     "llama-2-13b": (lambda: "llama-2-13b", 1, 256),
 }
 """Model (a factory), batch size and sequence length per size: short, so each trace takes seconds.
-The ``tiny-*`` sizes are the ones ``tests/test_formula_matrix.py`` traces; ``small`` (~110M
+The ``tiny-*`` sizes are the ones ``tests/estimation/formula/test_formula_matrix.py`` traces; ``small`` (~110M
 parameters, 12 layers of width 768) and the presets only here."""
 
 

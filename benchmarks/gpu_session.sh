@@ -18,7 +18,7 @@ mkdir -p "$out"
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   python -c "import memguard, json; print(json.dumps(memguard.device_memory('cuda').to_dict()))"
 } > "$out/machine.txt" 2>&1
-timeout 120 python -m pytest -q -p no:cacheprovider tests/test_device.py -k real_gpu > "$out/pytest_gpu.txt" 2>&1
+timeout 120 python -m pytest -q -p no:cacheprovider tests/device/test_device.py -k real_gpu > "$out/pytest_gpu.txt" 2>&1
 timeout 120 python benchmarks/gpu_isolation.py > "$out/isolation_gpu.txt" 2>&1
 timeout 420 python benchmarks/accuracy.py --device cuda --output "$out/accuracy_cuda.json" > "$out/accuracy_cuda.txt" 2>&1
 echo "exit codes written; see $out"

@@ -441,7 +441,7 @@ def _peek(module: Any, datamodule: Any, path: str, timeout: float | None) -> Any
     """The first training batch's skeleton, read in a forked child (:mod:`memguard.estimation.sandbox`)."""
     from memguard.estimation import sandbox
     from memguard.estimation.trace import DEFAULT_TIMEOUT
-    from memguard.lightning.run import _in_one_process, _skeleton
+    from memguard.lightning.run import batch_skeleton, in_one_process
 
     source = datamodule if datamodule is not None else module
 
@@ -454,8 +454,8 @@ def _peek(module: Any, datamodule: Any, path: str, timeout: float | None) -> Any
         loader = source.train_dataloader()
         if isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset):
             return None
-        _in_one_process(loader)
-        return _skeleton(next(iter(loader)))
+        in_one_process(loader)
+        return batch_skeleton(next(iter(loader)))
 
     batch = sandbox.run(first, timeout=timeout or DEFAULT_TIMEOUT, what="the peek at the train data")
     if batch is None:

@@ -77,16 +77,15 @@ from memguard.cli._output import (
     is_terminal,
     quiet_libraries,
 )
-from memguard.cli._parser import TRACE_TIMEOUT as _TRACE_TIMEOUT  # noqa: F401  (the old name; tests read it)
 from memguard.cli._parser import UsageError as _UsageError
-from memguard.cli._parser import build_parser as _build_parser
+from memguard.cli._parser import build_parser
 from memguard.cli._parser import import_estimator as _import_estimator
 from memguard.errors import MemguardError
 
 if TYPE_CHECKING:
     from memguard.device.readers import Readers
 
-__all__ = ["EXIT_DOES_NOT_FIT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = ["EXIT_DOES_NOT_FIT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 def main(argv: Sequence[str] | None = None, *, readers: Readers | None = None) -> int:
     """Run the ``memguard`` command and return its exit status.
@@ -150,7 +149,7 @@ def _watch_ctrl_c() -> Iterator[list[bool]]:
 
 def _main(argv: Sequence[str] | None, readers: Readers | None = None) -> int:
     try:
-        parser = _build_parser()
+        parser = build_parser()
     except MemguardError as exc:
         return fail(str(exc))
     try:

@@ -56,7 +56,7 @@ from typing import Any
 from memguard.errors import ConfigError
 from memguard.estimation.allocator_config import AllocatorConfig
 
-__all__ = ["FREE", "AllocatorConfig", "AllocatorStats", "ledger_events", "replay"]
+__all__ = ["FREE", "AllocatorConfig", "AllocatorStats", "Block", "Simulator", "ledger_events", "replay"]
 
 FREE = -1
 """The ``nbytes`` of an event that frees the block allocated under the same key."""
@@ -110,7 +110,7 @@ class AllocatorStats:
         return self.peak_reserved / self.peak_allocated - 1 if self.peak_allocated else 0.0
 
 
-class _Block:
+class Block:
     """A range of a segment (``Block``): allocated, cached (mapped, free) or unmapped.
 
     ``segment`` is ``None`` for a ``cudaMalloc`` segment, ``(base address, page size)`` for an
@@ -123,12 +123,12 @@ class _Block:
                  mapped: bool = True) -> None:
         self.addr, self.size, self.small, self.segment, self.mapped = addr, size, small, segment, mapped
         self.allocated = False
-        self.prev: _Block | None = None
-        self.next: _Block | None = None
+        self.prev: Block | None = None
+        self.next: Block | None = None
         self.requested = 0
 
 
-def _splice(block: _Block, before: _Block | None, after: _Block | None) -> None:
+def _splice(block: Block, before: Block | None, after: Block | None) -> None:
     """``Block::splice``: put ``block`` between ``before`` and ``after``."""
     block.prev, block.next = before, after
     if before is not None:
@@ -149,20 +149,20 @@ class _Pool:
     def __init__(self, small: bool) -> None:
         self.small = small
         self.keys: list[int] = []
-        self.blocks: dict[int, _Block] = {}
-        self.unmapped: dict[int, _Block] = {}
+        self.blocks: dict[int, Block] = {}
+        self.unmapped: dict[int, Block] = {}
 
-    def add(self, b: _Block) -> None:
+    def add(self, b: Block) -> None:
         insort(self.keys, b.size << _SHIFT | b.addr)
         self.blocks[b.addr] = b
 
-    def remove(self, b: _Block) -> None:
+    def remove(self, b: Block) -> None:
         keys = self.keys
         del keys[bisect_left(keys, b.size << _SHIFT | b.addr)]
         del self.blocks[b.addr]
 
 
-class _Simulator:
+class Simulator:
     """``DeviceCachingAllocator`` for one device and one stream; sizes and addresses in bytes.
 
     One method per function of ``CUDACachingAllocator.cpp`` it follows, under the same name, so
@@ -194,7 +194,7 @@ class _Simulator:
                 return -(-n // step) * step
         return (n + _MIN_BLOCK - 1) & -_MIN_BLOCK
 
-    def malloc(self, n: int) -> _Block | None:
+    def malloc(self, n: int) -> Block | None:
         """``DeviceCachingAllocator::malloc``: reuse, new segment, release and retry, or ``None``."""
         size = self.round_size(n)
         small = size <= _SMALL_SIZE
@@ -215,7 +215,7 @@ class _Simulator:
         rest = block.size - size
         if rest >= _MIN_BLOCK if small or self.expandable else (size < self.split_limit and rest > _SMALL_SIZE):
             # alloc_found_block: the request takes the low addresses, the rest stays cached.
-            used = _Block(block.addr, size, small, block.segment)
+            used = Block(block.addr, size, small, block.segment)
             _splice(used, block.prev, block)
             block.addr += size
             block.size = rest
@@ -231,7 +231,7 @@ class _Simulator:
             self.peak_requested = self.requested
         return block
 
-    def free(self, block: _Block) -> None:
+    def free(self, block: Block) -> None:
         """``free`` then ``free_block``: merge with free neighbours and cache."""
         self.allocated -= block.size
         self.requested -= block.requested
@@ -241,7 +241,7 @@ class _Simulator:
         self.try_merge_blocks(block, block.next, pool)
         pool.add(block)
 
-    def try_merge_blocks(self, dst: _Block, src: _Block | None, pool: _Pool) -> None:
+    def try_merge_blocks(self, dst: Block, src: Block | None, pool: _Pool) -> None:
         """``try_merge_blocks``: ``dst`` (in no set) absorbs ``src`` if free and mapped alike."""
         if src is None or src.allocated or src.mapped != dst.mapped:
             return
@@ -256,7 +256,7 @@ class _Simulator:
             _splice(dst, dst.prev, src.next)
         dst.size += src.size
 
-    def get_free_block(self, pool: _Pool, size: int) -> _Block | None:
+    def get_free_block(self, pool: _Pool, size: int) -> Block | None:
         """``get_free_block``: best fit on (size, address), within the oversize rules."""
         keys = pool.keys
         i = bisect_left(keys, size << _SHIFT)
@@ -282,19 +282,19 @@ class _Simulator:
         if self.reserved > self.peak_reserved:
             self.peak_reserved, self.peak_segments = self.reserved, self.segments
 
-    def alloc_block(self, pool: _Pool, size: int, alloc_size: int) -> _Block | None:
+    def alloc_block(self, pool: _Pool, size: int, alloc_size: int) -> Block | None:
         """``alloc_block``: a new segment (``cudaMalloc``), or pages of the expandable one."""
         if self.expandable:
             return self.try_allocate_expandable_block(pool, size)
         if self.capacity is not None and self.reserved + alloc_size > self.capacity:
             return None
-        block = _Block(self.next_addr, alloc_size, pool.small)
+        block = Block(self.next_addr, alloc_size, pool.small)
         self.next_addr += alloc_size
         self.segments += 1
         self.reserve(alloc_size)
         return block
 
-    def release_block(self, pool: _Pool, block: _Block) -> None:
+    def release_block(self, pool: _Pool, block: Block) -> None:
         """``release_block``: ``cudaFree`` a whole cached segment."""
         pool.remove(block)
         self.segments -= 1
@@ -338,7 +338,7 @@ class _Simulator:
                     self.segments -= 1
         return True
 
-    def try_allocate_expandable_block(self, pool: _Pool, size: int) -> _Block | None:
+    def try_allocate_expandable_block(self, pool: _Pool, size: int) -> Block | None:
         """``try_allocate_expandable_block``: map pages at the lowest address with room."""
         candidate = self.find_expandable_block(pool, size)
         if not candidate.mapped and not self.map_block(pool, candidate, min(candidate.size, size)):
@@ -352,7 +352,7 @@ class _Simulator:
         pool.remove(candidate)
         return candidate
 
-    def find_expandable_block(self, pool: _Pool, size: int) -> _Block:
+    def find_expandable_block(self, pool: _Pool, size: int) -> Block:
         """``find_expandable_block``: the first unmapped range (with a free block before it) that fits."""
         for addr in sorted(pool.unmapped):
             candidate = pool.unmapped[addr]
@@ -366,13 +366,13 @@ class _Simulator:
         page = _SMALL_BUFFER if pool.small else self.config.large_segment_size
         # ExpandableSegment reserves address space for 1 1/8 of the device's memory.
         space = _VA_UNBOUNDED if self.capacity is None else self.capacity + self.capacity // 8
-        block = _Block(self.next_addr, -(-space // page) * page, pool.small, (self.next_addr, page), mapped=False)
+        block = Block(self.next_addr, -(-space // page) * page, pool.small, (self.next_addr, page), mapped=False)
         self.next_addr += block.size
         self.segments += 1
         pool.unmapped[block.addr] = block
         return block
 
-    def map_block(self, pool: _Pool, block: _Block, size: int) -> bool:
+    def map_block(self, pool: _Pool, block: Block, size: int) -> bool:
         """``map_block``: back the first ``size`` bytes (whole pages) of an unmapped block."""
         page = block.segment[1]  # type: ignore[index]
         mapped = -(-size // page) * page
@@ -381,7 +381,7 @@ class _Simulator:
         del pool.unmapped[block.addr]
         block.mapped = True
         if mapped < block.size:
-            rest = _Block(block.addr + mapped, block.size - mapped, pool.small, block.segment, mapped=False)
+            rest = Block(block.addr + mapped, block.size - mapped, pool.small, block.segment, mapped=False)
             _splice(rest, block, block.next)
             pool.unmapped[rest.addr] = rest
             block.size = mapped
@@ -391,7 +391,7 @@ class _Simulator:
         self.reserve(mapped)
         return True
 
-    def unmap_block(self, pool: _Pool, block: _Block) -> None:
+    def unmap_block(self, pool: _Pool, block: Block) -> None:
         """``unmap_block``: give back the whole pages inside a cached expandable block."""
         segment = block.segment
         assert segment is not None
@@ -402,11 +402,11 @@ class _Simulator:
             return
         pool.remove(block)
         if start > block.addr:
-            before = _Block(block.addr, start - block.addr, pool.small, segment)
+            before = Block(block.addr, start - block.addr, pool.small, segment)
             _splice(before, block.prev, block)
             pool.add(before)
         if block.addr + block.size > end:
-            after = _Block(end, block.addr + block.size - end, pool.small, segment)
+            after = Block(end, block.addr + block.size - end, pool.small, segment)
             _splice(after, block, block.next)
             pool.add(after)
         block.addr, block.size, block.mapped = start, end - start, False
@@ -423,7 +423,7 @@ class _Simulator:
             oom_event=oom_event, oom_bytes=oom_bytes, unmodelled=self.config.unmodelled)
 
 
-def _expandable_size(b: _Block) -> int:
+def _expandable_size(b: Block) -> int:
     nxt = b.next
     return b.size + (nxt.size if nxt is not None and not nxt.mapped else 0)
 
@@ -451,8 +451,8 @@ def replay(events: Iterable[tuple[int, int]], config: AllocatorConfig | None = N
     """
     if capacity is not None and capacity <= 0:
         raise ConfigError(f"capacity must be a positive number of bytes or None, got {capacity!r}")
-    sim = _Simulator(config or AllocatorConfig(), capacity)
-    live: dict[int, _Block | None] = {}
+    sim = Simulator(config or AllocatorConfig(), capacity)
+    live: dict[int, Block | None] = {}
     malloc, free = sim.malloc, sim.free
     for index, (key, nbytes) in enumerate(events):
         if nbytes > 0:

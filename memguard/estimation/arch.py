@@ -37,10 +37,10 @@ from torch import nn
 from memguard.errors import UnsupportedModelError
 from memguard.estimation.inputs import Head
 
-__all__ = ["Architecture", "MoE", "block_stacks", "find_architecture", "inspect_architecture", "structure_generation",
-           "transformer_blocks"]
+__all__ = ["FAMILY_OF_MODEL_TYPE", "Architecture", "MoE", "block_stacks", "find_architecture", "inspect_architecture",
+           "structure_generation", "transformer_blocks"]
 
-_FAMILIES: dict[str, str] = {
+FAMILY_OF_MODEL_TYPE: dict[str, str] = {
     "gpt2": "gpt2", "gpt_neo": "gpt2", "gpt_bigcode": "gpt2", "gptj": "gpt2", "opt": "gpt2",
     "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert",
     "camembert": "bert", "distilbert": "bert",
@@ -310,7 +310,7 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
     :func:`_activation` and :func:`_dropouts`.
     """
     model_type = str(getattr(config, "model_type", "") or "")
-    family = _FAMILIES.get(model_type)
+    family = FAMILY_OF_MODEL_TYPE.get(model_type)
     hidden = _get(config, "hidden_size", "d_model", "n_embd", "dim")
     heads = _get(config, "num_attention_heads", "n_head", "num_heads", "n_heads",
                  "encoder_attention_heads")

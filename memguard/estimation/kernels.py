@@ -107,7 +107,7 @@ def mkldnn_lstm_workspace(steps: int, batch: int, input_size: int, hidden: int, 
       gradients in fp32.
 
     The total is a whole number of pages. Checked against the real kernel's workspace on the
-    torch this runs with (``tests/test_kernels.py``).
+    torch this runs with (``tests/estimation/test_kernels.py``).
     """
     states = 2 * (steps + 1) * batch
     parts = (

@@ -69,7 +69,6 @@ __all__ = [
     "QUANTIZATIONS",
     "Quantization",
     "QuantizedLinear",
-    "bits_per_parameter",
     "dequantize_temporary",
     "detect_quantization",
     "linear_storage",
@@ -473,9 +472,3 @@ def dequantize_temporary(layers: Iterable[QuantizedLinear], elem: int) -> int:
             extra = F32 * m.absmax.numel() * m.quantization.double_quant
         most = max(most, n * elem + extra)
     return most
-
-
-def bits_per_parameter(q: Quantization, out_features: int = 4096, in_features: int = 4096) -> float:
-    """Bits of storage per weight of an ``out x in`` layer, everything of :func:`linear_storage`
-    included (QLoRA paper, section 3: NF4 4.5 bits, with double quantization about 4.127)."""
-    return 8 * sum(linear_storage(out_features, in_features, q).values()) / (out_features * in_features)

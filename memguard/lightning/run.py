@@ -26,7 +26,9 @@ from memguard.estimation.trace import DEFAULT_TIMEOUT, preserved_rng
 __all__ = [
     "RunInfo",
     "agree",
+    "batch_skeleton",
     "callback_bases",
+    "in_one_process",
     "package_of",
     "parallelism",
     "peek_batch",
@@ -200,7 +202,8 @@ def peek_batch(trainer: Any, timeout: float | None = DEFAULT_TIMEOUT) -> Any:
     Raises:
         TraceError: when the peek does not end within ``timeout`` seconds.
     """
-    return sandbox.run(lambda: _skeleton(_first_batch(trainer)), timeout=timeout, what="the peek at the train data")
+    return sandbox.run(lambda: batch_skeleton(_first_batch(trainer)), timeout=timeout,
+                       what="the peek at the train data")
 
 
 def _first_batch(trainer: Any) -> Any:
@@ -216,7 +219,7 @@ def _first_batch(trainer: Any) -> Any:
             return None
         if sandbox.in_child():
             for dl in combined.flattened:
-                _in_one_process(dl)
+                in_one_process(dl)
         with _generators_kept(combined.flattened):
             combined.flattened = [
                 connector._process_dataloader(trainer, states.TrainerFn.FITTING, states.RunningStage.TRAINING, dl)
@@ -234,7 +237,7 @@ def _first_batch(trainer: Any) -> Any:
     return batch
 
 
-def _in_one_process(loader: Any) -> None:
+def in_one_process(loader: Any) -> None:
     """Make the child's copy of a ``DataLoader`` load in the child itself: no workers, no pinning.
 
     A persistent loader of the parent keeps its iterator and live workers (``DataLoader.__iter__``
@@ -247,7 +250,7 @@ def _in_one_process(loader: Any) -> None:
             object.__setattr__(loader, name, value)
 
 
-def _skeleton(batch: Any) -> Any:
+def batch_skeleton(batch: Any) -> Any:
     """``batch`` with every tensor replaced by an empty one on the meta device (shape and dtype kept)."""
     return tree_map_only(torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), batch)
 

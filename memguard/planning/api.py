@@ -87,7 +87,7 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
         ConfigError: for a bad argument, naming it.
     """
     start = time.perf_counter()
-    setup = _setup(model, None, gpu=gpu, seq_len=seq_len, gpus=gpus, batch_size=batch_size, margin=margin,
+    setup = make_setup(model, None, gpu=gpu, seq_len=seq_len, gpus=gpus, batch_size=batch_size, margin=margin,
                    precision=precision, optimizers=optimizers, base=base, lora_ranks=lora_ranks,
                    method_prune=method_prune, confirm=limit if confirm is None else confirm, limit=limit,
                    device=device, max_estimates=max_estimates, estimate_kwargs=estimate_kwargs)
@@ -152,7 +152,7 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
             raise ConfigError(f"remedies() cannot build model {name!r} again ({exc}); pass model=, the module "
                               "that was estimated") from None
     traced = estimate.method == "trace"
-    setup = _setup(model, resolved, gpu=gpu, seq_len=inputs.get("seq_len"), gpus=gpus, batch_size=None,
+    setup = make_setup(model, resolved, gpu=gpu, seq_len=inputs.get("seq_len"), gpus=gpus, batch_size=None,
                    margin=margin, precision=None, optimizers=None,
                    base={**{k: inputs[k] for k in _BASE_KEYS if inputs.get(k) is not None}, **(base or {})},
                    lora_ranks=LORA_RANKS,
@@ -169,7 +169,7 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
     return [search.row(*f) for f in turns[:top]]
 
 
-def _setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len: Any, gpus: Any, batch_size: Any,
+def make_setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len: Any, gpus: Any, batch_size: Any,
            margin: Any, precision: Any, optimizers: Any, base: Any, lora_ranks: Any, method_prune: Any,
            confirm: Any, limit: Any, device: Any, max_estimates: Any, estimate_kwargs: Any) -> Setup:
     """Check every argument of :func:`plan`, and build the model."""

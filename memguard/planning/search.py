@@ -1,15 +1,15 @@
 """The search: the largest micro-batch that fits in each state, cheapest states first, dominated ones skipped.
 
 Every combination of precision, optimizer, checkpointing and layout (strategy, world size,
-offload) is a *state* (:func:`_states`); :meth:`_Search.fit` finds its largest micro-batch among
+offload) is a *state* (:func:`_states`); :meth:`Search.fit` finds its largest micro-batch among
 the divisors of the per-device effective batch, so the effective batch is kept exactly;
-:meth:`_Search.search` visits states by the least they can cost and stops once they cost more than
+:meth:`Search.search` visits states by the least they can cost and stops once they cost more than
 the fits kept; :func:`_best` drops a fit that another with a subset of its changes beats.
 
 Two passes, so that only what can be shown is traced. The first prunes with the formula
 (milliseconds an estimate) and keeps, per state, the largest micro-batch the formula puts within
 :data:`NEAR` of the limit (the formula may err high by a little: such a near miss is a candidate,
-not a reject). The second (:meth:`_Search.confirm`) walks each group's candidates cheapest first
+not a reject). The second (:meth:`Search.confirm`) walks each group's candidates cheapest first
 and traces them one by one until the group's rows are found: a candidate the trace finds too large
 gives way to the next smaller micro-batch of its state, at its own cost. A row shown is traced
 (unless ``confirm`` says fewer), and no near miss cheaper than the last row shown is left
@@ -55,7 +55,7 @@ NEAR = 0.1
 NEAR_TRACES = 2
 """Near misses traced per group beyond its ``confirm`` rows: a model the formula puts low everywhere near the limit
 would otherwise have every near miss traced, only to be rejected. A near miss is not traced either
-when the configurations traced so far (of its structure, :func:`_structure`, where there are) are
+when the configurations traced so far (of its structure, :func:`structure_of`, where there are) are
 all at least as far above the formula as it needs to fail (the smallest ratio of trace to formula
 seen): a heuristic, but a skip costs a row, never a wrong one."""
 @dataclasses.dataclass
@@ -83,7 +83,7 @@ class Setup:
     progress: Callable[[str], None] | None = None
 
 
-def _structure(k: Knobs) -> tuple[Any, ...]:
+def structure_of(k: Knobs) -> tuple[Any, ...]:
     """What shapes a step's activations and the formula's error on them: all but the optimizer and batch."""
     return (k.precision, k.checkpointing, k.strategy, k.world_size, k.offload_optimizer, k.offload_params,
             k.lora_rank, k.quantization, k.accumulate > 1)
@@ -95,7 +95,7 @@ def memo_key(k: Knobs) -> Knobs:
     The trace runs ``min(accumulate, 2)`` micro-batches (``trace_breakdown``: the second stands
     for all the others, each running beside the gradients so far), and the formula's loop differs
     only by ``accumulate > 1`` (``estimator._by_method``), so ``batch 2 x accumulate 4`` and
-    ``batch 2 x accumulate 2`` have the same estimate, to the byte (``tests/test_plan.py``).
+    ``batch 2 x accumulate 2`` have the same estimate, to the byte (``tests/planning/test_plan.py``).
     """
     return dataclasses.replace(k, accumulate=min(k.accumulate, 2))
 
@@ -118,7 +118,7 @@ _Found = tuple[str, Knobs, MemoryEstimate]
 """A configuration that fits: its group, knobs and estimate."""
 
 
-class _Search:
+class Search:
     """Estimates the configurations of one run, remembered, and finds what fits."""
 
     def __init__(self, setup: Setup, ctx: CostContext) -> None:
@@ -172,7 +172,7 @@ class _Search:
             other = self.cache.get((key[0], "formula" if method == "trace" else "trace"))
             if self.cache[key] is not None and other is not None:
                 traced, formula = (self.cache[key], other) if method == "trace" else (other, self.cache[key])
-                self.ratios.setdefault(_structure(k), []).append(self.needed(traced) / max(self.needed(formula), 1))
+                self.ratios.setdefault(structure_of(k), []).append(self.needed(traced) / max(self.needed(formula), 1))
         return self.cache[key]
 
     def below(self, k: Knobs, est: MemoryEstimate) -> bool:
@@ -180,8 +180,8 @@ class _Search:
         does not: ``est`` times the smallest ratio of trace to formula seen, on ``k``'s structure
         where one was traced, else on any (two at least), is still above the usable memory. The ratios
         and ``est`` are taken on :meth:`needed`, the quantity the fit is decided on."""
-        seen = self.ratios.get(_structure(k)) or [r for rs in self.ratios.values() for r in rs]
-        return len(seen) >= (1 if _structure(k) in self.ratios else 2) and self.needed(est) * min(seen) > self.usable
+        seen = self.ratios.get(structure_of(k)) or [r for rs in self.ratios.values() for r in rs]
+        return len(seen) >= (1 if structure_of(k) in self.ratios else 2) and self.needed(est) * min(seen) > self.usable
 
     def needed(self, est: MemoryEstimate) -> int:
         """What the fit decision compares for ``est``: :attr:`memguard.fit.Fit.needed_bytes` (the upper end
@@ -336,7 +336,7 @@ def _best(found: Sequence[_Found], ctx: CostContext, limit: int) -> list[_Found]
     return sorted(kept, key=lambda f: (cost[f[1]], f[2].total_bytes))[:limit]
 
 
-def plan_rows(search: _Search, groups: Sequence[Sequence[_Found]]) -> list[PlanRow]:
+def plan_rows(search: Search, groups: Sequence[Sequence[_Found]]) -> list[PlanRow]:
     """Each group's rows: its undominated candidates walked cheapest first, traced until ``limit`` fit."""
     rows = []
     for found in groups:
@@ -345,13 +345,13 @@ def plan_rows(search: _Search, groups: Sequence[Sequence[_Found]]) -> list[PlanR
     return rows
 
 
-def run_search(setup: Setup, asked: MemoryEstimate | None) -> tuple[_Search, list[list[_Found]]]:
+def run_search(setup: Setup, asked: MemoryEstimate | None) -> tuple[Search, list[list[_Found]]]:
     """Estimate the asked run (the trace when the formula cannot), then search each group."""
     base, module = setup.base, setup.modules[None]
     effective = base.batch_size * base.accumulate * base.world_size
     ctx = CostContext(base, effective, 1, sum(p.numel() for p in module.parameters()),
                    {None: sum(p.numel() for p in module.parameters() if p.requires_grad)})
-    search = _Search(setup, ctx)
+    search = Search(setup, ctx)
     search.module(base.lora_rank)  # its trainable count, which the costs read before any estimate
     if asked is not None:
         search.cache[(memo_key(base), asked.method)] = asked
@@ -366,7 +366,7 @@ def run_search(setup: Setup, asked: MemoryEstimate | None) -> tuple[_Search, lis
     return search, [search.search(group, states, ranks, keep) for group, states, ranks in _groups(search)]
 
 
-def _groups(search: _Search) -> list[tuple[str, list[Knobs], tuple[int | None, ...]]]:
+def _groups(search: Search) -> list[tuple[str, list[Knobs], tuple[int | None, ...]]]:
     """Each group's name, states (fewest changes first) and LoRA ranks to try in turn."""
     setup, ctx, base = search.setup, search.ctx, search.ctx.base
     layouts = [(s, 1, oo, op) for s, oo, op in _SINGLE]

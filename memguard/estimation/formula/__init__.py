@@ -49,11 +49,8 @@ from __future__ import annotations
 from memguard.estimation.formula.activations import Activations, activation_bytes
 from memguard.estimation.formula.model_state import (
     ModelState,
-    gradient_bytes,
     model_state,
     optimizer_state_bytes,
-    optimizer_step_bytes,
-    parameter_bytes,
 )
 from memguard.estimation.formula.phases import formula_breakdown
 
@@ -62,9 +59,6 @@ __all__ = [
     "ModelState",
     "activation_bytes",
     "formula_breakdown",
-    "gradient_bytes",
     "model_state",
     "optimizer_state_bytes",
-    "optimizer_step_bytes",
-    "parameter_bytes",
 ]

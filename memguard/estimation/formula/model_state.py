@@ -18,8 +18,7 @@ from memguard.estimation.formula.inventory import Inventory, inventory
 from memguard.estimation.result import Category
 from memguard.estimation.spec import PAGED_MIN_NUMEL, AdamW8bitStandIn, TrainingSpec
 
-__all__ = ["ModelState", "gradient_bytes", "model_state", "optimizer_state_bytes",
-           "optimizer_step_bytes", "paged_state_bytes", "parameter_bytes"]
+__all__ = ["ModelState", "model_state", "optimizer_state_bytes", "paged_state_bytes"]
 
 _ADAM_LIKE = ("adam", "adamw", "adamw-fused", "adamw-foreach", "nadam", "radam", "adamax", "adadelta")
 """Optimizers whose state holds a step counter per parameter besides their full-size tensors."""
@@ -66,26 +65,11 @@ def model_state(inv: Inventory, spec: TrainingSpec, grad: list[bool] | None = No
                       notes=tuple(notes))
 
 
-def parameter_bytes(module: nn.Module, spec: TrainingSpec) -> int:
-    """Bytes of the module's parameters and buffers (:attr:`ModelState.parameters`)."""
-    return model_state(inventory(module), spec).parameters
-
-
-def gradient_bytes(module: nn.Module, spec: TrainingSpec) -> int:
-    """Bytes of the trainable parameters' gradients (:attr:`ModelState.gradients`)."""
-    return model_state(inventory(module), spec).gradients
-
-
 def optimizer_state_bytes(module: nn.Module, spec: TrainingSpec) -> tuple[int, list[str]]:
     """Bytes of optimizer state kept between steps (:attr:`ModelState.optimizer_state`), and
     notes on what was assumed."""
     state = model_state(inventory(module), spec)
     return state.optimizer_state, list(state.notes)
-
-
-def optimizer_step_bytes(module: nn.Module, spec: TrainingSpec) -> int:
-    """Temporary bytes of ``optimizer.step()`` (:attr:`ModelState.optimizer_step`)."""
-    return model_state(inventory(module), spec).optimizer_step
 
 
 def _parameters(inv: Inventory, elem: int) -> int:

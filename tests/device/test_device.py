@@ -37,7 +37,7 @@ from memguard.device import actual as _actual
 from memguard.device.catalog import lookup_gpu
 from memguard.errors import ConfigError, DeviceError, MemguardError
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _fake_nvml import MIB, FakeGpu, FakeMig, FakeNvml, gpus_seen, uuid
 
 GIB = 2**30
@@ -789,3 +789,31 @@ def test_cpu_measurement_says_when_it_is_a_lower_bound(monkeypatch, env, pinned)
     else:
         assert "lower bound" in got.caveat and "MALLOC_MMAP_THRESHOLD_=65536" in got.caveat
     assert _actual.mmap_threshold_pinned() is pinned
+
+
+def test_process_memory_is_what_nvml_lists_for_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``actual_total_bytes`` of a GPU run: this process's line in nvidia-smi, through NVML."""
+    import os
+    import sys
+    import types
+
+    from _fake_nvml import MIB, FakeGpu, FakeNvml, uuid
+
+    from memguard.device import _nvml, process_memory
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fake = FakeNvml([FakeGpu(uuid(i), "NVIDIA H100", 80 * 1024 * MIB) for i in range(2)])
+    listed = {uuid(1): [types.SimpleNamespace(pid=1, usedGpuMemory=5 * MIB),
+                        types.SimpleNamespace(pid=os.getpid(), usedGpuMemory=700 * MIB)],
+              uuid(0): [types.SimpleNamespace(pid=os.getpid(), usedGpuMemory=None)]}
+    fake.module.nvmlDeviceGetComputeRunningProcesses = lambda handle: listed[handle.gpu.uuid]
+    monkeypatch.setitem(sys.modules, "pynvml", fake.module)
+    _nvml.shutdown()
+    try:
+        assert process_memory(1) == 700 * MIB
+        assert process_memory(1, pid=1) == 5 * MIB
+        assert process_memory(1, pid=2) is None  # not listed: no context there, or another PID namespace
+        assert process_memory(0) is None  # NVML does not know the usage (some MIG and vGPU setups)
+        assert process_memory(5) is None  # no such device
+    finally:
+        _nvml.shutdown()

@@ -2,7 +2,7 @@
 
 Most tests run ``main()`` in this process on a tiny GPT-2 (``test_cli:tiny_gpt2``, built on the
 meta device) so a trace takes a fraction of a second. Golden files live in ``tests/golden``;
-regenerate them with ``MEMGUARD_UPDATE_GOLDEN=1 pytest tests/test_cli.py`` after a deliberate
+regenerate them with ``MEMGUARD_UPDATE_GOLDEN=1 pytest tests/cli/test_cli.py`` after a deliberate
 change of the estimates or of the output format, and review the diff.
 """
 
@@ -22,10 +22,10 @@ import memguard
 from memguard import Category, DeviceMemory
 from memguard.cli import EXIT_DOES_NOT_FIT, EXIT_OK, EXIT_USAGE, main
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _fake_nvml import gpus_seen
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 TINY = "test_cli:tiny_gpt2"
 TINY_ARGS = [TINY, "--batch-size", "2", "--seq-len", "32", "--method", "trace"]
 GIB = 2**30
@@ -291,57 +291,6 @@ def test_max_batch_nothing_fits_exits_1(capsys):
 # -- gpus -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_nvml(monkeypatch: pytest.MonkeyPatch):
-    """Install a fake pynvml (tests/_fake_nvml.py) and a torch without CUDA."""
-    from memguard.device import _nvml
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _fake_nvml import FakeNvml
-
-    def install(gpus, **kwargs):
-        fake = FakeNvml(gpus, **kwargs)
-        monkeypatch.setitem(sys.modules, "pynvml", fake.module)
-        _nvml.shutdown()
-        return fake
-
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    yield install
-    _nvml.shutdown()
-
-
-@pytest.mark.parametrize(("error", "says"), [
-    ("NVMLError_LibraryNotFound", "the NVML library (libnvidia-ml.so) was not found"),
-    ("NVMLError_DriverNotLoaded", "the NVIDIA kernel driver is not loaded"),
-    ("NVMLError_Unknown", "nvmlInit failed: NVMLError_Unknown"),
-])
-def test_gpus_says_why_nvml_failed(capsys, fake_nvml, error, says):
-    import pynvml
-
-    fake_nvml([], init_error=getattr(pynvml, error)())
-    code, out, err = run(capsys, "gpus")
-    assert (code, err) == (EXIT_OK, "")
-    assert out.count("\n") == 1
-    assert out.startswith("no GPU visible to this process (NVML: nvmlInit failed: ")
-    assert says in out
-    assert "torch: torch.cuda.is_available() is False" in out
-    assert out.rstrip().endswith("plan against a catalog GPU (--gpu A100-80GB) or a size (--gpu 24GiB)")
-    code, out, _ = run(capsys, "gpus", "--json")
-    data = json.loads(out)
-    assert data["devices"] == [] and says in data["reason"]
-
-
-def test_gpus_when_nvml_sees_no_device(capsys, fake_nvml, monkeypatch):
-    fake_nvml([])
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
-    code, out, _ = run(capsys, "gpus")
-    assert code == EXIT_OK
-    assert out.startswith("no GPU visible to this process (NVML works and sees no CUDA device with "
-                          "CUDA_VISIBLE_DEVICES='-1'; torch: ")
-
-
 def test_gpus_lists_devices_and_the_catalog(capsys, one_gpu):
     code, out, _ = run(capsys, "gpus", "--catalog", readers=one_gpu)
     assert code == EXIT_OK
@@ -422,7 +371,7 @@ def test_help_and_version_exit_0(capsys):
 
 @pytest.mark.slow
 def test_python_m_memguard_is_the_same_command():
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-m", "memguard", "estimate", "nope"], capture_output=True,
                           text=True, env=env, timeout=120)
     assert done.returncode == EXIT_USAGE
@@ -507,7 +456,7 @@ def test_console_script_finds_a_factory_in_the_current_folder(tmp_path):
     if not script.exists():
         pytest.skip(f"no console script next to {sys.executable} (memguard is not installed in this environment)")
     (tmp_path / "my_model.py").write_text(FACTORY_HERE)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}  # this checkout's memguard, not the current folder
     done = subprocess.run([str(script), "check", "my_model:build", "--seq-len", "16", "--method", "formula",
                            "--gpu", "T4"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
@@ -540,10 +489,10 @@ def test_training_loop_flags_reach_the_estimate(capsys):
 
 
 def test_the_parser_default_timeout_is_the_trace_default():
-    from memguard import cli
+    from memguard.cli._parser import TRACE_TIMEOUT
     from memguard.estimation.trace import DEFAULT_TIMEOUT
 
-    assert cli._TRACE_TIMEOUT == DEFAULT_TIMEOUT
+    assert TRACE_TIMEOUT == DEFAULT_TIMEOUT
 
 
 def test_the_parser_methods_and_counts_are_the_estimators():

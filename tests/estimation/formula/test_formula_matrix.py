@@ -22,7 +22,7 @@ from benchmarks.formula_vs_trace import BASE, CELLS, SIZES
 
 pytestmark = pytest.mark.slow
 
-RESULT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "formula_vs_trace.json"
+RESULT = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "formula_vs_trace.json"
 ROWS = {(r["size"], r["cell"]): r for r in json.loads(RESULT.read_text())["rows"]}
 TINY = ("tiny-64", "tiny-128", "tiny-256")
 TOLERANCE = 0.05

@@ -11,7 +11,7 @@ import pytest
 from memguard import ConfigError, DeviceError, DeviceMemory
 from memguard.device import parse_gpu
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _fake_nvml import gpus_seen
 
 GIB = 2**30

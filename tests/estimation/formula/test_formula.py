@@ -19,11 +19,8 @@ from memguard.estimation.arch import inspect_architecture
 from memguard.estimation.formula import (
     activation_bytes,
     formula_breakdown,
-    gradient_bytes,
     model_state,
     optimizer_state_bytes,
-    optimizer_step_bytes,
-    parameter_bytes,
 )
 from memguard.estimation.formula.attention import attention_core_bytes
 from memguard.estimation.formula.context import make_ctx
@@ -63,6 +60,19 @@ def gpt2() -> ResolvedModel:
 
 
 # --------------------------------------------------------------------------- model states
+
+
+# What each of these tests reads of the model state, for a bare module (the library asks model_state).
+def parameter_bytes(module: torch.nn.Module, spec: TrainingSpec) -> int:
+    return model_state(inventory(module), spec).parameters
+
+
+def gradient_bytes(module: torch.nn.Module, spec: TrainingSpec) -> int:
+    return model_state(inventory(module), spec).gradients
+
+
+def optimizer_step_bytes(module: torch.nn.Module, spec: TrainingSpec) -> int:
+    return model_state(inventory(module), spec).optimizer_step
 
 
 def test_parameter_bytes_of_gpt2(gpt2: ResolvedModel) -> None:

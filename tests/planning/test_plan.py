@@ -36,7 +36,7 @@ def small() -> Plan:
 
 
 def _parse(model: str, row_flags: list[str]) -> object:
-    return cli._build_parser().parse_args(["check", model, "--gpu", "A100-80GB", *row_flags])
+    return cli.build_parser().parse_args(["check", model, "--gpu", "A100-80GB", *row_flags])
 
 
 def test_llama_on_an_a100_gets_numbers_for_what_fits_and_neither_vague_hint(llama: Plan) -> None:
@@ -359,25 +359,25 @@ def test_search_heuristics_weigh_what_fit_py_decides_on() -> None:
     upper end does not is below."""
     from memguard.estimation.cuda_rules import CUBLAS_WORKSPACE_BYTES
     from memguard.fit import Fit
-    from memguard.planning.api import _setup
-    from memguard.planning.costs import _Context
-    from memguard.planning.search import NEAR, _Search, _structure
+    from memguard.planning.api import make_setup
+    from memguard.planning.costs import CostContext
+    from memguard.planning.search import NEAR, Search, structure_of
 
     config = _tiny_llama()
     est = memguard.estimate(config, batch_size=2, seq_len=32, method="formula", device="cuda")
     assert est.upper_bytes - est.total_bytes == CUBLAS_WORKSPACE_BYTES
 
-    def search(free: int) -> _Search:
-        setup = _setup(config, None, gpu=free, seq_len=32, gpus=None, batch_size=2, margin=0.0, precision=None,
+    def search(free: int) -> Search:
+        setup = make_setup(config, None, gpu=free, seq_len=32, gpus=None, batch_size=2, margin=0.0, precision=None,
                        optimizers=None, base=None, lora_ranks=(), method_prune="formula", confirm=0, limit=1,
                        device="cuda", max_estimates=10, estimate_kwargs=None)
         n = sum(p.numel() for p in setup.modules[None].parameters())
-        return _Search(setup, _Context(setup.base, 2, 32, n, {None: n}))
+        return Search(setup, CostContext(setup.base, 2, 32, n, {None: n}))
 
     near = search(int((est.total_bytes + est.upper_bytes) / 2 / (1 + NEAR)))  # total within NEAR, upper not
     assert est.total_bytes <= near.usable * (1 + NEAR) < est.upper_bytes
     assert near.needed(est) == Fit(est, near.usable, 0.0).needed_bytes == est.upper_bytes
     assert not near.candidate(est)
     between = search((est.total_bytes + est.upper_bytes) // 2)  # the total fits, the upper end does not
-    between.ratios[_structure(between.setup.base)] = [1.0]
+    between.ratios[structure_of(between.setup.base)] = [1.0]
     assert not between.fits(est) and between.below(between.setup.base, est)

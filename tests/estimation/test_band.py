@@ -111,7 +111,7 @@ def test_published_rows_of_2023_and_later_and_their_error_table(tmp_path) -> Non
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks import published, published_plot
 
     old_sources = {r.url for r in published.ROWS}

@@ -43,7 +43,7 @@ def test_the_knobs_are_estimates_keyword_arguments_with_the_same_defaults() -> N
 def test_the_cli_has_a_flag_for_every_knob_with_steps_default() -> None:
     """``memguard check``'s flags are the knobs (the loop aside: a LightningCLI file sets it), with the
     Step's defaults, so the CLI passes them on by Step's list."""
-    from memguard.cli._parser import build_parser
+    from memguard.cli import build_parser
 
     args = build_parser().parse_args(["check", "gpt2"])
     flagged = [k for k in KNOBS if k != "training_loop"]

@@ -21,7 +21,6 @@ from memguard.cli import EXIT_USAGE, main
 from memguard.estimation.quantization import (
     Quantization,
     QuantizedLinear,
-    bits_per_parameter,
     detect_quantization,
     linear_storage,
     quantize_model,
@@ -58,6 +57,11 @@ def test_odd_sizes_round_up_to_whole_bytes_and_blocks():
     # 3 x 7 = 21 weights: 11 bytes packed, one block of 64
     assert linear_storage(3, 7, NF4) == {"weight": 11, "absmax": 4, "code": 64}
     assert linear_storage(3, 7, NF4_DQ) == {"weight": 11, "absmax": 1, "absmax2": 4, "offset": 4, "code": 64}
+
+
+def bits_per_parameter(q: Quantization, out_features: int = 4096, in_features: int = 4096) -> float:
+    """Bits of storage per weight of an ``out x in`` layer, everything of ``linear_storage`` included."""
+    return 8 * sum(linear_storage(out_features, in_features, q).values()) / (out_features * in_features)
 
 
 def test_bits_per_weight_are_the_qlora_papers():

@@ -18,8 +18,8 @@ from memguard.estimation.allocator import (
     FREE,
     AllocatorConfig,
     AllocatorStats,
-    _Block,
-    _Simulator,
+    Block,
+    Simulator,
     ledger_events,
     replay,
 )
@@ -101,7 +101,7 @@ def test_best_fit_takes_the_smallest_block_that_fits() -> None:
 
 
 def test_equal_blocks_are_taken_lowest_address_first() -> None:
-    sim = _Simulator(AllocatorConfig(), None)
+    sim = Simulator(AllocatorConfig(), None)
     first, second = sim.malloc(12 * MiB), sim.malloc(12 * MiB)
     assert first is not None and second is not None and first.addr < second.addr
     sim.free(second)
@@ -321,7 +321,7 @@ def test_programmatic_config_is_checked() -> None:
 
 # --- invariants over random sequences ------------------------------------------------------------
 
-def _check(sim: _Simulator, live: list[_Block]) -> None:
+def _check(sim: Simulator, live: list[Block]) -> None:
     """Segments tile their address ranges; the counters equal what the blocks hold."""
     blocks = [*live]
     for pool in (sim.small, sim.large):
@@ -345,8 +345,8 @@ def _check(sim: _Simulator, live: list[_Block]) -> None:
 def test_random_sequences_keep_the_invariants(setting: str) -> None:
     rng = random.Random(setting)
     capacity = 600 * MiB
-    sim = _Simulator(AllocatorConfig.parse(setting), capacity)
-    live: list[_Block] = []
+    sim = Simulator(AllocatorConfig.parse(setting), capacity)
+    live: list[Block] = []
     for _ in range(3000):
         if live and rng.random() < 0.48:
             sim.free(live.pop(rng.randrange(len(live))))

@@ -29,7 +29,7 @@ from transformers import (
 
 import memguard
 from memguard.errors import UnsupportedModelError
-from memguard.estimation.arch import _FAMILIES, inspect_architecture
+from memguard.estimation.arch import FAMILY_OF_MODEL_TYPE, inspect_architecture
 from memguard.estimation.formula import activation_bytes, formula_breakdown
 from memguard.estimation.formula.blocks import block_bytes
 from memguard.estimation.formula.context import make_ctx
@@ -96,7 +96,7 @@ def _spec(name: str, device: str, precision: str, batch_size: int = 2, seq_len: 
 
 
 def test_every_family_has_a_layout() -> None:
-    assert set(_FAMILIES.values()) | {"torch"} == set(FAMILIES)
+    assert set(FAMILY_OF_MODEL_TYPE.values()) | {"torch"} == set(FAMILIES)
     for name in BUILDERS:
         resolved = _resolved(name)
         arch = inspect_architecture(resolved.module, resolved.config)

@@ -19,7 +19,7 @@ from memguard import Category, ConfigError, DeviceError, DeviceMemory, MemoryEst
 from memguard.device import FORMS, DeviceSpec, SpecKind, memory_of, parse_budget
 from memguard.device.catalog import lookup_gpu
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _fake_nvml import gpus_seen
 
 GIB = 2**30

@@ -313,7 +313,7 @@ def imported(paths: list[str]) -> dict[str, set[str]]:
     import ast
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     files = [f for p in paths for f in ((root / p).rglob("*.py") if (root / p).is_dir() else [root / p])]
     found: dict[str, set[str]] = {}
     for f in files:
