@@ -778,7 +778,7 @@ def test_cpu_measurement_says_when_it_is_a_lower_bound(monkeypatch, env, pinned)
     probe = _actual.MemoryProbe(torch.device("cpu"), reset=True)
     assert probe.start(resident=0)  # clear_refs is writable (the skipif): the probe must start
     # 48 MiB: above glibc's largest dynamic threshold (32 MiB), so always a fresh mmap that makes
-    # RSS grow. (A 16 MiB buffer freed before would be reused from the heap: a growth of 0.)
+    # RSS grow. (A 16 MiB buffer freed before is reused from the heap: the next test.)
     buffer = torch.ones(48 * MIB // 4)
     got = probe.read()
     del buffer
@@ -789,6 +789,33 @@ def test_cpu_measurement_says_when_it_is_a_lower_bound(monkeypatch, env, pinned)
     else:
         assert "lower bound" in got.caveat and "MALLOC_MMAP_THRESHOLD_=65536" in got.caveat
     assert _actual.mmap_threshold_pinned() is pinned
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs a writable /proc/self/clear_refs")
+def test_the_cpu_probe_counts_heap_memory_freed_before_it_started() -> None:
+    """Memory freed before the start and reused by the measured steps counts: the probe hands glibc's
+    free pages back (``malloc_trim``) first. Without it this reads 0 MiB (measured): the 16 MiB buffer
+    comes from the heap, resident since the earlier one was freed. A fresh process, unpinned, so that
+    the heap's state is the one written here."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from memguard.device import actual\n"
+        "MIB = 1 << 20\n"
+        "a = torch.ones(20 * MIB // 4); del a  # an mmapped chunk freed: the threshold rises to 20 MiB\n"
+        "b = torch.ones(16 * MIB // 4); del b  # now from the heap, and resident after its free\n"
+        "probe = actual.MemoryProbe(torch.device('cpu'), reset=True)\n"
+        "assert probe.start(resident=0)\n"
+        "c = torch.ones(16 * MIB // 4)\n"
+        "print(probe.read().peak_bytes)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 16 * MIB <= int(out.stdout) < 18 * MIB
 
 
 def test_process_memory_is_what_nvml_lists_for_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
