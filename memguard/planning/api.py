@@ -104,7 +104,8 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
                      *(f for f in groups[0] if f[1] != base_knobs)]
     rows = plan_rows(search, groups)
     asked = {"settings": {**base_knobs.kwargs(), "seq_len": search.seq_len, "device": setup.device},
-             "total_bytes": mine.total_bytes, "headroom_bytes": search.usable - mine.total_bytes,
+             "total_bytes": mine.total_bytes, "needed_bytes": search.needed(mine),
+             "headroom_bytes": search.usable - search.needed(mine),
              "method": mine.method, "fits": search.fits(mine),
              "flags": base_knobs.flags(base_knobs, search.seq_len, setup.device, setup.margin)}
     return Plan(rows, COST_MODEL, asked, search.fits(mine), setup.name, setup.gpu, setup.margin, search.usable,

@@ -136,7 +136,11 @@ class PlanRow:
         changes: what differs from the user's settings, in words (empty: as asked).
         settings: keyword arguments of :func:`memguard.estimate` that, with the model and
             ``method=``:attr:`method`, give :attr:`total_bytes` again.
-        total_bytes: what must be free on each GPU; headroom_bytes: usable memory left over.
+        total_bytes: the estimate's total on each GPU (what :attr:`settings` give again).
+        needed_bytes: what must be free on each GPU: the upper end of the estimate's band, what the
+            fit is decided on (:attr:`memguard.fit.Fit.needed_bytes`).
+        headroom_bytes: usable memory left over by :attr:`needed_bytes`
+            (:attr:`memguard.fit.Fit.spare_bytes`).
         cost: the sum of :attr:`cost_terms`, what the cost model (:data:`COST_MODEL`) charged.
         method: ``"formula"`` or ``"trace"``: which estimator gave :attr:`total_bytes`.
         flags: arguments of ``memguard check MODEL --gpu G`` that reproduce the configuration.
@@ -147,6 +151,7 @@ class PlanRow:
     changes: list[str]
     settings: dict[str, Any]
     total_bytes: int
+    needed_bytes: int
     headroom_bytes: int
     cost: float
     cost_terms: dict[str, float]
@@ -163,7 +168,7 @@ class PlanRow:
     def describe(self) -> str:
         """One line for a message: what changes, what it needs and leaves, its cost."""
         host = f", {format_bytes(self.host_bytes)} of host memory" if self.host_bytes else ""
-        return (f"{', '.join(self.changes) or 'as asked'}: needs {format_bytes(self.total_bytes)} ({self.method}), "
+        return (f"{', '.join(self.changes) or 'as asked'}: needs {format_bytes(self.needed_bytes)} ({self.method}), "
                 f"{format_bytes(self.headroom_bytes)} to spare{host}, cost {self.cost:.2f}")
 
 
@@ -221,7 +226,7 @@ class Plan:
                  f"{self.effective_batch}",
                  f"GPU: {self.gpu.name}, {format_bytes(self.usable_bytes)} usable "
                  f"({format_bytes(self.gpu.free_bytes)} free less a {self.margin:.0%} margin)",
-                 f"asked: {_summary(ask['settings'])}: needs {format_bytes(ask['total_bytes'])} "
+                 f"asked: {_summary(ask['settings'])}: needs {format_bytes(ask['needed_bytes'])} "
                  f"({ask['method']}): {verdict}"]
         for name in dict.fromkeys(r.group for r in self.rows):
             rows = self.group(name)
@@ -229,7 +234,7 @@ class Plan:
                       f"{'#':>3}  {'cost':>5}  {'needs':>10}  {'headroom':>10}  {'by':<7}  changes"]
             for i, r in enumerate(rows[:top], 1):
                 host = f" (host {format_bytes(r.host_bytes)})" if r.host_bytes else ""
-                lines += [f"{i:>3}  {r.cost:>5.2f}  {format_bytes(r.total_bytes):>10}  "
+                lines += [f"{i:>3}  {r.cost:>5.2f}  {format_bytes(r.needed_bytes):>10}  "
                           f"{format_bytes(r.headroom_bytes):>10}  {r.method:<7}  "
                           f"{', '.join(r.changes) or 'as asked'}{host}", f"{'':>5}flags: {' '.join(r.flags)}"]
         lines += ["", "nothing searched fits this GPU"] * (not self.rows)

@@ -324,7 +324,7 @@ class Search:
     def row(self, group: str, k: Knobs, est: MemoryEstimate) -> PlanRow:
         terms, seq, device = cost_terms(k, self.ctx), self.seq_len, self.setup.device
         return PlanRow(group, k.changes(self.ctx.base), {**k.kwargs(), "seq_len": seq, "device": device},
-                       est.total_bytes, self.usable - est.total_bytes, cost_of(k, self.ctx), terms,
+                       est.total_bytes, self.needed(est), self.usable - self.needed(est), cost_of(k, self.ctx), terms,
                        est.method, k.flags(self.ctx.base, seq, device, self.setup.margin), est.host_bytes)
 
 

@@ -54,7 +54,7 @@ def test_llama_on_an_a100_gets_numbers_for_what_fits_and_neither_vague_hint(llam
         assert row.changes, "the asked configuration does not fit, so every row changes something"
         assert row.changes != ["gradient checkpointing"]
         assert not all(c.startswith("batch ") for c in row.changes)
-        assert row.total_bytes <= usable and row.headroom_bytes == usable - row.total_bytes
+        assert row.total_bytes <= row.needed_bytes <= usable and row.headroom_bytes == usable - row.needed_bytes
     text = llama.table()
     assert "DOES NOT FIT" in text and "cost = sum of terms" in text and "flags: --batch-size" in text
 
