@@ -791,6 +791,7 @@ def test_cpu_measurement_says_when_it_is_a_lower_bound(monkeypatch, env, pinned)
     assert _actual.mmap_threshold_pinned() is pinned
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs a writable /proc/self/clear_refs")
 def test_the_cpu_probe_counts_heap_memory_freed_before_it_started() -> None:
     """Memory freed before the start and reused by the measured steps counts: the probe hands glibc's

@@ -198,7 +198,7 @@ def test_nccl_buffers_at_nccls_defaults() -> None:
     assert communication_band(1) == {} and list(communication_band(4).values()) == [NCCL_ONE]
 
 
-@pytest.mark.parametrize("method", ["formula", "trace"])
+@pytest.mark.parametrize("method", ["formula", pytest.param("trace", marks=pytest.mark.slow)])
 def test_ddp_band_adds_nccl_outside_the_point_estimate(method: str) -> None:
     """Two DDP ranks on a GPU: the band states NCCL's buffers; the point estimate, which holds DDP's
     bucket copy of the gradients already, does not change by them (they are outside the allocator)."""

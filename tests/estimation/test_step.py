@@ -68,7 +68,7 @@ def test_inputs_are_the_steps_knobs_with_the_method_after_the_device() -> None:
     assert tuple(est.inputs) == ("model", *KNOBS[:at], "method", *KNOBS[at:])
 
 
-@pytest.mark.parametrize("method", ["formula", "trace"])
+@pytest.mark.parametrize("method", ["formula", pytest.param("trace", marks=pytest.mark.slow)])
 def test_estimate_with_a_step_equals_the_keyword_form(method: str) -> None:
     kwargs = {"batch_size": 2, "seq_len": 32, "precision": "bf16-mixed", "optimizer": "sgd-momentum",
               "gradient_checkpointing": True, "accumulate_grad_batches": 3, "set_to_none": False, "device": "cpu",

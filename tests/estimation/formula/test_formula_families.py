@@ -395,6 +395,7 @@ def test_clip_tower_blocks() -> None:
         assert block_bytes(ctx, S, cache=False) == LAYER_NORM + RESID + 3 * RESID + core + LAYER_NORM + RESID + 3 * ffn
 
 
+@pytest.mark.slow
 def test_swin_from_a_config_json_is_traced_and_refused_by_the_seed_formula_by_name(tmp_path) -> None:
     """Swin gives its heads per stage (``num_heads=[1, 2]``): a config.json of it loads (it was refused
     as a bad size), the seed formula says it cannot read one repeated block (it was a TypeError), and
