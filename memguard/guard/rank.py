@@ -76,7 +76,7 @@ def estimator(estimate: Callable[[int, int], MemoryEstimate], requested: int,
 
     A batch smaller than the one asked for is trained with accumulation (``"reduce"``), whose later
     micro-batches run their forward beside the gradients: it is estimated with an accumulation of 2,
-    which is all the trace tells apart from more (``memguard/estimation/trace.py`` replays
+    which is all the trace tells apart from more (``memguard.estimation.trace.trace_breakdown`` replays
     ``min(accumulate, 2)`` micro-batches).
     """
     return cached(lambda batch_size: estimate(batch_size, accumulate if batch_size >= requested else 2))
