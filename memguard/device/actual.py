@@ -56,7 +56,6 @@ Known limitations (CPU):
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import os
@@ -173,8 +172,7 @@ def _status_kib(field: str) -> int | None:
 def _release_free_heap_pages() -> None:
     """``malloc_trim(0)`` where the C library is glibc (see the module docs); nothing elsewhere."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols, glibc's among them
     except (OSError, AttributeError) as exc:  # not glibc (musl, macOS): nothing to release this way
         log.debug("malloc_trim is not available: %s", exc)
 

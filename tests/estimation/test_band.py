@@ -239,7 +239,7 @@ def test_published_allocator_statistics_leave_nccl_out_of_the_upper_end() -> Non
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from benchmarks import published
 
     rows = {r.key: r for r in published.ALL_ROWS}
