@@ -25,7 +25,7 @@ from memguard.estimation.parallel import Parallelism, Strategy, wrapped_blocks
 from memguard.estimation.quantization import Quantization, detect_quantization, quantize_model, quantized_layers
 from memguard.estimation.result import Category, MemoryEstimate, PeakTensors
 from memguard.estimation.spec import TrainingSpec, resolve_precision
-from memguard.estimation.step import KNOBS, METHODS, Step
+from memguard.estimation.step import DEFAULTS, KNOBS, METHODS, Step
 from memguard.estimation.trace import (
     DEFAULT_TIMEOUT,
     Inputs,
@@ -187,9 +187,6 @@ def estimate(
                           stand_ins=found.stand_ins, band=_band(found, spec, parallel))
 
 
-_STEP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Step)}
-
-
 def _step_of(step: Step | None, knobs: dict[str, Any]) -> Step:
     """The :class:`Step` of :func:`estimate`'s keyword arguments, or ``step`` with those of them not
     left at their defaults in place of its own."""
@@ -198,7 +195,7 @@ def _step_of(step: Step | None, knobs: dict[str, Any]) -> Step:
     if not isinstance(step, Step):
         raise ConfigError(f"step must be a memguard.Step, got {type(step).__name__} {step!r}")
     given = {k: v for k, v in knobs.items()
-             if not (v is _STEP_DEFAULTS[k] or (type(v) is type(_STEP_DEFAULTS[k]) and v == _STEP_DEFAULTS[k]))}
+             if not (v is DEFAULTS[k] or (type(v) is type(DEFAULTS[k]) and v == DEFAULTS[k]))}
     return step.replace(**given) if given else step
 
 

@@ -8,18 +8,18 @@ config allows.
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 import torch
 from torch import nn
 
+from memguard.enums import StrEnum
 from memguard.errors import ConfigError
 
 __all__ = ["Head", "TaskKind", "audio_positions", "decoder_length", "make_batch", "max_positions", "model_task"]
 
 
-class Head(str, enum.Enum):
+class Head(StrEnum):
     """What a model's output head computes: :attr:`memguard.estimation.arch.Architecture.head`, read
     from the class (:attr:`TaskKind.head`) or, for plain torch, from its last linear layer.
 
@@ -34,9 +34,6 @@ class Head(str, enum.Enum):
     BASE = "base"
     UNKNOWN = "unknown"
 
-    def __str__(self) -> str:
-        return self.value
-
     @property
     def labels_per_token(self) -> bool:
         """Its loss takes a label per token, over the vocabulary (language models, encoder-decoders)."""
@@ -48,7 +45,7 @@ class Head(str, enum.Enum):
         return self in (Head.BASE, Head.UNKNOWN)
 
 
-class TaskKind(str, enum.Enum):
+class TaskKind(StrEnum):
     """What a transformers model computes from its head, which decides the batch it takes.
 
     ``str(TaskKind.CAUSAL_LM) == "causal-lm"``.
@@ -62,9 +59,6 @@ class TaskKind(str, enum.Enum):
     TOKEN_BASE = "token-base"
     IMAGE_BASE = "image-base"
     UNKNOWN = "unknown"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def takes_pixels(self) -> bool:

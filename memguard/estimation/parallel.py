@@ -27,11 +27,11 @@ own estimator, which counts every parameter as trainable and keeps fp32 gradient
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Callable, Mapping
 
 from torch import nn
 
+from memguard.enums import StrEnum
 from memguard.errors import ConfigError
 from memguard.estimation.arch import block_stacks
 from memguard.estimation.result import Category
@@ -41,7 +41,7 @@ from memguard.estimation.trace import Phase
 __all__ = ["STRATEGIES", "Parallelism", "Strategy", "resolve_parallelism", "wrapped_blocks"]
 
 
-class Strategy(str, enum.Enum):
+class Strategy(StrEnum):
     """A data-parallel strategy, owning which model state it shards (the table above).
 
     ``str(Strategy.FSDP) == "fsdp"``: the value is the name :func:`memguard.estimate` takes and
@@ -58,9 +58,6 @@ class Strategy(str, enum.Enum):
     DEEPSPEED_STAGE_1 = "deepspeed_stage_1"
     DEEPSPEED_STAGE_2 = "deepspeed_stage_2"
     DEEPSPEED_STAGE_3 = "deepspeed_stage_3"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def shards_parameters(self) -> bool:

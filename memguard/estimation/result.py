@@ -9,18 +9,18 @@ values, and the torchinfo habit of a result that draws its own table).
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Mapping
 from typing import Any
 
 from memguard.device.spec import DeviceSpec
+from memguard.enums import StrEnum
 from memguard.fit import Fit
 from memguard.units import format_bytes
 
 __all__ = ["Category", "MemoryEstimate", "PeakTensors"]
 
 
-class Category(str, enum.Enum):
+class Category(StrEnum):
     """Where the bytes of a training step go. Values are the names used in dicts and JSON."""
 
     PARAMETERS = "parameters"
@@ -36,9 +36,6 @@ class Category(str, enum.Enum):
     OVERHEAD = "overhead"
     """What the device adds beyond live tensors: CUDA context, library workspaces, allocator
     rounding and fragmentation. Zero for CPU estimates."""
-
-    def __str__(self) -> str:
-        return self.value
 
 
 _ORDER = tuple(Category)

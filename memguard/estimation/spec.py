@@ -8,13 +8,13 @@ accepted set.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
+from memguard.enums import StrEnum
 from memguard.errors import ConfigError
 from memguard.estimation.stand_ins import resolve_routing
 
@@ -306,14 +306,11 @@ def strict_bool(name: str, value: Any) -> bool:
     raise ConfigError(f"{name} must be True or False, got {value!r}")
 
 
-class DeviceKind(str, enum.Enum):
+class DeviceKind(StrEnum):
     """Where training runs, as the estimators tell devices apart: ``str(DeviceKind.CUDA) == "cuda"``."""
 
     CUDA = "cuda"
     CPU = "cpu"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 DEVICES = tuple(kind.value for kind in DeviceKind)

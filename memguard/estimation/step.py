@@ -10,18 +10,18 @@ of :func:`memguard.estimate`'s keyword arguments (a test pins it).
 from __future__ import annotations
 
 import dataclasses
-import enum
 from typing import Any
 
+from memguard.enums import StrEnum
 from memguard.errors import ConfigError
 from memguard.estimation.parallel import Parallelism, resolve_parallelism
 from memguard.estimation.quantization import Quantization, resolve_quantization
 from memguard.estimation.spec import OptimizerSpec, TrainingSpec, positive_int, resolve_optimizer
 
-__all__ = ["KNOBS", "LOOPS", "METHODS", "Method", "Step", "TrainingLoop"]
+__all__ = ["DEFAULTS", "KNOBS", "LOOPS", "METHODS", "Method", "Step", "TrainingLoop"]
 
 
-class Method(str, enum.Enum):
+class Method(StrEnum):
     """How :func:`memguard.estimate` estimates: ``str(Method.TRACE) == "trace"``, the name it takes."""
 
     AUTO = "auto"
@@ -29,19 +29,13 @@ class Method(str, enum.Enum):
     FORMULA = "formula"
     SEED = "seed"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class TrainingLoop(str, enum.Enum):
+class TrainingLoop(StrEnum):
     """Whose loop runs the step: ``"pytorch"`` (forward, backward, step, ``zero_grad``) or
     ``"lightning"`` (``zero_grad`` after the next forward: Lightning's ``_AutomaticOptimization``)."""
 
     PYTORCH = "pytorch"
     LIGHTNING = "lightning"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 METHODS = tuple(m.value for m in Method)
@@ -134,7 +128,7 @@ class Step:
 
     def __repr__(self) -> str:
         """The knobs not at their defaults, by their names (``Step(batch_size=8, strategy='fsdp')``)."""
-        shown = {k: v for k, v in self.to_dict().items() if v != _DEFAULTS[k]}
+        shown = {k: v for k, v in self.to_dict().items() if v != DEFAULTS[k]}
         if "optimizer" in shown and not isinstance(self.optimizer, str):
             shown["optimizer"] = self.optimizer
         return f"Step({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
@@ -188,4 +182,5 @@ class Step:
 KNOBS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Step))
 """The knobs of a step, in the order :attr:`memguard.MemoryEstimate.inputs` lists them: the one list."""
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Step)}
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Step)}
+"""Each knob's default, :func:`memguard.estimate`'s keyword default of the same name."""

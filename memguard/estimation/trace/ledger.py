@@ -15,7 +15,6 @@ its JSON keep the phase's plain string (``"forward"``...).
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import time
 import weakref
@@ -32,6 +31,7 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from memguard.enums import StrEnum
 from memguard.errors import TraceError
 from memguard.estimation.fake_kernels import corrected
 from memguard.estimation.kernels import corrected as with_workspace
@@ -41,7 +41,7 @@ from memguard.estimation.stand_ins import StandIns
 __all__ = ["CountingMode", "Ledger", "Phase", "Record", "rounded"]
 
 
-class Phase(str, enum.Enum):
+class Phase(StrEnum):
     """The part of a training step the trace is in when something is allocated.
 
     ``BACKWARD`` is the backward before the first repeated block (the loss and the head);
@@ -55,9 +55,6 @@ class Phase(str, enum.Enum):
     BLOCK_BACKWARD = "block-backward"
     OPTIMIZER = "optimizer"
     OTHER = "other"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 _CUDA_BLOCK = 512
