@@ -35,7 +35,7 @@ from typing import Any
 from torch import nn
 
 from memguard.errors import UnsupportedModelError
-from memguard.estimation.inputs import Head
+from memguard.estimation.inputs import Head, model_task
 
 __all__ = ["FAMILY_OF_MODEL_TYPE", "Architecture", "MoE", "block_stacks", "find_architecture", "inspect_architecture",
            "structure_generation", "transformer_blocks"]
@@ -296,8 +296,6 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
 
 
 def _head_kind(module: nn.Module, config: Any) -> Head:
-    from memguard.estimation.inputs import model_task
-
     return model_task(module).head
 
 
