@@ -18,7 +18,7 @@ from memguard.estimation.parallel import Parallelism, resolve_parallelism
 from memguard.estimation.quantization import Quantization, resolve_quantization
 from memguard.estimation.spec import OptimizerSpec, TrainingSpec, positive_int, resolve_optimizer
 
-__all__ = ["DEFAULTS", "KNOBS", "LOOPS", "METHODS", "Method", "Step", "TrainingLoop"]
+__all__ = ["DEFAULTS", "KNOBS", "LOOPS", "METHODS", "Method", "Step", "TrainingLoop", "training_loop_of"]
 
 
 class Method(StrEnum):
@@ -40,6 +40,17 @@ class TrainingLoop(StrEnum):
 
 METHODS = tuple(m.value for m in Method)
 LOOPS = tuple(loop.value for loop in TrainingLoop)
+
+
+def training_loop_of(loop: Any) -> TrainingLoop:
+    """``loop`` as a :class:`TrainingLoop`: the one check of a training loop's name.
+
+    Raises:
+        ConfigError: for anything but ``"pytorch"`` or ``"lightning"``, naming it.
+    """
+    if loop not in LOOPS:
+        raise ConfigError(f"unknown training_loop {loop!r}; expected one of {', '.join(LOOPS)}")
+    return TrainingLoop(loop)
 
 
 def _canonical_optimizer(optimizer: Any, spec: OptimizerSpec) -> Any:
@@ -96,9 +107,11 @@ class Step:
 
     def __post_init__(self) -> None:
         """Check every knob, in the order :func:`memguard.estimate` always checked them: the loop, the
-        layout (:func:`resolve_parallelism`), the spec (:meth:`TrainingSpec.create`), LoRA, quantization."""
-        if self.training_loop not in LOOPS:
-            raise ConfigError(f"unknown training_loop {self.training_loop!r}; expected one of {', '.join(LOOPS)}")
+        layout (:func:`resolve_parallelism`), the spec (:meth:`TrainingSpec.create`), LoRA, quantization.
+
+        The layout and the spec built to check the knobs are kept (:attr:`layout`, :attr:`spec`):
+        built once, here; they are no fields, so equality, hashing and pickling see the knobs alone."""
+        loop = training_loop_of(self.training_loop)
         accumulate = positive_int("accumulate_grad_batches", self.accumulate_grad_batches)
         if not isinstance(self.set_to_none, bool):
             raise ConfigError(f"set_to_none must be True or False, got {self.set_to_none!r}")
@@ -117,7 +130,7 @@ class Step:
             "batch_size": spec.batch_size, "seq_len": spec.seq_len, "decoder_seq_len": spec.decoder_seq_len,
             "precision": spec.precision.name, "optimizer": _canonical_optimizer(self.optimizer, spec.optimizer),
             "gradient_checkpointing": spec.gradient_checkpointing, "device": spec.device,
-            "training_loop": TrainingLoop(self.training_loop), "strategy": layout.strategy,
+            "training_loop": loop, "strategy": layout.strategy,
             "world_size": layout.world_size, "offload_optimizer": layout.offload_optimizer,
             "offload_params": layout.offload_params, "lora_rank": lora_rank, "accumulate_grad_batches": accumulate,
             "quantization": None if quant is None else quant.kind, "double_quant": bool(quant and quant.double_quant),
@@ -125,6 +138,13 @@ class Step:
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
+        object.__setattr__(self, "_layout", layout)
+        object.__setattr__(self, "_spec", spec)
+
+    def __reduce__(self) -> tuple[type[Step], tuple[Any, ...]]:
+        """Pickled as its knobs, and checked again when unpickled (as :meth:`replace` does): the kept
+        spec may hold a closure (an optimizer class's factory) that does not pickle."""
+        return Step, tuple(getattr(self, name) for name in KNOBS)
 
     def __repr__(self) -> str:
         """The knobs not at their defaults, by their names (``Step(batch_size=8, strategy='fsdp')``)."""
@@ -139,17 +159,15 @@ class Step:
 
     @property
     def spec(self) -> TrainingSpec:
-        """What every estimator reads of the step (:class:`TrainingSpec`)."""
-        return TrainingSpec.create(batch_size=self.batch_size, seq_len=self.seq_len, optimizer=self.optimizer,
-                                   precision=self.precision, gradient_checkpointing=self.gradient_checkpointing,
-                                   device=self.device, moe_routing=self.moe_routing,
-                                   decoder_seq_len=self.decoder_seq_len)
+        """What every estimator reads of the step (:class:`TrainingSpec`), built once on construction."""
+        spec: TrainingSpec = self.__dict__["_spec"]
+        return spec
 
     @property
     def layout(self) -> Parallelism:
-        """The strategy, world size and offload as a :class:`Parallelism`."""
-        return resolve_parallelism(self.strategy, self.world_size, offload_optimizer=self.offload_optimizer,
-                                   offload_params=self.offload_params)
+        """The strategy, world size and offload as a :class:`Parallelism`, built once on construction."""
+        layout: Parallelism = self.__dict__["_layout"]
+        return layout
 
     @property
     def quant(self) -> Quantization | None:

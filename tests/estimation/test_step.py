@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import inspect
 import pathlib
+import pickle
 import re
 
 import pytest
@@ -109,6 +111,28 @@ def test_a_step_normalises_every_form_to_one_value() -> None:
     assert a.layout.shard_size == 4 and a.quant is not None and a.quant.label == "nf4"
     assert a.spec.precision.autocast_dtype == torch.bfloat16
     assert repr(Step()) == "Step()"
+
+
+
+def test_a_step_builds_its_spec_and_layout_once() -> None:
+    """The spec and layout built to check the knobs are the ones read: built once, on construction,
+    equal to building them again from the knobs; they are no fields, so equality, hashing and
+    pickling see the knobs alone (the spec of an optimizer class holds a closure that does not pickle)."""
+    from memguard.estimation.parallel import resolve_parallelism
+    from memguard.estimation.spec import TrainingSpec
+
+    step = Step(batch_size=8, seq_len=64, precision="bf16", optimizer="AdamW_8bit",
+                strategy="deepspeed_stage_3_offload", world_size=4, moe_routing="worst")
+    assert step.spec is step.spec and step.layout is step.layout
+    assert step.spec == TrainingSpec.create(batch_size=8, seq_len=64, optimizer="adamw-8bit", precision="bf16-mixed",
+                                            device="cuda", moe_routing="worst")
+    assert step.layout == resolve_parallelism("deepspeed_stage_3", 4, offload_optimizer=True, offload_params=True)
+    assert step.replace(batch_size=2).spec.batch_size == 2 and step.spec.batch_size == 8
+    assert [f.name for f in dataclasses.fields(Step)] == list(KNOBS)
+    sgd = Step(optimizer=torch.optim.SGD, strategy="fsdp", world_size=2)
+    for twin in (pickle.loads(pickle.dumps(sgd)), copy.deepcopy(sgd), copy.copy(sgd)):
+        assert twin == sgd and hash(twin) == hash(sgd) and twin.optimizer is torch.optim.SGD
+        assert twin.spec.optimizer.name == "sgd" and twin.layout == sgd.layout
 
 
 BAD = [

@@ -15,7 +15,6 @@ from typing import Any
 
 from torch import nn
 
-from memguard.errors import ConfigError
 from memguard.estimation.arch import Architecture, inspect_architecture
 from memguard.estimation.formula.activations import Activations, activations
 from memguard.estimation.formula.blocks import block_backward_bytes, block_forward_bytes
@@ -33,12 +32,10 @@ from memguard.estimation.models import ResolvedModel
 from memguard.estimation.parallel import Parallelism
 from memguard.estimation.result import Category
 from memguard.estimation.spec import TrainingSpec
+from memguard.estimation.step import TrainingLoop, training_loop_of
 from memguard.estimation.trace import Phase
 
-__all__ = ["PHASE_OF", "TRAINING_LOOPS", "formula_breakdown", "shard_phases", "step_phases"]
-
-TRAINING_LOOPS = ("pytorch", "lightning")
-"""When gradients are zeroed: after the step (``pytorch``) or after the next forward."""
+__all__ = ["PHASE_OF", "formula_breakdown", "shard_phases", "step_phases"]
 
 Phases = dict[str, dict[Category, int]]
 """Bytes per category at each named moment of the step."""
@@ -91,9 +88,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
                 ) -> tuple[Phases, list[str]]:
     """Bytes per category at each moment of the step that can be the peak (see
     :func:`formula_breakdown`), and notes; without trainable parameters, only the forward."""
-    if training_loop not in TRAINING_LOOPS:
-        raise ConfigError(f"unknown training_loop {training_loop!r}; expected 'pytorch' or "
-                          "'lightning'")
+    loop = training_loop_of(training_loop)  # the Step's check, for a caller without a Step
     module = model.module
     refuse_unmodelled(model_type_of(model))
     arch = inspect_architecture(module, model.config, name=model.name, needs="the formula")
@@ -106,7 +101,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     batch = batch_bytes(arch, module, spec, ctx.b, acts.enc_tokens or acts.tokens, acts.tokens)
     states = state.held()
     # Lightning zeroes gradients after the forward: last step's are alive through it
-    old_grads = state.gradients if training_loop == "lightning" else 0
+    old_grads = state.gradients if loop is TrainingLoop.LIGHTNING else 0
     saved = acts.saved + batch + _autocast_weight_bytes(inv, ctx, acts.idle, grad,
                                                         ckpt=bool(spec.gradient_checkpointing))
     loss_fwd = loss_forward_bytes(ctx, acts.logits)
