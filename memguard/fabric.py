@@ -136,7 +136,7 @@ def _step(fabric: Any, model: torch.nn.Module, optimizer: Any, batch: Any, step_
     device = "cuda" if torch.device(fabric.device).type == "cuda" else "cpu"
     inner = optimizer.optimizer if wrappers.is_wrapped(optimizer) else optimizer
     rebuilt: Any = optimizer_factory(module, inner, device) if isinstance(inner, torch.optim.Optimizer) else inner
-    kwargs: dict[str, Any] = {"example_input": batch, "training_loop": "pytorch", "trace_timeout": trace_timeout}
+    kwargs: dict[str, Any] = {"example_input": batch, "trace_timeout": trace_timeout}
     if step_fn is not None:
         kwargs["step_fn"] = step_fn
     if loss_fn is not None:
@@ -149,7 +149,7 @@ def _step(fabric: Any, model: torch.nn.Module, optimizer: Any, batch: Any, step_
     estimate_at = traced(module, run, **kwargs)
 
     def remedies(fit: Fit) -> list[Any] | None:
-        return guard_remedies(fit.estimate, fit.free_bytes, fit.margin, model=module, gpus=world,
-                              optimizer=rebuilt or "none", estimate_kwargs=kwargs)
+        return guard_remedies(fit.estimate, fit.free_bytes, fit.margin, model=module, step=run,
+                              estimate_kwargs=kwargs)
 
     return StepView(batch, estimate_at, [*module.parameters(), *module.buffers()], remedies)

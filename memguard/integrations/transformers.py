@@ -237,9 +237,8 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         estimate_at = traced(model, run, example_input=batch, loss_fn=trainer_loss, trace_timeout=self.trace_timeout)
 
         def remedies(fit: Fit) -> list[Any] | None:
-            return guard_remedies(fit.estimate, fit.free_bytes, fit.margin, model=model, optimizer=optimizer,
-                                  estimate_kwargs={"example_input": batch, "loss_fn": trainer_loss,
-                                                   "training_loop": "pytorch"})
+            return guard_remedies(fit.estimate, fit.free_bytes, fit.margin, model=model, step=run,
+                                  estimate_kwargs={"example_input": batch, "loss_fn": trainer_loss})
 
         return StepView(batch, estimate_at, [*model.parameters(), *model.buffers()], remedies)
 

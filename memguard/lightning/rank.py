@@ -50,7 +50,7 @@ def step_view(trainer: Any, pl_module: Any, info: RunInfo, batch: Any, trace_tim
     def step(b: Any) -> Any:  # runs on the module's private state (memguard.estimation.trace.isolation)
         return pl_module.training_step(b, 0)
 
-    kwargs = {"example_input": batch, "step_fn": step, "training_loop": "lightning", "trace_timeout": trace_timeout}
+    kwargs = {"example_input": batch, "step_fn": step, "trace_timeout": trace_timeout}
 
     run = Step(precision=info.precision, optimizer=optimizer, device=device, training_loop="lightning",
                strategy=parallel, world_size=info.world_size, offload_optimizer=info.offload_optimizer,
@@ -62,8 +62,8 @@ def step_view(trainer: Any, pl_module: Any, info: RunInfo, batch: Any, trace_tim
         return dataclasses.replace(est, inputs={**est.inputs, "gradient_checkpointing": recomputes})
 
     def remedies(fit: Fit) -> list[Any] | None:
-        return guard_remedies(fit.estimate, fit.free_bytes, fit.margin, model=pl_module, gpus=info.world_size,
-                              optimizer=optimizer, estimate_kwargs=kwargs)
+        return guard_remedies(fit.estimate, fit.free_bytes, fit.margin, model=pl_module, step=run,
+                              estimate_kwargs=kwargs)
 
     return StepView(batch, estimate_at, [*pl_module.parameters(), *pl_module.buffers()], remedies)
 

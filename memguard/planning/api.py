@@ -260,20 +260,24 @@ def _base_knobs(base: Any, batch_size: Any, precision: Any) -> Knobs:
     return Knobs.from_step(step)
 
 
-def guard_remedies(estimate: MemoryEstimate, free_bytes: int, margin: float, *, model: Any, optimizer: Any,
-                   estimate_kwargs: Mapping[str, Any], gpus: int | None = None) -> list[PlanRow] | None:
-    """:func:`remedies` for a guard watching a real run (the Lightning and the Trainer callbacks), or
+def guard_remedies(estimate: MemoryEstimate, free_bytes: int, margin: float, *, model: Any, step: Step,
+                   estimate_kwargs: Mapping[str, Any] | None = None) -> list[PlanRow] | None:
+    """:func:`remedies` for a guard watching a real run (the Lightning, Trainer and Fabric guards), or
     ``None`` when the search fails: a guard says nothing rather than something wrong.
 
     Args:
-        optimizer: what the guard estimated with: a memguard name, an optimizer class, or a factory
-            rebuilt from the run's optimizer (``optimizer_class`` names its class).
-        estimate_kwargs: the run's ``example_input``, ``step_fn``/``loss_fn`` and ``training_loop``.
+        model: the module estimated.
+        step: the guard's :class:`Step` of the run: its optimizer (a memguard name, an optimizer
+            class, or a factory rebuilt from the run's optimizer, whose ``optimizer_class`` names its
+            class), its loop, and its world size, the GPUs the rows may use.
+        estimate_kwargs: the rest of the run's estimate: ``example_input``, ``step_fn``/``loss_fn``,
+            ``trace_timeout``.
     """
-    optimizer = getattr(optimizer, "optimizer_class", optimizer)
+    optimizer = getattr(step.optimizer, "optimizer_class", step.optimizer)
     name = optimizer.__name__.lower() if isinstance(optimizer, type) else optimizer
     try:
-        return remedies(estimate, free_bytes, margin, model=model, gpus=gpus, estimate_kwargs=estimate_kwargs,
+        return remedies(estimate, free_bytes, margin, model=model, gpus=step.world_size,
+                        estimate_kwargs={**(estimate_kwargs or {}), "training_loop": step.training_loop},
                         max_estimates=GUARD_ESTIMATES,
                         base={"optimizer": name if name in NAMED_OPTIMIZERS else optimizer})
     except MemguardError as exc:

@@ -244,10 +244,15 @@ def test_guard_remedies_name_the_optimizer_class_or_say_nothing() -> None:
     from memguard.planning import guard_remedies
 
     est = memguard.estimate("gpt2", 16, 128, method="formula")
-    rows = guard_remedies(est, 3 * 2**30, 0.1, model="gpt2", optimizer=torch.optim.AdamW, estimate_kwargs={})
+    rows = guard_remedies(est, 3 * 2**30, 0.1, model="gpt2", step=memguard.Step(optimizer=torch.optim.AdamW))
     assert rows and all(r.total_bytes <= int(3 * 2**30 * 0.9) for r in rows)
     # An optimizer the search cannot rebuild: the guard says nothing rather than something wrong.
-    assert guard_remedies(est, 3 * 2**30, 0.1, model="gpt2", optimizer=lambda params: None, estimate_kwargs={}) is None
+    assert guard_remedies(est, 3 * 2**30, 0.1, model="gpt2", step=memguard.Step(optimizer=lambda params: None)) is None
+    # A run without an optimizer (a LightningModule whose configure_optimizers returns None) is searched
+    # without one, as it was estimated: the Step says "none", where a bare None once read as AdamW.
+    est = memguard.estimate("gpt2", 16, 128, method="formula", optimizer="none")
+    rows = guard_remedies(est, 3 * 2**30, 0.1, model="gpt2", step=memguard.Step(optimizer=None))
+    assert rows and {r.settings["optimizer"] for r in rows} == {"none"}
 
 
 def test_a_run_the_formula_rejects_by_a_little_is_traced_and_kept() -> None:
