@@ -92,3 +92,50 @@ def test_the_rule_reads_each_kind_of_import(tmp_path: Path) -> None:
         ("tests/cli/test_y.py", "memguard.device._nvml.shutdown"),
         ("tests/test_z.py", "memguard.fit._usable"),
     }
+
+
+MAX_FUNCTION_LINES = 60
+"""CONTRIBUTING.md, rule 6: lines from ``def`` to a function's end, its docstring not counted."""
+
+
+def long_functions(paths: list[Path], root: Path = ROOT) -> set[tuple[str, str, int]]:
+    """(file, function, lines) for each function (or method, or nested function) over
+    :data:`MAX_FUNCTION_LINES` lines of code, and (file, function, 0) for each whose docstring
+    apologises for its length."""
+    found = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            doc_lines = node.body[0].end_lineno - node.body[0].lineno + 1 if doc is not None else 0
+            lines = node.end_lineno - node.lineno + 1 - doc_lines
+            name = path.relative_to(root).as_posix()
+            if lines > MAX_FUNCTION_LINES:
+                found.add((name, node.name, lines))
+            if doc is not None and "(Long" in doc:
+                found.add((name, node.name, 0))
+    return found
+
+
+def test_no_function_in_the_package_is_over_60_lines() -> None:
+    found = long_functions(sorted((ROOT / "memguard").rglob("*.py")))
+    assert found == set(), "split it by meaning (CONTRIBUTING.md, rule 6)"
+
+
+def test_the_length_rule_counts_code_not_the_docstring(tmp_path: Path) -> None:
+    """The scan itself, on functions written here: 60 lines of code pass, 61 do not, however long the
+    docstring; a method counts on its own; an apology is flagged at any length."""
+    def function(name: str, lines: int, doc: int = 0, indent: str = "") -> str:
+        """``def`` and ``lines - 1`` statements, after a docstring of ``doc`` lines."""
+        docstring = [f'{indent}    """Doc.', *[f"{indent}    more" for _ in range(doc - 2)], f'{indent}    """']
+        return "\n".join([f"{indent}def {name}() -> None:", *(docstring if doc else []),
+                          *[f"{indent}    x = {i}" for i in range(lines - 1)]]) + "\n"
+
+    text = (function("sixty", 60, doc=40) + function("sixty_one", 61)
+            + "class C:\n" + function("method", 61, indent="    ")
+            + 'def sorry() -> None:\n    """(Long, but one pipeline.)"""\n')
+    (tmp_path / "memguard").mkdir()
+    (tmp_path / "memguard" / "m.py").write_text(text)
+    assert long_functions([tmp_path / "memguard" / "m.py"], tmp_path) == {
+        ("memguard/m.py", "sixty_one", 61), ("memguard/m.py", "method", 61), ("memguard/m.py", "sorry", 0)}
