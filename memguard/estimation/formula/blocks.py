@@ -4,7 +4,7 @@ its forward and backward passes.
 Source: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
 section 4.1 (``sbh(34 + 5as/h)`` per GPT-style block in 16 bits) and section 5 (full
 recomputation keeps each block's input), composed per family from
-:mod:`memguard.estimation.formula.families`.
+:mod:`memguard.estimation.families`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 :class:`Ctx` carries what each term needs besides its own shapes: the batch size, the bytes per
 element of the residual stream and of matmul outputs, whether autocast and CUDA kernels run,
 which attention kernel runs (:func:`attention_kernel`), the architecture and its family's block
-layout (:mod:`memguard.estimation.formula.families`).
+layout (:mod:`memguard.estimation.families`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import dataclasses
 
 from memguard.errors import ConfigError
 from memguard.estimation.arch import Architecture
-from memguard.estimation.formula.families import Family, family_of
+from memguard.estimation.families import Family
+from memguard.estimation.formula.families import family_of
 from memguard.estimation.spec import TrainingSpec
 
 __all__ = ["F32", "I64", "Ctx", "attention_kernel", "decoder_tokens", "make_ctx", "tokens"]

@@ -29,11 +29,12 @@ from transformers import (
 
 import memguard
 from memguard.errors import UnsupportedModelError
-from memguard.estimation.arch import FAMILY_OF_MODEL_TYPE, inspect_architecture
+from memguard.estimation.arch import inspect_architecture
+from memguard.estimation.families import FAMILIES, FAMILY_OF_MODEL_TYPE
 from memguard.estimation.formula import activation_bytes, formula_breakdown
 from memguard.estimation.formula.blocks import block_bytes
 from memguard.estimation.formula.context import make_ctx
-from memguard.estimation.formula.families import FAMILIES, family_of
+from memguard.estimation.formula.families import family_of
 from memguard.estimation.models import ResolvedModel, load_model
 from memguard.estimation.result import Category
 from memguard.estimation.spec import TrainingSpec
