@@ -19,7 +19,7 @@ from memguard.errors import ConfigError
 from memguard.estimation.arch import Architecture, inspect_architecture
 from memguard.estimation.formula.activations import Activations, activations
 from memguard.estimation.formula.blocks import block_backward_bytes, block_forward_bytes
-from memguard.estimation.formula.context import Ctx, make_ctx, tokens
+from memguard.estimation.formula.context import AttentionKernel, Ctx, make_ctx, tokens
 from memguard.estimation.formula.embeddings import batch_bytes
 from memguard.estimation.formula.families import model_type_of, refuse_unmodelled
 from memguard.estimation.formula.inventory import Inventory, inventory
@@ -318,7 +318,7 @@ def _notes(arch: Architecture, spec: TrainingSpec, ctx: Ctx) -> list[str]:
     notes: list[str] = []
     if ctx.fam.note:
         notes.append(ctx.fam.note)
-    if ctx.kernel == "math":
+    if ctx.kernel is AttentionKernel.MATH:
         notes.append("attention dropout on the CPU: SDPA falls back to the math kernel, which "
                      "keeps the S×S attention matrices")
     if arch.use_cache and not spec.gradient_checkpointing:
