@@ -31,6 +31,7 @@ from memguard.estimation.formula.loss import (
 from memguard.estimation.formula.model_state import ModelState, model_state
 from memguard.estimation.models import ResolvedModel
 from memguard.estimation.parallel import Parallelism
+from memguard.estimation.quantization import QuantizationKind
 from memguard.estimation.result import Category
 from memguard.estimation.spec import TrainingSpec
 from memguard.estimation.trace import Phase
@@ -224,7 +225,7 @@ def _with_quantized_base(ctx: Ctx, module: Any, spec: TrainingSpec) -> Ctx:
     layers = _quantized_layers(module)
     if not layers:
         return ctx
-    int8 = any(m.quantization.kind == "int8" for m in layers)
+    int8 = any(m.quantization.kind is QuantizationKind.INT8 for m in layers)
     fused = ctx.b * tokens(ctx.arch, spec) <= FUSED_MAX_ROWS
     return dataclasses.replace(ctx, kept_inputs=int8, uncast=int8 or fused)
 
@@ -243,7 +244,7 @@ def _dequantize_bytes(module: Any, spec: TrainingSpec, ctx: Ctx,
     layers = _quantized_layers(module)
     if not layers:
         return 0, 0
-    if any(m.quantization.kind == "int8" for m in layers):
+    if any(m.quantization.kind is QuantizationKind.INT8 for m in layers):
         # MatMul8bitLt's forward dequantizes no weight: it casts its input to fp16 and quantizes it
         # row-wise (int8, one fp32 scale a row); its backward makes a copy of the weight
         # in the input's dtype (CB.to(dtype_A)), fp32 under mixed precision (Ctx.uncast)
