@@ -35,7 +35,7 @@ from typing import Any
 from torch import nn
 
 from memguard.errors import UnsupportedModelError
-from memguard.estimation.families import FAMILIES, FAMILY_OF_MODEL_TYPE, facts_of
+from memguard.estimation.families import FAMILIES, FAMILY_OF_MODEL_TYPE, Family, facts_of
 from memguard.estimation.inputs import Head, model_task
 
 __all__ = ["FAMILY_OF_MODEL_TYPE", "Architecture", "MoE", "block_stacks", "find_architecture", "inspect_architecture",
@@ -307,15 +307,15 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
     ffn = _get(config, "intermediate_size", "n_inner", "d_ff", "hidden_dim", "encoder_ffn_dim",
                "ffn_dim")
     ffn = int(ffn) if ffn else 4 * hidden
-    activation, gated = _activation(config, family)
+    activation, gated = _activation(config, fam)
     enc_layers, dec_layers = n_layers, 0
     if fam.encoder_decoder or getattr(config, "is_encoder_decoder", False):
         dec = _get(config, "num_decoder_layers", "decoder_layers", default=n_layers)
         enc_layers, dec_layers = n_layers, int(dec)
-    hidden_dropout, attention_dropout, activation_dropout, embedding_dropout = _dropouts(config, family)
+    hidden_dropout, attention_dropout, activation_dropout, embedding_dropout = _dropouts(config, fam)
     vocab = _get(config, "vocab_size")
     image_tokens = None
-    if family == "vit" or (hasattr(config, "image_size") and hasattr(config, "patch_size")):
+    if fam.head_input == "class-token" or (hasattr(config, "image_size") and hasattr(config, "patch_size")):
         image_tokens = _image_tokens(config)
         vocab = None
     norm = "layernorm" if fam.norm == "layernorm" else "rmsnorm"
@@ -344,32 +344,32 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
     )
 
 
-def _activation(config: Any, family: str) -> tuple[str, bool]:
+def _activation(config: Any, fam: Family) -> tuple[str, bool]:
     """The MLP's activation and whether the MLP is gated (Llama's always; T5 v1.1's ``gated-gelu``)."""
     activation = str(_get(config, "hidden_act", "activation_function", "feed_forward_proj",
                           "activation", default="gelu"))
-    gated = family == "llama" or activation.startswith("gated-") or activation in _GATED_FF
+    gated = fam.always_gated or activation.startswith("gated-") or activation in _GATED_FF
     if activation.startswith("gated-"):
         activation = activation[len("gated-"):]
-    if family == "t5" and activation == "gelu" and gated:
+    if fam.gated_gelu_new and activation == "gelu" and gated:
         activation = "gelu_new"  # T5 v1.1 "gated-gelu" runs gelu_new
     return activation, gated
 
 
-def _dropouts(config: Any, family: str) -> tuple[float, float, float, float]:
+def _dropouts(config: Any, fam: Family) -> tuple[float, float, float, float]:
     """The hidden, attention, activation and embedding dropout probabilities."""
     hidden_dropout = float(_get(config, "resid_pdrop", "hidden_dropout_prob", "dropout_rate",
                                 "dropout", "hidden_dropout", default=0.0))
     attention_dropout = float(_get(config, "attn_pdrop", "attention_probs_dropout_prob",
                                    "attention_dropout", default=hidden_dropout
-                                   if family == "t5" else 0.0))
-    if family == "t5":
+                                   if fam.one_dropout else 0.0))
+    if fam.one_dropout:
         attention_dropout = hidden_dropout  # T5 uses dropout_rate on attention weights too
     activation_dropout = float(_get(config, "activation_dropout", default=0.0))
-    if family == "t5":
+    if fam.one_dropout:
         activation_dropout = hidden_dropout  # T5's DenseReluDense dropout after the activation
     embedding_dropout = float(_get(config, "embd_pdrop", default=hidden_dropout))
-    if family == "llama":
+    if not fam.residual_dropout:
         hidden_dropout, embedding_dropout = 0.0, 0.0
     return hidden_dropout, attention_dropout, activation_dropout, embedding_dropout
 

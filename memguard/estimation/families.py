@@ -6,8 +6,8 @@ Two kinds of record, each in one place:
   decides what autograd saves in them — which norm, how many linear layers read each norm's output,
   where dropout sits, how Q, K and V are projected, how positions enter attention, what sits between
   the last block and the logits — and the few facts :mod:`memguard.estimation.arch` reads per family
-  (encoder-decoder, pre-norm, a key/value cache in training). The formula's terms read these fields
-  rather than testing family names.
+  (encoder-decoder, pre-norm, a key/value cache in training, how the config's activation and
+  dropouts apply). The formula's terms and ``arch`` read these fields rather than testing family names.
 * :class:`ModelType`, one per transformers ``model_type`` memguard knows (:data:`MODEL_TYPES`): the
   family it is read as, whether its attention normalises Q and K, its own layout where it is laid out
   unlike its family (CLIP's towers), what the formula does not model in it (then the formula refuses
@@ -51,7 +51,8 @@ class Family:
         kv_cache: the self-attention returns a key/value cache when the config asks for one.
         cross_kv_cache: the cross-attention's K/V are cached too.
         sliding_window: a sliding window shorter than the sequence passes an explicit mask.
-        residual_dropout: dropout on the attention and MLP outputs of each block.
+        residual_dropout: dropout on the attention and MLP outputs of each block (without it, none on
+            the embeddings either: Llama).
         no_attention_dropout: model types of the family without dropout after the attention
             (DistilBERT adds the attention output to the residual directly).
         eager_fp32_softmax: eager attention takes its softmax in fp32 (Llama, ViT:
@@ -81,6 +82,13 @@ class Family:
             layer's ``norm_first`` instead).
         training_cache: a training forward returns the key/value cache when the config's ``use_cache``
             asks (BART-like models turn it off themselves when given labels: ``BartModel.forward``).
+        always_gated: the MLP is gated whatever the config's activation is called (``LlamaMLP``'s
+            ``gate_proj``).
+        one_dropout: one probability, the config's ``dropout_rate``, drops the residual branches, the
+            attention weights and the MLP's activations (T5's ``nn.Dropout(config.dropout_rate)`` in
+            ``T5Attention`` and ``T5DenseActDense``), whatever else the config names.
+        gated_gelu_new: a gated ``gelu`` MLP runs ``gelu_new`` (T5 v1.1's ``gated-gelu``:
+            ``T5Config`` maps it to ``gelu_new``).
     """
 
     name: str
@@ -111,6 +119,9 @@ class Family:
     encoder_decoder: bool = False
     norm_first: bool = True
     training_cache: bool = False
+    always_gated: bool = False
+    one_dropout: bool = False
+    gated_gelu_new: bool = False
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -124,13 +135,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            fp32_logits_bias=True, encoder_decoder=True, norm_first=False),
     # pre-RMSNorm keeping its input, relative position bias (T5Block, T5LayerNorm)
     Family("t5", "t5-rmsnorm", gated_readers=True, position_bias=True, final_dropout=True,
-           tied_head_rescale=True, encoder_final_norm=True, encoder_decoder=True, training_cache=True),
+           tied_head_rescale=True, encoder_final_norm=True, encoder_decoder=True, training_cache=True,
+           one_dropout=True, gated_gelu_new=True),
     # pre-LayerNorm audio encoder-decoder: conv stem, final LayerNorm in both stacks, head tied to
     # the decoder's embedding without bias (WhisperEncoderLayer, WhisperEncoder, WhisperDecoder)
     Family("whisper", "layernorm", encoder_final_norm=True, conv_stem=True, encoder_decoder=True),
     # pre-RMSNorm, rotary Q/K, gated MLP, no dropout on the residual (LlamaDecoderLayer)
     Family("llama", "rmsnorm", gated_readers=True, rotary=True, sliding_window=True,
-           residual_dropout=False, eager_fp32_softmax=True, training_cache=True),
+           residual_dropout=False, eager_fp32_softmax=True, training_cache=True, always_gated=True),
     # pre-LayerNorm image encoder; the classifier reads the class token (ViTLayer)
     Family("vit", "layernorm", kv_cache=False, eager_fp32_softmax=True, head_input="class-token"),
     # nn.TransformerEncoderLayer / TransformerDecoderLayer over nn.MultiheadAttention
@@ -140,7 +152,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                 "one LayerNorm after the blocks assumed"),
 )}
 """Every family (``Architecture.family``), by name: the layout of its blocks."""
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +188,7 @@ class ModelType:
 def _each(family: str, names: str, **facts: Any) -> tuple[ModelType, ...]:
     """One :class:`ModelType` per name of ``names`` (space-separated), with the same facts."""
     return tuple(ModelType(name, family, **facts) for name in names.split())
+
 
 MODEL_TYPES: tuple[ModelType, ...] = (
     ModelType("gpt2", "gpt2", fused_qkv=True, max_positions=True),
