@@ -15,6 +15,7 @@ from memguard import plot as _plot
 from memguard.cli._commands import search
 from memguard.cli._output import EXIT_OK, Output
 from memguard.cli._shared import EstimateAt, describe_inputs, estimate_once, estimator, first_sentence, resolve_gpu
+from memguard.device.memory import MemorySource
 from memguard.device.readers import Readers
 from memguard.errors import ConfigError, DeviceError, MemguardError
 from memguard.estimation.result import MemoryEstimate
@@ -111,7 +112,7 @@ def _plot_timeline(args: argparse.Namespace, out: Output, gpu: memguard.DeviceMe
 
 def _short_name(gpu: memguard.DeviceMemory) -> str:
     """The GPU's name for a legend: ``"budget"`` for a plain size, whose name repeats the size."""
-    return "budget" if gpu.source == "budget" and gpu.name.startswith("budget of") else gpu.name
+    return "budget" if gpu.source is MemorySource.BUDGET and gpu.name.startswith("budget of") else gpu.name
 
 
 def _traced(estimate_at: EstimateAt, out: Output, model: str, *,

@@ -10,6 +10,7 @@ import memguard
 from memguard._cache import cached
 from memguard.cli._output import Output
 from memguard.device.catalog import bf16_problem
+from memguard.device.memory import MemorySource
 from memguard.device.readers import Readers
 from memguard.device.spec import DeviceSpec
 from memguard.errors import ConfigError, DeviceError, MemguardError
@@ -59,7 +60,7 @@ def describe_gpu(gpu: memguard.DeviceMemory, spec: str | None = None) -> str:
     """The ``GPU:`` line; for a size in decimal units (``--gpu 24GB``) a second line says how it is read
     (:attr:`memguard.device.DeviceSpec.note`: SI, 10^9 bytes, and the catalog cards sold at that size)."""
     line = _describe_gpu(gpu)
-    note = DeviceSpec.parse(spec).note if spec is not None and gpu.source == "budget" else None
+    note = DeviceSpec.parse(spec).note if spec is not None and gpu.source is MemorySource.BUDGET else None
     return "\n  ".join([line, *note.splitlines()]) if note else line
 
 
@@ -68,7 +69,7 @@ def _describe_gpu(gpu: memguard.DeviceMemory) -> str:
     size = format_bytes(gpu.total_bytes)
     if gpu.source == "catalog":
         return f"GPU: {gpu.name}, {size} (catalog GPU, assumed empty: free = total)"
-    if gpu.source == "budget":
+    if gpu.source is MemorySource.BUDGET:
         plain = gpu.name.startswith("budget of")  # a size; "80% of NVIDIA ..." for a share
         return f"GPU: {gpu.name} (free = total)" if plain else f"GPU: {gpu.name}, {size} (budget: free = total)"
     where = f"{gpu.device} " if gpu.device and gpu.device != gpu.name else ""  # "cpu", not "cpu cpu"

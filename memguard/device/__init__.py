@@ -20,7 +20,7 @@ This package's ``__init__`` only re-exports: :mod:`~memguard.device.memory` (the
 from __future__ import annotations
 
 from memguard.device.api import device_memory, parse_budget, parse_gpu, resolve_budget
-from memguard.device.memory import SOURCES, DeviceMemory
+from memguard.device.memory import SOURCES, DeviceMemory, MemorySource
 from memguard.device.readers import (
     DRIVER_FILES,
     SYSTEM,
@@ -33,6 +33,6 @@ from memguard.device.readers import (
 )
 from memguard.device.spec import FORMS, DeviceLike, DeviceSpec, SpecKind, memory_of
 
-__all__ = ["DRIVER_FILES", "FORMS", "SOURCES", "SYSTEM", "DeviceLike", "DeviceMemory", "DeviceSpec", "Readers",
-           "SpecKind", "TorchCuda", "TorchUnavailable", "device_memory", "list_devices", "memory_of", "parse_budget",
-           "parse_gpu", "process_memory", "resolve_budget", "why_no_gpu"]
+__all__ = ["DRIVER_FILES", "FORMS", "SOURCES", "SYSTEM", "DeviceLike", "DeviceMemory", "DeviceSpec", "MemorySource",
+           "Readers", "SpecKind", "TorchCuda", "TorchUnavailable", "device_memory", "list_devices", "memory_of",
+           "parse_budget", "parse_gpu", "process_memory", "resolve_budget", "why_no_gpu"]

@@ -16,8 +16,8 @@ def device_memory(device: DeviceLike | None = None, *, readers: Readers | None =
     """The memory of the device a training run will use, or of one it is planned for.
 
     >>> import memguard
-    >>> memguard.device_memory("cpu").source
-    'host'
+    >>> memguard.device_memory("cpu").source  # a str enum: == "host"
+    <MemorySource.HOST: 'host'>
     >>> memguard.device_memory("A100-80GB").total_bytes
     85899345920
     >>> memguard.device_memory("12GiB").free_bytes

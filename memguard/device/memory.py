@@ -5,11 +5,34 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from memguard.enums import StrEnum
 from memguard.units import format_bytes
 
-__all__ = ["SOURCES", "DeviceMemory"]
+__all__ = ["SOURCES", "DeviceMemory", "MemorySource"]
 
-SOURCES = ("nvml", "torch", "host", "catalog", "budget")
+
+class MemorySource(StrEnum):
+    """Where the numbers of a :class:`DeviceMemory` come from (:mod:`memguard.device.readers`,
+    :mod:`memguard.device.spec`): ``str(MemorySource.NVML) == "nvml"``."""
+
+    NVML = "nvml"
+    """A CUDA device read through NVML."""
+    TORCH = "torch"
+    """A CUDA device read by ``torch.cuda.mem_get_info``, NVML's fallback."""
+    HOST = "host"
+    """Host memory, capped by the memory cgroup."""
+    CATALOG = "catalog"
+    """A catalog GPU, assumed empty."""
+    BUDGET = "budget"
+    """A number of bytes the user gave."""
+
+    @property
+    def cuda(self) -> bool:
+        """A live CUDA device was read (NVML or torch)."""
+        return self in (MemorySource.NVML, MemorySource.TORCH)
+
+
+SOURCES = tuple(s.value for s in MemorySource)
 """The values of :attr:`DeviceMemory.source`."""
 
 
@@ -25,8 +48,8 @@ class DeviceMemory:
         total_bytes: all memory of the device (for the host: capped by the cgroup limit).
         free_bytes: what a new allocation can get now.
         used_bytes: what is in use, by this process and others.
-        source: one of :data:`SOURCES`: ``"nvml"``, ``"torch"``, ``"host"``, ``"catalog"``,
-            ``"budget"``.
+        source: a :class:`MemorySource` (one of :data:`SOURCES`: ``"nvml"``, ``"torch"``, ``"host"``,
+            ``"catalog"``, ``"budget"``; given as its name, it becomes the member).
     """
 
     name: str
@@ -35,11 +58,12 @@ class DeviceMemory:
     total_bytes: int
     free_bytes: int
     used_bytes: int
-    source: str
+    source: MemorySource
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        object.__setattr__(self, "source", MemorySource(self.source))
         for field in ("total_bytes", "free_bytes", "used_bytes"):
             value = getattr(self, field)
             if isinstance(value, bool) or int(value) != value or value < 0:
@@ -49,13 +73,13 @@ class DeviceMemory:
     @property
     def device(self) -> str | None:
         """``"cuda:N"`` for a CUDA device, ``"cpu"`` for the host, else ``None``."""
-        if self.index is not None and self.source in ("nvml", "torch"):
+        if self.index is not None and self.source.cuda:
             return f"cuda:{self.index}"
-        return "cpu" if self.source == "host" else None
+        return "cpu" if self.source is MemorySource.HOST else None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict of every field (the source by its name)."""
+        return {**dataclasses.asdict(self), "source": self.source.value}
 
     def __str__(self) -> str:
         where = f"{self.device} " if self.device and self.device != self.name else ""

@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable, Mapping
 
 from memguard.device import _host, _nvml
-from memguard.device.memory import DeviceMemory
+from memguard.device.memory import DeviceMemory, MemorySource
 from memguard.errors import DeviceError
 
 HostMemory = _host.HostMemory
@@ -100,7 +100,7 @@ class TorchCuda:
         if uuid_text and not uuid_text.upper().startswith(("GPU-", "MIG-")):
             uuid_text = f"GPU-{uuid_text}"
         return DeviceMemory(name=str(props.name), index=index, uuid=uuid_text, total_bytes=int(total),
-                            free_bytes=int(free), used_bytes=int(total) - int(free), source="torch")
+                            free_bytes=int(free), used_bytes=int(total) - int(free), source=MemorySource.TORCH)
 
     def current_index(self) -> int:
         """The current CUDA device when CUDA is initialised in this process, else 0."""
@@ -167,7 +167,7 @@ def _or_system(readers: Readers | None) -> Readers:
 def _from_nvml(d: _nvml.NvmlDevice) -> DeviceMemory:
     """An NVML device as a :class:`DeviceMemory` (``source="nvml"``)."""
     return DeviceMemory(name=d.name, index=d.index, uuid=d.uuid, total_bytes=d.total_bytes,
-                        free_bytes=d.free_bytes, used_bytes=d.used_bytes, source="nvml")
+                        free_bytes=d.free_bytes, used_bytes=d.used_bytes, source=MemorySource.NVML)
 
 
 def read_host(readers: Readers | None = None) -> DeviceMemory:
@@ -175,7 +175,7 @@ def read_host(readers: Readers | None = None) -> DeviceMemory:
     mem = _or_system(readers).host()
     return DeviceMemory(name="cpu", index=None, uuid=None, total_bytes=mem.total_bytes,
                         free_bytes=mem.available_bytes,
-                        used_bytes=mem.total_bytes - mem.available_bytes, source="host")
+                        used_bytes=mem.total_bytes - mem.available_bytes, source=MemorySource.HOST)
 
 
 def read_cuda(index: int | None, readers: Readers | None = None) -> DeviceMemory:

@@ -49,7 +49,7 @@ import sys
 from typing import TYPE_CHECKING, Union
 
 from memguard.device.catalog import GPU_CATALOG, GpuSpec, close_gpus, list_gpus, lookup_gpu, matching_gpus
-from memguard.device.memory import DeviceMemory
+from memguard.device.memory import DeviceMemory, MemorySource
 from memguard.device.readers import Readers, read_cuda, read_host, read_training_device
 from memguard.errors import ConfigError, DeviceError, did_you_mean
 from memguard.units import decimal_reading, format_bytes, parse_bytes
@@ -251,14 +251,14 @@ class DeviceSpec:
         if self.kind is SpecKind.CATALOG:
             spec = GPU_CATALOG[str(self.gpu)]
             return DeviceMemory(name=spec.name, index=None, uuid=None, total_bytes=spec.total_bytes,
-                                free_bytes=spec.total_bytes, used_bytes=0, source="catalog")
+                                free_bytes=spec.total_bytes, used_bytes=0, source=MemorySource.CATALOG)
         if self.kind is SpecKind.BUDGET:
             n = int(self.nbytes or 0)
             if n <= 0:
                 raise ConfigError(f"budget {self.text if self.text is not None else n!r} is no memory at all; "
                                   "give a positive size such as '12GiB'")
             return DeviceMemory(name=f"budget of {format_bytes(n)}", index=None, uuid=None,
-                                total_bytes=n, free_bytes=n, used_bytes=0, source="budget")
+                                total_bytes=n, free_bytes=n, used_bytes=0, source=MemorySource.BUDGET)
         return self._read_share(readers, training)
 
     def free_bytes(self, readers: Readers | None = None, *, training: DeviceLike | None = None) -> int:
@@ -276,7 +276,7 @@ class DeviceSpec:
             raise ConfigError(f"budget {pct!r} of {base.name} ({format_bytes(base.total_bytes)}) is less "
                               "than one byte; give a larger share")
         return DeviceMemory(name=f"{pct} of {base.name}", index=base.index, uuid=base.uuid,
-                            total_bytes=n, free_bytes=n, used_bytes=0, source="budget")
+                            total_bytes=n, free_bytes=n, used_bytes=0, source=MemorySource.BUDGET)
 
 
 def memory_of(value: DeviceMemory | DeviceLike, readers: Readers | None = None, *,

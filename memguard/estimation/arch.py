@@ -35,28 +35,11 @@ from typing import Any
 from torch import nn
 
 from memguard.errors import UnsupportedModelError
+from memguard.estimation.families import FAMILIES, FAMILY_OF_MODEL_TYPE, Family, facts_of
 from memguard.estimation.inputs import Head, model_task
 
 __all__ = ["FAMILY_OF_MODEL_TYPE", "Architecture", "MoE", "block_stacks", "find_architecture", "inspect_architecture",
            "structure_generation", "transformer_blocks"]
-
-FAMILY_OF_MODEL_TYPE: dict[str, str] = {
-    "gpt2": "gpt2", "gpt_neo": "gpt2", "gpt_bigcode": "gpt2", "gptj": "gpt2", "opt": "gpt2",
-    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert",
-    "camembert": "bert", "distilbert": "bert",
-    "bart": "bart", "mbart": "bart", "marian": "bart", "pegasus": "bart", "blenderbot": "bart",
-    "t5": "t5", "mt5": "t5", "umt5": "t5",
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-    "gemma2": "llama", "phi3": "llama", "mixtral": "llama", "olmo": "llama", "granite": "llama",
-    "qwen2_moe": "llama", "qwen3_moe": "llama", "olmoe": "llama",
-    "vit": "vit", "deit": "vit", "dinov2": "vit",
-    "whisper": "whisper",
-}
-"""transformers ``model_type`` -> block family."""
-
-_QK_NORM = frozenset({"olmoe", "olmo2", "qwen3", "qwen3_moe"})
-"""Model types whose attention normalises Q and K (``self.q_norm(self.q_proj(x))`` in
-``modeling_olmoe.py``, ``modeling_olmo2.py``, ``modeling_qwen3.py``, ``modeling_qwen3_moe.py``)."""
 
 _GATED_FF = ("gated-gelu", "gated-silu", "gated-relu")
 
@@ -308,7 +291,7 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
     :func:`_activation` and :func:`_dropouts`.
     """
     model_type = str(getattr(config, "model_type", "") or "")
-    family = FAMILY_OF_MODEL_TYPE.get(model_type)
+    facts = facts_of(model_type)
     hidden = _get(config, "hidden_size", "d_model", "n_embd", "dim")
     heads = _get(config, "num_attention_heads", "n_head", "num_heads", "n_heads",
                  "encoder_attention_heads")
@@ -317,26 +300,26 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
     if not (hidden and heads and n_layers) or any(isinstance(v, (list, tuple)) for v in (hidden, heads, n_layers)):
         return None
     hidden, heads, n_layers = int(hidden), int(heads), int(n_layers)
-    if family is None:
-        family = _guess_family(config)
+    family = facts.family or _guess_family(config)
+    fam = FAMILIES[family]
     head_dim = int(_get(config, "head_dim", "d_kv", default=0) or hidden // heads)
     kv_heads = int(_get(config, "num_key_value_heads", default=heads) or heads)
     ffn = _get(config, "intermediate_size", "n_inner", "d_ff", "hidden_dim", "encoder_ffn_dim",
                "ffn_dim")
     ffn = int(ffn) if ffn else 4 * hidden
-    activation, gated = _activation(config, family)
+    activation, gated = _activation(config, fam)
     enc_layers, dec_layers = n_layers, 0
-    if family in ("t5", "bart", "whisper") or getattr(config, "is_encoder_decoder", False):
+    if fam.encoder_decoder or getattr(config, "is_encoder_decoder", False):
         dec = _get(config, "num_decoder_layers", "decoder_layers", default=n_layers)
         enc_layers, dec_layers = n_layers, int(dec)
-    hidden_dropout, attention_dropout, activation_dropout, embedding_dropout = _dropouts(config, family)
+    hidden_dropout, attention_dropout, activation_dropout, embedding_dropout = _dropouts(config, fam)
     vocab = _get(config, "vocab_size")
     image_tokens = None
-    if family == "vit" or (hasattr(config, "image_size") and hasattr(config, "patch_size")):
+    if fam.head_input == "class-token" or (hasattr(config, "image_size") and hasattr(config, "patch_size")):
         image_tokens = _image_tokens(config)
         vocab = None
-    norm = "rmsnorm" if family in ("t5", "llama") else "layernorm"
-    positions = {"llama": "rotary", "t5": "relative"}.get(family, "learned")
+    norm = "layernorm" if fam.norm == "layernorm" else "rmsnorm"
+    positions = "rotary" if fam.rotary else "relative" if fam.position_bias else "learned"
     attn = getattr(config, "_attn_implementation", None) or "sdpa"
     window = _get(config, "sliding_window")
     if window is not None and not getattr(config, "use_sliding_window", True):
@@ -349,45 +332,44 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
         hidden_dropout=hidden_dropout, attention_dropout=attention_dropout,
         activation_dropout=activation_dropout, embedding_dropout=embedding_dropout,
         attn_implementation=str(attn), tied_embeddings=bool(_tied(config, module)),
-        positions=positions, norm=norm, norm_first=family in ("gpt2", "t5", "llama", "vit", "whisper"),
-        fused_qkv=family == "gpt2" and model_type == "gpt2",
+        positions=positions, norm=norm, norm_first=fam.norm_first, fused_qkv=facts.fused_qkv,
         image_tokens=image_tokens,
         num_labels=int(getattr(config, "num_labels", 0) or 0) or None,
         sliding_window=int(window) if window else None,
         # BART-like models turn the cache off themselves when given labels
-        use_cache=bool(getattr(config, "use_cache", False)) and family in ("gpt2", "llama", "t5"),
+        use_cache=bool(getattr(config, "use_cache", False)) and fam.training_cache,
         head=_head_kind(module, config),
         moe=_moe(config, n_layers),
-        qk_norm=model_type in _QK_NORM,
+        qk_norm=facts.qk_norm,
     )
 
 
-def _activation(config: Any, family: str) -> tuple[str, bool]:
+def _activation(config: Any, fam: Family) -> tuple[str, bool]:
     """The MLP's activation and whether the MLP is gated (Llama's always; T5 v1.1's ``gated-gelu``)."""
     activation = str(_get(config, "hidden_act", "activation_function", "feed_forward_proj",
                           "activation", default="gelu"))
-    gated = family == "llama" or activation.startswith("gated-") or activation in _GATED_FF
+    gated = fam.always_gated or activation.startswith("gated-") or activation in _GATED_FF
     if activation.startswith("gated-"):
         activation = activation[len("gated-"):]
-    if family == "t5" and activation == "gelu" and gated:
+    if fam.gated_gelu_new and activation == "gelu" and gated:
         activation = "gelu_new"  # T5 v1.1 "gated-gelu" runs gelu_new
     return activation, gated
 
 
-def _dropouts(config: Any, family: str) -> tuple[float, float, float, float]:
+def _dropouts(config: Any, fam: Family) -> tuple[float, float, float, float]:
     """The hidden, attention, activation and embedding dropout probabilities."""
     hidden_dropout = float(_get(config, "resid_pdrop", "hidden_dropout_prob", "dropout_rate",
                                 "dropout", "hidden_dropout", default=0.0))
     attention_dropout = float(_get(config, "attn_pdrop", "attention_probs_dropout_prob",
                                    "attention_dropout", default=hidden_dropout
-                                   if family == "t5" else 0.0))
-    if family == "t5":
+                                   if fam.one_dropout else 0.0))
+    if fam.one_dropout:
         attention_dropout = hidden_dropout  # T5 uses dropout_rate on attention weights too
     activation_dropout = float(_get(config, "activation_dropout", default=0.0))
-    if family == "t5":
+    if fam.one_dropout:
         activation_dropout = hidden_dropout  # T5's DenseReluDense dropout after the activation
     embedding_dropout = float(_get(config, "embd_pdrop", default=hidden_dropout))
-    if family == "llama":
+    if not fam.residual_dropout:
         hidden_dropout, embedding_dropout = 0.0, 0.0
     return hidden_dropout, attention_dropout, activation_dropout, embedding_dropout
 

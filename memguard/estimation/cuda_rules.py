@@ -58,7 +58,7 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memguard.errors import TraceError
-from memguard.estimation.sdpa import DEFAULT_COMPUTE_CAPABILITY, sdpa_backend
+from memguard.estimation.sdpa import DEFAULT_COMPUTE_CAPABILITY, SdpaBackend, sdpa_backend
 from memguard.units import format_bytes
 
 __all__ = ["CUBLAS_WORKSPACE_BYTES", "DEFAULT_COMPUTE_CAPABILITY", "NCCL_BAND_ITEM", "ConvCall", "Workspaces",
@@ -245,12 +245,12 @@ class Workspaces:
     Attributes:
         convs: the convolutions (:class:`ConvCall`), in order.
         attention: ``(backend, q shape, k shape, v shape)`` of each fused attention whose backward
-            allocates workspaces memguard cannot size (``"efficient"``, ``"cudnn"``) and that needs a
-            gradient.
+            allocates workspaces memguard cannot size (:attr:`SdpaBackend.unsized_workspace`: ``"efficient"``,
+            ``"cudnn"``) and that needs a gradient.
     """
 
     convs: list[ConvCall] = dataclasses.field(default_factory=list)
-    attention: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
+    attention: list[tuple[SdpaBackend, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
         default_factory=list)
 
     def band(self, timeline: Sequence[tuple[int, str, int]] = (), *, backward: bool = True) -> dict[str, int]:
@@ -574,22 +574,22 @@ def _cuda_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     with torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST_CPU):
         backend = sdpa_backend(q, k, v, mask, dropout_p, is_causal, enable_gqa,
                                compute_capability=capability)
-        if backend == "flash":
+        if backend is SdpaBackend.FLASH:
             return _flash(q, k, v, dropout_p, is_causal, scale)
         if mask is not None and mask.dtype != q.dtype:
             additive = torch.zeros_like(mask, dtype=q.dtype)
             mask = (additive.masked_fill_(mask.logical_not(), float("-inf"))
                     if mask.dtype == torch.bool else mask.to(q.dtype))
         lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if lse and seen is not None and backend in ("efficient", "cudnn"):
+        if lse and seen is not None and backend.unsized_workspace:
             seen.attention.append((backend, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
-        if backend == "efficient":
+        if backend is SdpaBackend.EFFICIENT:
             if k.shape[1] != q.shape[1]:  # grouped-query: the op's meta kernels take equal heads
                 k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
             if mask is not None:
                 mask = _preprocess_mask(mask, q, k)
             return _EfficientAttention.apply(q, k, v, mask, dropout_p, is_causal, scale, lse)
-        if backend == "cudnn":
+        if backend is SdpaBackend.CUDNN:
             return torch.ops.aten._scaled_dot_product_cudnn_attention(
                 q, k, v, mask, lse, dropout_p, is_causal, False, scale=scale)[0]
         return torch.ops.aten._scaled_dot_product_attention_math(

@@ -23,7 +23,7 @@ from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing
 from memguard.estimation.overhead import device_overhead
 from memguard.estimation.parallel import Parallelism, Strategy, wrapped_blocks
 from memguard.estimation.quantization import Quantization, detect_quantization, quantize_model, quantized_layers
-from memguard.estimation.result import Category, MemoryEstimate, PeakTensors
+from memguard.estimation.result import Category, MemoryEstimate, Method, PeakTensors
 from memguard.estimation.spec import TrainingSpec, resolve_precision
 from memguard.estimation.step import DEFAULTS, KNOBS, METHODS, Step
 from memguard.estimation.trace import (
@@ -174,9 +174,9 @@ def estimate(
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=is_checkpointing(resolved.module))
 
-    found = _by_method(method, resolved, spec, parallel, make_inputs, loss_fn=loss_fn, training_loop=step.training_loop,
-                       step_fn=step_fn, trace_timeout=trace_timeout, accumulate=step.accumulate_grad_batches,
-                       set_to_none=step.set_to_none)
+    found = _by_method(Method(method), resolved, spec, parallel, make_inputs, loss_fn=loss_fn,
+                       training_loop=step.training_loop, step_fn=step_fn, trace_timeout=trace_timeout,
+                       accumulate=step.accumulate_grad_batches, set_to_none=step.set_to_none)
     breakdown, host, context, notes = _per_device(found, resolved, spec, parallel, master_weights=master_weights)
     settled = {"batch_size": spec.batch_size, "seq_len": spec.seq_len, "decoder_seq_len": spec.decoder_seq_len,
                "gradient_checkpointing": spec.gradient_checkpointing, "lora_rank": lora_rank,
@@ -232,12 +232,12 @@ def _per_device(found: _Found, resolved: ResolvedModel, spec: TrainingSpec, para
     (:func:`_distribute`) and the device's overhead; the host bytes, the CUDA context and notes."""
     breakdown, notes = dict(found.breakdown), [*found.notes, *_paged_notes(resolved, spec)]
     host = 0
-    if found.method != "seed" and parallel.strategy is not Strategy.SINGLE:
+    if found.method is not Method.SEED and parallel.strategy is not Strategy.SINGLE:
         breakdown, host, more = _distribute(breakdown, parallel, resolved, spec, master_weights=master_weights)
         notes.extend(more)
     peak = sum(v for k, v in breakdown.items() if k != Category.OVERHEAD)
     context = 0
-    if found.method != "seed":
+    if found.method is not Method.SEED:
         breakdown[Category.OVERHEAD], context = device_overhead(spec.device, peak, found.slack)
     return breakdown, host, context, notes
 
@@ -253,9 +253,9 @@ def _band(found: _Found, spec: TrainingSpec, parallel: Parallelism) -> dict[str,
     from memguard.estimation.stand_ins import ONES
 
     band = dict(found.band)
-    if found.method == "formula" and spec.device == "cuda":
+    if found.method is Method.FORMULA and spec.device == "cuda":
         band = Workspaces().band()
-    if spec.device == "cuda" and found.method != "seed":
+    if spec.device == "cuda" and found.method is not Method.SEED:
         across_nodes = parallel.strategy is Strategy.FSDP_HYBRID and parallel.world_size > parallel.shard_size
         band.update(communication_band(parallel.world_size, 2 if across_nodes else 1))
     guessed = sorted(op for op, how in found.stand_ins.items() if how == ONES)
@@ -272,7 +272,7 @@ def _quantize(resolved: ResolvedModel, quant: Quantization) -> tuple[ResolvedMod
     """``resolved`` with its linear layers quantized (in place only for a model memguard built), and a note."""
     module, n = quantize_model(resolved.module, quant, in_place=resolved.built_here)
     if n == 0 and not quantized_layers(module):
-        raise ConfigError(f"quantization={quant.kind!r}, but {resolved.name} has no nn.Linear layer to quantize "
+        raise ConfigError(f"quantization={quant.kind.value!r}, but {resolved.name} has no nn.Linear layer to quantize "
                           "(skip_modules may name them all)")
     layers = quantized_layers(module)
     stored = sum(p.numel() * p.element_size() for m in layers for p in (*m.parameters(), *m.buffers())
@@ -308,7 +308,7 @@ class _Found:
     """What one method found: its breakdown and notes; the trace adds the allocator's slack (``None``
     for the others: the overhead module then takes its share), the tensors at the peak and the timeline."""
 
-    method: str
+    method: Method
     breakdown: dict[Category, int]
     notes: list[str]
     slack: int | None = None
@@ -318,21 +318,21 @@ class _Found:
     band: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism,
+def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism,
                make_inputs: Callable[[], Inputs], *, loss_fn: Any, training_loop: str, step_fn: Any,
                trace_timeout: float | None, accumulate: int, set_to_none: bool) -> _Found:
     """Run ``method``; under ``"auto"`` a trace that fails falls back to the formula, saying why."""
     # The formula knows one thing about the loop: whether gradients live through the forward.
     formula_loop = "lightning" if accumulate > 1 or not set_to_none else training_loop
-    if method == "seed":
+    if method is Method.SEED:
         from memguard.estimation.seed import seed_breakdown
 
         breakdown, notes = seed_breakdown(resolved, spec)
         if parallel.strategy is not Strategy.SINGLE:
             notes = [*notes, f"the seed formula knows no strategy: {parallel.strategy} is ignored"]
-        return _Found("seed", breakdown, notes)
-    if method == "formula":
-        return _Found("formula", *_formula(resolved, spec, formula_loop, parallel))
+        return _Found(Method.SEED, breakdown, notes)
+    if method is Method.FORMULA:
+        return _Found(Method.FORMULA, *_formula(resolved, spec, formula_loop, parallel))
     sharding: dict[str, Any] = {}
     if parallel.sharded:
         sharding["weight"] = parallel.weight
@@ -353,12 +353,12 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
         if user_code and sandbox.forks() and not sandbox.in_child():
             warm_up()
         traced = sandbox.run(trace, timeout=trace_timeout) if user_code else trace()
-        return _Found("trace", traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline,
+        return _Found(Method.TRACE, traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline,
                       traced.stand_ins, traced.band)
     except ConfigError:
         raise  # a bad argument is no reason to try another method
     except MemguardError as exc:
-        if method == "trace":
+        if method is Method.TRACE:
             raise
         log.warning("trace failed (%s); falling back to the formula", exc)
         try:
@@ -366,7 +366,7 @@ def _by_method(method: str, resolved: ResolvedModel, spec: TrainingSpec, paralle
         except MemguardError as formula_exc:
             raise type(formula_exc)(f"neither method can estimate {resolved.name}: the trace failed ({exc}), "
                                     f"and the formula too ({formula_exc})") from exc
-        return _Found("formula", breakdown, [f"trace failed ({exc}); formula used instead", *notes])
+        return _Found(Method.FORMULA, breakdown, [f"trace failed ({exc}); formula used instead", *notes])
 
 
 def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel,

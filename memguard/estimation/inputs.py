@@ -15,6 +15,7 @@ from torch import nn
 
 from memguard.enums import StrEnum
 from memguard.errors import ConfigError
+from memguard.estimation.families import facts_of
 
 __all__ = ["Head", "TaskKind", "audio_positions", "decoder_length", "make_batch", "max_positions", "model_task"]
 
@@ -228,11 +229,12 @@ def _check_elements(batch_size: int, *dims: int, what: str) -> None:
 
 
 def max_positions(config: Any) -> int | None:
-    """The longest sequence a model with learned absolute positions can take, else ``None``."""
-    if getattr(config, "model_type", None) in ("gpt2", "gpt_neo", "gptj", "opt", "bert", "roberta",
-                                               "distilbert", "electra", "albert", "xlm-roberta"):
+    """The longest sequence a model with learned absolute positions can take, else ``None``
+    (``ModelType.max_positions`` and ``position_offset`` of :mod:`memguard.estimation.families`)."""
+    facts = facts_of(str(getattr(config, "model_type", None)))
+    if facts.max_positions:
         n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if getattr(config, "model_type", None) in ("roberta", "xlm-roberta") and n:
-            n -= 2  # RoBERTa's positions start after the padding index
+        if facts.position_offset and n:
+            n -= facts.position_offset
         return n
     return None

@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memguard.enums import StrEnum
 from memguard.errors import ConfigError
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "QLORA",
     "QUANTIZATIONS",
     "Quantization",
+    "QuantizationKind",
     "QuantizedLinear",
     "dequantize_temporary",
     "detect_quantization",
@@ -77,7 +79,23 @@ __all__ = [
     "resolve_quantization",
 ]
 
-QUANTIZATIONS = ("nf4", "fp4", "int8")
+
+
+class QuantizationKind(StrEnum):
+    """How a base's linear weights are stored: bitsandbytes' 4-bit NF4 or FP4 (``Linear4bit``'s
+    ``quant_type``) or LLM.int8 (``Linear8bitLt``); ``str(QuantizationKind.NF4) == "nf4"``."""
+
+    NF4 = "nf4"
+    FP4 = "fp4"
+    INT8 = "int8"
+
+    @property
+    def bits(self) -> int:
+        """Bits per stored weight: 8 for LLM.int8, else 4."""
+        return 8 if self is QuantizationKind.INT8 else 4
+
+
+QUANTIZATIONS = tuple(k.value for k in QuantizationKind)
 BLOCKSIZE = 64
 """Weights per absmax of 4-bit storage: ``Params4bit``'s and ``quantize_4bit``'s default blocksize."""
 NESTED_BLOCKSIZE = 256
@@ -99,19 +117,25 @@ class Quantization:
     """How the base's linear layers are stored.
 
     Attributes:
-        kind: ``"nf4"``, ``"fp4"`` or ``"int8"``.
+        kind: a :class:`QuantizationKind`, ``"nf4"``, ``"fp4"`` or ``"int8"`` (given as its name, it
+            becomes the member).
         double_quant: 4-bit absmax quantized again (``bnb_4bit_use_double_quant``).
         skip_modules: names of modules left in 16 bits (``llm_int8_skip_modules``); ``None`` for
             transformers' default, the output head (``get_keys_to_not_convert``).
     """
 
-    kind: str
+    kind: QuantizationKind
     double_quant: bool = False
     skip_modules: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        if self.kind not in QUANTIZATIONS:
+            raise ConfigError(f"unknown quantization {self.kind!r}; expected one of {', '.join(QUANTIZATIONS)}")
+        object.__setattr__(self, "kind", QuantizationKind(self.kind))
+
     @property
     def bits(self) -> int:
-        return 8 if self.kind == "int8" else 4
+        return self.kind.bits
 
     @property
     def label(self) -> str:
@@ -119,11 +143,11 @@ class Quantization:
         return self.kind + " + double quantization" * self.double_quant
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quantization": self.kind, "double_quant": self.double_quant,
+        return {"quantization": self.kind.value, "double_quant": self.double_quant,
                 "skip_modules": None if self.skip_modules is None else list(self.skip_modules)}
 
 
-QLORA = Quantization("nf4", double_quant=True)
+QLORA = Quantization(QuantizationKind.NF4, double_quant=True)
 """The QLoRA paper's setting: NF4 with double quantization (and a bf16 compute dtype)."""
 
 
@@ -169,7 +193,7 @@ def linear_storage(out_features: int, in_features: int, q: Quantization) -> dict
     code of double quantization (1 KiB) is shared by every layer and not included.
     """
     n = out_features * in_features
-    if q.kind == "int8":
+    if q.kind is QuantizationKind.INT8:
         return {"weight": n, "scale": F32 * out_features}
     blocks = -(-n // BLOCKSIZE)
     parts = {"weight": (n + 1) // 2, "code": F32 * CODE_4BIT}
@@ -197,11 +221,11 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.quantization = in_features, out_features, q
         parts = linear_storage(out_features, in_features, q)
-        dtype = torch.int8 if q.kind == "int8" else torch.uint8
+        dtype = torch.int8 if q.kind is QuantizationKind.INT8 else torch.uint8
         # flat, so that nothing takes it for a matrix that autocast casts
         self.weight = nn.Parameter(torch.empty(parts["weight"], dtype=dtype, device="meta"), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        if q.kind == "int8":
+        if q.kind is QuantizationKind.INT8:
             self.register_buffer("scale", _f32(out_features))
             return
         blocks = -(-in_features * out_features // BLOCKSIZE)
@@ -218,7 +242,7 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.quantization.label}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantization.kind == "int8":
+        if self.quantization.kind is QuantizationKind.INT8:
             return _MatMul8bitLt.apply(x, self.weight, self.bias, self)
         # Linear4bit.forward: compute in the input's dtype (set_compute_type), bias cast to it
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -345,7 +369,7 @@ def _bnb_quantization(m: nn.Module) -> Quantization | None:
     """The settings of one bitsandbytes layer, read by class name (bitsandbytes need not be installed)."""
     name = type(m).__name__
     if name in _BNB_8BIT:
-        return Quantization("int8")
+        return Quantization(QuantizationKind.INT8)
     if name in _BNB_4BIT:
         weight = getattr(m, "weight", None)
         kind = getattr(weight, "quant_type", None) or {"LinearNF4": "nf4"}.get(name, "fp4")
@@ -382,7 +406,7 @@ def detect_quantization(module: nn.Module, config: Any = None) -> Quantization |
         return Quantization(str(get("bnb_4bit_quant_type", "fp4")), bool(get("bnb_4bit_use_double_quant", False)),
                             skip)
     if get("load_in_8bit", False):
-        return Quantization("int8", skip_modules=skip)
+        return Quantization(QuantizationKind.INT8, skip_modules=skip)
     return None
 
 
@@ -466,7 +490,7 @@ def dequantize_temporary(layers: Iterable[QuantizedLinear], elem: int) -> int:
     most = 0
     for m in layers:
         n = m.in_features * m.out_features
-        if m.quantization.kind == "int8":
+        if m.quantization.kind is QuantizationKind.INT8:
             extra = F32 * m.out_features
         else:
             extra = F32 * m.absmax.numel() * m.quantization.double_quant

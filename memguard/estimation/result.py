@@ -17,7 +17,18 @@ from memguard.enums import StrEnum
 from memguard.fit import Fit
 from memguard.units import format_bytes
 
-__all__ = ["Category", "MemoryEstimate", "PeakTensors"]
+__all__ = ["Category", "MemoryEstimate", "Method", "PeakTensors"]
+
+
+class Method(StrEnum):
+    """How :func:`memguard.estimate` estimates: ``str(Method.TRACE) == "trace"``, the name it takes.
+    :attr:`MemoryEstimate.method` is the one that made the estimate (never ``AUTO``, which picks one)."""
+
+    AUTO = "auto"
+    TRACE = "trace"
+    FORMULA = "formula"
+    SEED = "seed"
+
 
 
 class Category(StrEnum):
@@ -39,6 +50,8 @@ class Category(StrEnum):
 
 
 _ORDER = tuple(Category)
+_MADE_BY = tuple(m.value for m in Method if m is not Method.AUTO)
+"""The methods an estimate is made by: ``auto`` picks one of them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +86,8 @@ class MemoryEstimate:
     """The predicted memory of one steady-state training step.
 
     Attributes:
-        method: ``"seed"``, ``"formula"`` or ``"trace"``.
+        method: the :class:`Method` that made it: ``"seed"``, ``"formula"`` or ``"trace"`` (given as its
+            name, it becomes the member).
         breakdown: bytes per :class:`Category`, summing to :attr:`total_bytes`. Every category is
             present (zero when it does not apply).
         inputs: what was estimated (model, batch size, sequence length, precision, ...), JSON-ready.
@@ -99,7 +113,7 @@ class MemoryEstimate:
             decision (:mod:`memguard.fit`) compares that upper end.
     """
 
-    method: str
+    method: Method
     breakdown: Mapping[Category, int]
     inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -111,6 +125,9 @@ class MemoryEstimate:
     band: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.method not in _MADE_BY:
+            raise ValueError(f"method must be one of {', '.join(_MADE_BY)}, got {self.method!r}")
+        object.__setattr__(self, "method", Method(self.method))
         full = {c: 0 for c in _ORDER}
         for key, value in self.breakdown.items():
             cat = Category(key)
@@ -191,7 +208,7 @@ class MemoryEstimate:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: method, peak and total bytes, breakdown, inputs and notes."""
         return {
-            "method": self.method,
+            "method": self.method.value,
             "peak_bytes": self.peak_bytes,
             "total_bytes": self.total_bytes,
             "breakdown": {c.value: self.breakdown[c] for c in _ORDER},

@@ -12,7 +12,25 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_COMPUTE_CAPABILITY", "sdpa_backend"]
+from memguard.enums import StrEnum
+
+__all__ = ["DEFAULT_COMPUTE_CAPABILITY", "SdpaBackend", "sdpa_backend"]
+
+
+class SdpaBackend(StrEnum):
+    """A kernel of CUDA's ``scaled_dot_product_attention`` (``SDPBackend`` in
+    ``aten/src/ATen/native/transformers/sdp_utils_cpp.h``): ``str(SdpaBackend.FLASH) == "flash"``."""
+
+    FLASH = "flash"
+    EFFICIENT = "efficient"
+    CUDNN = "cudnn"
+    MATH = "math"
+
+    @property
+    def unsized_workspace(self) -> bool:
+        """Its backward allocates workspaces memguard cannot size (memory-efficient: fp32
+        accumulators; cuDNN: a workspace cuDNN sizes per GPU), stated in the estimate's band."""
+        return self in (SdpaBackend.EFFICIENT, SdpaBackend.CUDNN)
 
 DEFAULT_COMPUTE_CAPABILITY = (8, 0)
 """The GPU generation assumed for the SDPA backend choice: sm80 (A100), the most common training
@@ -22,9 +40,9 @@ GPU; pass ``(9, 0)`` for an H100, where recent PyTorch builds try cuDNN attentio
 def sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                  is_causal: bool = False, enable_gqa: bool = False, *,
-                 compute_capability: tuple[int, int] = DEFAULT_COMPUTE_CAPABILITY) -> str:
-    """The backend CUDA's ``scaled_dot_product_attention`` runs: ``"flash"``, ``"efficient"``,
-    ``"cudnn"`` or ``"math"``.
+                 compute_capability: tuple[int, int] = DEFAULT_COMPUTE_CAPABILITY) -> SdpaBackend:
+    """The backend CUDA's ``scaled_dot_product_attention`` runs: an :class:`SdpaBackend`, ``"flash"``,
+    ``"efficient"``, ``"cudnn"`` or ``"math"``.
 
     ``select_sdp_backend`` of ``aten/src/ATen/native/transformers/cuda/sdp_utils.cpp``: the first
     backend in priority order, among those ``torch.backends.cuda`` leaves enabled, whose checks
@@ -39,15 +57,16 @@ def sdpa_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     cuda = torch.backends.cuda
     major, minor = compute_capability
     if not (query.dim() == key.dim() == value.dim() == 4 and all(t.shape[-2] for t in (query, key, value))):
-        return "math"
+        return SdpaBackend.MATH
     cudnn_first = major in (9, 10) and minor in (0, 3) and os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED", "0") == "0"
-    order = [("flash", cuda.flash_sdp_enabled, _flash_ok), ("efficient", cuda.mem_efficient_sdp_enabled, _efficient_ok)]
-    cudnn = ("cudnn", cuda.cudnn_sdp_enabled, _cudnn_ok)
+    order = [(SdpaBackend.FLASH, cuda.flash_sdp_enabled, _flash_ok),
+             (SdpaBackend.EFFICIENT, cuda.mem_efficient_sdp_enabled, _efficient_ok)]
+    cudnn = (SdpaBackend.CUDNN, cuda.cudnn_sdp_enabled, _cudnn_ok)
     order = [cudnn, *order] if cudnn_first else [*order] + ([] if cuda.math_sdp_enabled() else [cudnn])
     for name, enabled, ok in order:
         if enabled() and ok(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, major * 10 + minor):
             return name
-    return "math"
+    return SdpaBackend.MATH
 
 
 def _heads_ok(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> bool:

@@ -16,18 +16,10 @@ from memguard.enums import StrEnum
 from memguard.errors import ConfigError
 from memguard.estimation.parallel import Parallelism, resolve_parallelism
 from memguard.estimation.quantization import Quantization, resolve_quantization
+from memguard.estimation.result import Method
 from memguard.estimation.spec import OptimizerSpec, TrainingSpec, positive_int, resolve_optimizer
 
 __all__ = ["DEFAULTS", "KNOBS", "LOOPS", "METHODS", "Method", "Step", "TrainingLoop", "training_loop_of"]
-
-
-class Method(StrEnum):
-    """How :func:`memguard.estimate` estimates: ``str(Method.TRACE) == "trace"``, the name it takes."""
-
-    AUTO = "auto"
-    TRACE = "trace"
-    FORMULA = "formula"
-    SEED = "seed"
 
 
 class TrainingLoop(StrEnum):
@@ -73,7 +65,8 @@ class Step:
     Normalised: ``precision`` by Lightning's canonical name, ``optimizer`` a memguard name (or the
     class or factory given), ``device`` a :class:`~memguard.estimation.spec.DeviceKind`, ``strategy`` a
     :class:`~memguard.estimation.parallel.Strategy` (a Lightning name's offload turned into the
-    flags), ``training_loop`` a :class:`TrainingLoop`, ``quantization`` its kind, ``skip_modules``
+    flags), ``training_loop`` a :class:`TrainingLoop`, ``quantization`` a
+    :class:`~memguard.estimation.quantization.QuantizationKind`, ``skip_modules``
     a tuple; ``moe_routing`` stays as given (checked).
 
     Attributes:
@@ -184,6 +177,7 @@ class Step:
         data["device"] = self.device.value
         data["training_loop"] = self.training_loop.value
         data["strategy"] = self.strategy.value
+        data["quantization"] = None if self.quantization is None else self.quantization.value
         data["skip_modules"] = None if self.skip_modules is None else list(self.skip_modules)
         return data
 

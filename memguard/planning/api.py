@@ -15,7 +15,7 @@ from memguard.errors import ConfigError, MemguardError
 from memguard.estimation.estimator import DEFAULT_QLORA_RANK
 from memguard.estimation.models import ResolvedModel, add_lora, load_model, lora_rank_limit
 from memguard.estimation.parallel import world_size_of
-from memguard.estimation.result import MemoryEstimate
+from memguard.estimation.result import MemoryEstimate, Method
 from memguard.estimation.spec import OPTIMIZERS as NAMED_OPTIMIZERS
 from memguard.estimation.spec import positive_int, resolve_optimizer, resolve_precision
 from memguard.estimation.step import Step
@@ -106,7 +106,7 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
     asked = {"settings": {**base_knobs.kwargs(), "seq_len": search.seq_len, "device": setup.device},
              "total_bytes": mine.total_bytes, "needed_bytes": search.needed(mine),
              "headroom_bytes": search.usable - search.needed(mine),
-             "method": mine.method, "fits": search.fits(mine),
+             "method": mine.method.value, "fits": search.fits(mine),
              "flags": base_knobs.flags(base_knobs, search.seq_len, setup.device, setup.margin)}
     return Plan(rows, COST_MODEL, asked, search.fits(mine), setup.name, setup.gpu, setup.margin, search.usable,
                 search.ctx.effective, search.all_notes(), search.count,
@@ -152,7 +152,7 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
         except ConfigError as exc:
             raise ConfigError(f"remedies() cannot build model {name!r} again ({exc}); pass model=, the module "
                               "that was estimated") from None
-    traced = estimate.method == "trace"
+    traced = estimate.method is Method.TRACE
     setup = make_setup(model, resolved, gpu=gpu, seq_len=inputs.get("seq_len"), gpus=gpus, batch_size=None,
                    margin=margin, precision=None, optimizers=None,
                    base={**{k: inputs[k] for k in _BASE_KEYS if inputs.get(k) is not None}, **(base or {})},

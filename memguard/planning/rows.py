@@ -15,7 +15,7 @@ from typing import Any
 
 from memguard.device import DeviceMemory
 from memguard.estimation.parallel import Strategy
-from memguard.estimation.step import KNOBS, Step
+from memguard.estimation.step import KNOBS, Method, Step
 from memguard.units import format_bytes
 
 __all__ = ["FIXED_KNOBS", "FULL", "LORA", "OPTIMIZER_NAMES", "QLORA", "SEARCHED_KNOBS", "Knobs", "Plan", "PlanRow",
@@ -142,7 +142,8 @@ class PlanRow:
         headroom_bytes: usable memory left over by :attr:`needed_bytes`
             (:attr:`memguard.fit.Fit.spare_bytes`).
         cost: the sum of :attr:`cost_terms`, what the cost model (:data:`COST_MODEL`) charged.
-        method: ``"formula"`` or ``"trace"``: which estimator gave :attr:`total_bytes`.
+        method: the :class:`~memguard.estimation.result.Method`, ``"formula"`` or ``"trace"``, that gave
+            :attr:`total_bytes`.
         flags: arguments of ``memguard check MODEL --gpu G`` that reproduce the configuration.
         host_bytes: host memory per rank for what is offloaded.
     """
@@ -155,7 +156,7 @@ class PlanRow:
     headroom_bytes: int
     cost: float
     cost_terms: dict[str, float]
-    method: str
+    method: Method
     flags: list[str]
     host_bytes: int = 0
 
@@ -163,6 +164,7 @@ class PlanRow:
         """JSON-ready; an optimizer class in :attr:`settings` by its name."""
         data = dataclasses.asdict(self)
         data["settings"]["optimizer"] = _opt_name(self.settings["optimizer"], display=False)
+        data["method"] = self.method.value
         return data
 
     def describe(self) -> str:

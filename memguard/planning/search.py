@@ -35,7 +35,7 @@ from memguard.estimation.estimator import estimate as _estimate
 from memguard.estimation.models import add_lora, load_model
 from memguard.estimation.parallel import Strategy
 from memguard.estimation.quantization import Quantization, quantize_model
-from memguard.estimation.result import MemoryEstimate
+from memguard.estimation.result import MemoryEstimate, Method
 from memguard.fit import Fit, usable_bytes
 from memguard.planning.costs import COSTS, CostContext, cost_of, cost_terms, divisors, fewest_micro_batches, lower_bound
 from memguard.planning.rows import FULL, LORA, QLORA, Knobs, PlanRow, quantization_args
@@ -208,7 +208,7 @@ class Search:
         miss is not dropped on its word, :meth:`confirm` traces it)."""
         if est is None:
             return False
-        near = est.method == "formula" and self.needed(est) <= self.usable * (1 + NEAR)
+        near = est.method is Method.FORMULA and self.needed(est) <= self.usable * (1 + NEAR)
         return self.fits(est) or near
 
     def sizes(self, state: Knobs) -> list[int]:
@@ -287,7 +287,7 @@ class Search:
             cost = cost_of(k, ctx)
             if any(a != k and _no_more_intrusive(a, k, ctx.base) and cost_of(a, ctx) <= cost for _, a, _ in out):
                 continue
-            if est.method == "trace" or (done >= n and self.fits(est)):
+            if est.method is Method.TRACE or (done >= n and self.fits(est)):
                 if self.fits(est):
                     out.append((group, k, est))
                 continue

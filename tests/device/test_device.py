@@ -24,6 +24,7 @@ import torch
 
 from memguard.device import (
     DeviceMemory,
+    MemorySource,
     Readers,
     _host,
     _nvml,
@@ -845,3 +846,15 @@ def test_process_memory_is_what_nvml_lists_for_this_process(monkeypatch: pytest.
         assert process_memory(5) is None  # no such device
     finally:
         _nvml.shutdown()
+
+
+def test_the_source_is_an_enum_that_reads_as_its_name() -> None:
+    budget = device_memory("12GiB")
+    assert budget.source is MemorySource.BUDGET and budget.source == "budget" and budget.device is None
+    assert type(budget.to_dict()["source"]) is str and json.loads(json.dumps(budget.to_dict()))["source"] == "budget"
+    assert str(budget).endswith("(budget)")
+    gpu = DeviceMemory("A", 1, None, 8, 8, 0, "torch")  # given by its name, stored as the member
+    assert gpu.source is MemorySource.TORCH and gpu.source.cuda and gpu.device == "cuda:1"
+    assert DeviceMemory("cpu", None, None, 8, 8, 0, MemorySource.HOST).device == "cpu"
+    with pytest.raises(ValueError, match="source must be one of"):
+        DeviceMemory("A", 0, None, 8, 8, 0, "nvidia")

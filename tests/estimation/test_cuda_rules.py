@@ -34,6 +34,7 @@ import memguard
 from memguard import Category
 from memguard.errors import TraceError
 from memguard.estimation.cuda_rules import cuda_autocast_policy, device_autocast, device_kernels, sdpa_backend
+from memguard.estimation.sdpa import SdpaBackend
 
 # --------------------------------------------------------------------------- the oracle
 
@@ -466,3 +467,10 @@ def test_formula_agrees_with_the_trace_on_cuda_in_bf16_mixed(build: Any) -> None
     if build is not _gpt2_long:  # there the peak is inside a block's backward, half freed
         acts = Category.ACTIVATIONS
         assert abs(formula.breakdown[acts] - traced.breakdown[acts]) / traced.breakdown[acts] < 0.03
+
+
+def test_the_backend_is_an_enum_that_reads_as_its_name() -> None:
+    backend = sdpa_backend(*_qkv(dtype=torch.float32))
+    assert backend is SdpaBackend.EFFICIENT and backend == "efficient" and f"{backend}" == "efficient"
+    assert {b for b in SdpaBackend if b.unsized_workspace} == {SdpaBackend.EFFICIENT, SdpaBackend.CUDNN}
+    assert sdpa_backend(*_qkv(), is_causal=True) is SdpaBackend.FLASH

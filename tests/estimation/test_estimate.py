@@ -13,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import memguard
 from memguard import Category, ConfigError
+from memguard.estimation.result import Method
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +246,19 @@ def test_repr_is_one_short_line_and_str_the_whole_table() -> None:
     assert str(est) == est.table(top=5) and "alive at the peak (largest 5 of 300)" in str(est)
     assert repr(memguard.MemoryEstimate("formula", {Category.ACTIVATIONS: 1024})) == (
         "<MemoryEstimate formula: peak 1.00 KiB, reserved 1.00 KiB, total 1.00 KiB>")
+
+
+def test_the_method_is_stored_as_a_method_that_reads_as_its_name() -> None:
+    est = memguard.MemoryEstimate("trace", {Category.ACTIVATIONS: 1024})
+    assert est.method is Method.TRACE and est.method == "trace" and str(est.method) == "trace"
+    assert {"trace": 1}[est.method] == 1  # hashes as its name: dicts keyed by names answer it
+    data = est.to_dict()
+    assert type(data["method"]) is str and json.loads(json.dumps(data))["method"] == "trace"
+    assert memguard.MemoryEstimate.from_dict(data).method is Method.TRACE
+    assert est.table().splitlines()[0] == "memguard estimate (trace)"
+    for bad in ("auto", "guess"):  # auto picks a method, it makes no estimate
+        with pytest.raises(ValueError, match=f"method must be one of trace, formula, seed, got '{bad}'"):
+            memguard.MemoryEstimate(bad, {})
+    formula = memguard.estimate("gpt2", 1, 32, method=Method.FORMULA, device="cpu")
+    assert formula.method is Method.FORMULA and formula.inputs["method"] == "formula"
+    assert type(formula.inputs["method"]) is str

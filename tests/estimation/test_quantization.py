@@ -19,7 +19,9 @@ import memguard
 from memguard import Category, ConfigError
 from memguard.cli import EXIT_USAGE, main
 from memguard.estimation.quantization import (
+    QLORA,
     Quantization,
+    QuantizationKind,
     QuantizedLinear,
     detect_quantization,
     linear_storage,
@@ -319,3 +321,16 @@ def test_gpt2_conv1d_layers_are_quantized_as_transformers_does():
     weights = 12 * (768 * 2304 + 768 * 768 + 768 * 3072 + 3072 * 768)
     assert f"48 linear layers, {weights:,} weights" in est.notes[0]
     assert est.inputs["model"] == "gpt2+lora8+nf4-dq"
+
+
+def test_the_kind_is_an_enum_that_reads_as_its_name() -> None:
+    assert NF4.kind is QuantizationKind.NF4 and INT8.kind == "int8" and (NF4.bits, INT8.bits) == (4, 8)
+    assert QLORA.label == "nf4 + double quantization" and type(QLORA.label) is str
+    assert QLORA.to_dict() == {"quantization": "nf4", "double_quant": True, "skip_modules": None}
+    assert type(QLORA.to_dict()["quantization"]) is str
+    step = memguard.Step(quantization="FP4", double_quant=True)
+    assert step.quantization is QuantizationKind.FP4 and step.quant == Quantization("fp4", True)
+    assert type(step.to_dict()["quantization"]) is str
+    assert repr(step) == "Step(quantization='fp4', double_quant=True)"
+    with pytest.raises(ConfigError, match="unknown quantization 'int4'; expected one of nf4, fp4, int8"):
+        Quantization("int4")

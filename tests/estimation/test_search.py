@@ -9,7 +9,7 @@ from memguard.estimation.search import max_batch_size
 
 
 def _curve(fn):
-    return lambda b: MemoryEstimate("test", {Category.ACTIVATIONS: fn(b)})
+    return lambda b: MemoryEstimate("formula", {Category.ACTIVATIONS: fn(b)})
 
 
 @pytest.mark.parametrize(

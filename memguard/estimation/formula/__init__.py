@@ -12,7 +12,7 @@ module per concern:
   (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
   section 4), by component: ``attention`` (linear inputs, scores/softmax/dropout mask, or a fused
   kernel's output and log-sum-exp), ``mlp`` (activations and dropout masks), ``norms`` (inputs
-  and statistics); laid out per family by the table in ``families`` (gpt2, bert/roberta/
+  and statistics); laid out per family by the table of :mod:`memguard.estimation.families` (gpt2, bert/roberta/
   distilbert, bart, t5, llama/mistral/qwen2, vit, CLIP's text and vision towers, plain
   ``nn.TransformerEncoder``) for the
   attention kernel that will run (``context``);
@@ -32,7 +32,7 @@ on a GPU, or how far resident memory grows on a CPU. Device overhead (CUDA conte
 rounding) is added by :mod:`memguard.estimation.overhead`.
 
 Known limitations:
-    * Block layouts are written out for the families of :mod:`memguard.estimation.arch`; other
+    * Block layouts are written out for the families of :mod:`memguard.estimation.families`; other
       transformers models are estimated with the nearest family, and the notes say so, except the
       model types known to differ from it and not written out (CLIP's and SigLIP's dual models,
       SigLIP's vision tower, Swin), which are refused for the trace

@@ -19,7 +19,7 @@ from memguard.estimation.formula.blocks import (
     checkpoint_input_bytes,
     fused_bias_bytes,
 )
-from memguard.estimation.formula.context import F32, Ctx, decoder_tokens, make_ctx, tokens
+from memguard.estimation.formula.context import F32, AttentionKernel, Ctx, decoder_tokens, make_ctx, tokens
 from memguard.estimation.formula.embeddings import audio_stem_bytes, embedding_bytes
 from memguard.estimation.formula.families import model_type_of, refuse_unmodelled
 from memguard.estimation.formula.head import encoder_output_bytes, final_bytes
@@ -184,7 +184,7 @@ def _blocks_saved(ctx: Ctx, seq: int, dec: int, act: Activity, one: _Layers,
         return blocks, recompute
     blocks = (act.enc * one.enc + act.enc_frozen * one.enc_frozen + act.dec * one.dec
               + act.dec_frozen * one.dec_frozen + sum(adapters))
-    if ctx.kernel == "fused":
+    if ctx.kernel is AttentionKernel.FUSED:
         blocks += fused_bias_bytes(ctx, seq, act.dec + act.dec_frozen, dec)
     return blocks, 0
 
@@ -224,7 +224,7 @@ def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool]) 
     lm = arch.head.labels_per_token and arch.vocab
     logits = ctx.b * dec * arch.vocab if lm and arch.vocab else 0
     output_cache = 0
-    if cache and ctx.fam.rotary and ctx.autocast and ctx.kernel != "math":
+    if cache and ctx.fam.rotary and ctx.autocast and ctx.kernel is not AttentionKernel.MATH:
         # every layer's cached rotary K, fp32 under autocast: the kernel saves its 16-bit cast
         output_cache = arch.layers * ctx.b * dec * arch.kv_heads * arch.head_dim * F32
     return Activations(saved=saved, top_block=top, bottom_block=bottom, recompute=recompute,

@@ -10,7 +10,7 @@ section 4.1 (attention: ``11·sbh + 5·as²b`` in 16 bits), read for the kernel 
 
 from __future__ import annotations
 
-from memguard.estimation.formula.context import F32, Ctx
+from memguard.estimation.formula.context import F32, AttentionKernel, Ctx
 
 __all__ = ["attention_core_bytes", "cross_attention_bytes", "self_attention_bytes"]
 
@@ -40,11 +40,11 @@ def attention_core_bytes(ctx: Ctx, q_rows: int, kv_len: int, q_len: int, *, mask
     out = q_rows * nq * ctx.c  # fused kernels save their output; else the out-projection does
     lse = q_rows * a.heads * F32
     mask = ctx.b * q_len * kv_len * (F32 if not ctx.cuda else ctx.c) if masked else 0
-    if ctx.kernel == "fused":
+    if ctx.kernel is AttentionKernel.FUSED:
         return out + lse + mask
     if ctx.frozen:
         out = 0
-    if ctx.kernel == "eager":
+    if ctx.kernel is AttentionKernel.EAGER:
         return _eager_bytes(ctx, scores, dropout) + out
     e = ctx.math_elem
     kv_rows = q_rows // q_len * kv_len
@@ -90,7 +90,7 @@ def _qkv_bytes(ctx: Ctx, q_rows: int, kv_rows: int, *, cache: bool, masked: bool
     a, fam = ctx.arch, ctx.fam
     nq, nkv = a.heads * a.head_dim, a.kv_heads * a.head_dim
     q, k = q_rows * nq, kv_rows * nkv
-    if ctx.kernel == "math":
+    if ctx.kernel is AttentionKernel.MATH:
         # the math kernel keeps its own scaled copies (counted in the core); V and any cache here
         if cache:
             return 2 * k * ctx.c
@@ -109,8 +109,8 @@ def _qkv_bytes(ctx: Ctx, q_rows: int, kv_rows: int, *, cache: bool, masked: bool
         total = q * ctx.c + 2 * k * ctx.c + (2 * k * ctx.c if cache else 0)
     # fp32 on CUDA takes memory-efficient attention, which gets K/V repeated to every query head
     # (memguard.estimation.cuda_rules; the op's meta kernels take equal head counts)
-    efficient = ctx.cuda and ctx.c == F32 and ctx.kernel == "fused"
-    if a.kv_heads != a.heads and (masked or ctx.kernel == "eager" or efficient):
+    efficient = ctx.cuda and ctx.c == F32 and ctx.kernel is AttentionKernel.FUSED
+    if a.kv_heads != a.heads and (masked or ctx.kernel is AttentionKernel.EAGER or efficient):
         total += 2 * q_rows * nq * ctx.c
     return total
 
@@ -135,8 +135,8 @@ def _packed_bytes(ctx: Ctx, rows: int) -> int:
     returns a ``(B, S, H, D)``-ordered output, which MHA copies for its out-projection to save
     (``torch/nn/functional.py``, ``multi_head_attention_forward``)."""
     resid = rows * ctx.arch.hidden
-    upcast = ctx.kernel == "math" and ctx.c < ctx.math_elem
-    copy = resid * ctx.c if ctx.cuda and ctx.c == F32 and ctx.kernel == "fused" else 0
+    upcast = ctx.kernel is AttentionKernel.MATH and ctx.c < ctx.math_elem
+    copy = resid * ctx.c if ctx.cuda and ctx.c == F32 and ctx.kernel is AttentionKernel.FUSED else 0
     return (0 if upcast else 3 * resid * ctx.c) + copy
 
 
@@ -150,7 +150,7 @@ def cross_attention_bytes(ctx: Ctx, seq: int, enc_seq: int, *, cache: bool) -> i
     nq = a.heads * a.head_dim
     qkv = q_rows * nq * ctx.c + 2 * kv_rows * nq * ctx.c + (2 * kv_rows * nq * ctx.c
                                                             if cache else 0)
-    if ctx.kernel != "fused":
+    if ctx.kernel is not AttentionKernel.FUSED:
         qkv = (2 * kv_rows * nq * ctx.c) if cache else kv_rows * nq * ctx.c
     casts = 2 * kv_rows * a.hidden * ctx.c if ctx.autocast else 0
     core = attention_core_bytes(ctx, q_rows, enc_seq, seq, masked=False,

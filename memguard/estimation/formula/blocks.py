@@ -4,14 +4,14 @@ its forward and backward passes.
 Source: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
 section 4.1 (``sbh(34 + 5as/h)`` per GPT-style block in 16 bits) and section 5 (full
 recomputation keeps each block's input), composed per family from
-:mod:`memguard.estimation.formula.families`.
+:mod:`memguard.estimation.families`.
 """
 
 from __future__ import annotations
 
 from memguard.estimation.arch import Architecture
 from memguard.estimation.formula.attention import cross_attention_bytes, self_attention_bytes
-from memguard.estimation.formula.context import F32, Ctx
+from memguard.estimation.formula.context import F32, AttentionKernel, Ctx
 from memguard.estimation.formula.mlp import fp32_gelu, mlp_bytes, moe_bytes, moe_temporary_bytes
 from memguard.estimation.formula.norms import norm_bytes
 
@@ -115,7 +115,7 @@ def block_forward_bytes(ctx: Ctx, seq: int) -> int:
     next to their softmax under the math kernel, else one MLP-width intermediate."""
     a = ctx.arch
     scores = 0
-    if ctx.kernel != "fused":
+    if ctx.kernel is not AttentionKernel.FUSED:
         scores = ctx.b * a.heads * seq * seq * ctx.math_elem
     mlp = ctx.b * seq * a.ffn * ctx.c
     if a.moe is not None and a.moe.layers:
@@ -137,7 +137,7 @@ def block_backward_bytes(ctx: Ctx, seq: int) -> int:
     a = ctx.arch
     rows = ctx.b * seq
     grad_bias = 0
-    if ctx.fam.position_bias and ctx.kernel == "fused":
+    if ctx.fam.position_bias and ctx.kernel is AttentionKernel.FUSED:
         # the fused kernel's gradient of T5's learned bias, batch-wide before it is summed
         grad_bias = ctx.b * a.heads * seq * seq * ctx.r
     mlp = 3 * F32 - ctx.c if fp32_gelu(ctx, a.activation) else ctx.c

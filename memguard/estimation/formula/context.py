@@ -3,24 +3,40 @@
 :class:`Ctx` carries what each term needs besides its own shapes: the batch size, the bytes per
 element of the residual stream and of matmul outputs, whether autocast and CUDA kernels run,
 which attention kernel runs (:func:`attention_kernel`), the architecture and its family's block
-layout (:mod:`memguard.estimation.formula.families`).
+layout (:mod:`memguard.estimation.families`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from memguard.enums import StrEnum
 from memguard.errors import ConfigError
 from memguard.estimation.arch import Architecture
-from memguard.estimation.formula.families import Family, family_of
+from memguard.estimation.families import Family
+from memguard.estimation.formula.families import family_of
 from memguard.estimation.spec import TrainingSpec
 
-__all__ = ["F32", "I64", "Ctx", "attention_kernel", "decoder_tokens", "make_ctx", "tokens"]
+__all__ = ["F32", "I64", "AttentionKernel", "Ctx", "attention_kernel", "decoder_tokens", "make_ctx", "tokens"]
 
 F32 = 4
 """Bytes of an fp32 element (statistics, upcast copies, optimizer steps)."""
 I64 = 8
 """Bytes of an int64 element (token ids, labels, position buckets)."""
+
+
+class AttentionKernel(StrEnum):
+    """What the formula takes a training step's attention to run (:func:`attention_kernel`):
+    ``str(AttentionKernel.FUSED) == "fused"``.
+
+    ``FUSED``: a flash or memory-efficient kernel (CUDA's, :mod:`memguard.estimation.sdpa`, or the CPU's
+    flash), which keeps its output and a log-sum-exp per row; ``MATH``: SDPA's math kernel, which keeps
+    the S×S softmax and dropout mask; ``EAGER``: transformers' ``eager`` attention, in Python.
+    """
+
+    FUSED = "fused"
+    MATH = "math"
+    EAGER = "eager"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +50,7 @@ class Ctx:
         c: bytes per element of matmul outputs (the autocast dtype under mixed precision).
         autocast: mixed precision (``torch.autocast``) is on.
         cuda: the step runs on a GPU (fused attention and dropout kernels, 1-byte masks).
-        kernel: ``fused``, ``math`` or ``eager`` attention (see :func:`attention_kernel`).
+        kernel: the :class:`AttentionKernel`, ``fused``, ``math`` or ``eager`` (see :func:`attention_kernel`).
         arch: the architecture.
         fam: its family's block layout.
         frozen: counting a frozen block that passes gradients down: its linear layers keep no
@@ -51,7 +67,7 @@ class Ctx:
     c: int
     autocast: bool
     cuda: bool
-    kernel: str
+    kernel: AttentionKernel
     arch: Architecture
     fam: Family
     frozen: bool = False
@@ -102,8 +118,8 @@ class Ctx:
         return F32 if (not self.cuda and self.c < F32) else self.c
 
 
-def attention_kernel(arch: Architecture, spec: TrainingSpec) -> str:
-    """Which attention kernel a training step runs: ``fused``, ``math`` or ``eager``.
+def attention_kernel(arch: Architecture, spec: TrainingSpec) -> AttentionKernel:
+    """Which :class:`AttentionKernel` a training step runs: ``fused``, ``math`` or ``eager``.
 
     transformers' ``eager`` implementation materialises the scores in Python. Under ``sdpa``
     (the default), CUDA runs flash or memory-efficient attention, which keep the output and a
@@ -114,10 +130,10 @@ def attention_kernel(arch: Architecture, spec: TrainingSpec) -> str:
     """
     impl = arch.attn_implementation
     if impl == "eager":
-        return "eager"
+        return AttentionKernel.EAGER
     if impl not in ("sdpa", "") or spec.device == "cuda":
-        return "fused"
-    return "math" if arch.attention_dropout > 0 else "fused"
+        return AttentionKernel.FUSED
+    return AttentionKernel.MATH if arch.attention_dropout > 0 else AttentionKernel.FUSED
 
 
 def make_ctx(arch: Architecture, spec: TrainingSpec) -> Ctx:

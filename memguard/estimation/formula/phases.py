@@ -18,7 +18,7 @@ from torch import nn
 from memguard.estimation.arch import Architecture, inspect_architecture
 from memguard.estimation.formula.activations import Activations, activations
 from memguard.estimation.formula.blocks import block_backward_bytes, block_forward_bytes
-from memguard.estimation.formula.context import Ctx, make_ctx, tokens
+from memguard.estimation.formula.context import AttentionKernel, Ctx, make_ctx, tokens
 from memguard.estimation.formula.embeddings import batch_bytes
 from memguard.estimation.formula.families import model_type_of, refuse_unmodelled
 from memguard.estimation.formula.inventory import Inventory, inventory
@@ -30,6 +30,7 @@ from memguard.estimation.formula.loss import (
 from memguard.estimation.formula.model_state import ModelState, model_state
 from memguard.estimation.models import ResolvedModel
 from memguard.estimation.parallel import Parallelism
+from memguard.estimation.quantization import QuantizationKind
 from memguard.estimation.result import Category
 from memguard.estimation.spec import TrainingSpec
 from memguard.estimation.step import TrainingLoop, training_loop_of
@@ -219,7 +220,7 @@ def _with_quantized_base(ctx: Ctx, module: Any, spec: TrainingSpec) -> Ctx:
     layers = _quantized_layers(module)
     if not layers:
         return ctx
-    int8 = any(m.quantization.kind == "int8" for m in layers)
+    int8 = any(m.quantization.kind is QuantizationKind.INT8 for m in layers)
     fused = ctx.b * tokens(ctx.arch, spec) <= FUSED_MAX_ROWS
     return dataclasses.replace(ctx, kept_inputs=int8, uncast=int8 or fused)
 
@@ -238,7 +239,7 @@ def _dequantize_bytes(module: Any, spec: TrainingSpec, ctx: Ctx,
     layers = _quantized_layers(module)
     if not layers:
         return 0, 0
-    if any(m.quantization.kind == "int8" for m in layers):
+    if any(m.quantization.kind is QuantizationKind.INT8 for m in layers):
         # MatMul8bitLt's forward dequantizes no weight: it casts its input to fp16 and quantizes it
         # row-wise (int8, one fp32 scale a row); its backward makes a copy of the weight
         # in the input's dtype (CB.to(dtype_A)), fp32 under mixed precision (Ctx.uncast)
@@ -313,7 +314,7 @@ def _notes(arch: Architecture, spec: TrainingSpec, ctx: Ctx) -> list[str]:
     notes: list[str] = []
     if ctx.fam.note:
         notes.append(ctx.fam.note)
-    if ctx.kernel == "math":
+    if ctx.kernel is AttentionKernel.MATH:
         notes.append("attention dropout on the CPU: SDPA falls back to the math kernel, which "
                      "keeps the S×S attention matrices")
     if arch.use_cache and not spec.gradient_checkpointing:

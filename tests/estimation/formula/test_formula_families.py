@@ -29,11 +29,12 @@ from transformers import (
 
 import memguard
 from memguard.errors import UnsupportedModelError
-from memguard.estimation.arch import FAMILY_OF_MODEL_TYPE, inspect_architecture
+from memguard.estimation.arch import inspect_architecture
+from memguard.estimation.families import FAMILIES, FAMILY_OF_MODEL_TYPE
 from memguard.estimation.formula import activation_bytes, formula_breakdown
 from memguard.estimation.formula.blocks import block_bytes
-from memguard.estimation.formula.context import make_ctx
-from memguard.estimation.formula.families import FAMILIES, family_of
+from memguard.estimation.formula.context import AttentionKernel, attention_kernel, make_ctx
+from memguard.estimation.formula.families import family_of
 from memguard.estimation.models import ResolvedModel, load_model
 from memguard.estimation.result import Category
 from memguard.estimation.spec import TrainingSpec
@@ -407,3 +408,12 @@ def test_swin_from_a_config_json_is_traced_and_refused_by_the_seed_formula_by_na
     assert est.method == "trace" and est.total_bytes > 0
     with pytest.raises(UnsupportedModelError, match="method='trace'"):
         memguard.estimate(str(tmp_path / "config.json"), batch_size=2, method="seed")
+
+
+def test_the_attention_kernel_is_an_enum_that_reads_as_its_name() -> None:
+    resolved = _resolved("gpt2")  # attention dropout 0.1: the CPU's flash kernel refuses it
+    arch = inspect_architecture(resolved.module, resolved.config)
+    spec = TrainingSpec.create(batch_size=1, seq_len=8, device="cpu")
+    assert attention_kernel(arch, spec) is AttentionKernel.MATH and attention_kernel(arch, spec) == "math"
+    assert attention_kernel(arch, spec.replace(device="cuda")) is AttentionKernel.FUSED
+    assert attention_kernel(dataclasses.replace(arch, attn_implementation="eager"), spec) is AttentionKernel.EAGER
