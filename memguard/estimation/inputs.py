@@ -135,10 +135,11 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     config = getattr(module, "config", None)
     b = batch_size
     if task.takes_pixels:
-        size = config.image_size
+        vision = _vision_config(config)
+        size = vision.image_size
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        _check_elements(b, config.num_channels, *size, what="pixel values")
-        pixels = torch.rand(b, config.num_channels, *size, generator=generator, device=device).to(dtype)
+        _check_elements(b, vision.num_channels, *size, what="pixel values")
+        pixels = torch.rand(b, vision.num_channels, *size, generator=generator, device=device).to(dtype)
         batch = {"pixel_values": pixels}
         if task.labels_per_sample:
             batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
@@ -171,6 +172,15 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     elif task.labels_per_sample:
         batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
     return batch
+
+
+def _vision_config(config: Any) -> Any:
+    """Where an image model's ``image_size`` and ``num_channels`` are: the config itself, or its
+    ``vision_config`` for a text-image config classifying images (``CLIPForImageClassification`` and
+    ``SiglipForImageClassification`` read ``config.vision_config``, transformers' modeling files)."""
+    if not hasattr(config, "image_size") and hasattr(config, "vision_config"):
+        return config.vision_config
+    return config
 
 
 def audio_positions(config: Any) -> int | None:

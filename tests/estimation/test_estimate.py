@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,6 +228,18 @@ def test_inputs_keep_the_strategys_plain_name(tiny_gpt2: GPT2LMHeadModel, strate
 def test_an_image_model_takes_no_sequence_length() -> None:
     est = memguard.estimate("vit-base", 2, method="formula", device="cpu")
     assert est.inputs["seq_len"] is None  # TaskKind.IMAGE_CLS takes pixels
+
+
+def test_a_text_image_config_classifying_images_gets_pixels_of_its_vision_tower(tmp_path: Path) -> None:
+    """A ``CLIPConfig`` builds ``CLIPForImageClassification``, whose image size is the vision config's:
+    reading it from the top config was an internal error (AttributeError) at the CLI."""
+    from transformers import CLIPConfig
+
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    CLIPConfig(text_config=tower, vision_config={**tower, "image_size": 32, "patch_size": 8}).save_pretrained(tmp_path)
+    est = memguard.estimate(str(tmp_path), 3, method="trace")
+    pixels = [g for g in est.at_peak if g.shape == (3, 3, 32, 32)]
+    assert est.inputs["seq_len"] is None and pixels, est.at_peak
 
 
 def test_repr_is_one_short_line_and_str_the_whole_table() -> None:
