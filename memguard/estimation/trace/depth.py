@@ -11,9 +11,9 @@ segments that repeat once per block beyond the first.
 
 :func:`learn` finds that form and checks it, record by record, instead of assuming it:
 
-1. the events of the 1-block step are aligned with those of the 2-block step; what the second
-   adds must be insertions only (no event of the first changed or dropped), each a copy of the
-   segment just before it (:func:`_tandem`);
+1. the events of the 1-block step are aligned with those of the 2-block step
+   (``difflib.SequenceMatcher``, from the start or from the end); what the second adds must be
+   insertions only (no event of the first changed or dropped), each a segment ``Y`` at one place;
 2. each event says what it is: its bytes (as allocated and as asked), phase, category, shape,
    dtype and the module (or parameter) it belongs to with the block's index left out; the
    3-block step must be the 2-block step with each segment once more;
@@ -26,11 +26,18 @@ segments that repeat once per block beyond the first.
 
 Only then is the step of ``L`` blocks built (:meth:`Pump.at`) and analysed as a recorded one
 (:func:`.pipeline.analysed`): the same peak, breakdown, allocator replay, band and timeline as a
-trace of all ``L`` blocks (``tests/estimation/test_depth.py`` compares them to the byte). Where a
-check fails — blocks that differ (a sliding-window layer among global ones), an op whose size
-grows with the depth (a norm over all gradients at once, a fused optimizer's flat buffer), a
-data-dependent op (its stand-in counts), convolutions (whose band depends on their order) —
-:func:`trace_by_depth` returns ``None`` and the caller traces all ``L`` blocks.
+trace of all ``L`` blocks (``tests/estimation/trace/test_depth.py`` compares them to the byte). Data-dependent
+ops run on stand-in ones (Adafactor's ``.item()``) are counted as the events are: one block's
+count repeated, checked at 1, 2 and 3 blocks. Where a check fails — blocks that differ (a
+sliding-window layer among global ones), an op whose size grows with the depth (a norm over all
+gradients at once, a fused optimizer's flat buffer), events that no insertion of repeated
+segments aligns (GPT-2's optimizer lists, where the final norm's parameters look like a block's
+first ones; LoRA's adapters), a routing model's stand-ins, convolutions (whose band depends on
+their order) — :func:`trace_by_depth` returns ``None`` and the caller traces all ``L`` blocks.
+
+Why three blocks and not two: the 1- and 2-block steps find the segments; the 3-block step shows
+that they repeat as found and fixes the rules; two rules that fit both may still part at four
+blocks or more (:func:`_simplicity` chooses, and the tests check the choice against whole traces).
 """
 
 from __future__ import annotations
@@ -46,8 +53,9 @@ from torch import nn
 from memguard.estimation.cuda_rules import Workspaces
 from memguard.estimation.result import Category
 from memguard.estimation.spec import TrainingSpec
+from memguard.estimation.stand_ins import ONES
 from memguard.estimation.trace.ledger import Phase, Record
-from memguard.estimation.trace.pipeline import RecordedStep, TraceResult, analysed, record_step
+from memguard.estimation.trace.pipeline import RecordedStep, TraceResult, analysed, invented_note, record_step
 from memguard.estimation.trace.record import Loop
 
 __all__ = ["DEPTHS", "Depth", "Pump", "learn", "trace_by_depth"]
@@ -175,6 +183,7 @@ class Pump:
         names: per allocation class, the rules of the block it names (:func:`_index`), likewise.
         sample: the 3-block step, for what is not an event (notes, band kernels).
         attention: the fused-attention kernels of 1 block and those each further block adds.
+        invented: the data-dependent ops run on stand-in ones by 1 block, and by each further one.
     """
 
     base: list[_Token]
@@ -182,6 +191,7 @@ class Pump:
     prefix: str
     sample: RecordedStep
     attention: tuple[list[Any], list[Any]]
+    invented: tuple[dict[str, int], dict[str, int]]
     frees: dict[_Id, Any] = dataclasses.field(default_factory=dict)
     names: dict[_Id, Any] = dataclasses.field(default_factory=dict)
 
@@ -253,7 +263,12 @@ class Pump:
         workspaces = self.sample.workspaces
         if workspaces is not None:
             workspaces = dataclasses.replace(workspaces, attention=[*first, *(more * n)])
-        return dataclasses.replace(self.sample, records=records, kinds=kinds, marks=marks, workspaces=workspaces)
+        first_ops, more_ops = self.invented
+        invented = {op: count + n * more_ops[op] for op, count in first_ops.items()}
+        notes = [invented_note(invented) if note == invented_note(self.sample.invented) else note
+                 for note in self.sample.notes]
+        return dataclasses.replace(self.sample, records=records, kinds=kinds, marks=marks, workspaces=workspaces,
+                                   notes=notes, invented=invented)
 
 
 def _class(ident: _Id) -> _Id:
@@ -361,8 +376,10 @@ def learn(steps: Sequence[RecordedStep], prefix: str) -> Pump | None:
 
 
 def _learn(steps: Sequence[RecordedStep], prefix: str) -> tuple[Pump | None, str]:
-    if any(s.stand_ins for s in steps) or len({s.uncounted for s in steps}) > 1:
-        return None, "stand-ins or unsized kernels (their counts grow with the blocks, the notes would not)"
+    if any(set(s.stand_ins.values()) - {ONES} for s in steps) or len({s.uncounted for s in steps}) > 1:
+        return None, "a routing model's stand-ins, or kernels left unsized at some depths only"
+    if _invented(steps) is None:
+        return None, "data-dependent ops whose count is not one block's"
     attention = _attention(steps)
     events = [_events(s) for s in steps]
     if attention is None or any(e is None for e in events):
@@ -370,11 +387,11 @@ def _learn(steps: Sequence[RecordedStep], prefix: str) -> tuple[Pump | None, str
     marked = [[_token(s, e, prefix) for e in ev or []] for s, ev in zip(steps, events, strict=True)]
     tokens = [[t for t, _ in m] for m in marked]
     why = ""
-    for inserts in (_matched(tokens[0], tokens[1]), _tandem(tokens[0], tokens[1])):
+    for inserts in _alignments(tokens[0], tokens[1]):
         if inserts is None:
             why = why or "the 2-block step is not the 1-block step with events inserted"
             continue
-        pump = Pump(tokens[0], inserts, prefix, steps[2], attention)
+        pump = Pump(tokens[0], inserts, prefix, steps[2], attention, _invented(steps) or ({}, {}))
         if not inserts or [pump.token(i) for i in pump.layout(2)] != tokens[2]:
             why = "the 3-block step is not the 2-block step with its insertions once more"
             continue
@@ -403,9 +420,20 @@ def _rules(pump: Pump, steps: Sequence[RecordedStep], events: list[list[tuple[st
     return ""
 
 
-def _matched(base: list[_Token], longer: list[_Token]) -> list[tuple[int, list[_Token]]] | None:
-    """``longer`` as ``base`` with segments inserted, as ``difflib.SequenceMatcher`` aligns them;
-    ``None`` where it changes or drops an event of ``base``."""
+def _alignments(base: list[_Token], longer: list[_Token]) -> list[list[tuple[int, list[_Token]]] | None]:
+    """Ways to read ``longer`` as ``base`` with segments inserted, tried in turn: ``difflib``'s
+    alignment from the start, then from the end."""
+    return [_matched(base, longer), _matched(base, longer, backwards=True)]
+
+
+def _matched(base: list[_Token], longer: list[_Token], *, backwards: bool = False
+             ) -> list[tuple[int, list[_Token]]] | None:
+    """``longer`` as ``base`` with segments inserted, as ``difflib.SequenceMatcher`` aligns them
+    (``backwards``: both read from the end, which puts ambiguous insertions earlier); ``None``
+    where it changes or drops an event of ``base``."""
+    if backwards:
+        found = _matched(base[::-1], longer[::-1])
+        return None if found is None else [(len(base) - p, y[::-1]) for p, y in reversed(found)]
     inserts = []
     for tag, i1, _, j1, j2 in difflib.SequenceMatcher(None, base, longer, autojunk=False).get_opcodes():
         if tag == "insert":
@@ -413,45 +441,6 @@ def _matched(base: list[_Token], longer: list[_Token]) -> list[tuple[int, list[_
         elif tag != "equal":
             return None
     return inserts
-
-
-_LOOK = 256
-"""Events compared past a repeated segment to choose its length (the longest agreement wins)."""
-
-
-def _tandem(base: list[_Token], longer: list[_Token]) -> list[tuple[int, list[_Token]]] | None:
-    """``longer`` as ``base`` with segments inserted, each a copy of the events just before it
-    (a tandem repeat: a block's events after those of the block before); ``None`` where it is not.
-
-    A repeat found late (the events after a block begin as the block does) is the same repeat
-    rotated, which repeats the same way. Of the lengths that repeat, the one after which the two
-    steps agree longest is taken; :func:`_learn` checks the choice on the 3-block step.
-    """
-    inserts: list[tuple[int, list[_Token]]] = []
-    i = j = 0
-    while j < len(longer):
-        if i < len(base) and base[i] == longer[j]:
-            i, j = i + 1, j + 1
-            continue
-        best, agree = 0, -1
-        for m in range(1, min(i, len(longer) - j) + 1):
-            if longer[j:j + m] == base[i - m:i]:
-                run = _agreement(base, i, longer, j + m)
-                if run > agree:
-                    best, agree = m, run
-        if not best:
-            return None
-        inserts.append((i, longer[j:j + best]))
-        j += best
-    return inserts if i == len(base) else None
-
-
-def _agreement(a: list[_Token], i: int, b: list[_Token], j: int) -> int:
-    """How many events ``a[i:]`` and ``b[j:]`` agree on, up to :data:`_LOOK`."""
-    n = 0
-    while n < _LOOK and i + n < len(a) and j + n < len(b) and a[i + n] == b[j + n]:
-        n += 1
-    return n
 
 
 def _observe(ids: list[_Id], events: list[tuple[str, int]], indices: list[int | None], n: int,
@@ -470,6 +459,18 @@ def _same(built: RecordedStep | None, step: RecordedStep) -> bool:
     if built is None:
         return False
     return built.records == step.records and built.kinds == step.kinds and built.marks == step.marks
+
+
+def _invented(steps: Sequence[RecordedStep]) -> tuple[dict[str, int], dict[str, int]] | None:
+    """The data-dependent ops run on stand-in ones by 1 block, and by each further block (the same
+    at 2 and 3 blocks: Adafactor's ``.item()`` per parameter); ``None`` where they are not so."""
+    counts = [s.invented for s in steps]
+    if len({frozenset(c) for c in counts}) > 1:
+        return None
+    more = {op: counts[1][op] - counts[0][op] for op in counts[0]}
+    if any(counts[2][op] - counts[1][op] != more[op] for op in counts[0]):
+        return None
+    return dict(counts[0]), more
 
 
 def _attention(steps: Sequence[RecordedStep]) -> tuple[list[Any], list[Any]] | None:

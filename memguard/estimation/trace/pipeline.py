@@ -28,7 +28,7 @@ from memguard.estimation.trace.classify import classify
 from memguard.estimation.trace.ledger import CountingMode, Ledger, Phase, Record
 from memguard.estimation.trace.record import DEFAULT_TIMEOUT, Inputs, Loop, recorded
 
-__all__ = ["RecordedStep", "TraceResult", "analysed", "record_step", "trace_breakdown"]
+__all__ = ["RecordedStep", "TraceResult", "analysed", "invented_note", "record_step", "trace_breakdown"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ class RecordedStep:
     notes: list[str]
     stand_ins: dict[str, str]
     uncounted: frozenset[str] = frozenset()
+    invented: dict[str, int] = dataclasses.field(default_factory=dict)
+    """How many times each data-dependent op ran on stand-in ones (the first note says so)."""
 
 
 def record_step(module: nn.Module, spec: TrainingSpec, loop: Loop, blocks: Iterable[nn.Module] = (),
@@ -143,7 +145,8 @@ def _recording(module: nn.Module, spec: TrainingSpec, loop: Loop, blocks: Iterab
         with recorded(module, spec, loop, counting, blocks) as recording:
             yield RecordedStep(spec.device, recording.ledger.records, classify(recording),
                                list(recording.ledger.marks), recording.workspaces, _notes(counting, spec),
-                               _stand_ins(counting, spec), frozenset(counting.uncounted))
+                               _stand_ins(counting, spec), frozenset(counting.uncounted),
+                               dict(counting.stand_ins.invented))
     except (ConfigError, TraceError):
         raise
     except Exception as exc:
@@ -170,8 +173,7 @@ def _notes(counting: CountingMode, spec: TrainingSpec) -> list[str]:
     notes: list[str] = []
     invented = counting.stand_ins
     if invented.invented:
-        ops = ", ".join(f"{k} x{v}" for k, v in sorted(invented.invented.items()))
-        notes.append(f"data-dependent ops ran on stand-in values of ones: {ops}")
+        notes.append(invented_note(invented.invented))
     if invented.modelled:
         notes.append(f"{_routing_words(spec.moe_routing)}: the indices of topk x{invented.modelled.get('topk', 0)} "
                      "(the routers' choice of experts) made by the routing model")
@@ -179,6 +181,12 @@ def _notes(counting: CountingMode, spec: TrainingSpec) -> list[str]:
     if spec.precision.grad_scaler:
         notes.append("GradScaler's scalars are not traced (a few bytes)")
     return notes
+
+
+def invented_note(counts: dict[str, int]) -> str:
+    """The note on data-dependent ops run on stand-in ones, ``op -> count``."""
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+    return f"data-dependent ops ran on stand-in values of ones: {ops}"
 
 
 def _stand_ins(counting: CountingMode, spec: TrainingSpec) -> dict[str, str]:

@@ -122,3 +122,12 @@ def test_only_single_stacks_deeper_than_the_depths_traced_qualify() -> None:
     depth = shallow(load_model(_llama(5)), lambda r: r.module)
     assert depth is not None and depth.layers == 5
     assert [len(wrapped_blocks(depth.build(k))) for k in DEPTHS] == [1, 2, 3]
+
+
+def test_stand_in_counts_grow_by_one_block_each() -> None:
+    """Adafactor's ``.item()`` runs on stand-in ones once per parameter: the note counts them as a trace
+    of all five blocks does."""
+    module, depth, spec, loop, _ = _case(_llama(), precision="bf16-mixed", optimizer="adafactor")
+    whole = trace_breakdown(module, spec, loop.make_inputs)
+    assert whole.stand_ins and any("x" in note for note in whole.notes)
+    assert trace_by_depth(depth, spec, loop, wrapped_blocks) == whole
