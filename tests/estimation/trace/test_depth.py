@@ -44,12 +44,14 @@ def _case(config: Any, lora: int | None = None, **knobs: Any) -> tuple[Any, Any,
     return module, shallow(resolved, finish), step.spec, Loop(make_inputs), step.layout
 
 
+_slow = pytest.mark.slow
 CASES = [
     ({}, True),
-    ({"precision": "bf16-true", "optimizer": "sgd"}, True),
-    ({"precision": "32-true", "gradient_checkpointing": True}, True),
-    ({"precision": "16-mixed", "optimizer": "adamw-8bit"}, True),
-    ({"precision": "bf16-true", "optimizer": "adamw-8bit", "gradient_checkpointing": True}, True),
+    pytest.param({"precision": "bf16-true", "optimizer": "sgd"}, True, marks=_slow),
+    pytest.param({"precision": "32-true", "gradient_checkpointing": True}, True, marks=_slow),
+    pytest.param({"precision": "16-mixed", "optimizer": "adamw-8bit"}, True, marks=_slow),
+    pytest.param({"precision": "bf16-true", "optimizer": "adamw-8bit", "gradient_checkpointing": True}, True,
+                 marks=_slow),
 ]
 
 
@@ -65,6 +67,7 @@ def test_a_stack_traced_by_depth_is_its_whole_trace_to_the_byte(knobs: dict[str,
     assert sum(whole.breakdown.values()) > 0 and whole.slack > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers", [4, 6])
 def test_the_extension_holds_at_other_depths(layers: int) -> None:
     module, depth, spec, loop, _ = _case(_llama(layers), precision="bf16-mixed", accumulate_grad_batches=2)
@@ -73,6 +76,7 @@ def test_the_extension_holds_at_other_depths(layers: int) -> None:
                                                                                  accumulate=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_3", "fsdp"])
 def test_sharded_strategies_weigh_the_extended_step_as_the_whole_one(strategy: str) -> None:
     """ZeRO and FSDP divide by the world size and add gathered units by phase: the estimate of a model
@@ -89,6 +93,7 @@ def test_sharded_strategies_weigh_the_extended_step_as_the_whole_one(strategy: s
     assert by_depth.timeline == whole.timeline
 
 
+@pytest.mark.slow
 def test_where_the_checks_fail_the_whole_model_is_traced() -> None:
     """GPT-2's optimizer lists cannot be aligned block by block (its final norm's parameters look like a
     block's first ones), and LoRA's adapters neither: no extension, and the estimate is the whole trace's."""
@@ -124,6 +129,7 @@ def test_only_single_stacks_deeper_than_the_depths_traced_qualify() -> None:
     assert [len(wrapped_blocks(depth.build(k))) for k in DEPTHS] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_stand_in_counts_grow_by_one_block_each() -> None:
     """Adafactor's ``.item()`` runs on stand-in ones once per parameter: the note counts them as a trace
     of all five blocks does."""
