@@ -38,7 +38,7 @@ from memguard.estimation.parallel import Strategy
 from memguard.estimation.quantization import Quantization, quantize_model
 from memguard.estimation.result import MemoryEstimate
 from memguard.estimation.shallow import shallow
-from memguard.estimation.trace.depth import DEPTHS, Depth
+from memguard.estimation.trace.depth import DEPTHS, EXTENDED, Depth
 from memguard.fit import Fit, usable_bytes
 from memguard.planning.costs import COSTS, CostContext, cost_of, cost_terms, divisors, fewest_micro_batches, lower_bound
 from memguard.planning.rows import FULL, LORA, QLORA, Knobs, PlanRow, quantization_args
@@ -181,6 +181,16 @@ class Search:
             self.depths[key] = depth
         return dataclasses.replace(load_model(module), depth=self.depths[key])
 
+    def _note_depth(self, k: Knobs, est: MemoryEstimate | None) -> None:
+        """Stop tracing ``k``'s module by depth once a trace of it could not be extended (the trace runs
+        in a forked child, so its notes say how it went): its later traces run the whole model at once,
+        not three small ones first."""
+        key = (k.lora_rank, k.quantization)
+        if est is None or est.method != "trace" or self.depths.get(key) is None:
+            return
+        if not any(note.startswith(EXTENDED) for note in est.notes):
+            self.depths[key] = None
+
     def estimate(self, k: Knobs, method: str, *, strict: bool = False) -> MemoryEstimate | None:
         """The estimate of ``k``; ``None`` when the estimator cannot make it (the reason noted once)."""
         key = (memo_key(k), method)
@@ -203,6 +213,7 @@ class Search:
                 seen = self.failed.setdefault(f"{exc} ({method})", [0, ", ".join(k.changes(self.ctx.base))])
                 seen[0] += 1
                 self.cache[key] = None
+            self._note_depth(k, self.cache[key])
             other = self.cache.get((key[0], "formula" if method == "trace" else "trace"))
             if self.cache[key] is not None and other is not None:
                 traced, formula = (self.cache[key], other) if method == "trace" else (other, self.cache[key])

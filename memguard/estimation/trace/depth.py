@@ -58,7 +58,7 @@ from memguard.estimation.trace.ledger import Phase, Record
 from memguard.estimation.trace.pipeline import RecordedStep, TraceResult, analysed, invented_note, record_step
 from memguard.estimation.trace.record import Loop
 
-__all__ = ["DEPTHS", "Depth", "Pump", "learn", "trace_by_depth"]
+__all__ = ["DEPTHS", "EXTENDED", "Depth", "Pump", "extended_note", "learn", "trace_by_depth"]
 
 DEPTHS = (1, 2, 3)
 """The depths traced: two to find the repeated segments, a third to check their order and frees."""
@@ -110,7 +110,18 @@ def trace_by_depth(depth: Depth, spec: TrainingSpec, loop: Loop, stack: Callable
     if built is None:
         log.debug("no trace by depth: the rules part at %d blocks", depth.layers)
         return None
-    return analysed(built, weight, extras)
+    found = analysed(built, weight, extras)
+    return dataclasses.replace(found, notes=[*found.notes, extended_note(depth.layers)])
+
+
+EXTENDED = "the trace ran 1, 2 and 3 of the model's blocks"
+"""How the note of a trace by depth begins (:func:`extended_note`)."""
+
+
+def extended_note(layers: int) -> str:
+    """The note of a trace by depth: what ran, and why it stands for the whole model."""
+    return (f"{EXTENDED} and repeated one block's events to all {layers} (memguard.estimation.trace.depth): "
+            "checked record by record against the traces of 2 and 3 blocks")
 
 
 def _prefix(module: nn.Module, block: nn.Module) -> str:

@@ -14,7 +14,7 @@ from memguard.estimation.models import ResolvedModel, add_lora, load_model
 from memguard.estimation.parallel import resolve_parallelism, wrapped_blocks
 from memguard.estimation.shallow import shallow
 from memguard.estimation.step import Step
-from memguard.estimation.trace.depth import DEPTHS, learn, trace_by_depth
+from memguard.estimation.trace.depth import DEPTHS, EXTENDED, extended_note, learn, trace_by_depth
 from memguard.estimation.trace.pipeline import record_step, trace_breakdown
 from memguard.estimation.trace.record import Loop
 
@@ -63,7 +63,7 @@ def test_a_stack_traced_by_depth_is_its_whole_trace_to_the_byte(knobs: dict[str,
     whole = trace_breakdown(module, spec, loop.make_inputs)
     by_depth = trace_by_depth(depth, spec, loop, wrapped_blocks)
     assert (by_depth is not None) is used
-    assert by_depth == whole
+    assert by_depth == dataclasses.replace(whole, notes=[*whole.notes, extended_note(5)])
     assert sum(whole.breakdown.values()) > 0 and whole.slack > 0
 
 
@@ -72,8 +72,9 @@ def test_a_stack_traced_by_depth_is_its_whole_trace_to_the_byte(knobs: dict[str,
 def test_the_extension_holds_at_other_depths(layers: int) -> None:
     module, depth, spec, loop, _ = _case(_llama(layers), precision="bf16-mixed", accumulate_grad_batches=2)
     loop = dataclasses.replace(loop, accumulate=2)
-    assert trace_by_depth(depth, spec, loop, wrapped_blocks) == trace_breakdown(module, spec, loop.make_inputs,
-                                                                                 accumulate=2)
+    whole = trace_breakdown(module, spec, loop.make_inputs, accumulate=2)
+    assert trace_by_depth(depth, spec, loop, wrapped_blocks) == dataclasses.replace(
+        whole, notes=[*whole.notes, extended_note(layers)])
 
 
 @pytest.mark.slow
@@ -91,6 +92,7 @@ def test_sharded_strategies_weigh_the_extended_step_as_the_whole_one(strategy: s
     assert by_depth.total_bytes == whole.total_bytes > 0
     assert (by_depth.breakdown, by_depth.band, by_depth.host_bytes) == (whole.breakdown, whole.band, whole.host_bytes)
     assert by_depth.timeline == whole.timeline
+    assert [n for n in by_depth.notes if n != extended_note(5)] == list(whole.notes) != list(by_depth.notes)
 
 
 @pytest.mark.slow
@@ -103,7 +105,9 @@ def test_where_the_checks_fail_the_whole_model_is_traced() -> None:
         assert trace_by_depth(depth, spec, loop, wrapped_blocks) is None
         resolved = dataclasses.replace(load_model(module), depth=depth)
         knobs = {"batch_size": 2, "seq_len": 32, "device": "cuda", "method": "trace"}
-        assert memguard.estimate(resolved, **knobs).total_bytes == memguard.estimate(module, **knobs).total_bytes
+        found = memguard.estimate(resolved, **knobs)
+        assert found.total_bytes == memguard.estimate(module, **knobs).total_bytes
+        assert not any(note.startswith(EXTENDED) for note in found.notes)
 
 
 def test_a_step_that_is_not_one_block_repeated_is_refused() -> None:
@@ -136,4 +140,5 @@ def test_stand_in_counts_grow_by_one_block_each() -> None:
     module, depth, spec, loop, _ = _case(_llama(), precision="bf16-mixed", optimizer="adafactor")
     whole = trace_breakdown(module, spec, loop.make_inputs)
     assert whole.stand_ins and any("x" in note for note in whole.notes)
-    assert trace_by_depth(depth, spec, loop, wrapped_blocks) == whole
+    assert trace_by_depth(depth, spec, loop, wrapped_blocks) == dataclasses.replace(
+        whole, notes=[*whole.notes, extended_note(5)])
