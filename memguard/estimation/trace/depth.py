@@ -20,7 +20,8 @@ segments that repeat once per block beyond the first.
 3. which event frees which allocation, and which block an allocation names, is a rule per
    allocation of a segment (the same copy, the mirrored copy — the forward of block ``j`` and its
    backward, which runs in reverse —, the next one, the first or the last, a fixed event or block):
-   the one rule that the 2- and the 3-block steps agree on;
+   the simplest of the rules that fit both the 2- and the 3-block steps (:func:`_simplicity`);
+   where the simplest ones part at ``L`` blocks, nothing is extended;
 4. the steps of 2 and 3 blocks are rebuilt from the rules and must equal the recorded ones in
    every record (sizes, phase, category, names, allocation and free clocks) and phase mark.
 
@@ -31,13 +32,22 @@ ops run on stand-in ones (Adafactor's ``.item()``) are counted as the events are
 count repeated, checked at 1, 2 and 3 blocks. Where a check fails — blocks that differ (a
 sliding-window layer among global ones), an op whose size grows with the depth (a norm over all
 gradients at once, a fused optimizer's flat buffer), events that no insertion of repeated
-segments aligns (GPT-2's optimizer lists, where the final norm's parameters look like a block's
-first ones; LoRA's adapters), a routing model's stand-ins, convolutions (whose band depends on
+segments aligns (see the limitations), a routing model's stand-ins, convolutions (whose band depends on
 their order) — :func:`trace_by_depth` returns ``None`` and the caller traces all ``L`` blocks.
 
 Why three blocks and not two: the 1- and 2-block steps find the segments; the 3-block step shows
 that they repeat as found and fixes the rules; two rules that fit both may still part at four
 blocks or more (:func:`_simplicity` chooses, and the tests check the choice against whole traces).
+
+Known limitations:
+    * What holds from 3 blocks to ``L`` rests on the blocks being identical (the same code on
+      the same shapes) and on the rule chosen; it is checked at 2 and 3 blocks, and against whole
+      traces in the tests (4-6-block stacks; the README's Llama-2-7B plan gives the same rows to
+      the byte) — a fourth traced depth would check the choice on every call, at about half the
+      cost of the three.
+    * ``difflib``'s alignment is greedy: where a block's optimizer entries look like those around
+      them (LoRA's A and B matrices, GPT-2's final norm) it splits a block's segment, the
+      3-block check fails, and the whole model is traced.
 """
 
 from __future__ import annotations
