@@ -47,7 +47,9 @@ Known limitations:
       cost of the three.
     * ``difflib``'s alignment is greedy: where a block's optimizer entries look like those around
       them (LoRA's A and B matrices, GPT-2's final norm) it splits a block's segment, the
-      3-block check fails, and the whole model is traced.
+      3-block check fails, and the whole model is traced. So too under a fully sharded strategy
+      (FSDP, ZeRO-3), whose ``BLOCK_BACKWARD`` mark the 1-block step does not place as the
+      2-block step does.
 """
 
 from __future__ import annotations
