@@ -34,6 +34,8 @@ from memguard.estimation.trace import (
     trace_breakdown,
     warm_up,
 )
+from memguard.estimation.trace.depth import trace_by_depth
+from memguard.estimation.trace.record import Loop
 
 __all__ = ["METHODS", "Inputs", "Step", "estimate"]
 
@@ -282,7 +284,10 @@ def _quantize(resolved: ResolvedModel, quant: Quantization) -> tuple[ResolvedMod
             f"quantization constants ({8 * stored / max(weights, 1):.3f} bits each; bitsandbytes, QLoRA paper "
             "section 3), frozen; each matmul dequantizes its weight into a temporary")
     name = f"{resolved.name}+{quant.kind}{'-dq' * quant.double_quant}"
-    return dataclasses.replace(resolved, module=module, name=name), [note]
+    depth = resolved.depth
+    if depth is not None:  # the few blocks traced are quantized as the whole model is, here
+        depth = dataclasses.replace(depth, build=lambda k: quantize_model(resolved.depth.build(k), quant)[0])
+    return dataclasses.replace(resolved, module=module, name=name, depth=depth), [note]
 
 
 def _paged_notes(resolved: ResolvedModel, spec: TrainingSpec) -> list[str]:
@@ -342,6 +347,13 @@ def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, para
         sharding["blocks"] = wrapped_blocks(resolved.module)
 
     def trace() -> TraceResult:
+        if resolved.depth is not None and step_fn is None and loss_fn is None:
+            loop = Loop(make_inputs, None, training_loop, None, 1, accumulate, set_to_none)
+            found = trace_by_depth(resolved.depth, spec, loop, wrapped_blocks, mark_blocks="blocks" in sharding,
+                                   weight=sharding.get("weight"), extras=sharding.get("extras"),
+                                   timeout=trace_timeout)
+            if found is not None:
+                return found
         return trace_breakdown(resolved.module, spec, make_inputs, loss_fn=loss_fn, training_loop=training_loop,
                                step_fn=step_fn, timeout=trace_timeout, accumulate=accumulate,
                                set_to_none=set_to_none, **sharding)

@@ -98,12 +98,16 @@ class ResolvedModel:
         name: a display name (preset name, path, or class name).
         config: the transformers config, when there is one.
         built_here: memguard built the module (from a preset or config), so it may change it.
+        depth: how to build the same module with fewer of its repeated blocks
+            (:class:`memguard.estimation.trace.depth.Depth`), for a trace of a few blocks that
+            stands for all of them; ``None``: the trace runs the whole module.
     """
 
     module: nn.Module
     name: str
     config: Any = None
     built_here: bool = False
+    depth: Any = None
 
 
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -415,7 +419,7 @@ def load_model(model: Any, *, device: str | torch.device = "meta") -> ResolvedMo
     """Resolve ``model`` into a module.
 
     Args:
-        model: an ``nn.Module`` (returned as is), a transformers config, a path to a
+        model: a :class:`ResolvedModel` or an ``nn.Module`` (returned as is), a transformers config, a path to a
             ``config.json`` or a model directory, a preset name (see :func:`list_presets`), or a
             ``package.module:factory`` string naming a callable that returns a module.
         device: where modules built here are put; ``"meta"`` allocates nothing.
@@ -425,6 +429,8 @@ def load_model(model: Any, *, device: str | torch.device = "meta") -> ResolvedMo
             file, sizes that are not positive whole numbers, anything transformers cannot build), or
             a factory that does not import, raises, exits, needs arguments or returns no module.
     """
+    if isinstance(model, ResolvedModel):
+        return model
     if isinstance(model, nn.Module):
         model = _uncompiled(model)
         config = getattr(model, "config", None)

@@ -209,7 +209,7 @@ def make_setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len:
         ranks = tuple(r for r in ranks if r <= rank_limit)
     return Setup(model, {None: resolved.module}, resolved.name, knobs, memory, float(margin), gpus, precisions,
                   optimizers, ranks, method_prune, confirm, limit, device, seq_len, extra,
-                  max_estimates, notes)
+                  max_estimates, notes, built_here=resolved.built_here)
 
 
 def _optimizer_name(optimizer: Any) -> Any:

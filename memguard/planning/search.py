@@ -24,6 +24,7 @@ remembered by their knobs with the accumulation counted as 1 or "more" (:func:`m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import math
 from collections.abc import Callable, Sequence
@@ -32,10 +33,12 @@ from typing import Any
 from memguard.device import DeviceMemory
 from memguard.errors import MemguardError
 from memguard.estimation.estimator import estimate as _estimate
-from memguard.estimation.models import add_lora, load_model
+from memguard.estimation.models import ResolvedModel, add_lora, load_model
 from memguard.estimation.parallel import Strategy
 from memguard.estimation.quantization import Quantization, quantize_model
 from memguard.estimation.result import MemoryEstimate, Method
+from memguard.estimation.shallow import shallow
+from memguard.estimation.trace.depth import DEPTHS, EXTENDED, Depth
 from memguard.fit import Fit, usable_bytes
 from memguard.planning.costs import COSTS, CostContext, cost_of, cost_terms, divisors, fewest_micro_batches, lower_bound
 from memguard.planning.rows import FULL, LORA, QLORA, Knobs, PlanRow, quantization_args
@@ -81,6 +84,9 @@ class Setup:
     max_estimates: int
     notes: list[str]
     progress: Callable[[str], None] | None = None
+    built_here: bool = False
+    """memguard built the model from a preset or config: its traces may run a few of its blocks
+    for all of them (:mod:`memguard.estimation.trace.depth`)."""
 
 
 def structure_of(k: Knobs) -> tuple[Any, ...]:
@@ -98,6 +104,16 @@ def memo_key(k: Knobs) -> Knobs:
     ``batch 2 x accumulate 2`` have the same estimate, to the byte (``tests/planning/test_plan.py``).
     """
     return dataclasses.replace(k, accumulate=min(k.accumulate, 2))
+
+
+def _finished(resolved: ResolvedModel, *, rank: int | None, quantization: str | None) -> Any:
+    """``resolved``'s module with LoRA adapters of ``rank`` over a base quantized as ``quantization``,
+    built as :meth:`Search.module` builds the whole model."""
+    module = resolved.module if rank is None else add_lora(resolved, rank).module
+    if quantization is not None:
+        kind, dq = quantization_args(quantization)
+        module, _ = quantize_model(module, Quantization(str(kind), dq))
+    return module
 
 
 def _no_more_intrusive(a: Knobs, c: Knobs, base: Knobs) -> bool:
@@ -131,6 +147,7 @@ class Search:
         self.ratios: dict[tuple[Any, ...], list[float]] = {}
         self.failed: dict[str, list[Any]] = {}  # message -> [count, first configuration]
         self.progress = setup.progress
+        self.depths: dict[tuple[int | None, str | None], Depth | None] = {}
 
     def module(self, rank: int | None, quantization: str | None = None) -> Any:
         """The module with LoRA adapters of ``rank`` (``None``: as given) over a base quantized as
@@ -147,6 +164,33 @@ class Search:
             self.ctx.trainable.setdefault(rank, sum(p.numel() for p in module.parameters() if p.requires_grad))
         return self.setup.modules[key]
 
+    def model(self, k: Knobs, method: str) -> Any:
+        """What ``k`` estimates: its module, and for a trace of a model memguard built, how to build
+        it with fewer blocks (:func:`memguard.estimation.shallow.shallow`: a trace of 1, 2 and 3
+        blocks stands for all of them where it provably does, else the whole model is traced)."""
+        module = self.module(k.lora_rank, k.quantization)
+        if method != "trace" or not self.setup.built_here:
+            return module
+        key = (k.lora_rank, k.quantization)
+        if key not in self.depths:
+            whole = self.setup.modules[None]
+            base = ResolvedModel(whole, self.setup.name, getattr(whole, "config", None), True)
+            depth = shallow(base, functools.partial(_finished, rank=k.lora_rank, quantization=k.quantization))
+            for blocks in DEPTHS if depth is not None else ():
+                depth.build(blocks)  # here, not in the trace's forked child, which would forget them
+            self.depths[key] = depth
+        return dataclasses.replace(load_model(module), depth=self.depths[key])
+
+    def _note_depth(self, k: Knobs, est: MemoryEstimate | None) -> None:
+        """Stop tracing ``k``'s module by depth once a trace of it could not be extended (the trace runs
+        in a forked child, so its notes say how it went): its later traces run the whole model at once,
+        not three small ones first."""
+        key = (k.lora_rank, k.quantization)
+        if est is None or est.method != "trace" or self.depths.get(key) is None:
+            return
+        if not any(note.startswith(EXTENDED) for note in est.notes):
+            self.depths[key] = None
+
     def estimate(self, k: Knobs, method: str, *, strict: bool = False) -> MemoryEstimate | None:
         """The estimate of ``k``; ``None`` when the estimator cannot make it (the reason noted once)."""
         key = (memo_key(k), method)
@@ -161,7 +205,7 @@ class Search:
             # the module already has its adapters and its quantized base
             kwargs = {**k.kwargs(), "lora_rank": None, "quantization": None, "double_quant": False}
             try:
-                self.cache[key] = _estimate(self.module(k.lora_rank, k.quantization), seq_len=self.seq_len,
+                self.cache[key] = _estimate(self.model(k, method), seq_len=self.seq_len,
                                             device=self.setup.device, method=method, **kwargs, **self.setup.extra)
             except MemguardError as exc:
                 if strict:
@@ -169,6 +213,7 @@ class Search:
                 seen = self.failed.setdefault(f"{exc} ({method})", [0, ", ".join(k.changes(self.ctx.base))])
                 seen[0] += 1
                 self.cache[key] = None
+            self._note_depth(k, self.cache[key])
             other = self.cache.get((key[0], "formula" if method == "trace" else "trace"))
             if self.cache[key] is not None and other is not None:
                 traced, formula = (self.cache[key], other) if method == "trace" else (other, self.cache[key])

@@ -8,9 +8,10 @@ its category (:func:`.classify.classify`), finds the peak, what is alive then an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -18,15 +19,16 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memguard.errors import ConfigError, TraceError
+from memguard.estimation.cuda_rules import Workspaces
 from memguard.estimation.result import Category, PeakTensors
 from memguard.estimation.spec import TrainingSpec
 from memguard.estimation.stand_ins import ONES, ROUTINGS, routing_name
 from memguard.estimation.trace.analyse import allocator_slack, analyse
 from memguard.estimation.trace.classify import classify
-from memguard.estimation.trace.ledger import CountingMode, Ledger, Phase
+from memguard.estimation.trace.ledger import CountingMode, Ledger, Phase, Record
 from memguard.estimation.trace.record import DEFAULT_TIMEOUT, Inputs, Loop, recorded
 
-__all__ = ["TraceResult", "trace_breakdown"]
+__all__ = ["RecordedStep", "TraceResult", "analysed", "invented_note", "record_step", "trace_breakdown"]
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +102,51 @@ def trace_breakdown(
         ConfigError: for a loss that is not a scalar.
     """
     loop = Loop(make_inputs, loss_fn, training_loop, step_fn, steps, accumulate, set_to_none)
+    with _recording(module, spec, loop, blocks, timeout) as step:
+        return analysed(step, weight, extras)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedStep:
+    """A recorded step, ready for :func:`analysed`: its records (in allocation order) with their
+    categories, the phase marks, the kernels of the band, and what the trace says in words.
+
+    A record without a free is alive at the end of the step.
+    """
+
+    device: str
+    records: list[Record]
+    kinds: dict[int, Category]
+    marks: list[tuple[int, Phase]]
+    workspaces: Workspaces | None
+    notes: list[str]
+    stand_ins: dict[str, str]
+    uncounted: frozenset[str] = frozenset()
+    invented: dict[str, int] = dataclasses.field(default_factory=dict)
+    """How many times each data-dependent op ran on stand-in ones (the first note says so)."""
+
+
+def record_step(module: nn.Module, spec: TrainingSpec, loop: Loop, blocks: Iterable[nn.Module] = (),
+                timeout: float | None = DEFAULT_TIMEOUT) -> RecordedStep:
+    """Record a steady-state step of ``module`` and classify its storages, to analyse later
+    (:mod:`.depth` joins several). The records are copied while the step's objects are alive: once
+    the recording ends, the ledger records the frees of what the step kept."""
+    with _recording(module, spec, loop, blocks, timeout) as step:
+        return dataclasses.replace(step, records=[dataclasses.replace(r) for r in step.records])
+
+
+@contextlib.contextmanager
+def _recording(module: nn.Module, spec: TrainingSpec, loop: Loop, blocks: Iterable[nn.Module],
+               timeout: float | None) -> Iterator[RecordedStep]:
+    """The recorded step, while its objects are alive; any failure but a bad argument is a TraceError."""
     counting = CountingMode(Ledger(spec.device), FakeTensorMode(allow_non_fake_inputs=True), timeout,
                             spec.moe_routing)
     try:
         with recorded(module, spec, loop, counting, blocks) as recording:
-            records = recording.ledger.records
-            kinds = classify(recording)
-            report = analyse(records, recording.ledger.marks, kinds, weight, extras)
-            slack = allocator_slack(records, kinds, weight) if spec.device == "cuda" else 0
-            workspaces = recording.workspaces
-            band = workspaces.band(report.timeline) if spec.device == "cuda" and workspaces is not None else {}
+            yield RecordedStep(spec.device, recording.ledger.records, classify(recording),
+                               list(recording.ledger.marks), recording.workspaces, _notes(counting, spec),
+                               _stand_ins(counting, spec), frozenset(counting.uncounted),
+                               dict(counting.stand_ins.invented))
     except (ConfigError, TraceError):
         raise
     except Exception as exc:
@@ -117,9 +154,18 @@ def trace_breakdown(
             f"could not trace a training step of {type(module).__name__}: {type(exc).__name__}: {exc}"
             + _stand_in_cause(counting)
         ) from exc
-    log.debug("trace of %s: peak %d bytes", type(module).__name__, sum(report.breakdown.values()))
-    return TraceResult(report.breakdown, _notes(counting, spec), slack, report.at_peak, report.timeline,
-                       _stand_ins(counting, spec), band)
+
+
+def analysed(step: RecordedStep, weight: Callable[[Category, Phase], float] | None = None,
+             extras: Callable[[Phase], dict[Category, int]] | None = None) -> TraceResult:
+    """The peak of a recorded step, its breakdown, the allocator's slack and the band
+    (:func:`trace_breakdown`'s second half)."""
+    cuda = step.device == "cuda"
+    report = analyse(step.records, step.marks, step.kinds, weight, extras)
+    slack = allocator_slack(step.records, step.kinds, weight) if cuda else 0
+    band = step.workspaces.band(report.timeline) if cuda and step.workspaces is not None else {}
+    log.debug("trace: peak %d bytes", sum(report.breakdown.values()))
+    return TraceResult(report.breakdown, step.notes, slack, report.at_peak, report.timeline, step.stand_ins, band)
 
 
 def _notes(counting: CountingMode, spec: TrainingSpec) -> list[str]:
@@ -127,8 +173,7 @@ def _notes(counting: CountingMode, spec: TrainingSpec) -> list[str]:
     notes: list[str] = []
     invented = counting.stand_ins
     if invented.invented:
-        ops = ", ".join(f"{k} x{v}" for k, v in sorted(invented.invented.items()))
-        notes.append(f"data-dependent ops ran on stand-in values of ones: {ops}")
+        notes.append(invented_note(invented.invented))
     if invented.modelled:
         notes.append(f"{_routing_words(spec.moe_routing)}: the indices of topk x{invented.modelled.get('topk', 0)} "
                      "(the routers' choice of experts) made by the routing model")
@@ -136,6 +181,12 @@ def _notes(counting: CountingMode, spec: TrainingSpec) -> list[str]:
     if spec.precision.grad_scaler:
         notes.append("GradScaler's scalars are not traced (a few bytes)")
     return notes
+
+
+def invented_note(counts: dict[str, int]) -> str:
+    """The note on data-dependent ops run on stand-in ones, ``op -> count``."""
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+    return f"data-dependent ops ran on stand-in values of ones: {ops}"
 
 
 def _stand_ins(counting: CountingMode, spec: TrainingSpec) -> dict[str, str]:

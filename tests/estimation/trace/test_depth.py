@@ -1,0 +1,148 @@
+"""The trace by depth: a stack of L blocks from traces of 1, 2 and 3, against whole traces, to the byte."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from transformers import GPT2Config, LlamaConfig
+
+import memguard
+from memguard.estimation.inputs import make_batch
+from memguard.estimation.models import ResolvedModel, add_lora, load_model
+from memguard.estimation.parallel import resolve_parallelism, wrapped_blocks
+from memguard.estimation.shallow import shallow
+from memguard.estimation.step import Step
+from memguard.estimation.trace.depth import DEPTHS, EXTENDED, extended_note, learn, trace_by_depth
+from memguard.estimation.trace.pipeline import record_step, trace_breakdown
+from memguard.estimation.trace.record import Loop
+
+
+def _llama(layers: int = 5) -> LlamaConfig:
+    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _gpt2(layers: int = 5) -> GPT2Config:
+    return GPT2Config(vocab_size=256, n_embd=64, n_layer=layers, n_head=4, n_positions=128)
+
+
+def _case(config: Any, lora: int | None = None, **knobs: Any) -> tuple[Any, Any, Any, Loop, Any]:
+    """The whole module, its :class:`Depth`, the spec, the loop and the layout of a step of ``config``."""
+    resolved = load_model(config)
+
+    def finish(r: ResolvedModel) -> Any:
+        return add_lora(r, lora).module if lora else r.module
+
+    module = finish(resolved)
+    step = Step(batch_size=2, seq_len=32, device="cuda", **knobs)
+
+    def make_inputs() -> Any:
+        return (), make_batch(module, 2, 32)
+
+    return module, shallow(resolved, finish), step.spec, Loop(make_inputs), step.layout
+
+
+_slow = pytest.mark.slow
+CASES = [
+    ({}, True),
+    pytest.param({"precision": "bf16-true", "optimizer": "sgd"}, True, marks=_slow),
+    pytest.param({"precision": "32-true", "gradient_checkpointing": True}, True, marks=_slow),
+    pytest.param({"precision": "16-mixed", "optimizer": "adamw-8bit"}, True, marks=_slow),
+    pytest.param({"precision": "bf16-true", "optimizer": "adamw-8bit", "gradient_checkpointing": True}, True,
+                 marks=_slow),
+]
+
+
+@pytest.mark.parametrize(("knobs", "used"), CASES)
+def test_a_stack_traced_by_depth_is_its_whole_trace_to_the_byte(knobs: dict[str, Any], used: bool) -> None:
+    """Peak, breakdown, allocator slack, band, tensors at the peak and timeline: all equal a trace of
+    all five blocks, for precisions, checkpointing and optimizers (a Llama stack)."""
+    module, depth, spec, loop, _ = _case(_llama(), precision=knobs.pop("precision", "bf16-mixed"), **knobs)
+    whole = trace_breakdown(module, spec, loop.make_inputs)
+    by_depth = trace_by_depth(depth, spec, loop, wrapped_blocks)
+    assert (by_depth is not None) is used
+    assert by_depth == dataclasses.replace(whole, notes=[*whole.notes, extended_note(5)])
+    assert sum(whole.breakdown.values()) > 0 and whole.slack > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layers", [4, 6])
+def test_the_extension_holds_at_other_depths(layers: int) -> None:
+    module, depth, spec, loop, _ = _case(_llama(layers), precision="bf16-mixed", accumulate_grad_batches=2)
+    loop = dataclasses.replace(loop, accumulate=2)
+    whole = trace_breakdown(module, spec, loop.make_inputs, accumulate=2)
+    assert trace_by_depth(depth, spec, loop, wrapped_blocks) == dataclasses.replace(
+        whole, notes=[*whole.notes, extended_note(layers)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "used"), [("deepspeed_stage_2", True), ("deepspeed_stage_3", False),
+                                                ("fsdp", False)])
+def test_sharded_strategies_weigh_the_extended_step_as_the_whole_one(strategy: str, used: bool) -> None:
+    """ZeRO and FSDP divide by the world size and add gathered units by phase: the estimate of a model
+    that carries its :class:`Depth` equals that of the bare module (which is traced whole). A fully
+    sharded strategy marks where the blocks' backward starts, which the 1-block step does not align
+    with the 2-block one: the whole model is traced there."""
+    module, depth, _, _, _ = _case(_llama())
+    knobs = {"batch_size": 2, "seq_len": 32, "device": "cuda", "precision": "bf16-mixed", "strategy": strategy,
+             "world_size": 4, "method": "trace"}
+    whole = memguard.estimate(module, **knobs)
+    resolved = dataclasses.replace(load_model(module), depth=depth)
+    assert resolved.depth is not None and resolve_parallelism(strategy, 4).sharded
+    by_depth = memguard.estimate(resolved, **knobs)
+    assert by_depth.total_bytes == whole.total_bytes > 0
+    assert (by_depth.breakdown, by_depth.band, by_depth.host_bytes) == (whole.breakdown, whole.band, whole.host_bytes)
+    assert by_depth.timeline == whole.timeline
+    assert [n for n in by_depth.notes if n != extended_note(5)] == list(whole.notes)
+    assert (extended_note(5) in by_depth.notes) is used
+
+
+@pytest.mark.slow
+def test_where_the_checks_fail_the_whole_model_is_traced() -> None:
+    """GPT-2's optimizer lists cannot be aligned block by block (its final norm's parameters look like a
+    block's first ones), and LoRA's adapters neither: no extension, and the estimate is the whole trace's."""
+    for config, lora in ((_gpt2(), None), (_llama(), 8)):
+        module, depth, spec, loop, _ = _case(config, lora)
+        assert depth is not None
+        assert trace_by_depth(depth, spec, loop, wrapped_blocks) is None
+        resolved = dataclasses.replace(load_model(module), depth=depth)
+        knobs = {"batch_size": 2, "seq_len": 32, "device": "cuda", "method": "trace"}
+        found = memguard.estimate(resolved, **knobs)
+        assert found.total_bytes == memguard.estimate(module, **knobs).total_bytes
+        assert not any(note.startswith(EXTENDED) for note in found.notes)
+
+
+def test_a_step_that_is_not_one_block_repeated_is_refused() -> None:
+    """One record of the 3-block step changed (a size, or a free one event later) and nothing is learned."""
+    _, depth, spec, loop, _ = _case(_llama())
+    steps = [record_step(depth.build(k), spec, loop) for k in DEPTHS]
+    assert learn(steps, "model.layers") is not None
+    for change in ({"nbytes": steps[2].records[-1].nbytes + 512}, {"where": "model.layers.0.mlp"}):
+        records = [*steps[2].records[:-1], dataclasses.replace(steps[2].records[-1], **change)]
+        assert learn([*steps[:2], dataclasses.replace(steps[2], records=records)], "model.layers") is None
+    freed = next(i for i, r in enumerate(steps[2].records) if r.free is not None and r.phase == "backward")
+    late = dataclasses.replace(steps[2].records[freed], free=steps[2].records[freed].free + 1)
+    records = [*steps[2].records[:freed], late, *steps[2].records[freed + 1:]]
+    assert learn([*steps[:2], dataclasses.replace(steps[2], records=records)], "model.layers") is None
+
+
+def test_only_single_stacks_deeper_than_the_depths_traced_qualify() -> None:
+    assert shallow(load_model(_llama(3)), lambda r: r.module) is None
+    assert shallow(ResolvedModel(load_model(_llama(5)).module, "mine"), lambda r: r.module) is None  # not built here
+    assert shallow(load_model("t5-small"), lambda r: r.module) is None  # two stacks of their own depths
+    depth = shallow(load_model(_llama(5)), lambda r: r.module)
+    assert depth is not None and depth.layers == 5
+    assert [len(wrapped_blocks(depth.build(k))) for k in DEPTHS] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_stand_in_counts_grow_by_one_block_each() -> None:
+    """Adafactor's ``.item()`` runs on stand-in ones once per parameter: the note counts them as a trace
+    of all five blocks does."""
+    module, depth, spec, loop, _ = _case(_llama(), precision="bf16-mixed", optimizer="adafactor")
+    whole = trace_breakdown(module, spec, loop.make_inputs)
+    assert whole.stand_ins and any("x" in note for note in whole.notes)
+    assert trace_by_depth(depth, spec, loop, wrapped_blocks) == dataclasses.replace(
+        whole, notes=[*whole.notes, extended_note(5)])
