@@ -38,7 +38,7 @@ from memguard.estimation.parallel import Strategy
 from memguard.estimation.quantization import Quantization, quantize_model
 from memguard.estimation.result import MemoryEstimate, Method
 from memguard.estimation.shallow import shallow
-from memguard.estimation.trace.depth import DEPTHS, EXTENDED, Depth
+from memguard.estimation.trace.depth import DEPTHS, EXTENDED, HELD_OUT, Depth
 from memguard.fit import Fit, usable_bytes
 from memguard.planning.costs import COSTS, CostContext, cost_of, cost_terms, divisors, fewest_micro_batches, lower_bound
 from memguard.planning.rows import FULL, LORA, QLORA, Knobs, PlanRow, quantization_args
@@ -176,7 +176,7 @@ class Search:
             whole = self.setup.modules[None]
             base = ResolvedModel(whole, self.setup.name, getattr(whole, "config", None), True)
             depth = shallow(base, functools.partial(_finished, rank=k.lora_rank, quantization=k.quantization))
-            for blocks in DEPTHS if depth is not None else ():
+            for blocks in (*DEPTHS, HELD_OUT) if depth is not None else ():
                 depth.build(blocks)  # here, not in the trace's forked child, which would forget them
             self.depths[key] = depth
         return dataclasses.replace(load_model(module), depth=self.depths[key])

@@ -40,11 +40,11 @@ that they repeat as found and fixes the rules; two rules that fit both may still
 blocks or more (:func:`_simplicity` chooses, and the tests check the choice against whole traces).
 
 Known limitations:
-    * What holds from 3 blocks to ``L`` rests on the blocks being identical (the same code on
-      the same shapes) and on the rule chosen; it is checked at 2 and 3 blocks, and against whole
-      traces in the tests (4-6-block stacks; the README's Llama-2-7B plan gives the same rows to
-      the byte) — a fourth traced depth would check the choice on every call, at about half the
-      cost of the three.
+    * What holds from 4 blocks to ``L`` rests on the blocks being identical (the same code on
+      the same shapes) and on the rule chosen; the rules learnt at 1-3 blocks are checked on every
+      call against a recorded step of :data:`HELD_OUT` (4) blocks, which they never saw, and against
+      whole traces in the tests (4-6-block stacks; the README's Llama-2-7B plan gives the same rows
+      to the byte).
     * ``difflib``'s alignment is greedy: where a block's optimizer entries look like those around
       them (LoRA's A and B matrices, GPT-2's final norm) it splits a block's segment, the
       3-block check fails, and the whole model is traced. So too under a fully sharded strategy
@@ -70,10 +70,14 @@ from memguard.estimation.trace.ledger import Phase, Record
 from memguard.estimation.trace.pipeline import RecordedStep, TraceResult, analysed, invented_note, record_step
 from memguard.estimation.trace.record import Loop
 
-__all__ = ["DEPTHS", "EXTENDED", "Depth", "Pump", "extended_note", "learn", "trace_by_depth"]
+__all__ = ["DEPTHS", "EXTENDED", "HELD_OUT", "Depth", "Pump", "extended_note", "learn", "trace_by_depth"]
 
 DEPTHS = (1, 2, 3)
 """The depths traced: two to find the repeated segments, a third to check their order and frees."""
+
+HELD_OUT = 4
+"""A depth traced only to check the rules learnt from :data:`DEPTHS` (for stacks deeper than it): the
+step they build must equal the recorded one in every record, or the whole model is traced."""
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +110,28 @@ def trace_by_depth(depth: Depth, spec: TrainingSpec, loop: Loop, stack: Callable
     """
     if depth.layers <= max(DEPTHS):
         return None
-    steps, prefixes = [], set()
-    for k in DEPTHS:
+
+    def record(k: int) -> tuple[RecordedStep, str] | None:
         module = depth.build(k)
         blocks = stack(module)
         if len(blocks) != k:
             return None
-        prefixes.add(_prefix(module, blocks[0]))
-        steps.append(record_step(module, spec, loop, blocks if mark_blocks else (), timeout))
+        return record_step(module, spec, loop, blocks if mark_blocks else (), timeout), _prefix(module, blocks[0])
+
+    recorded = [record(k) for k in DEPTHS]
+    if any(r is None for r in recorded):
+        return None
+    steps = [r[0] for r in recorded if r is not None]
+    prefixes = {r[1] for r in recorded if r is not None}
     prefix = prefixes.pop()
     pump = learn(steps, prefix) if prefix and not prefixes else None
     if pump is None:
         return None
+    if depth.layers > HELD_OUT:  # the rules, learnt at 1-3 blocks, must rebuild a depth they never saw
+        held_out = record(HELD_OUT)
+        if held_out is None or not _same(pump.at(HELD_OUT), held_out[0]):
+            log.debug("no trace by depth: the rules do not rebuild the %d-block step", HELD_OUT)
+            return None
     built = pump.at(depth.layers)
     if built is None:
         log.debug("no trace by depth: the rules part at %d blocks", depth.layers)
@@ -133,7 +147,7 @@ EXTENDED = "the trace ran 1, 2 and 3 of the model's blocks"
 def extended_note(layers: int) -> str:
     """The note of a trace by depth: what ran, and why it stands for the whole model."""
     return (f"{EXTENDED} and repeated one block's events to all {layers} (memguard.estimation.trace.depth): "
-            "checked record by record against the traces of 2 and 3 blocks")
+            f"checked record by record against the traces of 2, 3 and {HELD_OUT} blocks")
 
 
 def _prefix(module: nn.Module, block: nn.Module) -> str:

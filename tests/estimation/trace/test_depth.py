@@ -14,7 +14,7 @@ from memguard.estimation.models import ResolvedModel, add_lora, load_model
 from memguard.estimation.parallel import resolve_parallelism, wrapped_blocks
 from memguard.estimation.shallow import shallow
 from memguard.estimation.step import Step
-from memguard.estimation.trace.depth import DEPTHS, EXTENDED, extended_note, learn, trace_by_depth
+from memguard.estimation.trace.depth import DEPTHS, EXTENDED, HELD_OUT, extended_note, learn, trace_by_depth
 from memguard.estimation.trace.pipeline import record_step, trace_breakdown
 from memguard.estimation.trace.record import Loop
 
@@ -146,3 +146,20 @@ def test_stand_in_counts_grow_by_one_block_each() -> None:
     assert whole.stand_ins and any("x" in note for note in whole.notes)
     assert trace_by_depth(depth, spec, loop, wrapped_blocks) == dataclasses.replace(
         whole, notes=[*whole.notes, extended_note(5)])
+
+
+@pytest.mark.slow
+def test_rules_that_do_not_rebuild_the_held_out_depth_are_not_used() -> None:
+    """A fourth block unlike the first three (as a stack whose pattern repeats every fourth layer
+    would have) passes the checks at 1-3 blocks; the held-out trace of 4 blocks refuses the rules."""
+    _, depth, spec, loop, _ = _case(_llama())
+    assert trace_by_depth(depth, spec, loop, wrapped_blocks) is not None  # the same stack, blocks alike
+
+    def build(k: int) -> Any:
+        if k < HELD_OUT:
+            return depth.build(k)
+        config = _llama(k)
+        config.intermediate_size = 192  # the fourth depth's blocks are wider
+        return load_model(config).module
+
+    assert trace_by_depth(dataclasses.replace(depth, build=build), spec, loop, wrapped_blocks) is None
