@@ -139,3 +139,18 @@ def test_the_length_rule_counts_code_not_the_docstring(tmp_path: Path) -> None:
     (tmp_path / "memguard" / "m.py").write_text(text)
     assert long_functions([tmp_path / "memguard" / "m.py"], tmp_path) == {
         ("memguard/m.py", "sixty_one", 61), ("memguard/m.py", "method", 61), ("memguard/m.py", "sorry", 0)}
+
+
+def test_every_str_enum_derives_from_the_one_base() -> None:
+    """A closed set of names is a :class:`memguard.enums.StrEnum` (its ``str()`` is its value), never a
+    class of its own over ``(str, enum.Enum)``, whose ``str()`` differs."""
+    own = []
+    for path in sorted((ROOT / "memguard").rglob("*.py")):
+        if path.name == "enums.py" and path.parent.name == "memguard":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases = {ast.unparse(b) for b in node.bases}
+                if "str" in bases and bases & {"enum.Enum", "Enum"}:
+                    own.append(f"{path.relative_to(ROOT)}:{node.name}")
+    assert own == []

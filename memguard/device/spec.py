@@ -42,7 +42,6 @@ with a ``FutureWarning``.)
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import re
 import sys
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING, Union
 from memguard.device.catalog import GPU_CATALOG, GpuSpec, close_gpus, list_gpus, lookup_gpu, matching_gpus
 from memguard.device.memory import DeviceMemory, MemorySource
 from memguard.device.readers import Readers, read_cuda, read_host, read_training_device
+from memguard.enums import StrEnum
 from memguard.errors import ConfigError, DeviceError, did_you_mean
 from memguard.units import decimal_reading, format_bytes, parse_bytes
 
@@ -72,7 +72,7 @@ _CUDA = re.compile(r"^cuda(?::(\d+))?$")
 _SHARE = re.compile(r"^(?P<pct>[^%]*%)(?:\s+of\s+(?P<of>.+))?$", re.I)
 
 
-class SpecKind(str, enum.Enum):
+class SpecKind(StrEnum):
     """What a :class:`DeviceSpec` stands for."""
 
     TRAINING = "training"

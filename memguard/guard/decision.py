@@ -9,9 +9,9 @@ on another that trains with another accumulation. Nothing here touches a framewo
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Sequence
 
+from memguard.enums import StrEnum
 from memguard.estimation.search import reduced_batch
 
 __all__ = ["Decision", "RankReport", "Verdict", "decide"]
@@ -45,7 +45,7 @@ class RankReport:
         return cls(bool(estimated), bool(fits), fitting, total, available)
 
 
-class Verdict(str, enum.Enum):
+class Verdict(StrEnum):
     """What the guard does."""
 
     FITS = "fits"  # train as asked

@@ -9,11 +9,12 @@ things, how to change the batch size when it can) and, once the first batch is t
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from memguard.enums import StrEnum
 
 if TYPE_CHECKING:
     from memguard.estimation.result import MemoryEstimate
@@ -25,7 +26,7 @@ AllGather = Callable[[list[int]], list[list[int]]]
 """Every rank's row of integers, in rank order, from this rank's row (a collective: every rank calls it)."""
 
 
-class Framework(str, enum.Enum):
+class Framework(StrEnum):
     """Whose run a guard watches; it owns the words of that framework's messages."""
 
     LIGHTNING = "lightning"

@@ -95,9 +95,9 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
     search, groups = run_search(setup, None)
     base_knobs = search.ctx.base
     pruned = search.cache[(memo_key(base_knobs), search.method)]
-    if search.method == "formula" and (setup.confirm or (search.candidate(pruned) and not search.fits(pruned))):
-        search.estimate(base_knobs, "trace")  # the number `memguard check` gives; a near miss's judge
-    mine = search.cache.get((memo_key(base_knobs), "trace")) or pruned
+    if search.method is Method.FORMULA and (setup.confirm or (search.candidate(pruned) and not search.fits(pruned))):
+        search.estimate(base_knobs, Method.TRACE)  # the number `memguard check` gives; a near miss's judge
+    mine = search.cache.get((memo_key(base_knobs), Method.TRACE)) or pruned
     if search.fits(mine) and groups:  # the trace may fit what the formula did not: it leads then
         mine_group = QLORA if base_knobs.quantization else LORA if base_knobs.lora_rank else FULL
         groups[0] = [(mine_group, base_knobs, mine),
@@ -208,7 +208,7 @@ def make_setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len:
         notes.append(f"LoRA ranks above the hidden size of {resolved.name} ({rank_limit}) are not planned")
         ranks = tuple(r for r in ranks if r <= rank_limit)
     return Setup(model, {None: resolved.module}, resolved.name, knobs, memory, float(margin), gpus, precisions,
-                  optimizers, ranks, method_prune, confirm, limit, device, seq_len, extra,
+                  optimizers, ranks, Method(method_prune), confirm, limit, device, seq_len, extra,
                   max_estimates, notes, built_here=resolved.built_here)
 
 

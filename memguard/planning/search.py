@@ -75,7 +75,7 @@ class Setup:
     precisions: tuple[str, ...]
     optimizers: tuple[str, ...]
     lora_ranks: tuple[int, ...]
-    method: str
+    method: Method
     confirm: int
     limit: int
     device: str
@@ -164,12 +164,12 @@ class Search:
             self.ctx.trainable.setdefault(rank, sum(p.numel() for p in module.parameters() if p.requires_grad))
         return self.setup.modules[key]
 
-    def model(self, k: Knobs, method: str) -> Any:
+    def model(self, k: Knobs, method: Method) -> Any:
         """What ``k`` estimates: its module, and for a trace of a model memguard built, how to build
         it with fewer blocks (:func:`memguard.estimation.shallow.shallow`: a trace of 1, 2 and 3
         blocks stands for all of them where it provably does, else the whole model is traced)."""
         module = self.module(k.lora_rank, k.quantization)
-        if method != "trace" or not self.setup.built_here:
+        if method is not Method.TRACE or not self.setup.built_here:
             return module
         key = (k.lora_rank, k.quantization)
         if key not in self.depths:
@@ -186,18 +186,18 @@ class Search:
         in a forked child, so its notes say how it went): its later traces run the whole model at once,
         not three small ones first."""
         key = (k.lora_rank, k.quantization)
-        if est is None or est.method != "trace" or self.depths.get(key) is None:
+        if est is None or est.method is not Method.TRACE or self.depths.get(key) is None:
             return
         if not any(note.startswith(EXTENDED) for note in est.notes):
             self.depths[key] = None
 
-    def estimate(self, k: Knobs, method: str, *, strict: bool = False) -> MemoryEstimate | None:
+    def estimate(self, k: Knobs, method: Method, *, strict: bool = False) -> MemoryEstimate | None:
         """The estimate of ``k``; ``None`` when the estimator cannot make it (the reason noted once)."""
         key = (memo_key(k), method)
         self.asked += 1
         if key not in self.cache:
             self.count += 1
-            if method == "trace":
+            if method is Method.TRACE:
                 self.traced += 1
                 self.say(f"tracing {', '.join(k.changes(self.ctx.base)) or 'as asked'} ...")
             elif self.progress is not None and self.count % 25 == 0:
@@ -214,9 +214,9 @@ class Search:
                 seen[0] += 1
                 self.cache[key] = None
             self._note_depth(k, self.cache[key])
-            other = self.cache.get((key[0], "formula" if method == "trace" else "trace"))
+            other = self.cache.get((key[0], Method.FORMULA if method is Method.TRACE else Method.TRACE))
             if self.cache[key] is not None and other is not None:
-                traced, formula = (self.cache[key], other) if method == "trace" else (other, self.cache[key])
+                traced, formula = (self.cache[key], other) if method is Method.TRACE else (other, self.cache[key])
                 self.ratios.setdefault(structure_of(k), []).append(self.needed(traced) / max(self.needed(formula), 1))
         return self.cache[key]
 
@@ -341,7 +341,7 @@ class Search:
                     skipped += 1
                     continue
                 near += 1
-            traced = self.estimate(k, "trace")
+            traced = self.estimate(k, Method.TRACE)
             if traced is None:  # the trace cannot: the formula's word, when it fits
                 if self.fits(est):
                     out.append((group, k, est))
@@ -356,7 +356,7 @@ class Search:
             smaller = [b for b in self.sizes(k) if b < k.batch_size] if ranked else []
             if smaller:
                 nxt = self.at(k, smaller[-1])
-                again = self.estimate(nxt, "formula")
+                again = self.estimate(nxt, Method.FORMULA)
                 if again is not None and self.candidate(again):
                     heapq.heappush(queue, (cost_of(nxt, ctx), again.total_bytes, order, (group, nxt, again)))
                     order += 1
@@ -400,11 +400,11 @@ def run_search(setup: Setup, asked: MemoryEstimate | None) -> tuple[Search, list
     search.module(base.lora_rank)  # its trainable count, which the costs read before any estimate
     if asked is not None:
         search.cache[(memo_key(base), asked.method)] = asked
-    if search.estimate(base, search.method, strict=search.method == "trace") is None:
+    if search.estimate(base, search.method, strict=search.method is Method.TRACE) is None:
         search.failed.clear()
-        search.estimate(base, "trace", strict=True)
+        search.estimate(base, Method.TRACE, strict=True)
         setup.notes.append(f"the formula cannot estimate {setup.name}: the trace searched instead")
-        search.method = "trace"
+        search.method = Method.TRACE
     search.seq_len = search.cache[(memo_key(base), search.method)].inputs.get("seq_len")
     search.ctx = dataclasses.replace(ctx, tokens_per_sample=search.seq_len or COSTS["micro_batch_tokens"])
     keep = 2 * setup.limit + 2  # candidates beyond the rows shown: the trace may drop some
