@@ -6,9 +6,10 @@ fresh process with ``MALLOC_MMAP_THRESHOLD_=65536``, so glibc serves every tenso
 (``MKL_DISABLE_FAST_MM=1``, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``; ``--library-caches`` leaves
 them on); resident memory then follows live buffers. In that process:
 
-1. one throwaway training step of a small model of the same kind, with the same widths and
-   sequence length (kernels, autograd, optimizer and autocast initialise lazily, and code pages
-   are read in on first use; none of that is counted);
+1. one throwaway training step of a small model of the same kind, with the same widths, batch
+   size and sequence length (kernels, autograd, optimizer and autocast initialise lazily, and code
+   pages are read in on first use; none of that is counted, including the part that grows with
+   the batch: the truth is the steady-state step);
 2. ``VmRSS`` is read just before the real model is built;
 3. the model is built on the CPU with real weights and prepared (dtype, freezing, checkpointing),
    and one batch is made;

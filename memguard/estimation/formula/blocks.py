@@ -140,7 +140,9 @@ def block_backward_bytes(ctx: Ctx, seq: int) -> int:
     if ctx.fam.position_bias and ctx.kernel is AttentionKernel.FUSED:
         # the fused kernel's gradient of T5's learned bias, batch-wide before it is summed
         grad_bias = ctx.b * a.heads * seq * seq * ctx.r
-    mlp = 3 * F32 - ctx.c if fp32_gelu(ctx, a.activation) else ctx.c
+    # quantized linear layers that return their input's dtype (Ctx.uncast) run the MLP, and
+    # so its gradients, in the residual stream's dtype
+    mlp = 3 * F32 - ctx.c if fp32_gelu(ctx, a.activation) else (ctx.r if ctx.uncast else ctx.c)
     if a.activation.lower() == "quick_gelu":
         mlp = 2 * ctx.c  # three gradients at once, by when the second linear has freed its input
     ffn = rows * a.ffn * mlp

@@ -21,6 +21,7 @@ from memguard.estimation.formula.blocks import block_backward_bytes, block_forwa
 from memguard.estimation.formula.context import AttentionKernel, Ctx, make_ctx, tokens
 from memguard.estimation.formula.embeddings import batch_bytes
 from memguard.estimation.formula.families import model_type_of, refuse_unmodelled
+from memguard.estimation.formula.head import final_bytes
 from memguard.estimation.formula.inventory import Inventory, inventory
 from memguard.estimation.formula.loss import (
     loss_backward_bytes,
@@ -50,10 +51,12 @@ def formula_breakdown(model: ResolvedModel, spec: TrainingSpec, *, training_loop
     alive in all of them; the batch too):
 
     1. end of forward: saved activations, autocast's 16-bit weight copies, and the loss's copies
-       of the logits (or the last block's largest temporary);
+       of the logits (or the last block's largest temporary, before the final norm and the head
+       have saved anything);
     2. start of backward: the logits dropped, ``log_softmax``'s output and the loss gradients;
     3. top block's backward: the head's weight gradient and the block's backward temporaries
-       (under checkpointing, the block recomputed);
+       (under checkpointing, the block recomputed with its forward's temporaries); what the final
+       norm and the head saved is freed by then;
     4. bottom block's backward: nearly every gradient, the first block's activations;
     5. end of backward: every gradient, a tied embedding's gradient made twice over;
     6. optimizer step: gradients and the step's temporaries.
@@ -109,15 +112,23 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     dequant_fwd, dequant_bwd = _dequantize_bytes(module, spec, ctx, acts.tokens)
     block_fwd = max(block_forward_bytes(ctx, n) for n in (acts.tokens, acts.enc_tokens or acts.tokens)) + dequant_fwd
     kept = loss_saved_bytes(ctx, acts.logits) if loss_fwd - block_fwd >= 0 else 0
-    phases: Phases = {
-        "end of forward": {**states, Category.ACTIVATIONS: saved + kept + acts.output_cache,
-                           Category.GRADIENTS: old_grads,
-                           Category.TEMPORARY: max(loss_fwd - kept, block_fwd)},
-    }
+    # what the final norm and the head save: made after the blocks' forward, freed by their backward
+    head_side = final_bytes(ctx, acts.tokens) + _head_autocast_bytes(inv, ctx, acts.idle)
+    end: dict[Category, int] = {**states, Category.ACTIVATIONS: saved + kept + acts.output_cache,
+                                Category.GRADIENTS: old_grads, Category.TEMPORARY: max(loss_fwd - kept, block_fwd)}
+    if not kept:  # a block's temporary is the largest: it comes before the final norm and the head run
+        in_block = {**end, Category.ACTIVATIONS: saved - head_side + acts.output_cache}
+        loss = {**end, Category.TEMPORARY: loss_fwd}
+        end = max(in_block, loss, key=lambda m: sum(m.values()))
+    phases: Phases = {"end of forward": end}
     if state.gradients > 0:
         elem = spec.precision.param_dtype.itemsize
+        recompute_fwd = (_recompute_bytes(ctx, acts.tokens, block_fwd, four_bit=bool(_quantized_layers(module))
+                                          and not ctx.kept_inputs)
+                         if spec.gradient_checkpointing else 0)
         phases.update(_backward_phases(inv, ctx, acts, grad, state, saved=saved, batch=batch,
-                                       elem=elem, dequant=dequant_bwd))
+                                       elem=elem, dequant=dequant_bwd, head_side=head_side,
+                                       recompute_fwd=recompute_fwd))
     notes.extend(_notes(arch, spec, ctx))
     return phases, notes
 
@@ -158,10 +169,18 @@ def shard_phases(phases: Phases, parallel: Parallelism, module: nn.Module, spec:
 
 
 def _backward_phases(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[bool],
-                     state: ModelState, *, saved: int, batch: int, elem: int, dequant: int = 0) -> Phases:
+                     state: ModelState, *, saved: int, batch: int, elem: int, dequant: int = 0,
+                     head_side: int = 0, recompute_fwd: int = 0) -> Phases:
     """The moments of backward and of the optimizer step (``elem``: bytes per parameter element;
     ``saved``: the forward's activations with the batch and autocast's weight copies; ``dequant``:
-    a quantized layer's dequantized weight, made again in its backward)."""
+    a quantized layer's dequantized weight, made again in its backward; ``head_side``: what the
+    final norm and the output head saved, their autocast weight copy included; ``recompute_fwd``:
+    under checkpointing, the temporaries as the top block's forward runs again, see
+    :func:`_recompute_bytes`).
+
+    By the top block's backward the head's and the final norm's nodes have run, and autograd frees
+    a node's saved tensors once it has run (``torch/csrc/autograd/engine.cpp``, ``call_function``:
+    ``fn.release_variables()`` unless the graph is retained): their ``head_side`` bytes are gone."""
     states = state.held()
     grads = state.gradients
     lsm = loss_saved_bytes(ctx, acts.logits)  # log_softmax output, saved by the forward
@@ -175,8 +194,8 @@ def _backward_phases(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[boo
     return phases | {
         "start of backward": {**states, Category.ACTIVATIONS: saved + lsm,
                               Category.TEMPORARY: loss_backward_bytes(ctx, acts.logits) - lsm},
-        "top block's backward": {**states, Category.ACTIVATIONS: saved + acts.recompute,
-                                 Category.GRADIENTS: head_grad, Category.TEMPORARY: block_bwd},
+        "top block's backward": {**states, Category.ACTIVATIONS: saved - head_side + acts.recompute,
+                                 Category.GRADIENTS: head_grad, Category.TEMPORARY: max(block_bwd, recompute_fwd)},
         "bottom block's backward": {
             **states, Category.ACTIVATIONS: batch + acts.embedding + acts.bottom_block,
             Category.GRADIENTS: grads - pre_grads, Category.TEMPORARY: block_bwd},
@@ -247,8 +266,13 @@ def _dequantize_bytes(module: Any, spec: TrainingSpec, ctx: Ctx,
         forward = max(rows * m.in_features * (2 + 1) + rows * 4 for m in layers)
         return forward, dequantize_temporary(layers, ctx.r)
     fused = ctx.b * tokens <= FUSED_MAX_ROWS
-    forward = 0 if fused else dequantize_temporary(layers, spec.precision.param_dtype.itemsize)
-    return forward, dequantize_temporary(layers, ctx.c)
+    # past the fused kernel's rows, F.linear over the weight dequantized into the parameters' dtype;
+    # under autocast that linear casts the fp32 weight to 16 bits as well (both alive at once)
+    elem = ctx.r + (ctx.c if ctx.autocast and ctx.c < ctx.r else 0)
+    forward = 0 if fused else dequantize_temporary(layers, elem)
+    # MatMul4Bit.backward: F.dequantize_4bit(B, ctx.state).to(grad_output.dtype), the output's
+    # dtype: the input's where the fused kernel returned it (Ctx.uncast), else autocast's
+    return forward, dequantize_temporary(layers, ctx.r if ctx.uncast else ctx.c)
 
 
 def _encoder_backward(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[bool],
@@ -292,6 +316,35 @@ def _autocast_weight_bytes(inv: Inventory, ctx: Ctx, idle: frozenset[int], grad:
         blocks = {i for blk in (*inv.enc_blocks, *inv.dec_blocks) for i in blk} - idle
         unused += sum(inv.numel[i] for i in blocks if inv.matmul[i] and not grad[i])
     return (inv.matmul_numel - unused) * ctx.c
+
+
+def _recompute_bytes(ctx: Ctx, seq: int, block_fwd: int, *, four_bit: bool) -> int:
+    """Temporaries while a checkpointed block's forward runs again in backward: the forward's own
+    (``block_fwd``: an MLP-width intermediate and a quantized weight's dequantization) beside the
+    gradients made before the recomputation started.
+
+    Non-reentrant checkpointing recomputes when backward first unpacks a tensor the block saved
+    (``torch/utils/checkpoint.py``, ``_checkpoint_hook``'s ``unpack_hook``). That is the MLP's
+    output projection, which saves its input or weight, so only the gradient of the block's output
+    is alive; but bitsandbytes' ``MatMul4Bit`` keeps its weight on ``ctx.tensors`` rather than
+    through ``save_for_backward`` (``bitsandbytes/autograd/_functions.py``), so its backward runs
+    before the recomputation and its MLP-width input gradient (in the MLP's dtype,
+    :attr:`Ctx.mlp_elem` of a frozen block) is alive too.
+    """
+    rows = ctx.b * seq
+    grads = rows * ctx.arch.hidden * ctx.r
+    if four_bit:
+        grads += rows * ctx.arch.ffn * (ctx.r if ctx.uncast else ctx.c)
+    return grads + block_fwd
+
+
+def _head_autocast_bytes(inv: Inventory, ctx: Ctx, idle: frozenset[int]) -> int:
+    """The output head's 16-bit weight copy under autocast (a part of
+    :func:`_autocast_weight_bytes`), which the head's matmul saves for its input's gradient."""
+    head = inv.head
+    if not ctx.autocast or head is None or not inv.matmul[head] or head in idle:
+        return 0
+    return inv.numel[head] * ctx.c
 
 
 def _head_grad_bytes(inv: Inventory, grad: list[bool], elem: int) -> int:
