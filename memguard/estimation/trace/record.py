@@ -34,6 +34,7 @@ from memguard.estimation.models import is_checkpointing, set_checkpointing
 from memguard.estimation.spec import TrainingSpec, make_optimizer
 from memguard.estimation.trace.isolation import isolated, preserved_rng
 from memguard.estimation.trace.ledger import CountingMode, Ledger, Phase
+from memguard.estimation.trace.packing import Positions, derived_positions, has_position_ids
 
 __all__ = ["DEFAULT_TIMEOUT", "Inputs", "Loop", "Recording", "check_timeout", "recorded"]
 
@@ -107,6 +108,8 @@ class Recording:
     last_input: Any = None
     workspaces: Workspaces | None = None
     """The kernels whose workspaces the trace saw but cannot size (CUDA only)."""
+    positions: Positions = dataclasses.field(default_factory=Positions)
+    """How transformers' packed-sequence check was answered (:mod:`.packing`)."""
 
 
 @contextlib.contextmanager
@@ -134,11 +137,14 @@ def recorded(module: nn.Module, spec: TrainingSpec, loop: Loop, counting: Counti
         # tensors), and get their own back on exit; checkpointed layers recompute their
         # forward during backward, so this lasts the whole step.
         stack.enter_context(isolated(module, fakes, _stand_in))
+        # transformers' packed-sequence check, answered as the real run answers it (.packing).
+        positions = stack.enter_context(derived_positions())
         _prepare(module, bool(spec.gradient_checkpointing))
         _mark_block_backward(counting.ledger, blocks)
         stack.enter_context(counting)
         workspaces = stack.enter_context(device_kernels(spec.device))
         step = _Step(module, spec, loop, counting.ledger, fakes, trainable)
+        step.recording.positions = positions
         recording = step.run()
         recording.workspaces = workspaces
         yield recording
@@ -187,6 +193,7 @@ class _Step:
         ledger.set_phase(Phase.FORWARD)
         start = ledger.clock
         args, kwargs = loop.make_inputs()
+        recording.positions.given = has_position_ids((args, kwargs))
         leaves = tree_flatten((args, kwargs))[0]
         if leaves:
             recording.last_input = leaves[-1]  # the previous batch's last leaf goes here
