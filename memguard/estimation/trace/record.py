@@ -13,7 +13,8 @@ While the step runs, every module of the tree holds a private copy of its state 
 parameters and buffers in the dtypes training keeps. Under ``device="cuda"`` the step runs on fake
 CPU tensors with the CUDA rules applied (:mod:`memguard.estimation.cuda_rules`: CUDA's autocast op
 lists, SDPA's backend choice, the CUDA attention ops' outputs), and built-in optimizers run their
-``foreach`` implementation, the CUDA default.
+``foreach`` implementation, the CUDA default. transformers' packed-sequence check, which skips its
+data-dependent test on fake tensors, is answered as the real run answers it (:mod:`.packing`).
 """
 
 from __future__ import annotations
