@@ -26,7 +26,7 @@ from memguard.estimation.stand_ins import ONES, ROUTINGS, routing_name
 from memguard.estimation.trace.analyse import allocator_slack, analyse
 from memguard.estimation.trace.classify import classify
 from memguard.estimation.trace.ledger import CountingMode, Ledger, Phase, Record
-from memguard.estimation.trace.record import DEFAULT_TIMEOUT, Inputs, Loop, recorded
+from memguard.estimation.trace.record import DEFAULT_TIMEOUT, Inputs, Loop, Recording, recorded
 
 __all__ = ["RecordedStep", "TraceResult", "analysed", "invented_note", "record_step", "trace_breakdown"]
 
@@ -144,7 +144,7 @@ def _recording(module: nn.Module, spec: TrainingSpec, loop: Loop, blocks: Iterab
     try:
         with recorded(module, spec, loop, counting, blocks) as recording:
             yield RecordedStep(spec.device, recording.ledger.records, classify(recording),
-                               list(recording.ledger.marks), recording.workspaces, _notes(counting, spec),
+                               list(recording.ledger.marks), recording.workspaces, _notes(counting, spec, recording),
                                _stand_ins(counting, spec), frozenset(counting.uncounted),
                                dict(counting.stand_ins.invented))
     except (ConfigError, TraceError):
@@ -168,7 +168,7 @@ def analysed(step: RecordedStep, weight: Callable[[Category, Phase], float] | No
     return TraceResult(report.breakdown, step.notes, slack, report.at_peak, report.timeline, step.stand_ins, band)
 
 
-def _notes(counting: CountingMode, spec: TrainingSpec) -> list[str]:
+def _notes(counting: CountingMode, spec: TrainingSpec, recording: Recording) -> list[str]:
     """What the trace invented, modelled or could not size, and what it does not trace, in words."""
     notes: list[str] = []
     invented = counting.stand_ins
@@ -178,6 +178,9 @@ def _notes(counting: CountingMode, spec: TrainingSpec) -> list[str]:
         notes.append(f"{_routing_words(spec.moe_routing)}: the indices of topk x{invented.modelled.get('topk', 0)} "
                      "(the routers' choice of experts) made by the routing model")
     notes.extend(f"not sized by the trace: {what}" for what in sorted(counting.uncounted))
+    packed = recording.positions.note()
+    if packed is not None:
+        notes.append(packed)
     if spec.precision.grad_scaler:
         notes.append("GradScaler's scalars are not traced (a few bytes)")
     return notes

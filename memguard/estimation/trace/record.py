@@ -13,7 +13,8 @@ While the step runs, every module of the tree holds a private copy of its state 
 parameters and buffers in the dtypes training keeps. Under ``device="cuda"`` the step runs on fake
 CPU tensors with the CUDA rules applied (:mod:`memguard.estimation.cuda_rules`: CUDA's autocast op
 lists, SDPA's backend choice, the CUDA attention ops' outputs), and built-in optimizers run their
-``foreach`` implementation, the CUDA default.
+``foreach`` implementation, the CUDA default. transformers' packed-sequence check, which skips its
+data-dependent test on fake tensors, is answered as the real run answers it (:mod:`.packing`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from memguard.estimation.models import is_checkpointing, set_checkpointing
 from memguard.estimation.spec import TrainingSpec, make_optimizer
 from memguard.estimation.trace.isolation import isolated, preserved_rng
 from memguard.estimation.trace.ledger import CountingMode, Ledger, Phase
+from memguard.estimation.trace.packing import Positions, derived_positions, has_position_ids
 
 __all__ = ["DEFAULT_TIMEOUT", "Inputs", "Loop", "Recording", "check_timeout", "recorded"]
 
@@ -107,6 +109,8 @@ class Recording:
     last_input: Any = None
     workspaces: Workspaces | None = None
     """The kernels whose workspaces the trace saw but cannot size (CUDA only)."""
+    positions: Positions = dataclasses.field(default_factory=Positions)
+    """How transformers' packed-sequence check was answered (:mod:`.packing`)."""
 
 
 @contextlib.contextmanager
@@ -134,11 +138,14 @@ def recorded(module: nn.Module, spec: TrainingSpec, loop: Loop, counting: Counti
         # tensors), and get their own back on exit; checkpointed layers recompute their
         # forward during backward, so this lasts the whole step.
         stack.enter_context(isolated(module, fakes, _stand_in))
+        # transformers' packed-sequence check, answered as the real run answers it (.packing).
+        positions = stack.enter_context(derived_positions())
         _prepare(module, bool(spec.gradient_checkpointing))
         _mark_block_backward(counting.ledger, blocks)
         stack.enter_context(counting)
         workspaces = stack.enter_context(device_kernels(spec.device))
         step = _Step(module, spec, loop, counting.ledger, fakes, trainable)
+        step.recording.positions = positions
         recording = step.run()
         recording.workspaces = workspaces
         yield recording
@@ -187,6 +194,7 @@ class _Step:
         ledger.set_phase(Phase.FORWARD)
         start = ledger.clock
         args, kwargs = loop.make_inputs()
+        recording.positions.given = has_position_ids((args, kwargs))
         leaves = tree_flatten((args, kwargs))[0]
         if leaves:
             recording.last_input = leaves[-1]  # the previous batch's last leaf goes here
