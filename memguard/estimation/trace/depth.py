@@ -118,11 +118,13 @@ def trace_by_depth(depth: Depth, spec: TrainingSpec, loop: Loop, stack: Callable
             return None
         return record_step(module, spec, loop, blocks if mark_blocks else (), timeout), _prefix(module, blocks[0])
 
-    recorded = [record(k) for k in DEPTHS]
-    if any(r is None for r in recorded):
-        return None
-    steps = [r[0] for r in recorded if r is not None]
-    prefixes = {r[1] for r in recorded if r is not None}
+    steps, prefixes = [], set()
+    for k in DEPTHS:
+        got = record(k)
+        if got is None:
+            return None
+        steps.append(got[0])
+        prefixes.add(got[1])
     prefix = prefixes.pop()
     pump = learn(steps, prefix) if prefix and not prefixes else None
     if pump is None:
