@@ -38,11 +38,13 @@ Known limitations:
       :meth:`memguard.estimation.formula.context.Ctx.linear_inputs`. On LoRA-r8 Llamas with the
       CUDA rules (batch 4 x 512 with and without checkpointing, and 1 x 256; NF4 with double
       quantization and int8; bf16-true and bf16-mixed; ``benchmarks/qlora_vs_trace.py``) it is
-      within -3.5% to +6.9% of the trace on 512 x 4, 1024 x 4 and 2048 x 2 layers with GQA (it was
-      -5.1% to +7.9% while the formula's top block's backward held what the final norm and the head
-      had saved, and -5.5% to +4.5% while the checkpointed trace built an explicit causal mask and
-      repeated GQA's K/V, which a real run does not: transformers' ``find_packed_sequence_indices``
-      read fake position ids as packed sequences, see :mod:`memguard.estimation.trace.packing`).
+      within -4.1% to +4.3% of the trace on 512 x 4, 1024 x 4 and 2048 x 2 layers with GQA (it was
+      -3.5% to +6.9% while it counted what a frozen final norm and head do not save and missed the
+      final RMSNorm's backward, -5.1% to +7.9% while the formula's top block's backward held what
+      the final norm and the head had saved, and -5.5% to +4.5% while the checkpointed trace built
+      an explicit causal mask and repeated GQA's K/V, which a real run does not: transformers'
+      ``find_packed_sequence_indices`` read fake position ids as packed sequences, see
+      :mod:`memguard.estimation.trace.packing`).
     * bitsandbytes before the 0.4x refactor of ``MatMul4Bit`` kept its input for backward
       (``ctx.tensors = (A, B)``); memguard models 0.50, which does not. Runs on older versions keep
       about one more activation per quantized layer without an adapter reading the same tensor.

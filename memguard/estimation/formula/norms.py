@@ -39,3 +39,18 @@ def rms_norm_bytes(ctx: Ctx, rows: int, width: int, *, keeps_input: bool = False
         return n * F32 + normalised + rows * F32
     extra = n * ctx.r if keeps_input else 0
     return n * F32 + normalised + rows * F32 + extra
+
+
+def norm_backward_bytes(ctx: Ctx, rows: int, width: int) -> int:
+    """The temporaries of one norm's backward at their largest, for Llama's RMSNorm (``ctx.fam.norm``
+    ``"rmsnorm"``; 0 for the others, whose backward the block's temporaries cover).
+
+    ``LlamaRMSNorm.forward`` computes ``x * rsqrt(x.pow(2).mean(-1))`` on the fp32 ``x`` in every
+    precision. Its backward (``tools/autograd/derivatives.yaml``) runs ``MulBackward`` first, which
+    gives ``x`` one fp32 gradient that waits for the other path to be summed; then ``mean``'s
+    (``sum_backward(...).div(n)``: one fp32 tensor) and ``pow``'s, ``pow_backward`` in
+    ``torch/csrc/autograd/FunctionsManual.cpp``: ``grad * (exponent * self.pow(exponent - 1))``,
+    three fp32 tensors alive in one expression. Five fp32 tensors of the norm's input size at once;
+    the trace holds exactly that (Llama, bf16-true and bf16-mixed, at the final norm's backward).
+    """
+    return 5 * rows * width * F32 if ctx.fam.norm == "rmsnorm" else 0

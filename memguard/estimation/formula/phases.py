@@ -21,7 +21,6 @@ from memguard.estimation.formula.blocks import block_backward_bytes, block_forwa
 from memguard.estimation.formula.context import AttentionKernel, Ctx, make_ctx, tokens
 from memguard.estimation.formula.embeddings import batch_bytes
 from memguard.estimation.formula.families import model_type_of, refuse_unmodelled
-from memguard.estimation.formula.head import final_bytes
 from memguard.estimation.formula.inventory import Inventory, inventory
 from memguard.estimation.formula.loss import (
     loss_backward_bytes,
@@ -29,6 +28,7 @@ from memguard.estimation.formula.loss import (
     loss_saved_bytes,
 )
 from memguard.estimation.formula.model_state import ModelState, model_state
+from memguard.estimation.formula.norms import norm_backward_bytes
 from memguard.estimation.models import ResolvedModel
 from memguard.estimation.parallel import Parallelism
 from memguard.estimation.quantization import QuantizationKind
@@ -54,6 +54,8 @@ def formula_breakdown(model: ResolvedModel, spec: TrainingSpec, *, training_loop
        of the logits (or the last block's largest temporary, before the final norm and the head
        have saved anything);
     2. start of backward: the logits dropped, ``log_softmax``'s output and the loss gradients;
+       then the final norm's backward, whose temporaries Llama's RMSNorm makes in fp32
+       (:func:`~memguard.estimation.formula.norms.norm_backward_bytes`), the head's saved tensors freed;
     3. top block's backward: the head's weight gradient and the block's backward temporaries
        (under checkpointing, the block recomputed with its forward's temporaries); what the final
        norm and the head saved is freed by then;
@@ -115,7 +117,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     # what the final norm and the head save: made after the blocks' forward, freed by their backward
     # (a head over every token only: for a class-token head the trace keeps more (ViT, bf16-mixed on
     # CUDA: 4.4% more at the top block's backward than this subtraction leaves), so nothing is freed)
-    head_side = (final_bytes(ctx, acts.tokens) + _head_autocast_bytes(inv, ctx, acts.idle)
+    head_side = (acts.final + _head_autocast_bytes(inv, ctx, acts.idle)
                  if ctx.fam.head_input == "linear" else 0)
     end: dict[Category, int] = {**states, Category.ACTIVATIONS: saved + kept + acts.output_cache,
                                 Category.GRADIENTS: old_grads, Category.TEMPORARY: max(loss_fwd - kept, block_fwd)}
@@ -137,6 +139,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
 
 
 PHASE_OF = {"end of forward": Phase.FORWARD, "start of backward": Phase.BACKWARD,
+            "final norm's backward": Phase.BACKWARD,
             "top block's backward": Phase.BLOCK_BACKWARD,
             "bottom block's backward": Phase.BLOCK_BACKWARD,
             "end of backward": Phase.BLOCK_BACKWARD, "optimizer step": Phase.OPTIMIZER}
@@ -194,6 +197,10 @@ def _backward_phases(inv: Inventory, ctx: Ctx, acts: Activations, grad: list[boo
     if acts.encoder_saved:
         phases["encoder's backward"] = _encoder_backward(inv, ctx, acts, grad, states, batch=batch,
                                                          elem=elem, head_grad=head_grad, block_bwd=block_bwd)
+    norm_bwd = norm_backward_bytes(ctx, ctx.b * acts.tokens, ctx.arch.hidden) if acts.final_norm else 0
+    if norm_bwd:
+        phases["final norm's backward"] = {**states, Category.ACTIVATIONS: saved - head_side + acts.final_norm,
+                                           Category.GRADIENTS: head_grad, Category.TEMPORARY: norm_bwd}
     return phases | {
         "start of backward": {**states, Category.ACTIVATIONS: saved + lsm,
                               Category.TEMPORARY: loss_backward_bytes(ctx, acts.logits) - lsm},
