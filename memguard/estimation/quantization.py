@@ -45,9 +45,12 @@ Known limitations:
       an explicit causal mask and repeated GQA's K/V, which a real run does not: transformers'
       ``find_packed_sequence_indices`` read fake position ids as packed sequences, see
       :mod:`memguard.estimation.trace.packing`).
-    * bitsandbytes before the 0.4x refactor of ``MatMul4Bit`` kept its input for backward
-      (``ctx.tensors = (A, B)``); memguard models 0.50, which does not. Runs on older versions keep
-      about one more activation per quantized layer without an adapter reading the same tensor.
+    * bitsandbytes before 0.43.2 ("fix QLoRA mem bug", PR #1270) kept ``MatMul4Bit``'s input as a
+      plain ``ctx`` attribute (``ctx.tensors = (A, B)``), which autograd does not free after the
+      node's backward (only saved variables are, ``PyNode::release_variables``) but with the graph:
+      one more activation per quantized layer without an adapter reading the same tensor, and, in a
+      loop whose variables keep the output (and so the graph) into the next step, the previous
+      step's inputs through the next forward. memguard models 0.50, which keeps ``(None, B)``.
     * LLM.int8's outlier columns (``threshold=6.0`` in transformers) depend on the data and are not
       counted: a few columns of the input per layer.
     * peft's ``prepare_model_for_kbit_training`` casts the non-quantized weights to fp32; that is
