@@ -77,6 +77,7 @@ class Architecture:
         norm_first: pre-norm blocks (norm inside the residual branch) rather than post-norm.
         fused_qkv: one projection makes Q, K and V (GPT-2's ``c_attn``, torch's ``in_proj``).
         image_tokens: tokens per image of a vision model (patches + class token), else ``None``.
+        pixels: values per image of a vision model (channels x height x width), else ``None``.
         num_labels: classes of a classification head, else ``None``.
         sliding_window: attention window of a sliding-window model, else ``None``.
         use_cache: the config returns a key/value cache from a training forward.
@@ -112,6 +113,7 @@ class Architecture:
     norm_first: bool
     fused_qkv: bool
     image_tokens: int | None = None
+    pixels: int | None = None
     num_labels: int | None = None
     sliding_window: int | None = None
     use_cache: bool = False
@@ -314,9 +316,9 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
         enc_layers, dec_layers = n_layers, int(dec)
     hidden_dropout, attention_dropout, activation_dropout, embedding_dropout = _dropouts(config, fam)
     vocab = _get(config, "vocab_size")
-    image_tokens = None
+    image_tokens = pixels = None
     if fam.head_input == "class-token" or (hasattr(config, "image_size") and hasattr(config, "patch_size")):
-        image_tokens = _image_tokens(config)
+        image_tokens, pixels = _image_tokens(config), _pixels(config)
         vocab = None
     norm = "layernorm" if fam.norm == "layernorm" else "rmsnorm"
     positions = "rotary" if fam.rotary else "relative" if fam.position_bias else "learned"
@@ -333,7 +335,7 @@ def _from_config(config: Any, module: nn.Module) -> Architecture | None:
         activation_dropout=activation_dropout, embedding_dropout=embedding_dropout,
         attn_implementation=str(attn), tied_embeddings=bool(_tied(config, module)),
         positions=positions, norm=norm, norm_first=fam.norm_first, fused_qkv=facts.fused_qkv,
-        image_tokens=image_tokens,
+        image_tokens=image_tokens, pixels=pixels,
         num_labels=int(getattr(config, "num_labels", 0) or 0) or None,
         sliding_window=int(window) if window else None,
         # BART-like models turn the cache off themselves when given labels
@@ -394,6 +396,14 @@ def _image_tokens(config: Any) -> int:
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
     return (h // ph) * (w // pw) + 1
+
+
+def _pixels(config: Any) -> int:
+    """Values of one image: ``num_channels x image_size``, as the batch builds it
+    (:func:`memguard.estimation.formula.embeddings.batch_bytes`)."""
+    size = config.image_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(getattr(config, "num_channels", 3)) * h * w
 
 
 def _tied(config: Any, module: nn.Module) -> bool:

@@ -133,7 +133,9 @@ def block_backward_bytes(ctx: Ctx, seq: int) -> int:
     16-bit input. So does CLIP's ``quick_gelu``, ``x * torch.sigmoid(1.702 * x)``
     (``QuickGELUActivation`` in ``transformers/activations.py``), in the matmul dtype: the product's
     backward makes the gradients of ``x`` and of the sigmoid's output, ``sigmoid_backward`` that of
-    its input, beside the incoming one."""
+    its input, beside the incoming one. Under autocast the residual's gradient also gets a 16-bit
+    copy for the linear output it was added to (the MLP's second linear runs in the autocast dtype,
+    the residual stream in fp32): ViT's top block, bf16-mixed on CUDA, holds it in the trace."""
     a = ctx.arch
     rows = ctx.b * seq
     grad_bias = 0
@@ -148,4 +150,8 @@ def block_backward_bytes(ctx: Ctx, seq: int) -> int:
     ffn = rows * a.ffn * mlp
     if a.moe is not None and a.moe.layers:
         ffn = max(ffn if a.moe.layers < a.layers else 0, moe_temporary_bytes(ctx, rows, a.moe, ctx.routing))
-    return rows * a.hidden * ctx.r + ffn + grad_bias
+    # the residual's gradient cast to the 16-bit dtype of the linear output it is added to
+    # (``AddBackward`` returns each input's gradient in that input's dtype)
+    out = ctx.r if ctx.uncast else ctx.c
+    cast = rows * a.hidden * out if ctx.autocast and out < ctx.r else 0
+    return rows * a.hidden * ctx.r + cast + ffn + grad_bias

@@ -42,7 +42,10 @@ def batch_bytes(arch: Architecture, module: nn.Module, spec: TrainingSpec, b: in
 
 def embedding_bytes(ctx: Ctx, seq: int) -> int:
     """What the embedding layer saves beyond the first block's input: the embedding dropout mask,
-    an embedding LayerNorm's input (BERT, BART), rotary tables, T5's relative position buckets.
+    an embedding LayerNorm's input (BERT, BART), rotary tables, T5's relative position buckets, and
+    under autocast a vision model's 16-bit copy of the pixels, which its patch projection saves for
+    its weight's gradient (autocast casts a convolution's input: ``conv2d`` is in the
+    ``lower_precision_fp`` lists of CUDA and CPU in ``aten/src/ATen/autocast_mode.cpp``).
     """
     a = ctx.arch
     rows = ctx.b * seq
@@ -55,6 +58,8 @@ def embedding_bytes(ctx: Ctx, seq: int) -> int:
         total += 2 * seq * a.head_dim * F32
     if a.positions == "relative":
         total += seq * seq * I64
+    if a.pixels and ctx.autocast:
+        total += ctx.b * a.pixels * ctx.c
     return total
 
 

@@ -115,10 +115,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
     block_fwd = max(block_forward_bytes(ctx, n) for n in (acts.tokens, acts.enc_tokens or acts.tokens)) + dequant_fwd
     kept = loss_saved_bytes(ctx, acts.logits) if loss_fwd - block_fwd >= 0 else 0
     # what the final norm and the head save: made after the blocks' forward, freed by their backward
-    # (a head over every token only: for a class-token head the trace keeps more (ViT, bf16-mixed on
-    # CUDA: 4.4% more at the top block's backward than this subtraction leaves), so nothing is freed)
-    head_side = (acts.final + _head_autocast_bytes(inv, ctx, acts.idle)
-                 if ctx.fam.head_input == "linear" else 0)
+    head_side = acts.final + _head_autocast_bytes(inv, ctx, acts.idle)
     end: dict[Category, int] = {**states, Category.ACTIVATIONS: saved + kept + acts.output_cache,
                                 Category.GRADIENTS: old_grads, Category.TEMPORARY: max(loss_fwd - kept, block_fwd)}
     if not kept:  # a block's temporary is the largest: it comes before the final norm and the head run
