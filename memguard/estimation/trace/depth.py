@@ -57,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import nn
@@ -426,7 +426,7 @@ def _learn(steps: Sequence[RecordedStep], prefix: str) -> tuple[Pump | None, str
     marked = [[_token(s, e, prefix) for e in ev or []] for s, ev in zip(steps, events, strict=True)]
     tokens = [[t for t, _ in m] for m in marked]
     why = ""
-    for inserts in _alignments(tokens[0], tokens[1]):
+    for inserts in _alignments(*tokens):
         if inserts is None:
             why = why or "the 2-block step is not the 1-block step with events inserted"
             continue
@@ -459,10 +459,81 @@ def _rules(pump: Pump, steps: Sequence[RecordedStep], events: list[list[tuple[st
     return ""
 
 
-def _alignments(base: list[_Token], longer: list[_Token]) -> list[list[tuple[int, list[_Token]]] | None]:
-    """Ways to read ``longer`` as ``base`` with segments inserted, tried in turn: ``difflib``'s
-    alignment from the start, then from the end."""
-    return [_matched(base, longer), _matched(base, longer, backwards=True)]
+def _alignments(base: list[_Token], two: list[_Token], three: list[_Token]
+                ) -> Iterator[list[tuple[int, list[_Token]]] | None]:
+    """Ways to read ``two`` as ``base`` with segments inserted, tried in turn: ``difflib``'s
+    alignment from the start, then from the end; where neither holds, the parse of the three steps
+    together (:func:`_parsed`), from the start, then from the end."""
+    yield _matched(base, two)
+    yield _matched(base, two, backwards=True)
+    yield _parsed(base, two, three)
+    found = _parsed(base[::-1], two[::-1], three[::-1])
+    yield None if found is None else [(len(base) - p, y[::-1]) for p, y in reversed(found)]
+
+
+PARSE_STATES = 200_000
+"""The most steps :func:`_parsed` takes before it gives up (then the whole model is traced)."""
+
+_State = tuple[int, int, bool]
+
+
+def _parsed(base: list[_Token], two: list[_Token], three: list[_Token]) -> list[tuple[int, list[_Token]]] | None:
+    """``two`` as ``base`` with segments inserted such that ``three`` is ``two`` with each once more:
+    the form ``c0 Y1^(k-1) c1 ... cm`` read from the steps of 1, 2 and 3 blocks at once; ``None``
+    where there is none.
+
+    ``difflib`` aligns two sequences, greedily: where segments of a block sit side by side and look
+    alike (LoRA's A and B matrices, whose ``foreach`` temporaries the optimizer frees in reverse order
+    and then their gradients in order: ``ABAV VABA ABAV`` at 1 block), it reads two of them as one
+    insertion, ``(Y1 Y2)^(k-1)`` where the step is ``Y1^(k-1) Y2^(k-1)``, and the 3-block step refutes it.
+
+    The parse walks the three steps together. At base position ``i`` with ``e`` events inserted so
+    far, ``two`` is at ``i + e`` and ``three`` at ``i + 2e``; either the event of ``base`` is the next
+    one of all three, or a segment ``Y`` of ``n`` events is inserted there: ``two`` reads ``Y``,
+    ``three`` reads ``Y Y``, and both go on with the next event of ``base`` (or all three end). It takes
+    an event of ``base`` before a segment and a short segment before a long one, and backs up where it
+    is stuck; a state that led nowhere is not tried again, and after :data:`PARSE_STATES` steps it
+    gives up. A parse is a candidate only: its rules must still rebuild the 2- and 3-block steps
+    record by record (:func:`_rules`).
+    """
+    size, extra = len(base), len(two) - len(base)
+    if extra <= 0 or len(three) - len(two) != extra:
+        return None
+    codes: dict[_Token, int] = {}
+    b, s2, s3 = ([codes.setdefault(t, len(codes)) for t in seq] for seq in (base, two, three))
+
+    def moves(i: int, e: int, inserted: bool) -> Iterator[tuple[_State, int]]:
+        """The states that follow ``(i, e, inserted)`` (``inserted``: a segment ends here, so no other
+        begins) and the length of the segment each inserts (0: none)."""
+        i2, i3 = i + e, i + 2 * e
+        if i < size and b[i] == s2[i2] == s3[i3]:
+            yield (i + 1, e, False), 0
+        if inserted:
+            return
+        for n in range(1, extra - e + 1):
+            if s2[i2 + n - 1] != s3[i3 + n - 1]:
+                break
+            repeats = s3[i3:i3 + n] == s3[i3 + n:i3 + 2 * n]
+            ends = i == size and e + n == extra
+            if repeats and (ends or (i < size and b[i] == s2[i2 + n] == s3[i3 + 2 * n])):
+                yield (i, e + n, True), n
+
+    start: _State = (0, 0, False)
+    path: list[tuple[_State, Iterator[tuple[_State, int]], int]] = [(start, moves(*start), 0)]
+    dead: set[_State] = set()
+    for _ in range(PARSE_STATES):
+        if not path:
+            return None
+        state, following, _ = path[-1]
+        if state[:2] == (size, extra):
+            return [(i, two[i + e - n:i + e]) for (i, e, _), _, n in path if n]
+        taken = next(following, None)
+        if taken is None:
+            dead.add(state)
+            path.pop()
+        elif taken[0] not in dead:
+            path.append((taken[0], moves(*taken[0]), taken[1]))
+    return None
 
 
 def _matched(base: list[_Token], longer: list[_Token], *, backwards: bool = False
