@@ -12,7 +12,8 @@ segments that repeat once per block beyond the first.
 :func:`learn` finds that form and checks it, record by record, instead of assuming it:
 
 1. the events of the 1-block step are aligned with those of the 2-block step
-   (``difflib.SequenceMatcher``, from the start or from the end); what the second adds must be
+   (``difflib.SequenceMatcher``, from the start or from the end; where neither alignment holds,
+   the 1-, 2- and 3-block steps parsed together, :func:`_parsed`); what the second adds must be
    insertions only (no event of the first changed or dropped), each a segment ``Y`` at one place;
 2. each event says what it is: its bytes (as allocated and as asked), phase, category, shape,
    dtype and the module (or parameter) it belongs to with the block's index left out; the
@@ -46,9 +47,14 @@ Known limitations:
       whole traces in the tests (4-6-block stacks; the README's Llama-2-7B plan gives the same rows
       to the byte).
     * ``difflib``'s alignment is greedy: where a block's optimizer entries look like those around
-      them (LoRA's A and B matrices, GPT-2's final norm) it splits a block's segment, the
-      3-block check fails, and the whole model is traced. So too under a fully sharded strategy
-      (FSDP, ZeRO-3), whose ``BLOCK_BACKWARD`` mark the 1-block step does not place as the
+      them (LoRA's A and B matrices) it reads two of a block's segments as one and the 3-block
+      step refutes it; the parse of the three steps together (:func:`_parsed`) then finds the
+      segments. Where unnamed events (the ``foreach`` temporaries, the gradients) of a block look
+      like those of the part after the stack (GPT-2's final norm: the same shapes as a block's
+      first norm and last bias), a segment may be read with its cut inside a block at one end and
+      the next block's first events at the other, whose frees no rule of :func:`_target` (one
+      fallback event per rule) gives: the whole model is traced. So too under a fully sharded
+      strategy (FSDP, ZeRO-3), whose ``BLOCK_BACKWARD`` mark the 1-block step does not place as the
       2-block step does.
 """
 
