@@ -193,9 +193,13 @@ def _events(step: RecordedStep) -> list[tuple[str, int]] | None:
     return out
 
 
-def _token(step: RecordedStep, event: tuple[str, int], prefix: str) -> tuple[_Token, int | None]:
+def _token(step: RecordedStep, event: tuple[str, int], prefix: str, *, loose: bool = False
+           ) -> tuple[_Token, int | None]:
     """What an event is, all that the analysis reads of it, with the index of the block its
-    module or parameter is in left out (``prefix.#``); and that index (``None``: none)."""
+    module or parameter is in left out (``prefix.#``); and that index (``None``: none).
+
+    A free is ``("f", its allocation's token)``; ``loose``, the allocation's phase left out
+    (:func:`_freeing`)."""
     kind, i = event
     if kind == "m":
         return ("m", str(step.marks[i][1])), None
@@ -206,7 +210,22 @@ def _token(step: RecordedStep, event: tuple[str, int], prefix: str) -> tuple[_To
         if number.isdigit():
             where, index = lead + "#" + dot + tail, int(number)
     alloc = ("a", r.nbytes, r.requested, str(r.phase), where, r.shape, r.dtype, step.kinds[i])
-    return (alloc if kind == "a" else ("f", alloc)), index
+    return (alloc if kind == "a" else _freeing(alloc, loose)), index
+
+
+def _freeing(alloc: _Token, loose: bool) -> _Token:
+    """The token of the free of the allocation ``alloc``; ``loose``, without the phase it was
+    allocated in.
+
+    Under a fully sharded strategy the blocks' backward is its own phase (``BLOCK_BACKWARD``): the
+    gradient of the hidden states that the head's backward allocates is ``backward``, the one each
+    block passes down ``block-backward``. With one block, that block frees the head's; with more,
+    the top block frees the head's and each other the one above it passes down, so the frees differ
+    in phase only, and the 1-block step is the 2-block one with insertions only if the phase is left
+    out. The allocations keep theirs, and the rebuilt step must equal the recorded ones in every
+    record (the phase of each, and which frees which) all the same (:func:`_same`).
+    """
+    return ("f", (*alloc[:3], None, None, *alloc[5:]) if loose else alloc)
 
 
 # ------------------------------------------------------------------------------------ the pump
@@ -229,6 +248,7 @@ class Pump:
         sample: the 3-block step, for what is not an event (notes, band kernels).
         attention: the fused-attention kernels of 1 block and those each further block adds.
         invented: the data-dependent ops run on stand-in ones by 1 block, and by each further one.
+        loose: whether the tokens of frees leave out the phase of what they free (:func:`_freeing`).
     """
 
     base: list[_Token]
@@ -237,6 +257,7 @@ class Pump:
     sample: RecordedStep
     attention: tuple[list[Any], list[Any]]
     invented: tuple[dict[str, int], dict[str, int]]
+    loose: bool = False
     frees: dict[_Id, Any] = dataclasses.field(default_factory=dict)
     names: dict[_Id, Any] = dataclasses.field(default_factory=dict)
 
@@ -273,7 +294,7 @@ class Pump:
             target = _agreed(self.frees[_class(ident)], _target, ident, n)
             if target is not None:
                 f = where.get(target)
-                if f is None or tokens[f] != ("f", tokens[q]) or f in freed:
+                if f is None or tokens[f] != _freeing(tokens[q], self.loose) or f in freed:
                     return None
                 free_at[q] = f
                 freed.add(f)
@@ -429,20 +450,21 @@ def _learn(steps: Sequence[RecordedStep], prefix: str) -> tuple[Pump | None, str
     events = [_events(s) for s in steps]
     if attention is None or any(e is None for e in events):
         return None, "convolutions, attention kernels that are not one block's, or a clock tick without an event"
-    marked = [[_token(s, e, prefix) for e in ev or []] for s, ev in zip(steps, events, strict=True)]
-    tokens = [[t for t, _ in m] for m in marked]
     why = ""
-    for inserts in _alignments(*tokens):
-        if inserts is None:
-            why = why or "the 2-block step is not the 1-block step with events inserted"
-            continue
-        pump = Pump(tokens[0], inserts, prefix, steps[2], attention, _invented(steps) or ({}, {}))
-        if not inserts or [pump.token(i) for i in pump.layout(2)] != tokens[2]:
-            why = "the 3-block step is not the 2-block step with its insertions once more"
-            continue
-        why = _rules(pump, steps, events, [[i for _, i in m] for m in marked])
-        if not why:
-            return pump, ""
+    for loose in (False, True):
+        marked = [[_token(s, e, prefix, loose=loose) for e in ev or []] for s, ev in zip(steps, events, strict=True)]
+        tokens = [[t for t, _ in m] for m in marked]
+        for inserts in _alignments(*tokens):
+            if inserts is None:
+                why = why or "the 2-block step is not the 1-block step with events inserted"
+                continue
+            pump = Pump(tokens[0], inserts, prefix, steps[2], attention, _invented(steps) or ({}, {}), loose)
+            if not inserts or [pump.token(i) for i in pump.layout(2)] != tokens[2]:
+                why = "the 3-block step is not the 2-block step with its insertions once more"
+                continue
+            why = _rules(pump, steps, events, [[i for _, i in m] for m in marked])
+            if not why:
+                return pump, ""
     return None, why
 
 

@@ -97,16 +97,20 @@ def test_the_extension_holds_at_other_depths(layers: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "used"), [("deepspeed_stage_2", True), ("deepspeed_stage_3", False),
-                                                ("fsdp", False)])
-def test_sharded_strategies_weigh_the_extended_step_as_the_whole_one(strategy: str, used: bool) -> None:
+@pytest.mark.parametrize(("strategy", "checkpointing", "used"), [
+    ("deepspeed_stage_2", False, True), ("deepspeed_stage_3", False, True), ("fsdp", False, True),
+    ("fsdp", True, True)])
+def test_sharded_strategies_weigh_the_extended_step_as_the_whole_one(strategy: str, checkpointing: bool,
+                                                                     used: bool) -> None:
     """ZeRO and FSDP divide by the world size and add gathered units by phase: the estimate of a model
     that carries its :class:`Depth` equals that of the bare module (which is traced whole). A fully
-    sharded strategy marks where the blocks' backward starts, which the 1-block step does not align
-    with the 2-block one: the whole model is traced there."""
+    sharded strategy marks where the blocks' backward starts: the gradient the head passes down is
+    then freed in another phase than those the blocks pass down (and, checkpointed, the first block's
+    saved input is the embedding's, the others' their previous block's): the trace by depth aligns the
+    frees without the phase and module of what they free (the records keep theirs, checked all the same)."""
     module, depth, _, _, _ = _case(_llama())
     knobs = {"batch_size": 2, "seq_len": 32, "device": "cuda", "precision": "bf16-mixed", "strategy": strategy,
-             "world_size": 4, "method": "trace"}
+             "world_size": 4, "method": "trace", "gradient_checkpointing": checkpointing}
     whole = memguard.estimate(module, **knobs)
     resolved = dataclasses.replace(load_model(module), depth=depth)
     assert resolved.depth is not None and resolve_parallelism(strategy, 4).sharded
