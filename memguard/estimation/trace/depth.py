@@ -53,9 +53,12 @@ Known limitations:
       like those of the part after the stack (GPT-2's final norm: the same shapes as a block's
       first norm and last bias), a segment may be read with its cut inside a block at one end and
       the next block's first events at the other, whose frees no rule of :func:`_target` (one
-      fallback event per rule) gives: the whole model is traced. So too under a fully sharded
-      strategy (FSDP, ZeRO-3), whose ``BLOCK_BACKWARD`` mark the 1-block step does not place as the
-      2-block step does.
+      fallback event per rule) gives: the whole model is traced. So too where an allocation is
+      freed two blocks later (ZeRO-3 with LoRA adapters): :func:`_target` counts copies one block
+      apart at most.
+    * Under a fully sharded strategy (FSDP, ZeRO-3) the 1-block step's block frees what the
+      head's backward allocated, where a deeper stack's top block does: there frees are aligned
+      without the phase and module of what they free (:func:`_freeing`).
 """
 
 from __future__ import annotations
@@ -215,15 +218,18 @@ def _token(step: RecordedStep, event: tuple[str, int], prefix: str, *, loose: bo
 
 def _freeing(alloc: _Token, loose: bool) -> _Token:
     """The token of the free of the allocation ``alloc``; ``loose``, without the phase it was
-    allocated in.
+    allocated in and the module that allocated it.
 
-    Under a fully sharded strategy the blocks' backward is its own phase (``BLOCK_BACKWARD``): the
-    gradient of the hidden states that the head's backward allocates is ``backward``, the one each
-    block passes down ``block-backward``. With one block, that block frees the head's; with more,
-    the top block frees the head's and each other the one above it passes down, so the frees differ
-    in phase only, and the 1-block step is the 2-block one with insertions only if the phase is left
-    out. The allocations keep theirs, and the rebuilt step must equal the recorded ones in every
-    record (the phase of each, and which frees which) all the same (:func:`_same`).
+    The 1-block step's one block is the first and the last at once, and what it frees may come from
+    a different place than what a block frees in a deeper stack. Under a fully sharded strategy the
+    blocks' backward is its own phase (``BLOCK_BACKWARD``): with one block, that block frees the
+    gradient of the hidden states that the head's backward allocated (``backward``); with more, only
+    the top block does, and each other frees the one the block above it passed down
+    (``block-backward``). Checkpointed, the top block frees its saved input, the output of the block
+    below it, where the 1-block step's frees the embedding's. The frees differ only in those fields,
+    so the 1-block step is the 2-block one with insertions only if they are left out (tried where the
+    full tokens align nothing). The allocations keep theirs, and the rebuilt steps must equal the
+    recorded ones in every record, which frees which included, all the same (:func:`_same`).
     """
     return ("f", (*alloc[:3], None, None, *alloc[5:]) if loose else alloc)
 
