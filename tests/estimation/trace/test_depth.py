@@ -172,10 +172,12 @@ def test_stand_in_counts_grow_by_one_block_each() -> None:
 
 
 @pytest.mark.slow
-def test_rules_that_do_not_rebuild_the_held_out_depth_are_not_used() -> None:
+@pytest.mark.parametrize("lora", [None, 8])
+def test_rules_that_do_not_rebuild_the_held_out_depth_are_not_used(lora: int | None) -> None:
     """A fourth block unlike the first three (as a stack whose pattern repeats every fourth layer
-    would have) passes the checks at 1-3 blocks; the held-out trace of 4 blocks refuses the rules."""
-    _, depth, spec, loop, _ = _case(_llama())
+    would have) passes the checks at 1-3 blocks; the held-out trace of 4 blocks refuses the rules,
+    learnt by difflib's alignment or (LoRA) by the parse of the three steps together."""
+    _, depth, spec, loop, _ = _case(_llama(), lora)
     assert trace_by_depth(depth, spec, loop, wrapped_blocks) is not None  # the same stack, blocks alike
 
     def build(k: int) -> Any:
@@ -183,6 +185,7 @@ def test_rules_that_do_not_rebuild_the_held_out_depth_are_not_used() -> None:
             return depth.build(k)
         config = _llama(k)
         config.intermediate_size = 192  # the fourth depth's blocks are wider
-        return load_model(config).module
+        resolved = load_model(config)
+        return add_lora(resolved, lora).module if lora else resolved.module
 
     assert trace_by_depth(dataclasses.replace(depth, build=build), spec, loop, wrapped_blocks) is None
