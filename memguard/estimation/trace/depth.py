@@ -201,8 +201,8 @@ def _token(step: RecordedStep, event: tuple[str, int], prefix: str, *, loose: bo
     """What an event is, all that the analysis reads of it, with the index of the block its
     module or parameter is in left out (``prefix.#``); and that index (``None``: none).
 
-    A free is ``("f", its allocation's token)``; ``loose``, the allocation's phase left out
-    (:func:`_freeing`)."""
+    A free is ``("f", its allocation's token)``; ``loose``, the allocation's phase and module left
+    out (:func:`_freeing`)."""
     kind, i = event
     if kind == "m":
         return ("m", str(step.marks[i][1])), None
@@ -228,7 +228,7 @@ def _freeing(alloc: _Token, loose: bool) -> _Token:
     (``block-backward``). Checkpointed, the top block frees its saved input, the output of the block
     below it, where the 1-block step's frees the embedding's. The frees differ only in those fields,
     so the 1-block step is the 2-block one with insertions only if they are left out (tried where the
-    full tokens align nothing). The allocations keep theirs, and the rebuilt steps must equal the
+    full tokens give no rules that rebuild the steps). The allocations keep theirs, and the rebuilt steps must equal the
     recorded ones in every record, which frees which included, all the same (:func:`_same`).
     """
     return ("f", (*alloc[:3], None, None, *alloc[5:]) if loose else alloc)
@@ -254,7 +254,7 @@ class Pump:
         sample: the 3-block step, for what is not an event (notes, band kernels).
         attention: the fused-attention kernels of 1 block and those each further block adds.
         invented: the data-dependent ops run on stand-in ones by 1 block, and by each further one.
-        loose: whether the tokens of frees leave out the phase of what they free (:func:`_freeing`).
+        loose: whether the tokens of frees leave out the phase and module of what they free (:func:`_freeing`).
     """
 
     base: list[_Token]
