@@ -12,7 +12,8 @@ segments that repeat once per block beyond the first.
 :func:`learn` finds that form and checks it, record by record, instead of assuming it:
 
 1. the events of the 1-block step are aligned with those of the 2-block step
-   (``difflib.SequenceMatcher``, from the start or from the end); what the second adds must be
+   (``difflib.SequenceMatcher``, from the start or from the end; where neither alignment holds,
+   the 1-, 2- and 3-block steps parsed together, :func:`_parsed`); what the second adds must be
    insertions only (no event of the first changed or dropped), each a segment ``Y`` at one place;
 2. each event says what it is: its bytes (as allocated and as asked), phase, category, shape,
    dtype and the module (or parameter) it belongs to with the block's index left out; the
@@ -46,10 +47,18 @@ Known limitations:
       whole traces in the tests (4-6-block stacks; the README's Llama-2-7B plan gives the same rows
       to the byte).
     * ``difflib``'s alignment is greedy: where a block's optimizer entries look like those around
-      them (LoRA's A and B matrices, GPT-2's final norm) it splits a block's segment, the
-      3-block check fails, and the whole model is traced. So too under a fully sharded strategy
-      (FSDP, ZeRO-3), whose ``BLOCK_BACKWARD`` mark the 1-block step does not place as the
-      2-block step does.
+      them (LoRA's A and B matrices) it reads two of a block's segments as one and the 3-block
+      step refutes it; the parse of the three steps together (:func:`_parsed`) then finds the
+      segments. Where unnamed events (the ``foreach`` temporaries, the gradients) of a block look
+      like those of the part after the stack (GPT-2's final norm: the same shapes as a block's
+      first norm and last bias), a segment may be read with its cut inside a block at one end and
+      the next block's first events at the other, whose frees no rule of :func:`_target` (one
+      fallback event per rule) gives: the whole model is traced. So too where an allocation is
+      freed two blocks later (ZeRO-3 with LoRA adapters): :func:`_target` counts copies one block
+      apart at most.
+    * Under a fully sharded strategy (FSDP, ZeRO-3) the 1-block step's block frees what the
+      head's backward allocated, where a deeper stack's top block does: there frees are aligned
+      without the phase and module of what they free (:func:`_freeing`).
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import nn
@@ -187,9 +196,13 @@ def _events(step: RecordedStep) -> list[tuple[str, int]] | None:
     return out
 
 
-def _token(step: RecordedStep, event: tuple[str, int], prefix: str) -> tuple[_Token, int | None]:
+def _token(step: RecordedStep, event: tuple[str, int], prefix: str, *, loose: bool = False
+           ) -> tuple[_Token, int | None]:
     """What an event is, all that the analysis reads of it, with the index of the block its
-    module or parameter is in left out (``prefix.#``); and that index (``None``: none)."""
+    module or parameter is in left out (``prefix.#``); and that index (``None``: none).
+
+    A free is ``("f", its allocation's token)``; ``loose``, the allocation's phase and module left
+    out (:func:`_freeing`)."""
     kind, i = event
     if kind == "m":
         return ("m", str(step.marks[i][1])), None
@@ -200,7 +213,25 @@ def _token(step: RecordedStep, event: tuple[str, int], prefix: str) -> tuple[_To
         if number.isdigit():
             where, index = lead + "#" + dot + tail, int(number)
     alloc = ("a", r.nbytes, r.requested, str(r.phase), where, r.shape, r.dtype, step.kinds[i])
-    return (alloc if kind == "a" else ("f", alloc)), index
+    return (alloc if kind == "a" else _freeing(alloc, loose)), index
+
+
+def _freeing(alloc: _Token, loose: bool) -> _Token:
+    """The token of the free of the allocation ``alloc``; ``loose``, without the phase it was
+    allocated in and the module that allocated it.
+
+    The 1-block step's one block is the first and the last at once, and what it frees may come from
+    a different place than what a block frees in a deeper stack. Under a fully sharded strategy the
+    blocks' backward is its own phase (``BLOCK_BACKWARD``): with one block, that block frees the
+    gradient of the hidden states that the head's backward allocated (``backward``); with more, only
+    the top block does, and each other frees the one the block above it passed down
+    (``block-backward``). Checkpointed, the top block frees its saved input, the output of the block
+    below it, where the 1-block step's frees the embedding's. The frees differ only in those fields,
+    so the 1-block step is the 2-block one with insertions only if they are left out (tried where the
+    full tokens give no rules that rebuild the steps). The allocations keep theirs, and the rebuilt steps must equal the
+    recorded ones in every record, which frees which included, all the same (:func:`_same`).
+    """
+    return ("f", (*alloc[:3], None, None, *alloc[5:]) if loose else alloc)
 
 
 # ------------------------------------------------------------------------------------ the pump
@@ -223,6 +254,7 @@ class Pump:
         sample: the 3-block step, for what is not an event (notes, band kernels).
         attention: the fused-attention kernels of 1 block and those each further block adds.
         invented: the data-dependent ops run on stand-in ones by 1 block, and by each further one.
+        loose: whether the tokens of frees leave out the phase and module of what they free (:func:`_freeing`).
     """
 
     base: list[_Token]
@@ -231,6 +263,7 @@ class Pump:
     sample: RecordedStep
     attention: tuple[list[Any], list[Any]]
     invented: tuple[dict[str, int], dict[str, int]]
+    loose: bool = False
     frees: dict[_Id, Any] = dataclasses.field(default_factory=dict)
     names: dict[_Id, Any] = dataclasses.field(default_factory=dict)
 
@@ -267,7 +300,7 @@ class Pump:
             target = _agreed(self.frees[_class(ident)], _target, ident, n)
             if target is not None:
                 f = where.get(target)
-                if f is None or tokens[f] != ("f", tokens[q]) or f in freed:
+                if f is None or tokens[f] != _freeing(tokens[q], self.loose) or f in freed:
                     return None
                 free_at[q] = f
                 freed.add(f)
@@ -423,20 +456,21 @@ def _learn(steps: Sequence[RecordedStep], prefix: str) -> tuple[Pump | None, str
     events = [_events(s) for s in steps]
     if attention is None or any(e is None for e in events):
         return None, "convolutions, attention kernels that are not one block's, or a clock tick without an event"
-    marked = [[_token(s, e, prefix) for e in ev or []] for s, ev in zip(steps, events, strict=True)]
-    tokens = [[t for t, _ in m] for m in marked]
     why = ""
-    for inserts in _alignments(tokens[0], tokens[1]):
-        if inserts is None:
-            why = why or "the 2-block step is not the 1-block step with events inserted"
-            continue
-        pump = Pump(tokens[0], inserts, prefix, steps[2], attention, _invented(steps) or ({}, {}))
-        if not inserts or [pump.token(i) for i in pump.layout(2)] != tokens[2]:
-            why = "the 3-block step is not the 2-block step with its insertions once more"
-            continue
-        why = _rules(pump, steps, events, [[i for _, i in m] for m in marked])
-        if not why:
-            return pump, ""
+    for loose in (False, True):
+        marked = [[_token(s, e, prefix, loose=loose) for e in ev or []] for s, ev in zip(steps, events, strict=True)]
+        tokens = [[t for t, _ in m] for m in marked]
+        for inserts in _alignments(*tokens):
+            if inserts is None:
+                why = why or "the 2-block step is not the 1-block step with events inserted"
+                continue
+            pump = Pump(tokens[0], inserts, prefix, steps[2], attention, _invented(steps) or ({}, {}), loose)
+            if not inserts or [pump.token(i) for i in pump.layout(2)] != tokens[2]:
+                why = "the 3-block step is not the 2-block step with its insertions once more"
+                continue
+            why = _rules(pump, steps, events, [[i for _, i in m] for m in marked])
+            if not why:
+                return pump, ""
     return None, why
 
 
@@ -459,10 +493,81 @@ def _rules(pump: Pump, steps: Sequence[RecordedStep], events: list[list[tuple[st
     return ""
 
 
-def _alignments(base: list[_Token], longer: list[_Token]) -> list[list[tuple[int, list[_Token]]] | None]:
-    """Ways to read ``longer`` as ``base`` with segments inserted, tried in turn: ``difflib``'s
-    alignment from the start, then from the end."""
-    return [_matched(base, longer), _matched(base, longer, backwards=True)]
+def _alignments(base: list[_Token], two: list[_Token], three: list[_Token]
+                ) -> Iterator[list[tuple[int, list[_Token]]] | None]:
+    """Ways to read ``two`` as ``base`` with segments inserted, tried in turn: ``difflib``'s
+    alignment from the start, then from the end; where neither holds, the parse of the three steps
+    together (:func:`_parsed`), from the start, then from the end."""
+    yield _matched(base, two)
+    yield _matched(base, two, backwards=True)
+    yield _parsed(base, two, three)
+    found = _parsed(base[::-1], two[::-1], three[::-1])
+    yield None if found is None else [(len(base) - p, y[::-1]) for p, y in reversed(found)]
+
+
+PARSE_STATES = 200_000
+"""The most steps :func:`_parsed` takes before it gives up (then the whole model is traced)."""
+
+_State = tuple[int, int, bool]
+
+
+def _parsed(base: list[_Token], two: list[_Token], three: list[_Token]) -> list[tuple[int, list[_Token]]] | None:
+    """``two`` as ``base`` with segments inserted such that ``three`` is ``two`` with each once more:
+    the form ``c0 Y1^(k-1) c1 ... cm`` read from the steps of 1, 2 and 3 blocks at once; ``None``
+    where there is none.
+
+    ``difflib`` aligns two sequences, greedily: where segments of a block sit side by side and look
+    alike (LoRA's A and B matrices, whose ``foreach`` temporaries the optimizer frees in reverse order
+    and then their gradients in order: ``ABAV VABA ABAV`` at 1 block), it reads two of them as one
+    insertion, ``(Y1 Y2)^(k-1)`` where the step is ``Y1^(k-1) Y2^(k-1)``, and the 3-block step refutes it.
+
+    The parse walks the three steps together. At base position ``i`` with ``e`` events inserted so
+    far, ``two`` is at ``i + e`` and ``three`` at ``i + 2e``; either the event of ``base`` is the next
+    one of all three, or a segment ``Y`` of ``n`` events is inserted there: ``two`` reads ``Y``,
+    ``three`` reads ``Y Y``, and both go on with the next event of ``base`` (or all three end). It takes
+    an event of ``base`` before a segment and a short segment before a long one, and backs up where it
+    is stuck; a state that led nowhere is not tried again, and after :data:`PARSE_STATES` steps it
+    gives up. A parse is a candidate only: its rules must still rebuild the 2- and 3-block steps
+    record by record (:func:`_rules`).
+    """
+    size, extra = len(base), len(two) - len(base)
+    if extra <= 0 or len(three) - len(two) != extra:
+        return None
+    codes: dict[_Token, int] = {}
+    b, s2, s3 = ([codes.setdefault(t, len(codes)) for t in seq] for seq in (base, two, three))
+
+    def moves(i: int, e: int, inserted: bool) -> Iterator[tuple[_State, int]]:
+        """The states that follow ``(i, e, inserted)`` (``inserted``: a segment ends here, so no other
+        begins) and the length of the segment each inserts (0: none)."""
+        i2, i3 = i + e, i + 2 * e
+        if i < size and b[i] == s2[i2] == s3[i3]:
+            yield (i + 1, e, False), 0
+        if inserted:
+            return
+        for n in range(1, extra - e + 1):
+            if s2[i2 + n - 1] != s3[i3 + n - 1]:
+                break
+            repeats = s3[i3:i3 + n] == s3[i3 + n:i3 + 2 * n]
+            ends = i == size and e + n == extra
+            if repeats and (ends or (i < size and b[i] == s2[i2 + n] == s3[i3 + 2 * n])):
+                yield (i, e + n, True), n
+
+    start: _State = (0, 0, False)
+    path: list[tuple[_State, Iterator[tuple[_State, int]], int]] = [(start, moves(*start), 0)]
+    dead: set[_State] = set()
+    for _ in range(PARSE_STATES):
+        if not path:
+            return None
+        state, following, _ = path[-1]
+        if state[:2] == (size, extra):
+            return [(i, two[i + e - n:i + e]) for (i, e, _), _, n in path if n]
+        taken = next(following, None)
+        if taken is None:
+            dead.add(state)
+            path.pop()
+        elif taken[0] not in dead:
+            path.append((taken[0], moves(*taken[0]), taken[1]))
+    return None
 
 
 def _matched(base: list[_Token], longer: list[_Token], *, backwards: bool = False

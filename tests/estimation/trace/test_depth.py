@@ -12,6 +12,8 @@ import memguard
 from memguard.estimation.inputs import make_batch
 from memguard.estimation.models import ResolvedModel, add_lora, load_model
 from memguard.estimation.parallel import resolve_parallelism, wrapped_blocks
+from memguard.estimation.quantization import Quantization, quantize_model
+from memguard.estimation.result import Category
 from memguard.estimation.shallow import shallow
 from memguard.estimation.step import Step
 from memguard.estimation.trace.depth import DEPTHS, EXTENDED, HELD_OUT, extended_note, learn, trace_by_depth
@@ -28,12 +30,15 @@ def _gpt2(layers: int = 5) -> GPT2Config:
     return GPT2Config(vocab_size=256, n_embd=64, n_layer=layers, n_head=4, n_positions=128)
 
 
-def _case(config: Any, lora: int | None = None, **knobs: Any) -> tuple[Any, Any, Any, Loop, Any]:
-    """The whole module, its :class:`Depth`, the spec, the loop and the layout of a step of ``config``."""
+def _case(config: Any, lora: int | None = None, quantization: str | None = None,
+          **knobs: Any) -> tuple[Any, Any, Any, Loop, Any]:
+    """The whole module, its :class:`Depth`, the spec, the loop and the layout of a step of ``config``
+    (with LoRA adapters of rank ``lora`` over a base quantized as ``quantization``, as plans build them)."""
     resolved = load_model(config)
 
     def finish(r: ResolvedModel) -> Any:
-        return add_lora(r, lora).module if lora else r.module
+        module = add_lora(r, lora).module if lora else r.module
+        return quantize_model(module, Quantization(quantization))[0] if quantization else module
 
     module = finish(resolved)
     step = Step(batch_size=2, seq_len=32, device="cuda", **knobs)
@@ -67,6 +72,20 @@ def test_a_stack_traced_by_depth_is_its_whole_trace_to_the_byte(knobs: dict[str,
     assert sum(whole.breakdown.values()) > 0 and whole.slack > 0
 
 
+@pytest.mark.parametrize(("quantization", "precision"), [(None, "bf16-mixed"), ("nf4", "bf16-true")])
+def test_lora_and_qlora_stacks_traced_by_depth_are_their_whole_traces_to_the_byte(quantization: str | None,
+                                                                                  precision: str) -> None:
+    """LoRA's A and B matrices look alike where the optimizer walks them (their foreach temporaries,
+    freed in reverse, then their gradients, freed in order), so difflib reads two of a block's segments
+    as one; the parse of the 1-, 2- and 3-block steps together does not: the extension is used, and is
+    the whole trace to the byte, over a full-precision base and an NF4 one (QLoRA)."""
+    module, depth, spec, loop, _ = _case(_llama(), 8, quantization, precision=precision)
+    whole = trace_breakdown(module, spec, loop.make_inputs)
+    by_depth = trace_by_depth(depth, spec, loop, wrapped_blocks)
+    assert by_depth == dataclasses.replace(whole, notes=[*whole.notes, extended_note(5)])
+    assert whole.breakdown[Category.OPTIMIZER_STATE] > 0 and whole.timeline
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layers", [4, 6])
 def test_the_extension_holds_at_other_depths(layers: int) -> None:
@@ -78,16 +97,20 @@ def test_the_extension_holds_at_other_depths(layers: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "used"), [("deepspeed_stage_2", True), ("deepspeed_stage_3", False),
-                                                ("fsdp", False)])
-def test_sharded_strategies_weigh_the_extended_step_as_the_whole_one(strategy: str, used: bool) -> None:
+@pytest.mark.parametrize(("strategy", "checkpointing", "used"), [
+    ("deepspeed_stage_2", False, True), ("deepspeed_stage_3", False, True), ("fsdp", False, True),
+    ("fsdp", True, True)])
+def test_sharded_strategies_weigh_the_extended_step_as_the_whole_one(strategy: str, checkpointing: bool,
+                                                                     used: bool) -> None:
     """ZeRO and FSDP divide by the world size and add gathered units by phase: the estimate of a model
     that carries its :class:`Depth` equals that of the bare module (which is traced whole). A fully
-    sharded strategy marks where the blocks' backward starts, which the 1-block step does not align
-    with the 2-block one: the whole model is traced there."""
+    sharded strategy marks where the blocks' backward starts: the gradient the head passes down is
+    then freed in another phase than those the blocks pass down (and, checkpointed, the first block's
+    saved input is the embedding's, the others' their previous block's): the trace by depth aligns the
+    frees without the phase and module of what they free (the records keep theirs, checked all the same)."""
     module, depth, _, _, _ = _case(_llama())
     knobs = {"batch_size": 2, "seq_len": 32, "device": "cuda", "precision": "bf16-mixed", "strategy": strategy,
-             "world_size": 4, "method": "trace"}
+             "world_size": 4, "method": "trace", "gradient_checkpointing": checkpointing}
     whole = memguard.estimate(module, **knobs)
     resolved = dataclasses.replace(load_model(module), depth=depth)
     assert resolved.depth is not None and resolve_parallelism(strategy, 4).sharded
@@ -102,8 +125,8 @@ def test_sharded_strategies_weigh_the_extended_step_as_the_whole_one(strategy: s
 @pytest.mark.slow
 def test_where_the_checks_fail_the_whole_model_is_traced() -> None:
     """GPT-2's optimizer lists cannot be aligned block by block (its final norm's parameters look like a
-    block's first ones), and LoRA's adapters neither: no extension, and the estimate is the whole trace's."""
-    for config, lora in ((_gpt2(), None), (_llama(), 8)):
+    block's first ones): no extension, and the estimate is the whole trace's."""
+    for config, lora in ((_gpt2(), None),):
         module, depth, spec, loop, _ = _case(config, lora)
         assert depth is not None
         assert trace_by_depth(depth, spec, loop, wrapped_blocks) is None
@@ -149,10 +172,12 @@ def test_stand_in_counts_grow_by_one_block_each() -> None:
 
 
 @pytest.mark.slow
-def test_rules_that_do_not_rebuild_the_held_out_depth_are_not_used() -> None:
+@pytest.mark.parametrize("lora", [None, 8])
+def test_rules_that_do_not_rebuild_the_held_out_depth_are_not_used(lora: int | None) -> None:
     """A fourth block unlike the first three (as a stack whose pattern repeats every fourth layer
-    would have) passes the checks at 1-3 blocks; the held-out trace of 4 blocks refuses the rules."""
-    _, depth, spec, loop, _ = _case(_llama())
+    would have) passes the checks at 1-3 blocks; the held-out trace of 4 blocks refuses the rules,
+    learnt by difflib's alignment or (LoRA) by the parse of the three steps together."""
+    _, depth, spec, loop, _ = _case(_llama(), lora)
     assert trace_by_depth(depth, spec, loop, wrapped_blocks) is not None  # the same stack, blocks alike
 
     def build(k: int) -> Any:
@@ -160,6 +185,7 @@ def test_rules_that_do_not_rebuild_the_held_out_depth_are_not_used() -> None:
             return depth.build(k)
         config = _llama(k)
         config.intermediate_size = 192  # the fourth depth's blocks are wider
-        return load_model(config).module
+        resolved = load_model(config)
+        return add_lora(resolved, lora).module if lora else resolved.module
 
     assert trace_by_depth(dataclasses.replace(depth, build=build), spec, loop, wrapped_blocks) is None
