@@ -71,8 +71,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "corrected", "mkldnn_conv_transient", "mkldnn_lstm_forward_written", "mkldnn_lstm_workspace", "transient",
-    "uncounted",
+    "corrected", "mkldnn_conv_transient", "mkldnn_lstm_backward_transient", "mkldnn_lstm_forward_written",
+    "mkldnn_lstm_workspace", "transient", "uncounted",
 ]
 
 _PAGE = 4096
@@ -181,24 +181,57 @@ def corrected(func: Any, args: tuple[Any, ...], out: Any, device: str) -> Any:
     return out if fix is None else fix(args, out, device)
 
 
+def mkldnn_lstm_backward_transient(steps: int, batch: int, input_size: int, hidden: int, elem: int = 4) -> int:
+    """Bytes oneDNN's LSTM backward of one layer holds on the CPU beyond its outputs (the gradients)
+    and the forward-written workspace, until it returns.
+
+    Measured per op (``VmHWM`` and ``VmRSS`` around one real ``mkldnn_rnn_layer_backward``, one
+    thread, the truth's ``MALLOC_MMAP_THRESHOLD_=65536``), it is three parts:
+
+    * the workspace pages only the backward writes, which stay resident until the workspace is freed
+      (the op is its last use): four regions of ``steps x batch x good_ld(max(input, hidden))``
+      (the states and state gradients ``ws_diff_states_*`` it carries from step to step), counted
+      as ``steps + 1`` rows each and never more than the workspace's unwritten rest;
+    * its scratchpad's ``scratch_gates``, the gate gradients of every step (the backward merges the
+      weight-gradient GEMM over all steps: ``steps x batch x good_ld(4 hidden)`` fp32), freed at return;
+    * two copies of the weights (``4 hidden x (input + hidden)``): ``onednn_rnn_layer_backward``
+      (``aten/src/ATen/native/mkldnn/RNN.cpp``) hands oneDNN the weights and the weight gradients
+      as plain views of ATen tensors (``itensor_view_from_dense``), and "the weight reorder (if any)
+      is handed automatically inside ideep" (its ONEDNN RNN integration notes, I.b): the weights
+      and their gradients in oneDNN's blocked layout, freed at return.
+
+    Against the measured peak of the op over its inputs less its gradients (MiB): 256 steps x 16 x
+    256 -> 512 77.1 (this rule 77.4), 256 x 16 x 512 -> 512 81.2 (81.4), 64 x 16 x 512 -> 512 32.5
+    (32.4, the only shape below, by 0.1), 128 x 8 x 128 -> 256 10.8 (11.3). The workspace part was
+    read as the resident growth left after the op (32.8 MiB for 256 x 16 x 512 -> 512: 4 x 8.25),
+    the scratchpad as the rest of the peak; the sizes of the parts are oneDNN's
+    (``rnn_utils::set_rnn_conf``'s ``scratch_gates_size``, ``ws_diff_states_*_size``), the split
+    between workspace and scratchpad is the measurement's.
+    """
+    rows = _up((steps + 1) * batch * _good_ld(max(input_size, hidden), elem) * elem, _PAGE)
+    rest = (mkldnn_lstm_workspace(steps, batch, input_size, hidden, elem)
+            - mkldnn_lstm_forward_written(steps, batch, input_size, hidden, elem))
+    scratch_gates = _up(steps * batch * _good_ld(4 * hidden, 4) * 4, _PAGE)
+    weights = 4 * hidden * (input_size + hidden) * elem
+    return min(4 * rows, rest) + scratch_gates + 2 * weights
+
+
 def _lstm_backward_transient(args: tuple[Any, ...]) -> int:
-    """The pages of the workspace that ``mkldnn_rnn_layer_backward`` writes on the CPU (the whole
-    workspace less :func:`mkldnn_lstm_forward_written`): resident from its first write until the
-    workspace is freed, counted as held inside the op (the workspace is the op's last use of it).
+    """:func:`mkldnn_lstm_backward_transient` of a ``mkldnn_rnn_layer_backward`` call.
 
     Args as in ``native_functions.yaml``: ``input, weight1..4, hx_, cx_tmp, output, hy_, cy_,
     grad_output, grad_hy, grad_cy, reverse, mode, hidden_size, num_layers, has_biases, train,
-    bidirectional, batch_sizes, batch_first, workspace``. The backward primitive's own scratchpad
-    (``ref_rnn_bwd``'s ``scratch_gates`` and ``scratch_cell``, one step's gates: ``batch x 4
-    hidden`` fp32) is not counted: under a MiB for the benchmark's 16 x 512.
+    bidirectional, batch_sizes, batch_first, workspace``.
     """
     x, mode, hidden, train = args[0], args[14], args[15], args[18]
     if not train or mode != _LSTM_MODE or x.dim() != 3:
         return 0
     steps, batch, input_size = (int(d) for d in x.shape)
-    elem = x.element_size()
-    return (mkldnn_lstm_workspace(steps, batch, input_size, int(hidden), elem)
-            - mkldnn_lstm_forward_written(steps, batch, input_size, int(hidden), elem))
+    held = mkldnn_lstm_backward_transient(steps, batch, input_size, int(hidden), x.element_size())
+    grad_output = args[10]
+    if isinstance(grad_output, torch.Tensor) and not grad_output.is_contiguous():
+        held += _dense(grad_output)  # the kernel reads a contiguous copy (measured: +8.2 MiB for 8.0)
+    return held
 
 
 def _channel_block() -> int:
