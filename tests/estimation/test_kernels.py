@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import memguard
 from memguard import Category
-from memguard.estimation.kernels import mkldnn_lstm_workspace
+from memguard.estimation.kernels import (
+    corrected,
+    mkldnn_lstm_backward_transient,
+    mkldnn_lstm_forward_written,
+    mkldnn_lstm_workspace,
+)
 
 _RNN_LAYER = torch.ops.aten.mkldnn_rnn_layer.default
 
@@ -60,9 +66,91 @@ def test_the_trace_keeps_each_layers_workspace_until_backward() -> None:
     per_layer = mkldnn_lstm_workspace(64, 16, 256, 512)  # 30.8 MiB; states are max(input, hidden) wide
     second = mkldnn_lstm_workspace(64, 16, 512, 512)
     assert per_layer == second == 32_321_536
+    # On the CPU each layer's workspace is resident as far as its forward wrote it: 10.1 MiB.
+    written = mkldnn_lstm_forward_written(64, 16, 256, 512)
+    assert written == mkldnn_lstm_forward_written(64, 16, 512, 512) == 10_653_696
     kept = [p for p in est.at_peak if p.dtype == "torch.uint8" and p.category is Category.ACTIVATIONS]
-    assert sum(p.nbytes for p in kept) >= per_layer + second  # both alive at the end of the forward
+    assert sum(p.nbytes for p in kept) >= 2 * written  # both alive at the end of the forward
+    assert sum(p.nbytes for p in kept) < per_layer + second
+    # The top layer's backward holds the rest beside them (its transient, inside the op).
+    inside = sum(p.nbytes for p in est.at_peak if p.where == "(inside an op)")
+    assert inside >= mkldnn_lstm_backward_transient(64, 16, 512, 512)
     assert est.notes == ()
+
+
+def test_a_cuda_estimate_keeps_the_whole_workspace() -> None:
+    """The GPU estimate counts the workspace's full allocation (what an allocator holds) and no
+    transient in the backward: unchanged by the CPU's resident-page rule."""
+    lstm = _lstm(256, 512, 2)
+    batch = torch.randn(16, 64, 256)
+    est = memguard.estimate(lstm, example_input=batch, loss_fn=lambda out, b: out[0].sum(),
+                            optimizer="sgd", device="cuda", method="trace")
+    kept = [p for p in est.at_peak if p.dtype == "torch.uint8" and p.category is Category.ACTIVATIONS]
+    assert sum(p.nbytes for p in kept) >= 2 * mkldnn_lstm_workspace(64, 16, 256, 512)
+    assert not [p for p in est.at_peak if p.where == "(inside an op)"]
+    with FakeTensorMode():
+        x = torch.empty(64, 16, 256)
+        args = (x, *(torch.empty(2048, 256), torch.empty(2048, 512), torch.empty(2048), torch.empty(2048)),
+                torch.empty(16, 512), torch.empty(16, 512), False, [], 2, 512, 1, True, False, False, True)
+        out = _RNN_LAYER(*args)
+        assert corrected(_RNN_LAYER, args, out, "cuda")[3].numel() == mkldnn_lstm_workspace(64, 16, 256, 512)
+        assert corrected(_RNN_LAYER, args, out, "cpu")[3].numel() == mkldnn_lstm_forward_written(64, 16, 256, 512)
+
+
+_LSTM_PROBE = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+def status():
+    s = dict(l.split(":", 1) for l in open("/proc/self/status"))
+    return int(s["VmRSS"].split()[0]) * 1024, int(s["VmHWM"].split()[0]) * 1024
+steps, batch, width, hidden = map(int, sys.argv[1:])
+torch.manual_seed(0)
+lstm = torch.nn.LSTM(width, hidden, 1)
+w = [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0]
+x, hx, cx = torch.randn(steps, batch, width), torch.randn(batch, hidden), torch.randn(batch, hidden)
+out = {}
+for _ in range(2):  # the second round: lazy initialisation done
+    before, _ = status()
+    y, hy, cy, ws = (t.detach() for t in torch.ops.aten.mkldnn_rnn_layer(
+        x, *w, hx, cx, False, [steps], 2, hidden, 1, True, False, False, True))
+    out["forward"] = status()[0] - before - y.numel() * 4  # resident growth beside the output
+    dy, dhy, dcy = torch.randn(y.shape), torch.randn(hy.shape), torch.randn(cy.shape)
+    before, _ = status()
+    open("/proc/self/clear_refs", "w").write("5")
+    grads = torch.ops.aten.mkldnn_rnn_layer_backward(x, *w, hx, cx, y, hy, cy, dy, dhy, dcy, False, 2, hidden, 1,
+                                                     True, True, False, [steps], False, ws)
+    out["backward"] = status()[1] - before - sum(g.numel() * g.element_size() for g in grads)
+    del y, hy, cy, ws, grads
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # a subprocess each
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize(("steps", "batch", "width", "hidden"), [
+    (64, 16, 512, 512),   # the benchmark's second layer, a quarter of its steps: 30.8 MiB workspace
+    (128, 8, 128, 256),   # narrower, longer: 15.6 MiB
+])
+def test_the_cpu_lstm_rules_are_what_the_real_kernel_holds(steps, batch, width, hidden) -> None:
+    """The forward's resident growth beside its output is the forward-written workspace, and the
+    backward's peak beyond its inputs and gradients its transient (``VmHWM`` in a fresh process with
+    the truth's allocator settings: every buffer of 64 KiB or more its own mapping)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
+    done = subprocess.run([sys.executable, "-c", _LSTM_PROBE, *map(str, (steps, batch, width, hidden))],
+                          env=env, capture_output=True, text=True, timeout=120, check=True)
+    measured = json.loads(done.stdout)
+    written = mkldnn_lstm_forward_written(steps, batch, width, hidden)
+    held = mkldnn_lstm_backward_transient(steps, batch, width, hidden)
+    assert written < mkldnn_lstm_workspace(steps, batch, width, hidden) / 2  # the forward writes a third
+    mib = 2**20
+    # Never low by more than the small buffers the rules leave out; high by at most a few per cent.
+    assert measured["forward"] - mib / 4 <= written <= 1.05 * measured["forward"]
+    assert measured["backward"] - mib / 2 <= held <= 1.06 * measured["backward"]
 
 
 def test_on_cuda_the_estimate_names_the_reserve_space_it_cannot_size() -> None:
