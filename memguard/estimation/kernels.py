@@ -11,12 +11,16 @@ Corrected:
       workspace (``torch/_meta_registrations.py``, ``mkldnn_rnn_layer``); the real one allocates the
       workspace of oneDNN's ``forward_training`` primitive (``aten/src/ATen/native/mkldnn/RNN.cpp``),
       which autograd saves for ``mkldnn_rnn_layer_backward``. Its size: :func:`mkldnn_lstm_workspace`.
-      It is the allocation, what a GPU's allocator would count. The CPU's resident memory grows
-      as pages are written: the forward writes about a third of it (the gates of every step and the
-      cell states; the hidden states go to the output tensor), the backward the rest beside a
-      scratchpad of its own (about 110 MiB transient for one 512-wide layer over 256 x 16 tokens,
-      measured from ``VmHWM``), so a CPU estimate of an LSTM is high by up to the unwritten share
-      (+26% on the ``lstm`` benchmark case, -61% without the workspace).
+      The allocation is what a GPU's allocator would count, and what a ``"cuda"`` estimate keeps.
+      The CPU's resident memory grows only as pages are written: the forward writes about a third
+      of it (the gates of every step and one states region's rows; the layer's input and output
+      are PyTorch's tensors), so on ``"cpu"`` the workspace is counted at
+      :func:`mkldnn_lstm_forward_written` from the forward to the backward, and the backward holds
+      the rest it writes with its scratchpad and weight reorders, :func:`mkldnn_lstm_backward_transient`,
+      as a transient of ``aten::mkldnn_rnn_layer_backward`` (:func:`transient`). Both rules are
+      read from the real kernel (``/proc/self/pagemap``, ``VmHWM``; torch 2.13's bundled oneDNN)
+      and sit on its high side within 1% on the benchmark's shapes; the ``lstm`` benchmark case
+      went from +26.6% (the whole allocation) to +0.09% (-61% without the workspace).
 
 Transient inside an op (held while the op runs, freed before it returns; :func:`transient`):
     * ``aten::convolution`` and ``aten::convolution_backward`` on the CPU's oneDNN backend (what
