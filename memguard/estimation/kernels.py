@@ -136,17 +136,18 @@ def mkldnn_lstm_forward_written(steps: int, batch: int, input_size: int, hidden:
 
     The workspace comes from PyTorch's allocator untouched (a fresh mapping for any workspace of
     64 KiB or more under the truth's ``MALLOC_MMAP_THRESHOLD_``), and Linux backs a page only once
-    it is written. The forward (``_ref_rnn_common_t::execute_``, ``src/cpu/rnn/ref_rnn.cpp``) writes
-    the gates of every step (its first part, ``ws_gates``, all of it) and the states it keeps for the
-    backward in the second half of the first states region (``(steps + 1) x batch`` rows, the rows
-    of ``n_layer + 1 = 1``); the layer's input and output it reads and writes in place
-    (``skip_src_layer_copy`` / ``skip_dst_layer_copy``: PyTorch's own ``input`` and ``output``),
-    and the rest of the workspace (the other states, the cell-state gradients) only the backward
-    writes. Read from ``/proc/self/pagemap`` after a real ``mkldnn_rnn_layer`` (torch 2.13, its
-    bundled oneDNN): 256 steps x 16 x 256 -> 512 writes 40.2 MiB of 122.3 (this rule: 40.5),
-    64 x 16 x 512 -> 512 10.0 of 30.8 (10.1). The rule takes the whole half region where the
-    forward writes ``steps x batch`` rows of ``hidden`` values, so it is high by up to
-    ``batch x good_ld x elem`` plus the padding of each row: never low.
+    it is written. ``rnn_utils::set_offsets`` (``src/cpu/rnn/rnn_utils.cpp``, oneDNN 3.x) lays the
+    parts out page-aligned in the order ``ws_gates``, ``ws_ht``, ``ws_states_layer``,
+    ``ws_states_iter`` (registered twice), ``ws_states_iter_c``, then the gradients. Read from
+    ``/proc/self/pagemap`` after a real ``mkldnn_rnn_layer`` (torch 2.13, its bundled oneDNN), the
+    forward writes all of ``ws_gates`` (the gates of every step) and, of the states regions, only
+    the second half of the fourth part (the rows of ``n_layer + 1``, one ``hidden``-wide row per
+    step and batch item: the states the backward reads); ``ws_ht`` and ``ws_states_layer`` stay
+    untouched, the layer's input and output being PyTorch's own tensors, and the rest only the
+    backward writes (:func:`mkldnn_lstm_backward_transient`). Measured: 256 steps x 16 x 256 -> 512
+    writes 40.2 MiB of 122.3 (this rule: 40.5), 64 x 16 x 512 -> 512 10.0 of 30.8 (10.2). The rule
+    takes that whole half region, ``(steps + 1) x batch x good_ld``, where the forward writes
+    ``steps x batch`` rows of ``hidden`` values: high by a step's rows and the padding, never low.
     """
     gates = _up(steps * batch * _good_ld(4 * hidden, 4) * 4, _PAGE)
     states = _up((steps + 1) * batch * _good_ld(max(input_size, hidden), elem) * elem, _PAGE)
