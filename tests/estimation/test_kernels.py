@@ -148,9 +148,11 @@ def test_the_cpu_lstm_rules_are_what_the_real_kernel_holds(steps, batch, width, 
     held = mkldnn_lstm_backward_transient(steps, batch, width, hidden)
     assert written < mkldnn_lstm_workspace(steps, batch, width, hidden) / 2  # the forward writes a third
     mib = 2**20
-    # Never low by more than the small buffers the rules leave out; high by at most a few per cent.
+    # Never low by more than the small buffers the rules leave out; high by at most a few per cent
+    # (the backward's reading moves by ~0.1 MiB from run to run; the rule is ~0.7 MiB high on the
+    # smaller shape, where a step's rows and the pages' rounding weigh more).
     assert measured["forward"] - mib / 4 <= written <= 1.05 * measured["forward"]
-    assert measured["backward"] - mib / 2 <= held <= 1.06 * measured["backward"]
+    assert measured["backward"] - mib / 2 <= held <= 1.03 * measured["backward"] + mib
 
 
 def test_on_cuda_the_estimate_names_the_reserve_space_it_cannot_size() -> None:
