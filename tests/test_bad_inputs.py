@@ -109,11 +109,18 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
 
+def _as_from_a_terminal() -> None:
+    """The memory limit, and SIGINT handled as a terminal's command gets it: pytest started in the
+    background of a non-interactive shell (``pytest &``) ignores SIGINT, and its children inherit that."""
+    _limit_memory()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: list[str], *paths: Path) -> tuple[subprocess.Popen, float]:
     pythonpath = [*(str(p) for p in paths), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
     proc = subprocess.Popen([sys.executable, "-m", "memguard", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_limit_memory)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_as_from_a_terminal)
     return proc, time.monotonic()
 
 
