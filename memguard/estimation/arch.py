@@ -399,8 +399,8 @@ def _image_tokens(config: Any) -> int:
 
 
 def _pixels(config: Any) -> int:
-    """Values of one image: ``num_channels x image_size``, as the batch builds it
-    (:func:`memguard.estimation.formula.embeddings.batch_bytes`)."""
+    """Values of one image: ``num_channels x image_size``, as :func:`memguard.estimation.inputs.make_batch`
+    builds it."""
     size = config.image_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return int(getattr(config, "num_channels", 3)) * h * w

@@ -26,13 +26,10 @@ def batch_bytes(arch: Architecture, module: nn.Module, spec: TrainingSpec, b: in
         prec = spec.precision
         px = F32 if prec.autocast_dtype is not None else prec.param_dtype.itemsize
         return b * config.num_mel_bins * 2 * s * px + b * (dec or s) * I64
-    if arch.image_tokens is not None:
-        size = getattr(config, "image_size", 224)
-        hh, ww = (size, size) if isinstance(size, int) else tuple(size)
-        chans = getattr(config, "num_channels", 3)
+    if arch.image_tokens is not None and arch.pixels is not None:
         prec = spec.precision
         px = F32 if prec.autocast_dtype is not None else prec.param_dtype.itemsize
-        return b * chans * hh * ww * px + b * I64
+        return b * arch.pixels * px + b * I64
     label_len = dec if (dec is not None and arch.decoder_layers) else s
     labels = b * label_len * I64 if arch.head.labels_per_token else b * I64
     if arch.head.headless:
