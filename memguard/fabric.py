@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 def preflight(fabric: Any, model: torch.nn.Module, optimizer: Any, batch: Any, *, action: str = "warn",
               margin: float = 0.1, budget: int | str | None = None, strict: bool = False,
               step_fn: Callable[[Any], Any] | None = None, loss_fn: Callable[[Any, Any], Any] | None = None,
-              accumulate: int = 1, trace_timeout: float | None = DEFAULT_TIMEOUT) -> Decision | None:
+              accumulate: int = 1, trace_timeout: float | None = DEFAULT_TIMEOUT,
+              keep_output: bool | None = None) -> Decision | None:
     """Check that one training step of a Fabric loop fits, before it runs; every rank calls it.
 
     Args:
@@ -72,6 +73,9 @@ def preflight(fabric: Any, model: torch.nn.Module, optimizer: Any, batch: Any, *
         loss_fn: ``loss_fn(output, batch) -> loss`` when ``model``'s output is not the loss.
         accumulate: micro-batches per optimizer step in the loop.
         trace_timeout: seconds one trace may take (``None``: no limit).
+        keep_output: the loop keeps the model's output to the next forward (``output = model(batch)``
+            in the loop, not inside ``step_fn``): ``True`` counts it, ``False`` drops it, ``None`` puts its
+            bytes in the estimate's band (:func:`memguard.estimate`).
 
     Returns:
         The decision every rank reached (``verdict`` ``"fits"`` or ``"warn"``; ``"unchecked"`` when
@@ -85,7 +89,8 @@ def preflight(fabric: Any, model: torch.nn.Module, optimizer: Any, batch: Any, *
     require("lightning.fabric", "lightning", "memguard.fabric.preflight")
     config = GuardConfig(action, margin, budget, strict, trace_timeout=trace_timeout)
     view = _view(fabric, accumulate)
-    found = assess(config, view, lambda: _step(fabric, model, optimizer, batch, step_fn, loss_fn, trace_timeout),
+    found = assess(config, view, lambda: _step(fabric, model, optimizer, batch, step_fn, loss_fn, trace_timeout,
+                                                          keep_output),
                    can_change_batch=False)
     if found is None or found.plan is None or found.decision is None:
         return None
@@ -124,7 +129,8 @@ def _positive(accumulate: Any) -> int:
 
 
 def _step(fabric: Any, model: torch.nn.Module, optimizer: Any, batch: Any, step_fn: Callable[[Any], Any] | None,
-          loss_fn: Callable[[Any, Any], Any] | None, trace_timeout: float | None) -> StepView:
+          loss_fn: Callable[[Any, Any], Any] | None, trace_timeout: float | None,
+          keep_output: bool | None) -> StepView:
     """This rank's step at ``batch``, with Fabric's precision and strategy and the real optimizer."""
     wrappers = require("lightning.fabric.wrappers", "lightning", "memguard.fabric.preflight")
     module = model.module if wrappers.is_wrapped(model) and hasattr(model, "module") else model
@@ -145,7 +151,7 @@ def _step(fabric: Any, model: torch.nn.Module, optimizer: Any, batch: Any, step_
 
     run = Step(optimizer=rebuilt or "none", precision=precision, device=device, training_loop="pytorch",
                strategy=parallel or ("ddp" if world > 1 else "single"), world_size=world,
-               offload_optimizer=offload_optimizer, offload_params=offload_params)
+               offload_optimizer=offload_optimizer, offload_params=offload_params, keep_output=keep_output)
     estimate_at = traced(module, run, **kwargs)
 
     def remedies(fit: Fit) -> list[Any] | None:

@@ -241,7 +241,8 @@ def _training_arguments(data: Mapping[str, Any], path: Path) -> dict[str, Any]:
                               "set it to false in a copy of the file to estimate the step without it")
     out: dict[str, Any] = {"batch_size": int(get("per_device_train_batch_size")),
                            "accumulate_grad_batches": int(get("gradient_accumulation_steps")),
-                           "optimizer": _ta_optimizer(str(get("optim")), path)}
+                           "optimizer": _ta_optimizer(str(get("optim")), path),
+                           "keep_output": False}  # Trainer.compute_loss drops the output before backward
     if get("bf16") and get("fp16"):
         raise ConfigError(f"{path}: bf16 and fp16 are both true; the Trainer takes one")
     out["precision"] = "bf16-mixed" if get("bf16") else "16-mixed" if get("fp16") else "32-true"

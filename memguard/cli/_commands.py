@@ -136,7 +136,8 @@ def cmd_plan(args: argparse.Namespace, out: Output) -> int:
     found = plan(model, gpu=gpu, seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size or 1,
                  margin=args.margin, base=base, device=args.device, confirm=args.confirm, limit=args.top,
                  method_prune="trace" if args.method == "trace" else "formula",
-                 estimate_kwargs={"set_to_none": args.set_to_none, "trace_timeout": args.trace_timeout,
+                 estimate_kwargs={"set_to_none": args.set_to_none, "keep_output": args.keep_output,
+                                  "trace_timeout": args.trace_timeout,
                                   "moe_routing": args.moe_routing, "decoder_seq_len": args.decoder_seq_len,
                                   **extra},
                  progress=out.progress if out.progress_shown else None)

@@ -205,12 +205,7 @@ def _model_options(methods: Any) -> Parser:
     model.add_argument("--skip-modules", type=names, default=None, metavar="NAME,...",
                        help="linear layers left unquantized, as transformers' llm_int8_skip_modules (default: the "
                             "output head; '' for none, as Lightning's plugin)")
-    model.add_argument("--accumulate-grad-batches", type=positive_int, default=1, metavar="N",
-                       help="micro-batches per optimizer step; from the second on, each forward runs beside the "
-                            "gradients (default: %(default)s)")
-    model.add_argument("--set-to-none", action=argparse.BooleanOptionalAction, default=True,
-                       help="zero_grad(set_to_none=...): --no-set-to-none keeps zeroed gradients alive, torch's "
-                            "default before 2.0 (default: set to none)")
+    _loop_options(model)
     model.add_argument("--moe-routing", type=routing, default="balanced", metavar="R",
                        help="how a mixture-of-experts router spreads the tokens: balanced (top_k * tokens / "
                             "experts each), worst (all on the same top_k experts) or a capacity factor such as "
@@ -220,6 +215,21 @@ def _model_options(methods: Any) -> Parser:
                             "(default: %(default)g)")
     _config_option(model)
     return model
+
+
+def _loop_options(model: Parser) -> None:
+    """How the user's loop runs the step: accumulation, ``zero_grad`` and whether it keeps the output."""
+    model.add_argument("--accumulate-grad-batches", type=positive_int, default=1, metavar="N",
+                       help="micro-batches per optimizer step; from the second on, each forward runs beside the "
+                            "gradients (default: %(default)s)")
+    model.add_argument("--set-to-none", action=argparse.BooleanOptionalAction, default=True,
+                       help="zero_grad(set_to_none=...): --no-set-to-none keeps zeroed gradients alive, torch's "
+                            "default before 2.0 (default: set to none)")
+    model.add_argument("--keep-output", action=argparse.BooleanOptionalAction, default=None,
+                       help="the loop keeps the model's output to the next forward (outputs = model(**batch)): "
+                            "its logits and returned key/value cache are counted; --no-keep-output: it is dropped "
+                            "before backward, as the transformers Trainer and Lightning do (default: not known, "
+                            "the output's bytes are in the band)")
 
 
 def _config_option(model: Parser) -> None:

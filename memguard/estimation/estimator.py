@@ -64,6 +64,7 @@ def estimate(
     trace_timeout: float | None = DEFAULT_TIMEOUT,
     accumulate_grad_batches: int = 1,
     set_to_none: bool = True,
+    keep_output: bool | None = None,
     quantization: str | None = None,
     double_quant: bool = False,
     skip_modules: list[str] | None = None,
@@ -123,6 +124,15 @@ def estimate(
             runs beside the gradients accumulated so far (in Lightning's loop, every one does).
         set_to_none: ``optimizer.zero_grad(set_to_none=...)``. ``False`` (torch's default before
             2.0) keeps zeroed gradients alive through every forward.
+        keep_output: whether the loop holds the model's output until the next forward returns, as
+            ``outputs = model(**batch); outputs.loss.backward()`` does (native PyTorch, Accelerate and
+            Fabric loops): its logits and any key/value cache it returns (``use_cache=True``) then live
+            through backward, the optimizer step and the next forward. ``True`` counts them at the peak
+            (in full: the previous step's output is alive through the next forward, and the peak of
+            most steps is at or before its end); ``False`` drops them before backward, as the
+            transformers ``Trainer`` and Lightning do; ``None`` (not known, the default) estimates
+            ``False`` and puts the output's bytes in the :attr:`~MemoryEstimate.band`, so the fit
+            decision holds either way. Lightning's loop (``training_loop="lightning"``) drops it.
         decoder_seq_len: an encoder-decoder's decoder tokens per sample, the labels' length (T5,
             BART, Whisper). Default: ``seq_len`` for T5 and BART; for Whisper its decoder's
             ``max_target_positions`` (448), the longest labels it takes — an upper bound for
@@ -179,6 +189,7 @@ def estimate(
     found = _by_method(Method(method), resolved, spec, parallel, make_inputs, loss_fn=loss_fn,
                        training_loop=step.training_loop, step_fn=step_fn, trace_timeout=trace_timeout,
                        accumulate=step.accumulate_grad_batches, set_to_none=step.set_to_none)
+    found = _kept_output(found, step.keep_output)
     breakdown, host, context, notes = _per_device(found, resolved, spec, parallel, master_weights=master_weights)
     settled = {"batch_size": spec.batch_size, "seq_len": spec.seq_len, "decoder_seq_len": spec.decoder_seq_len,
                "gradient_checkpointing": spec.gradient_checkpointing, "lora_rank": lora_rank,
@@ -186,7 +197,7 @@ def estimate(
     inputs = step.inputs(resolved.name, method, **settled)
     return MemoryEstimate(method=found.method, breakdown=breakdown, inputs=inputs, notes=(*quant_notes, *notes),
                           host_bytes=host, context_bytes=context, at_peak=found.at_peak, timeline=found.timeline,
-                          stand_ins=found.stand_ins, band=_band(found, spec, parallel))
+                          stand_ins=found.stand_ins, band=_band(found, spec, parallel, step.keep_output))
 
 
 def _step_of(step: Step | None, knobs: dict[str, Any]) -> Step:
@@ -244,9 +255,26 @@ def _per_device(found: _Found, resolved: ResolvedModel, spec: TrainingSpec, para
     return breakdown, host, context, notes
 
 
-def _band(found: _Found, spec: TrainingSpec, parallel: Parallelism) -> dict[str, int]:
+KEPT_OUTPUT = "the model's output, if the loop keeps it (outputs = model(**batch)): keep_output, --[no-]keep-output"
+"""The band's item for the output a loop may keep (``keep_output=None``)."""
+
+
+def _kept_output(found: _Found, keep_output: bool | None) -> _Found:
+    """``found`` with the model's output counted as activations at the peak when the loop keeps it."""
+    if not keep_output or not found.output_bytes:
+        return found
+    breakdown = dict(found.breakdown)
+    breakdown[Category.ACTIVATIONS] = breakdown.get(Category.ACTIVATIONS, 0) + found.output_bytes
+    note = (f"the loop keeps the model's output (keep_output=True): its {found.output_bytes:,} bytes (logits, "
+            "returned key/value cache) are counted at the peak, where the previous step's output is still alive")
+    return dataclasses.replace(found, breakdown=breakdown, notes=[*found.notes, note])
+
+
+def _band(found: _Found, spec: TrainingSpec, parallel: Parallelism, keep_output: bool | None) -> dict[str, int]:
     """The estimate's band: what the trace saw but cannot size; the formula sees no kernel, so only the
     cuBLAS workspace of autograd's thread (:meth:`memguard.estimation.cuda_rules.Workspaces.band`).
+    Where the loop may keep the model's output (``keep_output=None``), the output's bytes
+    (:data:`KEPT_OUTPUT`).
     On a GPU with more than one rank, NCCL's buffers
     (:func:`~memguard.estimation.cuda_rules.communication_band`; two communicators under hybrid
     sharding across nodes). Data-dependent ops that ran on stand-in ones are listed at 0 bytes: their
@@ -260,6 +288,8 @@ def _band(found: _Found, spec: TrainingSpec, parallel: Parallelism) -> dict[str,
     if spec.device == "cuda" and found.method is not Method.SEED:
         across_nodes = parallel.strategy is Strategy.FSDP_HYBRID and parallel.world_size > parallel.shard_size
         band.update(communication_band(parallel.world_size, 2 if across_nodes else 1))
+    if keep_output is None and found.output_bytes:
+        band[KEPT_OUTPUT] = found.output_bytes
     guessed = sorted(op for op, how in found.stand_ins.items() if how == ONES)
     if guessed:
         band[f"data-dependent {', '.join(guessed)} on stand-in values (size not known)"] = 0
@@ -321,6 +351,8 @@ class _Found:
     timeline: tuple[tuple[int, str, int], ...] = ()
     stand_ins: dict[str, str] = dataclasses.field(default_factory=dict)
     band: dict[str, int] = dataclasses.field(default_factory=dict)
+    output_bytes: int = 0
+    """What the model's output holds (:func:`memguard.estimation.formula.activations.output_bytes`)."""
 
 
 def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism,
@@ -337,7 +369,8 @@ def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, para
             notes = [*notes, f"the seed formula knows no strategy: {parallel.strategy} is ignored"]
         return _Found(Method.SEED, breakdown, notes)
     if method is Method.FORMULA:
-        return _Found(Method.FORMULA, *_formula(resolved, spec, formula_loop, parallel))
+        return _Found(Method.FORMULA, *_formula(resolved, spec, formula_loop, parallel),
+                      output_bytes=_formula_output(resolved, spec))
     sharding: dict[str, Any] = {}
     if parallel.sharded:
         sharding["weight"] = parallel.weight
@@ -366,7 +399,7 @@ def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, para
             warm_up()
         traced = sandbox.run(trace, timeout=trace_timeout) if user_code else trace()
         return _Found(Method.TRACE, traced.breakdown, traced.notes, traced.slack, traced.at_peak, traced.timeline,
-                      traced.stand_ins, traced.band)
+                      traced.stand_ins, traced.band, traced.output_bytes)
     except ConfigError:
         raise  # a bad argument is no reason to try another method
     except MemguardError as exc:
@@ -378,7 +411,8 @@ def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, para
         except MemguardError as formula_exc:
             raise type(formula_exc)(f"neither method can estimate {resolved.name}: the trace failed ({exc}), "
                                     f"and the formula too ({formula_exc})") from exc
-        return _Found(Method.FORMULA, breakdown, [f"trace failed ({exc}); formula used instead", *notes])
+        return _Found(Method.FORMULA, breakdown, [f"trace failed ({exc}); formula used instead", *notes],
+                      output_bytes=_formula_output(resolved, spec))
 
 
 def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel,
@@ -447,6 +481,13 @@ def _formula(resolved: ResolvedModel, spec: TrainingSpec, training_loop: str,
     from memguard.estimation.formula import formula_breakdown
 
     return formula_breakdown(resolved, spec, training_loop=training_loop, parallel=parallel)
+
+
+def _formula_output(resolved: ResolvedModel, spec: TrainingSpec) -> int:
+    """What the model's output holds, by the formula."""
+    from memguard.estimation.formula.activations import output_bytes
+
+    return output_bytes(resolved, spec)
 
 
 def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec, example_input: Any,

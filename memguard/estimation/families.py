@@ -139,7 +139,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            one_dropout=True, gated_gelu_new=True),
     # pre-LayerNorm audio encoder-decoder: conv stem, final LayerNorm in both stacks, head tied to
     # the decoder's embedding without bias (WhisperEncoderLayer, WhisperEncoder, WhisperDecoder)
-    Family("whisper", "layernorm", encoder_final_norm=True, conv_stem=True, encoder_decoder=True),
+    Family("whisper", "layernorm", encoder_final_norm=True, conv_stem=True, encoder_decoder=True, training_cache=True),
     # pre-RMSNorm, rotary Q/K, gated MLP, no dropout on the residual (LlamaDecoderLayer)
     Family("llama", "rmsnorm", gated_readers=True, rotary=True, sliding_window=True,
            residual_dropout=False, eager_fp32_softmax=True, training_cache=True, always_gated=True),

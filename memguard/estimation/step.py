@@ -75,7 +75,9 @@ class Step:
         precision, optimizer, gradient_checkpointing, device: as :func:`memguard.estimate` takes them.
         training_loop, strategy, world_size, offload_optimizer, offload_params: the loop and the layout.
         lora_rank, quantization, double_quant, skip_modules: what is trained, over what base.
-        accumulate_grad_batches, set_to_none, moe_routing: as :func:`memguard.estimate` takes them.
+        accumulate_grad_batches, set_to_none, keep_output, moe_routing: as :func:`memguard.estimate`
+            takes them (``keep_output`` ``None`` becomes ``False`` in Lightning's loop, which drops
+            ``training_step``'s output itself).
     """
 
     batch_size: Any = None
@@ -93,6 +95,7 @@ class Step:
     lora_rank: Any = None
     accumulate_grad_batches: Any = 1
     set_to_none: Any = True
+    keep_output: Any = None
     quantization: Any = None
     double_quant: Any = False
     skip_modules: Any = None
@@ -108,6 +111,9 @@ class Step:
         accumulate = positive_int("accumulate_grad_batches", self.accumulate_grad_batches)
         if not isinstance(self.set_to_none, bool):
             raise ConfigError(f"set_to_none must be True or False, got {self.set_to_none!r}")
+        if self.keep_output is not None and not isinstance(self.keep_output, bool):
+            raise ConfigError(f"keep_output must be True, False or None (not known), got {self.keep_output!r}")
+        keep = False if self.keep_output is None and loop is TrainingLoop.LIGHTNING else self.keep_output
         layout = resolve_parallelism(self.strategy, self.world_size, offload_optimizer=self.offload_optimizer,
                                      offload_params=self.offload_params)
         spec = TrainingSpec.create(batch_size=self.batch_size, seq_len=self.seq_len, optimizer=self.optimizer,
@@ -126,6 +132,7 @@ class Step:
             "training_loop": loop, "strategy": layout.strategy,
             "world_size": layout.world_size, "offload_optimizer": layout.offload_optimizer,
             "offload_params": layout.offload_params, "lora_rank": lora_rank, "accumulate_grad_batches": accumulate,
+            "keep_output": keep,
             "quantization": None if quant is None else quant.kind, "double_quant": bool(quant and quant.double_quant),
             "skip_modules": None if quant is None else quant.skip_modules,
         }

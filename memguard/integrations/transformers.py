@@ -232,8 +232,9 @@ class MemGuardCallback(TrainerCallback):  # type: ignore[misc]
         precision = precision_of(args, model, device)
         world = int(args.world_size)
 
+        # Trainer.compute_loss drops the model's output when it returns the loss, before backward
         run = Step(optimizer=optimizer, precision=precision, device=kind, training_loop="pytorch", set_to_none=True,
-                   strategy="ddp" if world > 1 else "single", world_size=world)
+                   keep_output=False, strategy="ddp" if world > 1 else "single", world_size=world)
         estimate_at = traced(model, run, example_input=batch, loss_fn=trainer_loss, trace_timeout=self.trace_timeout)
 
         def remedies(fit: Fit) -> list[Any] | None:

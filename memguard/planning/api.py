@@ -34,7 +34,7 @@ GUARD_ESTIMATES = 16
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
 OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit", "adafactor", "sgd")
 LORA_RANKS = (8, 16, 64)
-_EXTRA_KEYS = ("example_input", "loss_fn", "step_fn", "training_loop", "set_to_none", "trace_timeout",
+_EXTRA_KEYS = ("example_input", "loss_fn", "step_fn", "training_loop", "set_to_none", "keep_output", "trace_timeout",
                "moe_routing", "decoder_seq_len")
 _BASE_KEYS = SEARCHED_KNOBS
 
@@ -159,8 +159,9 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
                    lora_ranks=LORA_RANKS,
                    method_prune="formula", confirm=(top if traced else 0) if confirm is None else confirm,
                    limit=top + 2, device=inputs.get("device", "cuda"), max_estimates=max_estimates,
-                   estimate_kwargs={**{k: inputs[k] for k in ("training_loop", "set_to_none", "moe_routing")
-                                       if k in inputs}, **(estimate_kwargs or {})})
+                   estimate_kwargs={**{k: inputs[k] for k in ("training_loop", "set_to_none", "keep_output",
+                                                              "moe_routing") if k in inputs},
+                                    **(estimate_kwargs or {})})
     search, groups = run_search(setup, estimate)
     ctx = search.ctx
     found = [sorted((f for f in g if f[1] != ctx.base), key=lambda f: (cost_of(f[1], ctx), f[2].total_bytes))
@@ -277,7 +278,8 @@ def guard_remedies(estimate: MemoryEstimate, free_bytes: int, margin: float, *, 
     name = optimizer.__name__.lower() if isinstance(optimizer, type) else optimizer
     try:
         return remedies(estimate, free_bytes, margin, model=model, gpus=step.world_size,
-                        estimate_kwargs={**(estimate_kwargs or {}), "training_loop": step.training_loop},
+                        estimate_kwargs={**(estimate_kwargs or {}), "training_loop": step.training_loop,
+                                         "keep_output": step.keep_output},
                         max_estimates=GUARD_ESTIMATES,
                         base={"optimizer": name if name in NAMED_OPTIMIZERS else optimizer})
     except MemguardError as exc:

@@ -22,7 +22,8 @@ __all__ = ["FIXED_KNOBS", "FULL", "LORA", "OPTIMIZER_NAMES", "QLORA", "SEARCHED_
            "quantization_args", "remedy_lines"]
 
 FULL, LORA, QLORA = "full fine-tuning", "LoRA", "QLoRA"
-FIXED_KNOBS = ("seq_len", "decoder_seq_len", "device", "training_loop", "set_to_none", "skip_modules", "moe_routing")
+FIXED_KNOBS = ("seq_len", "decoder_seq_len", "device", "training_loop", "set_to_none", "keep_output", "skip_modules",
+               "moe_routing")
 """The knobs of a :class:`~memguard.estimation.step.Step` that a plan keeps as the user has them."""
 SEARCHED_KNOBS = tuple(k for k in KNOBS if k not in FIXED_KNOBS)
 """The others: what a plan varies, by :func:`memguard.estimate`'s names (the keys of :meth:`Knobs.kwargs`)."""

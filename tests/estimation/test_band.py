@@ -53,7 +53,7 @@ def test_trace_states_the_conv_and_cublas_workspaces_in_the_band() -> None:
         return out.float().pow(2).mean()
 
     est = memguard.estimate(_PatchNet(), example_input=example, loss_fn=loss, device="cuda", method="trace",
-                            precision="32-true")
+                            precision="32-true", keep_output=False)
     (conv_item,) = [k for k in est.band if k.startswith("cudnn: convolution workspaces (1 calls")]
     wgrad = min(CUDNN_WGRAD_SPLITS, 8 * 64) * (32 * 3 * 4 * 4) * 4
     # The only convolution is the first: its weight gradient runs last in backward, so it adds what it
@@ -66,7 +66,8 @@ def test_trace_states_the_conv_and_cublas_workspaces_in_the_band() -> None:
     assert "upper (band)" in est.table() and "upper" in repr(est)
     # The point estimate is what it was: the band is never in total_bytes.
     assert est.total_bytes == sum(est.breakdown.values())
-    cpu = memguard.estimate(_PatchNet(), example_input=example, loss_fn=loss, device="cpu", method="trace")
+    cpu = memguard.estimate(_PatchNet(), example_input=example, loss_fn=loss, device="cpu", method="trace",
+                            keep_output=False)
     assert cpu.band == {} and cpu.upper_bytes == cpu.total_bytes
 
 
@@ -85,7 +86,7 @@ def test_a_workspace_hidden_by_the_activations_adds_only_the_im2col_bound() -> N
 
 
 def test_formula_band_is_the_cublas_workspace_only() -> None:
-    est = memguard.estimate("gpt2", batch_size=1, seq_len=64, device="cuda", method="formula")
+    est = memguard.estimate("gpt2", batch_size=1, seq_len=64, device="cuda", method="formula", keep_output=False)
     assert est.band == {CUBLAS: CUBLAS_WORKSPACE_BYTES}
 
 
@@ -143,7 +144,7 @@ def test_check_json_and_text_state_the_band(capsys) -> None:
     from memguard.cli import EXIT_OK, main
 
     assert main(["check", "gpt2", "--batch-size", "1", "--seq-len", "32", "--method", "formula", "--gpu", "T4",
-                 "--json"]) == EXIT_OK
+                 "--no-keep-output", "--json"]) == EXIT_OK
 
     data = json.loads(capsys.readouterr().out)
     assert data["band"] == {CUBLAS: CUBLAS_WORKSPACE_BYTES}

@@ -212,7 +212,7 @@ def _token(step: RecordedStep, event: tuple[str, int], prefix: str, *, loose: bo
         number, dot, tail = where[len(lead):].partition(".")
         if number.isdigit():
             where, index = lead + "#" + dot + tail, int(number)
-    alloc = ("a", r.nbytes, r.requested, str(r.phase), where, r.shape, r.dtype, step.kinds[i])
+    alloc = ("a", r.nbytes, r.requested, str(r.phase), where, r.shape, r.dtype, step.kinds[i], r.output)
     return (alloc if kind == "a" else _freeing(alloc, loose)), index
 
 
@@ -324,13 +324,13 @@ class Pump:
         records, kinds = [], {}
         for q, t in enumerate(tokens):
             if t[0] == "a":
-                _, nbytes, requested, phase, where, shape, dtype, kind = t
+                _, nbytes, requested, phase, where, shape, dtype, kind, output = t
                 index = names[q]
                 if index is not None:
                     where = where.replace(f"{self.prefix}.#", f"{self.prefix}.{index}", 1)
                 kinds[len(records)] = kind
                 free = clocks[free_at[q]] if q in free_at else None
-                records.append(Record(nbytes, clocks[q], free, Phase(phase), requested, where, shape, dtype))
+                records.append(Record(nbytes, clocks[q], free, Phase(phase), requested, where, shape, dtype, output))
         first, more = self.attention
         workspaces = self.sample.workspaces
         if workspaces is not None:

@@ -92,6 +92,7 @@ class Record:
     where: str = ""  # the module whose forward made it, or the parameter it belongs to
     shape: tuple[int, ...] = ()
     dtype: str = ""
+    output: bool = False  # held by the model's output as the loop receives it (the last micro-batch's)
 
 
 class Ledger:

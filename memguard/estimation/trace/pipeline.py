@@ -49,6 +49,9 @@ class TraceResult:
             models them.
         band: workspaces the trace saw but cannot size
             (:meth:`memguard.estimation.cuda_rules.Workspaces.band`).
+        output_bytes: what the model's output holds (the last micro-batch's, as the loop receives
+            it: logits, a returned key/value cache), what a loop that keeps it adds
+            (:func:`memguard.estimation.trace.record.output_tensors`).
     """
 
     breakdown: dict[Category, int]
@@ -58,6 +61,7 @@ class TraceResult:
     timeline: tuple[tuple[int, str, int], ...]
     stand_ins: dict[str, str] = dataclasses.field(default_factory=dict)
     band: dict[str, int] = dataclasses.field(default_factory=dict)
+    output_bytes: int = 0
 
 
 def trace_breakdown(
@@ -165,7 +169,10 @@ def analysed(step: RecordedStep, weight: Callable[[Category, Phase], float] | No
     slack = allocator_slack(step.records, step.kinds, weight) if cuda else 0
     band = step.workspaces.band(report.timeline) if cuda and step.workspaces is not None else {}
     log.debug("trace: peak %d bytes", sum(report.breakdown.values()))
-    return TraceResult(report.breakdown, step.notes, slack, report.at_peak, report.timeline, step.stand_ins, band)
+    output = sum(int(r.nbytes * (weight(step.kinds[i], r.phase) if weight else 1))
+                 for i, r in enumerate(step.records) if r.output)
+    return TraceResult(report.breakdown, step.notes, slack, report.at_peak, report.timeline, step.stand_ins, band,
+                       output)
 
 
 def _notes(counting: CountingMode, spec: TrainingSpec, recording: Recording) -> list[str]:

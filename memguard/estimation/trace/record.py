@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -166,6 +166,7 @@ class _Step:
         self.recording = Recording(ledger, params)
         foreach = True if spec.device == "cuda" else None
         self.optimizer = make_optimizer(spec.optimizer, trainable, foreach=foreach)
+        self.output: set[int] = set()  # the ledger's indices of the last forward's output
 
     def run(self) -> Recording:
         """The optimizer's state, then ``loop.steps`` steps; names the state's storages."""
@@ -186,6 +187,8 @@ class _Step:
         state = self.optimizer.state if self.optimizer is not None else {}
         for n, p in self.named:
             self.ledger.name((n, v) for v in state.get(p, {}).values())
+        for i in self.output:
+            self.ledger.records[i].output = True
         return self.recording
 
     def micro_batch(self, first: bool) -> None:
@@ -207,6 +210,9 @@ class _Step:
             loss = _loss_of(output, kwargs or args, loop.loss_fn)
         end = ledger.clock
         recording.activations.update(i for i, r in ledger.live_at(end) if r.alloc > start)
+        # what the output holds beyond the loss, which every loop keeps until its backward
+        self.output = {i for t in output_tensors(output) if (i := ledger.index_of(t)) is not None}
+        self.output.discard(ledger.index_of(loss))
         del output
         ledger.set_phase(Phase.BACKWARD)
         if loop.training_loop == "lightning" and self.optimizer is not None and first:
@@ -230,6 +236,27 @@ class _Step:
             for t in self.trainable:
                 t.grad = None
         self.ledger.set_phase(Phase.OTHER)
+
+
+def output_tensors(output: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """The tensors a loop's ``outputs = model(**batch)`` variable holds: those in ``output``'s
+    containers (a transformers ``ModelOutput`` is a dict), and the keys and values of a transformers
+    cache in it: a training forward with ``use_cache=True`` returns a ``DynamicCache`` whose layers
+    hold ``torch.cat`` copies of every block's K and V (``DynamicLayer.update``,
+    ``transformers/cache_utils.py``)."""
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif depth > 4:
+        return
+    elif isinstance(output, Mapping):
+        for value in output.values():
+            yield from output_tensors(value, depth + 1)
+    elif isinstance(output, (list, tuple)):
+        for value in output:
+            yield from output_tensors(value, depth + 1)
+    elif type(output).__module__.startswith("transformers.cache_utils"):
+        for value in vars(output).values():
+            yield from output_tensors(value, depth + 1)
 
 
 def _loss_of(output: Any, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> torch.Tensor:
