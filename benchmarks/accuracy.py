@@ -20,6 +20,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -250,6 +251,17 @@ def _verdict(ok: bool | None) -> str:
 # --------------------------------------------------------------------------- command line
 
 
+def _kept(output: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tracked results of a run of some cases: the file's other cases kept, in their order, with
+    this run's rows in place of theirs (new cases at the end), and its other keys (a ``note``)."""
+    if not output.exists():
+        return {}
+    old = json.loads(output.read_text())
+    new = {row["case"]: row for row in rows}
+    merged = [new.pop(row["case"], row) for row in old.get("cases", [])]
+    return {**old, "cases": [*merged, *new.values()]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="all", help="comma-separated case names, or 'all'")
@@ -269,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc.args[0]))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = evaluate(cases, args.device, methods, args.refresh, args.update_results and args.out is None)
+    output = result_path(args, f"accuracy_{args.device}.json")
+    kept = _kept(output, rows) if args.update_results and args.cases != "all" else {}
+    rows = kept.pop("cases", rows)
     summary = summarize(rows, methods)
     print(render(rows, methods, args.device))
     print()
@@ -276,8 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool = library_cache_share(rows) if args.device == "cpu" else {}
     if pool:
         print("\n" + render_library_caches(pool))
-    output = result_path(args, f"accuracy_{args.device}.json")
-    write_json(output, {"machine": machine_info(args.device), "device": args.device,
+    write_json(output, {**kept, "machine": machine_info(args.device), "device": args.device,
                         "targets": TARGETS, "summary": summary, "library_cache_share": pool,
                         "cases": rows})
     print(f"\nwritten to {output}")

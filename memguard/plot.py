@@ -67,12 +67,16 @@ class Sweep:
         """Total bytes along the sweep."""
         return [e.total_bytes for e in self.estimates]
 
+    def uppers(self) -> list[int]:
+        """The upper end of each point's band (what the fit decision compares) along the sweep."""
+        return [e.upper_bytes for e in self.estimates]
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: the axis, and per point its value, total and breakdown."""
+        """A JSON-ready dict: the axis, and per point its value, total, upper end and breakdown."""
         return {
             "axis": self.axis,
-            "points": [{self.axis: v, "total_bytes": e.total_bytes, "peak_bytes": e.peak_bytes,
-                        "breakdown": e.to_dict()["breakdown"]}
+            "points": [{self.axis: v, "total_bytes": e.total_bytes, "upper_bytes": e.upper_bytes,
+                        "peak_bytes": e.peak_bytes, "breakdown": e.to_dict()["breakdown"]}
                        for v, e in zip(self.values, self.estimates, strict=True)],
             "stopped": self.stopped,
         }
@@ -190,7 +194,7 @@ def render(by_batch: Sweep, by_seq: Sweep | None, path: str | Path, *, capacity_
     sweeps = [s for s in (by_batch, by_seq) if s is not None and s.values]
     if not sweeps:
         raise ConfigError("nothing to plot: the sweeps are empty")
-    top = max(max(s.totals()) for s in sweeps)
+    top = max(max(s.uppers()) for s in sweeps)
     if capacity_bytes:
         top = max(top, capacity_bytes)
     unit_name, unit = ("GiB", parse_bytes("1GiB")) if top >= parse_bytes("2GiB") else ("MiB", parse_bytes("1MiB"))
@@ -199,6 +203,9 @@ def render(by_batch: Sweep, by_seq: Sweep | None, path: str | Path, *, capacity_
     axes = fig.subplots(1, len(sweeps), squeeze=False)[0]
     for ax, s in zip(axes, sweeps, strict=True):
         _draw_stack(ax, s, unit)
+        if s.uppers() != s.totals():  # the band: what fits is decided on its upper end
+            ax.plot(list(s.values), [u / unit for u in s.uppers()], color="black", linewidth=1.0, linestyle="-.",
+                    label="upper end of the band (what must fit)")
         if capacity_bytes:
             ax.axhline(capacity_bytes / unit, color="#c44e52", linewidth=1.6,
                        label=f"{gpu_name}: {format_bytes(capacity_bytes)} free")

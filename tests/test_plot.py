@@ -134,7 +134,7 @@ def test_memguard_plot_writes_the_file(tmp_path, capsys):
     assert data["output"] == str(target)
     n = data["max_batch_size"]
     assert 1 <= n <= 64
-    points = {p["batch_size"]: p["total_bytes"] for p in data["batch_sweep"]["points"]}
+    points = {p["batch_size"]: p["upper_bytes"] for p in data["batch_sweep"]["points"]}  # what must fit
     assert {1, n} <= set(points)
     assert points[n] <= data["usable_bytes"]
     assert n + 1 not in points or data["capped"] or points[n + 1] > data["usable_bytes"]

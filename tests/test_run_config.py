@@ -71,7 +71,7 @@ def test_deepspeed_files() -> None:
 def test_training_arguments_json_and_yaml_with_their_deepspeed_file(tmp_path: Path) -> None:
     expected = {"batch_size": 4, "accumulate_grad_batches": 8, "optimizer": "adamw-8bit", "precision": "bf16-mixed",
                 "gradient_checkpointing": True, "model": TINY, "strategy": "deepspeed_stage_2",
-                "offload_optimizer": True, "offload_params": False}
+                "offload_optimizer": True, "offload_params": False, "keep_output": False}
     assert read_run_config(DATA / "training_args.json") == expected
     import yaml
 
@@ -142,7 +142,7 @@ def test_check_training_arguments_in_a_new_process_equals_the_flags(tmp_path: Pa
     code, from_flags, _ = run_main(capsys, "check", TINY, "--batch-size", "4", "--accumulate-grad-batches", "8",
                                    "--precision", "bf16-mixed", "--gradient-checkpointing", "--optimizer",
                                    "adamw-8bit", "--strategy", "deepspeed_stage_2", "--offload-optimizer",
-                                   "--gpu", "24GiB", "--json")
+                                   "--no-keep-output", "--gpu", "24GiB", "--json")
     assert code == 0
     same(from_file, from_flags)
     assert from_file["fits"] is True and from_file["inputs"]["batch_size"] == 4
@@ -171,7 +171,7 @@ def test_flags_win_over_the_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     code, flags, _ = run_main(capsys, "estimate", TINY, "--batch-size", "2", "--accumulate-grad-batches", "8",
                               "--precision", "32-true", "--no-gradient-checkpointing", "--optimizer", "adamw-8bit",
-                              "--strategy", "deepspeed_stage_2", "--offload-optimizer", "--json")
+                              "--strategy", "deepspeed_stage_2", "--offload-optimizer", "--no-keep-output", "--json")
     same(got, flags)
 
 

@@ -107,7 +107,8 @@ def plan(model: Any, *, gpu: DeviceMemory | str | int, seq_len: int | None = Non
              "total_bytes": mine.total_bytes, "needed_bytes": search.needed(mine),
              "headroom_bytes": search.usable - search.needed(mine),
              "method": mine.method.value, "fits": search.fits(mine),
-             "flags": base_knobs.flags(base_knobs, search.seq_len, setup.device, setup.margin)}
+             "flags": base_knobs.flags(base_knobs, search.seq_len, setup.device, setup.margin,
+                                       setup.extra.get("keep_output"))}
     return Plan(rows, COST_MODEL, asked, search.fits(mine), setup.name, setup.gpu, setup.margin, search.usable,
                 search.ctx.effective, search.all_notes(), search.count,
                 round(time.perf_counter() - start, 3), search.traced, len({k for k, _ in search.cache}))

@@ -101,8 +101,10 @@ class Knobs:
             out.append(f"batch {self.batch_size} x accumulate {self.accumulate}{' per GPU' * (self.world_size > 1)}")
         return out
 
-    def flags(self, base: Knobs, seq_len: int | None, device: str, margin: float) -> list[str]:
-        """The arguments after ``memguard check MODEL --gpu G`` that reproduce this configuration."""
+    def flags(self, base: Knobs, seq_len: int | None, device: str, margin: float,
+              keep_output: bool | None = None) -> list[str]:
+        """The arguments after ``memguard check MODEL --gpu G`` that reproduce this configuration (with the
+        loop's ``keep_output`` where it was said: it decides the band)."""
         out = ["--batch-size", str(self.batch_size)]
         out += ["--accumulate-grad-batches", str(self.accumulate)] * (self.accumulate != 1)
         out += ["--seq-len", str(seq_len)] * (seq_len is not None)
@@ -117,6 +119,7 @@ class Knobs:
         kind, dq = quantization_args(self.quantization)
         out += ["--quantization", kind] * bool(kind) + ["--double-quant"] * dq
         out += ["--device", device] * (device != "cuda")
+        out += [] if keep_output is None else ["--keep-output" if keep_output else "--no-keep-output"]
         return out + ["--margin", f"{margin:g}"] * (margin != 0.1)
 
 

@@ -368,9 +368,11 @@ class Search:
 
     def row(self, group: str, k: Knobs, est: MemoryEstimate) -> PlanRow:
         terms, seq, device = cost_terms(k, self.ctx), self.seq_len, self.setup.device
-        return PlanRow(group, k.changes(self.ctx.base), {**k.kwargs(), "seq_len": seq, "device": device},
+        keep = self.setup.extra.get("keep_output")
+        said = {} if keep is None else {"keep_output": keep}
+        return PlanRow(group, k.changes(self.ctx.base), {**k.kwargs(), "seq_len": seq, "device": device, **said},
                        est.total_bytes, self.needed(est), self.usable - self.needed(est), cost_of(k, self.ctx), terms,
-                       est.method, k.flags(self.ctx.base, seq, device, self.setup.margin), est.host_bytes)
+                       est.method, k.flags(self.ctx.base, seq, device, self.setup.margin, keep), est.host_bytes)
 
 
 def _best(found: Sequence[_Found], ctx: CostContext, limit: int) -> list[_Found]:

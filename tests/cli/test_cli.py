@@ -251,7 +251,7 @@ def test_model_from_a_config_json_and_a_model_directory(capsys, tmp_path):
 @pytest.mark.slow
 def test_max_batch_is_the_largest_that_fits(capsys):
     at8 = memguard.estimate(TINY, 8, 32, method="trace", device="cpu")
-    free = int(at8.total_bytes / 0.9) + 1  # batch 8 fits; memory grows with the batch
+    free = int(at8.upper_bytes / 0.9) + 1  # batch 8 fits; memory grows with the batch
     code, out, err = run(capsys, "max-batch", TINY, "--seq-len", "32", "--method", "trace", "--device", "cpu",
                          "--gpu", f"{free}B", "--json")
     assert code == EXIT_OK and err == ""
