@@ -8,14 +8,15 @@ config allows.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from memguard.enums import StrEnum
 from memguard.errors import ConfigError
 from memguard.estimation.families import facts_of
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["Head", "TaskKind", "audio_positions", "decoder_length", "make_batch", "max_positions", "model_task"]
 
@@ -113,7 +114,7 @@ def model_task(module: nn.Module) -> TaskKind:
 
 
 def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                generator: torch.Generator | None = None,
                decoder_seq_len: int | None = None) -> dict[str, torch.Tensor]:
     """Inputs and labels that fit the head of a transformers model.
@@ -123,7 +124,7 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     (default: ``seq_len``), from which they make their own decoder inputs; an audio
     encoder-decoder (Whisper) gets ``input_features`` of the frames its encoder takes
     (:func:`audio_positions`) in ``dtype`` and labels of :func:`decoder_length`; vision models get
-    ``pixel_values`` of the configured image size in ``dtype``. No attention mask is passed: with
+    ``pixel_values`` of the configured image size in ``dtype`` (default fp32). No attention mask is passed: with
     every token attended, transformers takes its fast path (and would drop an all-ones mask anyway).
 
     Raises:
@@ -131,6 +132,9 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
             token model is asked for without ``seq_len``, or the batch would hold more than
             :data:`~memguard.estimation.spec.MAX_INPUT_ELEMENTS` elements (its bytes would overflow int64).
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     task = model_task(module)
     config = getattr(module, "config", None)
     b = batch_size
@@ -217,6 +221,8 @@ def decoder_length(config: Any, seq_len: int | None, decoder_seq_len: int | None
 def _audio_batch(config: Any, b: int, dec: int | None, *, dtype: torch.dtype, device: str | torch.device,
                  generator: torch.Generator | None) -> dict[str, torch.Tensor]:
     """Whisper's batch: log-mel ``input_features`` ``(B, mels, 2 x positions)`` and ``labels``."""
+    import torch
+
     frames = 2 * int(config.max_source_positions)  # the encoder's conv stem halves them
     dec = dec or 1
     _check_elements(b, config.num_mel_bins, frames, what="mel features")

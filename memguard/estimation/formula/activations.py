@@ -10,6 +10,7 @@ and the logits, an encoder-decoder's encoder output and the logits themselves.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from memguard.estimation.arch import Architecture, inspect_architecture
 from memguard.estimation.formula.adapters import adapter_bytes
@@ -25,8 +26,10 @@ from memguard.estimation.formula.families import model_type_of, refuse_unmodelle
 from memguard.estimation.formula.head import encoder_output_bytes, final_bytes
 from memguard.estimation.formula.inventory import Inventory, inventory
 from memguard.estimation.formula.norms import norm_bytes
-from memguard.estimation.models import ResolvedModel
 from memguard.estimation.spec import TrainingSpec
+
+if TYPE_CHECKING:
+    from memguard.estimation.models import ResolvedModel
 
 __all__ = ["Activations", "Activity", "activation_bytes", "activations", "block_activity", "final_saved_bytes"]
 

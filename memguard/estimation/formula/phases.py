@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from memguard.estimation.arch import Architecture, inspect_architecture
 from memguard.estimation.formula.activations import Activations, activations
@@ -29,13 +27,17 @@ from memguard.estimation.formula.loss import (
 )
 from memguard.estimation.formula.model_state import ModelState, model_state
 from memguard.estimation.formula.norms import norm_backward_bytes
-from memguard.estimation.models import ResolvedModel
 from memguard.estimation.parallel import Parallelism
-from memguard.estimation.quantization import QuantizationKind
+from memguard.estimation.phase import Phase
+from memguard.estimation.quantization_kinds import QuantizationKind
 from memguard.estimation.result import Category
 from memguard.estimation.spec import TrainingSpec
 from memguard.estimation.step import TrainingLoop, training_loop_of
-from memguard.estimation.trace import Phase
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from memguard.estimation.models import ResolvedModel
 
 __all__ = ["PHASE_OF", "formula_breakdown", "shard_phases", "step_phases"]
 
@@ -124,7 +126,7 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
         end = max(in_block, loss, key=lambda m: sum(m.values()))
     phases: Phases = {"end of forward": end}
     if state.gradients > 0:
-        elem = spec.precision.param_dtype.itemsize
+        elem = spec.precision.param_bytes
         recompute_fwd = (_recompute_bytes(ctx, acts.tokens, block_fwd, four_bit=bool(_quantized_layers(module))
                                           and not ctx.kept_inputs)
                          if spec.gradient_checkpointing else 0)
@@ -158,7 +160,7 @@ def shard_phases(phases: Phases, parallel: Parallelism, module: nn.Module, spec:
     blocks, one block's unsharded gradients), so the peak moment is chosen after sharding, as in
     the trace: under ZeRO-1 the step over a 1/N partition is no longer the peak.
     """
-    elem = spec.precision.param_dtype.itemsize
+    elem = spec.precision.param_bytes
     extras = (parallel.phase_extras(module, bytes_per_element=elem, device=spec.device)
               if parallel.fully_sharded else None)
     out: Phases = {}
