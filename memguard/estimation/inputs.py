@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Head", "TaskKind", "audio_positions", "decoder_length", "make_batch", "max_positions", "model_task"]
+__all__ = ["Head", "TaskKind", "audio_positions", "check_batch", "decoder_length", "make_batch", "max_positions",
+           "model_task"]
 
 
 class Head(StrEnum):
@@ -138,37 +139,21 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     task = model_task(module)
     config = getattr(module, "config", None)
     b = batch_size
+    decoder_seq_len = check_batch(task, config, type(module).__name__, b, seq_len, decoder_seq_len)
     if task.takes_pixels:
         vision = _vision_config(config)
         size = vision.image_size
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        _check_elements(b, vision.num_channels, *size, what="pixel values")
         pixels = torch.rand(b, vision.num_channels, *size, generator=generator, device=device).to(dtype)
         batch = {"pixel_values": pixels}
         if task.labels_per_sample:
             batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
         return batch
     if task is TaskKind.SEQ2SEQ and audio_positions(config) is not None:
-        return _audio_batch(config, b, decoder_length(config, seq_len, decoder_seq_len), dtype=dtype,
-                            device=device, generator=generator)
-    if not task.takes_tokens:
-        raise ConfigError(
-            f"memguard cannot build inputs for {type(module).__name__}: pass example_input= "
-            "(one batch as forward takes it: a tensor, a tuple or a dict of tensors)"
-        )
-    if seq_len is None:
-        raise ConfigError(f"seq_len is needed to build token inputs for {type(module).__name__}")
-    limit = max_positions(config)
-    if limit is not None and seq_len > limit:
-        raise ConfigError(
-            f"seq_len={seq_len} is longer than {type(module).__name__} can take "
-            f"(max_position_embeddings={limit})"
-        )
-    _check_elements(b, seq_len, what="token ids")
+        return _audio_batch(config, b, decoder_seq_len, dtype=dtype, device=device, generator=generator)
     ids = torch.randint(0, config.vocab_size, (b, seq_len), generator=generator, device=device)
     batch = {"input_ids": ids}
     if task is TaskKind.SEQ2SEQ and decoder_seq_len is not None and decoder_seq_len != seq_len:
-        _check_elements(b, decoder_seq_len, what="labels")
         batch["labels"] = torch.randint(0, config.vocab_size, (b, decoder_seq_len), generator=generator,
                                         device=device)
     elif task.labels_per_token:
@@ -176,6 +161,44 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     elif task.labels_per_sample:
         batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
     return batch
+
+
+def check_batch(task: TaskKind, config: Any, class_name: str, b: int, seq_len: int | None,
+                decoder_seq_len: int | None) -> int | None:
+    """Check that :func:`make_batch` can build the batch of a ``task`` model of ``config`` (its class
+    ``class_name``, for messages); without tensors, so the formula on a preset's description checks the
+    same. Returns the decoder's tokens of an audio model (:func:`decoder_length`), else ``decoder_seq_len``.
+
+    Raises:
+        ConfigError: as :func:`make_batch` says.
+    """
+    if task.takes_pixels:
+        vision = _vision_config(config)
+        size = vision.image_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        _check_elements(b, vision.num_channels, *size, what="pixel values")
+        return decoder_seq_len
+    if task is TaskKind.SEQ2SEQ and audio_positions(config) is not None:
+        dec = decoder_length(config, seq_len, decoder_seq_len)
+        _check_elements(b, config.num_mel_bins, 2 * int(config.max_source_positions), what="mel features")
+        return dec
+    if not task.takes_tokens:
+        raise ConfigError(
+            f"memguard cannot build inputs for {class_name}: pass example_input= "
+            "(one batch as forward takes it: a tensor, a tuple or a dict of tensors)"
+        )
+    if seq_len is None:
+        raise ConfigError(f"seq_len is needed to build token inputs for {class_name}")
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(
+            f"seq_len={seq_len} is longer than {class_name} can take "
+            f"(max_position_embeddings={limit})"
+        )
+    _check_elements(b, seq_len, what="token ids")
+    if task is TaskKind.SEQ2SEQ and decoder_seq_len is not None and decoder_seq_len != seq_len:
+        _check_elements(b, decoder_seq_len, what="labels")
+    return decoder_seq_len
 
 
 def _vision_config(config: Any) -> Any:
@@ -225,7 +248,6 @@ def _audio_batch(config: Any, b: int, dec: int | None, *, dtype: torch.dtype, de
 
     frames = 2 * int(config.max_source_positions)  # the encoder's conv stem halves them
     dec = dec or 1
-    _check_elements(b, config.num_mel_bins, frames, what="mel features")
     features = torch.randn(b, config.num_mel_bins, frames, generator=generator, device=device).to(dtype)
     labels = torch.randint(0, config.vocab_size, (b, dec), generator=generator, device=device)
     return {"input_features": features, "labels": labels}

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_LAYERS", "MAX_PARAMETERS", "ResolvedModel", "add_lora", "check_config_shapes",
-           "check_config_sizes", "is_checkpointing", "list_presets", "load_model", "lora_rank_limit",
+           "check_config_sizes", "is_checkpointing", "list_presets", "load_model", "lora_rank_limit", "preset_key",
            "set_checkpointing"]
 
 _PRESET_DIR = Path(__file__).parent / "presets"
@@ -41,7 +41,8 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in _PRESET_DIR.glob("*.json"))
 
 
-def _preset_key(name: str) -> str | None:
+def preset_key(name: str) -> str | None:
+    """The preset ``name`` stands for (its key in :func:`list_presets`, aliases and spellings read), or ``None``."""
     key = _normalised(name)
     key = _ALIASES.get(key, key)
     return key if key in list_presets() else None
@@ -447,7 +448,7 @@ def load_model(model: Any, *, device: str | torch.device = "meta") -> ResolvedMo
         return ResolvedModel(_build_from_config(model, device=device), type(model).__name__, model, True)
     if isinstance(model, (str, Path)):
         text = str(model)
-        key = _preset_key(text) if isinstance(model, str) else None
+        key = preset_key(text) if isinstance(model, str) else None
         if key is not None:
             data, _ = _read_config_dict(_PRESET_DIR / f"{key}.json")
             config = _config_from_dict(data, key)
