@@ -103,7 +103,7 @@ def describe(model: ResolvedModel) -> ModelDescription:
         if value is not None:
             fields[name] = list(value) if isinstance(value, tuple) else value
     return ModelDescription(name=model.name, class_name=type(module).__name__, task=model_task(module), arch=arch,
-                            inventory=inventory(module, arch), fields=fields,
+                            inventory=dataclasses.replace(inventory(module, arch), generation=0), fields=fields,
                             checkpointing=is_checkpointing(module))
 
 

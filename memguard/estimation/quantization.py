@@ -67,8 +67,6 @@ import torch
 from torch import nn
 
 from memguard.estimation.quantization_kinds import (  # torch-free: the argument checks read them
-    _BNB_4BIT,
-    _BNB_8BIT,
     BLOCKSIZE,
     CODE_4BIT,
     CODE_DYNAMIC,
@@ -98,6 +96,9 @@ __all__ = [
     "quantized_layers",
     "resolve_quantization",
 ]
+
+_BNB_4BIT = ("Linear4bit", "LinearNF4", "LinearFP4")
+_BNB_8BIT = ("Linear8bitLt",)
 
 
 

@@ -43,9 +43,6 @@ FUSED_MAX_ROWS = 1536
 """Rows of input up to which ``gemm_4bit`` on CUDA runs its fused kernel (``_gemm_4bit_custom_max_m``)."""
 F32 = 4
 
-_BNB_4BIT = ("Linear4bit", "LinearNF4", "LinearFP4")
-_BNB_8BIT = ("Linear8bitLt",)
-
 
 @dataclasses.dataclass(frozen=True)
 class Quantization:

@@ -82,16 +82,18 @@ class Inventory:
         return self.float_numel[i] * elem + self.other_bytes[i]
 
     def to_dict(self) -> dict[str, Any]:
-        """The inventory as JSON values (:meth:`from_dict` reads them back)."""
+        """The inventory as JSON values (:meth:`from_dict` reads them back), without the structure
+        generation, which only this process's cache knows."""
         data = dataclasses.asdict(self)
+        del data["generation"]
         data["adapters"] = [[i, *shape] for i, shape in sorted(self.adapters.items())]
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Inventory:
         """The :class:`Inventory` of :meth:`to_dict`'s values."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"generation"}
+        values: dict[str, Any] = {"generation": 0}
         for name in fields:
             value = data[name]
             if name in ("enc_blocks", "dec_blocks"):
