@@ -34,7 +34,7 @@ forward and the loss. For ``device="cuda"``:
   only makes a non-contiguous parameter or gradient contiguous first), their quantization maps are two
   256-entry fp32 tables shared by every parameter (``name2qmap``), and ``percentile_clipping`` (off by
   default) keeps 100 fp32 per parameter. Their state is the point estimate's
-  (:class:`~memguard.estimation.spec.AdamW8bitStandIn`); a paged optimizer's state is in CUDA managed
+  (:class:`~memguard.estimation.optim_stand_ins.AdamW8bitStandIn`); a paged optimizer's state is in CUDA managed
   memory, counted as resident (the estimate's note says so).
 
 Known limitations: another library's ``AutocastCUDA`` kernels (torchvision's) are not emulated. The

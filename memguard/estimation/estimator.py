@@ -523,7 +523,7 @@ def _deepspeed_precision(spec: TrainingSpec, parallel: Parallelism) -> tuple[Tra
     (``deepspeed/runtime/zero/stage_1_and_2.py``, ``single_partition_of_fp32_groups``;
     ``bf16_optimizer.py``). Under torch AMP (DDP, FSDP) parameters and gradients stay fp32.
     """
-    if not parallel.strategy.is_deepspeed or spec.precision.autocast_dtype is None:
+    if not parallel.strategy.is_deepspeed or spec.precision.autocast is None:
         return spec, False
     low = "bf16-true" if spec.precision.autocast == "bfloat16" else "16-true"
     return spec.replace(precision=resolve_precision(low)), True
