@@ -169,7 +169,7 @@ def _main(argv: Sequence[str] | None, readers: Readers | None = None) -> int:
     quiet = args.quiet or args.json
     out = Output(json_mode=args.json, quiet=quiet, progress_shown=not quiet and is_terminal(sys.stderr))
     try:
-        with quiet_libraries(quiet=args.quiet, models=args.command != "gpus" and needs_torch):
+        with quiet_libraries(quiet=args.quiet, models=args.command != "gpus"):
             _model_from_config(parser, args, sys.argv[1:] if argv is None else argv)
             return args.run(args, out)
     except MemguardError as exc:
