@@ -338,7 +338,7 @@ class TrainingSpec:
         gradient_checkpointing: ``None`` to read from the model, else forced on or off.
         device: :class:`DeviceKind`: where training will run.
         moe_routing: the capacity factor of the mixture-of-experts routing model: 1.0 balanced,
-            ``math.inf`` every token on the same experts (:func:`memguard.estimation.stand_ins.resolve_routing`).
+            ``math.inf`` every token on the same experts (:func:`memguard.estimation.routing.resolve_routing`).
         decoder_seq_len: an encoder-decoder's decoder tokens per sample (the labels' length);
             ``None``: as many as ``seq_len``.
     """
