@@ -159,7 +159,9 @@ def _main(argv: Sequence[str] | None, readers: Readers | None = None) -> int:
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     try:
-        _import_estimator()  # torch and the estimator: only now, so --help and --version answer at once
+        needs_torch = not _without_torch(args)
+        # torch and the estimator: only now, so --help and --version answer at once
+        _import_estimator(torch=needs_torch)
     except MemguardError as exc:
         return fail(str(exc))
     _factories_from_here(getattr(args, "model", None))
@@ -172,6 +174,21 @@ def _main(argv: Sequence[str] | None, readers: Readers | None = None) -> int:
             return args.run(args, out)
     except MemguardError as exc:
         return fail(str(exc))
+
+
+def _without_torch(args: Any) -> bool:
+    """Whether the command estimates by the formula from a preset's shipped description only
+    (:func:`memguard.estimation.estimator.runs_without_torch`): ``estimate``, ``check`` and
+    ``max-batch`` with ``--method formula`` on a preset, without ``--config``, LoRA, quantization or
+    sharding. torch (~2.5 s) and transformers are then never imported."""
+    if args.command not in ("estimate", "check", "max-batch") or getattr(args, "config", None):
+        return False
+    if getattr(args, "method", None) != "formula":
+        return False
+    from memguard.cli._shared import estimate_kwargs
+    from memguard.estimation.estimator import runs_without_torch
+
+    return runs_without_torch(args.model, **estimate_kwargs(args))
 
 
 def _factories_from_here(model: Any) -> None:

@@ -156,9 +156,19 @@ def quiet_libraries(*, quiet: bool, models: bool) -> Iterator[None]:
     transformers logs about configs and deprecations while models are built; those lines are
     muted. memguard's own warnings (``warnings`` and the ``memguard`` loggers) are shown as one
     ``memguard: warning:`` line each, unless ``quiet``.
+
+    transformers is not imported for that (seconds, which a formula estimate of a preset does
+    without): until it is, ``TRANSFORMERS_VERBOSITY=error`` is set for the block, which transformers
+    reads when it first configures its logger (``transformers/utils/logging.py``,
+    ``_get_default_logging_level``); a user's own ``TRANSFORMERS_VERBOSITY`` is overridden by importing
+    it now, as before.
     """
     tf_logging = None
-    if models:
+    lazy = False
+    if models and "transformers.utils.logging" not in sys.modules and "TRANSFORMERS_VERBOSITY" not in os.environ:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        lazy = True
+    elif models:
         try:
             from transformers.utils import logging as tf_logging
         except ImportError:  # pragma: no cover - transformers is a dependency
@@ -183,6 +193,11 @@ def quiet_libraries(*, quiet: bool, models: bool) -> Iterator[None]:
             logger.propagate = propagate
             if tf_logging and tf_level is not None:
                 tf_logging.set_verbosity(tf_level)
+            if lazy:
+                os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+                imported = sys.modules.get("transformers.utils.logging")
+                if imported is not None:  # back to transformers' default (_default_log_level), as before the block
+                    imported.set_verbosity(logging.WARNING)
 
 
 class _OneLine(logging.Formatter):

@@ -112,16 +112,20 @@ def routing(text: str) -> str | float:
     return value
 
 
-def import_estimator() -> Any:
-    """``memguard.estimation.estimator`` (and so torch and transformers), or a one-line error naming what broke.
+def import_estimator(*, torch: bool = True) -> Any:
+    """``memguard.estimation.estimator`` and, with ``torch``, torch, or a one-line error naming what broke.
 
     A broken install anywhere below torch (a ``pynvml.py`` that raises on import, which torch
-    imports too; a half-removed package) would otherwise end the command with a traceback.
+    imports too; a half-removed package) would otherwise end the command with a traceback. Without
+    ``torch`` (a formula estimate of a preset, which reads its shipped description) torch is left out.
     """
     import importlib
 
     try:
-        return importlib.import_module("memguard.estimation.estimator")
+        estimator = importlib.import_module("memguard.estimation.estimator")
+        if torch:
+            importlib.import_module("torch")
+        return estimator
     except MemguardError:
         raise
     except Exception as exc:

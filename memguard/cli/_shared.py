@@ -17,8 +17,8 @@ from memguard.errors import ConfigError, DeviceError, MemguardError
 from memguard.estimation.result import MemoryEstimate
 from memguard.units import format_bytes
 
-__all__ = ["EstimateAt", "describe_gpu", "describe_inputs", "estimate_once", "estimator", "first_sentence",
-           "model_words", "remedies", "resolve_gpu", "show_remedies", "verb"]
+__all__ = ["EstimateAt", "describe_gpu", "describe_inputs", "estimate_kwargs", "estimate_once", "estimator",
+           "first_sentence", "model_words", "remedies", "resolve_gpu", "show_remedies", "verb"]
 
 EstimateAt = Callable[[int, int | None], MemoryEstimate]
 """``estimate_at(batch_size, seq_len)``; ``seq_len=None`` is the model's maximum."""
@@ -76,11 +76,11 @@ def _describe_gpu(gpu: memguard.DeviceMemory) -> str:
     return f"GPU: {where}{gpu.name}, {format_bytes(gpu.free_bytes)} free of {size} ({gpu.source})"
 
 
-def _estimate_kwargs(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
+def estimate_kwargs(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
     """:func:`memguard.estimate`'s keyword arguments from the flags: every knob of a
     :class:`~memguard.estimation.step.Step` that has a flag (the batch size is passed apart), the method
     and the trace's timeout, and what ``--config`` read."""
-    from memguard.estimation.step import KNOBS  # needs torch: only once the command line is read
+    from memguard.estimation.step import KNOBS  # only once the command line is read
 
     return {
         **{name: getattr(args, name) for name in KNOBS if name != "batch_size" and hasattr(args, name)},
@@ -104,7 +104,7 @@ def estimator(args: argparse.Namespace, method: str | None = None) -> EstimateAt
 
     An estimate at ``seq_len=None`` is also filed under the length ``None`` stood for.
     """
-    kwargs = _estimate_kwargs(args, method)
+    kwargs = estimate_kwargs(args, method)
     model = kwargs.pop("model", args.model)
 
     def estimate_at(batch_size: int, seq_len: int | None) -> MemoryEstimate:

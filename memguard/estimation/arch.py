@@ -30,13 +30,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from memguard.errors import UnsupportedModelError
 from memguard.estimation.families import FAMILIES, FAMILY_OF_MODEL_TYPE, Family, facts_of
 from memguard.estimation.inputs import Head, model_task
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["FAMILY_OF_MODEL_TYPE", "Architecture", "MoE", "block_stacks", "find_architecture", "inspect_architecture",
            "structure_generation", "transformer_blocks"]
@@ -424,6 +425,8 @@ def _tied(config: Any, module: nn.Module) -> bool:
 
 
 def _from_torch_layers(module: nn.Module) -> Architecture | None:
+    from torch import nn
+
     enc = [m for m in module.modules() if isinstance(m, nn.TransformerEncoderLayer)]
     dec = [m for m in module.modules() if isinstance(m, nn.TransformerDecoderLayer)]
     if not enc and not dec:
@@ -485,6 +488,8 @@ def block_stacks(module: nn.Module, config: Any = None, *, arch: Architecture | 
         guess: fall back on the largest ``nn.ModuleList``. Without it, blocks are only those the
             architecture lays out, each run once (ALBERT's 12 layers share one module: no guess).
     """
+    from torch import nn
+
     arch = arch if arch is not None else find_architecture(module, config)
     enc: list[nn.Module] = []
     dec: list[nn.Module] = []

@@ -4,6 +4,11 @@ It normalises the arguments (:mod:`memguard.estimation.spec`), resolves the mode
 (:mod:`memguard.estimation.models`), runs the chosen method — :mod:`memguard.estimation.seed`,
 :mod:`memguard.estimation.formula` or :mod:`memguard.estimation.trace` — and adds what the device costs beyond live
 tensors (:mod:`memguard.estimation.overhead`).
+
+A preset estimated by the formula alone (no LoRA, quantization, sharding or code of the user's) is
+read from its shipped description instead of its built module (:mod:`memguard.estimation.description`):
+the same formula and the same answer without importing torch or transformers, which this module and the
+ones it imports at its top leave to the paths that need them.
 """
 
 from __future__ import annotations
@@ -11,33 +16,45 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
-
-import torch
-from torch.utils._pytree import tree_flatten, tree_map_only
+from typing import TYPE_CHECKING, Any
 
 from memguard.errors import ConfigError, MemguardError
 from memguard.estimation import sandbox
-from memguard.estimation.inputs import TaskKind, audio_positions, decoder_length, make_batch, max_positions, model_task
-from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing, load_model
+from memguard.estimation.description import ModelDescription, preset_description
+from memguard.estimation.formula.inventory import Inventory
+from memguard.estimation.inputs import (
+    TaskKind,
+    audio_positions,
+    check_batch,
+    decoder_length,
+    make_batch,
+    max_positions,
+    model_task,
+)
+from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing, load_model, preset_key
 from memguard.estimation.overhead import device_overhead
-from memguard.estimation.parallel import Parallelism, Strategy, wrapped_blocks
-from memguard.estimation.quantization import Quantization, detect_quantization, quantize_model, quantized_layers
+from memguard.estimation.parallel import Parallelism, Strategy
+from memguard.estimation.quantization_kinds import Quantization
 from memguard.estimation.result import Category, MemoryEstimate, Method, PeakTensors
 from memguard.estimation.spec import TrainingSpec, resolve_precision
 from memguard.estimation.step import DEFAULTS, KNOBS, METHODS, Step
-from memguard.estimation.trace import (
-    DEFAULT_TIMEOUT,
-    Inputs,
-    TraceResult,
-    check_timeout,
-    trace_breakdown,
-    warm_up,
-)
-from memguard.estimation.trace.depth import trace_by_depth
-from memguard.estimation.trace.record import Loop
+from memguard.estimation.trace_timeout import DEFAULT_TIMEOUT, check_timeout
+
+if TYPE_CHECKING:
+    import torch
+
+    from memguard.estimation.trace import Inputs, TraceResult
 
 __all__ = ["METHODS", "Inputs", "Step", "estimate"]
+
+
+def __getattr__(name: str) -> Any:
+    """``Inputs``, the trace's type of one forward's arguments, imported with torch on first use."""
+    if name == "Inputs":
+        from memguard.estimation.trace import Inputs
+
+        return Inputs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +198,9 @@ def estimate(
     trace_timeout = _checked_loop(trace_timeout, loss_fn, step_fn, example_input)
     parallel = step.layout
     spec, master_weights = _deepspeed_precision(step.spec, parallel)
+    described = _described(model, step, method, example_input, loss_fn, step_fn)
+    if described is not None:
+        return _estimate_described(described, step, spec, parallel)
     resolved, quant, lora_rank, quant_notes = _resolved_model(model, step)
     spec, make_inputs = _plan_inputs(resolved, spec, example_input, whole=step_fn is not None)
     if spec.gradient_checkpointing is None:
@@ -189,15 +209,65 @@ def estimate(
     found = _by_method(Method(method), resolved, spec, parallel, make_inputs, loss_fn=loss_fn,
                        training_loop=step.training_loop, step_fn=step_fn, trace_timeout=trace_timeout,
                        accumulate=step.accumulate_grad_batches, set_to_none=step.set_to_none)
+    return _estimate_of(found, resolved, step, spec, parallel, method=method, master_weights=master_weights,
+                        lora_rank=lora_rank, quant=quant, quant_notes=quant_notes)
+
+
+def _estimate_of(found: _Found, model: ResolvedModel | ModelDescription, step: Step, spec: TrainingSpec,
+                 parallel: Parallelism, *, method: str, master_weights: bool = False, lora_rank: int | None = None,
+                 quant: Quantization | None = None, quant_notes: list[str] | None = None) -> MemoryEstimate:
+    """The :class:`MemoryEstimate` of what one method found: the device's share and costs added
+    (:func:`_per_device`), the inputs as settled; the model's output counted where the loop keeps it."""
     found = _kept_output(found, step.keep_output)
-    breakdown, host, context, notes = _per_device(found, resolved, spec, parallel, master_weights=master_weights)
+    breakdown, host, context, notes = _per_device(found, model, spec, parallel, master_weights=master_weights)
     settled = {"batch_size": spec.batch_size, "seq_len": spec.seq_len, "decoder_seq_len": spec.decoder_seq_len,
                "gradient_checkpointing": spec.gradient_checkpointing, "lora_rank": lora_rank,
                **({} if quant is None else quant.to_dict())}
-    inputs = step.inputs(resolved.name, method, **settled)
-    return MemoryEstimate(method=found.method, breakdown=breakdown, inputs=inputs, notes=(*quant_notes, *notes),
-                          host_bytes=host, context_bytes=context, at_peak=found.at_peak, timeline=found.timeline,
-                          stand_ins=found.stand_ins, band=_band(found, spec, parallel, step.keep_output))
+    inputs = step.inputs(model.name, method, **settled)
+    return MemoryEstimate(method=found.method, breakdown=breakdown, inputs=inputs,
+                          notes=(*(quant_notes or ()), *notes), host_bytes=host, context_bytes=context,
+                          at_peak=found.at_peak, timeline=found.timeline, stand_ins=found.stand_ins,
+                          band=_band(found, spec, parallel, step.keep_output))
+
+
+def _described(model: Any, step: Step, method: str, example_input: Any, loss_fn: Any,
+               step_fn: Any) -> ModelDescription | None:
+    """The shipped description of a preset that the formula estimates as memguard builds it (no LoRA,
+    no quantization, no example, loss or step of the user's, one device), else ``None``: that model
+    is built (:func:`_resolved_model`). The description is the meta model's, read once and pinned by the
+    tests (:mod:`memguard.estimation.description`), so the answer is the same without torch."""
+    if method != Method.FORMULA or not isinstance(model, str):
+        return None
+    if example_input is not None or loss_fn is not None or step_fn is not None:
+        return None
+    if step.lora_rank is not None or step.quant is not None or step.layout.strategy is not Strategy.SINGLE:
+        return None
+    key = preset_key(model)
+    return preset_description(key) if key is not None else None
+
+
+def runs_without_torch(model: Any, **kwargs: Any) -> bool:
+    """Whether ``estimate(model, **kwargs)`` runs on a preset's shipped description, so without torch
+    (:func:`_described`); ``False`` for arguments :class:`Step` refuses (the estimate raises then).
+    The CLI asks, to import torch up front only where the estimate will need it."""
+    try:
+        step = Step(**{name: value for name, value in kwargs.items() if name in KNOBS})
+    except MemguardError:
+        return False
+    return _described(model, step, kwargs.get("method", "auto"), kwargs.get("example_input"),
+                      kwargs.get("loss_fn"), kwargs.get("step_fn")) is not None
+
+
+def _estimate_described(desc: ModelDescription, step: Step, spec: TrainingSpec,
+                        parallel: Parallelism) -> MemoryEstimate:
+    """:func:`estimate` by the formula from a preset's description, as from its module: the same settling of the
+    inputs (:func:`_settled`), the same formula, the same device costs."""
+    spec = _settled(spec, desc.task, desc.config, desc.config, desc.name, desc.class_name)
+    if spec.gradient_checkpointing is None:
+        spec = spec.replace(gradient_checkpointing=desc.checkpointing)
+    loop = _formula_loop(step.training_loop, step.accumulate_grad_batches, step.set_to_none)
+    found = _Found(Method.FORMULA, *_formula(desc, spec, loop, parallel), output_bytes=_formula_output(desc, spec))
+    return _estimate_of(found, desc, step, spec, parallel, method=Method.FORMULA.value)
 
 
 def _step_of(step: Step | None, knobs: dict[str, Any]) -> Step:
@@ -226,6 +296,8 @@ def _checked_loop(trace_timeout: Any, loss_fn: Any, step_fn: Any, example_input:
 def _resolved_model(model: Any, step: Step) -> tuple[ResolvedModel, Quantization | None, int | None, list[str]]:
     """The model to estimate, with LoRA adapters and quantized linear layers as ``step`` asks; its
     quantization, LoRA rank (QLoRA's default over a quantized base memguard builds) and notes."""
+    from memguard.estimation.quantization import detect_quantization
+
     lora_rank = step.lora_rank
     resolved = load_model(model)
     quant = step.quant or detect_quantization(resolved.module, resolved.config)
@@ -239,13 +311,14 @@ def _resolved_model(model: Any, step: Step) -> tuple[ResolvedModel, Quantization
     return resolved, quant, lora_rank, quant_notes
 
 
-def _per_device(found: _Found, resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism, *,
-                master_weights: bool) -> tuple[dict[Category, int], int, int, list[str]]:
+def _per_device(found: _Found, resolved: ResolvedModel | ModelDescription, spec: TrainingSpec,
+                parallel: Parallelism, *, master_weights: bool) -> tuple[dict[Category, int], int, int, list[str]]:
     """What one device holds: the method's breakdown with the strategy's share and buffers
     (:func:`_distribute`) and the device's overhead; the host bytes, the CUDA context and notes."""
     breakdown, notes = dict(found.breakdown), [*found.notes, *_paged_notes(resolved, spec)]
     host = 0
     if found.method is not Method.SEED and parallel.strategy is not Strategy.SINGLE:
+        assert isinstance(resolved, ResolvedModel)  # a description is estimated on one device only (_described)
         breakdown, host, more = _distribute(breakdown, parallel, resolved, spec, master_weights=master_weights)
         notes.extend(more)
     peak = sum(v for k, v in breakdown.items() if k != Category.OVERHEAD)
@@ -279,17 +352,20 @@ def _band(found: _Found, spec: TrainingSpec, parallel: Parallelism, keep_output:
     (:func:`~memguard.estimation.cuda_rules.communication_band`; two communicators under hybrid
     sharding across nodes). Data-dependent ops that ran on stand-in ones are listed at 0 bytes: their
     size is not known, and :attr:`MemoryEstimate.uncertain` says so."""
-    from memguard.estimation.cuda_rules import Workspaces, communication_band
-    from memguard.estimation.stand_ins import ONES
+    from memguard.estimation.band import communication_band, cublas_band
 
     band = dict(found.band)
     if found.method is Method.FORMULA and spec.device == "cuda":
-        band = Workspaces().band()
+        band = cublas_band()  # what Workspaces().band() holds without a traced kernel
     if spec.device == "cuda" and found.method is not Method.SEED:
         across_nodes = parallel.strategy is Strategy.FSDP_HYBRID and parallel.world_size > parallel.shard_size
         band.update(communication_band(parallel.world_size, 2 if across_nodes else 1))
     if keep_output is None and found.output_bytes:
         band[KEPT_OUTPUT] = found.output_bytes
+    if not found.stand_ins:  # only a trace has stand-ins, and torch then
+        return band
+    from memguard.estimation.stand_ins import ONES
+
     guessed = sorted(op for op, how in found.stand_ins.items() if how == ONES)
     if guessed:
         band[f"data-dependent {', '.join(guessed)} on stand-in values (size not known)"] = 0
@@ -302,6 +378,10 @@ DEFAULT_QLORA_RANK = 8
 
 def _quantize(resolved: ResolvedModel, quant: Quantization) -> tuple[ResolvedModel, list[str]]:
     """``resolved`` with its linear layers quantized (in place only for a model memguard built), and a note."""
+    import torch
+
+    from memguard.estimation.quantization import quantize_model, quantized_layers
+
     module, n = quantize_model(resolved.module, quant, in_place=resolved.built_here)
     if n == 0 and not quantized_layers(module):
         raise ConfigError(f"quantization={quant.kind.value!r}, but {resolved.name} has no nn.Linear layer to quantize "
@@ -320,13 +400,13 @@ def _quantize(resolved: ResolvedModel, quant: Quantization) -> tuple[ResolvedMod
     return dataclasses.replace(resolved, module=module, name=name, depth=depth), [note]
 
 
-def _paged_notes(resolved: ResolvedModel, spec: TrainingSpec) -> list[str]:
+def _paged_notes(model: ResolvedModel | ModelDescription, spec: TrainingSpec) -> list[str]:
     """What of a paged optimizer's state ``torch.cuda.max_memory_allocated()`` does not see."""
     if not spec.optimizer.paged:
         return []
     from memguard.estimation.formula.model_state import paged_state_bytes
 
-    paged = paged_state_bytes(resolved.module, spec)
+    paged = paged_state_bytes(_inventory_of(model), spec)
     if paged == 0:
         return [f"{spec.optimizer.name}: no trainable parameter has 100,000 elements or more, so bitsandbytes pages "
                 "none of its state (Optimizer8bit.get_state_buffer): all of it is ordinary CUDA memory, which "
@@ -336,6 +416,15 @@ def _paged_notes(resolved: ResolvedModel, spec: TrainingSpec) -> list[str]:
             "max_memory_allocated() and memory_reserved() do not count them, nvidia-smi does while they are "
             "resident; they are counted here as resident, and under memory pressure the driver pages them out "
             "to host memory instead of failing"]
+
+
+def _inventory_of(model: ResolvedModel | ModelDescription) -> Inventory:
+    """The parameters of ``model`` as the formula reads them."""
+    if isinstance(model, ModelDescription):
+        return model.inventory
+    from memguard.estimation.formula.inventory import inventory
+
+    return inventory(model.module)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,8 +448,7 @@ def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, para
                make_inputs: Callable[[], Inputs], *, loss_fn: Any, training_loop: str, step_fn: Any,
                trace_timeout: float | None, accumulate: int, set_to_none: bool) -> _Found:
     """Run ``method``; under ``"auto"`` a trace that fails falls back to the formula, saying why."""
-    # The formula knows one thing about the loop: whether gradients live through the forward.
-    formula_loop = "lightning" if accumulate > 1 or not set_to_none else training_loop
+    formula_loop = _formula_loop(training_loop, accumulate, set_to_none)
     if method is Method.SEED:
         from memguard.estimation.seed import seed_breakdown
 
@@ -371,6 +459,11 @@ def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, para
     if method is Method.FORMULA:
         return _Found(Method.FORMULA, *_formula(resolved, spec, formula_loop, parallel),
                       output_bytes=_formula_output(resolved, spec))
+    from memguard.estimation.parallel import wrapped_blocks
+    from memguard.estimation.trace import trace_breakdown, warm_up
+    from memguard.estimation.trace.depth import trace_by_depth
+    from memguard.estimation.trace.record import Loop
+
     sharding: dict[str, Any] = {}
     if parallel.sharded:
         sharding["weight"] = parallel.weight
@@ -413,6 +506,12 @@ def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, para
                                     f"and the formula too ({formula_exc})") from exc
         return _Found(Method.FORMULA, breakdown, [f"trace failed ({exc}); formula used instead", *notes],
                       output_bytes=_formula_output(resolved, spec))
+
+
+def _formula_loop(training_loop: str, accumulate: int, set_to_none: bool) -> str:
+    """The loop as the formula knows it: only whether gradients live through the forward (Lightning's loop,
+    accumulation past the first micro-batch, ``set_to_none=False``)."""
+    return "lightning" if accumulate > 1 or not set_to_none else training_loop
 
 
 def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel,
@@ -463,19 +562,18 @@ def _deepspeed_precision(spec: TrainingSpec, parallel: Parallelism) -> tuple[Tra
     (``deepspeed/runtime/zero/stage_1_and_2.py``, ``single_partition_of_fp32_groups``;
     ``bf16_optimizer.py``). Under torch AMP (DDP, FSDP) parameters and gradients stay fp32.
     """
-    if not parallel.strategy.is_deepspeed or spec.precision.autocast_dtype is None:
+    if not parallel.strategy.is_deepspeed or spec.precision.autocast is None:
         return spec, False
-    low = "bf16-true" if spec.precision.autocast_dtype == torch.bfloat16 else "16-true"
+    low = "bf16-true" if spec.precision.autocast == "bfloat16" else "16-true"
     return spec.replace(precision=resolve_precision(low)), True
 
 
 def _element_bytes(spec: TrainingSpec) -> int:
     """Bytes of one element of the parameters as training keeps them."""
-    dtype = spec.precision.param_dtype
-    return dtype.itemsize if dtype.is_floating_point else 4
+    return spec.precision.param_bytes  # every precision keeps floating-point parameters
 
 
-def _formula(resolved: ResolvedModel, spec: TrainingSpec, training_loop: str,
+def _formula(resolved: ResolvedModel | ModelDescription, spec: TrainingSpec, training_loop: str,
              parallel: Parallelism) -> tuple[dict[Category, int], list[str]]:
     """The formula's breakdown, each moment of the step weighted per device as the trace weights it."""
     from memguard.estimation.formula import formula_breakdown
@@ -483,11 +581,11 @@ def _formula(resolved: ResolvedModel, spec: TrainingSpec, training_loop: str,
     return formula_breakdown(resolved, spec, training_loop=training_loop, parallel=parallel)
 
 
-def _formula_output(resolved: ResolvedModel, spec: TrainingSpec) -> int:
+def _formula_output(model: ResolvedModel | ModelDescription, spec: TrainingSpec) -> int:
     """What the model's output holds, by the formula."""
-    from memguard.estimation.formula.activations import output_bytes
+    from memguard.estimation.formula.phases import output_bytes
 
-    return output_bytes(resolved, spec)
+    return output_bytes(model, spec)
 
 
 def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec, example_input: Any,
@@ -505,36 +603,48 @@ def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec, example_input: Any
         if audio is not None:  # the lengths of a Whisper batch are its encoder's and its labels'
             spec = spec.replace(seq_len=audio)
         return spec, build_example
-    batch_size = spec.batch_size or 1
-    seq_len = spec.seq_len
-    if audio is not None:
-        if seq_len not in (None, audio):
-            raise ConfigError(
-                f"seq_len={seq_len}: {resolved.name}'s encoder always sees {audio} positions ({2 * audio} mel "
-                "frames through its stride-2 conv); leave seq_len out and give the labels' length as decoder_seq_len")
-        seq_len = audio
-    elif task.takes_pixels:
-        seq_len = None
-    elif task.takes_tokens and seq_len is None:
-        seq_len = max_positions(resolved.config)
-        if seq_len is None:
-            raise ConfigError(f"seq_len is needed for {resolved.name} (it has no fixed maximum length)")
-    dec_len = spec.decoder_seq_len
-    if task is TaskKind.SEQ2SEQ:
-        dec_len = decoder_length(resolved.config, seq_len, dec_len)
-    elif dec_len is not None:
-        raise ConfigError(f"decoder_seq_len={dec_len} is for encoder-decoder models; {resolved.name} has no decoder "
-                          "with cross-attention: leave it out")
-    spec = spec.replace(batch_size=batch_size, seq_len=seq_len, decoder_seq_len=dec_len)
+    import torch
+
+    spec = _settled(spec, task, resolved.config, getattr(module, "config", None), resolved.name, type(module).__name__)
     # Pixels come in the weights' dtype, or fp32 under autocast (which casts them itself).
-    dtype = torch.float32 if spec.precision.autocast_dtype is not None else spec.precision.param_dtype
-    # Check the inputs can be built now, so a bad seq_len fails before any tracing starts.
-    make_batch(module, batch_size, seq_len, device="meta", decoder_seq_len=dec_len)
+    dtype = torch.float32 if spec.precision.autocast is not None else spec.precision.param_dtype
+    batch_size, seq_len, dec_len = spec.batch_size, spec.seq_len, spec.decoder_seq_len
 
     def build() -> Inputs:
         return (), make_batch(module, batch_size, seq_len, dtype=dtype, decoder_seq_len=dec_len)
 
     return spec, build
+
+
+def _settled(spec: TrainingSpec, task: TaskKind, config: Any, batch_config: Any, name: str,
+             class_name: str) -> TrainingSpec:
+    """``spec`` with the batch size, sequence length and decoder length a ``task`` model of ``config``
+    takes without an example; ``batch_config`` is its module's config, which builds the batch
+    (:func:`~memguard.estimation.inputs.check_batch`), checked now, so a bad seq_len fails before any
+    tracing starts."""
+    audio = audio_positions(config) if task is TaskKind.SEQ2SEQ else None
+    batch_size = spec.batch_size or 1
+    seq_len = spec.seq_len
+    if audio is not None:
+        if seq_len not in (None, audio):
+            raise ConfigError(
+                f"seq_len={seq_len}: {name}'s encoder always sees {audio} positions ({2 * audio} mel "
+                "frames through its stride-2 conv); leave seq_len out and give the labels' length as decoder_seq_len")
+        seq_len = audio
+    elif task.takes_pixels:
+        seq_len = None
+    elif task.takes_tokens and seq_len is None:
+        seq_len = max_positions(config)
+        if seq_len is None:
+            raise ConfigError(f"seq_len is needed for {name} (it has no fixed maximum length)")
+    dec_len = spec.decoder_seq_len
+    if task is TaskKind.SEQ2SEQ:
+        dec_len = decoder_length(config, seq_len, dec_len)
+    elif dec_len is not None:
+        raise ConfigError(f"decoder_seq_len={dec_len} is for encoder-decoder models; {name} has no decoder "
+                          "with cross-attention: leave it out")
+    check_batch(task, batch_config, class_name, batch_size, seq_len, dec_len)
+    return spec.replace(batch_size=batch_size, seq_len=seq_len, decoder_seq_len=dec_len)
 
 
 def _plan_example(spec: TrainingSpec, example: Any, whole: bool) -> tuple[TrainingSpec, Callable[[], Inputs]]:
@@ -544,6 +654,9 @@ def _plan_example(spec: TrainingSpec, example: Any, whole: bool) -> tuple[Traini
     the keyword arguments; with ``whole`` the batch is passed as one argument, as it is to a
     ``training_step``. Every tensor whose first dimension is the example's batch size is resized.
     """
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_map_only
+
     tensors = [t for t in tree_flatten(example)[0] if isinstance(t, torch.Tensor)]
     if not tensors:
         raise ConfigError(f"example_input holds no tensor: {type(example).__name__}")

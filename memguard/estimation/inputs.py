@@ -8,16 +8,18 @@ config allows.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from memguard.enums import StrEnum
 from memguard.errors import ConfigError
 from memguard.estimation.families import facts_of
 
-__all__ = ["Head", "TaskKind", "audio_positions", "decoder_length", "make_batch", "max_positions", "model_task"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["Head", "TaskKind", "audio_positions", "check_batch", "decoder_length", "make_batch", "max_positions",
+           "model_task"]
 
 
 class Head(StrEnum):
@@ -113,7 +115,7 @@ def model_task(module: nn.Module) -> TaskKind:
 
 
 def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                generator: torch.Generator | None = None,
                decoder_seq_len: int | None = None) -> dict[str, torch.Tensor]:
     """Inputs and labels that fit the head of a transformers model.
@@ -123,7 +125,7 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     (default: ``seq_len``), from which they make their own decoder inputs; an audio
     encoder-decoder (Whisper) gets ``input_features`` of the frames its encoder takes
     (:func:`audio_positions`) in ``dtype`` and labels of :func:`decoder_length`; vision models get
-    ``pixel_values`` of the configured image size in ``dtype``. No attention mask is passed: with
+    ``pixel_values`` of the configured image size in ``dtype`` (default fp32). No attention mask is passed: with
     every token attended, transformers takes its fast path (and would drop an all-ones mask anyway).
 
     Raises:
@@ -131,40 +133,27 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
             token model is asked for without ``seq_len``, or the batch would hold more than
             :data:`~memguard.estimation.spec.MAX_INPUT_ELEMENTS` elements (its bytes would overflow int64).
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     task = model_task(module)
     config = getattr(module, "config", None)
     b = batch_size
+    decoder_seq_len = check_batch(task, config, type(module).__name__, b, seq_len, decoder_seq_len)
     if task.takes_pixels:
         vision = _vision_config(config)
         size = vision.image_size
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        _check_elements(b, vision.num_channels, *size, what="pixel values")
         pixels = torch.rand(b, vision.num_channels, *size, generator=generator, device=device).to(dtype)
         batch = {"pixel_values": pixels}
         if task.labels_per_sample:
             batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
         return batch
     if task is TaskKind.SEQ2SEQ and audio_positions(config) is not None:
-        return _audio_batch(config, b, decoder_length(config, seq_len, decoder_seq_len), dtype=dtype,
-                            device=device, generator=generator)
-    if not task.takes_tokens:
-        raise ConfigError(
-            f"memguard cannot build inputs for {type(module).__name__}: pass example_input= "
-            "(one batch as forward takes it: a tensor, a tuple or a dict of tensors)"
-        )
-    if seq_len is None:
-        raise ConfigError(f"seq_len is needed to build token inputs for {type(module).__name__}")
-    limit = max_positions(config)
-    if limit is not None and seq_len > limit:
-        raise ConfigError(
-            f"seq_len={seq_len} is longer than {type(module).__name__} can take "
-            f"(max_position_embeddings={limit})"
-        )
-    _check_elements(b, seq_len, what="token ids")
+        return _audio_batch(config, b, decoder_seq_len, dtype=dtype, device=device, generator=generator)
     ids = torch.randint(0, config.vocab_size, (b, seq_len), generator=generator, device=device)
     batch = {"input_ids": ids}
     if task is TaskKind.SEQ2SEQ and decoder_seq_len is not None and decoder_seq_len != seq_len:
-        _check_elements(b, decoder_seq_len, what="labels")
         batch["labels"] = torch.randint(0, config.vocab_size, (b, decoder_seq_len), generator=generator,
                                         device=device)
     elif task.labels_per_token:
@@ -172,6 +161,44 @@ def make_batch(module: nn.Module, batch_size: int, seq_len: int | None, *,
     elif task.labels_per_sample:
         batch["labels"] = torch.randint(0, config.num_labels, (b,), generator=generator, device=device)
     return batch
+
+
+def check_batch(task: TaskKind, config: Any, class_name: str, b: int, seq_len: int | None,
+                decoder_seq_len: int | None) -> int | None:
+    """Check that :func:`make_batch` can build the batch of a ``task`` model of ``config`` (its class
+    ``class_name``, for messages); without tensors, so the formula on a preset's description checks the
+    same. Returns the decoder's tokens of an audio model (:func:`decoder_length`), else ``decoder_seq_len``.
+
+    Raises:
+        ConfigError: as :func:`make_batch` says.
+    """
+    if task.takes_pixels:
+        vision = _vision_config(config)
+        size = vision.image_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        _check_elements(b, vision.num_channels, *size, what="pixel values")
+        return decoder_seq_len
+    if task is TaskKind.SEQ2SEQ and audio_positions(config) is not None:
+        dec = decoder_length(config, seq_len, decoder_seq_len)
+        _check_elements(b, config.num_mel_bins, 2 * int(config.max_source_positions), what="mel features")
+        return dec
+    if not task.takes_tokens:
+        raise ConfigError(
+            f"memguard cannot build inputs for {class_name}: pass example_input= "
+            "(one batch as forward takes it: a tensor, a tuple or a dict of tensors)"
+        )
+    if seq_len is None:
+        raise ConfigError(f"seq_len is needed to build token inputs for {class_name}")
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(
+            f"seq_len={seq_len} is longer than {class_name} can take "
+            f"(max_position_embeddings={limit})"
+        )
+    _check_elements(b, seq_len, what="token ids")
+    if task is TaskKind.SEQ2SEQ and decoder_seq_len is not None and decoder_seq_len != seq_len:
+        _check_elements(b, decoder_seq_len, what="labels")
+    return decoder_seq_len
 
 
 def _vision_config(config: Any) -> Any:
@@ -217,9 +244,10 @@ def decoder_length(config: Any, seq_len: int | None, decoder_seq_len: int | None
 def _audio_batch(config: Any, b: int, dec: int | None, *, dtype: torch.dtype, device: str | torch.device,
                  generator: torch.Generator | None) -> dict[str, torch.Tensor]:
     """Whisper's batch: log-mel ``input_features`` ``(B, mels, 2 x positions)`` and ``labels``."""
+    import torch
+
     frames = 2 * int(config.max_source_positions)  # the encoder's conv stem halves them
     dec = dec or 1
-    _check_elements(b, config.num_mel_bins, frames, what="mel features")
     features = torch.randn(b, config.num_mel_bins, frames, generator=generator, device=device).to(dtype)
     labels = torch.randint(0, config.vocab_size, (b, dec), generator=generator, device=device)
     return {"input_features": features, "labels": labels}

@@ -14,15 +14,16 @@ import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from memguard.errors import ConfigError, MemguardError, did_you_mean
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 __all__ = ["MAX_CONFIG_BYTES", "MAX_LAYERS", "MAX_PARAMETERS", "ResolvedModel", "add_lora", "check_config_shapes",
-           "check_config_sizes", "is_checkpointing", "list_presets", "load_model", "lora_rank_limit",
+           "check_config_sizes", "is_checkpointing", "list_presets", "load_model", "lora_rank_limit", "preset_key",
            "set_checkpointing"]
 
 _PRESET_DIR = Path(__file__).parent / "presets"
@@ -40,7 +41,8 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in _PRESET_DIR.glob("*.json"))
 
 
-def _preset_key(name: str) -> str | None:
+def preset_key(name: str) -> str | None:
+    """The preset ``name`` stands for (its key in :func:`list_presets`, aliases and spellings read), or ``None``."""
     key = _normalised(name)
     key = _ALIASES.get(key, key)
     return key if key in list_presets() else None
@@ -353,6 +355,7 @@ def _build_from_config(config: Any, *, device: str | torch.device = "meta", orig
             error transformers or torch raise while building it (a size that does not divide, a
             negative dimension ...).
     """
+    import torch
     import transformers
 
     origin = origin or type(config).__name__
@@ -378,6 +381,8 @@ def _architecture(transformers: Any, config: Any, origin: str) -> type[nn.Module
     subclass (``"Trainer"``, ``"AutoTokenizer"``, a function) is refused, not called with the
     config; a name transformers does not know (a model of remote code) is passed over.
     """
+    from torch import nn
+
     archs = getattr(config, "architectures", None) or []
     for arch in archs if isinstance(archs, (list, tuple)) else [archs]:
         if not isinstance(arch, str) or not arch.isidentifier() or arch.startswith("_"):
@@ -395,6 +400,8 @@ def _architecture(transformers: Any, config: Any, origin: str) -> type[nn.Module
 
 def _build_auto(transformers: Any, config: Any, device: str | torch.device, origin: str) -> nn.Module:
     """The first ``AutoModelFor*`` head that knows the config's class."""
+    import torch
+
     for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM",
                  "AutoModelForImageClassification", "AutoModel"):
         try:
@@ -429,6 +436,8 @@ def load_model(model: Any, *, device: str | torch.device = "meta") -> ResolvedMo
             file, sizes that are not positive whole numbers, anything transformers cannot build), or
             a factory that does not import, raises, exits, needs arguments or returns no module.
     """
+    from torch import nn
+
     if isinstance(model, ResolvedModel):
         return model
     if isinstance(model, nn.Module):
@@ -439,7 +448,7 @@ def load_model(model: Any, *, device: str | torch.device = "meta") -> ResolvedMo
         return ResolvedModel(_build_from_config(model, device=device), type(model).__name__, model, True)
     if isinstance(model, (str, Path)):
         text = str(model)
-        key = _preset_key(text) if isinstance(model, str) else None
+        key = preset_key(text) if isinstance(model, str) else None
         if key is not None:
             data, _ = _read_config_dict(_PRESET_DIR / f"{key}.json")
             config = _config_from_dict(data, key)
@@ -479,6 +488,8 @@ def _from_factory(spec: str) -> ResolvedModel:
     (``sys.exit`` in a script's module body); only ``KeyboardInterrupt`` goes through.
     """
     import importlib
+
+    from torch import nn
 
     module_name, _, attr = spec.partition(":")
     if not module_name.strip() or module_name.startswith(".") or not attr.strip():
@@ -521,6 +532,8 @@ def _uncompiled(module: nn.Module) -> nn.Module:
     The trace runs eagerly in any case (dynamo is off in its process); tracing the original module
     keeps the parameters' names the user's own.
     """
+    from torch import nn
+
     inner = getattr(module, "_orig_mod", None)
     return inner if type(module).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else module
 

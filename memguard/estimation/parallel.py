@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from memguard.enums import StrEnum
 from memguard.errors import ConfigError
 from memguard.estimation.arch import block_stacks
+from memguard.estimation.phase import Phase
 from memguard.estimation.result import Category
 from memguard.estimation.spec import positive_int, strict_bool
-from memguard.estimation.trace import Phase
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["STRATEGIES", "Parallelism", "Strategy", "resolve_parallelism", "wrapped_blocks"]
 

@@ -9,44 +9,78 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from collections.abc import Callable, Iterable
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from memguard.enums import StrEnum
 from memguard.errors import ConfigError
-from memguard.estimation.stand_ins import resolve_routing
+from memguard.estimation.routing import resolve_routing
 
-__all__ = ["DEVICES", "MAX_COUNT", "MAX_INPUT_ELEMENTS", "OPTIMIZERS", "PAGED_MIN_NUMEL", "PRECISIONS",
-           "AdamW8bitStandIn", "DeviceKind", "PagedAdamWStandIn", "Precision",
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ADAMW8BIT_BLOCK", "ADAMW8BIT_MIN_SIZE", "DEVICES", "MAX_COUNT", "MAX_INPUT_ELEMENTS", "OPTIMIZERS",
+           "PAGED_MIN_NUMEL", "PRECISIONS", "DeviceKind", "Precision",
            "TrainingSpec", "make_optimizer", "positive_int", "resolve_optimizer", "resolve_precision", "strict_bool"]
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+"""Bytes per element of the dtypes a :class:`Precision` names (``torch.dtype.itemsize``)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
     """A Lightning precision setting, as dtypes.
 
+    The dtypes are kept by name (``"float32"``...), so that reading a precision imports no torch
+    (the formula on a preset runs without it); :attr:`param_dtype` and :attr:`autocast_dtype` are
+    the ``torch.dtype`` objects, :attr:`param_bytes` and :attr:`autocast_bytes` their sizes.
+
     Attributes:
         name: Lightning's canonical name (``"16-mixed"`` ...).
-        param_dtype: dtype the weights (and so gradients and optimizer state) are kept in.
-        autocast_dtype: dtype of ``torch.autocast`` during forward, or ``None`` without autocast.
+        param: name of the dtype the weights (and so gradients and optimizer state) are kept in.
+        autocast: name of the dtype of ``torch.autocast`` during forward, or ``None`` without autocast.
         grad_scaler: whether a ``GradScaler`` scales the loss (fp16 mixed precision).
     """
 
     name: str
-    param_dtype: torch.dtype
-    autocast_dtype: torch.dtype | None = None
+    param: str
+    autocast: str | None = None
     grad_scaler: bool = False
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The ``torch.dtype`` the weights are kept in."""
+        import torch
+
+        return getattr(torch, self.param)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The ``torch.dtype`` of ``torch.autocast``, or ``None`` without autocast."""
+        import torch
+
+        return None if self.autocast is None else getattr(torch, self.autocast)
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of one element of the weights (``param_dtype.itemsize``)."""
+        return _DTYPE_BYTES[self.param]
+
+    @property
+    def autocast_bytes(self) -> int | None:
+        """Bytes of one element in autocast's dtype, or ``None`` without autocast."""
+        return None if self.autocast is None else _DTYPE_BYTES[self.autocast]
 
 
 PRECISIONS: dict[str, Precision] = {
-    "32-true": Precision("32-true", torch.float32),
-    "16-mixed": Precision("16-mixed", torch.float32, torch.float16, grad_scaler=True),
-    "bf16-mixed": Precision("bf16-mixed", torch.float32, torch.bfloat16),
-    "16-true": Precision("16-true", torch.float16),
-    "bf16-true": Precision("bf16-true", torch.bfloat16),
-    "64-true": Precision("64-true", torch.float64),
+    "32-true": Precision("32-true", "float32"),
+    "16-mixed": Precision("16-mixed", "float32", "float16", grad_scaler=True),
+    "bf16-mixed": Precision("bf16-mixed", "float32", "bfloat16"),
+    "16-true": Precision("16-true", "float16"),
+    "bf16-true": Precision("bf16-true", "bfloat16"),
+    "64-true": Precision("64-true", "float64"),
 }
 # Lightning's own short forms (lightning.fabric.connector._convert_precision_to_unified_args).
 _PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true",
@@ -69,7 +103,8 @@ def resolve_precision(precision: str | int | Precision | None) -> Precision:
     return PRECISIONS[key]
 
 
-OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+OptimizerFactory = Callable[..., Any]
+"""``factory(params, **options) -> torch.optim.Optimizer``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,59 +141,26 @@ class OptimizerSpec:
 
 def _builtin(cls_name: str, **kwargs: Any) -> OptimizerFactory:
     def factory(params: Iterable[torch.nn.Parameter], **extra: Any) -> torch.optim.Optimizer:
+        import torch
+
         cls = getattr(torch.optim, cls_name)
         return cls(params, **{**kwargs, **extra})
 
     return factory
 
 
-class _StandInOptimizer(torch.optim.Optimizer):
-    """An optimizer that keeps the state of another for the trace: made on the first step by
-    :meth:`init_state`, then each parameter moved by its gradient. Only the memory is the real one's."""
+ADAMW8BIT_BLOCK = 2048
+"""Elements per block of bitsandbytes' 8-bit optimizer state, each with one fp32 absmax
+(:class:`~memguard.estimation.optim_stand_ins.AdamW8bitStandIn`)."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3) -> None:
-        super().__init__(params, {"lr": lr})
-
-    def init_state(self, p: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    self.init_state(p, state)
-                p.add_(p.grad, alpha=-group["lr"])
-
-
-class AdamW8bitStandIn(_StandInOptimizer):
-    """The memory of bitsandbytes' ``AdamW8bit``, for the trace (bitsandbytes needs CUDA).
-
-    Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization": both Adam moments are
-    kept as ``uint8`` with one fp32 absmax per block of 2048 elements; parameters with fewer than
-    ``min_8bit_size`` (4096) elements keep fp32 moments (bitsandbytes ``Optimizer8bit``). The
-    update runs in place, block by block, with no full-size temporaries.
-    """
-
-    BLOCK = 2048
-    MIN_8BIT_SIZE = 4096
-
-    def init_state(self, p: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        if p.numel() < self.MIN_8BIT_SIZE:
-            state["state1"] = torch.zeros_like(p, dtype=torch.float32)
-            state["state2"] = torch.zeros_like(p, dtype=torch.float32)
-            return
-        blocks = -(-p.numel() // self.BLOCK)
-        state["state1"] = torch.zeros_like(p, dtype=torch.uint8)
-        state["state2"] = torch.zeros_like(p, dtype=torch.uint8)
-        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
-        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+ADAMW8BIT_MIN_SIZE = 4096
+"""Parameters with fewer elements keep fp32 moments under bitsandbytes' 8-bit optimizers
+(``Optimizer8bit``'s ``min_8bit_size``)."""
 
 
 def _adamw8bit(params: Iterable[torch.nn.Parameter], **_: Any) -> torch.optim.Optimizer:
+    from memguard.estimation.optim_stand_ins import AdamW8bitStandIn
+
     return AdamW8bitStandIn(params)
 
 
@@ -168,21 +170,9 @@ PAGED_MIN_NUMEL = 100_000
 allocates with ``cudaMallocManaged``); smaller ones get ordinary CUDA tensors."""
 
 
-class PagedAdamWStandIn(_StandInOptimizer):
-    """The memory of bitsandbytes' ``PagedAdamW`` (32-bit), for the trace (bitsandbytes needs CUDA).
-
-    ``Optimizer2State.init_state`` with 32 optimizer bits keeps both moments in fp32 whatever the
-    parameter's dtype (``get_state_buffer(p, dtype=torch.float32)``); the fused ``cadam32bit``
-    kernel updates in place, with no temporaries. Where the state lives (managed memory for large
-    parameters) is said in the estimate's notes.
-    """
-
-    def init_state(self, p: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        state["state1"] = torch.zeros_like(p, dtype=torch.float32)
-        state["state2"] = torch.zeros_like(p, dtype=torch.float32)
-
-
 def _paged_adamw(params: Iterable[torch.nn.Parameter], **_: Any) -> torch.optim.Optimizer:
+    from memguard.estimation.optim_stand_ins import PagedAdamWStandIn
+
     return PagedAdamWStandIn(params)
 
 
@@ -223,6 +213,8 @@ def resolve_optimizer(optimizer: str | type | OptimizerFactory | OptimizerSpec |
             )
         return OPTIMIZERS[key]
     if inspect.isclass(optimizer):
+        import torch
+
         if not issubclass(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer class {optimizer.__name__!r} is not a torch.optim.Optimizer")
         cls = optimizer
@@ -320,10 +312,12 @@ def resolve_device(device: str | torch.device | None) -> DeviceKind:
     """``"cuda"``, ``"cuda:1"``, ``torch.device("cpu")`` -> :attr:`DeviceKind.CUDA` or :attr:`DeviceKind.CPU`."""
     if device is None:
         return DeviceKind.CUDA
-    if not isinstance(device, (str, torch.device)):
+    torch = sys.modules.get("torch")  # a torch.device exists only once torch is imported
+    device_type = torch.device if torch is not None else str
+    if not isinstance(device, (str, device_type)):
         raise ConfigError(f"device must be 'cuda' (or 'cuda:N'), 'cpu' or a torch.device, got "
                           f"{type(device).__name__} {device!r}")
-    kind = device.type if isinstance(device, torch.device) else device.split(":")[0].strip().lower()
+    kind = device.type if not isinstance(device, str) else device.split(":")[0].strip().lower()
     if kind == "gpu":
         kind = "cuda"
     if kind not in DEVICES:
@@ -344,7 +338,7 @@ class TrainingSpec:
         gradient_checkpointing: ``None`` to read from the model, else forced on or off.
         device: :class:`DeviceKind`: where training will run.
         moe_routing: the capacity factor of the mixture-of-experts routing model: 1.0 balanced,
-            ``math.inf`` every token on the same experts (:func:`memguard.estimation.stand_ins.resolve_routing`).
+            ``math.inf`` every token on the same experts (:func:`memguard.estimation.routing.resolve_routing`).
         decoder_seq_len: an encoder-decoder's decoder tokens per sample (the labels' length);
             ``None``: as many as ``seq_len``.
     """
@@ -392,3 +386,13 @@ class TrainingSpec:
 
     def replace(self, **changes: Any) -> TrainingSpec:
         return dataclasses.replace(self, **changes)
+
+
+def __getattr__(name: str) -> Any:
+    """The trace's stand-in optimizers (:mod:`memguard.estimation.optim_stand_ins`), imported with torch
+    on first use."""
+    if name in ("AdamW8bitStandIn", "PagedAdamWStandIn"):
+        from memguard.estimation import optim_stand_ins
+
+        return getattr(optim_stand_ins, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ from typing import Any
 from memguard.enums import StrEnum
 from memguard.errors import ConfigError
 from memguard.estimation.parallel import Parallelism, resolve_parallelism
-from memguard.estimation.quantization import Quantization, resolve_quantization
+from memguard.estimation.quantization_kinds import Quantization, resolve_quantization
 from memguard.estimation.result import Method
 from memguard.estimation.spec import OptimizerSpec, TrainingSpec, positive_int, resolve_optimizer
 

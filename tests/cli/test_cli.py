@@ -539,6 +539,53 @@ def test_formula_and_help_import_only_what_they_need():
     ]
 
 
+_FORMULA_RUNS = [
+    ["estimate", "llama-2-7b", "--batch-size", "2", "--seq-len", "1024", "--precision", "bf16-mixed", "--method",
+     "formula", "--json"],
+    ["estimate", "whisper-tiny", "--optimizer", "adafactor", "--gradient-checkpointing", "--method", "formula",
+     "--json"],
+    ["check", "gpt2", "--batch-size", "2", "--seq-len", "512", "--gpu", "A100-80GB", "--method", "formula", "--json"],
+    ["max-batch", "bert-base-uncased", "--seq-len", "128", "--gpu", "8GiB", "--method", "formula", "--json"],
+]
+
+_WITHOUT_TORCH = """
+import contextlib, io, json, sys
+from memguard.cli import main
+
+runs = []
+for argv in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(argv)
+    runs.append([code, json.loads(out.getvalue())])
+print(json.dumps({"runs": runs, "loaded": sorted(n for n in ("torch", "transformers", "numpy") if n in sys.modules)}))
+"""
+
+
+@pytest.mark.slow
+def test_formula_on_a_preset_imports_no_torch_and_answers_as_the_module_does(capsys, tmp_path, monkeypatch):
+    """``estimate``/``check``/``max-batch --method formula`` on a preset read its shipped description: neither
+    torch nor transformers is imported (issue 19: under 2 s a call), and the JSON is the one the built
+    module gives (the same command with no description shipped)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(memguard.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, json.dumps(_FORMULA_RUNS)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    fast = json.loads(proc.stdout)
+    assert fast["loaded"] == []
+    from memguard.estimation.description import preset_description
+
+    monkeypatch.setattr("memguard.estimation.description.DESCRIPTION_DIR", tmp_path)  # none shipped: the module
+    preset_description.cache_clear()
+    try:
+        for argv, (code, data) in zip(_FORMULA_RUNS, fast["runs"], strict=True):
+            built = run(capsys, *argv)
+            assert (built[0], json.loads(built[1])) == (code, data), argv
+    finally:
+        preset_description.cache_clear()
+    assert fast["runs"][2][1]["fits"] and fast["runs"][3][1]["max_batch_size"] > 1
+
+
 @pytest.mark.slow
 def test_check_lists_only_remedies_that_fit_with_their_flags(capsys):
     code, out, _ = run(capsys, "check", TINY, "--batch-size", "64", "--seq-len", "128", "--method", "formula",

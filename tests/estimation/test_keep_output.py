@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, T5Config
 import memguard
 from memguard.errors import ConfigError
 from memguard.estimation.estimator import KEPT_OUTPUT
-from memguard.estimation.formula.activations import output_bytes
+from memguard.estimation.formula.phases import output_bytes
 from memguard.estimation.models import load_model
 from memguard.estimation.spec import TrainingSpec
 from memguard.estimation.step import Step

@@ -10,6 +10,7 @@ and the logits, an encoder-decoder's encoder output and the logits themselves.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from memguard.estimation.arch import Architecture, inspect_architecture
 from memguard.estimation.formula.adapters import adapter_bytes
@@ -25,11 +26,12 @@ from memguard.estimation.formula.families import model_type_of, refuse_unmodelle
 from memguard.estimation.formula.head import encoder_output_bytes, final_bytes
 from memguard.estimation.formula.inventory import Inventory, inventory
 from memguard.estimation.formula.norms import norm_bytes
-from memguard.estimation.models import ResolvedModel
 from memguard.estimation.spec import TrainingSpec
 
-__all__ = ["Activations", "Activity", "activation_bytes", "activations", "block_activity", "final_saved_bytes",
-           "output_bytes"]
+if TYPE_CHECKING:
+    from memguard.estimation.models import ResolvedModel
+
+__all__ = ["Activations", "Activity", "activation_bytes", "activations", "block_activity", "final_saved_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,33 +267,3 @@ def activations(inv: Inventory, spec: TrainingSpec, ctx: Ctx, grad: list[bool]) 
                        encoder_saved=(enc_emb + act.enc * one.enc + act.enc_frozen * one.enc_frozen
                                       if arch.decoder_layers and not ckpt else 0))
 
-
-def output_bytes(model: ResolvedModel, spec: TrainingSpec) -> int:
-    """What the model's output holds, which a loop that keeps it (``outputs = model(**batch)``) holds
-    through backward and the optimizer step into the next forward: the logits (in the head's dtype;
-    fp32 past BART's ``final_logits_bias``), the key/value cache a training forward returns with
-    ``use_cache`` and an encoder-decoder's ``encoder_last_hidden_state`` (in the residual dtype: the
-    encoder's final norm runs in fp32 under autocast). The cache holds ``torch.cat`` copies of every
-    decoder block's K and V (``DynamicLayer.update``, ``transformers/cache_utils.py``), and of the
-    encoder's projected K and V for cross-attention (``EncoderDecoderCache``): K is fp32 under autocast
-    for rotary families (``apply_rotary_pos_emb`` multiplies the 16-bit K by the fp32 cos and sin),
-    else in the projection's dtype. The trace counts the same from the output itself
-    (:func:`memguard.estimation.trace.record.output_tensors`).
-
-    Raises:
-        UnsupportedModelError: when the model is not a transformer the formula can read.
-        ConfigError: when a token model has no ``seq_len``.
-    """
-    refuse_unmodelled(model_type_of(model))
-    arch = inspect_architecture(model.module, model.config, name=model.name, needs="the formula")
-    inv = inventory(model.module, arch)
-    ctx = make_ctx(arch, spec)
-    acts = activations(inv, spec, ctx, inv.requires_grad())
-    total = acts.logits * (F32 if ctx.fam.fp32_logits_bias else ctx.c)
-    if arch.decoder_layers:
-        total += ctx.b * acts.enc_tokens * arch.hidden * ctx.r
-    if arch.use_cache and not spec.gradient_checkpointing:
-        k_elem = F32 if ctx.fam.rotary and ctx.autocast else ctx.c
-        rows = acts.tokens + (acts.enc_tokens if arch.decoder_layers else 0)  # cross-attention's K/V too
-        total += (arch.decoder_layers or arch.layers) * ctx.b * rows * arch.kv_heads * arch.head_dim * (k_elem + ctx.c)
-    return total

@@ -29,7 +29,10 @@ block (:meth:`memguard.estimation.formula.context.Ctx.linear_inputs`).
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["adapter_bytes", "lora_weights"]
 

@@ -140,9 +140,9 @@ def make_ctx(arch: Architecture, spec: TrainingSpec) -> Ctx:
     """The :class:`Ctx` of one estimate: element sizes from the precision (EleutherAI,
     "Transformer Math 101": fp32 master weights under mixed precision, 16-bit matmul outputs)."""
     prec = spec.precision
-    r = prec.param_dtype.itemsize
-    c = prec.autocast_dtype.itemsize if prec.autocast_dtype is not None else r
-    return Ctx(b=spec.batch_size or 1, r=r, c=c, autocast=prec.autocast_dtype is not None,
+    r = prec.param_bytes
+    c = prec.autocast_bytes if prec.autocast is not None else r
+    return Ctx(b=spec.batch_size or 1, r=r, c=c, autocast=prec.autocast is not None,
                cuda=spec.device == "cuda", kernel=attention_kernel(arch, spec), arch=arch,
                fam=family_of(arch), routing=spec.moe_routing)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
 
 from memguard.estimation.arch import Architecture
 from memguard.estimation.formula.context import F32, I64, Ctx
@@ -13,22 +13,22 @@ from memguard.estimation.spec import TrainingSpec
 __all__ = ["audio_stem_bytes", "batch_bytes", "embedding_bytes"]
 
 
-def batch_bytes(arch: Architecture, module: nn.Module, spec: TrainingSpec, b: int, s: int,
+def batch_bytes(arch: Architecture, config: Any, spec: TrainingSpec, b: int, s: int,
                 dec: int | None = None) -> int:
     """Bytes of the batch: ``input_ids`` and ``labels`` (int64) or pixels and class labels.
 
     What :func:`memguard.estimation.inputs.make_batch` builds: token models get ``input_ids`` and,
     with a language-model head, a ``labels`` copy (an encoder-decoder's of the decoder's ``dec``
     tokens); vision models get fp32 (or ``*-true`` dtype) pixels and one int64 label per image.
+    ``config`` is the model's transformers config (Whisper's mel bins), or ``None``.
     """
-    config = getattr(module, "config", None)
     if audio_positions(config) is not None:  # log-mel features (B, mels, 2 x positions) and labels
         prec = spec.precision
-        px = F32 if prec.autocast_dtype is not None else prec.param_dtype.itemsize
+        px = F32 if prec.autocast is not None else prec.param_bytes
         return b * config.num_mel_bins * 2 * s * px + b * (dec or s) * I64
     if arch.image_tokens is not None and arch.pixels is not None:
         prec = spec.precision
-        px = F32 if prec.autocast_dtype is not None else prec.param_dtype.itemsize
+        px = F32 if prec.autocast is not None else prec.param_bytes
         return b * arch.pixels * px + b * I64
     label_len = dec if (dec is not None and arch.decoder_layers) else s
     labels = b * label_len * I64 if arch.head.labels_per_token else b * I64

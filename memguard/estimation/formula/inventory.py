@@ -4,6 +4,9 @@
 before the first block, which belong to each block, the output head, the buffers — and caches the
 answer until the module's structure changes (:func:`memguard.estimation.arch.structure_generation`).
 Only ``requires_grad`` is read again on every estimate: freezing a layer changes no structure.
+
+An :class:`Inventory` is data only (no tensor): a preset's is shipped as JSON with its architecture
+(:mod:`memguard.estimation.description`), so the formula on a preset runs without torch.
 """
 
 from __future__ import annotations
@@ -13,9 +16,7 @@ import dataclasses
 import math
 import weakref
 from collections.abc import Mapping
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from memguard.estimation.arch import (
     Architecture,
@@ -25,6 +26,10 @@ from memguard.estimation.arch import (
 )
 from memguard.estimation.formula.adapters import lora_weights
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 __all__ = ["Inventory", "inventory"]
 
 
@@ -33,7 +38,8 @@ class Inventory:
     """The parameters of a module as the formula reads them.
 
     Attributes:
-        params: the parameters, tied ones once (``module.parameters()`` deduplicates).
+        grad: ``requires_grad`` of each parameter, in the order of ``module.parameters()`` (tied ones
+            once: it deduplicates), as :func:`inventory` read it.
         numel: elements of each parameter.
         factored: elements of Adafactor's statistics for each parameter.
         matmul: whether each is the weight of a matmul-like layer (cast by autocast).
@@ -51,7 +57,7 @@ class Inventory:
             for a ``lora_B`` (:func:`~memguard.estimation.formula.adapters.lora_weights`).
     """
 
-    params: tuple[nn.Parameter, ...]
+    grad: tuple[bool, ...]
     numel: tuple[int, ...]
     factored: tuple[int, ...]
     matmul: tuple[bool, ...]
@@ -68,15 +74,41 @@ class Inventory:
     adapters: Mapping[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     def requires_grad(self) -> list[bool]:
-        """``requires_grad`` of each parameter, read now."""
-        return [p.requires_grad for p in self.params]
+        """``requires_grad`` of each parameter (:func:`inventory` reads it on every call)."""
+        return list(self.grad)
 
     def size(self, i: int, elem: int) -> int:
         """Bytes of parameter ``i`` with floating point kept in ``elem``-byte elements."""
         return self.float_numel[i] * elem + self.other_bytes[i]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The inventory as JSON values (:meth:`from_dict` reads them back), without the structure
+        generation, which only this process's cache knows."""
+        data = dataclasses.asdict(self)
+        del data["generation"]
+        data["adapters"] = [[i, *shape] for i, shape in sorted(self.adapters.items())]
+        return data
 
-_INVENTORIES: weakref.WeakKeyDictionary[nn.Module, Inventory] = weakref.WeakKeyDictionary()
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Inventory:
+        """The :class:`Inventory` of :meth:`to_dict`'s values."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"generation"}
+        values: dict[str, Any] = {"generation": 0}
+        for name in fields:
+            value = data[name]
+            if name in ("enc_blocks", "dec_blocks"):
+                value = tuple(tuple(blk) for blk in value)
+            elif name == "adapters":
+                value = {int(i): (int(a), int(r)) for i, a, r in value}
+            elif isinstance(value, list):
+                value = tuple(value)
+            values[name] = value
+        return cls(**values)
+
+
+_INVENTORIES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[nn.Parameter, ...], Inventory]] = (
+    weakref.WeakKeyDictionary())
+"""module -> (its parameters, its inventory as last built)."""
 
 
 def inventory(module: nn.Module, arch: Architecture | None = None) -> Inventory:
@@ -89,19 +121,22 @@ def inventory(module: nn.Module, arch: Architecture | None = None) -> Inventory:
     """
     generation = structure_generation()
     try:
-        inv = _INVENTORIES.get(module)
+        cached = _INVENTORIES.get(module)
     except TypeError:  # a module that cannot be weakly referenced: do not cache
-        inv = None
-    if inv is not None and inv.generation == generation:
-        return inv
-    inv = _build(module, arch if arch is not None else find_architecture(module), generation)
-    with contextlib.suppress(TypeError):
-        _INVENTORIES[module] = inv
-    return inv
+        cached = None
+    if cached is None or cached[1].generation != generation:
+        params = tuple(module.parameters())
+        cached = (params, _build(module, params, arch if arch is not None else find_architecture(module),
+                                 generation))
+        with contextlib.suppress(TypeError):
+            _INVENTORIES[module] = cached
+    params, inv = cached
+    grad = tuple(p.requires_grad for p in params)
+    return inv if grad == inv.grad else dataclasses.replace(inv, grad=grad)
 
 
-def _build(module: nn.Module, arch: Architecture | None, generation: int) -> Inventory:
-    params = tuple(module.parameters())
+def _build(module: nn.Module, params: tuple[nn.Parameter, ...], arch: Architecture | None,
+           generation: int) -> Inventory:
     index = {id(p): i for i, p in enumerate(params)}
     matmul = _matmul_weights(module, index, len(params))
     # the blocks the architecture lays out, each run once: no guessing at a largest list
@@ -109,7 +144,7 @@ def _build(module: nn.Module, arch: Architecture | None, generation: int) -> Inv
     head_weight = getattr(_output_head(module), "weight", None)
     floating_buffers = [b for b in module.buffers() if b.is_floating_point()]
     return Inventory(
-        params=params,
+        grad=tuple(p.requires_grad for p in params),
         numel=tuple(p.numel() for p in params),
         factored=tuple(_factored_elements(p) for p in params),
         matmul=tuple(matmul),
@@ -132,6 +167,8 @@ def _build(module: nn.Module, arch: Architecture | None, generation: int) -> Inv
 def _matmul_weights(module: nn.Module, index: dict[int, int], n: int) -> list[bool]:
     """Which parameters are matrices that a matmul reads (``weight``/``in_proj_weight`` of two or
     more dimensions, outside embeddings and LayerNorms): the ones autocast casts."""
+    from torch import nn
+
     matmul = [False] * n
     for m in module.modules():
         if isinstance(m, (nn.Embedding, nn.LayerNorm)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from memguard.estimation.arch import MoE
 from memguard.estimation.formula.context import F32, I64, Ctx
-from memguard.estimation.stand_ins import expert_load
+from memguard.estimation.routing import expert_load
 
 __all__ = ["experts_elem", "fp32_gelu", "mlp_bytes", "moe_bytes", "moe_temporary_bytes"]
 

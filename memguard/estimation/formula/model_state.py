@@ -10,13 +10,15 @@ the one place these sizes are computed: the formula's phases read :func:`model_s
 from __future__ import annotations
 
 import dataclasses
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from memguard.estimation.formula.context import F32
 from memguard.estimation.formula.inventory import Inventory, inventory
 from memguard.estimation.result import Category
-from memguard.estimation.spec import PAGED_MIN_NUMEL, AdamW8bitStandIn, TrainingSpec
+from memguard.estimation.spec import ADAMW8BIT_BLOCK, ADAMW8BIT_MIN_SIZE, PAGED_MIN_NUMEL, TrainingSpec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["ModelState", "model_state", "optimizer_state_bytes", "paged_state_bytes"]
 
@@ -57,7 +59,7 @@ def model_state(inv: Inventory, spec: TrainingSpec, grad: list[bool] | None = No
     """
     grad = inv.requires_grad() if grad is None else grad
     trainable = [i for i, g in enumerate(grad) if g]
-    elem = spec.precision.param_dtype.itemsize
+    elem = spec.precision.param_bytes
     sizes = [inv.size(i, elem) for i in trainable]
     state, notes = _optimizer_state(inv, trainable, sizes, spec)
     return ModelState(parameters=_parameters(inv, elem), gradients=_gradients(sizes),
@@ -109,7 +111,7 @@ def _optimizer_state(inv: Inventory, trainable: list[int], sizes: list[int],
     opt = spec.optimizer
     if opt.factory is None:
         return 0, notes
-    elem = spec.precision.param_dtype.itemsize
+    elem = spec.precision.param_bytes
     if opt.factored:
         total = sum(inv.factored[i] * elem for i in trainable)
         return total + F32 * len(trainable), notes
@@ -131,13 +133,14 @@ def _optimizer_state(inv: Inventory, trainable: list[int], sizes: list[int],
 def _quantized_state(numel: int) -> int:
     """8-bit AdamW (bitsandbytes; Dettmers et al. 2022): two ``uint8`` moments and one fp32 absmax
     per 2048-element block each; parameters under 4096 elements keep two fp32 moments."""
-    if numel < AdamW8bitStandIn.MIN_8BIT_SIZE:
+    if numel < ADAMW8BIT_MIN_SIZE:
         return 2 * F32 * numel
-    return 2 * numel + 2 * F32 * -(-numel // AdamW8bitStandIn.BLOCK)
+    return 2 * numel + 2 * F32 * -(-numel // ADAMW8BIT_BLOCK)
 
 
-def paged_state_bytes(module: nn.Module, spec: TrainingSpec) -> int:
-    """Bytes of a paged optimizer's state that bitsandbytes puts in CUDA managed memory.
+def paged_state_bytes(inv: Inventory, spec: TrainingSpec) -> int:
+    """Bytes of a paged optimizer's state that bitsandbytes puts in CUDA managed memory, for the module
+    behind ``inv`` (its :class:`~memguard.estimation.formula.inventory.Inventory`).
 
     ``Optimizer8bit.get_state_buffer`` pages the moments of parameters of at least
     :data:`~memguard.estimation.spec.PAGED_MIN_NUMEL` elements (``F.get_paged``, ``cudaMallocManaged``);
@@ -146,9 +149,8 @@ def paged_state_bytes(module: nn.Module, spec: TrainingSpec) -> int:
     if not spec.optimizer.paged:
         return 0
     per_element = 2 if spec.optimizer.quantized else 2 * F32
-    return sum(per_element * p.numel() for p in module.parameters()
-               if p.requires_grad and p.numel() >= PAGED_MIN_NUMEL
-               and (not spec.optimizer.quantized or p.numel() >= AdamW8bitStandIn.MIN_8BIT_SIZE))
+    return sum(per_element * n for n, g in zip(inv.numel, inv.grad, strict=True)
+               if g and n >= PAGED_MIN_NUMEL and (not spec.optimizer.quantized or n >= ADAMW8BIT_MIN_SIZE))
 
 
 def _optimizer_step(sizes: list[int], spec: TrainingSpec) -> int:

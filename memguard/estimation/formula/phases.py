@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
+from memguard.errors import ConfigError
 from memguard.estimation.arch import Architecture, inspect_architecture
 from memguard.estimation.formula.activations import Activations, activations
 from memguard.estimation.formula.blocks import block_backward_bytes, block_forward_bytes
-from memguard.estimation.formula.context import AttentionKernel, Ctx, make_ctx, tokens
+from memguard.estimation.formula.context import F32, AttentionKernel, Ctx, make_ctx, tokens
 from memguard.estimation.formula.embeddings import batch_bytes
 from memguard.estimation.formula.families import model_type_of, refuse_unmodelled
 from memguard.estimation.formula.inventory import Inventory, inventory
@@ -29,21 +28,26 @@ from memguard.estimation.formula.loss import (
 )
 from memguard.estimation.formula.model_state import ModelState, model_state
 from memguard.estimation.formula.norms import norm_backward_bytes
-from memguard.estimation.models import ResolvedModel
 from memguard.estimation.parallel import Parallelism
-from memguard.estimation.quantization import QuantizationKind
+from memguard.estimation.phase import Phase
+from memguard.estimation.quantization_kinds import FUSED_MAX_ROWS, QuantizationKind
 from memguard.estimation.result import Category
 from memguard.estimation.spec import TrainingSpec
 from memguard.estimation.step import TrainingLoop, training_loop_of
-from memguard.estimation.trace import Phase
 
-__all__ = ["PHASE_OF", "formula_breakdown", "shard_phases", "step_phases"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from memguard.estimation.description import ModelDescription
+    from memguard.estimation.models import ResolvedModel
+
+__all__ = ["PHASE_OF", "formula_breakdown", "output_bytes", "shard_phases", "step_phases"]
 
 Phases = dict[str, dict[Category, int]]
 """Bytes per category at each named moment of the step."""
 
 
-def formula_breakdown(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str = "pytorch",
+def formula_breakdown(model: ResolvedModel | ModelDescription, spec: TrainingSpec, *, training_loop: str = "pytorch",
                       parallel: Parallelism | None = None) -> tuple[dict[Category, int], list[str]]:
     """The refined formula: peak live tensor bytes of one steady-state training step.
 
@@ -64,7 +68,8 @@ def formula_breakdown(model: ResolvedModel, spec: TrainingSpec, *, training_loop
     6. optimizer step: gradients and the step's temporaries.
 
     Args:
-        model: the resolved model (its module may live on the meta device).
+        model: the resolved model (its module may live on the meta device), or a preset's
+            :class:`~memguard.estimation.description.ModelDescription` (no sharded ``parallel`` then).
         spec: batch size, sequence length, optimizer, precision, checkpointing and device.
         training_loop: ``"pytorch"`` (``zero_grad(set_to_none=True)`` after the step: no
             gradients during forward) or ``"lightning"`` (``zero_grad`` after the next forward:
@@ -81,8 +86,13 @@ def formula_breakdown(model: ResolvedModel, spec: TrainingSpec, *, training_loop
         UnsupportedModelError: when the model is not a transformer this module can read.
         ConfigError: when a token model has no ``seq_len``, or for an unknown ``training_loop``.
     """
+    from memguard.estimation.description import ModelDescription
+
     phases, notes = step_phases(model, spec, training_loop=training_loop)
     if parallel is not None and parallel.sharded:
+        if isinstance(model, ModelDescription):
+            raise ConfigError(f"{parallel.strategy} shards the model's blocks: the formula needs the module of "
+                              f"{model.name}, not its description")
         phases = shard_phases(phases, parallel, model.module, spec)
     name, peak = max(phases.items(), key=lambda kv: sum(kv[1].values()))
     breakdown = dict(peak)
@@ -90,28 +100,25 @@ def formula_breakdown(model: ResolvedModel, spec: TrainingSpec, *, training_loop
     return breakdown, notes
 
 
-def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str = "pytorch",
+def step_phases(model: ResolvedModel | ModelDescription, spec: TrainingSpec, *, training_loop: str = "pytorch",
                 ) -> tuple[Phases, list[str]]:
     """Bytes per category at each moment of the step that can be the peak (see
     :func:`formula_breakdown`), and notes; without trainable parameters, only the forward."""
     loop = training_loop_of(training_loop)  # the Step's check, for a caller without a Step
-    module = model.module
-    refuse_unmodelled(model_type_of(model))
-    arch = inspect_architecture(module, model.config, name=model.name, needs="the formula")
-    ctx = _with_quantized_base(make_ctx(arch, spec), module, spec)
-    inv = inventory(module, arch)
+    arch, inv, config, layers = _read(model)
+    ctx = _with_quantized_base(make_ctx(arch, spec), layers, spec)
     grad = inv.requires_grad()
     state = model_state(inv, spec, grad)
     notes = list(state.notes)
     acts = activations(inv, spec, ctx, grad)
-    batch = batch_bytes(arch, module, spec, ctx.b, acts.enc_tokens or acts.tokens, acts.tokens)
+    batch = batch_bytes(arch, config, spec, ctx.b, acts.enc_tokens or acts.tokens, acts.tokens)
     states = state.held()
     # Lightning zeroes gradients after the forward: last step's are alive through it
     old_grads = state.gradients if loop is TrainingLoop.LIGHTNING else 0
     saved = acts.saved + batch + _autocast_weight_bytes(inv, ctx, acts.idle, grad,
                                                         ckpt=bool(spec.gradient_checkpointing))
     loss_fwd = loss_forward_bytes(ctx, acts.logits)
-    dequant_fwd, dequant_bwd = _dequantize_bytes(module, spec, ctx, acts.tokens)
+    dequant_fwd, dequant_bwd = _dequantize_bytes(layers, ctx, acts.tokens)
     block_fwd = max(block_forward_bytes(ctx, n) for n in (acts.tokens, acts.enc_tokens or acts.tokens)) + dequant_fwd
     kept = loss_saved_bytes(ctx, acts.logits) if loss_fwd - block_fwd >= 0 else 0
     # what the final norm and the head save: made after the blocks' forward, freed by their backward
@@ -124,8 +131,8 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
         end = max(in_block, loss, key=lambda m: sum(m.values()))
     phases: Phases = {"end of forward": end}
     if state.gradients > 0:
-        elem = spec.precision.param_dtype.itemsize
-        recompute_fwd = (_recompute_bytes(ctx, acts.tokens, block_fwd, four_bit=bool(_quantized_layers(module))
+        elem = spec.precision.param_bytes
+        recompute_fwd = (_recompute_bytes(ctx, acts.tokens, block_fwd, four_bit=bool(layers)
                                           and not ctx.kept_inputs)
                          if spec.gradient_checkpointing else 0)
         phases.update(_backward_phases(inv, ctx, acts, grad, state, saved=saved, batch=batch,
@@ -133,6 +140,50 @@ def step_phases(model: ResolvedModel, spec: TrainingSpec, *, training_loop: str 
                                        recompute_fwd=recompute_fwd))
     notes.extend(_notes(arch, spec, ctx))
     return phases, notes
+
+
+def _read(model: ResolvedModel | ModelDescription) -> tuple[Architecture, Inventory, Any, list[Any]]:
+    """What the formula reads of ``model``: its architecture, its inventory, its transformers config
+    (Whisper's mel bins) and its quantized layers; from the module, or from a
+    :class:`~memguard.estimation.description.ModelDescription` (a preset's, shipped as data: no torch)."""
+    from memguard.estimation.description import ModelDescription
+
+    if isinstance(model, ModelDescription):
+        refuse_unmodelled(model.arch.model_type)
+        return model.arch, model.inventory, model.config, []
+    module = model.module
+    refuse_unmodelled(model_type_of(model))
+    arch = inspect_architecture(module, model.config, name=model.name, needs="the formula")
+    return arch, inventory(module, arch), getattr(module, "config", None), _quantized_layers(module)
+
+
+def output_bytes(model: ResolvedModel | ModelDescription, spec: TrainingSpec) -> int:
+    """What the model's output holds, which a loop that keeps it (``outputs = model(**batch)``) holds
+    through backward and the optimizer step into the next forward: the logits (in the head's dtype;
+    fp32 past BART's ``final_logits_bias``), the key/value cache a training forward returns with
+    ``use_cache`` and an encoder-decoder's ``encoder_last_hidden_state`` (in the residual dtype: the
+    encoder's final norm runs in fp32 under autocast). The cache holds ``torch.cat`` copies of every
+    decoder block's K and V (``DynamicLayer.update``, ``transformers/cache_utils.py``), and of the
+    encoder's projected K and V for cross-attention (``EncoderDecoderCache``): K is fp32 under autocast
+    for rotary families (``apply_rotary_pos_emb`` multiplies the 16-bit K by the fp32 cos and sin),
+    else in the projection's dtype. The trace counts the same from the output itself
+    (:func:`memguard.estimation.trace.record.output_tensors`).
+
+    Raises:
+        UnsupportedModelError: when the model is not a transformer the formula can read.
+        ConfigError: when a token model has no ``seq_len``.
+    """
+    arch, inv, _, _ = _read(model)
+    ctx = make_ctx(arch, spec)
+    acts = activations(inv, spec, ctx, inv.requires_grad())
+    total = acts.logits * (F32 if ctx.fam.fp32_logits_bias else ctx.c)
+    if arch.decoder_layers:
+        total += ctx.b * acts.enc_tokens * arch.hidden * ctx.r
+    if arch.use_cache and not spec.gradient_checkpointing:
+        k_elem = F32 if ctx.fam.rotary and ctx.autocast else ctx.c
+        rows = acts.tokens + (acts.enc_tokens if arch.decoder_layers else 0)  # cross-attention's K/V too
+        total += (arch.decoder_layers or arch.layers) * ctx.b * rows * arch.kv_heads * arch.head_dim * (k_elem + ctx.c)
+    return total
 
 
 PHASE_OF = {"end of forward": Phase.FORWARD, "start of backward": Phase.BACKWARD,
@@ -158,7 +209,7 @@ def shard_phases(phases: Phases, parallel: Parallelism, module: nn.Module, spec:
     blocks, one block's unsharded gradients), so the peak moment is chosen after sharding, as in
     the trace: under ZeRO-1 the step over a 1/N partition is no longer the peak.
     """
-    elem = spec.precision.param_dtype.itemsize
+    elem = spec.precision.param_bytes
     extras = (parallel.phase_extras(module, bytes_per_element=elem, device=spec.device)
               if parallel.fully_sharded else None)
     out: Phases = {}
@@ -236,14 +287,11 @@ def _quantized_layers(module: Any) -> list[Any]:
     return found[1]
 
 
-def _with_quantized_base(ctx: Ctx, module: Any, spec: TrainingSpec) -> Ctx:
+def _with_quantized_base(ctx: Ctx, layers: list[Any], spec: TrainingSpec) -> Ctx:
     """``ctx`` with :attr:`~memguard.estimation.formula.context.Ctx.kept_inputs` set when the base's
     linear layers are LLM.int8's, whose ``MatMul8bitLt`` keeps its input under a frozen weight, and
     :attr:`~memguard.estimation.formula.context.Ctx.uncast` when they return their input's dtype
     (int8; 4-bit on the fused kernel's rows, :data:`~memguard.estimation.quantization.FUSED_MAX_ROWS`)."""
-    from memguard.estimation.quantization import FUSED_MAX_ROWS
-
-    layers = _quantized_layers(module)
     if not layers:
         return ctx
     int8 = any(m.quantization.kind is QuantizationKind.INT8 for m in layers)
@@ -251,20 +299,18 @@ def _with_quantized_base(ctx: Ctx, module: Any, spec: TrainingSpec) -> Ctx:
     return dataclasses.replace(ctx, kept_inputs=int8, uncast=int8 or fused)
 
 
-def _dequantize_bytes(module: Any, spec: TrainingSpec, ctx: Ctx,
-                      tokens: int) -> tuple[int, int]:
-    """A quantized base's largest dequantized weight, in forward and in backward.
+def _dequantize_bytes(layers: list[Any], ctx: Ctx, tokens: int) -> tuple[int, int]:
+    """A quantized base's largest dequantized weight (of its quantized ``layers``), in forward and in backward.
 
     bitsandbytes' ``gemm_4bit`` dequantizes the weight into the input's dtype (the parameters' dtype:
     transformers' norms return it) only above :data:`~memguard.estimation.quantization.FUSED_MAX_ROWS`
     rows of input; ``MatMul4Bit.backward`` always does, into the gradient's dtype (the matmul's
     output dtype). See :mod:`memguard.estimation.quantization`.
     """
-    from memguard.estimation.quantization import FUSED_MAX_ROWS, dequantize_temporary
-
-    layers = _quantized_layers(module)
     if not layers:
         return 0, 0
+    from memguard.estimation.quantization import dequantize_temporary
+
     if any(m.quantization.kind is QuantizationKind.INT8 for m in layers):
         # MatMul8bitLt's forward dequantizes no weight: it casts its input to fp16 and quantizes it
         # row-wise (int8, one fp32 scale a row); its backward makes a copy of the weight

@@ -31,30 +31,14 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from memguard.enums import StrEnum
 from memguard.errors import TraceError
 from memguard.estimation.fake_kernels import corrected
 from memguard.estimation.kernels import corrected as with_workspace
 from memguard.estimation.kernels import transient, uncounted
+from memguard.estimation.phase import Phase
 from memguard.estimation.stand_ins import StandIns
 
 __all__ = ["CountingMode", "Ledger", "Phase", "Record", "rounded"]
-
-
-class Phase(StrEnum):
-    """The part of a training step the trace is in when something is allocated.
-
-    ``BACKWARD`` is the backward before the first repeated block (the loss and the head);
-    ``BLOCK_BACKWARD`` starts when the first block's backward does (a sharded strategy holds more
-    gathered there, see :meth:`memguard.estimation.parallel.Parallelism.phase_extras`).
-    ``str(Phase.FORWARD) == "forward"``, the string the timeline and JSON keep.
-    """
-
-    FORWARD = "forward"
-    BACKWARD = "backward"
-    BLOCK_BACKWARD = "block-backward"
-    OPTIMIZER = "optimizer"
-    OTHER = "other"
 
 
 _CUDA_BLOCK = 512

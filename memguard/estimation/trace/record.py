@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -36,25 +35,12 @@ from memguard.estimation.spec import TrainingSpec, make_optimizer
 from memguard.estimation.trace.isolation import isolated, preserved_rng
 from memguard.estimation.trace.ledger import CountingMode, Ledger, Phase
 from memguard.estimation.trace.packing import Positions, derived_positions, has_position_ids
+from memguard.estimation.trace_timeout import DEFAULT_TIMEOUT, check_timeout
 
 __all__ = ["DEFAULT_TIMEOUT", "Inputs", "Loop", "Recording", "check_timeout", "recorded"]
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 """Positional and keyword arguments of one forward call."""
-
-DEFAULT_TIMEOUT = 120.0
-"""Seconds a trace may take before it stops with a :class:`TraceError`. Traces take seconds (GPT-2
-small 1.4 s, Llama-2-7B 3 s on two CPU cores); a step that does not end in two minutes waits on
-values a fake tensor does not have."""
-
-
-def check_timeout(value: Any) -> float | None:
-    """A ``trace_timeout``: a positive number of seconds, or ``None`` for no limit; else a
-    :class:`ConfigError` naming it."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not 0 < value < math.inf):
-        raise ConfigError(f"trace_timeout must be a positive number of seconds or None, got {value!r}")
-    return None if value is None else float(value)
 
 
 @dataclasses.dataclass(frozen=True)
