@@ -70,7 +70,7 @@ def estimate_case(case: Case, method: str, device: str) -> dict[str, Any]:
     except Exception as exc:  # a method not written yet, or one that fails on this model
         return {"error": type(exc).__name__, "message": str(exc)[:500],
                 "where": traceback.format_exc(limit=-3)[-1500:]}
-    out = est.to_dict()
+    out = {k: v for k, v in est.to_dict().items() if k not in ("at_peak", "timeline")}  # the numbers only
     out["seconds"] = seconds
     return out
 

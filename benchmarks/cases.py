@@ -55,6 +55,8 @@ class Case:
         warmup_model: a tiny model of the same kind for the warm-up step; derived from the config
             for transformers models.
         decoder_seq_len: an encoder-decoder's label tokens per sample (``None``: the model's default).
+        keep_output: the loop keeps the model's output until the next forward returns
+            (``outputs = model(**batch)``); else it is dropped before backward.
         note: what the case is meant to exercise.
     """
 
@@ -71,6 +73,7 @@ class Case:
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     warmup_model: ModelSource | None = None
     decoder_seq_len: int | None = None
+    keep_output: bool = False
     note: str = dataclasses.field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,8 +87,9 @@ class Case:
                 value = dict(value)
             out[field.name] = value
         out.pop("note")
-        if out["decoder_seq_len"] is None:  # the specs of cached truths from before the field
-            out.pop("decoder_seq_len")
+        for name, default in (("decoder_seq_len", None), ("keep_output", False)):
+            if out[name] == default:  # the specs of cached truths from before the field
+                out.pop(name)
         return out
 
     @classmethod
@@ -327,9 +331,13 @@ CASES: tuple[Case, ...] = (
     Case("gpt2-sgd", "gpt2", 2, 256, optimizer="sgd", note="no optimizer state"),
     Case("gpt2-bf16-mixed", "gpt2", 2, 256, precision="bf16-mixed", note="autocast bf16"),
     Case("gpt2-ckpt", "gpt2", 2, 256, gradient_checkpointing=True, note="gradient checkpointing"),
+    Case("gpt2-keep-output", "gpt2", 2, 256, keep_output=True,
+         note="the loop keeps the output (logits, key/value cache) to the next forward"),
     Case("gpt2-frozen", "gpt2", 2, 256, frozen_embeddings=True, frozen_blocks=0.5,
          note="embeddings (and the tied head) and blocks 0-5 frozen"),
     Case("llama-small", LLAMA_SMALL, 2, 256, note="Llama, GQA 8/2 heads, untied head"),
+    Case("llama-small-bf16-mixed-keep-output", LLAMA_SMALL, 2, 256, precision="bf16-mixed", keep_output=True,
+         note="kept output under autocast: fp32 rotary K and bf16 V in the cache, bf16 logits"),
     Case("llama-small-bf16-true", LLAMA_SMALL, 2, 256, precision="bf16-true",
          note="weights, grads and AdamW state in bf16"),
     Case("llama-small-adafactor", LLAMA_SMALL, 2, 256, optimizer="adafactor",
@@ -510,6 +518,7 @@ def estimate_kwargs(case: Case) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "batch_size": case.batch_size, "seq_len": case.seq_len, "optimizer": case.optimizer,
         "precision": case.precision, "gradient_checkpointing": case.gradient_checkpointing,
+        "keep_output": case.keep_output,  # what the truth's loop does (benchmarks/truth.py)
     }
     if case.example_input is not None:
         kwargs["example_input"] = case.example_input(case.batch_size, case.seq_len, None)

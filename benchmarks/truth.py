@@ -18,8 +18,9 @@ them on); resident memory then follows live buffers. In that process:
 5. two full steps: forward (under ``torch.autocast`` for ``*-mixed``) and loss,
    ``loss.backward()``, ``optimizer.step()``, ``optimizer.zero_grad(set_to_none=True)``. Only
    the loss outlives the forward (the model's output, logits included, is dropped before
-   ``backward``), as in Lightning, whose ``training_step`` returns just the loss; the one batch
-   is built before the steps and lives through both;
+   ``backward``), as in Lightning, whose ``training_step`` returns just the loss (a case with
+   ``keep_output`` holds it until the next forward returns, as ``outputs = model(**batch)`` does); the
+   one batch is built before the steps and lives through both;
 6. truth = ``VmHWM`` - ``VmRSS`` before the model: weights, batch and everything the steps add
    (the probe's reading, given the build's growth of ``VmRSS`` as already resident).
 
@@ -132,12 +133,14 @@ def _train_steps(module: Any, case: Case, inputs: Any, device: str,
     optimizer = make_optimizer(resolve_optimizer(case.optimizer), params)
     scaler = torch.amp.GradScaler(device) if precision.grad_scaler else None
     args, kwargs = inputs
-    losses = []
+    losses, kept = [], None
     for _ in range(steps):
         with _autocast(device, precision.autocast_dtype):
             output = module(*args, **kwargs)
             loss = case_loss(case, output, inputs)
-        del output  # only the loss outlives the forward, as in Lightning's training_step
+        if case.keep_output:  # outputs = model(**batch): the last output lived until this one returned
+            kept = output
+        del output  # else only the loss outlives the forward, as in Lightning's training_step
         (scaler.scale(loss) if scaler else loss).backward()
         if optimizer is not None:
             if scaler is not None:
@@ -148,6 +151,7 @@ def _train_steps(module: Any, case: Case, inputs: Any, device: str,
             optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach().float()))
         del loss
+    del kept
     return losses
 
 
