@@ -198,6 +198,7 @@ def _same_estimate(a: Any, b: Any) -> bool:
     return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 
+@pytest.mark.slow
 def test_recordings_kept_in_a_memo_are_reused_only_where_a_recording_reads_the_same() -> None:
     """A plan's depth keeps its recordings (``Depth.memo``): DeepSpeed ZeRO-2's bf16-mixed runs a bf16
     module, so its step records as a single GPU's bf16-true does, and only the strategy's share of each
