@@ -396,7 +396,8 @@ def _quantize(resolved: ResolvedModel, quant: Quantization) -> tuple[ResolvedMod
     name = f"{resolved.name}+{quant.kind}{'-dq' * quant.double_quant}"
     depth = resolved.depth
     if depth is not None:  # the few blocks traced are quantized as the whole model is, here
-        depth = dataclasses.replace(depth, build=lambda k: quantize_model(resolved.depth.build(k), quant)[0])
+        depth = dataclasses.replace(depth, build=lambda k: quantize_model(resolved.depth.build(k), quant)[0],
+                                    memo=None)  # a new build each call: nothing to reuse
     return dataclasses.replace(resolved, module=module, name=name, depth=depth), [note]
 
 
@@ -485,8 +486,8 @@ def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, para
                                set_to_none=set_to_none, **sharding)
 
     # User code (a module, factory, step or loss of the user's) runs in a forked child; a model memguard
-    # built from a preset or config here is nobody else's, and runs here.
-    user_code = not resolved.built_here or step_fn is not None or loss_fn is not None
+    # built from a preset or config here (or a plan's copy of one, ``private``) is nobody else's, and runs here.
+    user_code = not (resolved.built_here or resolved.private) or step_fn is not None or loss_fn is not None
     try:
         if user_code and sandbox.forks() and not sandbox.in_child():
             warm_up()

@@ -103,6 +103,11 @@ class ResolvedModel:
         depth: how to build the same module with fewer of its repeated blocks
             (:class:`memguard.estimation.trace.depth.Depth`), for a trace of a few blocks that
             stands for all of them; ``None``: the trace runs the whole module.
+        private: nobody outside memguard holds the module, so the trace runs it in this process, as it
+            runs a module ``built_here`` (:func:`memguard.estimate`), without ``built_here``'s other
+            readings (QLoRA's default adapters, quantizing in place): a plan's modules, built from a
+            model memguard built, adapters and quantized base already added
+            (:meth:`memguard.planning.search.Search.model`).
     """
 
     module: nn.Module
@@ -110,6 +115,7 @@ class ResolvedModel:
     config: Any = None
     built_here: bool = False
     depth: Any = None
+    private: bool = False
 
 
 MAX_CONFIG_BYTES = 16 * 2**20

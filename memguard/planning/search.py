@@ -38,7 +38,7 @@ from memguard.estimation.parallel import Strategy
 from memguard.estimation.quantization import Quantization, quantize_model
 from memguard.estimation.result import MemoryEstimate, Method
 from memguard.estimation.shallow import shallow
-from memguard.estimation.trace.depth import DEPTHS, EXTENDED, HELD_OUT, Depth
+from memguard.estimation.trace.depth import EXTENDED, Depth
 from memguard.fit import Fit, usable_bytes
 from memguard.planning.costs import COSTS, CostContext, cost_of, cost_terms, divisors, fewest_micro_batches, lower_bound
 from memguard.planning.rows import FULL, LORA, QLORA, Knobs, PlanRow, quantization_args
@@ -176,15 +176,14 @@ class Search:
             whole = self.setup.modules[None]
             base = ResolvedModel(whole, self.setup.name, getattr(whole, "config", None), True)
             depth = shallow(base, functools.partial(_finished, rank=k.lora_rank, quantization=k.quantization))
-            for blocks in (*DEPTHS, HELD_OUT) if depth is not None else ():
-                depth.build(blocks)  # here, not in the trace's forked child, which would forget them
-            self.depths[key] = depth
-        return dataclasses.replace(load_model(module), depth=self.depths[key])
+            # one search, one model, the same other arguments: its traces share their recordings
+            self.depths[key] = None if depth is None else dataclasses.replace(depth, memo={})
+        # nobody else's module: traced in this process (no fork), where the recordings are kept
+        return dataclasses.replace(load_model(module), depth=self.depths[key], private=True)
 
     def _note_depth(self, k: Knobs, est: MemoryEstimate | None) -> None:
-        """Stop tracing ``k``'s module by depth once a trace of it could not be extended (the trace runs
-        in a forked child, so its notes say how it went): its later traces run the whole model at once,
-        not three small ones first."""
+        """Stop tracing ``k``'s module by depth once a trace of it could not be extended (its notes say
+        how it went): its later traces run the whole model at once, not three small ones first."""
         key = (k.lora_rank, k.quantization)
         if est is None or est.method is not Method.TRACE or self.depths.get(key) is None:
             return

@@ -6,6 +6,7 @@ only (milliseconds an estimate); the GPT-2 plan confirms its first rows with the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -391,3 +392,37 @@ def test_search_heuristics_weigh_what_fit_py_decides_on() -> None:
     between = search((est.total_bytes + est.upper_bytes) // 2)  # the total fits, the upper end does not
     between.ratios[structure_of(between.setup.base)] = [1.0]
     assert not between.fits(est) and between.below(between.setup.base, est)
+
+
+def test_a_plans_traces_share_their_shallow_recordings_to_the_byte() -> None:
+    """A plan traces its model in process, by depth, and keeps the 1-4-block recordings: DeepSpeed ZeRO-2's
+    bf16-mixed records the step a single GPU's bf16-true does (a bf16 module), so its trace records nothing
+    new, and each estimate is the one memguard.estimate makes of the whole model, to the byte. Another
+    optimizer records its own."""
+    from transformers import LlamaConfig
+
+    from memguard.estimation.result import Method
+    from memguard.estimation.trace.depth import extended_note
+    from memguard.planning.api import make_setup
+    from memguard.planning.costs import CostContext
+    from memguard.planning.rows import Knobs
+    from memguard.planning.search import Search
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=5, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
+    setup = make_setup(config, None, gpu=A100, seq_len=32, gpus=None, batch_size=2, margin=0.1, precision=None,
+                       optimizers=None, base=None, lora_ranks=(), method_prune="formula", confirm=0, limit=1,
+                       device="cuda", max_estimates=10, estimate_kwargs=None)
+    n = sum(p.numel() for p in setup.modules[None].parameters())
+    search = Search(setup, CostContext(setup.base, 2, 32, n, {None: n}))
+    single = Knobs("bf16-true", "adamw", False, "single", 1, False, False, None, batch_size=2)
+    zero2 = Knobs("bf16-mixed", "adamw", False, "deepspeed_stage_2", 1, False, False, None, batch_size=2)
+    resolved = search.model(single, Method.TRACE)
+    assert resolved.private and not resolved.built_here and resolved.depth.memo == {}
+    memo = resolved.depth.memo
+    for k, recorded in ((single, 4), (zero2, 4), (dataclasses.replace(single, optimizer="sgd"), 8)):
+        got = search.estimate(k, Method.TRACE, strict=True)
+        assert len(memo) == recorded and extended_note(5) in got.notes
+        whole = memguard.estimate(config, method="trace", seq_len=32, device="cuda", **k.kwargs())
+        assert (got.total_bytes, got.breakdown, got.band, got.timeline) == (
+            whole.total_bytes, whole.breakdown, whole.band, whole.timeline)

@@ -73,7 +73,7 @@ from torch import nn
 
 from memguard.estimation.cuda_rules import Workspaces
 from memguard.estimation.result import Category
-from memguard.estimation.spec import TrainingSpec
+from memguard.estimation.spec import OPTIMIZERS, TrainingSpec
 from memguard.estimation.stand_ins import ONES
 from memguard.estimation.trace.ledger import Phase, Record
 from memguard.estimation.trace.pipeline import RecordedStep, TraceResult, analysed, invented_note, record_step
@@ -101,10 +101,19 @@ class Depth:
     Attributes:
         build: the same model (adapters, quantization and all) with ``k`` blocks.
         layers: its number of blocks, ``L``.
+        memo: where given, the recorded steps of :func:`trace_by_depth`, kept by what a recording
+            reads (:func:`_memo_key`: ``build`` and ``k``, the spec, the loop's knobs, whether blocks
+            are marked) and reused by later traces: configurations that differ only in what the
+            recording does not read (the strategy's share of each allocation, ``weight`` and
+            ``extras``, applied afterwards by :func:`.pipeline.analysed`) record their 1-4-block
+            steps once. Only for a caller whose traces of this depth all build their inputs from the
+            spec alone (one model, one set of other arguments: a plan's search,
+            :class:`memguard.planning.search.Search`); ``None``: every trace records its own.
     """
 
     build: Callable[[int], nn.Module]
     layers: int
+    memo: dict[Any, RecordedStep] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def trace_by_depth(depth: Depth, spec: TrainingSpec, loop: Loop, stack: Callable[[nn.Module], list[nn.Module]], *,
@@ -125,7 +134,13 @@ def trace_by_depth(depth: Depth, spec: TrainingSpec, loop: Loop, stack: Callable
         blocks = stack(module)
         if len(blocks) != k:
             return None
-        return record_step(module, spec, loop, blocks if mark_blocks else (), timeout), _prefix(module, blocks[0])
+        key = None if depth.memo is None else _memo_key(depth, k, spec, loop, mark_blocks)
+        step = None if key is None else depth.memo.get(key)  # type: ignore[union-attr]
+        if step is None:
+            step = record_step(module, spec, loop, blocks if mark_blocks else (), timeout)
+            if key is not None:
+                depth.memo[key] = step  # type: ignore[index]
+        return step, _prefix(module, blocks[0])
 
     steps, prefixes = [], set()
     for k in DEPTHS:
@@ -159,6 +174,19 @@ def extended_note(layers: int) -> str:
     """The note of a trace by depth: what ran, and why it stands for the whole model."""
     return (f"{EXTENDED} and repeated one block's events to all {layers} (memguard.estimation.trace.depth): "
             f"checked record by record against the traces of 2, 3 and {HELD_OUT} blocks")
+
+
+def _memo_key(depth: Depth, k: int, spec: TrainingSpec, loop: Loop, mark_blocks: bool) -> tuple[Any, ...] | None:
+    """What the recording of ``k`` blocks reads (:func:`.pipeline.record_step`): the module
+    (``depth.build``, kept alive by the key so that its identity stays its own, and ``k``), the spec,
+    the loop's knobs and the blocks marked; the inputs come from the spec (see :attr:`Depth.memo`).
+    The timeout is left out: it stops a recording, it does not change one that ends. ``None`` for an
+    optimizer of the user's (a class or a callable, not one of :data:`memguard.estimation.spec.OPTIMIZERS`):
+    its code may build another optimizer on another call, so it is recorded anew."""
+    if OPTIMIZERS.get(spec.optimizer.name) is not spec.optimizer:
+        return None
+    return (depth.build, k, spec, loop.loss_fn, loop.training_loop, loop.step_fn, loop.steps, loop.accumulate,
+            loop.set_to_none, mark_blocks)
 
 
 def _prefix(module: nn.Module, block: nn.Module) -> str:

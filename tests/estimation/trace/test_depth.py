@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import pytest
+import torch
 from transformers import GPT2Config, LlamaConfig
 
 import memguard
@@ -189,3 +190,51 @@ def test_rules_that_do_not_rebuild_the_held_out_depth_are_not_used(lora: int | N
         return add_lora(resolved, lora).module if lora else resolved.module
 
     assert trace_by_depth(dataclasses.replace(depth, build=build), spec, loop, wrapped_blocks) is None
+
+
+def _same_estimate(a: Any, b: Any) -> bool:
+    """Two estimates alike in every number and word they report."""
+    fields = ("total_bytes", "breakdown", "band", "host_bytes", "timeline", "at_peak", "notes", "stand_ins")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
+
+
+@pytest.mark.slow
+def test_recordings_kept_in_a_memo_are_reused_only_where_a_recording_reads_the_same() -> None:
+    """A plan's depth keeps its recordings (``Depth.memo``): DeepSpeed ZeRO-2's bf16-mixed runs a bf16
+    module, so its step records as a single GPU's bf16-true does, and only the strategy's share of each
+    allocation (applied after the recording) differs. Its estimate from the single GPU's recordings is
+    the one from its own recordings, to the byte, and the whole trace's. A step that records anything
+    else (another optimizer, FSDP's marked blocks, another batch) records its own 1-4-block steps."""
+    module, depth, _, _, _ = _case(_llama())
+    memo: dict[Any, Any] = {}
+    kept = dataclasses.replace(load_model(module), depth=dataclasses.replace(depth, memo=memo), private=True)
+    fresh = dataclasses.replace(load_model(module), depth=depth)
+    knobs = {"batch_size": 2, "seq_len": 32, "device": "cuda", "method": "trace"}
+    single = memguard.estimate(kept, precision="bf16-true", **knobs)
+    assert len(memo) == len((*DEPTHS, HELD_OUT)) and extended_note(5) in single.notes
+    zero2 = {"precision": "bf16-mixed", "strategy": "deepspeed_stage_2", **knobs}
+    reused = memguard.estimate(kept, **zero2)
+    assert len(memo) == 4  # nothing recorded again
+    assert _same_estimate(reused, memguard.estimate(fresh, **zero2)) and extended_note(5) in reused.notes
+    whole = memguard.estimate(module, **zero2)
+    assert reused.total_bytes == whole.total_bytes != single.total_bytes
+    for n, other in enumerate(({"precision": "bf16-true", "optimizer": "sgd"},
+                               {"precision": "bf16-mixed", "strategy": "fsdp", "world_size": 2},
+                               {"precision": "bf16-true", "batch_size": 1}), start=2):
+        got = memguard.estimate(kept, **{**knobs, **other})
+        assert len(memo) == 4 * n  # recorded anew
+        assert _same_estimate(got, memguard.estimate(fresh, **{**knobs, **other}))
+
+
+def test_an_optimizer_of_the_users_is_recorded_anew() -> None:
+    """A callable optimizer may build another optimizer on another call: never taken from the memo."""
+    module, depth, _, _, _ = _case(_llama())
+    memo: dict[Any, Any] = {}
+    kept = dataclasses.replace(load_model(module), depth=dataclasses.replace(depth, memo=memo), private=True)
+
+    def momentum_sgd(params: Any) -> Any:
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+    knobs = {"batch_size": 2, "seq_len": 32, "device": "cuda", "method": "trace", "optimizer": momentum_sgd}
+    first, second = memguard.estimate(kept, **knobs), memguard.estimate(kept, **knobs)
+    assert memo == {} and extended_note(5) in first.notes and _same_estimate(first, second)
