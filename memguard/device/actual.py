@@ -52,6 +52,14 @@ Known limitations (CPU):
       GPT-2 (n_embd 64, batch 8 x 64) read +0.5-1.7% against the trace on a fresh heap and +8-12%
       after 20,000 blocks of up to 60 KB had been allocated and two in three freed; at batch 8 x 128
       the same heap reads +0.1-1.4%. The error is on the high side, which the guard treats as a warning.
+    * A threshold pinned in the middle of a process's life (``mallopt``) does not undo the heap it
+      had built: glibc maps a buffer of the threshold or more only when no free chunk of its arena fits
+      it (``malloc/malloc.c``: ``sysmalloc`` is reached after the bins and the top chunk), so the large
+      free chunks that earlier work left in the heap serve tensor buffers, which stay resident when
+      freed, while the next buffer faults pages elsewhere. Measured on this project's machine, a 2-layer
+      GPT-2 (n_embd 64, batch 8 x 128) read +0.6% in a process started with the threshold pinned,
+      +1.6% after a ``mallopt`` at its start, and +51% after the same ``mallopt`` in a process that had
+      first freed a hundred heap buffers of 0.5-1 MiB. Exact numbers need a process started pinned.
     * Without the threshold pinned, the growth is a lower bound (see above). The environment
       is what is checked: a ``mallopt`` call made by the program itself cannot be seen.
     * With ``reset=True`` and without write access to ``/proc/self/clear_refs`` the mark cannot be

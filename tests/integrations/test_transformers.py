@@ -1,14 +1,21 @@
 """``MemGuardCallback`` in real ``transformers.Trainer`` runs on the CPU, with a tiny GPT-2 built from a config.
 
 The CPU "actual" is the growth of resident memory, which follows live tensors only when glibc
-returns freed buffers to the OS: the module pins its mmap threshold (``mallopt``), as
-``MALLOC_MMAP_THRESHOLD_=65536`` would.
+returns freed buffers to the OS: a process started with ``MALLOC_MMAP_THRESHOLD_=65536``. Its size is
+compared with the estimate in such a fresh process (:func:`test_the_measured_peak_is_the_estimate_in_a_fresh_process`):
+in this one, free heap chunks that earlier tests left serve tensor buffers, which stay resident when freed
+(see memguard/device/actual.py), and the same steps read from +2% to +50% high depending on what ran
+before. The runs in this process check everything else, and leave the measurement's own warning out.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import pickle
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,13 +33,12 @@ from memguard.integrations.trainer_view import optimizer_for, precision_of
 from memguard.integrations.transformers import BatchTooLargeError, MemGuardCallback
 
 # SEQ 128, not 64: at 64 a step's many tensors just under glibc's 64 KiB mmap threshold land in heap pages
-# that the probe's malloc_trim released, and after a long suite has fragmented the heap each faults whole
-# pages: +8-12% measured against +0.5-1.7% on a fresh heap (see memguard/device/actual.py). At 128 the
-# same fragmented heap reads +0.1-1.4%.
+# that the probe's malloc_trim released, and each faults whole pages (see memguard/device/actual.py).
 SAMPLES, SEQ, VOCAB, BATCH, EVAL_BATCH, STEPS = 64, 128, 1000, 8, 3, 4
 GENEROUS = "64GiB"
 KEYS = {"memguard/predicted_peak_bytes", "memguard/actual_peak_bytes", "memguard/predicted_total_bytes",
         "memguard/error", "memguard/actual_is_lower_bound"}
+MEASURED = "the first training steps used"  # memguard.device.actual.compare's warning
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("pinned_cpu")]
@@ -59,9 +65,10 @@ class Run:
     trainer: Trainer
     initial: dict[str, torch.Tensor]
     seen: list[int]
-    warned: list[str]
+    warned: list[str]  # the guard's warnings, less the measurement's
     rng: torch.Tensor
     error: BaseException | None
+    measurement_warned: list[str]  # its warning that the measured peak exceeds the prediction
 
 
 def model() -> GPT2LMHeadModel:
@@ -95,8 +102,11 @@ def train(tmp: Path, guard: TrainerCallback | None, *, evaluate: bool = False,
             trainer.train()
         except Exception as exc:
             error = exc
+    # The measurement's warning is left out: in this process its size depends on the heap earlier tests left
+    # (see the module docs); test_the_measured_peak_is_the_estimate_in_a_fresh_process asserts it is not given.
     warned = [str(w.message) for w in caught if "MemGuard" in str(w.message)]
-    return Run(trainer, initial, seen, warned, torch.get_rng_state(), error)
+    measured = [w for w in warned if MEASURED in w]
+    return Run(trainer, initial, seen, [w for w in warned if w not in measured], torch.get_rng_state(), error, measured)
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -182,10 +192,46 @@ def test_predicted_and_actual_land_in_log_history(pair: tuple[Run, Run, MemGuard
     assert predicted == guard.estimate.peak_bytes
     assert entry["memguard/predicted_total_bytes"] == guard.estimate.total_bytes
     assert entry["memguard/error"] == pytest.approx(actual / predicted - 1)
-    assert abs(entry["memguard/error"]) < 0.25, entry  # RSS follows live tensors with the threshold pinned
+    assert actual > 0  # its size is asserted in a fresh process (next test)
     assert entry["memguard/actual_is_lower_bound"] is (not mmap_threshold_pinned())
     assert entry["memguard/actual_is_upper_bound"] is False  # reset_peak=True: the counters were reset
     assert guard.metrics == {k: v for k, v in entry.items() if k.startswith("memguard/")}
+
+
+_MEASURED_RUN = """
+import json, sys, tempfile
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+import test_transformers as t
+from memguard.integrations.transformers import MemGuardCallback
+guard = MemGuardCallback("warn", budget=t.GENEROUS, reset_peak=True)
+run = t.train(tempfile.mkdtemp(dir=sys.argv[2]), guard, evaluate=True)
+entries = [e for e in run.trainer.state.log_history if t.KEYS & e.keys()]
+print(json.dumps({"error": repr(run.error), "warned": run.warned + run.measurement_warned,
+                  "entries": entries, "metrics": guard.metrics, "peak": guard.estimate.peak_bytes,
+                  "steps": guard.measure_steps, "margin": guard.margin}))
+"""
+
+
+def test_the_measured_peak_is_the_estimate_in_a_fresh_process(tmp_path: Path) -> None:
+    """The run of ``pair`` with room, in a process started as the measurement asks: its peak is the
+    estimate's, within the guard's margin, and the guard says nothing, the measurement included."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed buffers go back to the OS from the start
+    done = subprocess.run([sys.executable, "-c", _MEASURED_RUN, str(Path(__file__).parent), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] == "None" and result["warned"] == []
+    assert len(result["entries"]) == 1
+    entry = result["entries"][0]
+    assert entry["step"] == 1 + result["steps"]
+    predicted, actual = entry["memguard/predicted_peak_bytes"], entry["memguard/actual_peak_bytes"]
+    assert predicted == result["peak"]
+    assert entry["memguard/actual_is_lower_bound"] is False and entry["memguard/actual_is_upper_bound"] is False
+    assert abs(actual / predicted - 1) < result["margin"], entry  # RSS follows live tensors: +1.6% measured
+    assert entry["memguard/error"] == pytest.approx(actual / predicted - 1)
+    assert result["metrics"] == {k: v for k, v in entry.items() if k.startswith("memguard/")}
 
 
 def test_warn_without_room_warns_and_trains_the_same(pair: tuple[Run, Run, MemGuardCallback], tmp_path: Path) -> None:
