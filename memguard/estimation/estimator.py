@@ -266,7 +266,7 @@ def _estimate_described(desc: ModelDescription, step: Step, spec: TrainingSpec,
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=desc.checkpointing)
     loop = _formula_loop(step.training_loop, step.accumulate_grad_batches, step.set_to_none)
-    found = _Found(Method.FORMULA, *_formula(desc, spec, loop, parallel), output_bytes=_formula_output(desc, spec))
+    found = _by_formula(desc, spec, loop, parallel)
     return _estimate_of(found, desc, step, spec, parallel, method=Method.FORMULA.value)
 
 
@@ -458,8 +458,7 @@ def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, para
             notes = [*notes, f"the seed formula knows no strategy: {parallel.strategy} is ignored"]
         return _Found(Method.SEED, breakdown, notes)
     if method is Method.FORMULA:
-        return _Found(Method.FORMULA, *_formula(resolved, spec, formula_loop, parallel),
-                      output_bytes=_formula_output(resolved, spec))
+        return _by_formula(resolved, spec, formula_loop, parallel)
     from memguard.estimation.parallel import wrapped_blocks
     from memguard.estimation.trace import trace_breakdown, warm_up
     from memguard.estimation.trace.depth import trace_by_depth
@@ -501,12 +500,11 @@ def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, para
             raise
         log.warning("trace failed (%s); falling back to the formula", exc)
         try:
-            breakdown, notes = _formula(resolved, spec, formula_loop, parallel)
+            found = _by_formula(resolved, spec, formula_loop, parallel)
         except MemguardError as formula_exc:
             raise type(formula_exc)(f"neither method can estimate {resolved.name}: the trace failed ({exc}), "
                                     f"and the formula too ({formula_exc})") from exc
-        return _Found(Method.FORMULA, breakdown, [f"trace failed ({exc}); formula used instead", *notes],
-                      output_bytes=_formula_output(resolved, spec))
+        return dataclasses.replace(found, notes=[f"trace failed ({exc}); formula used instead", *found.notes])
 
 
 def _formula_loop(training_loop: str, accumulate: int, set_to_none: bool) -> str:
@@ -582,11 +580,13 @@ def _formula(resolved: ResolvedModel | ModelDescription, spec: TrainingSpec, tra
     return formula_breakdown(resolved, spec, training_loop=training_loop, parallel=parallel)
 
 
-def _formula_output(model: ResolvedModel | ModelDescription, spec: TrainingSpec) -> int:
-    """What the model's output holds, by the formula."""
+def _by_formula(model: ResolvedModel | ModelDescription, spec: TrainingSpec, training_loop: str,
+                parallel: Parallelism) -> _Found:
+    """What the formula finds: its breakdown and notes, and what the model's output holds."""
     from memguard.estimation.formula.phases import output_bytes
 
-    return output_bytes(model, spec)
+    breakdown, notes = _formula(model, spec, training_loop, parallel)
+    return _Found(Method.FORMULA, breakdown, notes, output_bytes=output_bytes(model, spec))
 
 
 def _plan_inputs(resolved: ResolvedModel, spec: TrainingSpec, example_input: Any,
