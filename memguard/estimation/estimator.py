@@ -442,7 +442,8 @@ class _Found:
     stand_ins: dict[str, str] = dataclasses.field(default_factory=dict)
     band: dict[str, int] = dataclasses.field(default_factory=dict)
     output_bytes: int = 0
-    """What the model's output holds (:func:`memguard.estimation.formula.activations.output_bytes`)."""
+    """What the model's output holds (:func:`memguard.estimation.formula.phases.output_bytes`, or the
+    trace's :attr:`~memguard.estimation.trace.TraceResult.output_bytes`)."""
 
 
 def _by_method(method: Method, resolved: ResolvedModel, spec: TrainingSpec, parallel: Parallelism,
@@ -572,20 +573,13 @@ def _element_bytes(spec: TrainingSpec) -> int:
     return spec.precision.param_bytes  # every precision keeps floating-point parameters
 
 
-def _formula(resolved: ResolvedModel | ModelDescription, spec: TrainingSpec, training_loop: str,
-             parallel: Parallelism) -> tuple[dict[Category, int], list[str]]:
-    """The formula's breakdown, each moment of the step weighted per device as the trace weights it."""
-    from memguard.estimation.formula import formula_breakdown
-
-    return formula_breakdown(resolved, spec, training_loop=training_loop, parallel=parallel)
-
-
 def _by_formula(model: ResolvedModel | ModelDescription, spec: TrainingSpec, training_loop: str,
                 parallel: Parallelism) -> _Found:
-    """What the formula finds: its breakdown and notes, and what the model's output holds."""
-    from memguard.estimation.formula.phases import output_bytes
+    """What the formula finds: its breakdown, each moment of the step weighted per device as the trace
+    weights it, its notes, and what the model's output holds."""
+    from memguard.estimation.formula.phases import formula_breakdown, output_bytes
 
-    breakdown, notes = _formula(model, spec, training_loop, parallel)
+    breakdown, notes = formula_breakdown(model, spec, training_loop=training_loop, parallel=parallel)
     return _Found(Method.FORMULA, breakdown, notes, output_bytes=output_bytes(model, spec))
 
 
