@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -165,6 +166,7 @@ def analysed(step: RecordedStep, weight: Callable[[Category, Phase], float] | No
     """The peak of a recorded step, its breakdown, the allocator's slack and the band
     (:func:`trace_breakdown`'s second half)."""
     cuda = step.device == "cuda"
+    weight = None if weight is None else functools.cache(weight)  # a few (category, phase) pairs, read per record
     report = analyse(step.records, step.marks, step.kinds, weight, extras)
     slack = allocator_slack(step.records, step.kinds, weight) if cuda else 0
     band = step.workspaces.band(report.timeline) if cuda and step.workspaces is not None else {}
