@@ -33,7 +33,7 @@ from memguard.estimation.inputs import (
 )
 from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing, load_model, preset_key
 from memguard.estimation.overhead import device_overhead
-from memguard.estimation.parallel import Parallelism, Strategy
+from memguard.estimation.parallel import Parallelism, Strategy, Units
 from memguard.estimation.quantization_kinds import Quantization
 from memguard.estimation.result import Category, MemoryEstimate, Method, PeakTensors
 from memguard.estimation.spec import TrainingSpec, resolve_precision
@@ -200,7 +200,7 @@ def estimate(
     spec, master_weights = _deepspeed_precision(step.spec, parallel)
     described = _described(model, step, method, example_input, loss_fn, step_fn)
     if described is not None:
-        return _estimate_described(described, step, spec, parallel)
+        return _estimate_described(described, step, spec, parallel, master_weights=master_weights)
     resolved, quant, lora_rank, quant_notes = _resolved_model(model, step)
     spec, make_inputs = _plan_inputs(resolved, spec, example_input, whole=step_fn is not None)
     if spec.gradient_checkpointing is None:
@@ -233,14 +233,14 @@ def _estimate_of(found: _Found, model: ResolvedModel | ModelDescription, step: S
 def _described(model: Any, step: Step, method: str, example_input: Any, loss_fn: Any,
                step_fn: Any) -> ModelDescription | None:
     """The shipped description of a preset that the formula estimates as memguard builds it (no LoRA,
-    no quantization, no example, loss or step of the user's, one device), else ``None``: that model
+    no quantization, no example, loss or step of the user's; on any strategy), else ``None``: that model
     is built (:func:`_resolved_model`). The description is the meta model's, read once and pinned by the
     tests (:mod:`memguard.estimation.description`), so the answer is the same without torch."""
     if method != Method.FORMULA or not isinstance(model, str):
         return None
     if example_input is not None or loss_fn is not None or step_fn is not None:
         return None
-    if step.lora_rank is not None or step.quant is not None or step.layout.strategy is not Strategy.SINGLE:
+    if step.lora_rank is not None or step.quant is not None:
         return None
     key = preset_key(model)
     return preset_description(key) if key is not None else None
@@ -259,7 +259,7 @@ def runs_without_torch(model: Any, **kwargs: Any) -> bool:
 
 
 def _estimate_described(desc: ModelDescription, step: Step, spec: TrainingSpec,
-                        parallel: Parallelism) -> MemoryEstimate:
+                        parallel: Parallelism, *, master_weights: bool = False) -> MemoryEstimate:
     """:func:`estimate` by the formula from a preset's description, as from its module: the same settling of the
     inputs (:func:`_settled`), the same formula, the same device costs."""
     spec = _settled(spec, desc.task, desc.config, desc.config, desc.name, desc.class_name)
@@ -267,7 +267,7 @@ def _estimate_described(desc: ModelDescription, step: Step, spec: TrainingSpec,
         spec = spec.replace(gradient_checkpointing=desc.checkpointing)
     loop = _formula_loop(step.training_loop, step.accumulate_grad_batches, step.set_to_none)
     found = _by_formula(desc, spec, loop, parallel)
-    return _estimate_of(found, desc, step, spec, parallel, method=Method.FORMULA.value)
+    return _estimate_of(found, desc, step, spec, parallel, method=Method.FORMULA.value, master_weights=master_weights)
 
 
 def _step_of(step: Step | None, knobs: dict[str, Any]) -> Step:
@@ -318,7 +318,6 @@ def _per_device(found: _Found, resolved: ResolvedModel | ModelDescription, spec:
     breakdown, notes = dict(found.breakdown), [*found.notes, *_paged_notes(resolved, spec)]
     host = 0
     if found.method is not Method.SEED and parallel.strategy is not Strategy.SINGLE:
-        assert isinstance(resolved, ResolvedModel)  # a description is estimated on one device only (_described)
         breakdown, host, more = _distribute(breakdown, parallel, resolved, spec, master_weights=master_weights)
         notes.extend(more)
     peak = sum(v for k, v in breakdown.items() if k != Category.OVERHEAD)
@@ -514,7 +513,7 @@ def _formula_loop(training_loop: str, accumulate: int, set_to_none: bool) -> str
     return "lightning" if accumulate > 1 or not set_to_none else training_loop
 
 
-def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel,
+def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel | ModelDescription,
                 spec: TrainingSpec, *, master_weights: bool = False,
                 ) -> tuple[dict[Category, int], int, list[str]]:
     """Add the strategy's buffers to a per-device breakdown, and DeepSpeed's master weights.
@@ -525,26 +524,30 @@ def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved:
     With ``master_weights`` (DeepSpeed's mixed precision, see :func:`_deepspeed_precision`) the
     optimizer state is DeepSpeed's: an fp32 master copy of each trainable parameter plus the
     optimizer's state over it, in fp32, sharded as optimizer state.
-    """
-    from memguard.estimation.formula import optimizer_state_bytes
 
-    module = resolved.module
+    What it reads of the model (its parameters' elements, the trainable ones', the optimizer state by
+    :func:`~memguard.estimation.formula.model_state.model_state`, the one source of the state's size,
+    and FSDP's units) comes from its inventory, so a preset's description serves as its module does.
+    """
+    from memguard.estimation.formula.model_state import model_state
+
+    inv = _inventory_of(resolved)
     element = _element_bytes(spec)
-    trainable_numel = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    trainable_numel = sum(n for n, g in zip(inv.numel, inv.grad, strict=True) if g)
     trainable = trainable_numel * element
-    states, _ = optimizer_state_bytes(module, spec)  # the one source of the state's size
+    states = model_state(inv, spec).optimizer_state
     notes = []
     if master_weights:
-        fp32_states, _ = optimizer_state_bytes(module, spec.replace(precision=resolve_precision("32-true")))
+        fp32_states = model_state(inv, spec.replace(precision=resolve_precision("32-true"))).optimizer_state
         states = fp32_states + 4 * trainable_numel
         breakdown[Category.OPTIMIZER_STATE] = int(states * parallel.factors()[Category.OPTIMIZER_STATE])
         notes.append(f"{parallel.strategy} with mixed precision: the module in {spec.precision.param_dtype}, its "
                      "optimizer over fp32 master weights (DeepSpeed's fp16/bf16 modes; 2 + 2 + 12 bytes per "
                      "parameter for Adam, ZeRO paper)")
-    full = {Category.PARAMETERS: sum(p.numel() for p in module.parameters()) * element,
-            Category.OPTIMIZER_STATE: states}
+    full = {Category.PARAMETERS: sum(inv.numel) * element, Category.OPTIMIZER_STATE: states}
     if not parallel.fully_sharded:  # both methods added those phase by phase
-        for cat, extra in parallel.extras(module, bytes_per_element=element, trainable_bytes=trainable).items():
+        units = Units.of_inventory(inv) if isinstance(resolved, ModelDescription) else resolved.module
+        for cat, extra in parallel.extras(units, bytes_per_element=element, trainable_bytes=trainable).items():
             breakdown[cat] = breakdown.get(cat, 0) + extra
     if parallel.sharded:
         notes.append(f"{parallel.strategy} over {parallel.shard_size} ranks: model state per device as in ZeRO "

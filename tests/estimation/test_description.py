@@ -112,14 +112,61 @@ def test_a_bad_argument_is_refused_with_the_module_paths_words(name: str, kwargs
         {"method": "trace"},
         {"method": "formula", "lora_rank": 8},
         {"method": "formula", "quantization": "nf4"},
-        {"method": "formula", "strategy": "ddp", "world_size": 2},
-        {"method": "formula", "strategy": "fsdp", "world_size": 2},
         {"method": "formula", "loss_fn": lambda out, batch: out.loss},
         {"method": "formula", "optimizer": "lion"},  # refused by the estimate itself
     ],
 )
 def test_only_a_plain_formula_estimate_of_a_preset_reads_the_description(kwargs: dict) -> None:
     assert not runs_without_torch("gpt2", seq_len=64, **kwargs)
+
+
+# decoder-only (learned positions, Conv1D; rotary MHA; rotary GQA), encoder, encoder-decoder (FSDP wraps its decoder)
+SHARDED_PRESETS = ["gpt2", "llama-2-7b", "mistral-7b", "bert-base-uncased", "t5-small"]
+
+LAYOUTS = [
+    {"strategy": "ddp", "world_size": 2},
+    {"strategy": "ddp", "world_size": 1},
+    {"strategy": "fsdp", "world_size": 2},
+    {"strategy": "fsdp", "world_size": 8, "offload_optimizer": True},
+    {"strategy": "fsdp", "world_size": 4, "offload_optimizer": True, "offload_params": True},
+    {"strategy": "fsdp_shard_grad_op", "world_size": 4},
+    {"strategy": "fsdp_hybrid", "world_size": 16, "offload_optimizer": True},
+    {"strategy": "deepspeed_stage_1", "world_size": 2},
+    {"strategy": "deepspeed_stage_2", "world_size": 1},
+    {"strategy": "deepspeed_stage_2", "world_size": 4, "offload_optimizer": True},
+    {"strategy": "deepspeed_stage_3", "world_size": 3},
+    {"strategy": "deepspeed_stage_3", "world_size": 8, "offload_optimizer": True, "offload_params": True},
+]
+
+SHARDED_STEPS = [
+    {"precision": "bf16-mixed"},
+    {"precision": "32-true", "gradient_checkpointing": True, "accumulate_grad_batches": 2},
+    {"precision": "bf16-true", "optimizer": "adamw-8bit"},
+    {"precision": "16-mixed", "optimizer": "adafactor", "gradient_checkpointing": True, "device": "cpu"},
+    {"precision": "bf16-mixed", "optimizer": "sgd", "accumulate_grad_batches": 2, "training_loop": "lightning"},
+]
+
+
+@pytest.mark.parametrize("name", SHARDED_PRESETS)
+def test_a_sharded_strategy_on_a_preset_is_the_same_from_its_description_and_from_its_module(name: str) -> None:
+    """Every strategy, offload and world size (DeepSpeed's master weights under mixed precision, FSDP's
+    gathered units, the buckets, the host's share) from the description as from the module, byte for byte."""
+    for layout in LAYOUTS:
+        for kwargs in SHARDED_STEPS:
+            kwargs = {**kwargs, **layout, "batch_size": 2, "seq_len": 64, "method": "formula"}
+            assert runs_without_torch(name, **kwargs)
+            from_description = memguard.estimate(name, **kwargs)
+            assert from_description.to_dict() == memguard.estimate(_module(name), **kwargs).to_dict(), kwargs
+            assert from_description.inputs["strategy"] == layout["strategy"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5-small", "whisper-tiny", "vit-base"])
+def test_fsdp_units_from_the_inventory_are_the_modules(name: str) -> None:
+    from memguard.estimation.parallel import Units, units
+
+    module = _module(name).module
+    assert Units.of_inventory(preset_description(name).inventory) == units(module)
+    assert units(module).blocks in (4, 6, 12)
 
 
 def test_models_other_than_presets_are_built() -> None:
