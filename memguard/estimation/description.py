@@ -8,7 +8,9 @@ resolved model into one JSON-able object. Each preset's description is shipped b
 (``presets/described/NAME.json``, written by ``python -m memguard.estimation.description`` and
 checked against the meta model by the tests), so ``estimate(PRESET, method="formula")`` neither
 builds the model nor imports torch or transformers (:func:`preset_description`): the same formula,
-read from data.
+read from data. Where peft's default targets put LoRA adapters is recorded too (:class:`LoraSites`, read
+from peft on a copy of the module), so ``lora_rank=r`` derives the adapted model's description
+(:func:`with_lora`) instead of building it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from memguard.estimation.inputs import TaskKind
 if TYPE_CHECKING:
     from memguard.estimation.models import ResolvedModel
 
-__all__ = ["DESCRIPTION_DIR", "ModelDescription", "describe", "preset_description", "write_descriptions"]
+__all__ = ["DESCRIPTION_DIR", "LoraSites", "ModelDescription", "describe", "preset_description", "with_lora",
+           "write_descriptions"]
 
 DESCRIPTION_DIR = Path(__file__).parent / "presets" / "described"
 """Where the presets' descriptions are shipped, one ``NAME.json`` per preset."""
@@ -37,6 +40,26 @@ CONFIG_FIELDS = ("model_type", "max_position_embeddings", "n_positions", "num_me
                  "is_encoder_decoder")
 """The config fields the planning of a batch reads (:func:`memguard.estimation.inputs.max_positions`,
 ``audio_positions``, ``decoder_length``, ``check_batch``), as the transformers config class fills them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSites:
+    """Where :func:`memguard.estimation.models.add_lora` puts peft's adapters on a model, read from peft itself
+    (its default ``target_modules`` for the architecture), so :func:`with_lora` derives the adapted model's
+    description as data.
+
+    Attributes:
+        class_name: the class of peft's model (``PeftModel``: a ``LoraConfig`` without ``task_type``).
+        limit: the largest rank worth taking (:func:`~memguard.estimation.models.lora_rank_limit`).
+        targets: for each adapted layer, ``(index of its last parameter, in, out)``: its ``lora_A`` and
+            ``lora_B`` weights follow that parameter in ``module.parameters()`` (peft's ``LoraLayer``
+            registers ``base_layer`` before ``lora_A`` and ``lora_B``); ``in``/``out`` are the widths peft
+            reads (GPT-2's ``Conv1D`` transposed: ``fan_in_fan_out``).
+    """
+
+    class_name: str
+    limit: int | None
+    targets: tuple[tuple[int, int, int], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +75,7 @@ class ModelDescription:
         fields: the config's :data:`CONFIG_FIELDS` that are set.
         checkpointing: gradient checkpointing is on in the module (transformers'
             ``is_gradient_checkpointing``).
+        lora: where LoRA adapters go (:class:`LoraSites`), or ``None`` (the module is built for LoRA then).
     """
 
     name: str
@@ -61,6 +85,7 @@ class ModelDescription:
     inventory: Inventory
     fields: dict[str, Any]
     checkpointing: bool = False
+    lora: LoraSites | None = None
 
     @property
     def config(self) -> Any:
@@ -71,16 +96,20 @@ class ModelDescription:
         """JSON values; :meth:`from_dict` reads them back."""
         return {"name": self.name, "class_name": self.class_name, "task": str(self.task),
                 "arch": {**dataclasses.asdict(self.arch), "head": str(self.arch.head)},
-                "inventory": self.inventory.to_dict(), "fields": self.fields, "checkpointing": self.checkpointing}
+                "inventory": self.inventory.to_dict(), "fields": self.fields, "checkpointing": self.checkpointing,
+                "lora": None if self.lora is None else dataclasses.asdict(self.lora)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelDescription:
         arch = dict(data["arch"])
         if arch.get("moe") is not None:
             arch["moe"] = MoE(**arch["moe"])
+        lora = data.get("lora")
+        sites = None if lora is None else LoraSites(lora["class_name"], lora["limit"],
+                                                    tuple((int(i), int(a), int(b)) for i, a, b in lora["targets"]))
         return cls(name=data["name"], class_name=data["class_name"], task=TaskKind(data["task"]),
                    arch=Architecture(**arch), inventory=Inventory.from_dict(data["inventory"]),
-                   fields=dict(data["fields"]), checkpointing=bool(data["checkpointing"]))
+                   fields=dict(data["fields"]), checkpointing=bool(data["checkpointing"]), lora=sites)
 
 
 def describe(model: ResolvedModel) -> ModelDescription:
@@ -102,9 +131,89 @@ def describe(model: ResolvedModel) -> ModelDescription:
         value = getattr(config, name, None)
         if value is not None:
             fields[name] = list(value) if isinstance(value, tuple) else value
+    inv = dataclasses.replace(inventory(module, arch), generation=0)
     return ModelDescription(name=model.name, class_name=type(module).__name__, task=model_task(module), arch=arch,
-                            inventory=dataclasses.replace(inventory(module, arch), generation=0), fields=fields,
-                            checkpointing=is_checkpointing(module))
+                            inventory=inv, fields=fields, checkpointing=is_checkpointing(module),
+                            lora=None if inv.adapters else _lora_sites(model))
+
+
+def _lora_sites(model: ResolvedModel) -> LoraSites | None:
+    """Where :func:`~memguard.estimation.models.add_lora` puts adapters on ``model``, read from peft's own choice
+    on a copy of its module; ``None`` where it does not add any (a module of the user's, no peft, or no default
+    targets for the architecture: the module path says why)."""
+    import copy
+
+    from memguard.errors import MemguardError
+    from memguard.estimation.models import ResolvedModel, add_lora, lora_rank_limit
+
+    if not model.built_here:
+        return None
+    try:
+        lora = add_lora(ResolvedModel(copy.deepcopy(model.module), model.name, model.config, built_here=True), 1)
+    except MemguardError:
+        return None
+    index = {name: i for i, (name, _) in enumerate(model.module.named_parameters())}
+    targets = []
+    for name, m in lora.module.named_modules():
+        adapter = getattr(m, "lora_A", None)
+        if adapter is None or "default" not in adapter:
+            continue
+        layer = name.removeprefix("base_model.model.")
+        last = max(index[f"{layer}.{p}"] for p, _ in m.base_layer.named_parameters())
+        a, b = adapter["default"].weight, m.lora_B["default"].weight
+        targets.append((last, int(a.shape[1]), int(b.shape[0])))
+    return LoraSites(type(lora.module).__name__, lora_rank_limit(model), tuple(sorted(targets)))
+
+
+def with_lora(desc: ModelDescription, rank: int) -> ModelDescription:
+    """The description of ``desc``'s model with LoRA adapters of ``rank``, as
+    :func:`~memguard.estimation.models.add_lora` makes it (``NAME+loraR``): every base parameter frozen, each
+    adapted layer followed by its trainable ``lora_A`` (``rank x in``) and ``lora_B`` (``out x rank``) weights,
+    matmul weights without bias, which :func:`~memguard.estimation.formula.adapters.lora_weights` records as
+    adapters; the architecture, config fields and checkpointing are the base's (peft wraps the same module).
+
+    Raises:
+        ConfigError: for a rank above the model's hidden size (:func:`~memguard.estimation.models.check_lora_rank`).
+    """
+    from memguard.estimation.models import check_lora_rank
+
+    assert desc.lora is not None  # the caller checks: otherwise the module is built
+    check_lora_rank(rank, desc.name, desc.lora.limit)
+    return dataclasses.replace(desc, name=f"{desc.name}+lora{rank}", class_name=desc.lora.class_name,
+                               inventory=_adapted(desc.inventory, desc.lora.targets, rank), lora=None)
+
+
+def _adapted(inv: Inventory, targets: tuple[tuple[int, int, int], ...], rank: int) -> Inventory:
+    """``inv`` with the adapters of ``rank`` after each target's last parameter (see :func:`with_lora`);
+    ``torch.optim.Adafactor`` factors each adapter's ``r x in`` weight into ``r + in`` elements."""
+    after = {last: (fan_in, fan_out) for last, fan_in, fan_out in targets}
+    cols: dict[str, list[Any]] = {k: [] for k in ("grad", "numel", "factored", "matmul", "float_numel", "other_bytes")}
+    new_of: list[int] = []
+    added: dict[int, tuple[int, int]] = {}
+    adapters: dict[int, tuple[int, int]] = {}
+
+    def add(numel: int, factored: int, grad: bool, matmul: bool, floating: int, other: int) -> int:
+        for key, value in zip(cols, (grad, numel, factored, matmul, floating, other), strict=True):
+            cols[key].append(value)
+        return len(cols["numel"]) - 1
+
+    for i, n in enumerate(inv.numel):
+        new_of.append(add(n, inv.factored[i], False, inv.matmul[i], inv.float_numel[i], inv.other_bytes[i]))
+        if i in after:
+            fan_in, fan_out = after[i]
+            a = add(rank * fan_in, rank + fan_in, True, True, rank * fan_in, 0)
+            b = add(fan_out * rank, fan_out + rank, True, True, fan_out * rank, 0)
+            added[i], adapters[a], adapters[b] = (a, b), (fan_in, rank), (0, 0)
+
+    def remap(indices: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(j for i in indices for j in (new_of[i], *added.get(i, ())))
+
+    lora_numel = sum(cols["numel"][j] for j in adapters)
+    return dataclasses.replace(
+        inv, **{k: tuple(v) for k, v in cols.items()}, pre=remap(inv.pre),
+        enc_blocks=tuple(remap(blk) for blk in inv.enc_blocks), dec_blocks=tuple(remap(blk) for blk in inv.dec_blocks),
+        head=None if inv.head is None else new_of[inv.head], matmul_numel=inv.matmul_numel + lora_numel,
+        adapters=adapters)
 
 
 @functools.cache

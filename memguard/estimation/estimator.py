@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from memguard.errors import ConfigError, MemguardError
 from memguard.estimation import sandbox
-from memguard.estimation.description import ModelDescription, preset_description
+from memguard.estimation.description import ModelDescription, preset_description, with_lora
 from memguard.estimation.formula.inventory import Inventory
 from memguard.estimation.inputs import (
     TaskKind,
@@ -232,18 +232,20 @@ def _estimate_of(found: _Found, model: ResolvedModel | ModelDescription, step: S
 
 def _described(model: Any, step: Step, method: str, example_input: Any, loss_fn: Any,
                step_fn: Any) -> ModelDescription | None:
-    """The shipped description of a preset that the formula estimates as memguard builds it (no LoRA,
-    no quantization, no example, loss or step of the user's; on any strategy), else ``None``: that model
+    """The shipped description of a preset that the formula estimates as memguard builds it (no quantization,
+    no example, loss or step of the user's; on any strategy, with LoRA where the description says where its
+    adapters go: :func:`_estimate_described` adds them), else ``None``: that model
     is built (:func:`_resolved_model`). The description is the meta model's, read once and pinned by the
     tests (:mod:`memguard.estimation.description`), so the answer is the same without torch."""
     if method != Method.FORMULA or not isinstance(model, str):
         return None
     if example_input is not None or loss_fn is not None or step_fn is not None:
         return None
-    if step.lora_rank is not None or step.quant is not None:
+    if step.quant is not None:
         return None
     key = preset_key(model)
-    return preset_description(key) if key is not None else None
+    desc = preset_description(key) if key is not None else None
+    return None if desc is None or (step.lora_rank is not None and desc.lora is None) else desc
 
 
 def runs_without_torch(model: Any, **kwargs: Any) -> bool:
@@ -260,14 +262,18 @@ def runs_without_torch(model: Any, **kwargs: Any) -> bool:
 
 def _estimate_described(desc: ModelDescription, step: Step, spec: TrainingSpec,
                         parallel: Parallelism, *, master_weights: bool = False) -> MemoryEstimate:
-    """:func:`estimate` by the formula from a preset's description, as from its module: the same settling of the
-    inputs (:func:`_settled`), the same formula, the same device costs."""
+    """:func:`estimate` by the formula from a preset's description, as from its module: the same adapters
+    (:func:`~memguard.estimation.description.with_lora`), the same settling of the inputs (:func:`_settled`),
+    the same formula, the same device costs."""
+    if step.lora_rank is not None:
+        desc = with_lora(desc, step.lora_rank)
     spec = _settled(spec, desc.task, desc.config, desc.config, desc.name, desc.class_name)
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=desc.checkpointing)
     loop = _formula_loop(step.training_loop, step.accumulate_grad_batches, step.set_to_none)
     found = _by_formula(desc, spec, loop, parallel)
-    return _estimate_of(found, desc, step, spec, parallel, method=Method.FORMULA.value, master_weights=master_weights)
+    return _estimate_of(found, desc, step, spec, parallel, method=Method.FORMULA.value, master_weights=master_weights,
+                        lora_rank=step.lora_rank)
 
 
 def _step_of(step: Step | None, knobs: dict[str, Any]) -> Step:
