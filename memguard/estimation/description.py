@@ -25,12 +25,21 @@ from typing import TYPE_CHECKING, Any
 from memguard.estimation.arch import Architecture, MoE
 from memguard.estimation.formula.inventory import Inventory
 from memguard.estimation.inputs import TaskKind
+from memguard.estimation.quantization_kinds import (
+    CODE_DYNAMIC,
+    F32,
+    Quantization,
+    QuantizedShape,
+    linear_storage,
+    matches_module,
+    quantized_note,
+)
 
 if TYPE_CHECKING:
     from memguard.estimation.models import ResolvedModel
 
-__all__ = ["DESCRIPTION_DIR", "LoraSites", "ModelDescription", "describe", "preset_description", "with_lora",
-           "write_descriptions"]
+__all__ = ["DESCRIPTION_DIR", "LoraSites", "ModelDescription", "describe", "preset_description", "quantizable",
+           "with_lora", "with_quantized_base", "write_descriptions"]
 
 DESCRIPTION_DIR = Path(__file__).parent / "presets" / "described"
 """Where the presets' descriptions are shipped, one ``NAME.json`` per preset."""
@@ -55,11 +64,16 @@ class LoraSites:
             ``lora_B`` weights follow that parameter in ``module.parameters()`` (peft's ``LoraLayer``
             registers ``base_layer`` before ``lora_A`` and ``lora_B``); ``in``/``out`` are the widths peft
             reads (GPT-2's ``Conv1D`` transposed: ``fan_in_fan_out``).
+        linears: the layers :func:`~memguard.estimation.quantization.quantize_model` may quantize in the
+            adapted model (``nn.Linear`` and GPT-2's ``Conv1D``, peft's adapters left out), each
+            ``(name in the adapted model, index of its weight or -1 where the weight is tied to another
+            parameter, in, out, whether transformers' default skips it)``.
     """
 
     class_name: str
     limit: int | None
     targets: tuple[tuple[int, int, int], ...]
+    linears: tuple[tuple[str, int, int, int, bool], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +90,8 @@ class ModelDescription:
         checkpointing: gradient checkpointing is on in the module (transformers'
             ``is_gradient_checkpointing``).
         lora: where LoRA adapters go (:class:`LoraSites`), or ``None`` (the module is built for LoRA then).
+        quantized: the quantized linear layers of a base :func:`with_quantized_base` derived (``()`` for a
+            preset's own description; not written by :meth:`to_dict`: a derived description is not shipped).
     """
 
     name: str
@@ -86,6 +102,7 @@ class ModelDescription:
     fields: dict[str, Any]
     checkpointing: bool = False
     lora: LoraSites | None = None
+    quantized: tuple[QuantizedShape, ...] = ()
 
     @property
     def config(self) -> Any:
@@ -105,8 +122,9 @@ class ModelDescription:
         if arch.get("moe") is not None:
             arch["moe"] = MoE(**arch["moe"])
         lora = data.get("lora")
-        sites = None if lora is None else LoraSites(lora["class_name"], lora["limit"],
-                                                    tuple((int(i), int(a), int(b)) for i, a, b in lora["targets"]))
+        sites = None if lora is None else LoraSites(
+            lora["class_name"], lora["limit"], tuple((int(i), int(a), int(b)) for i, a, b in lora["targets"]),
+            tuple((str(n), int(w), int(a), int(b), bool(skip)) for n, w, a, b, skip in lora["linears"]))
         return cls(name=data["name"], class_name=data["class_name"], task=TaskKind(data["task"]),
                    arch=Architecture(**arch), inventory=Inventory.from_dict(data["inventory"]),
                    fields=dict(data["fields"]), checkpointing=bool(data["checkpointing"]), lora=sites)
@@ -162,7 +180,30 @@ def _lora_sites(model: ResolvedModel) -> LoraSites | None:
         last = max(index[f"{layer}.{p}"] for p, _ in m.base_layer.named_parameters())
         a, b = adapter["default"].weight, m.lora_B["default"].weight
         targets.append((last, int(a.shape[1]), int(b.shape[0])))
-    return LoraSites(type(lora.module).__name__, lora_rank_limit(model), tuple(sorted(targets)))
+    return LoraSites(type(lora.module).__name__, lora_rank_limit(model), tuple(sorted(targets)),
+                     _linears(lora.module, index))
+
+
+def _linears(module: Any, index: dict[str, int]) -> tuple[tuple[str, int, int, int, bool], ...]:
+    """The layers of peft's ``module`` that :func:`~memguard.estimation.quantization.quantize_model` may
+    replace, as it walks them (see :attr:`LoraSites.linears`); ``index``: the base model's parameter indices
+    by name (a weight tied to another parameter has none there: -1)."""
+    from torch import nn
+
+    from memguard.estimation.quantization import _default_skips, _is_adapter
+
+    skips = _default_skips(module)
+    found = []
+    for name, parent in module.named_modules():
+        for child_name, child in parent._modules.items():
+            full = f"{name}.{child_name}" if name else child_name
+            conv1d = type(child).__name__ == "Conv1D"
+            if child is None or not (isinstance(child, nn.Linear) or conv1d) or _is_adapter(full):
+                continue
+            in_f, out_f = child.weight.shape if conv1d else (child.in_features, child.out_features)
+            base = full.removeprefix("base_model.model.").replace(".base_layer", "")
+            found.append((full, index.get(f"{base}.weight", -1), int(in_f), int(out_f), id(child) in skips))
+    return tuple(found)
 
 
 def with_lora(desc: ModelDescription, rank: int) -> ModelDescription:
@@ -181,6 +222,67 @@ def with_lora(desc: ModelDescription, rank: int) -> ModelDescription:
     check_lora_rank(rank, desc.name, desc.lora.limit)
     return dataclasses.replace(desc, name=f"{desc.name}+lora{rank}", class_name=desc.lora.class_name,
                                inventory=_adapted(desc.inventory, desc.lora.targets, rank), lora=None)
+
+
+def _chosen(sites: LoraSites, quant: Quantization) -> list[tuple[str, int, int, int, bool]]:
+    """The layers of :attr:`LoraSites.linears` that ``quant`` quantizes: all but transformers' default skips
+    (``skip_modules=None``) or those its ``skip_modules`` name (transformers' matching)."""
+    patterns = quant.skip_modules or ()
+    return [layer for layer in sites.linears
+            if not ((quant.skip_modules is None and layer[4]) or matches_module(layer[0], patterns))]
+
+
+def quantizable(desc: ModelDescription, quant: Quantization) -> bool:
+    """Whether :func:`with_quantized_base` derives ``desc``'s model over a base quantized as ``quant``: it says
+    where adapters go, and no weight ``quant`` quantizes is tied to another (a quantized copy would untie it)."""
+    return desc.lora is not None and all(layer[1] >= 0 for layer in _chosen(desc.lora, quant))
+
+
+def with_quantized_base(desc: ModelDescription, rank: int, quant: Quantization) -> tuple[ModelDescription, list[str]]:
+    """The description of ``desc``'s model with LoRA adapters of ``rank`` (:func:`with_lora`) over a base whose
+    linear layers are quantized as ``quant``, as the estimator builds it (``add_lora``, then
+    :func:`~memguard.estimation.quantization.quantize_model`: ``NAME+loraR+nf4-dq``), and its note.
+
+    Each quantized layer's weight becomes its packed storage (a flat ``uint8``/``int8`` parameter of
+    :func:`~memguard.estimation.quantization_kinds.linear_storage`'s ``weight`` bytes, no longer a matmul weight),
+    its constants non-floating buffers (fp32 ones held as ``int32``), and double quantization's dynamic code is
+    one buffer shared by all (:class:`~memguard.estimation.quantization.QuantizedLinear`).
+
+    Raises:
+        ConfigError: for a rank above the hidden size, or when ``quant`` leaves no layer to quantize.
+    """
+    from memguard.errors import ConfigError
+
+    assert desc.lora is not None and quantizable(desc, quant)  # the caller checks
+    chosen = _chosen(desc.lora, quant)
+    lora = with_lora(dataclasses.replace(desc, inventory=_quantized(desc.inventory, chosen, quant)), rank)
+    if not chosen:
+        raise ConfigError(f"quantization={quant.kind.value!r}, but {lora.name} has no nn.Linear layer to quantize "
+                          "(skip_modules may name them all)")
+    storage = [linear_storage(out_f, in_f, quant) for _, _, in_f, out_f, _ in chosen]
+    note = quantized_note(quant, len(chosen), sum(in_f * out_f for _, _, in_f, out_f, _ in chosen),
+                          sum(sum(parts.values()) for parts in storage))
+    return dataclasses.replace(lora, name=f"{lora.name}+{quant.kind}{'-dq' * quant.double_quant}",
+                               quantized=tuple(QuantizedShape(in_f, out_f, quant) for _, _, in_f, out_f, _ in chosen)
+                               ), [note]
+
+
+def _quantized(inv: Inventory, chosen: list[tuple[str, int, int, int, bool]], quant: Quantization) -> Inventory:
+    """``inv`` with the ``chosen`` layers' weights stored as ``quant`` stores them (see :func:`with_quantized_base`)."""
+    numel, factored, matmul = list(inv.numel), list(inv.factored), list(inv.matmul)
+    float_numel, other = list(inv.float_numel), list(inv.other_bytes)
+    matmul_numel, buffers = inv.matmul_numel, inv.buffer_other
+    for _, w, in_f, out_f, _ in chosen:
+        parts = linear_storage(out_f, in_f, quant)
+        matmul_numel -= numel[w] if matmul[w] else 0
+        numel[w] = factored[w] = other[w] = parts["weight"]  # one byte an element, a vector
+        matmul[w], float_numel[w] = False, 0
+        buffers += sum(v for k, v in parts.items() if k != "weight")
+    if quant.double_quant and chosen:
+        buffers += F32 * CODE_DYNAMIC
+    return dataclasses.replace(inv, numel=tuple(numel), factored=tuple(factored), matmul=tuple(matmul),
+                               float_numel=tuple(float_numel), other_bytes=tuple(other), matmul_numel=matmul_numel,
+                               buffer_other=buffers)
 
 
 def _adapted(inv: Inventory, targets: tuple[tuple[int, int, int], ...], rank: int) -> Inventory:

@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from memguard.errors import ConfigError, MemguardError
 from memguard.estimation import sandbox
-from memguard.estimation.description import ModelDescription, preset_description, with_lora
+from memguard.estimation.description import (
+    ModelDescription,
+    preset_description,
+    quantizable,
+    with_lora,
+    with_quantized_base,
+)
 from memguard.estimation.formula.inventory import Inventory
 from memguard.estimation.inputs import (
     TaskKind,
@@ -34,7 +40,7 @@ from memguard.estimation.inputs import (
 from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing, load_model, preset_key
 from memguard.estimation.overhead import device_overhead
 from memguard.estimation.parallel import Parallelism, Strategy, Units
-from memguard.estimation.quantization_kinds import Quantization
+from memguard.estimation.quantization_kinds import Quantization, quantized_note
 from memguard.estimation.result import Category, MemoryEstimate, Method, PeakTensors
 from memguard.estimation.spec import TrainingSpec, resolve_precision
 from memguard.estimation.step import DEFAULTS, KNOBS, METHODS, Step
@@ -232,20 +238,20 @@ def _estimate_of(found: _Found, model: ResolvedModel | ModelDescription, step: S
 
 def _described(model: Any, step: Step, method: str, example_input: Any, loss_fn: Any,
                step_fn: Any) -> ModelDescription | None:
-    """The shipped description of a preset that the formula estimates as memguard builds it (no quantization,
-    no example, loss or step of the user's; on any strategy, with LoRA where the description says where its
-    adapters go: :func:`_estimate_described` adds them), else ``None``: that model
+    """The shipped description of a preset that the formula estimates as memguard builds it (no example, loss or
+    step of the user's; on any strategy; with LoRA, over a quantized base too, where the description says where
+    adapters go and what is quantized: :func:`_estimate_described` derives them), else ``None``: that model
     is built (:func:`_resolved_model`). The description is the meta model's, read once and pinned by the
     tests (:mod:`memguard.estimation.description`), so the answer is the same without torch."""
     if method != Method.FORMULA or not isinstance(model, str):
         return None
     if example_input is not None or loss_fn is not None or step_fn is not None:
         return None
-    if step.quant is not None:
-        return None
     key = preset_key(model)
     desc = preset_description(key) if key is not None else None
-    return None if desc is None or (step.lora_rank is not None and desc.lora is None) else desc
+    if desc is None or (step.lora_rank is not None and desc.lora is None):
+        return None
+    return None if step.quant is not None and not quantizable(desc, step.quant) else desc
 
 
 def runs_without_torch(model: Any, **kwargs: Any) -> bool:
@@ -265,15 +271,19 @@ def _estimate_described(desc: ModelDescription, step: Step, spec: TrainingSpec,
     """:func:`estimate` by the formula from a preset's description, as from its module: the same adapters
     (:func:`~memguard.estimation.description.with_lora`), the same settling of the inputs (:func:`_settled`),
     the same formula, the same device costs."""
-    if step.lora_rank is not None:
-        desc = with_lora(desc, step.lora_rank)
+    rank, notes = step.lora_rank, []
+    if step.quant is not None:  # QLoRA: adapters of peft's default rank over a quantized base (_resolved_model)
+        rank = DEFAULT_QLORA_RANK if rank is None else rank
+        desc, notes = with_quantized_base(desc, rank, step.quant)
+    elif rank is not None:
+        desc = with_lora(desc, rank)
     spec = _settled(spec, desc.task, desc.config, desc.config, desc.name, desc.class_name)
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=desc.checkpointing)
     loop = _formula_loop(step.training_loop, step.accumulate_grad_batches, step.set_to_none)
     found = _by_formula(desc, spec, loop, parallel)
     return _estimate_of(found, desc, step, spec, parallel, method=Method.FORMULA.value, master_weights=master_weights,
-                        lora_rank=step.lora_rank)
+                        lora_rank=rank, quant=step.quant, quant_notes=notes)
 
 
 def _step_of(step: Step | None, knobs: dict[str, Any]) -> Step:
@@ -395,9 +405,7 @@ def _quantize(resolved: ResolvedModel, quant: Quantization) -> tuple[ResolvedMod
     stored = sum(p.numel() * p.element_size() for m in layers for p in (*m.parameters(), *m.buffers())
                  if p.dtype in (torch.uint8, torch.int8, torch.int32) and p is not getattr(m, "dynamic_code", None))
     weights = sum(m.in_features * m.out_features for m in layers)
-    note = (f"{quant.label} base: {len(layers)} linear layers, {weights:,} weights in {stored:,} bytes with their "
-            f"quantization constants ({8 * stored / max(weights, 1):.3f} bits each; bitsandbytes, QLoRA paper "
-            "section 3), frozen; each matmul dequantizes its weight into a temporary")
+    note = quantized_note(quant, len(layers), weights, stored)
     name = f"{resolved.name}+{quant.kind}{'-dq' * quant.double_quant}"
     depth = resolved.depth
     if depth is not None:  # the few blocks traced are quantized as the whole model is, here

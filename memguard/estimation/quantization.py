@@ -59,8 +59,7 @@ Known limitations:
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -77,7 +76,9 @@ from memguard.estimation.quantization_kinds import (  # torch-free: the argument
     QUANTIZATIONS,
     Quantization,
     QuantizationKind,
+    dequantize_temporary,
     linear_storage,
+    matches_module,
     resolve_quantization,
 )
 
@@ -225,21 +226,6 @@ class _MatMul8bitLt(torch.autograd.Function):
         return grad_x, None, grad_bias, None
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    """transformers' ``should_convert_module``: a pattern matches from the start up to a module
-    boundary, as a regex with that boundary, or as a suffix."""
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    for key in patterns:
-        if name.endswith(key):
-            return True
-        try:
-            if re.match(rf"(?:{key}){boundary}", name):
-                return True
-        except re.error:
-            continue
-    return False
-
-
 def _default_skips(module: nn.Module) -> set[int]:
     """transformers' ``get_keys_to_not_convert``: the output embeddings and the module of the last
     parameter (the LM head), left in 16 bits. peft's wrappers are looked through."""
@@ -359,7 +345,7 @@ def quantize_model(module: nn.Module, q: Quantization, *, in_place: bool = False
             conv1d = type(child).__name__ == "Conv1D"
             if own is None and not (isinstance(child, nn.Linear) or conv1d):
                 continue
-            if own is None and (id(child) in skip_ids or _matches(full, patterns) or _is_adapter(full)):
+            if own is None and (id(child) in skip_ids or matches_module(full, patterns) or _is_adapter(full)):
                 continue
             if conv1d:
                 in_f, out_f = child.weight.shape
@@ -381,16 +367,3 @@ def quantized_layers(module: nn.Module) -> list[QuantizedLinear]:
     """The :class:`QuantizedLinear` stand-ins in ``module``."""
     return [m for m in module.modules() if isinstance(m, QuantizedLinear)]
 
-
-def dequantize_temporary(layers: Iterable[QuantizedLinear], elem: int) -> int:
-    """The largest temporary a quantized layer's matmul makes: its weight dequantized into
-    ``elem``-byte elements (plus fp32 absmax under double quantization), or int8's scaled copy."""
-    most = 0
-    for m in layers:
-        n = m.in_features * m.out_features
-        if m.quantization.kind is QuantizationKind.INT8:
-            extra = F32 * m.out_features
-        else:
-            extra = F32 * m.absmax.numel() * m.quantization.double_quant
-        most = max(most, n * elem + extra)
-    return most

@@ -114,7 +114,7 @@ def test_a_bad_argument_is_refused_with_the_module_paths_words(name: str, kwargs
     [
         {"method": "auto"},
         {"method": "trace"},
-        {"method": "formula", "quantization": "nf4"},
+        {"method": "formula", "quantization": "nf4", "skip_modules": []},  # GPT-2's tied head quantized: built
         {"method": "formula", "loss_fn": lambda out, batch: out.loss},
         {"method": "formula", "optimizer": "lion"},  # refused by the estimate itself
     ],
@@ -237,6 +237,49 @@ def test_lora_where_peft_has_no_default_targets_builds_the_module() -> None:
     assert not runs_without_torch("vit-base", method="formula", lora_rank=8)
     with pytest.raises(ConfigError, match="cannot add LoRA adapters to vit-base"):
         memguard.estimate("vit-base", method="formula", lora_rank=8)
+
+
+QLORA_STEPS = [
+    {"quantization": "nf4", "double_quant": True, "precision": "bf16-true"},
+    {"quantization": "nf4", "precision": "bf16-mixed", "gradient_checkpointing": True, "lora_rank": 64},
+    {"quantization": "fp4", "precision": "32-true", "accumulate_grad_batches": 2},
+    {"quantization": "int8", "precision": "bf16-mixed", "lora_rank": 64},
+    {"quantization": "int8", "precision": "16-true", "gradient_checkpointing": True, "accumulate_grad_batches": 2},
+    {"quantization": "nf4", "double_quant": True, "precision": "bf16-true", "batch_size": 4, "seq_len": 512},  # past the fused rows
+    {"quantization": "nf4", "double_quant": True, "precision": "bf16-true", "strategy": "ddp", "world_size": 2},
+    {"quantization": "nf4", "double_quant": True, "precision": "bf16-mixed",
+     "skip_modules": ["q_proj", "query", "q", "lm_head", "decoder"]},  # the tied heads skipped too
+]
+
+
+@pytest.mark.parametrize("name", SHARDED_PRESETS)
+def test_qlora_on_a_preset_is_the_same_from_its_description_and_from_its_module(name: str) -> None:
+    """A quantized base (NF4, FP4, int8; double quantization; skip_modules; peft's default rank 8 or another)
+    derived from the description as :func:`quantize_model` stores it over ``add_lora``'s model: byte for byte,
+    the note on the stored bytes included."""
+    for kwargs in QLORA_STEPS:
+        kwargs = {"batch_size": 2, "seq_len": 64, "method": "formula", **kwargs}
+        assert runs_without_torch(name, **kwargs), kwargs
+        from_description = memguard.estimate(name, **kwargs)
+        assert from_description.to_dict() == _from_module(name, **kwargs), kwargs
+        assert from_description.inputs["quantization"] == kwargs["quantization"]
+        assert from_description.inputs["model"].startswith(f"{name}+lora{kwargs.get('lora_rank', 8)}+")
+
+
+def test_quantizing_every_linear_layer_of_an_untied_model_is_derived_too() -> None:
+    """Llama's head is its own weight: ``skip_modules=[]`` quantizes it as well, from the description."""
+    kwargs = {"batch_size": 1, "seq_len": 64, "method": "formula", "quantization": "nf4", "skip_modules": []}
+    assert runs_without_torch("llama-2-7b", **kwargs)
+    assert memguard.estimate("llama-2-7b", **kwargs).to_dict() == _from_module("llama-2-7b", **kwargs)
+
+
+def test_a_quantization_that_skips_every_layer_is_refused_with_the_module_paths_words() -> None:
+    kwargs = {"batch_size": 1, "seq_len": 64, "method": "formula", "quantization": "nf4", "skip_modules": [".*"]}
+    with pytest.raises(ConfigError, match=r"quantization='nf4', but llama-2-7b\+lora8 has no nn.Linear") as described:
+        memguard.estimate("llama-2-7b", **kwargs)
+    with _none_shipped(), pytest.raises(ConfigError) as built:
+        memguard.estimate("llama-2-7b", **kwargs)
+    assert str(described.value) == str(built.value)
 
 
 def test_models_other_than_presets_are_built() -> None:

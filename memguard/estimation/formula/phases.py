@@ -147,7 +147,7 @@ def _read(model: ResolvedModel | ModelDescription) -> tuple[Architecture, Invent
 
     if isinstance(model, ModelDescription):
         refuse_unmodelled(model.arch.model_type)
-        return model.arch, model.inventory, model.config, []
+        return model.arch, model.inventory, model.config, list(model.quantized)
     module = model.module
     refuse_unmodelled(model_type_of(model))
     arch = inspect_architecture(module, model.config, name=model.name, needs="the formula")
@@ -307,7 +307,7 @@ def _dequantize_bytes(layers: list[Any], ctx: Ctx, tokens: int) -> tuple[int, in
     """
     if not layers:
         return 0, 0
-    from memguard.estimation.quantization import dequantize_temporary
+    from memguard.estimation.quantization_kinds import dequantize_temporary
 
     if any(m.quantization.kind is QuantizationKind.INT8 for m in layers):
         # MatMul8bitLt's forward dequantizes no weight: it casts its input to fp16 and quantizes it
