@@ -51,6 +51,10 @@ CONFIG_FIELDS = ("model_type", "max_position_embeddings", "n_positions", "num_me
 ``audio_positions``, ``decoder_length``, ``check_batch``), as the transformers config class fills them."""
 
 
+CHECKPOINTING_SWITCHES = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+"""transformers' methods that turn gradient checkpointing on (:func:`memguard.estimation.models.set_checkpointing`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSites:
     """Where :func:`memguard.estimation.models.add_lora` puts peft's adapters on a model, read from peft itself
@@ -90,6 +94,9 @@ class ModelDescription:
         checkpointing: gradient checkpointing is on in the module (transformers'
             ``is_gradient_checkpointing``).
         lora: where LoRA adapters go (:class:`LoraSites`), or ``None`` (the module is built for LoRA then).
+        checkpointing_switch: the module has transformers' switch (``activation_checkpointing_enable`` or
+            ``gradient_checkpointing_enable``), so a plan searches checkpointing
+            (:mod:`memguard.planning.search`).
         quantized: the quantized linear layers of a base :func:`with_quantized_base` derived (``()`` for a
             preset's own description; not written by :meth:`to_dict`: a derived description is not shipped).
     """
@@ -102,6 +109,7 @@ class ModelDescription:
     fields: dict[str, Any]
     checkpointing: bool = False
     lora: LoraSites | None = None
+    checkpointing_switch: bool = False
     quantized: tuple[QuantizedShape, ...] = ()
 
     @property
@@ -114,7 +122,8 @@ class ModelDescription:
         return {"name": self.name, "class_name": self.class_name, "task": str(self.task),
                 "arch": {**dataclasses.asdict(self.arch), "head": str(self.arch.head)},
                 "inventory": self.inventory.to_dict(), "fields": self.fields, "checkpointing": self.checkpointing,
-                "lora": None if self.lora is None else dataclasses.asdict(self.lora)}
+                "lora": None if self.lora is None else dataclasses.asdict(self.lora),
+                "checkpointing_switch": self.checkpointing_switch}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelDescription:
@@ -127,7 +136,8 @@ class ModelDescription:
             tuple((str(n), int(w), int(a), int(b), bool(skip)) for n, w, a, b, skip in lora["linears"]))
         return cls(name=data["name"], class_name=data["class_name"], task=TaskKind(data["task"]),
                    arch=Architecture(**arch), inventory=Inventory.from_dict(data["inventory"]),
-                   fields=dict(data["fields"]), checkpointing=bool(data["checkpointing"]), lora=sites)
+                   fields=dict(data["fields"]), checkpointing=bool(data["checkpointing"]), lora=sites,
+                   checkpointing_switch=bool(data.get("checkpointing_switch", False)))
 
 
 def describe(model: ResolvedModel) -> ModelDescription:
@@ -152,7 +162,8 @@ def describe(model: ResolvedModel) -> ModelDescription:
     inv = dataclasses.replace(inventory(module, arch), generation=0)
     return ModelDescription(name=model.name, class_name=type(module).__name__, task=model_task(module), arch=arch,
                             inventory=inv, fields=fields, checkpointing=is_checkpointing(module),
-                            lora=None if inv.adapters else _lora_sites(model))
+                            lora=None if inv.adapters else _lora_sites(model),
+                            checkpointing_switch=any(hasattr(module, f) for f in CHECKPOINTING_SWITCHES))
 
 
 def _lora_sites(model: ResolvedModel) -> LoraSites | None:

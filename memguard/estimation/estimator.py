@@ -555,7 +555,8 @@ def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved:
         fp32_states = model_state(inv, spec.replace(precision=resolve_precision("32-true"))).optimizer_state
         states = fp32_states + 4 * trainable_numel
         breakdown[Category.OPTIMIZER_STATE] = int(states * parallel.factors()[Category.OPTIMIZER_STATE])
-        notes.append(f"{parallel.strategy} with mixed precision: the module in {spec.precision.param_dtype}, its "
+        # str(torch.bfloat16) == "torch.bfloat16", without importing torch
+        notes.append(f"{parallel.strategy} with mixed precision: the module in torch.{spec.precision.param}, its "
                      "optimizer over fp32 master weights (DeepSpeed's fp16/bf16 modes; 2 + 2 + 12 bytes per "
                      "parameter for Adam, ZeRO paper)")
     full = {Category.PARAMETERS: sum(inv.numel) * element, Category.OPTIMIZER_STATE: states}
