@@ -201,15 +201,15 @@ def _linears(module: Any, index: dict[str, int]) -> tuple[tuple[str, int, int, i
     by name (a weight tied to another parameter has none there: -1)."""
     from torch import nn
 
-    from memguard.estimation.quantization import _default_skips, _is_adapter
+    from memguard.estimation.quantization import default_skips, is_adapter
 
-    skips = _default_skips(module)
+    skips = default_skips(module)
     found = []
     for name, parent in module.named_modules():
         for child_name, child in parent._modules.items():
             full = f"{name}.{child_name}" if name else child_name
             conv1d = type(child).__name__ == "Conv1D"
-            if child is None or not (isinstance(child, nn.Linear) or conv1d) or _is_adapter(full):
+            if child is None or not (isinstance(child, nn.Linear) or conv1d) or is_adapter(full):
                 continue
             in_f, out_f = child.weight.shape if conv1d else (child.in_features, child.out_features)
             base = full.removeprefix("base_model.model.").replace(".base_layer", "")

@@ -90,8 +90,10 @@ __all__ = [
     "Quantization",
     "QuantizationKind",
     "QuantizedLinear",
+    "default_skips",
     "dequantize_temporary",
     "detect_quantization",
+    "is_adapter",
     "linear_storage",
     "quantize_model",
     "quantized_layers",
@@ -226,7 +228,7 @@ class _MatMul8bitLt(torch.autograd.Function):
         return grad_x, None, grad_bias, None
 
 
-def _default_skips(module: nn.Module) -> set[int]:
+def default_skips(module: nn.Module) -> set[int]:
     """transformers' ``get_keys_to_not_convert``: the output embeddings and the module of the last
     parameter (the LM head), left in 16 bits. peft's wrappers are looked through."""
     skips: set[int] = set()
@@ -315,7 +317,7 @@ def _tree_copy(module: nn.Module) -> nn.Module:
     return clone(module)
 
 
-def _is_adapter(name: str) -> bool:
+def is_adapter(name: str) -> bool:
     """peft's adapter layers (``lora_A``, ``lora_B``, ...) and saved copies stay as they are."""
     return any(part.startswith(("lora_", "modules_to_save", "original_module")) for part in name.split("."))
 
@@ -332,7 +334,7 @@ def quantize_model(module: nn.Module, q: Quantization, *, in_place: bool = False
         The module and how many layers were replaced.
     """
     root = module if in_place else _tree_copy(module)
-    skip_ids = _default_skips(root) if q.skip_modules is None else set()
+    skip_ids = default_skips(root) if q.skip_modules is None else set()
     patterns = q.skip_modules or ()
     shared = _f32(CODE_DYNAMIC)
     replaced = 0
@@ -345,7 +347,7 @@ def quantize_model(module: nn.Module, q: Quantization, *, in_place: bool = False
             conv1d = type(child).__name__ == "Conv1D"
             if own is None and not (isinstance(child, nn.Linear) or conv1d):
                 continue
-            if own is None and (id(child) in skip_ids or matches_module(full, patterns) or _is_adapter(full)):
+            if own is None and (id(child) in skip_ids or matches_module(full, patterns) or is_adapter(full)):
                 continue
             if conv1d:
                 in_f, out_f = child.weight.shape

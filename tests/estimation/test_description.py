@@ -245,7 +245,8 @@ QLORA_STEPS = [
     {"quantization": "fp4", "precision": "32-true", "accumulate_grad_batches": 2},
     {"quantization": "int8", "precision": "bf16-mixed", "lora_rank": 64},
     {"quantization": "int8", "precision": "16-true", "gradient_checkpointing": True, "accumulate_grad_batches": 2},
-    {"quantization": "nf4", "double_quant": True, "precision": "bf16-true", "batch_size": 4, "seq_len": 512},  # past the fused rows
+    # past the fused kernel's rows
+    {"quantization": "nf4", "double_quant": True, "precision": "bf16-true", "batch_size": 4, "seq_len": 512},
     {"quantization": "nf4", "double_quant": True, "precision": "bf16-true", "strategy": "ddp", "world_size": 2},
     {"quantization": "nf4", "double_quant": True, "precision": "bf16-mixed",
      "skip_modules": ["q_proj", "query", "q", "lm_head", "decoder"]},  # the tied heads skipped too
