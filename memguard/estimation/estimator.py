@@ -5,10 +5,10 @@ It normalises the arguments (:mod:`memguard.estimation.spec`), resolves the mode
 :mod:`memguard.estimation.formula` or :mod:`memguard.estimation.trace` — and adds what the device costs beyond live
 tensors (:mod:`memguard.estimation.overhead`).
 
-A preset estimated by the formula alone (no LoRA, quantization, sharding or code of the user's) is
-read from its shipped description instead of its built module (:mod:`memguard.estimation.description`):
-the same formula and the same answer without importing torch or transformers, which this module and the
-ones it imports at its top leave to the paths that need them.
+A preset estimated by the formula alone (no code of the user's; LoRA, a quantized base and every strategy
+derived from data) is read from its shipped description instead of its built module
+(:mod:`memguard.estimation.description`): the same formula and the same answer without importing torch or
+transformers, which this module and the ones it imports at its top leave to the paths that need them.
 """
 
 from __future__ import annotations
