@@ -179,15 +179,21 @@ def _main(argv: Sequence[str] | None, readers: Readers | None = None) -> int:
 def _without_torch(args: Any) -> bool:
     """Whether the command estimates by the formula from a preset's shipped description only
     (:func:`memguard.estimation.estimator.runs_without_torch`): ``estimate``, ``check`` and
-    ``max-batch`` with ``--method formula`` on a preset, without ``--config``, LoRA, quantization or
-    sharding. torch (~2.5 s) and transformers are then never imported."""
-    if args.command not in ("estimate", "check", "max-batch") or getattr(args, "config", None):
-        return False
-    if getattr(args, "method", None) != "formula":
+    ``max-batch`` with ``--method formula`` on a preset, without ``--config`` (LoRA, quantization and
+    sharding derived from the description); ``plan --confirm 0`` of a preset, whose search estimates by the
+    formula (:mod:`memguard.planning.search`: a near miss it traces imports torch then). torch (~2.5 s) and
+    transformers are then not imported up front."""
+    if args.command not in ("estimate", "check", "max-batch", "plan") or getattr(args, "config", None):
         return False
     from memguard.cli._shared import estimate_kwargs
     from memguard.estimation.estimator import runs_without_torch
 
+    if args.command == "plan":
+        if args.confirm != 0 or args.method == "trace":
+            return False
+        return runs_without_torch(args.model, **{**estimate_kwargs(args), "method": "formula"})
+    if getattr(args, "method", None) != "formula":
+        return False
     return runs_without_torch(args.model, **estimate_kwargs(args))
 
 

@@ -5,10 +5,10 @@ It normalises the arguments (:mod:`memguard.estimation.spec`), resolves the mode
 :mod:`memguard.estimation.formula` or :mod:`memguard.estimation.trace` — and adds what the device costs beyond live
 tensors (:mod:`memguard.estimation.overhead`).
 
-A preset estimated by the formula alone (no LoRA, quantization, sharding or code of the user's) is
-read from its shipped description instead of its built module (:mod:`memguard.estimation.description`):
-the same formula and the same answer without importing torch or transformers, which this module and the
-ones it imports at its top leave to the paths that need them.
+A preset estimated by the formula alone (no code of the user's; LoRA, a quantized base and every strategy
+derived from data) is read from its shipped description instead of its built module
+(:mod:`memguard.estimation.description`): the same formula and the same answer without importing torch or
+transformers, which this module and the ones it imports at its top leave to the paths that need them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from memguard.errors import ConfigError, MemguardError
 from memguard.estimation import sandbox
-from memguard.estimation.description import ModelDescription, preset_description
+from memguard.estimation.description import (
+    ModelDescription,
+    preset_description,
+    quantizable,
+    with_lora,
+    with_quantized_base,
+)
 from memguard.estimation.formula.inventory import Inventory
 from memguard.estimation.inputs import (
     TaskKind,
@@ -33,8 +39,8 @@ from memguard.estimation.inputs import (
 )
 from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing, load_model, preset_key
 from memguard.estimation.overhead import device_overhead
-from memguard.estimation.parallel import Parallelism, Strategy
-from memguard.estimation.quantization_kinds import Quantization
+from memguard.estimation.parallel import Parallelism, Strategy, Units
+from memguard.estimation.quantization_kinds import Quantization, quantized_note
 from memguard.estimation.result import Category, MemoryEstimate, Method, PeakTensors
 from memguard.estimation.spec import TrainingSpec, resolve_precision
 from memguard.estimation.step import DEFAULTS, KNOBS, METHODS, Step
@@ -200,7 +206,7 @@ def estimate(
     spec, master_weights = _deepspeed_precision(step.spec, parallel)
     described = _described(model, step, method, example_input, loss_fn, step_fn)
     if described is not None:
-        return _estimate_described(described, step, spec, parallel)
+        return _estimate_described(described, step, spec, parallel, master_weights=master_weights)
     resolved, quant, lora_rank, quant_notes = _resolved_model(model, step)
     spec, make_inputs = _plan_inputs(resolved, spec, example_input, whole=step_fn is not None)
     if spec.gradient_checkpointing is None:
@@ -232,18 +238,20 @@ def _estimate_of(found: _Found, model: ResolvedModel | ModelDescription, step: S
 
 def _described(model: Any, step: Step, method: str, example_input: Any, loss_fn: Any,
                step_fn: Any) -> ModelDescription | None:
-    """The shipped description of a preset that the formula estimates as memguard builds it (no LoRA,
-    no quantization, no example, loss or step of the user's, one device), else ``None``: that model
+    """The shipped description of a preset that the formula estimates as memguard builds it (no example, loss or
+    step of the user's; on any strategy; with LoRA, over a quantized base too, where the description says where
+    adapters go and what is quantized: :func:`_estimate_described` derives them), else ``None``: that model
     is built (:func:`_resolved_model`). The description is the meta model's, read once and pinned by the
     tests (:mod:`memguard.estimation.description`), so the answer is the same without torch."""
     if method != Method.FORMULA or not isinstance(model, str):
         return None
     if example_input is not None or loss_fn is not None or step_fn is not None:
         return None
-    if step.lora_rank is not None or step.quant is not None or step.layout.strategy is not Strategy.SINGLE:
-        return None
     key = preset_key(model)
-    return preset_description(key) if key is not None else None
+    desc = preset_description(key) if key is not None else None
+    if desc is None or (step.lora_rank is not None and desc.lora is None):
+        return None
+    return None if step.quant is not None and not quantizable(desc, step.quant) else desc
 
 
 def runs_without_torch(model: Any, **kwargs: Any) -> bool:
@@ -259,15 +267,23 @@ def runs_without_torch(model: Any, **kwargs: Any) -> bool:
 
 
 def _estimate_described(desc: ModelDescription, step: Step, spec: TrainingSpec,
-                        parallel: Parallelism) -> MemoryEstimate:
-    """:func:`estimate` by the formula from a preset's description, as from its module: the same settling of the
-    inputs (:func:`_settled`), the same formula, the same device costs."""
+                        parallel: Parallelism, *, master_weights: bool = False) -> MemoryEstimate:
+    """:func:`estimate` by the formula from a preset's description, as from its module: the same adapters
+    (:func:`~memguard.estimation.description.with_lora`), the same settling of the inputs (:func:`_settled`),
+    the same formula, the same device costs."""
+    rank, notes = step.lora_rank, []
+    if step.quant is not None:  # QLoRA: adapters of peft's default rank over a quantized base (_resolved_model)
+        rank = DEFAULT_QLORA_RANK if rank is None else rank
+        desc, notes = with_quantized_base(desc, rank, step.quant)
+    elif rank is not None:
+        desc = with_lora(desc, rank)
     spec = _settled(spec, desc.task, desc.config, desc.config, desc.name, desc.class_name)
     if spec.gradient_checkpointing is None:
         spec = spec.replace(gradient_checkpointing=desc.checkpointing)
     loop = _formula_loop(step.training_loop, step.accumulate_grad_batches, step.set_to_none)
     found = _by_formula(desc, spec, loop, parallel)
-    return _estimate_of(found, desc, step, spec, parallel, method=Method.FORMULA.value)
+    return _estimate_of(found, desc, step, spec, parallel, method=Method.FORMULA.value, master_weights=master_weights,
+                        lora_rank=rank, quant=step.quant, quant_notes=notes)
 
 
 def _step_of(step: Step | None, knobs: dict[str, Any]) -> Step:
@@ -318,7 +334,6 @@ def _per_device(found: _Found, resolved: ResolvedModel | ModelDescription, spec:
     breakdown, notes = dict(found.breakdown), [*found.notes, *_paged_notes(resolved, spec)]
     host = 0
     if found.method is not Method.SEED and parallel.strategy is not Strategy.SINGLE:
-        assert isinstance(resolved, ResolvedModel)  # a description is estimated on one device only (_described)
         breakdown, host, more = _distribute(breakdown, parallel, resolved, spec, master_weights=master_weights)
         notes.extend(more)
     peak = sum(v for k, v in breakdown.items() if k != Category.OVERHEAD)
@@ -390,9 +405,7 @@ def _quantize(resolved: ResolvedModel, quant: Quantization) -> tuple[ResolvedMod
     stored = sum(p.numel() * p.element_size() for m in layers for p in (*m.parameters(), *m.buffers())
                  if p.dtype in (torch.uint8, torch.int8, torch.int32) and p is not getattr(m, "dynamic_code", None))
     weights = sum(m.in_features * m.out_features for m in layers)
-    note = (f"{quant.label} base: {len(layers)} linear layers, {weights:,} weights in {stored:,} bytes with their "
-            f"quantization constants ({8 * stored / max(weights, 1):.3f} bits each; bitsandbytes, QLoRA paper "
-            "section 3), frozen; each matmul dequantizes its weight into a temporary")
+    note = quantized_note(quant, len(layers), weights, stored)
     name = f"{resolved.name}+{quant.kind}{'-dq' * quant.double_quant}"
     depth = resolved.depth
     if depth is not None:  # the few blocks traced are quantized as the whole model is, here
@@ -514,7 +527,7 @@ def _formula_loop(training_loop: str, accumulate: int, set_to_none: bool) -> str
     return "lightning" if accumulate > 1 or not set_to_none else training_loop
 
 
-def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel,
+def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved: ResolvedModel | ModelDescription,
                 spec: TrainingSpec, *, master_weights: bool = False,
                 ) -> tuple[dict[Category, int], int, list[str]]:
     """Add the strategy's buffers to a per-device breakdown, and DeepSpeed's master weights.
@@ -525,26 +538,31 @@ def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved:
     With ``master_weights`` (DeepSpeed's mixed precision, see :func:`_deepspeed_precision`) the
     optimizer state is DeepSpeed's: an fp32 master copy of each trainable parameter plus the
     optimizer's state over it, in fp32, sharded as optimizer state.
-    """
-    from memguard.estimation.formula import optimizer_state_bytes
 
-    module = resolved.module
+    What it reads of the model (its parameters' elements, the trainable ones', the optimizer state by
+    :func:`~memguard.estimation.formula.model_state.model_state`, the one source of the state's size,
+    and FSDP's units) comes from its inventory, so a preset's description serves as its module does.
+    """
+    from memguard.estimation.formula.model_state import model_state
+
+    inv = _inventory_of(resolved)
     element = _element_bytes(spec)
-    trainable_numel = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    trainable_numel = sum(n for n, g in zip(inv.numel, inv.grad, strict=True) if g)
     trainable = trainable_numel * element
-    states, _ = optimizer_state_bytes(module, spec)  # the one source of the state's size
+    states = model_state(inv, spec).optimizer_state
     notes = []
     if master_weights:
-        fp32_states, _ = optimizer_state_bytes(module, spec.replace(precision=resolve_precision("32-true")))
+        fp32_states = model_state(inv, spec.replace(precision=resolve_precision("32-true"))).optimizer_state
         states = fp32_states + 4 * trainable_numel
         breakdown[Category.OPTIMIZER_STATE] = int(states * parallel.factors()[Category.OPTIMIZER_STATE])
-        notes.append(f"{parallel.strategy} with mixed precision: the module in {spec.precision.param_dtype}, its "
+        # str(torch.bfloat16) == "torch.bfloat16", without importing torch
+        notes.append(f"{parallel.strategy} with mixed precision: the module in torch.{spec.precision.param}, its "
                      "optimizer over fp32 master weights (DeepSpeed's fp16/bf16 modes; 2 + 2 + 12 bytes per "
                      "parameter for Adam, ZeRO paper)")
-    full = {Category.PARAMETERS: sum(p.numel() for p in module.parameters()) * element,
-            Category.OPTIMIZER_STATE: states}
+    full = {Category.PARAMETERS: sum(inv.numel) * element, Category.OPTIMIZER_STATE: states}
     if not parallel.fully_sharded:  # both methods added those phase by phase
-        for cat, extra in parallel.extras(module, bytes_per_element=element, trainable_bytes=trainable).items():
+        units = Units.of_inventory(inv) if isinstance(resolved, ModelDescription) else resolved.module
+        for cat, extra in parallel.extras(units, bytes_per_element=element, trainable_bytes=trainable).items():
             breakdown[cat] = breakdown.get(cat, 0) + extra
     if parallel.sharded:
         notes.append(f"{parallel.strategy} over {parallel.shard_size} ranks: model state per device as in ZeRO "

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_LAYERS", "MAX_PARAMETERS", "ResolvedModel", "add_lora", "check_config_shapes",
-           "check_config_sizes", "is_checkpointing", "list_presets", "load_model", "lora_rank_limit", "preset_key",
-           "set_checkpointing"]
+           "check_config_sizes", "check_lora_rank", "is_checkpointing", "list_presets", "load_model", "lora_rank_limit",
+           "preset_key", "set_checkpointing"]
 
 _PRESET_DIR = Path(__file__).parent / "presets"
 _ALIASES = {
@@ -556,6 +556,18 @@ def lora_rank_limit(resolved: ResolvedModel) -> int | None:
     return hidden if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0 else None
 
 
+def check_lora_rank(rank: int, name: str, limit: int | None) -> None:
+    """Refuse a LoRA ``rank`` above ``limit``, the hidden size of model ``name`` (:func:`lora_rank_limit`).
+
+    Raises:
+        ConfigError: naming the rank and the largest one worth taking.
+    """
+    if limit is not None and rank > limit:
+        raise ConfigError(f"lora_rank={rank:,} is above the hidden size of {name} ({limit:,}): an adapter's "
+                          f"update has rank at most the width of the layer it adapts; use a rank of at most {limit:,} "
+                          "(8 to 64 is usual)")
+
+
 def add_lora(resolved: ResolvedModel, rank: int) -> ResolvedModel:
     """Freeze the base model and add LoRA adapters of ``rank`` (Hu et al. 2021) with ``peft``.
 
@@ -582,11 +594,7 @@ def add_lora(resolved: ResolvedModel, rank: int) -> ResolvedModel:
             "lora_rank adds adapters to models memguard builds (a preset, config or config.json); "
             "for your own module, wrap it with peft.get_peft_model and pass the result"
         )
-    limit = lora_rank_limit(resolved)
-    if limit is not None and rank > limit:
-        raise ConfigError(f"lora_rank={rank:,} is above the hidden size of {resolved.name} ({limit:,}): an adapter's "
-                          f"update has rank at most the width of the layer it adapts; use a rank of at most {limit:,} "
-                          "(8 to 64 is usual)")
+    check_lora_rank(rank, resolved.name, lora_rank_limit(resolved))
     on_meta = any(p.device.type == "meta" for p in resolved.module.parameters())
     # GPT-2's Conv1D layers store their weights transposed; peft wants to be told.
     conv1d = any(type(m).__name__ == "Conv1D" for m in resolved.module.modules())

@@ -40,7 +40,9 @@ from memguard.estimation.spec import positive_int, strict_bool
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["STRATEGIES", "Parallelism", "Strategy", "resolve_parallelism", "wrapped_blocks"]
+    from memguard.estimation.formula.inventory import Inventory
+
+__all__ = ["STRATEGIES", "Parallelism", "Strategy", "Units", "resolve_parallelism", "units", "wrapped_blocks"]
 
 
 class Strategy(StrEnum):
@@ -197,6 +199,46 @@ NODE_SIZE = 8
 
 
 @dataclasses.dataclass(frozen=True)
+class Units:
+    """What the strategies' buffers read of a model: its parameters' elements in all, and FSDP's units.
+
+    Lightning's FSDP wraps the repeated transformer blocks (``auto_wrap_policy`` over the block
+    class, :func:`wrapped_blocks`); everything else (embeddings, head, final norm) stays in the root
+    unit. A model without repeated blocks is all root. Read from a module by :func:`units`, or from
+    its :class:`~memguard.estimation.formula.inventory.Inventory` (a preset's shipped description,
+    no torch) by :meth:`of_inventory`.
+
+    Attributes:
+        total: elements of every parameter (``module.parameters()``: tied ones once).
+        root: elements of the root unit (``total`` less the wrapped blocks').
+        block: elements of the largest wrapped block.
+        blocks: number of wrapped blocks.
+    """
+
+    total: int
+    root: int
+    block: int
+    blocks: int
+
+    @classmethod
+    def of_sizes(cls, total: int, sizes: list[int]) -> Units:
+        """The units of a model of ``total`` elements whose wrapped blocks hold ``sizes`` elements each."""
+        if not sizes:
+            return cls(total, total, 0, 0)
+        return cls(total, total - sum(sizes), max(sizes), len(sizes))
+
+    @classmethod
+    def of_inventory(cls, inv: Inventory) -> Units:
+        """The units of the module behind ``inv``: its larger stack of blocks (an encoder-decoder's
+        decoder; the encoder of equals, as ``max`` keeps the first), as :func:`wrapped_blocks` picks it
+        from the module. The inventory's stacks are the blocks the architecture lays out
+        (:func:`~memguard.estimation.arch.block_stacks` without a guess), which for every preset are
+        the module's (pinned by the tests)."""
+        stacks = [[sum(inv.numel[i] for i in blk) for blk in stack] for stack in (inv.enc_blocks, inv.dec_blocks)]
+        return cls.of_sizes(sum(inv.numel), max(stacks, key=sum))
+
+
+@dataclasses.dataclass(frozen=True)
 class Parallelism:
     """How training is spread over devices.
 
@@ -247,7 +289,8 @@ class Parallelism:
             return factors[Category.OPTIMIZER_STATE]
         return 1.0
 
-    def extras(self, module: nn.Module, *, bytes_per_element: int, trainable_bytes: int) -> dict[Category, int]:
+    def extras(self, module: nn.Module | Units, *, bytes_per_element: int,
+               trainable_bytes: int) -> dict[Category, int]:
         """Communication and gathering buffers a rank holds on top of its shards.
 
         * ``ddp``: the gradient buckets, one more copy of all gradients (``DistributedDataParallel``
@@ -260,14 +303,17 @@ class Parallelism:
           at once, inside the blocks' backward (see :meth:`phase_extras`): the root unit, two
           blocks and one block's unsharded gradients. The formula adds this at its peak; the
           trace adds :meth:`phase_extras` phase by phase instead.
+
+        ``module`` is the model, or its :class:`Units` where already read (a preset's description).
         """
         s = self.strategy
         if s is Strategy.DDP and self.world_size > 1:
             return {Category.GRADIENTS: trainable_bytes}
+        u = module if isinstance(module, Units) else units(module)
         if s.is_deepspeed and not s.fully_sharded:
-            bucket = min(DEEPSPEED_BUCKET_ELEMENTS, sum(p.numel() for p in module.parameters())) * bytes_per_element
+            bucket = min(DEEPSPEED_BUCKET_ELEMENTS, u.total) * bytes_per_element
             return {Category.GRADIENTS: bucket, Category.PARAMETERS: bucket}
-        root, block, blocks = _units(module)
+        root, block, blocks = u.root, u.block, u.blocks
         if s is Strategy.FSDP_SHARD_GRAD_OP:
             return {Category.GRADIENTS: max(root, block) * bytes_per_element}
         if s.fully_sharded:
@@ -276,7 +322,7 @@ class Parallelism:
                     Category.GRADIENTS: (block or root) * bytes_per_element}
         return {}
 
-    def phase_extras(self, module: nn.Module, *, bytes_per_element: int,
+    def phase_extras(self, module: nn.Module | Units, *, bytes_per_element: int,
                      device: str) -> Callable[[Phase], dict[Category, int]]:
         """What full sharding holds gathered in each phase of a step, for the trace.
 
@@ -285,8 +331,10 @@ class Parallelism:
         block is gathered (and on a GPU the next one is prefetched on another stream); while the
         head's backward runs, one block is; inside the blocks' backward, the block being computed,
         the one prefetched and the unsharded gradients of the block being reduce-scattered.
+        ``module`` is the model, or its :class:`Units`.
         """
-        root, block, blocks = _units(module)
+        u = module if isinstance(module, Units) else units(module)
+        root, block, blocks = u.root, u.block, u.blocks
         one = block * bytes_per_element
         root_bytes = root * bytes_per_element
         forward = 1 + (device == "cuda")
@@ -319,19 +367,10 @@ def wrapped_blocks(module: nn.Module) -> list[nn.Module]:
     return max(enc, dec, key=lambda stack: sum(p.numel() for b in stack for p in b.parameters()))
 
 
-def _units(module: nn.Module) -> tuple[int, int, int]:
-    """Elements of FSDP's root unit and of its largest block, and the number of blocks.
-
-    Lightning's FSDP wraps the repeated transformer blocks (``auto_wrap_policy`` over the block
-    class); everything else (embeddings, head, final norm) stays in the root unit. A model without
-    repeated blocks is all root.
-    """
-    blocks = wrapped_blocks(module)
+def units(module: nn.Module) -> Units:
+    """The :class:`Units` of ``module``: its parameters' elements, FSDP's root unit and its wrapped blocks."""
     total = sum(p.numel() for p in module.parameters())
-    if not blocks:
-        return total, 0, 0
-    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
-    return total - sum(sizes), max(sizes), len(blocks)
+    return Units.of_sizes(total, [sum(p.numel() for p in b.parameters()) for b in wrapped_blocks(module)])
 
 
 MAX_WORLD_SIZE = 2**20

@@ -59,8 +59,7 @@ Known limitations:
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -77,7 +76,9 @@ from memguard.estimation.quantization_kinds import (  # torch-free: the argument
     QUANTIZATIONS,
     Quantization,
     QuantizationKind,
+    dequantize_temporary,
     linear_storage,
+    matches_module,
     resolve_quantization,
 )
 
@@ -89,8 +90,10 @@ __all__ = [
     "Quantization",
     "QuantizationKind",
     "QuantizedLinear",
+    "default_skips",
     "dequantize_temporary",
     "detect_quantization",
+    "is_adapter",
     "linear_storage",
     "quantize_model",
     "quantized_layers",
@@ -225,22 +228,7 @@ class _MatMul8bitLt(torch.autograd.Function):
         return grad_x, None, grad_bias, None
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    """transformers' ``should_convert_module``: a pattern matches from the start up to a module
-    boundary, as a regex with that boundary, or as a suffix."""
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    for key in patterns:
-        if name.endswith(key):
-            return True
-        try:
-            if re.match(rf"(?:{key}){boundary}", name):
-                return True
-        except re.error:
-            continue
-    return False
-
-
-def _default_skips(module: nn.Module) -> set[int]:
+def default_skips(module: nn.Module) -> set[int]:
     """transformers' ``get_keys_to_not_convert``: the output embeddings and the module of the last
     parameter (the LM head), left in 16 bits. peft's wrappers are looked through."""
     skips: set[int] = set()
@@ -329,7 +317,7 @@ def _tree_copy(module: nn.Module) -> nn.Module:
     return clone(module)
 
 
-def _is_adapter(name: str) -> bool:
+def is_adapter(name: str) -> bool:
     """peft's adapter layers (``lora_A``, ``lora_B``, ...) and saved copies stay as they are."""
     return any(part.startswith(("lora_", "modules_to_save", "original_module")) for part in name.split("."))
 
@@ -346,7 +334,7 @@ def quantize_model(module: nn.Module, q: Quantization, *, in_place: bool = False
         The module and how many layers were replaced.
     """
     root = module if in_place else _tree_copy(module)
-    skip_ids = _default_skips(root) if q.skip_modules is None else set()
+    skip_ids = default_skips(root) if q.skip_modules is None else set()
     patterns = q.skip_modules or ()
     shared = _f32(CODE_DYNAMIC)
     replaced = 0
@@ -359,7 +347,7 @@ def quantize_model(module: nn.Module, q: Quantization, *, in_place: bool = False
             conv1d = type(child).__name__ == "Conv1D"
             if own is None and not (isinstance(child, nn.Linear) or conv1d):
                 continue
-            if own is None and (id(child) in skip_ids or _matches(full, patterns) or _is_adapter(full)):
+            if own is None and (id(child) in skip_ids or matches_module(full, patterns) or is_adapter(full)):
                 continue
             if conv1d:
                 in_f, out_f = child.weight.shape
@@ -381,16 +369,3 @@ def quantized_layers(module: nn.Module) -> list[QuantizedLinear]:
     """The :class:`QuantizedLinear` stand-ins in ``module``."""
     return [m for m in module.modules() if isinstance(m, QuantizedLinear)]
 
-
-def dequantize_temporary(layers: Iterable[QuantizedLinear], elem: int) -> int:
-    """The largest temporary a quantized layer's matmul makes: its weight dequantized into
-    ``elem``-byte elements (plus fp32 absmax under double quantization), or int8's scaled copy."""
-    most = 0
-    for m in layers:
-        n = m.in_features * m.out_features
-        if m.quantization.kind is QuantizationKind.INT8:
-            extra = F32 * m.out_features
-        else:
-            extra = F32 * m.absmax.numel() * m.quantization.double_quant
-        most = max(most, n * elem + extra)
-    return most

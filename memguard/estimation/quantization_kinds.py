@@ -6,14 +6,16 @@ without importing torch."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
-from typing import Any
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 from memguard.enums import StrEnum
 from memguard.errors import ConfigError
 
 __all__ = ["BLOCKSIZE", "FUSED_MAX_ROWS", "NESTED_BLOCKSIZE", "QLORA", "QUANTIZATIONS", "Quantization",
-           "QuantizationKind", "linear_storage", "resolve_quantization"]
+           "QuantizationKind", "QuantizedShape", "dequantize_temporary", "linear_storage", "matches_module",
+           "quantized_note", "resolve_quantization"]
 
 
 class QuantizationKind(StrEnum):
@@ -134,3 +136,60 @@ def linear_storage(out_features: int, in_features: int, q: Quantization) -> dict
     else:
         parts["absmax"] = F32 * blocks
     return parts
+
+
+class _Quantized(Protocol):
+    """What :func:`dequantize_temporary` reads of a quantized layer."""
+
+    in_features: int
+    out_features: int
+    quantization: Quantization
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedShape:
+    """A quantized linear layer as the formula reads it, without its tensors: what a
+    :class:`memguard.estimation.quantization.QuantizedLinear` of a preset's description would be
+    (:func:`memguard.estimation.description.with_quantization`)."""
+
+    in_features: int
+    out_features: int
+    quantization: Quantization
+
+
+def dequantize_temporary(layers: Iterable[_Quantized], elem: int) -> int:
+    """The largest temporary a quantized layer's matmul makes: its weight dequantized into
+    ``elem``-byte elements (plus fp32 absmax, one per block of :data:`BLOCKSIZE` weights, under double
+    quantization), or int8's scaled copy."""
+    most = 0
+    for m in layers:
+        n = m.in_features * m.out_features
+        if m.quantization.kind is QuantizationKind.INT8:
+            extra = F32 * m.out_features
+        else:
+            extra = F32 * -(-n // BLOCKSIZE) * m.quantization.double_quant
+        most = max(most, n * elem + extra)
+    return most
+
+
+def matches_module(name: str, patterns: Sequence[str]) -> bool:
+    """transformers' ``should_convert_module``: a pattern matches from the start up to a module
+    boundary, as a regex with that boundary, or as a suffix."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    for key in patterns:
+        if name.endswith(key):
+            return True
+        try:
+            if re.match(rf"(?:{key}){boundary}", name):
+                return True
+        except re.error:
+            continue
+    return False
+
+
+def quantized_note(q: Quantization, layers: int, weights: int, stored: int) -> str:
+    """The estimate's note on a base of ``layers`` linear layers quantized as ``q``: ``weights`` weights
+    kept in ``stored`` bytes with their quantization constants (:func:`linear_storage`)."""
+    return (f"{q.label} base: {layers} linear layers, {weights:,} weights in {stored:,} bytes with their "
+            f"quantization constants ({8 * stored / max(weights, 1):.3f} bits each; bitsandbytes, QLoRA paper "
+            "section 3), frozen; each matmul dequantizes its weight into a temporary")

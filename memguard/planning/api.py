@@ -12,8 +12,9 @@ from typing import Any
 from memguard.device import DeviceMemory, DeviceSpec, memory_of
 from memguard.device.catalog import bf16_problem
 from memguard.errors import ConfigError, MemguardError
+from memguard.estimation.description import ModelDescription, preset_description
 from memguard.estimation.estimator import DEFAULT_QLORA_RANK
-from memguard.estimation.models import ResolvedModel, add_lora, load_model, lora_rank_limit
+from memguard.estimation.models import ResolvedModel, add_lora, load_model, lora_rank_limit, preset_key
 from memguard.estimation.parallel import world_size_of
 from memguard.estimation.result import MemoryEstimate, Method
 from memguard.estimation.spec import OPTIMIZERS as NAMED_OPTIMIZERS
@@ -149,7 +150,7 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
     if model is None:
         name = re.sub(r"(\+lora\d+|\+(nf4|fp4|int8)(-dq)?)+$", "", str(inputs.get("model")))
         try:
-            model, resolved = name, load_model(name)
+            model, resolved = name, None if _description_of(name, None, estimate_kwargs) else load_model(name)
         except ConfigError as exc:
             raise ConfigError(f"remedies() cannot build model {name!r} again ({exc}); pass model=, the module "
                               "that was estimated") from None
@@ -198,20 +199,39 @@ def make_setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len:
     optimizers = _choices("optimizers", optimizers, OPTIMIZERS, knobs.optimizer, _optimizer_name)
     ranks = () if knobs.lora_rank else tuple(sorted({positive_int("lora_ranks", r) for r in lora_ranks}, reverse=True))
     limit, max_estimates = positive_int("limit", limit), positive_int("max_estimates", max_estimates)
-    resolved = resolved or load_model(model)
-    if knobs.lora_rank and not resolved.built_here:
+    desc = _description_of(model, resolved, extra)
+    if desc is None:
+        resolved = resolved or load_model(model)
+        modules, name, built_here, rank_limit = {None: resolved.module}, resolved.name, resolved.built_here, None
+    else:  # a preset memguard would build: the formula reads its description, a trace builds it
+        modules, name, built_here, rank_limit = {}, desc.name, True, desc.lora.limit if desc.lora else None
+    if knobs.lora_rank and not built_here:
         add_lora(resolved, knobs.lora_rank)  # raises the estimator's own ConfigError
-    if ranks and not resolved.built_here:
+    if ranks and not built_here:
         notes.append("LoRA is planned for models memguard builds (a preset, config or config.json); wrap your "
                      "module with peft.get_peft_model to plan it")
         ranks = ()
-    rank_limit = lora_rank_limit(resolved)
+    rank_limit = lora_rank_limit(resolved) if desc is None else rank_limit
     if rank_limit is not None and any(r > rank_limit for r in ranks):
-        notes.append(f"LoRA ranks above the hidden size of {resolved.name} ({rank_limit}) are not planned")
+        notes.append(f"LoRA ranks above the hidden size of {name} ({rank_limit}) are not planned")
         ranks = tuple(r for r in ranks if r <= rank_limit)
-    return Setup(model, {None: resolved.module}, resolved.name, knobs, memory, float(margin), gpus, precisions,
-                  optimizers, ranks, Method(method_prune), confirm, limit, device, seq_len, extra,
-                  max_estimates, notes, built_here=resolved.built_here)
+    return Setup(model, modules, name, knobs, memory, float(margin), gpus, precisions, optimizers, ranks,
+                 Method(method_prune), confirm, limit, device, seq_len, extra, max_estimates, notes,
+                 built_here=built_here, description=desc)
+
+
+def _description_of(model: Any, resolved: ResolvedModel | None, extra: Mapping[str, Any] | None,
+                    ) -> ModelDescription | None:
+    """The shipped description that stands for ``model`` in a plan (:attr:`Setup.description`): a preset named,
+    not built yet, without code of the user's for its estimates, whose description says where LoRA goes
+    (:class:`~memguard.estimation.description.LoraSites`: a plan searches LoRA); else ``None``."""
+    if resolved is not None or not isinstance(model, str):
+        return None
+    if any((extra or {}).get(k) is not None for k in ("example_input", "loss_fn", "step_fn")):
+        return None
+    key = preset_key(model)
+    desc = preset_description(key) if key is not None else None
+    return desc if desc is not None and desc.lora is not None else None
 
 
 def _optimizer_name(optimizer: Any) -> Any:

@@ -28,21 +28,29 @@ import functools
 import heapq
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memguard.device import DeviceMemory
 from memguard.errors import MemguardError
+from memguard.estimation.description import (
+    CHECKPOINTING_SWITCHES,
+    ModelDescription,
+    quantizable,
+    with_lora,
+    with_quantized_base,
+)
 from memguard.estimation.estimator import estimate as _estimate
 from memguard.estimation.models import ResolvedModel, add_lora, load_model
 from memguard.estimation.parallel import Strategy
-from memguard.estimation.quantization import Quantization, quantize_model
+from memguard.estimation.quantization_kinds import Quantization
 from memguard.estimation.result import MemoryEstimate, Method
-from memguard.estimation.shallow import shallow
-from memguard.estimation.trace.depth import EXTENDED, Depth
 from memguard.fit import Fit, usable_bytes
 from memguard.planning.costs import COSTS, CostContext, cost_of, cost_terms, divisors, fewest_micro_batches, lower_bound
 from memguard.planning.rows import FULL, LORA, QLORA, Knobs, PlanRow, quantization_args
 from memguard.units import format_bytes
+
+if TYPE_CHECKING:
+    from memguard.estimation.trace.depth import Depth
 
 _S = Strategy
 _SINGLE = ((_S.SINGLE, False, False), (_S.DEEPSPEED_STAGE_2, False, False), (_S.DEEPSPEED_STAGE_2, True, False),
@@ -87,6 +95,10 @@ class Setup:
     built_here: bool = False
     """memguard built the model from a preset or config: its traces may run a few of its blocks
     for all of them (:mod:`memguard.estimation.trace.depth`)."""
+    description: ModelDescription | None = None
+    """The preset's shipped description (:mod:`memguard.estimation.description`), where it stands for the model:
+    the formula's estimates read it (LoRA and QLoRA derived from it) and no module is built for them; a trace
+    builds the module on first use (``modules`` starts empty then)."""
 
 
 def structure_of(k: Knobs) -> tuple[Any, ...]:
@@ -109,6 +121,8 @@ def memo_key(k: Knobs) -> Knobs:
 def _finished(resolved: ResolvedModel, *, rank: int | None, quantization: str | None) -> Any:
     """``resolved``'s module with LoRA adapters of ``rank`` over a base quantized as ``quantization``,
     built as :meth:`Search.module` builds the whole model."""
+    from memguard.estimation.quantization import quantize_model
+
     module = resolved.module if rank is None else add_lora(resolved, rank).module
     if quantization is not None:
         kind, dq = quantization_args(quantization)
@@ -148,21 +162,62 @@ class Search:
         self.failed: dict[str, list[Any]] = {}  # message -> [count, first configuration]
         self.progress = setup.progress
         self.depths: dict[tuple[int | None, str | None], Depth | None] = {}
+        self.descriptions: dict[tuple[int | None, str | None], ModelDescription | None] = {}
 
     def module(self, rank: int | None, quantization: str | None = None) -> Any:
         """The module with LoRA adapters of ``rank`` (``None``: as given) over a base quantized as
         ``quantization`` (a :attr:`Knobs.quantization`), built on first use."""
+        from memguard.estimation.quantization import quantize_model
+
         key: Any = rank if quantization is None else (rank, quantization)
         if key not in self.setup.modules:
-            if quantization is None:
+            if key is None:  # a description stood for it until now
+                module = load_model(self.setup.model).module
+            elif quantization is None:
                 module = add_lora(load_model(self.setup.model), rank).module
             else:
                 kind, dq = quantization_args(quantization)
-                adapted = self.module(rank) if rank is not None else self.setup.modules[None]
+                adapted = self.module(rank) if rank is not None else self.module(None)
                 module, _ = quantize_model(adapted, Quantization(str(kind), dq))
             self.setup.modules[key] = module
             self.ctx.trainable.setdefault(rank, sum(p.numel() for p in module.parameters() if p.requires_grad))
         return self.setup.modules[key]
+
+    def described(self, rank: int | None, quantization: str | None = None) -> ModelDescription | None:
+        """The description of the model :meth:`module` builds, derived from the preset's
+        (:func:`~memguard.estimation.description.with_lora`, ``with_quantized_base``), or ``None`` where the
+        module is built instead (no description, none derivable).
+
+        Raises:
+            ConfigError: as :meth:`module` (``add_lora``) raises it, for a rank above the hidden size.
+        """
+        desc, key = self.setup.description, (rank, quantization)
+        if desc is None or (rank is not None and desc.lora is None) or (quantization and rank is None):
+            return None
+        if key not in self.descriptions:
+            derived: ModelDescription | None = desc
+            if quantization is not None:
+                kind, dq = quantization_args(quantization)
+                quant = Quantization(str(kind), dq)
+                derived = with_quantized_base(desc, rank, quant)[0] if quantizable(desc, quant) else None
+            elif rank is not None:
+                derived = with_lora(desc, rank)
+            self.descriptions[key] = derived
+        return self.descriptions[key]
+
+    def prepare(self, rank: int | None, quantization: str | None = None) -> None:
+        """Check that the model of ``rank`` and ``quantization`` can be made, and count its trainable
+        parameters (which the costs read), from its description where there is one, else by :meth:`module`.
+
+        Raises:
+            MemguardError: as :meth:`module` does (no LoRA for the architecture, a rank too large).
+        """
+        desc = self.described(rank, quantization)
+        if desc is None:
+            self.module(rank, quantization)
+        else:
+            inv = desc.inventory
+            self.ctx.trainable.setdefault(rank, sum(n for n, g in zip(inv.numel, inv.grad, strict=True) if g))
 
     def model(self, k: Knobs, method: Method) -> Any:
         """What ``k`` estimates: its module, and for a trace of a model memguard built, how to build
@@ -173,7 +228,9 @@ class Search:
             return module
         key = (k.lora_rank, k.quantization)
         if key not in self.depths:
-            whole = self.setup.modules[None]
+            from memguard.estimation.shallow import shallow
+
+            whole = self.module(None)
             base = ResolvedModel(whole, self.setup.name, getattr(whole, "config", None), True)
             depth = shallow(base, functools.partial(_finished, rank=k.lora_rank, quantization=k.quantization))
             # one search, one model, the same other arguments: its traces share their recordings
@@ -187,6 +244,8 @@ class Search:
         key = (k.lora_rank, k.quantization)
         if est is None or est.method is not Method.TRACE or self.depths.get(key) is None:
             return
+        from memguard.estimation.trace.depth import EXTENDED
+
         if not any(note.startswith(EXTENDED) for note in est.notes):
             self.depths[key] = None
 
@@ -201,11 +260,10 @@ class Search:
                 self.say(f"tracing {', '.join(k.changes(self.ctx.base)) or 'as asked'} ...")
             elif self.progress is not None and self.count % 25 == 0:
                 self.say("pruning with the formula ...")
-            # the module already has its adapters and its quantized base
-            kwargs = {**k.kwargs(), "lora_rank": None, "quantization": None, "double_quant": False}
+            model, kwargs = self._model_and_knobs(k, method)
             try:
-                self.cache[key] = _estimate(self.model(k, method), seq_len=self.seq_len,
-                                            device=self.setup.device, method=method, **kwargs, **self.setup.extra)
+                self.cache[key] = _estimate(model, seq_len=self.seq_len, device=self.setup.device, method=method,
+                                            **kwargs, **self.setup.extra)
             except MemguardError as exc:
                 if strict:
                     raise
@@ -218,6 +276,22 @@ class Search:
                 traced, formula = (self.cache[key], other) if method is Method.TRACE else (other, self.cache[key])
                 self.ratios.setdefault(structure_of(k), []).append(self.needed(traced) / max(self.needed(formula), 1))
         return self.cache[key]
+
+    def _model_and_knobs(self, k: Knobs, method: Method) -> tuple[Any, dict[str, Any]]:
+        """What :func:`memguard.estimate` of ``k`` takes: the preset's name and every knob, where its description
+        stands for the model (the estimator derives the same model from it: the same bytes); else the module,
+        which has its adapters and its quantized base already."""
+        if method is Method.FORMULA and self.prepared(k):
+            return self.setup.model, k.kwargs()
+        return self.model(k, method), {**k.kwargs(), "lora_rank": None, "quantization": None, "double_quant": False}
+
+    def prepared(self, k: Knobs) -> bool:
+        """Whether ``k``'s model is described (:meth:`described`), its trainable parameters counted as
+        :meth:`module` counts them."""
+        if self.described(k.lora_rank, k.quantization) is None:
+            return False
+        self.prepare(k.lora_rank, k.quantization)
+        return True
 
     def below(self, k: Knobs, est: MemoryEstimate) -> bool:
         """Whether the traces so far say the trace of ``k`` cannot fit where the formula's ``est``
@@ -393,12 +467,17 @@ def plan_rows(search: Search, groups: Sequence[Sequence[_Found]]) -> list[PlanRo
 
 def run_search(setup: Setup, asked: MemoryEstimate | None) -> tuple[Search, list[list[_Found]]]:
     """Estimate the asked run (the trace when the formula cannot), then search each group."""
-    base, module = setup.base, setup.modules[None]
+    base = setup.base
     effective = base.batch_size * base.accumulate * base.world_size
-    ctx = CostContext(base, effective, 1, sum(p.numel() for p in module.parameters()),
-                   {None: sum(p.numel() for p in module.parameters() if p.requires_grad)})
-    search = Search(setup, ctx)
-    search.module(base.lora_rank)  # its trainable count, which the costs read before any estimate
+    if setup.description is not None:
+        inv = setup.description.inventory
+        total, trainable = sum(inv.numel), sum(n for n, g in zip(inv.numel, inv.grad, strict=True) if g)
+    else:
+        module = setup.modules[None]
+        total, trainable = (sum(p.numel() for p in module.parameters()),
+                            sum(p.numel() for p in module.parameters() if p.requires_grad))
+    search = Search(setup, CostContext(base, effective, 1, total, {None: trainable}))
+    search.prepare(base.lora_rank)  # its trainable count, which the costs read before any estimate
     if asked is not None:
         search.cache[(memo_key(base), asked.method)] = asked
     if search.estimate(base, search.method, strict=search.method is Method.TRACE) is None:
@@ -407,7 +486,7 @@ def run_search(setup: Setup, asked: MemoryEstimate | None) -> tuple[Search, list
         setup.notes.append(f"the formula cannot estimate {setup.name}: the trace searched instead")
         search.method = Method.TRACE
     search.seq_len = search.cache[(memo_key(base), search.method)].inputs.get("seq_len")
-    search.ctx = dataclasses.replace(ctx, tokens_per_sample=search.seq_len or COSTS["micro_batch_tokens"])
+    search.ctx = dataclasses.replace(search.ctx, tokens_per_sample=search.seq_len or COSTS["micro_batch_tokens"])
     keep = 2 * setup.limit + 2  # candidates beyond the rows shown: the trace may drop some
     return search, [search.search(group, states, ranks, keep) for group, states, ranks in _groups(search)]
 
@@ -425,8 +504,10 @@ def _groups(search: Search) -> list[tuple[str, list[Knobs], tuple[int | None, ..
                            f"{ctx.effective}: not searched")
     mine = (base.strategy, base.world_size, base.offload_optimizer, base.offload_params)
     layouts = [mine, *(x for x in layouts if x != mine)]
-    module = setup.modules[None]
-    switch = any(hasattr(module, f) for f in ("activation_checkpointing_enable", "gradient_checkpointing_enable"))
+    if setup.description is not None:
+        switch = setup.description.checkpointing_switch
+    else:
+        switch = any(hasattr(setup.modules[None], f) for f in CHECKPOINTING_SWITCHES)
     if not (switch or base.checkpointing):
         setup.notes.append(f"{setup.name} has no checkpointing switch (transformers' gradient_checkpointing_enable): "
                            "gradient checkpointing not searched")
@@ -435,14 +516,14 @@ def _groups(search: Search) -> list[tuple[str, list[Knobs], tuple[int | None, ..
     out = [(mine_group, setup.optimizers, (base.lora_rank,), setup.precisions, base.quantization)]
     if setup.lora_ranks:
         try:
-            search.module(setup.lora_ranks[0])
+            search.prepare(setup.lora_ranks[0])
             out.append((LORA, (base.optimizer,), setup.lora_ranks, setup.precisions, None))
         except MemguardError as exc:
             setup.notes.append(f"LoRA not planned: {exc}")
     qlora_ranks = setup.lora_ranks or ((base.lora_rank,) if base.lora_rank else ())
     if qlora_ranks and base.quantization is None:
         try:
-            search.module(qlora_ranks[0], _QLORA)
+            search.prepare(qlora_ranks[0], _QLORA)
             out.append((QLORA, (base.optimizer,), qlora_ranks, _qlora_precisions(setup.precisions), _QLORA))
         except MemguardError as exc:
             setup.notes.append(f"QLoRA not planned: {exc}")

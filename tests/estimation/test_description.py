@@ -4,7 +4,10 @@ preset without torch)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,10 +19,11 @@ from memguard.estimation.description import (
     describe,
     description_text,
     preset_description,
+    with_lora,
 )
 from memguard.estimation.estimator import runs_without_torch
 from memguard.estimation.formula.inventory import inventory
-from memguard.estimation.models import list_presets, load_model
+from memguard.estimation.models import add_lora, list_presets, load_model
 
 # every kind of preset: decoder-only (learned and rotary positions), encoder, encoder-decoder, audio, vision
 KINDS = ["gpt2", "llama-2-7b", "bert-base-uncased", "t5-small", "whisper-tiny", "vit-base"]
@@ -110,16 +114,173 @@ def test_a_bad_argument_is_refused_with_the_module_paths_words(name: str, kwargs
     [
         {"method": "auto"},
         {"method": "trace"},
-        {"method": "formula", "lora_rank": 8},
-        {"method": "formula", "quantization": "nf4"},
-        {"method": "formula", "strategy": "ddp", "world_size": 2},
-        {"method": "formula", "strategy": "fsdp", "world_size": 2},
+        {"method": "formula", "quantization": "nf4", "skip_modules": []},  # GPT-2's tied head quantized: built
         {"method": "formula", "loss_fn": lambda out, batch: out.loss},
         {"method": "formula", "optimizer": "lion"},  # refused by the estimate itself
     ],
 )
 def test_only_a_plain_formula_estimate_of_a_preset_reads_the_description(kwargs: dict) -> None:
     assert not runs_without_torch("gpt2", seq_len=64, **kwargs)
+
+
+# decoder-only (learned positions, Conv1D; rotary MHA; rotary GQA), encoder, encoder-decoder (FSDP wraps its decoder)
+SHARDED_PRESETS = ["gpt2", "llama-2-7b", "mistral-7b", "bert-base-uncased", "t5-small"]
+
+LAYOUTS = [
+    {"strategy": "ddp", "world_size": 2},
+    {"strategy": "ddp", "world_size": 1},
+    {"strategy": "fsdp", "world_size": 2},
+    {"strategy": "fsdp", "world_size": 8, "offload_optimizer": True},
+    {"strategy": "fsdp", "world_size": 4, "offload_optimizer": True, "offload_params": True},
+    {"strategy": "fsdp_shard_grad_op", "world_size": 4},
+    {"strategy": "fsdp_hybrid", "world_size": 16, "offload_optimizer": True},
+    {"strategy": "deepspeed_stage_1", "world_size": 2},
+    {"strategy": "deepspeed_stage_2", "world_size": 1},
+    {"strategy": "deepspeed_stage_2", "world_size": 4, "offload_optimizer": True},
+    {"strategy": "deepspeed_stage_3", "world_size": 3},
+    {"strategy": "deepspeed_stage_3", "world_size": 8, "offload_optimizer": True, "offload_params": True},
+]
+
+SHARDED_STEPS = [
+    {"precision": "bf16-mixed"},
+    {"precision": "32-true", "gradient_checkpointing": True, "accumulate_grad_batches": 2},
+    {"precision": "bf16-true", "optimizer": "adamw-8bit"},
+    {"precision": "16-mixed", "optimizer": "adafactor", "gradient_checkpointing": True, "device": "cpu"},
+    {"precision": "bf16-mixed", "optimizer": "sgd", "accumulate_grad_batches": 2, "training_loop": "lightning"},
+]
+
+
+@pytest.mark.parametrize("name", SHARDED_PRESETS)
+def test_a_sharded_strategy_on_a_preset_is_the_same_from_its_description_and_from_its_module(name: str) -> None:
+    """Every strategy, offload and world size (DeepSpeed's master weights under mixed precision, FSDP's
+    gathered units, the buckets, the host's share) from the description as from the module, byte for byte."""
+    for layout in LAYOUTS:
+        for kwargs in SHARDED_STEPS:
+            kwargs = {**kwargs, **layout, "batch_size": 2, "seq_len": 64, "method": "formula"}
+            assert runs_without_torch(name, **kwargs)
+            from_description = memguard.estimate(name, **kwargs)
+            assert from_description.to_dict() == memguard.estimate(_module(name), **kwargs).to_dict(), kwargs
+            assert from_description.inputs["strategy"] == layout["strategy"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5-small", "whisper-tiny", "vit-base"])
+def test_fsdp_units_from_the_inventory_are_the_modules(name: str) -> None:
+    from memguard.estimation.parallel import Units, units
+
+    module = _module(name).module
+    assert Units.of_inventory(preset_description(name).inventory) == units(module)
+    assert units(module).blocks in (4, 6, 12)
+
+
+@contextlib.contextmanager
+def _none_shipped() -> Iterator[None]:
+    """No description shipped: ``estimate(PRESET, ...)`` builds the module (and adds LoRA with peft) as before."""
+    import memguard.estimation.description as description
+
+    shipped = description.DESCRIPTION_DIR
+    description.DESCRIPTION_DIR = Path("/nonexistent-memguard-descriptions")
+    preset_description.cache_clear()
+    try:
+        yield
+    finally:
+        description.DESCRIPTION_DIR = shipped
+        preset_description.cache_clear()
+
+
+def _from_module(name: str, **kwargs: object) -> dict:
+    with _none_shipped():
+        assert not runs_without_torch(name, **kwargs)
+        return memguard.estimate(name, **kwargs).to_dict()
+
+
+LORA_STEPS = [
+    {"precision": "bf16-mixed"},
+    {"precision": "32-true", "gradient_checkpointing": True},
+    {"precision": "bf16-true", "accumulate_grad_batches": 2},
+    {"precision": "bf16-mixed", "gradient_checkpointing": True, "accumulate_grad_batches": 2, "optimizer": "adafactor"},
+    {"precision": "16-mixed", "device": "cpu", "optimizer": "adamw-8bit", "keep_output": True},
+    {"precision": "bf16-mixed", "strategy": "ddp", "world_size": 2},
+    {"precision": "bf16-mixed", "strategy": "fsdp", "world_size": 4, "offload_optimizer": True},
+    {"precision": "bf16-mixed", "strategy": "deepspeed_stage_2", "world_size": 2},
+    {"precision": "32-true", "strategy": "deepspeed_stage_3", "world_size": 2, "offload_params": True,
+     "offload_optimizer": True, "gradient_checkpointing": True},
+]
+
+
+@pytest.mark.parametrize("name", SHARDED_PRESETS)
+@pytest.mark.parametrize("rank", [8, 64])
+def test_lora_on_a_preset_is_the_same_from_its_description_and_from_its_module(name: str, rank: int) -> None:
+    """peft's adapters derived from the description (its default targets, GPT-2's Conv1D transposed, the base
+    frozen) as :func:`add_lora` puts them on the module: the description, and every estimate, byte for byte."""
+    assert with_lora(preset_description(name), rank) == describe(add_lora(load_model(name), rank))
+    for kwargs in LORA_STEPS:
+        kwargs = {**kwargs, "batch_size": 2, "seq_len": 64, "method": "formula", "lora_rank": rank}
+        assert runs_without_torch(name, **kwargs)
+        from_description = memguard.estimate(name, **kwargs)
+        assert from_description.to_dict() == _from_module(name, **kwargs), kwargs
+        assert from_description.inputs["model"] == f"{name}+lora{rank}"
+
+
+def test_a_lora_rank_above_the_hidden_size_is_refused_with_the_module_paths_words() -> None:
+    kwargs = {"batch_size": 1, "seq_len": 64, "method": "formula", "lora_rank": 769}
+    with pytest.raises(ConfigError, match=r"lora_rank=769 is above the hidden size of gpt2 \(768\)") as described:
+        memguard.estimate("gpt2", **kwargs)
+    with _none_shipped(), pytest.raises(ConfigError) as built:
+        memguard.estimate("gpt2", **kwargs)
+    assert str(described.value) == str(built.value)
+    assert memguard.estimate("gpt2", **{**kwargs, "lora_rank": 768}).inputs["lora_rank"] == 768
+
+
+def test_lora_where_peft_has_no_default_targets_builds_the_module() -> None:
+    """ViT and Whisper: peft names no default ``target_modules``; the module path says so."""
+    assert preset_description("vit-base").lora is None
+    assert not runs_without_torch("vit-base", method="formula", lora_rank=8)
+    with pytest.raises(ConfigError, match="cannot add LoRA adapters to vit-base"):
+        memguard.estimate("vit-base", method="formula", lora_rank=8)
+
+
+QLORA_STEPS = [
+    {"quantization": "nf4", "double_quant": True, "precision": "bf16-true"},
+    {"quantization": "nf4", "precision": "bf16-mixed", "gradient_checkpointing": True, "lora_rank": 64},
+    {"quantization": "fp4", "precision": "32-true", "accumulate_grad_batches": 2},
+    {"quantization": "int8", "precision": "bf16-mixed", "lora_rank": 64},
+    {"quantization": "int8", "precision": "16-true", "gradient_checkpointing": True, "accumulate_grad_batches": 2},
+    # past the fused kernel's rows
+    {"quantization": "nf4", "double_quant": True, "precision": "bf16-true", "batch_size": 4, "seq_len": 512},
+    {"quantization": "nf4", "double_quant": True, "precision": "bf16-true", "strategy": "ddp", "world_size": 2},
+    {"quantization": "nf4", "double_quant": True, "precision": "bf16-mixed",
+     "skip_modules": ["q_proj", "query", "q", "lm_head", "decoder"]},  # the tied heads skipped too
+]
+
+
+@pytest.mark.parametrize("name", SHARDED_PRESETS)
+def test_qlora_on_a_preset_is_the_same_from_its_description_and_from_its_module(name: str) -> None:
+    """A quantized base (NF4, FP4, int8; double quantization; skip_modules; peft's default rank 8 or another)
+    derived from the description as :func:`quantize_model` stores it over ``add_lora``'s model: byte for byte,
+    the note on the stored bytes included."""
+    for kwargs in QLORA_STEPS:
+        kwargs = {"batch_size": 2, "seq_len": 64, "method": "formula", **kwargs}
+        assert runs_without_torch(name, **kwargs), kwargs
+        from_description = memguard.estimate(name, **kwargs)
+        assert from_description.to_dict() == _from_module(name, **kwargs), kwargs
+        assert from_description.inputs["quantization"] == kwargs["quantization"]
+        assert from_description.inputs["model"].startswith(f"{name}+lora{kwargs.get('lora_rank', 8)}+")
+
+
+def test_quantizing_every_linear_layer_of_an_untied_model_is_derived_too() -> None:
+    """Llama's head is its own weight: ``skip_modules=[]`` quantizes it as well, from the description."""
+    kwargs = {"batch_size": 1, "seq_len": 64, "method": "formula", "quantization": "nf4", "skip_modules": []}
+    assert runs_without_torch("llama-2-7b", **kwargs)
+    assert memguard.estimate("llama-2-7b", **kwargs).to_dict() == _from_module("llama-2-7b", **kwargs)
+
+
+def test_a_quantization_that_skips_every_layer_is_refused_with_the_module_paths_words() -> None:
+    kwargs = {"batch_size": 1, "seq_len": 64, "method": "formula", "quantization": "nf4", "skip_modules": [".*"]}
+    with pytest.raises(ConfigError, match=r"quantization='nf4', but llama-2-7b\+lora8 has no nn.Linear") as described:
+        memguard.estimate("llama-2-7b", **kwargs)
+    with _none_shipped(), pytest.raises(ConfigError) as built:
+        memguard.estimate("llama-2-7b", **kwargs)
+    assert str(described.value) == str(built.value)
 
 
 def test_models_other_than_presets_are_built() -> None:

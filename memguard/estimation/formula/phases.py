@@ -13,7 +13,6 @@ import dataclasses
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from memguard.errors import ConfigError
 from memguard.estimation.arch import Architecture, inspect_architecture
 from memguard.estimation.formula.activations import Activations, activations
 from memguard.estimation.formula.blocks import block_backward_bytes, block_forward_bytes
@@ -28,7 +27,7 @@ from memguard.estimation.formula.loss import (
 )
 from memguard.estimation.formula.model_state import ModelState, model_state
 from memguard.estimation.formula.norms import norm_backward_bytes
-from memguard.estimation.parallel import Parallelism
+from memguard.estimation.parallel import Parallelism, Units
 from memguard.estimation.phase import Phase
 from memguard.estimation.quantization_kinds import FUSED_MAX_ROWS, QuantizationKind
 from memguard.estimation.result import Category
@@ -69,7 +68,7 @@ def formula_breakdown(model: ResolvedModel | ModelDescription, spec: TrainingSpe
 
     Args:
         model: the resolved model (its module may live on the meta device), or a preset's
-            :class:`~memguard.estimation.description.ModelDescription` (no sharded ``parallel`` then).
+            :class:`~memguard.estimation.description.ModelDescription`.
         spec: batch size, sequence length, optimizer, precision, checkpointing and device.
         training_loop: ``"pytorch"`` (``zero_grad(set_to_none=True)`` after the step: no
             gradients during forward) or ``"lightning"`` (``zero_grad`` after the next forward:
@@ -90,10 +89,8 @@ def formula_breakdown(model: ResolvedModel | ModelDescription, spec: TrainingSpe
 
     phases, notes = step_phases(model, spec, training_loop=training_loop)
     if parallel is not None and parallel.sharded:
-        if isinstance(model, ModelDescription):
-            raise ConfigError(f"{parallel.strategy} shards the model's blocks: the formula needs the module of "
-                              f"{model.name}, not its description")
-        phases = shard_phases(phases, parallel, model.module, spec)
+        units = Units.of_inventory(model.inventory) if isinstance(model, ModelDescription) else model.module
+        phases = shard_phases(phases, parallel, units, spec)
     name, peak = max(phases.items(), key=lambda kv: sum(kv[1].values()))
     breakdown = dict(peak)
     notes.append(f"formula: peak at the {name}")
@@ -150,7 +147,7 @@ def _read(model: ResolvedModel | ModelDescription) -> tuple[Architecture, Invent
 
     if isinstance(model, ModelDescription):
         refuse_unmodelled(model.arch.model_type)
-        return model.arch, model.inventory, model.config, []
+        return model.arch, model.inventory, model.config, list(model.quantized)
     module = model.module
     refuse_unmodelled(model_type_of(model))
     arch = inspect_architecture(module, model.config, name=model.name, needs="the formula")
@@ -189,12 +186,12 @@ def output_bytes(model: ResolvedModel | ModelDescription, spec: TrainingSpec) ->
 PHASE_OF = {"end of forward": Phase.FORWARD, "start of backward": Phase.BACKWARD,
             "final norm's backward": Phase.BACKWARD,
             "top block's backward": Phase.BLOCK_BACKWARD,
-            "bottom block's backward": Phase.BLOCK_BACKWARD,
+            "bottom block's backward": Phase.BLOCK_BACKWARD, "encoder's backward": Phase.BLOCK_BACKWARD,
             "end of backward": Phase.BLOCK_BACKWARD, "optimizer step": Phase.OPTIMIZER}
 """The trace's :class:`~memguard.estimation.trace.Phase` each moment of the formula falls in."""
 
 
-def shard_phases(phases: Phases, parallel: Parallelism, module: nn.Module, spec: TrainingSpec,
+def shard_phases(phases: Phases, parallel: Parallelism, module: nn.Module | Units, spec: TrainingSpec,
                  ) -> Phases:
     """Each moment as one rank of a sharded strategy holds it, weighted as the trace weights it.
 
@@ -207,7 +204,8 @@ def shard_phases(phases: Phases, parallel: Parallelism, module: nn.Module, spec:
     the local ``FlatParameter`` shards). Full sharding then adds what
     :meth:`Parallelism.phase_extras` holds gathered in that phase (the root unit, one or two
     blocks, one block's unsharded gradients), so the peak moment is chosen after sharding, as in
-    the trace: under ZeRO-1 the step over a 1/N partition is no longer the peak.
+    the trace: under ZeRO-1 the step over a 1/N partition is no longer the peak. ``module`` is the
+    model, or its :class:`~memguard.estimation.parallel.Units` (a preset's description).
     """
     elem = spec.precision.param_bytes
     extras = (parallel.phase_extras(module, bytes_per_element=elem, device=spec.device)
@@ -309,7 +307,7 @@ def _dequantize_bytes(layers: list[Any], ctx: Ctx, tokens: int) -> tuple[int, in
     """
     if not layers:
         return 0, 0
-    from memguard.estimation.quantization import dequantize_temporary
+    from memguard.estimation.quantization_kinds import dequantize_temporary
 
     if any(m.quantization.kind is QuantizationKind.INT8 for m in layers):
         # MatMul8bitLt's forward dequantizes no weight: it casts its input to fp16 and quantizes it
