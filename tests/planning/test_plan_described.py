@@ -27,13 +27,17 @@ def none_shipped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[No
 
 
 PLANS = [
-    ("llama-2-7b", {"seq_len": 2048, "gpu": "A100-80GB", "batch_size": 4, "base": {"precision": "bf16-mixed"},
-                    "lora_ranks": (16, 64)}),
-    ("mistral-7b", {"seq_len": 512, "gpu": "24GiB", "batch_size": 4, "gpus": 4,
-                    "base": {"precision": "bf16-mixed", "lora_rank": 8, "quantization": "nf4"}}),
-    ("gpt2", {"seq_len": 256, "gpu": "2GiB", "batch_size": 8, "gpus": 2,
-              "base": {"strategy": "fsdp", "world_size": 2, "gradient_checkpointing": True}}),
-    ("t5-small", {"seq_len": 128, "gpu": "1GiB", "batch_size": 16, "base": {"optimizer": "adafactor"}}),
+    pytest.param("llama-2-7b", {"seq_len": 2048, "gpu": "A100-80GB", "batch_size": 4,
+                                "base": {"precision": "bf16-mixed"}, "lora_ranks": (16, 64)}, id="llama-2-7b"),
+    pytest.param("mistral-7b", {"seq_len": 512, "gpu": "24GiB", "batch_size": 4, "gpus": 4,
+                                "base": {"precision": "bf16-mixed", "lora_rank": 8, "quantization": "nf4"}},
+                 id="mistral-7b"),
+    # these two trace their near misses (20-30 s each): the full suite's
+    pytest.param("gpt2", {"seq_len": 256, "gpu": "2GiB", "batch_size": 8, "gpus": 2,
+                          "base": {"strategy": "fsdp", "world_size": 2, "gradient_checkpointing": True}},
+                 marks=pytest.mark.slow, id="gpt2"),
+    pytest.param("t5-small", {"seq_len": 128, "gpu": "1GiB", "batch_size": 16, "base": {"optimizer": "adafactor"}},
+                 marks=pytest.mark.slow, id="t5-small"),
 ]
 
 
@@ -43,7 +47,7 @@ def _plan(name: str, kwargs: dict) -> dict:
     return data
 
 
-@pytest.mark.parametrize(("name", "kwargs"), PLANS, ids=[p[0] for p in PLANS])
+@pytest.mark.parametrize(("name", "kwargs"), PLANS)
 def test_a_formula_plan_of_a_preset_is_the_same_from_its_description(name: str, kwargs: dict, request) -> None:
     setup = make_setup(name, None, gpu=kwargs["gpu"], seq_len=None, gpus=None, batch_size=None, margin=0.1,
                        precision=None, optimizers=None, base=None, lora_ranks=(8,), method_prune="formula", confirm=0,
