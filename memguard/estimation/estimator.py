@@ -547,7 +547,7 @@ def _distribute(breakdown: dict[Category, int], parallel: Parallelism, resolved:
 
     inv = _inventory_of(resolved)
     element = _element_bytes(spec)
-    trainable_numel = sum(n for n, g in zip(inv.numel, inv.grad, strict=True) if g)
+    trainable_numel = inv.trainable_numel
     trainable = trainable_numel * element
     states = model_state(inv, spec).optimizer_state
     notes = []

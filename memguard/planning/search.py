@@ -216,8 +216,7 @@ class Search:
         if desc is None:
             self.module(rank, quantization)
         else:
-            inv = desc.inventory
-            self.ctx.trainable.setdefault(rank, sum(n for n, g in zip(inv.numel, inv.grad, strict=True) if g))
+            self.ctx.trainable.setdefault(rank, desc.inventory.trainable_numel)
 
     def model(self, k: Knobs, method: Method) -> Any:
         """What ``k`` estimates: its module, and for a trace of a model memguard built, how to build
@@ -471,7 +470,7 @@ def run_search(setup: Setup, asked: MemoryEstimate | None) -> tuple[Search, list
     effective = base.batch_size * base.accumulate * base.world_size
     if setup.description is not None:
         inv = setup.description.inventory
-        total, trainable = sum(inv.numel), sum(n for n, g in zip(inv.numel, inv.grad, strict=True) if g)
+        total, trainable = sum(inv.numel), inv.trainable_numel
     else:
         module = setup.modules[None]
         total, trainable = (sum(p.numel() for p in module.parameters()),

@@ -77,6 +77,11 @@ class Inventory:
         """``requires_grad`` of each parameter (:func:`inventory` reads it on every call)."""
         return list(self.grad)
 
+    @property
+    def trainable_numel(self) -> int:
+        """Elements of the trainable parameters (``requires_grad``)."""
+        return sum(n for n, g in zip(self.numel, self.grad, strict=True) if g)
+
     def size(self, i: int, elem: int) -> int:
         """Bytes of parameter ``i`` with floating point kept in ``elem``-byte elements."""
         return self.float_numel[i] * elem + self.other_bytes[i]
