@@ -38,8 +38,8 @@ from memguard.estimation.quantization_kinds import (
 if TYPE_CHECKING:
     from memguard.estimation.models import ResolvedModel
 
-__all__ = ["DESCRIPTION_DIR", "LoraSites", "ModelDescription", "describe", "preset_description", "quantizable",
-           "with_lora", "with_quantized_base", "write_descriptions"]
+__all__ = ["DESCRIPTION_DIR", "LoraSites", "ModelDescription", "describe", "described_preset", "preset_description",
+           "quantizable", "with_lora", "with_quantized_base", "write_descriptions"]
 
 DESCRIPTION_DIR = Path(__file__).parent / "presets" / "described"
 """Where the presets' descriptions are shipped, one ``NAME.json`` per preset."""
@@ -327,6 +327,15 @@ def _adapted(inv: Inventory, targets: tuple[tuple[int, int, int], ...], rank: in
         enc_blocks=tuple(remap(blk) for blk in inv.enc_blocks), dec_blocks=tuple(remap(blk) for blk in inv.dec_blocks),
         head=None if inv.head is None else new_of[inv.head], matmul_numel=inv.matmul_numel + lora_numel,
         adapters=adapters)
+
+
+def described_preset(model: Any) -> ModelDescription | None:
+    """The shipped description of the preset ``model`` names (aliases and spellings read,
+    :func:`~memguard.estimation.models.preset_key`), or ``None``: not a preset's name, or none shipped."""
+    from memguard.estimation.models import preset_key
+
+    key = preset_key(model) if isinstance(model, str) else None
+    return preset_description(key) if key is not None else None
 
 
 @functools.cache

@@ -22,7 +22,7 @@ from memguard.errors import ConfigError, MemguardError
 from memguard.estimation import sandbox
 from memguard.estimation.description import (
     ModelDescription,
-    preset_description,
+    described_preset,
     quantizable,
     with_lora,
     with_quantized_base,
@@ -37,7 +37,7 @@ from memguard.estimation.inputs import (
     max_positions,
     model_task,
 )
-from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing, load_model, preset_key
+from memguard.estimation.models import ResolvedModel, add_lora, is_checkpointing, load_model
 from memguard.estimation.overhead import device_overhead
 from memguard.estimation.parallel import Parallelism, Strategy, Units
 from memguard.estimation.quantization_kinds import Quantization, quantized_note
@@ -243,12 +243,9 @@ def _described(model: Any, step: Step, method: str, example_input: Any, loss_fn:
     adapters go and what is quantized: :func:`_estimate_described` derives them), else ``None``: that model
     is built (:func:`_resolved_model`). The description is the meta model's, read once and pinned by the
     tests (:mod:`memguard.estimation.description`), so the answer is the same without torch."""
-    if method != Method.FORMULA or not isinstance(model, str):
+    if method != Method.FORMULA or example_input is not None or loss_fn is not None or step_fn is not None:
         return None
-    if example_input is not None or loss_fn is not None or step_fn is not None:
-        return None
-    key = preset_key(model)
-    desc = preset_description(key) if key is not None else None
+    desc = described_preset(model)
     if desc is None or (step.lora_rank is not None and desc.lora is None):
         return None
     return None if step.quant is not None and not quantizable(desc, step.quant) else desc

@@ -150,7 +150,7 @@ class _Quantized(Protocol):
 class QuantizedShape:
     """A quantized linear layer as the formula reads it, without its tensors: what a
     :class:`memguard.estimation.quantization.QuantizedLinear` of a preset's description would be
-    (:func:`memguard.estimation.description.with_quantization`)."""
+    (:func:`memguard.estimation.description.with_quantized_base`)."""
 
     in_features: int
     out_features: int

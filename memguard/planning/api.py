@@ -12,9 +12,9 @@ from typing import Any
 from memguard.device import DeviceMemory, DeviceSpec, memory_of
 from memguard.device.catalog import bf16_problem
 from memguard.errors import ConfigError, MemguardError
-from memguard.estimation.description import ModelDescription, preset_description
+from memguard.estimation.description import ModelDescription, described_preset
 from memguard.estimation.estimator import DEFAULT_QLORA_RANK
-from memguard.estimation.models import ResolvedModel, add_lora, load_model, lora_rank_limit, preset_key
+from memguard.estimation.models import ResolvedModel, add_lora, load_model, lora_rank_limit
 from memguard.estimation.parallel import world_size_of
 from memguard.estimation.result import MemoryEstimate, Method
 from memguard.estimation.spec import OPTIMIZERS as NAMED_OPTIMIZERS
@@ -202,7 +202,8 @@ def make_setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len:
     desc = _description_of(model, resolved, extra)
     if desc is None:
         resolved = resolved or load_model(model)
-        modules, name, built_here, rank_limit = {None: resolved.module}, resolved.name, resolved.built_here, None
+        modules, name, built_here = {None: resolved.module}, resolved.name, resolved.built_here
+        rank_limit = lora_rank_limit(resolved)
     else:  # a preset memguard would build: the formula reads its description, a trace builds it
         modules, name, built_here, rank_limit = {}, desc.name, True, desc.lora.limit if desc.lora else None
     if knobs.lora_rank and not built_here:
@@ -211,7 +212,6 @@ def make_setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len:
         notes.append("LoRA is planned for models memguard builds (a preset, config or config.json); wrap your "
                      "module with peft.get_peft_model to plan it")
         ranks = ()
-    rank_limit = lora_rank_limit(resolved) if desc is None else rank_limit
     if rank_limit is not None and any(r > rank_limit for r in ranks):
         notes.append(f"LoRA ranks above the hidden size of {name} ({rank_limit}) are not planned")
         ranks = tuple(r for r in ranks if r <= rank_limit)
@@ -225,12 +225,9 @@ def _description_of(model: Any, resolved: ResolvedModel | None, extra: Mapping[s
     """The shipped description that stands for ``model`` in a plan (:attr:`Setup.description`): a preset named,
     not built yet, without code of the user's for its estimates, whose description says where LoRA goes
     (:class:`~memguard.estimation.description.LoraSites`: a plan searches LoRA); else ``None``."""
-    if resolved is not None or not isinstance(model, str):
+    if resolved is not None or any((extra or {}).get(k) is not None for k in ("example_input", "loss_fn", "step_fn")):
         return None
-    if any((extra or {}).get(k) is not None for k in ("example_input", "loss_fn", "step_fn")):
-        return None
-    key = preset_key(model)
-    desc = preset_description(key) if key is not None else None
+    desc = described_preset(model)
     return desc if desc is not None and desc.lora is not None else None
 
 

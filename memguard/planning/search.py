@@ -212,11 +212,8 @@ class Search:
         Raises:
             MemguardError: as :meth:`module` does (no LoRA for the architecture, a rank too large).
         """
-        desc = self.described(rank, quantization)
-        if desc is None:
+        if not self.prepared(rank, quantization):
             self.module(rank, quantization)
-        else:
-            self.ctx.trainable.setdefault(rank, desc.inventory.trainable_numel)
 
     def model(self, k: Knobs, method: Method) -> Any:
         """What ``k`` estimates: its module, and for a trace of a model memguard built, how to build
@@ -280,17 +277,17 @@ class Search:
         """What :func:`memguard.estimate` of ``k`` takes: the preset's name and every knob, where its description
         stands for the model (the estimator derives the same model from it: the same bytes); else the module,
         which has its adapters and its quantized base already."""
-        if method is Method.FORMULA and self.prepared(k):
+        if method is Method.FORMULA and self.prepared(k.lora_rank, k.quantization):
             return self.setup.model, k.kwargs()
         return self.model(k, method), {**k.kwargs(), "lora_rank": None, "quantization": None, "double_quant": False}
 
-    def prepared(self, k: Knobs) -> bool:
-        """Whether ``k``'s model is described (:meth:`described`), its trainable parameters counted as
-        :meth:`module` counts them."""
-        if self.described(k.lora_rank, k.quantization) is None:
-            return False
-        self.prepare(k.lora_rank, k.quantization)
-        return True
+    def prepared(self, rank: int | None, quantization: str | None = None) -> bool:
+        """Whether the model of ``rank`` and ``quantization`` is described (:meth:`described`); its trainable
+        parameters then counted from the description, as :meth:`module` counts them from the module."""
+        desc = self.described(rank, quantization)
+        if desc is not None:
+            self.ctx.trainable.setdefault(rank, desc.inventory.trainable_numel)
+        return desc is not None
 
     def below(self, k: Knobs, est: MemoryEstimate) -> bool:
         """Whether the traces so far say the trace of ``k`` cannot fit where the formula's ``est``
