@@ -125,7 +125,8 @@ def _start(args: list[str], *paths: Path) -> tuple[subprocess.Popen, float]:
 
 
 SUBPROCESS_CASES = {
-    # case: (arguments, what the one line says). Each process imports torch (~2 s of CPU), so only
+    # case: (arguments, what the one line says). A process that imports torch takes ~2 s of CPU (a bad
+    # config file is refused before, test_a_bad_config_file_is_refused_before_torch_is_imported), so only
     # the cases that need a process of their own are here: a memory limit, a broken pynvml on the
     # path. Other binary files, broken modules and sys.exit run in this process below (a
     # SystemExit escaping main() would fail those tests as it would end the command).
@@ -191,6 +192,26 @@ def test_bad_input_in_a_subprocess_is_one_line_and_exit_2(subprocess_runs, case)
     assert lines[0].startswith("memguard: error: ")
     assert run["says"] in lines[0]
     assert run["seconds"] < WALL_LIMIT
+
+
+_NO_TORCH_PROBE = ("import sys, runpy; sys.argv = ['memguard', *sys.argv[1:]]\n"
+                   "try:\n    runpy.run_module('memguard', run_name='__main__')\nexcept SystemExit as exc:\n"
+                   "    print(exc.code, sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)")
+
+
+@pytest.mark.slow
+def test_a_bad_config_file_is_refused_before_torch_is_imported(tmp_path):
+    """A device, a config too deep or without a model_type, a folder without a config.json: refused
+    before the ~3 s of importing torch and transformers (``models.check_config_file``)."""
+    no_type, deep = tmp_path / "no_type.json", write_config(tmp_path, "deep.json", n_layer=MAX_COUNT)
+    no_type.write_text(json.dumps({"n_layer": 2}))
+    (tmp_path / "empty").mkdir()
+    for args in (["estimate", "/dev/zero"], ["check", str(no_type), "--gpu", "T4", "--seq-len", "8"],
+                 ["max-batch", deep, "--gpu", "T4"], ["check", str(tmp_path / "empty"), "--gpu", "T4"]):
+        proc = subprocess.run([sys.executable, "-c", _NO_TORCH_PROBE, *args], capture_output=True, text=True,
+                              timeout=WALL_LIMIT)
+        assert proc.stderr.splitlines()[-1] == f"{EXIT_USAGE} []", (args, proc.stderr)
+        assert proc.stderr.startswith("memguard: error: "), proc.stderr
 
 
 def _wait_for_torch(proc: subprocess.Popen, timeout: float = WALL_LIMIT) -> None:

@@ -159,6 +159,10 @@ def _main(argv: Sequence[str] | None, readers: Readers | None = None) -> int:
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     try:
+        if isinstance(getattr(args, "model", None), str):  # a bad config.json: refused before torch is imported
+            from memguard.estimation.models import check_config_file
+
+            check_config_file(args.model)
         needs_torch = not _without_torch(args)
         # torch and the estimator: only now, so --help and --version answer at once
         _import_estimator(torch=needs_torch)

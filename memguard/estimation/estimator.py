@@ -14,6 +14,7 @@ transformers, which this module and the ones it imports at its top leave to the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -310,17 +311,25 @@ def _resolved_model(model: Any, step: Step) -> tuple[ResolvedModel, Quantization
     """The model to estimate, with LoRA adapters and quantized linear layers as ``step`` asks; its
     quantization, LoRA rank (QLoRA's default over a quantized base memguard builds) and notes."""
     from memguard.estimation.quantization import detect_quantization
+    from memguard.estimation.shallow import finished, where_it_pays
 
     lora_rank = step.lora_rank
     resolved = load_model(model)
     quant = step.quant or detect_quantization(resolved.module, resolved.config)
     if quant is not None and lora_rank is None and resolved.built_here:
         lora_rank = DEFAULT_QLORA_RANK
+    # A deep model memguard builds is traced by depth (its 1-4-block steps, the same estimate to the byte),
+    # where that costs less than its whole step; a plan's model comes with its own (``private``).
+    depth = None
+    if resolved.built_here and resolved.depth is None:
+        depth = where_it_pays(resolved, functools.partial(finished, rank=lora_rank, quant=quant))
     if lora_rank is not None:
         resolved = add_lora(resolved, lora_rank)
     quant_notes: list[str] = []
     if quant is not None:
         resolved, quant_notes = _quantize(resolved, quant)
+    if depth is not None:
+        resolved = dataclasses.replace(resolved, depth=depth)
     return resolved, quant, lora_rank, quant_notes
 
 

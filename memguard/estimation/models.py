@@ -337,9 +337,17 @@ def _pair(value: Any) -> tuple[int, int] | None:
     return None
 
 
-def _config_from_dict(data: Mapping[str, Any], origin: str) -> Any:
-    from transformers import AutoConfig
+def check_config_file(model: str) -> None:
+    """Refuse a ``config.json`` path (or model directory) that :func:`load_model` would refuse before it
+    builds anything (not a regular file, too large, not JSON, no ``model_type``, sizes out of range),
+    without importing torch or transformers: the CLI asks first, so that a bad file is one line at once,
+    not after seconds of imports. A preset's name, or a name that is no existing path, passes."""
+    if preset_key(model) is None and _exists(model):
+        _checked_config_dict(*_read_config_dict(model))
 
+
+def _checked_config_dict(data: Mapping[str, Any], origin: str) -> tuple[str, dict[str, Any]]:
+    """The ``model_type`` of a config's dict and the rest of it, its sizes checked (:func:`check_config_sizes`)."""
     data = dict(data)
     model_type = data.pop("model_type", None)
     if not model_type:
@@ -347,6 +355,13 @@ def _config_from_dict(data: Mapping[str, Any], origin: str) -> Any:
     if not isinstance(model_type, str):
         raise ConfigError(f"model config {origin!r}: model_type must be a string, got {model_type!r}")
     check_config_sizes(data, origin)
+    return model_type, data
+
+
+def _config_from_dict(data: Mapping[str, Any], origin: str) -> Any:
+    from transformers import AutoConfig
+
+    model_type, data = _checked_config_dict(data, origin)
     try:
         return AutoConfig.for_model(model_type, **data)
     except Exception as exc:  # transformers raises ValueError, KeyError, TypeError, its own validation errors

@@ -118,16 +118,10 @@ def memo_key(k: Knobs) -> Knobs:
     return dataclasses.replace(k, accumulate=min(k.accumulate, 2))
 
 
-def _finished(resolved: ResolvedModel, *, rank: int | None, quantization: str | None) -> Any:
-    """``resolved``'s module with LoRA adapters of ``rank`` over a base quantized as ``quantization``,
-    built as :meth:`Search.module` builds the whole model."""
-    from memguard.estimation.quantization import quantize_model
-
-    module = resolved.module if rank is None else add_lora(resolved, rank).module
-    if quantization is not None:
-        kind, dq = quantization_args(quantization)
-        module, _ = quantize_model(module, Quantization(str(kind), dq))
-    return module
+def _quantization(label: str) -> Quantization:
+    """A :attr:`Knobs.quantization` label (``"nf4-dq"``) as the estimator's :class:`Quantization`."""
+    kind, dq = quantization_args(label)
+    return Quantization(str(kind), dq)
 
 
 def _no_more_intrusive(a: Knobs, c: Knobs, base: Knobs) -> bool:
@@ -176,9 +170,8 @@ class Search:
             elif quantization is None:
                 module = add_lora(load_model(self.setup.model), rank).module
             else:
-                kind, dq = quantization_args(quantization)
                 adapted = self.module(rank) if rank is not None else self.module(None)
-                module, _ = quantize_model(adapted, Quantization(str(kind), dq))
+                module, _ = quantize_model(adapted, _quantization(quantization))
             self.setup.modules[key] = module
             self.ctx.trainable.setdefault(rank, sum(p.numel() for p in module.parameters() if p.requires_grad))
         return self.setup.modules[key]
@@ -197,8 +190,7 @@ class Search:
         if key not in self.descriptions:
             derived: ModelDescription | None = desc
             if quantization is not None:
-                kind, dq = quantization_args(quantization)
-                quant = Quantization(str(kind), dq)
+                quant = _quantization(quantization)
                 derived = with_quantized_base(desc, rank, quant)[0] if quantizable(desc, quant) else None
             elif rank is not None:
                 derived = with_lora(desc, rank)
@@ -224,11 +216,12 @@ class Search:
             return module
         key = (k.lora_rank, k.quantization)
         if key not in self.depths:
-            from memguard.estimation.shallow import shallow
+            from memguard.estimation.shallow import finished, shallow
 
             whole = self.module(None)
             base = ResolvedModel(whole, self.setup.name, getattr(whole, "config", None), True)
-            depth = shallow(base, functools.partial(_finished, rank=k.lora_rank, quantization=k.quantization))
+            quant = None if k.quantization is None else _quantization(k.quantization)
+            depth = shallow(base, functools.partial(finished, rank=k.lora_rank, quant=quant))
             # one search, one model, the same other arguments: its traces share their recordings
             self.depths[key] = None if depth is None else dataclasses.replace(depth, memo={})
         # nobody else's module: traced in this process (no fork), where the recordings are kept

@@ -25,7 +25,7 @@ from memguard.estimation.allocator_config import AllocatorConfig
 from memguard.estimation.result import Category, PeakTensors
 from memguard.estimation.trace.ledger import Phase, Record
 
-__all__ = ["TIMELINE_POINTS", "PeakReport", "allocator_slack", "analyse"]
+__all__ = ["TIMELINE_POINTS", "PeakReport", "allocator_slack", "analyse", "weighted"]
 
 
 TIMELINE_POINTS = 2000
@@ -48,6 +48,12 @@ class PeakReport:
     timeline: tuple[tuple[int, str, int], ...]
 
 
+def weighted(nbytes: int, kind: Category, phase: Phase, weight: Callable[[Category, Phase], float] | None) -> int:
+    """The bytes of an allocation of ``kind`` made in ``phase`` that a rank holds (``weight``: its share,
+    ``None``: whole)."""
+    return nbytes if weight is None else int(nbytes * weight(kind, phase))
+
+
 def analyse(records: Sequence[Any], marks: Sequence[tuple[int, Phase]], kinds: dict[int, Category],
             weight: Callable[[Category, Phase], float] | None = None,
             extras: Callable[[Phase], dict[Category, int]] | None = None) -> PeakReport:
@@ -64,8 +70,7 @@ def analyse(records: Sequence[Any], marks: Sequence[tuple[int, Phase]], kinds: d
     """
 
     def held(i: int) -> int:
-        r = records[i]
-        return r.nbytes if weight is None else int(r.nbytes * weight(kinds[i], r.phase))
+        return weighted(records[i].nbytes, kinds[i], records[i].phase, weight)
 
     extra_of = {phase: sum((extras(phase) if extras else {}).values()) for _, phase in marks}
     events = [(r.alloc, held(i)) for i, r in enumerate(records)]
@@ -125,9 +130,7 @@ def allocator_slack(records: Sequence[Record], kinds: dict[int, Category],
     The step's allocations and frees are replayed in order, at their requested sizes (the share a
     rank holds, under sharding), with the allocator settings of ``PYTORCH_CUDA_ALLOC_CONF``.
     """
-    def share(i: int, r: Record) -> int:
-        return r.requested if weight is None else int(r.requested * weight(kinds[i], r.phase))
-
-    shares = [dataclasses.replace(r, nbytes=share(i, r)) for i, r in enumerate(records)]
+    shares = [dataclasses.replace(r, nbytes=weighted(r.requested, kinds[i], r.phase, weight))
+              for i, r in enumerate(records)]
     stats = replay(ledger_events(shares), AllocatorConfig.from_env())
     return max(0, stats.peak_reserved - stats.peak_allocated)

@@ -24,7 +24,7 @@ from memguard.estimation.cuda_rules import Workspaces
 from memguard.estimation.result import Category, PeakTensors
 from memguard.estimation.spec import TrainingSpec
 from memguard.estimation.stand_ins import ONES, ROUTINGS, routing_name
-from memguard.estimation.trace.analyse import allocator_slack, analyse
+from memguard.estimation.trace.analyse import allocator_slack, analyse, weighted
 from memguard.estimation.trace.classify import classify
 from memguard.estimation.trace.ledger import CountingMode, Ledger, Phase, Record
 from memguard.estimation.trace.record import DEFAULT_TIMEOUT, Inputs, Loop, Recording, recorded
@@ -171,8 +171,7 @@ def analysed(step: RecordedStep, weight: Callable[[Category, Phase], float] | No
     slack = allocator_slack(step.records, step.kinds, weight) if cuda else 0
     band = step.workspaces.band(report.timeline) if cuda and step.workspaces is not None else {}
     log.debug("trace: peak %d bytes", sum(report.breakdown.values()))
-    output = sum(int(r.nbytes * (weight(step.kinds[i], r.phase) if weight else 1))
-                 for i, r in enumerate(step.records) if r.output)
+    output = sum(weighted(r.nbytes, step.kinds[i], r.phase, weight) for i, r in enumerate(step.records) if r.output)
     return TraceResult(report.breakdown, step.notes, slack, report.at_peak, report.timeline, step.stand_ins, band,
                        output)
 

@@ -238,3 +238,23 @@ def test_an_optimizer_of_the_users_is_recorded_anew() -> None:
     knobs = {"batch_size": 2, "seq_len": 32, "device": "cuda", "method": "trace", "optimizer": momentum_sgd}
     first, second = memguard.estimate(kept, **knobs), memguard.estimate(kept, **knobs)
     assert memo == {} and extended_note(5) in first.notes and _same_estimate(first, second)
+
+
+
+@pytest.mark.slow
+def test_estimate_traces_a_deep_model_it_builds_by_depth() -> None:
+    """``memguard.estimate`` of a config (a preset, a config.json) of at least ``DEPTH_PAYS_FROM`` blocks traces
+    its 1-4-block steps (adapters and quantized base rebuilt on each), the estimate of its whole trace to the byte;
+    a shallower one is traced whole."""
+    from memguard.estimation.shallow import DEPTH_PAYS_FROM, finished, where_it_pays
+
+    kwargs = {"batch_size": 2, "seq_len": 32, "device": "cuda", "method": "trace", "precision": "bf16-mixed"}
+    deep = memguard.estimate(_llama(DEPTH_PAYS_FROM), lora_rank=4, quantization="nf4", **kwargs)
+    assert extended_note(DEPTH_PAYS_FROM) in deep.notes
+    module = finished(load_model(_llama(DEPTH_PAYS_FROM)), rank=4, quant=Quantization("nf4"))
+    whole = memguard.estimate(module, **kwargs)  # a module of the user's: traced whole
+    assert not any(n.startswith(EXTENDED) for n in whole.notes)
+    fields = ("total_bytes", "breakdown", "band", "timeline", "at_peak")
+    assert all(getattr(deep, f) == getattr(whole, f) for f in fields)
+    assert where_it_pays(load_model(_llama(DEPTH_PAYS_FROM - 1)), finished) is None
+    assert where_it_pays(load_model(_llama(DEPTH_PAYS_FROM)), finished) is not None
