@@ -162,7 +162,7 @@ class Reduced:
 
 
 _REDUCED_FIT = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
@@ -185,6 +185,8 @@ print(json.dumps({
     "trainer": {"accumulate_grad_batches": run.accumulate_grad_batches, "global_step": run.global_step,
                 "log_dir": run.logger.log_dir},
 }))
+sys.stdout.flush()
+os._exit(0)  # all is written: skip the interpreter's teardown of torch, transformers and Lightning (~2 s)
 """
 
 
@@ -353,7 +355,7 @@ def test_the_real_optimizer_is_rebuilt_over_exactly_its_params() -> None:
 
 
 _PRECISION_FITS = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
@@ -373,6 +375,8 @@ for checkpointing in (False, True):
     out[str(checkpointing)] = {"precision": est.inputs["precision"], "activations": est.breakdown[Category.ACTIVATIONS],
                                "checkpointing": est.inputs["gradient_checkpointing"], "metrics": guard.metrics}
 print(json.dumps(out))
+sys.stdout.flush()
+os._exit(0)  # all is written: skip the interpreter's teardown of torch, transformers and Lightning (~2 s)
 """
 
 
