@@ -124,7 +124,13 @@ def test_bad_arguments_are_named(kwargs: dict[str, Any], named: str) -> None:
 
 
 @pytest.mark.parametrize("package", PACKAGES)
-def test_raise_raises_before_any_training_step(package: str, tmp_path: Path) -> None:
+def test_raise_raises_before_any_training_step(package: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    remedy_rows = package == PACKAGES[0]
+    if not remedy_rows:
+        # What would fit is package-blind (memguard.planning, reached through the same callback); the first
+        # package asserts its rows, 16 traces of a second or two each. Here the search stops at its first estimate,
+        # and the plumbing of this package (raised before a step, on the run's own batch and optimizer) is the subject.
+        monkeypatch.setattr("memguard.planning.api.GUARD_ESTIMATES", 1)
     budget = budget_for(4)
     module = module_class(package)()
     guard = MemGuard(action="raise", budget=budget, margin=MARGIN)
@@ -136,7 +142,10 @@ def test_raise_raises_before_any_training_step(package: str, tmp_path: Path) -> 
     assert err.estimate is not None and err.estimate.inputs["batch_size"] == ASKED
     assert err.estimate.total_bytes > budget * (1 - MARGIN)
     assert err.estimate.inputs["optimizer"] == "adamw"
-    assert "What would fit" in str(err) and "bf16-mixed" in str(err)  # rows of memguard.remedies
+    if remedy_rows:
+        assert "What would fit" in str(err) and "bf16-mixed" in str(err)  # rows of memguard.remedies
+    else:  # the search ran, through this package's callback, and its answer is in the message
+        assert "What would fit" in str(err) or "Nothing memguard can change" in str(err)
 
 
 @dataclasses.dataclass
@@ -153,7 +162,7 @@ class Reduced:
 
 
 _REDUCED_FIT = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
@@ -176,6 +185,8 @@ print(json.dumps({
     "trainer": {"accumulate_grad_batches": run.accumulate_grad_batches, "global_step": run.global_step,
                 "log_dir": run.logger.log_dir},
 }))
+sys.stdout.flush()
+os._exit(0)  # all is written: skip the interpreter's teardown of torch, transformers and Lightning (~2 s)
 """
 
 
@@ -263,7 +274,10 @@ def test_resume_keeps_batch_and_accumulation_without_estimating(reduced: Reduced
     assert guard.state_dict()["batch_size"] == guard.batch_size
 
 
-def test_reduce_raises_when_not_even_one_fits(tmp_path: Path) -> None:
+def test_reduce_raises_when_not_even_one_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every configuration the search traces misses 1 MiB alike; 4 of them (a precision, checkpointing, an optimizer
+    # ...) show that none is suggested as well as 16 traces of a second or two each would.
+    monkeypatch.setattr("memguard.planning.api.GUARD_ESTIMATES", 4)
     module = module_class("lightning.pytorch")()
     guard = MemGuard(action="reduce", budget="1MiB")
     with pytest.raises(InsufficientMemoryError, match="not even a batch of 1 fits") as info:
@@ -341,7 +355,7 @@ def test_the_real_optimizer_is_rebuilt_over_exactly_its_params() -> None:
 
 
 _PRECISION_FITS = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
@@ -361,6 +375,8 @@ for checkpointing in (False, True):
     out[str(checkpointing)] = {"precision": est.inputs["precision"], "activations": est.breakdown[Category.ACTIVATIONS],
                                "checkpointing": est.inputs["gradient_checkpointing"], "metrics": guard.metrics}
 print(json.dumps(out))
+sys.stdout.flush()
+os._exit(0)  # all is written: skip the interpreter's teardown of torch, transformers and Lightning (~2 s)
 """
 
 
