@@ -196,7 +196,8 @@ def test_bad_input_in_a_subprocess_is_one_line_and_exit_2(subprocess_runs, case)
 
 _NO_TORCH_PROBE = ("import sys, runpy; sys.argv = ['memguard', *sys.argv[1:]]\n"
                    "try:\n    runpy.run_module('memguard', run_name='__main__')\nexcept SystemExit as exc:\n"
-                   "    print(exc.code, sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)")
+                   "    imported = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+                   "    print(exc.code, imported, file=sys.stderr)")
 
 
 @pytest.mark.slow

@@ -50,7 +50,8 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     if out.json_mode:
         out.json({**est.to_dict(), "device": gpu.to_dict(), "margin": args.margin, "usable_bytes": fit.usable_bytes,
                   "needed_bytes": fit.needed_bytes, "fits": fit.fits,
-                  "verdict": "fits" if fit.fits else "does not fit", "remedies": [r.to_dict() for r in rows]})
+                  "verdict": "fits" if fit.fits else "does not fit",
+                  "remedies": [] if isinstance(rows, str) else [r.to_dict() for r in rows]})
         return EXIT_OK if fit.fits else EXIT_DOES_NOT_FIT
     out.text(est.table())
     out.text()

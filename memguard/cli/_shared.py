@@ -120,16 +120,16 @@ def estimate_once(args: argparse.Namespace, out: Output) -> MemoryEstimate:
     return estimator(args)(args.batch_size or 1, args.seq_len)
 
 
-def remedies(est: MemoryEstimate, gpu: memguard.DeviceMemory, margin: float, out: Output) -> list[Any]:
-    """The best few changes that make the step fit, from the one remedy engine (:func:`memguard.remedies`)."""
+def remedies(est: MemoryEstimate, gpu: memguard.DeviceMemory, margin: float, out: Output) -> list[Any] | str:
+    """The best few changes that make the step fit, from the one remedy engine (:func:`memguard.remedies`),
+    or why the search could not say (it failed, or stopped at its bound): not the same as "none fits"."""
     from memguard.planning import remedies
 
     out.progress("searching what would fit ...")
     try:
         return remedies(est, gpu, margin, top=3)
     except MemguardError as exc:
-        out.progress(f"no remedies: {first_sentence(exc)}")
-        return []
+        return first_sentence(exc)
 
 
 def model_words(args: argparse.Namespace) -> str:
@@ -141,7 +141,10 @@ def model_words(args: argparse.Namespace) -> str:
     return " ".join(words)
 
 
-def show_remedies(rows: list[Any], model: str, gpu_arg: str, out: Output) -> None:
+def show_remedies(rows: list[Any] | str, model: str, gpu_arg: str, out: Output) -> None:
+    if isinstance(rows, str):
+        out.text(f"memguard could not search what would fit: {rows}")
+        return
     if not rows:
         out.text("nothing memguard can change (precision, checkpointing, optimizer, batch and accumulation, "
                  "LoRA, sharding, offload) makes it fit this GPU")

@@ -136,11 +136,13 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
             torch.optim.RMSprop}``: the inputs hold an optimizer class by its name only.
         estimate_kwargs: as in :func:`plan`: ``example_input``, ``step_fn`` ... of the run.
         max_estimates: a bound on the search's estimates (the callback keeps it small: a model the
-            formula cannot estimate is searched with traces, seconds each).
+            formula cannot estimate is searched with traces, seconds each). A search that reaches it
+            without a row that fits raises a :class:`MemguardError` rather than say ``[]`` (none fits).
 
     Raises:
         ConfigError: when the model cannot be built again and ``model`` is not given, or the
             optimizer is not a name memguard knows and ``base`` does not give it; for a bad argument.
+        MemguardError: when the search reaches ``max_estimates`` without a row that fits.
     """
     gpu = memory_of(free_bytes, training=estimate.inputs.get("device"))  # a share is of the estimate's device
     top = positive_int("top", top)
@@ -170,7 +172,11 @@ def remedies(estimate: MemoryEstimate, free_bytes: int | str | DeviceMemory, mar
              for g in groups]
     turns = [f for tier in itertools.zip_longest(*found) for f in tier if f is not None]
     turns = search.confirm(turns, setup.confirm, top, ranked=False)
-    return [search.row(*f) for f in turns[:top]]
+    rows = [search.row(*f) for f in turns[:top]]
+    if not rows and search.count >= max_estimates:
+        raise MemguardError(f"none of the {search.count} configurations estimated fits, and the search stopped "
+                            f"there (max_estimates={max_estimates}): not a proof that nothing does")
+    return rows
 
 
 def make_setup(model: Any, resolved: ResolvedModel | None, *, gpu: Any, seq_len: Any, gpus: Any, batch_size: Any,

@@ -17,7 +17,6 @@ from memguard import Category, ConfigError
 from memguard.estimation.models import ResolvedModel, load_model
 from memguard.estimation.result import Method
 
-
 TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 512, "n_positions": 256}
 
 
@@ -108,9 +107,10 @@ def test_to_dict_is_json_and_round_trips(tiny_gpt2) -> None:
 @settings(max_examples=8, deadline=None)
 @given(batch=st.integers(1, 6), seq=st.integers(8, 96))
 def test_trace_grows_with_batch_and_sequence(tiny_gpt2_here, batch: int, seq: int) -> None:
-    est = memguard.estimate(tiny_gpt2_here, batch, seq, device="cuda", method="trace")
-    assert memguard.estimate(tiny_gpt2_here, batch + 1, seq, device="cuda", method="trace").peak_bytes >= est.peak_bytes
-    assert memguard.estimate(tiny_gpt2_here, batch, seq + 32, device="cuda", method="trace").peak_bytes >= est.peak_bytes
+    kwargs = {"device": "cuda", "method": "trace"}
+    est = memguard.estimate(tiny_gpt2_here, batch, seq, **kwargs)
+    assert memguard.estimate(tiny_gpt2_here, batch + 1, seq, **kwargs).peak_bytes >= est.peak_bytes
+    assert memguard.estimate(tiny_gpt2_here, batch, seq + 32, **kwargs).peak_bytes >= est.peak_bytes
 
 
 def test_fits_keeps_the_margin_spare(tiny_gpt2) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import memguard
-from memguard import cli
+from memguard import MemguardError, cli
 from memguard.planning import COSTS, FULL, LORA, Plan, plan, remedies
 from memguard.planning.rows import QLORA
 
@@ -239,6 +239,15 @@ def test_remedy_lines_say_what_fits_or_that_nothing_does() -> None:
 
     assert remedy_lines(None) == []  # the search failed: say nothing rather than something wrong
     assert remedy_lines([])[0].startswith("Nothing memguard can change")
+
+
+def test_a_search_cut_short_does_not_say_that_nothing_fits() -> None:
+    """``remedies`` says ``[]`` (nothing memguard can change fits) only after searching everything; a search that
+    reaches ``max_estimates`` first says so, and ``check`` says it could not search rather than "nothing fits"."""
+    est = memguard.estimate("gpt2", 8, 1024, method="formula")
+    assert remedies(est, "1MiB") == []
+    with pytest.raises(MemguardError, match=r"the search stopped there \(max_estimates=3\): not a proof"):
+        remedies(est, "1MiB", max_estimates=3)
 
 
 def test_guard_remedies_name_the_optimizer_class_or_say_nothing() -> None:
