@@ -208,20 +208,20 @@ class Search:
             self.module(rank, quantization)
 
     def model(self, k: Knobs, method: Method) -> Any:
-        """What ``k`` estimates: its module, and for a trace of a model memguard built, how to build
-        it with fewer blocks (:func:`memguard.estimation.shallow.shallow`: a trace of 1, 2 and 3
+        """What ``k`` estimates: its module, and for a trace of a deep model memguard built, how to build
+        it with fewer blocks (:func:`memguard.estimation.shallow.where_it_pays`: a trace of 1, 2 and 3
         blocks stands for all of them where it provably does, else the whole model is traced)."""
         module = self.module(k.lora_rank, k.quantization)
         if method is not Method.TRACE or not self.setup.built_here:
             return module
         key = (k.lora_rank, k.quantization)
         if key not in self.depths:
-            from memguard.estimation.shallow import finished, shallow
+            from memguard.estimation.shallow import finished, where_it_pays
 
             whole = self.module(None)
             base = ResolvedModel(whole, self.setup.name, getattr(whole, "config", None), True)
             quant = None if k.quantization is None else _quantization(k.quantization)
-            depth = shallow(base, functools.partial(finished, rank=k.lora_rank, quant=quant))
+            depth = where_it_pays(base, functools.partial(finished, rank=k.lora_rank, quant=quant))
             # one search, one model, the same other arguments: its traces share their recordings
             self.depths[key] = None if depth is None else dataclasses.replace(depth, memo={})
         # nobody else's module: traced in this process (no fork), where the recordings are kept

@@ -403,7 +403,7 @@ def test_search_heuristics_weigh_what_fit_py_decides_on() -> None:
     assert not between.fits(est) and between.below(between.setup.base, est)
 
 
-def test_a_plans_traces_share_their_shallow_recordings_to_the_byte() -> None:
+def test_a_plans_traces_share_their_shallow_recordings_to_the_byte(monkeypatch: pytest.MonkeyPatch) -> None:
     """A plan traces its model in process, by depth, and keeps the 1-4-block recordings: DeepSpeed ZeRO-2's
     bf16-mixed records the step a single GPU's bf16-true does (a bf16 module), so its trace records nothing
     new, and each estimate is the one memguard.estimate makes of the whole model, to the byte. Another
@@ -417,6 +417,7 @@ def test_a_plans_traces_share_their_shallow_recordings_to_the_byte() -> None:
     from memguard.planning.rows import Knobs
     from memguard.planning.search import Search
 
+    monkeypatch.setattr("memguard.estimation.shallow.DEPTH_PAYS_FROM", 5)  # by depth from 5 blocks, as 32 are
     config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=5, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
     setup = make_setup(config, None, gpu=A100, seq_len=32, gpus=None, batch_size=2, margin=0.1, precision=None,
