@@ -28,11 +28,12 @@ from memguard.estimation.trace.depth import DEPTHS, Depth
 __all__ = ["DEPTH_PAYS_FROM", "finished", "shallow", "where_it_pays"]
 
 DEPTH_PAYS_FROM = 16
-"""The fewest blocks from which :func:`memguard.estimate` traces a model memguard builds by depth: the 1-, 2-, 3-
-and 4-block steps record 10 blocks in four steps, each with its own embedding, head, loss and optimizer step,
-so a shallow stack is cheaper traced whole. Measured on this project's 2-core machine (bf16-mixed, batch 2 x
-512, ``benchmarks`` not needed: the same estimate either way): GPT-2 (12 blocks) 1.3-1.7 s whole, 2.2-2.4 s
-by depth; BERT-base (12) 2.2 s and 1.9-3.6 s; Llama-2-7B (32) 4.5-4.7 s and 1.7-2.7 s."""
+"""The fewest blocks from which :func:`memguard.estimate` and a plan trace a model memguard builds by depth
+(:func:`where_it_pays`): the 1-, 2-, 3- and 4-block steps record 10 blocks in four steps, each with its own
+embedding, head, loss and optimizer step, so a shallow stack is cheaper traced whole. Measured on this
+project's 2-core machine (bf16-mixed, batch 2 x 512; the estimate is the same either way): GPT-2 (12 blocks)
+1.3-1.7 s whole, 2.2-2.4 s by depth; BERT-base (12) 2.2 s and 1.9-3.6 s; Llama-2-7B (32) 4.5-4.7 s and
+1.7-2.7 s."""
 
 
 def shallow(resolved: ResolvedModel, finish: Callable[[ResolvedModel], nn.Module]) -> Depth | None:
