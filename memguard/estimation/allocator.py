@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 from bisect import bisect_left, insort
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from memguard.errors import ConfigError
@@ -477,15 +477,16 @@ def replay(events: Iterable[tuple[int, int]], config: AllocatorConfig | None = N
     return sim.stats()
 
 
-def ledger_events(records: Iterable[Any]) -> list[tuple[int, int]]:
+def ledger_events(records: Iterable[Any], sizes: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """Events for :func:`replay` from ledger records (``nbytes``, ``alloc`` and ``free`` clocks).
 
     Each record's index is its key; a record whose ``free`` is ``None`` stays live to the end.
+    ``sizes``, where given, are the bytes of each record in place of its ``nbytes``.
     Written for ``memguard.estimation.trace.ledger.Ledger.records``, whose clocks are unique.
     """
     timeline: list[tuple[int, int, int]] = []
     for i, r in enumerate(records):
-        timeline.append((r.alloc, i, r.nbytes))
+        timeline.append((r.alloc, i, r.nbytes if sizes is None else sizes[i]))
         if r.free is not None:
             timeline.append((r.free, i, FREE))
     timeline.sort()

@@ -130,7 +130,6 @@ def allocator_slack(records: Sequence[Record], kinds: dict[int, Category],
     The step's allocations and frees are replayed in order, at their requested sizes (the share a
     rank holds, under sharding), with the allocator settings of ``PYTORCH_CUDA_ALLOC_CONF``.
     """
-    shares = [dataclasses.replace(r, nbytes=weighted(r.requested, kinds[i], r.phase, weight))
-              for i, r in enumerate(records)]
-    stats = replay(ledger_events(shares), AllocatorConfig.from_env())
+    shares = [weighted(r.requested, kinds[i], r.phase, weight) for i, r in enumerate(records)]
+    stats = replay(ledger_events(records, shares), AllocatorConfig.from_env())
     return max(0, stats.peak_reserved - stats.peak_allocated)
