@@ -309,7 +309,7 @@ class Parallelism:
         s = self.strategy
         if s is Strategy.DDP and self.world_size > 1:
             return {Category.GRADIENTS: trainable_bytes}
-        u = module if isinstance(module, Units) else units(module)
+        u = units(module)
         if s.is_deepspeed and not s.fully_sharded:
             bucket = min(DEEPSPEED_BUCKET_ELEMENTS, u.total) * bytes_per_element
             return {Category.GRADIENTS: bucket, Category.PARAMETERS: bucket}
@@ -333,7 +333,7 @@ class Parallelism:
         the one prefetched and the unsharded gradients of the block being reduce-scattered.
         ``module`` is the model, or its :class:`Units`.
         """
-        u = module if isinstance(module, Units) else units(module)
+        u = units(module)
         root, block, blocks = u.root, u.block, u.blocks
         one = block * bytes_per_element
         root_bytes = root * bytes_per_element
@@ -367,8 +367,11 @@ def wrapped_blocks(module: nn.Module) -> list[nn.Module]:
     return max(enc, dec, key=lambda stack: sum(p.numel() for b in stack for p in b.parameters()))
 
 
-def units(module: nn.Module) -> Units:
-    """The :class:`Units` of ``module``: its parameters' elements, FSDP's root unit and its wrapped blocks."""
+def units(module: nn.Module | Units) -> Units:
+    """The :class:`Units` of ``module``: its parameters' elements, FSDP's root unit and its wrapped blocks
+    (``module`` itself where it is its units already, read from a preset's description)."""
+    if isinstance(module, Units):
+        return module
     total = sum(p.numel() for p in module.parameters())
     return Units.of_sizes(total, [sum(p.numel() for p in b.parameters()) for b in wrapped_blocks(module)])
 
