@@ -413,10 +413,9 @@ def _quantize(resolved: ResolvedModel, quant: Quantization) -> tuple[ResolvedMod
     weights = sum(m.in_features * m.out_features for m in layers)
     note = quantized_note(quant, len(layers), weights, stored)
     name = f"{resolved.name}+{quant.kind}{'-dq' * quant.double_quant}"
-    depth = resolved.depth
-    if depth is not None:  # the few blocks traced are quantized as the whole model is, here
-        depth = dataclasses.replace(depth, build=lambda k: quantize_model(resolved.depth.build(k), quant)[0],
-                                    memo=None)  # a new build each call: nothing to reuse
+    # A depth that came with the model (a plan's, whose module arrives quantized: n == 0) builds its few blocks
+    # quantized already; where this call quantized the layers, the few blocks would not be: trace the whole model.
+    depth = resolved.depth if n == 0 else None
     return dataclasses.replace(resolved, module=module, name=name, depth=depth), [note]
 
 
